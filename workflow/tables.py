@@ -1,0 +1,118 @@
+"""Atomic Parquet I/O for the contract's tables.
+
+A table appears at its final path only when it is complete (temp file in the same directory, then
+``os.replace``), so a crash never leaves a half-written file that Snakemake would take as done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from workflow.contract import REJECTS
+
+log = logging.getLogger(__name__)
+
+
+def _tmp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_path(final)
+    try:
+        yield tmp
+        os.replace(tmp, final)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """Cast ``table`` to ``schema`` (column order and types); a missing or extra column is an error."""
+    missing = [f.name for f in schema if f.name not in table.column_names]
+    extra = [c for c in table.column_names if c not in schema.names]
+    if missing or extra:
+        raise ValueError(f"table does not match the contract: missing {missing}, unexpected {extra}")
+    return table.select(schema.names).cast(schema)
+
+
+def write_table(table: pa.Table, path: str | os.PathLike, schema: pa.Schema) -> None:
+    """Write a whole table atomically after checking it against its contract schema."""
+    table = conform(table, schema)
+    with atomic_path(path) as tmp:
+        pq.write_table(table, tmp, compression="zstd")
+
+
+class TableWriter:
+    """Stream record batches into one Parquet file, atomically.
+
+    Use as a context manager; on an exception the partial file is removed and nothing appears at
+    ``path``.
+    """
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema):
+        self.path = Path(path)
+        self.schema = schema
+        self.rows = 0
+        self._ctx = atomic_path(self.path)
+        self._writer: pq.ParquetWriter | None = None
+
+    def __enter__(self) -> TableWriter:
+        tmp = self._ctx.__enter__()
+        self._writer = pq.ParquetWriter(tmp, self.schema, compression="zstd")
+        return self
+
+    def write(self, data: pa.Table | pa.RecordBatch | Mapping[str, list]) -> None:
+        if isinstance(data, Mapping):
+            data = pa.Table.from_pydict(dict(data), schema=self.schema)
+        elif isinstance(data, pa.RecordBatch):
+            data = pa.Table.from_batches([data])
+        if data.num_rows:
+            self._writer.write_table(conform(data, self.schema))
+            self.rows += data.num_rows
+
+    def __exit__(self, exc_type, exc, tb):
+        self._writer.close()
+        return self._ctx.__exit__(exc_type, exc, tb)
+
+
+def read_table(path: str | os.PathLike, columns: Iterable[str] | None = None) -> pa.Table:
+    return pq.read_table(path, columns=list(columns) if columns is not None else None)
+
+
+class Rejects:
+    """Collects rejected studies of one stage; written as the ``rejects`` table."""
+
+    def __init__(self, stage: str):
+        self.stage = stage
+        self.rows: dict[str, list] = {"study_id": [], "stage": [], "reason": [], "detail": []}
+
+    def add(self, study_id: int | None, reason: str, detail: str | None = None) -> None:
+        self.rows["study_id"].append(study_id)
+        self.rows["stage"].append(self.stage)
+        self.rows["reason"].append(reason)
+        self.rows["detail"].append(detail)
+
+    def __len__(self) -> int:
+        return len(self.rows["stage"])
+
+    def write(self, path: str | os.PathLike) -> None:
+        write_table(pa.Table.from_pydict(self.rows, schema=REJECTS), path, REJECTS)
+
+
+def summary(stage: str, n_in: int, n_out: int, n_rejected: int) -> str:
+    """The one-line summary every rule logs."""
+    line = f"{stage}: {n_in} studies in, {n_out} out, {n_rejected} rejected"
+    log.info(line)
+    return line
