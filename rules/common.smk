@@ -43,3 +43,11 @@ def ingest_inputs(wildcards=None):
 def ingest_args(wildcards, input):
     """Command-line arguments of `workflow.ingest` for the configured corpus format."""
     return " ".join(f"--{k} {v!r}" for k, v in input.items())
+
+
+def findings_table(wildcards=None):
+    """The standardised findings table every downstream stage (vqa, rg4, exports) reads.
+
+    The rules backend writes it directly; LLM backends replace this with their last follow-up round.
+    """
+    return out("keyinfo", "rules", "findings.parquet")
