@@ -1,0 +1,64 @@
+"""Release folders load with `datasets` exactly as their card says."""
+
+import datasets
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from workflow.cards import CardSpec, licence_text, write_release
+
+
+def _table(n, splits):
+    return pa.table(
+        {
+            "study_id": pa.array(range(50000000, 50000000 + n), pa.int64()),
+            "split": pa.array([splits[i % len(splits)] for i in range(n)]),
+            "question": pa.array([f"is there {{x}} #{i}?" for i in range(n)]),
+        }
+    )
+
+
+@pytest.fixture
+def release(tmp_path):
+    paths = {}
+    for name, splits in {"sn": ["train", "val", "test"], "mw": ["train", "test"]}.items():
+        paths[name] = tmp_path / f"{name}.parquet"
+        pq.write_table(_table(12, splits), paths[name])
+    spec = CardSpec(
+        title="Test set",
+        description="Questions.",
+        sources=["synthetic"],
+        columns={"study_id": "MIMIC study id"},
+    )
+    out = tmp_path / "release"
+    counts = write_release(paths, out, spec, licence_text("mimic", False), "corpus:\n  format: mimic\n")
+    return out, counts
+
+
+def test_counts_and_files_per_split(release):
+    out, counts = release
+    assert counts == {"sn": {"train": 4, "val": 4, "test": 4}, "mw": {"train": 6, "test": 6}}
+    assert sorted(p.name for p in (out / "mw").iterdir()) == [
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00001.parquet",
+    ]
+
+
+def test_card_header_declares_configs_and_licence(release):
+    out, _ = release
+    text = (out / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert [c["config_name"] for c in header["configs"]] == ["sn", "mw"]
+    assert "Data Use Agreement" in text
+    assert "| sn | 4 | 4 | 4 | 12 |" in text
+    assert "| `study_id` | `int64` | MIMIC study id |" in text
+
+
+def test_loads_with_datasets(release):
+    out, _ = release
+    by_card = datasets.load_dataset(str(out), "sn")
+    assert {k: v.num_rows for k, v in by_card.items()} == {"train": 4, "val": 4, "test": 4}
+    by_parquet = datasets.load_dataset("parquet", data_dir=str(out / "mw"))
+    assert {k: v.num_rows for k, v in by_parquet.items()} == {"train": 6, "test": 6}
+    assert by_parquet["train"][0]["question"].startswith("is there {x}")
