@@ -12,6 +12,13 @@ configfile: "config.yaml"
 include: "rules/common.smk"
 include: "rules/ingest.smk"
 include: "rules/sections.smk"
+include: "rules/keyinfo.smk"
+include: "rules/llm.smk"
+include: "rules/vqa.smk"
+include: "rules/rg4.smk"
+include: "rules/exports.smk"
+include: "rules/finetune.smk"
+include: "rules/report.smk"
 
 
 rule all:

@@ -1,4 +1,5 @@
-# Helpers shared by the rule modules (no rules here): config validation, paths, interpreters.
+# Helpers shared by every .smk file (functions and constants only): config validation, paths, interpreters.
+import shlex
 import sys
 from pathlib import Path
 
@@ -42,12 +43,158 @@ def ingest_inputs(wildcards=None):
 
 def ingest_args(wildcards, input):
     """Command-line arguments of `workflow.ingest` for the configured corpus format."""
-    return " ".join(f"--{k} {v!r}" for k, v in input.items())
+    return " ".join(f"--{k} {shlex.quote(str(v))}" for k, v in input.items())
 
 
 def findings_table(wildcards=None):
     """The standardised findings table every downstream stage (vqa, rg4, exports) reads.
 
-    The rules backend writes it directly; LLM backends replace this with their last follow-up round.
+    The rules backend writes it directly; with `llm.backend: llm` it is the last follow-up round
+    (round 0 is the bulk LLM extraction; see rules/llm.smk).
     """
+    if config["llm"]["backend"] == "llm":
+        return out("llm", "followup", f"round{config['llm']['followup']['rounds']}", "findings.parquet")
     return out("keyinfo", "rules", "findings.parquet")
+
+
+# --- LLM layer helpers (rules/llm.smk) ---------------------------------------------------------------
+def llm_config_json(wildcards=None):
+    """What the LLM modules read: the guard flag and the llm section (keys are env var NAMES only)."""
+    import json
+
+    return json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]})
+
+
+def llm_cache(wildcards=None):
+    return config["llm"]["cache"] or out("llm", "cache.sqlite")
+
+
+def _llm_endpoint_envvars():
+    if config["llm"]["backend"] != "llm":
+        return []
+    used = {config["llm"][stage]["endpoint"] for stage in ("gold", "keyinfo", "followup")}
+    endpoints = config["llm"]["endpoints"]
+    return sorted({endpoints[e]["api_key_env"] for e in used if e in endpoints and endpoints[e].get("api_key_env")})
+
+
+# API keys the LLM stages need: declared with `envvars:` so Snakemake checks them before running.
+LLM_ENVVARS = _llm_endpoint_envvars()
+
+
+def llm_round_dir(round_, name):
+    return out("llm", "followup", f"round{round_}", name)
+
+
+def followup_previous(wildcards):
+    """The previous round's tables, inputs of follow-up round `wildcards.round`."""
+    prev = int(wildcards.round) - 1
+    return {
+        "previous": llm_round_dir(prev, "findings.parquet"),
+        "previous_asked": llm_round_dir(prev, "asked.parquet"),
+        "previous_stats": llm_round_dir(prev, "stats.parquet"),
+        "previous_requests": llm_round_dir(prev, "requests.parquet"),
+    }
+
+
+def llm_targets():
+    """Final LLM outputs for `rule all` (none with the rules backend)."""
+    if config["llm"]["backend"] != "llm":
+        return []
+    last = config["llm"]["followup"]["rounds"]
+    return [
+        out("llm", "gold", "findings.parquet"),
+        out("llm", "gold", "sft.jsonl"),
+        llm_round_dir(last, "findings.parquet"),
+        llm_round_dir(last, "stats.parquet"),
+    ]
+
+
+# --- fine-tuning helpers (rules/finetune.smk) --------------------------------------------------------
+def student_needed():
+    """The finetune branch is in the DAG only when an LLM stage asks the endpoint the student serves."""
+    ft = config["finetune"]
+    if not ft["enabled"] or config["llm"]["backend"] != "llm":
+        return False
+    return any(config["llm"][stage]["endpoint"] == ft["endpoint"] for stage in ("keyinfo", "followup"))
+
+
+def student_inputs(wildcards=None):
+    """Extra inputs of the LLM stages that ask the student: its trained adapter (nothing otherwise)."""
+    if not student_needed():
+        return {}
+    return {"student_adapter": out("finetune", "adapter", "adapter_config.json")}
+
+
+def first_output_dir(wildcards, output):
+    """The folder of a rule's first output (for tools that write a whole folder)."""
+    return str(Path(output[0]).parent)
+
+
+def first_input_dir(wildcards, input):
+    """The folder of a rule's first input (for tools that read a whole folder)."""
+    return str(Path(input[0]).parent)
+
+
+def finetune_settings(wildcards=None):
+    """The `finetune:` config section as JSON (what workflow.finetune.train reads)."""
+    import json
+
+    return json.dumps(config["finetune"])
+
+
+def finetune_targets():
+    """Final fine-tuning outputs for `rule all` (none unless an LLM stage asks the student)."""
+    if not student_needed():
+        return []
+    targets = [out("finetune", "adapter", "adapter_config.json"), out("finetune", "eval.parquet")]
+    if config["finetune"]["merge"]:
+        targets.append(out("finetune", "merged", "config.json"))
+    return targets
+
+
+# --- the Snakemake report (rules/report.smk) ---------------------------------------------------------
+def report_stages():
+    """(stage, input table, output table, rejects table) of each stage, for the report's counts."""
+    studies, sections = out("ingest", "studies.parquet"), out("sections", "sections.parquet")
+    keyinfo = (
+        ("keyinfo (llm)", sections, findings_table(), llm_round_dir(0, "rejects.parquet"))
+        if config["llm"]["backend"] == "llm"
+        else ("keyinfo (rules)", sections, None, out("keyinfo", "rules", "rejects.parquet"))
+    )
+    return [
+        ("ingest", None, studies, out("ingest", "rejects.parquet")),
+        ("sections", studies, sections, out("sections", "rejects.parquet")),
+        keyinfo,
+        ("vqa", studies, out("vqa", "questions.parquet"), out("vqa", "rejects.parquet")),
+        ("rg4", sections, None, out("rg4", "rejects.parquet")),
+        ("exports", sections, None, out("exports", "rejects.parquet")),
+    ]
+
+
+def report_inputs(wildcards=None):
+    files = {f"{i}_{kind}": path for i, stage in enumerate(report_stages())
+             for kind, path in zip(("in", "out", "rejects"), stage[1:]) if path}
+    files.update(
+        findings=findings_table(),
+        questions=out("vqa", "questions.parquet"),
+        rg4_counts=out("rg4", "counts.parquet"),
+        rg4_stats=out("rg4", "rewrite_stats.parquet"),
+    )
+    return files
+
+
+def report_stage_args(wildcards, input):
+    """`--stage NAME=INPUT,OUTPUT,REJECTS` arguments (an empty field is derived by workflow.report)."""
+    import shlex
+
+    args = []
+    for name, *paths in report_stages():
+        fields = ",".join(p or "" for p in paths)
+        args.append(f"--stage {shlex.quote(f'{name}={fields}')}")
+    return " ".join(args)
+
+
+def llm_report_requests():
+    """Every LLM_REQUESTS table of the run (LLM backend only)."""
+    rounds = range(config["llm"]["followup"]["rounds"] + 1)
+    return [out("llm", "gold", "requests.parquet"), *(llm_round_dir(r, "requests.parquet") for r in rounds)]

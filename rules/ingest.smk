@@ -5,16 +5,18 @@ rule ingest:
         studies=out("ingest", "studies.parquet"),
         images=out("ingest", "images.parquet"),
         rejects=out("ingest", "rejects.parquet"),
-    params:
-        format=config["corpus"]["format"],
-        args=ingest_args,
     log:
         logfile("ingest"),
     conda:
         "../envs/core.yaml"
+    threads: 2
+    params:
+        python=PY,
+        format=config["corpus"]["format"],
+        args=ingest_args,
     shell:
-        "{PY} -m workflow.ingest {params.format} {params.args} --studies {output.studies:q}"
-        " --images {output.images:q} --rejects {output.rejects:q} 2> {log:q}"
+        "{params.python:q} -m workflow.ingest {params.format} {params.args} --studies {output.studies:q}"
+        " --images {output.images:q} --rejects {output.rejects:q} --workers {threads} 2> {log:q}"
 
 
 ALL_TARGETS += rules.ingest.output

@@ -68,6 +68,56 @@ FINDINGS = pa.schema(
         pa.field("source", pa.string(), nullable=False),  # rules / llm / followup
         pa.field("round", pa.int16()),
         pa.field("request_hash", pa.string()),  # sha256 of the LLM request; null for rules
+        pa.field("evidence", pa.string()),  # the supporting text (rules: the matched words; llm: its quote)
+        pa.field("flags", pa.string()),  # ';'-joined: unknown_name, unsupported, presence_disagrees, missed_by_llm
+    ]
+)
+
+# Standardisation audit (keyinfo stage): every change made to an LLM/KeyInfo value, one row per change.
+AUDIT = pa.schema(
+    [
+        pa.field("subject_id", pa.int64()),
+        pa.field("study_id", pa.int64()),
+        pa.field("field", pa.string(), nullable=False),  # name / presence / location / level / type / change / shape
+        pa.field("before", pa.string()),
+        pa.field("after", pa.string()),
+        pa.field("rule", pa.string(), nullable=False),  # exact / synonym / contained / fuzzy:<score> / moved / ...
+    ]
+)
+
+# Terms standardisation could not map onto libs/, most frequent first: what to add to libs/.
+UNKNOWN_TERMS = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),  # name / location / level / type / change
+        pa.field("term", pa.string(), nullable=False),
+        pa.field("count", pa.int64(), nullable=False),
+        pa.field("n_studies", pa.int64(), nullable=False),
+        pa.field("closest", pa.string()),  # nearest library value (rapidfuzz) and its score, a hint only
+        pa.field("closest_score", pa.float64()),
+    ]
+)
+
+# Grounding of LLM findings against the report text and the rules backend: one row per flag.
+GROUNDING = pa.schema(
+    [
+        pa.field("subject_id", pa.int64()),
+        pa.field("study_id", pa.int64(), nullable=False),
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("flag", pa.string(), nullable=False),  # unsupported / presence_disagrees / missed_by_llm
+        pa.field("llm_presence", pa.string()),
+        pa.field("rules_presence", pa.string()),
+        pa.field("detail", pa.string()),  # what was looked for (never report text)
+    ]
+)
+
+# Per finding counts of a keyinfo run (keyinfo/<backend>/stats.parquet).
+KEYINFO_STATS = pa.schema(
+    [
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("n_positive", pa.int64(), nullable=False),
+        pa.field("n_uncertain", pa.int64(), nullable=False),
+        pa.field("n_negative", pa.int64(), nullable=False),
+        pa.field("n_studies", pa.int64(), nullable=False),
     ]
 )
 
@@ -86,6 +136,39 @@ QUESTIONS = pa.schema(
     ]
 )
 
+# Statistics of the questions per question type and split ('all' = every split together).
+VQA_STATS = pa.schema(
+    [
+        pa.field("question_type", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("n_questions", pa.int64(), nullable=False),
+        pa.field("n_studies", pa.int64(), nullable=False),
+        pa.field("n_distinct_answers", pa.int64(), nullable=False),
+        pa.field("n_yes", pa.int64(), nullable=False),
+        pa.field("n_no", pa.int64(), nullable=False),
+        pa.field("yes_ratio", pa.float64()),  # yes / (yes + no); null when the type has no yes/no answers
+        pa.field("top_answer", pa.string()),
+        pa.field("top_answer_share", pa.float64()),
+        pa.field("top_answers", pa.string()),  # the five most frequent answers: "answer (count); ..."
+    ]
+)
+
+# Text-only leak probe of the yes/no questions (results/vqa/leak.csv): accuracy of classifiers that see
+# only the question text, against always answering the majority answer.
+VQA_LEAK = pa.schema(
+    [
+        pa.field("question_type", pa.string(), nullable=False),
+        pa.field("n", pa.int64()),
+        pa.field("n_distinct_questions", pa.int64()),
+        pa.field("yes_ratio", pa.float64()),
+        pa.field("majority_accuracy", pa.float64()),
+        pa.field("naive_bayes_accuracy", pa.float64()),
+        pa.field("logreg_accuracy", pa.float64()),
+        pa.field("lookup_accuracy", pa.float64()),
+        pa.field("gain", pa.float64()),  # best text-only accuracy - majority accuracy
+    ]
+)
+
 # Every input study ends in an output table or here, never nowhere.
 REJECTS = pa.schema(
     [
@@ -93,5 +176,172 @@ REJECTS = pa.schema(
         pa.field("stage", pa.string(), nullable=False),
         pa.field("reason", pa.string(), nullable=False),  # short machine-readable code
         pa.field("detail", pa.string()),  # path, member name, message (never report text)
+    ]
+)
+
+# --- MIMIC-RG4 (rg4 stage) -------------------------------------------------------------------------------
+RG4_SCENARIOS = ("sn", "sw", "mn", "mw")
+RG4_SPLITS = ("train", "val", "test")  # the LLM-RG4 loader's keys (official `validate` -> `val`)
+
+# One table per scenario (rg4_sn ... rg4_mw): the LLM-RG4 record fields, nulls where the JSON writes its
+# sentinels ("s" for finding/impression/last_*, integer 0 for indication/history). lateral_imagepath is
+# null outside mn/mw, the last_* fields are null outside sw/mw. Image paths are relative to `files/`.
+RG4_RECORDS = pa.schema(
+    [
+        pa.field("split", pa.string(), nullable=False),  # train / val / test
+        pa.field("id", pa.string(), nullable=False),  # dicom_id of the frontal image
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("study_id", pa.int64(), nullable=False),
+        pa.field("finding", pa.string()),  # rewritten for the scenario
+        pa.field("impression", pa.string()),
+        pa.field("APPA_flag", pa.string(), nullable=False),  # PA / AP
+        pa.field("APPA_imagepath", pa.string(), nullable=False),
+        pa.field("lateral_imagepath", pa.string()),
+        pa.field("last_study_id", pa.int64()),
+        pa.field("last_finding", pa.string()),
+        pa.field("last_impression", pa.string()),
+        pa.field("last_APPA_imagepath", pa.string()),
+        pa.field("indication", pa.string()),
+        pa.field("history", pa.string()),
+        pa.field("original_finding", pa.string()),  # the report's text before rewriting (audit)
+        pa.field("original_impression", pa.string()),
+        pa.field("rewriter", pa.string(), nullable=False),  # rules / llm
+        pa.field("request_hash", pa.string()),  # sha256 of the accepted LLM request; null for rules
+    ]
+)
+
+RG4_COUNTS = pa.schema(
+    [
+        pa.field("scenario", pa.string(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("records", pa.int64(), nullable=False),
+        pa.field("rejected", pa.int64(), nullable=False),  # eligible for the scenario, dropped by the check
+    ]
+)
+
+# Share of target sentences touched by the rewriter, per scenario x input-agnostic category
+# (pc prior comparison, pp prior procedure, comm communication, view views not provided).
+RG4_REWRITE_STATS = pa.schema(
+    [
+        pa.field("scenario", pa.string(), nullable=False),
+        pa.field("category", pa.string(), nullable=False),
+        pa.field("sentences", pa.int64(), nullable=False),  # all target sentences of the scenario
+        pa.field("flagged", pa.int64(), nullable=False),
+        pa.field("removed", pa.int64(), nullable=False),
+        pa.field("rephrased", pa.int64(), nullable=False),
+        pa.field("share_removed", pa.float64(), nullable=False),
+        pa.field("share_rephrased", pa.float64(), nullable=False),
+    ]
+)
+
+# --- fine-tuning the student (finetune stage) -------------------------------------------------------------
+# Which gold studies trained the student and which were held out for its evaluation (patient-disjoint).
+FINETUNE_SPLIT = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("study_id", pa.int64(), nullable=False),
+        pa.field("part", pa.string(), nullable=False),  # train / heldout
+    ]
+)
+
+# Student (and any other model) vs the teacher's gold on the held-out studies: one row per model.
+FINETUNE_EVAL = pa.schema(
+    [
+        pa.field("model", pa.string(), nullable=False),  # e.g. student, rules
+        pa.field("studies", pa.int64(), nullable=False),  # held-out studies evaluated
+        pa.field("answered", pa.int64(), nullable=False),  # studies with an answer (LLM call completed)
+        pa.field("json_valid", pa.int64(), nullable=False),  # answers that parsed into findings
+        pa.field("json_valid_rate", pa.float64(), nullable=False),  # json_valid / studies
+        pa.field("precision", pa.float64(), nullable=False),  # on (study, name, presence) triples
+        pa.field("recall", pa.float64(), nullable=False),
+        pa.field("f1", pa.float64(), nullable=False),
+        pa.field("positive_f1", pa.float64(), nullable=False),  # (study, name) of positive findings only
+        pa.field("name_f1", pa.float64(), nullable=False),  # (study, name), presence ignored
+    ]
+)
+
+# --- LLM layer (workflow/llm) -------------------------------------------------------------------------
+# One row per LLM request of a stage: accounting and provenance. Every LLM-derived findings row links
+# here through its request_hash (= request_key).
+LLM_REQUESTS = pa.schema(
+    [
+        pa.field("study_id", pa.int64(), nullable=False),
+        pa.field("stage", pa.string(), nullable=False),  # gold / keyinfo / followup / rg4
+        pa.field("round", pa.int16()),
+        pa.field("finding", pa.string()),  # the finding a follow-up asked about
+        pa.field("request_key", pa.string(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # completed / refused / failed / not_sent
+        pa.field("model", pa.string()),
+        pa.field("adapter", pa.string()),
+        pa.field("executor", pa.string()),
+        pa.field("template", pa.string()),
+        pa.field("prompt_hash", pa.string()),
+        pa.field("prompt_tokens", pa.int64()),
+        pa.field("completion_tokens", pa.int64()),
+        pa.field("cost_usd", pa.float64()),
+        pa.field("finish_reason", pa.string()),
+        pa.field("error", pa.string()),  # why it failed (never report text)
+        pa.field("parse_error", pa.string()),  # why a completed answer could not be used
+        pa.field("n_findings", pa.int32()),
+    ]
+)
+
+# Per follow-up round: what was asked and how much changed (convergence).
+LLM_FOLLOWUP_STATS = pa.schema(
+    [
+        pa.field("round", pa.int16(), nullable=False),
+        pa.field("studies", pa.int64(), nullable=False),
+        pa.field("missed", pa.int64(), nullable=False),  # rules findings the LLM did not mention
+        pa.field("disagreements", pa.int64(), nullable=False),  # same finding, different presence
+        pa.field("asked", pa.int64(), nullable=False),  # follow-up requests this round (new targets)
+        pa.field("answered", pa.int64(), nullable=False),
+        pa.field("changed", pa.int64(), nullable=False),  # targets whose rows changed after merging
+        pa.field("findings", pa.int64(), nullable=False),  # rows after merging
+        pa.field("converged", pa.bool_(), nullable=False),  # nothing new to ask: a fixpoint
+    ]
+)
+
+# The gold sample sent to the teacher (seeded, stratified by split x rules-finding count).
+LLM_GOLD_SAMPLE = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("study_id", pa.int64(), nullable=False),
+        pa.field("split", pa.string()),
+        pa.field("stratum", pa.string(), nullable=False),
+    ]
+)
+
+# --- Synthetic corpus truth (workflow.synth) ---------------------------------------------------------------
+# One row per finding mention a careful reader extracts from the findings / impression / last_paragraph
+# section (MIT parser semantics, LAST section of that name) of a synthetic report; canonical values only.
+SYNTH_TRUTH = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("study_id", pa.int64(), nullable=False),
+        pa.field("section", pa.string(), nullable=False),  # findings / impression / last_paragraph
+        pa.field("name", pa.string(), nullable=False),
+        pa.field("presence", pa.string(), nullable=False),  # positive / negative / uncertain
+        pa.field("location", pa.string()),
+        pa.field("level", pa.string()),
+        pa.field("type", pa.string()),
+        pa.field("change", pa.string()),
+        pa.field("raw_name", pa.string()),  # device kind for support devices, else null
+        pa.field("sentence", pa.string(), nullable=False),  # the sentence as written (before wrapping)
+    ]
+)
+
+# One row per synthetic study: report type (A-G), parser branches exercised, deliberate bad inputs.
+SYNTH_STUDIES = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("study_id", pa.int64(), nullable=False),
+        pa.field("split", pa.string(), nullable=False),
+        pa.field("report_type", pa.string(), nullable=False),
+        pa.field("features", pa.list_(pa.string())),  # structural features (wet_read, swallow, ...)
+        pa.field("headers", pa.list_(pa.string())),  # raw headers the MIT regex matches in the report
+        pa.field("conclusion_section", pa.string()),  # impression / findings / last_paragraph / comparison
+        pa.field("bad", pa.string()),  # empty_report / no_report / no_metadata; null for good studies
+        pa.field("n_images", pa.int32(), nullable=False),
+        pa.field("study_date", pa.string()),  # StudyDate as in the metadata (YYYYMMDD)
     ]
 )

@@ -1,0 +1,88 @@
+# Figures for `snakemake --report report.html`; logic in workflow/report.py, captions in workflow/report_captions/.
+
+
+rule report_figures:
+    input:
+        unpack(report_inputs),
+    output:
+        counts=report(
+            out("report", "stage_counts.png"),
+            caption="../workflow/report_captions/stage_counts.rst",
+            category="1. Pipeline",
+        ),
+        counts_table=report(
+            out("report", "stage_counts.csv"),
+            caption="../workflow/report_captions/stage_counts.rst",
+            category="1. Pipeline",
+        ),
+        reasons=report(
+            out("report", "rejects_by_reason.csv"),
+            caption="../workflow/report_captions/rejects.rst",
+            category="1. Pipeline",
+        ),
+        prevalence=report(
+            out("report", "label_prevalence.png"),
+            caption="../workflow/report_captions/label_prevalence.rst",
+            category="2. Key information",
+        ),
+        prevalence_table=report(
+            out("report", "label_prevalence.csv"),
+            caption="../workflow/report_captions/label_prevalence.rst",
+            category="2. Key information",
+        ),
+        questions=report(
+            out("report", "questions.png"),
+            caption="../workflow/report_captions/questions.rst",
+            category="3. Medical-CXR-VQA",
+        ),
+        rg4=report(
+            out("report", "rg4.png"),
+            caption="../workflow/report_captions/rg4.rst",
+            category="4. MIMIC-RG4",
+        ),
+    params:
+        py=PY,
+        stages=report_stage_args,
+        outdir=first_output_dir,
+    log:
+        logfile("report_figures"),
+    conda:
+        "../envs/core.yaml"
+    shell:
+        "{params.py} -m workflow.report {params.stages} --findings {input.findings:q}"
+        " --questions {input.questions:q} --rg4-counts {input.rg4_counts:q} --rg4-stats {input.rg4_stats:q}"
+        " --outdir {params.outdir:q} 2> {log:q}"
+
+
+ALL_TARGETS += rules.report_figures.output
+
+
+if config["llm"]["backend"] == "llm":
+
+    rule report_llm:
+        input:
+            requests=llm_report_requests(),
+            followup=llm_round_dir(config["llm"]["followup"]["rounds"], "stats.parquet"),
+        output:
+            figure=report(
+                out("report", "llm", "llm.png"),
+                caption="../workflow/report_captions/llm.rst",
+                category="5. LLM usage",
+            ),
+            table=report(
+                out("report", "llm", "llm_usage.csv"),
+                caption="../workflow/report_captions/llm.rst",
+                category="5. LLM usage",
+            ),
+        params:
+            py=PY,
+            outdir=first_output_dir,
+        log:
+            logfile("report_llm"),
+        conda:
+            "../envs/core.yaml"
+        shell:
+            "{params.py} -m workflow.report --llm-requests {input.requests:q}"
+            " --followup-stats {input.followup:q} --outdir {params.outdir:q} 2> {log:q}"
+
+    ALL_TARGETS += rules.report_llm.output

@@ -1,0 +1,51 @@
+# MIMIC-RG4 scenario splits (sn / sw / mn / mw) with input-agnostic rewriting; logic in workflow/rg4/.
+
+
+rule rg4:
+    input:
+        studies=rules.ingest.output.studies,
+        images=rules.ingest.output.images,
+        sections=rules.sections.output.sections,
+        rewrite_rules="libs/rg4_rules.yaml",
+    output:
+        sn=out("rg4", "rg4_sn.parquet"),
+        sw=out("rg4", "rg4_sw.parquet"),
+        mn=out("rg4", "rg4_mn.parquet"),
+        mw=out("rg4", "rg4_mw.parquet"),
+        json_sn=out("rg4", "final_single_view_no_long_add1score_sentence_level.json"),
+        json_sw=out("rg4", "final_single_view_with_long_add1score_sentence_level.json"),
+        json_mn=out("rg4", "final_multi_view_no_long_add1score_sentence_level.json"),
+        json_mw=out("rg4", "final_multi_view_with_long_add1score_sentence_level.json"),
+        counts=out("rg4", "counts.parquet"),
+        stats=out("rg4", "rewrite_stats.parquet"),
+        rejects=out("rg4", "rejects.parquet"),
+    log:
+        logfile("rg4"),
+    conda:
+        "../envs/core.yaml"
+    threads: 2
+    resources:
+        llm_endpoint=1,  # with rewriter: llm, one LLM stage at a time talks to the endpoint
+    params:
+        py=PY,
+        rewriter=config["rg4"]["rewriter"],
+        label_sections="--label-sections" if config["rg4"]["label_sections"] else "",
+        llm_config=llm_config_json,
+        llm_cache=llm_cache,
+        endpoint=config["rg4"]["llm"]["endpoint"],
+        temperature=config["rg4"]["llm"]["temperature"],
+        max_tokens=config["rg4"]["llm"]["max_tokens"],
+        max_attempts=config["rg4"]["llm"]["max_attempts"],
+    shell:
+        "{params.py} -m workflow.rg4 --studies {input.studies:q} --images {input.images:q}"
+        " --sections {input.sections:q}"
+        " --tables {output.sn:q} {output.sw:q} {output.mn:q} {output.mw:q}"
+        " --json {output.json_sn:q} {output.json_sw:q} {output.json_mn:q} {output.json_mw:q}"
+        " --counts {output.counts:q} --stats {output.stats:q} --rejects {output.rejects:q}"
+        " --rewriter {params.rewriter} {params.label_sections} --llm-config {params.llm_config:q}"
+        " --llm-cache {params.llm_cache:q} --llm-endpoint {params.endpoint:q}"
+        " --temperature {params.temperature} --max-tokens {params.max_tokens}"
+        " --max-attempts {params.max_attempts} --workers {threads} 2> {log:q}"
+
+
+ALL_TARGETS += rules.rg4.output

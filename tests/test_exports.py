@@ -1,0 +1,382 @@
+"""Exports: R2Gen cleaners, R2GenGPT/MeGPT annotation.json (MIMIC and IU X-Ray), RaDialog RG/INS."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from workflow.contract import FINDINGS, IMAGES, SECTIONS, STUDIES
+from workflow.exports import build as exports
+from workflow.exports import r2gen, radialog
+from workflow.exports.cleaners import clean_iu, clean_mimic
+from workflow.tables import read_table, write_table
+
+IU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "iu_xray"
+
+
+# --- cleaners ---------------------------------------------------------------------------------------------
+
+
+def test_mimic_cleaner():
+    assert (
+        clean_mimic("The lungs are clear. Heart size is normal.")
+        == "the lungs are clear . heart size is normal ."
+    )
+    # newlines, list numbers, ':' spacing, 1.5 -> 15, brackets and underscores removed
+    got = clean_mimic("FINDINGS:\n 1. Nodule of 1.5 cm (stable).  2. No ___ effusion..")
+    assert got == "findings : nodule of 15 cm stable . no  effusion ."
+    assert clean_mimic("") == " ."
+    # empty sentences are kept (the original's filter is always true)
+    assert clean_mimic("Clear. . Normal.") == "clear .  . normal ."
+
+
+def test_iu_cleaner_character_range_quirk():
+    assert (
+        clean_iu("The lungs are clear. Bony structures are intact.")
+        == "the lungs are clear . bony structures are intact ."
+    )
+    # ':-\[' is a range: ':;<=>?@' are removed, the hyphen survives, no ':' spacing, newlines kept
+    assert clean_iu("Heart: normal; <x> =y ?z @ T-spine") == "heart normal x y z  t-spine ."
+
+
+# --- inputs -----------------------------------------------------------------------------------------------
+
+REPORTS = {
+    # study: (subject, split, findings, impression, images [(dicom, view)], findings rows)
+    501: (
+        1,
+        "train",
+        "Moderate cardiomegaly. Small left pleural effusion. ET tube in place.",
+        "Cardiomegaly and effusion.",
+        [("i501a", "PA"), ("i501b", "LATERAL")],
+        [
+            ("cardiomegaly", "positive", 0),
+            ("pleural effusion", "positive", 23),
+            ("support device", "positive", 53),
+        ],
+    ),
+    502: (
+        2,
+        "train",
+        "The lungs are clear. No pleural effusion. Odd text {findings} and {0} braces }{.",
+        None,
+        [("i502", "PA")],
+        [("pleural effusion", "negative", 22)],
+    ),
+    503: (
+        3,
+        "train",
+        "Possible right lower lobe pneumonia.",
+        "Possible pneumonia.",
+        [("i503", "AP")],
+        [("pneumonia", "uncertain", 9)],
+    ),
+    504: (
+        4,
+        "validate",
+        "Heart size is normal.",
+        "Normal.",
+        [("i504", "PA"), ("i504l", "LATERAL")],
+        [("cardiomegaly", "negative", 0)],
+    ),
+    505: (5, "test", None, "No acute process.", [("i505", "PA")], []),
+    506: (
+        6,
+        "train",
+        "Right upper lobe nodule. Mild pulmonary edema.",
+        "Edema.",
+        [("i506", "PA")],
+        [("nodule", "positive", 0), ("edema", "positive", 25)],
+    ),
+}
+
+
+def write_inputs(tmp_path: Path, reports=REPORTS) -> dict[str, Path]:
+    st = {n: [] for n in STUDIES.names}
+    im = {n: [] for n in IMAGES.names}
+    sec = {n: [] for n in SECTIONS.names}
+    fnd = {n: [] for n in FINDINGS.names}
+    for study, (subject, split, findings, impression, images, rows) in reports.items():
+        for k, v in (
+            ("subject_id", subject),
+            ("study_id", study),
+            ("split", split),
+            ("study_datetime", None),
+            ("report", "x"),
+            ("source_path", "x"),
+        ):
+            st[k].append(v)
+        for name in SECTIONS.names:
+            sec[name].append(
+                {
+                    "subject_id": subject,
+                    "study_id": study,
+                    "findings": findings,
+                    "impression": impression,
+                }.get(name)
+            )
+        for dicom, view in images:
+            for k, v in (
+                ("dicom_id", dicom),
+                ("subject_id", subject),
+                ("study_id", study),
+                ("split", split),
+                ("view_position", view),
+                ("view_code_meaning", ""),
+                ("image_path", f"files/p10/p{subject}/s{study}/{dicom}.jpg"),
+            ):
+                im[k].append(v)
+        for name, presence, start in rows:
+            row = dict.fromkeys(FINDINGS.names)
+            row.update(
+                subject_id=subject,
+                study_id=study,
+                name=name,
+                presence=presence,
+                section="findings",
+                start=start,
+                end=start + 5,
+                source="rules",
+            )
+            for k in FINDINGS.names:
+                fnd[k].append(row[k])
+    paths = {}
+    for name, data, schema in (
+        ("studies", st, STUDIES),
+        ("images", im, IMAGES),
+        ("sections", sec, SECTIONS),
+        ("findings", fnd, FINDINGS),
+    ):
+        paths[name] = tmp_path / f"{name}.parquet"
+        write_table(pa.Table.from_pydict(data, schema=schema), paths[name], schema)
+    return paths
+
+
+def frames(paths):
+    return {k: read_table(p).to_pandas() for k, p in paths.items()}
+
+
+# --- R2Gen annotation -------------------------------------------------------------------------------------
+
+
+def test_mimic_annotation_shape(tmp_path):
+    f = frames(write_inputs(tmp_path))
+    ann = r2gen.mimic_annotation(f["studies"], f["images"], f["sections"])
+    assert list(ann) == ["train", "val", "test"]
+    items = [it for v in ann.values() for it in v]
+    # one item per image of every study with findings (505 has none)
+    assert sorted(it["id"] for it in items) == ["i501a", "i501b", "i502", "i503", "i504", "i504l", "i506"]
+    for it in items:
+        assert set(it) == {"id", "study_id", "subject_id", "report", "image_path", "split"}
+        assert isinstance(it["image_path"], list) and len(it["image_path"]) == 1
+        assert it["image_path"][0] == f"p10/p{it['subject_id']}/s{it['study_id']}/{it['id']}.jpg"
+    assert {it["id"] for it in ann["val"]} == {"i504", "i504l"} and ann["test"] == []
+    first = next(it for it in items if it["id"] == "i501a")
+    assert first["report"] == REPORTS[501][2]
+    both = r2gen.mimic_annotation(f["studies"], f["images"], f["sections"], "findings_impression", clean=True)
+    first = next(it for it in both["train"] if it["id"] == "i501a")
+    assert first["report"] == clean_mimic(REPORTS[501][2] + " " + REPORTS[501][3])
+
+
+def test_iu_annotation_constructed(tmp_path):
+    f = frames(write_inputs(tmp_path))
+    ann = r2gen.iu_annotation(f["studies"], f["images"], f["sections"])
+    items = [it for v in ann.values() for it in v]
+    # only studies with findings and two images; the frontal first
+    assert [len(it["image_path"]) for it in items] == [2, 2]
+    assert [it["image_path"][0].rsplit("/", 1)[1] for it in items] == ["i501a.jpg", "i504.jpg"]
+    assert r2gen.iu_id("2384_IM-0942-1001.dcm") == "CXR2384_IM-0942"
+    assert r2gen.iu_id("21_IM-0729-1001-0001.dcm") == "CXR21_IM-0729"
+
+
+@pytest.mark.skipif(not (IU_DIR / "indiana_reports.csv").exists(), reason="IU X-Ray reports not available")
+def test_iu_annotation_matches_r2gen_item_set(tmp_path):
+    from workflow import sections
+    from workflow.ingest import ingest_iu
+
+    ingest_iu(
+        IU_DIR / "indiana_reports.csv",
+        IU_DIR / "indiana_projections.csv",
+        tmp_path / "s.parquet",
+        tmp_path / "i.parquet",
+        tmp_path / "r.parquet",
+    )
+    sections.run(
+        tmp_path / "s.parquet",
+        tmp_path / "sec.parquet",
+        tmp_path / "mit.csv",
+        tmp_path / "rj.parquet",
+        workers=1,
+    )
+    f = {k: read_table(tmp_path / f"{k}.parquet").to_pandas() for k in ("s", "i", "sec")}
+    ann = r2gen.iu_annotation(f["s"], f["i"], f["sec"], clean=True)
+    items = [it for v in ann.values() for it in v]
+    # R2Gen's IU annotation: every uid with findings and >= 2 images, 2,955 items of 2 images each
+    assert len(items) == 2955
+    assert all(len(it["image_path"]) == 2 for it in items)
+    assert len({it["id"] for it in items}) == 2955
+    assert all(re.fullmatch(r"CXR\d+_IM-\d+", it["id"]) for it in items)
+    assert all(it["report"].endswith(" .") and it["report"] == it["report"].lower() for it in items)
+
+
+# --- RaDialog ---------------------------------------------------------------------------------------------
+
+
+def test_safe_templating():
+    assert (
+        radialog.fill("Findings: {findings}.", findings="a {label} b {0} }{")
+        == "Findings: a {label} b {0} }{."
+    )
+    with pytest.raises(KeyError):
+        radialog.fill("{unknown}")
+
+
+def test_chexpert_labels_from_canonical_findings(tmp_path):
+    f = frames(write_inputs(tmp_path))
+    prompts = radialog.load_prompts()
+    positives, uncertain = radialog.chexpert_labels(f["findings"], prompts)
+    assert positives[501] == ["Cardiomegaly", "Pleural Effusion", "Support Devices"]  # RaDialog's label order
+    assert positives[506] == ["Lung Lesion", "Edema"]
+    assert uncertain[503] == {"Pneumonia"}
+    assert radialog.with_no_finding([], set()) == ["No Finding"]
+    assert radialog.with_no_finding(["Support Devices"], set()) == ["No Finding", "Support Devices"]
+    assert radialog.with_no_finding([], {"Pneumonia"}) == []  # only uncertain: "no common findings"
+    assert radialog.findings_slot([], prompts) == "no common findings"
+
+
+def big_corpus(n=120):
+    """Many train studies: every third normal, others with 1-2 findings (evidence offsets real)."""
+    reports = {}
+    for k in range(n):
+        sid = 7000 + k
+        if k % 3 == 0:
+            text, rows = "The lungs are clear. Heart size is normal.", [("cardiomegaly", "negative", 21)]
+        elif k % 3 == 1:
+            text = "Moderate cardiomegaly. The lungs are clear. Small right pleural effusion."
+            rows = [("cardiomegaly", "positive", 9), ("pleural effusion", "positive", 47)]
+        else:
+            text = "Left lower lobe consolidation. Sternal wires are intact. Mild {edema}."
+            rows = [("consolidation", "positive", 16), ("edema", "positive", 64)]
+        impression = "Impression text {0}." if k % 2 else None
+        reports[sid] = (100 + k, "train", text, impression, [(f"d{sid}", "PA")], rows)
+    return reports
+
+
+def test_radialog_files(tmp_path):
+    paths = write_inputs(tmp_path, big_corpus())
+    f = frames(paths)
+    rg, ins, counts = radialog.build(f["studies"], f["images"], f["sections"], f["findings"], seed=3)
+    # stratification: images with findings twice + int(2F/13) normal ones
+    n_find = 80
+    assert counts["report_generation"] == len(rg) == 2 * n_find + int(2 * n_find / 13)
+    assert sum(1 for r in rg if "Predicted Findings: no finding." in r["instruction"]) == int(2 * n_find / 13)
+    for rec in ins:
+        assert set(rec) == {"instruction", "input", "output", "dicom"} and rec["input"] == ""
+        assert rec["output"].strip()  # no empty answers
+        assert rec["instruction"].startswith("A conversation between") and rec["instruction"].endswith(
+            "ASSISTANT:"
+        )
+        assert rec["instruction"].count("<IMG>") == 32
+    # every task built; the instruct part uses each image at most once
+    assert all(
+        counts[t] > 0 for t in ("correction", "summarise", "region_qa", "binary_qa", "all_findings_qa")
+    )
+    instruct = [r for r in ins if r["instruction"].count("USER:") == 2]
+    assert len(instruct) == sum(v for k, v in counts.items() if k != "report_generation")
+    assert len({r["dicom"] for r in instruct}) == len(instruct)
+    assert len(ins) == len(rg) + len(instruct)
+    # braces in reports survive verbatim
+    assert any("Mild {edema}." in r["output"] for r in rg)
+    # the encoded form the rule writes holds the same records
+    import io
+
+    docs = []
+    for encoded in radialog.build_encoded(f["studies"], f["images"], f["sections"], f["findings"], seed=3)[
+        :2
+    ]:
+        buf = io.StringIO()
+        radialog.write_json_list(encoded, buf, chunk=7)
+        docs.append(json.loads(buf.getvalue()))
+    assert docs == [rg, ins]
+    # deterministic for a seed, different for another
+    again = radialog.build(f["studies"], f["images"], f["sections"], f["findings"], seed=3)
+    assert again[1] == ins
+    assert radialog.build(f["studies"], f["images"], f["sections"], f["findings"], seed=4)[1] != ins
+
+
+def test_radialog_instruct_answers(tmp_path):
+    f = frames(write_inputs(tmp_path, big_corpus()))
+    _, ins, _ = radialog.build(f["studies"], f["images"], f["sections"], f["findings"], seed=1)
+    instruct = [r for r in ins if r["instruction"].count("USER:") == 2]
+    by_answer = {}
+    for r in instruct:
+        by_answer.setdefault(r["output"].split()[0], []).append(r)
+    # region QA "yes" answers quote the report's sentence
+    quoted = [r for r in instruct if r["output"].startswith("Yes. ")]
+    assert quoted and all(r["output"][5:] in r["instruction"] for r in quoted)
+    # binary QA answers yes/no only about labels that are (not) positive
+    binary = [r for r in instruct if r["output"] in ("Yes.", "No.")]
+    assert binary
+
+    # correction: the assistant's first reply is an edited report; the answer is the true findings
+    def task(r):
+        return r["instruction"].rsplit("USER:", 1)[1].lower()
+
+    corrections = [r for r in instruct if re.search(r"correct|update the report|revise the report", task(r))]
+    assert corrections
+    for r in corrections:
+        first_reply = r["instruction"].split("ASSISTANT: ", 1)[1].split("</s>", 1)[0]
+        assert first_reply != r["output"]
+        assert r["output"] in {v[2] for v in big_corpus().values()}
+
+
+def test_exports_rule(tmp_path):
+    paths = write_inputs(tmp_path)
+    out = tmp_path / "exports"
+    exports.main([*(x for k, p in paths.items() for x in (f"--{k}", str(p))), "--outdir", str(out)])
+    ann = json.loads((out / exports.R2GEN_FILE).read_text())
+    assert sum(len(v) for v in ann.values()) == 7
+    assert json.loads((out / exports.RADIALOG_RG_FILE).read_text())
+    assert json.loads((out / "summary.json").read_text())["r2gen"] == {"train": 5, "val": 2, "test": 0}
+    rejects = read_table(out / "rejects.parquet").to_pylist()
+    assert [(r["study_id"], r["reason"]) for r in rejects] == [(505, "no_findings")]
+    # two processes (R2Gen beside RaDialog) write the same files
+    out2 = tmp_path / "exports2"
+    exports.main(
+        [*(x for k, p in paths.items() for x in (f"--{k}", str(p))), "--outdir", str(out2), "--workers", "2"]
+    )
+    for name in (
+        exports.R2GEN_FILE,
+        exports.RADIALOG_RG_FILE,
+        exports.RADIALOG_INS_FILE,
+        Path("summary.json"),
+    ):
+        assert (out / name).read_text() == (out2 / name).read_text()
+
+
+def test_region_qa_without_evidence_spans():
+    """LLM findings may come without spans: a positive finding still answers "yes", by name."""
+    import random
+
+    import pandas as pd
+
+    text = "The heart is enlarged. The lungs are clear."
+    img = radialog.Image("d1", 1, text, "", ["Cardiomegaly"], set())
+    findings = pd.DataFrame(
+        {
+            "study_id": [1],
+            "name": ["cardiomegaly"],
+            "presence": ["positive"],
+            "section": ["findings"],
+            "start": [None],
+        }
+    )
+    builder = radialog.Builder([img], findings, seed=0)
+    answers = {builder.region_qa(img, random.Random(seed))["output"] for seed in range(60)}
+    assert "Yes, there is cardiomegaly." in answers
+    assert "No, the lungs appear clear." in answers
+    assert not any(a.startswith("No, the heart") for a in answers)

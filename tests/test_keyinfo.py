@@ -1,0 +1,228 @@
+"""The rules extractor (workflow.keyinfo.extract) on realistic report sentences."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+import pytest
+
+from workflow.contract import FINDINGS, KEYINFO_STATS, SECTIONS
+from workflow.keyinfo.extract import extract_sections, label_vector
+from workflow.keyinfo.libs import load_libs
+from workflow.keyinfo.run_rules import main as run_rules_main
+from workflow.tables import write_table
+
+
+def rows_of(text: str, section: str = "findings") -> list[dict]:
+    return extract_sections({section: text})
+
+
+def by_name(rows: list[dict]) -> dict[str, list[dict]]:
+    out: dict[str, list[dict]] = {}
+    for r in rows:
+        out.setdefault(r["name"], []).append(r)
+    return out
+
+
+def test_libs_use_only_vocabulary_values_and_cover_every_finding():
+    libs = load_libs()
+    vocab = libs.vocabulary
+    assert set(libs.vqa_name) == set(vocab["findings"]) and len(vocab["findings"]) >= 40
+    for tok in libs.tokens.values():
+        assert tok.finding is None or tok.finding in vocab["findings"]
+        assert tok.level is None or tok.level in vocab["level"]
+        assert tok.type is None or tok.type in vocab["type"]
+        assert tok.change is None or tok.change in vocab["change"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # the CheXpert labeler's sample reports and its expected labels (chexpert-labeler, MIT)
+        ("Heart size normal and lungs are clear. No edema or pneumonia. No effusion",
+         {"cardiomegaly": "negative", "edema": "negative", "pneumonia": "negative", "pleural effusion": "negative",
+          "lung opacity": "negative"}),
+        ("1. Left pleural effusion with adjacent atelectasis. Right effusion is also present. "
+         "2. Cardiomegaly without overt edema.",
+         {"pleural effusion": "positive", "atelectasis": "positive", "cardiomegaly": "positive", "edema": "negative"}),
+        ("Minimal patchy airspace disease within the lingula, may reflect atelectasis or consolidation.",
+         {"lung opacity": "positive", "atelectasis": "uncertain", "consolidation": "uncertain"}),
+        ("1. Stable mild cardiomegaly. 2. Hyperexpanded but clear lungs.",
+         {"cardiomegaly": "positive", "hyperinflation": "positive", "lung opacity": "negative"}),
+    ],
+)  # fmt: skip
+def test_report_level_labels_match_the_chexpert_samples(text, expected):
+    assert label_vector(text) == expected
+
+
+def test_blockers_keep_lookalike_findings_apart():
+    labels = label_vector(
+        "Small pericardial effusion. Subcutaneous emphysema in the left chest wall. "
+        "Calcified nodule in the right upper lobe. Massive hiatal hernia."
+    )
+    assert labels == {"pericardial effusion": "positive", "subcutaneous emphysema": "positive",
+                      "granuloma": "positive", "hiatal hernia": "positive"}  # fmt: skip
+    rows = by_name(rows_of("Calcified nodule in the right upper lobe."))
+    assert rows["granuloma"][0]["type"] == "calcified"
+    assert rows["granuloma"][0]["location"] == "right upper lobe"
+
+
+def test_left_and_right_are_two_instances_with_their_own_attributes():
+    rows = by_name(rows_of("Small left and moderate right pleural effusions. No pneumothorax."))
+    eff = sorted(rows["pleural effusion"], key=lambda r: r["location"])
+    assert [(r["location"], r["level"], r["presence"]) for r in eff] == [
+        ("left", "mild", "positive"), ("right", "moderate", "positive")]  # fmt: skip
+    assert rows["pneumothorax"][0]["presence"] == "negative"
+
+
+def test_attributes_from_pre_and_post_modifiers_and_change_after_a_comma():
+    rows = by_name(rows_of(
+        "There is a moderate layering left pleural effusion, new since the prior study. "
+        "Patchy opacity in the right lower lobe. Atelectasis at both bases has increased."
+    ))  # fmt: skip
+    eff = rows["pleural effusion"][0]
+    assert (eff["level"], eff["type"], eff["location"], eff["change"]) == (
+        "moderate",
+        "layering",
+        "left",
+        "new",
+    )
+    op = rows["lung opacity"][0]
+    assert (op["type"], op["location"]) == ("patchy", "right lower lobe")
+    at = rows["atelectasis"][0]
+    assert (at["location"], at["change"]) == ("bilateral basal", "worsened")
+
+
+def test_presence_conventions():
+    labels = label_vector(
+        "No new consolidation. Opacity consistent with pneumonia. Pneumothorax cannot be excluded. "
+        "No change in the moderate cardiomegaly. The previously seen right effusion has resolved. "
+        "No focal consolidation, pleural effusion, or pneumothorax, but there is mild pulmonary edema."
+    )
+    assert labels["pneumonia"] == "positive"  # "consistent with" asserts
+    assert labels["pneumothorax"] == "uncertain"  # uncertain beats the later negative
+    assert labels["cardiomegaly"] == "positive"  # "no change" is a pseudo-negation
+    assert labels["pleural effusion"] == "negative"
+    assert labels["consolidation"] == "negative"  # "no new X" -> negative
+    assert labels["edema"] == "positive"  # "but" ends the negation scope
+    rows = by_name(rows_of("The previously seen right effusion has resolved."))
+    assert rows["pleural effusion"][0]["change"] == "resolved"
+
+
+def test_anchors_need_a_predicate():
+    assert label_vector("The tube tip projects over the cardiac silhouette.") == {
+        "support device": "positive"
+    }
+    assert label_vector("The heart is mildly enlarged.") == {"cardiomegaly": "positive"}
+    assert label_vector("Heart size is at the upper limits of normal.") == {"cardiomegaly": "uncertain"}
+    assert label_vector("Normal heart size and mediastinal contours.") == {
+        "cardiomegaly": "negative", "enlarged cardiomediastinum": "negative"}  # fmt: skip
+
+
+def test_devices_are_one_row_each_without_location():
+    rows = rows_of(
+        "A left-sided pacemaker is noted with leads terminating in the right atrium. "
+        "An endotracheal tube terminates 4 cm above the carina. External cardiac monitor leads."
+    )
+    devices = [r for r in rows if r["name"] == "support device"]
+    assert sorted(r["raw_name"].lower() for r in devices) == ["endotracheal tube", "pacemaker"]
+    assert all(r["location"] is None for r in devices)
+
+
+def test_only_findings_and_impression_are_read_and_spans_index_the_section_text():
+    sections = {
+        "indication": "?pneumonia", "comparison": "Prior with pneumothorax.",
+        "findings": "Heart size is normal.\n Small right\n pleural effusion.", "impression": "Possible pneumonia.",
+    }  # fmt: skip
+    rows = extract_sections(sections)
+    assert {(r["name"], r["presence"], r["section"]) for r in rows} == {
+        ("cardiomegaly", "negative", "findings"), ("pleural effusion", "positive", "findings"),
+        ("pneumonia", "uncertain", "impression")}  # fmt: skip
+    eff = next(r for r in rows if r["name"] == "pleural effusion")
+    assert sections["findings"][eff["start"] : eff["end"]] == "pleural effusion"
+    assert eff["location"] == "right" and eff["level"] == "mild"
+    # no findings/impression: the last paragraph is read (MIT-LCP's fallback)
+    assert label_vector("") == {}
+    assert extract_sections({"last_paragraph": "Left lower lobe pneumonia."})[0]["name"] == "pneumonia"
+
+
+def test_run_rules_cli_writes_the_contract_tables(tmp_path):
+    sections = {f.name: [] for f in SECTIONS}
+    reports = [
+        ("Mild cardiomegaly. No effusion.", "No acute process."),
+        (None, None),
+        ("Lungs are clear.", None),
+    ]
+    for k, (findings, impression) in enumerate(reports):
+        for f in SECTIONS:
+            sections[f.name].append(None)
+        sections["subject_id"][-1] = 10 + k
+        sections["study_id"][-1] = 50 + k
+        sections["findings"][-1] = findings
+        sections["impression"][-1] = impression
+    import pyarrow as pa
+
+    write_table(pa.Table.from_pydict(sections, schema=SECTIONS), tmp_path / "sections.parquet", SECTIONS)
+    run_rules_main(["--sections", str(tmp_path / "sections.parquet"), "--findings", str(tmp_path / "f.parquet"),
+                    "--stats", str(tmp_path / "s.parquet"), "--rejects", str(tmp_path / "r.parquet")])  # fmt: skip
+    findings = pq.read_table(tmp_path / "f.parquet")
+    assert findings.schema.equals(FINDINGS)
+    got = {(r["study_id"], r["name"], r["presence"], r["source"]) for r in findings.to_pylist()}
+    assert got == {(50, "cardiomegaly", "positive", "rules"), (50, "pleural effusion", "negative", "rules"),
+                   (52, "lung opacity", "negative", "rules")}  # fmt: skip
+    assert pq.read_table(tmp_path / "r.parquet").to_pylist()[0]["study_id"] == 51
+    stats = pq.read_table(tmp_path / "s.parquet")
+    assert stats.schema.equals(KEYINFO_STATS)
+    assert {r["name"]: r["n_positive"] for r in stats.to_pylist()}["cardiomegaly"] == 1
+
+
+@pytest.mark.slow
+def test_keyinfo_rule_through_snakemake(tmp_path):
+    """ingest -> sections -> keyinfo_rules on the demo corpus, through the repository's Snakefile."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    demo = repo / "data" / "demo"
+    reports = next((p for p in (demo / "mimic-cxr-reports.zip", demo / "files") if p.exists()), None)
+    if reports is None:
+        pytest.skip("demo corpus not present")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copy(repo / "config.yaml", workdir / "config.yaml")
+    for shared in ("libs", "prompts", "envs", "data"):  # rules name these relative to the working directory
+        if (repo / shared).exists():
+            (workdir / shared).symlink_to(repo / shared)
+    override = {
+        "outdir": str(workdir / "results"),
+        "corpus": {"format": "mimic", "mimic": {"reports": str(reports),
+                   "split": str(demo / "mimic-cxr-2.0.0-split.csv.gz"),
+                   "metadata": str(demo / "mimic-cxr-2.0.0-metadata.csv.gz")}},
+    }  # fmt: skip
+    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+    target = workdir / "results" / "keyinfo" / "rules" / "findings.parquet"
+    argv = [str(Path(sys.executable).with_name("snakemake")), "-s", str(repo / "Snakefile"), "--directory",
+            str(workdir), "--cores", "2", "--configfile", "config.yaml", "override.yaml", "--nolock", str(target)]  # fmt: skip
+    run = subprocess.run(argv, cwd=workdir, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    findings = pq.read_table(target)
+    assert findings.schema.equals(FINDINGS) and findings.num_rows > 0
+    sections = pq.read_table(workdir / "results" / "sections" / "sections.parquet").to_pylist()
+    rejects = pq.read_table(workdir / "results" / "keyinfo" / "rules" / "rejects.parquet").to_pylist()
+    ids = {r["study_id"] for r in sections}
+    assert set(findings.column("study_id").to_pylist()) <= ids and {r["study_id"] for r in rejects} <= ids
+    # the rule's rows are exactly what the library function gives for those sections
+    first = next(r for r in sections if r["findings"] or r["impression"])
+    want = {(r["name"], r["presence"], r["location"]) for r in extract_sections(first)}
+    got = {
+        (r["name"], r["presence"], r["location"])
+        for r in findings.to_pylist()
+        if r["study_id"] == first["study_id"]
+    }
+    assert got == want
+    log = (workdir / "logs" / "keyinfo_rules.log").read_text()
+    assert f"keyinfo_rules: {len(sections)} studies in" in log

@@ -1,0 +1,207 @@
+"""The LLM stages (gold, keyinfo shards, follow-up rounds) run as their CLIs against the loopback server."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import pytest
+
+from workflow.contract import FINDINGS, SECTIONS, STUDIES
+from workflow.llm import followup as followup_mod
+from workflow.llm import gold, keyinfo
+from workflow.llm.followup import followup_targets
+from workflow.llm.gold import read_exclusion, select_gold
+from workflow.tables import read_table, write_table
+
+sys.path.insert(0, str(Path(__file__).parent))
+from openai_server import LoopbackOpenAI  # noqa: E402
+
+FINDINGS_TEXT = [
+    "Small left pleural effusion. No pneumothorax.",
+    "Moderate cardiomegaly. Mild pulmonary edema.",
+    "Lungs are clear. No pneumothorax.",
+    "Right lower lobe consolidation. Possible small right effusion.",
+    "",  # nothing to send: must end in rejects
+]
+
+
+def corpus(n: int):
+    rows, studies = [], []
+    for i in range(n):
+        sid, subj = 50_000_000 + i, 10_000_000 + i // 2
+        text = FINDINGS_TEXT[i % len(FINDINGS_TEXT)]
+        text = f"{text} Exam {i}." if text else text  # distinct reports: identical ones share one request
+        rows.append({"subject_id": subj, "study_id": sid, "indication": "Cough.", "history": None,
+                     "comparison": None, "technique": None, "findings": text or None,
+                     "impression": "No acute process." if i % 3 == 0 and text else None, "last_paragraph": None})
+        studies.append({"subject_id": subj, "study_id": sid, "split": ["train", "validate", "test"][i % 3],
+                        "study_datetime": None, "report": "x", "source_path": f"s{sid}.txt"})
+    return pd.DataFrame(rows), pd.DataFrame(studies)
+
+
+def rules_rows(sections: pd.DataFrame) -> pd.DataFrame:
+    """A stand-in rules table that disagrees with the loopback 'LLM' on purpose."""
+    out = []
+    for r in sections.itertuples():
+        text = r.findings.lower() if isinstance(r.findings, str) else ""
+
+        def add(name, presence, r=r):
+            out.append({"subject_id": r.subject_id, "study_id": r.study_id, "name": name, "raw_name": name,
+                        "presence": presence, "location": None, "level": None, "type": None, "change": None,
+                        "section": "findings", "start": 0, "end": 1, "source": "rules", "round": 0,
+                        "request_hash": None})
+        if "effusion" in text:
+            add("pleural effusion", "positive")
+        if "cardiomegaly" in text:
+            add("cardiomegaly", "positive")
+            add("vascular congestion", "negative")  # the LLM never mentions it: a 'missed' target
+        if "pneumothorax" in text:
+            add("pneumothorax", "uncertain")  # the LLM says negative: a 'disagreement' target
+    return pd.DataFrame(out, columns=FINDINGS.names)
+
+
+@pytest.fixture
+def tables(tmp_path):
+    sections, studies = corpus(30)
+    paths = {k: tmp_path / f"{k}.parquet" for k in ("sections", "studies", "rules")}
+    write_table(pa.Table.from_pandas(sections, schema=SECTIONS, preserve_index=False), paths["sections"], SECTIONS)
+    write_table(pa.Table.from_pandas(studies, schema=STUDIES, preserve_index=False), paths["studies"], STUDIES)
+    write_table(pa.Table.from_pandas(rules_rows(sections), schema=FINDINGS, preserve_index=False), paths["rules"], FINDINGS)
+    return paths
+
+
+def llm_config(server, rounds=3):
+    ep = {"kind": "openai", "base_url": server.base_url, "model": "student", "executor": "openai", "api_key_env": None}
+    return {"corpus": {"credentialed": True}, "llm": {
+        "endpoints": {"teacher": {**ep, "model": "teacher"}, "student": ep},
+        "client": {"concurrency": 8, "timeout_s": 5, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
+        "prices": {"teacher": {"input": 2.0, "output": 8.0}},
+        "gold": {"endpoint": "teacher", "n": 8, "seed": 5, "exclude": None, "temperature": 0, "max_tokens": 500},
+        "keyinfo": {"endpoint": "student", "shards": 2, "temperature": 0, "max_tokens": 500},
+        "followup": {"endpoint": "student", "rounds": rounds, "temperature": 0, "max_tokens": 300},
+    }}
+
+
+def test_gold_sample_is_seeded_stratified_and_honours_exclusions(tmp_path):
+    sections, studies = corpus(200)
+    df = sections.merge(studies[["study_id", "split"]], on="study_id")
+    rules = rules_rows(sections)
+    a = select_gold(df, rules, 30, seed=1)
+    assert a.equals(select_gold(df, rules, 30, seed=1)) and len(a) == 30
+    assert not a.equals(select_gold(df, rules, 30, seed=2))
+    assert set(a["study_id"]).isdisjoint(set(sections.loc[sections["findings"].isna(), "study_id"]))
+    # Proportional: each stratum's share of the sample is within one study of its share of the pool.
+    pool = df[df["findings"].notna()]
+    full = select_gold(df, rules, len(pool), seed=1)
+    for stratum, size in full["stratum"].value_counts().items():
+        expected = size / len(pool) * 30
+        assert abs((a["stratum"] == stratum).sum() - expected) <= 1
+    exclude_file = tmp_path / "exclude.txt"
+    exclude_file.write_text("study_id\n" + "\n".join(f"s{s}" for s in a["study_id"][:10]) + "\n")
+    excluded = read_exclusion(str(exclude_file))
+    assert len(excluded) == 10
+    b = select_gold(df, rules, 30, seed=1, exclude=excluded)
+    assert not set(b["study_id"]) & excluded and len(b) == 30
+
+
+def test_followup_targets_are_missed_and_disagreeing_findings_not_yet_asked():
+    llm = pd.DataFrame({"study_id": [1, 1, 2], "name": ["pleural effusion", "pneumothorax", "edema"],
+                        "presence": ["positive", "negative", "positive"]})
+    rules = pd.DataFrame({"study_id": [1, 1, 1, 2, 3], "name": ["pleural effusion", "pneumothorax", "edema",
+                                                                 "unknown", "nodule"],
+                          "presence": ["positive", "positive", "negative", "positive", "positive"]})
+    t = followup_targets(llm, rules, {1, 2}, pd.DataFrame(columns=["study_id", "name", "round"]))
+    assert t.to_dict("records") == [{"study_id": 1, "name": "edema", "reason": "missed"},
+                                    {"study_id": 1, "name": "pneumothorax", "reason": "disagreement"}]
+    asked = pd.DataFrame({"study_id": [1], "name": ["edema"], "round": [1]})
+    assert followup_targets(llm, rules, {1, 2}, asked)["name"].tolist() == ["pneumothorax"]
+
+
+def test_gold_keyinfo_followup_chain(tables, tmp_path):
+    out = tmp_path / "out"
+    with LoopbackOpenAI() as srv:
+        cfg = json.dumps(llm_config(srv))
+        common = ["--config", cfg, "--cache", str(out / "cache.sqlite"), "--sections", str(tables["sections"]),
+                  "--studies", str(tables["studies"])]
+        gold.main(common + ["--rules-findings", str(tables["rules"])] + [
+            f"--{k}={out / 'gold' / f}" for k, f in (("sample", "sample.parquet"), ("findings", "findings.parquet"),
+                                                     ("requests", "requests.parquet"), ("sft", "sft.jsonl"),
+                                                     ("rejects", "rejects.parquet"))])
+        assert srv.count() == 8
+        sft = [json.loads(line) for line in (out / "gold" / "sft.jsonl").read_text().splitlines()]
+        assert len(sft) == 8 and sft[0]["messages"][-1]["role"] == "assistant"
+        req = read_table(out / "gold" / "requests.parquet").to_pandas()
+        assert (req["model"] == "teacher").all() and req["cost_usd"].gt(0).all() and req["prompt_hash"].notna().all()
+
+        for shard in (0, 1):
+            d = out / f"shard{shard}"
+            keyinfo.main(["shard"] + common + ["--shard", str(shard), "--shards", "2"] + [
+                f"--{k}={d / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "audit")])
+        sent_after_keyinfo = srv.count()
+        assert sent_after_keyinfo == 8 + 24  # 30 studies, 6 without text; gold's answers are not the same request
+        r0 = out / "round0"
+        keyinfo.main(["merge", "--shard-findings", *(str(out / f"shard{s}" / "findings.parquet") for s in (0, 1)),
+                      "--shard-requests", *(str(out / f"shard{s}" / "requests.parquet") for s in (0, 1)),
+                      "--shard-rejects", *(str(out / f"shard{s}" / "rejects.parquet") for s in (0, 1)),
+                      "--shard-audit", *(str(out / f"shard{s}" / "audit.parquet") for s in (0, 1)),
+                      "--rules-findings", str(tables["rules"]), "--sections", str(tables["sections"])] + [
+            f"--{k}={r0 / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "asked", "stats", "audit")]
+                     + [f"--unknown-terms={r0 / 'unknown_terms.parquet'}"])
+        assert read_table(r0 / "audit.parquet").num_rows > 0  # standardisation's trail of the LLM answers
+        assert read_table(r0 / "unknown_terms.parquet").column_names[:2] == ["kind", "term"]
+        rejects = read_table(r0 / "rejects.parquet").to_pandas()
+        assert len(rejects) == 6 and set(rejects["reason"]) == {"no_findings_or_impression"}
+        requests0 = read_table(r0 / "requests.parquet").to_pandas()
+        assert len(requests0) == 24 and (requests0["status"] == "completed").all()
+
+        for rnd in (1, 2, 3):
+            prev, cur = out / f"round{rnd - 1}", out / f"round{rnd}"
+            followup_mod.main(["--config", cfg, "--cache", str(out / "cache.sqlite"), "--round", str(rnd),
+                               "--sections", str(tables["sections"]), "--studies", str(tables["studies"]),
+                               "--rules-findings", str(tables["rules"])] +
+                              [f"--previous{'-' + k if k != 'findings' else ''}={prev / f'{k}.parquet'}"
+                               for k in ("findings", "asked", "stats", "requests")] +
+                              [f"--{k}={cur / f'{k}.parquet'}" for k in ("findings", "asked", "stats", "requests")])
+        stats = read_table(out / "round3" / "stats.parquet").to_pandas()
+        final = read_table(out / "round3" / "findings.parquet").to_pandas()
+        total_sent = srv.count()
+    assert stats["round"].tolist() == [0, 1, 2, 3]
+    first = stats.iloc[1]
+    assert first["asked"] == stats.iloc[0]["missed"] + stats.iloc[0]["disagreements"] > 0
+    assert first["answered"] == first["asked"]
+    assert stats.iloc[-1]["converged"] and stats.iloc[-1]["asked"] == 0  # a fixpoint, nothing re-asked
+    assert total_sent == sent_after_keyinfo + stats["asked"].sum()
+    # The follow-up about 'pneumothorax' (rules: uncertain) was answered from the report ("No
+    # pneumothorax"): the LLM keeps negative, the row now comes from the follow-up round.
+    pnx = final[final["name"] == "pneumothorax"]
+    assert not pnx.empty and (pnx["presence"] == "negative").all() and (pnx["source"] == "followup").all()
+    assert (final.loc[final["source"] == "llm", "round"] == 0).all()
+    assert final["request_hash"].notna().all()
+
+
+def test_estimate_prices_every_stage_before_sending(tables, tmp_path):
+    from workflow.llm.estimate import estimates, load_config
+
+    root = Path(__file__).resolve().parents[1]
+    override = tmp_path / "override.yaml"
+    override.write_text(json.dumps({  # JSON is YAML
+        "outdir": str(tmp_path / "results"),
+        "llm": {"endpoints": {"teacher": {"kind": "azure", "azure_endpoint": "https://r.openai.azure.com",
+                                          "model": "gpt-4o", "executor": "batch"},
+                              "student": {"kind": "openai", "base_url": "https://api.openai.com/v1",
+                                          "model": "gpt-4o-mini"}},
+                "gold": {"n": 10}},
+    }))
+    config = load_config([str(root / "config.yaml"), str(override)])
+    rows = dict(estimates(config, tables["sections"], tables["studies"], tables["rules"]))
+    gold, bulk = rows["gold"], rows["keyinfo"]
+    assert (gold.requests, gold.to_send) == (10, 10)
+    prices = config["llm"]["prices"]["gpt-4o"]
+    assert gold.cost_usd == pytest.approx(0.5 * (gold.prompt_tokens * prices["input"]
+                                                 + gold.completion_tokens * prices["output"]) / 1e6)  # batch: half
+    assert isinstance(bulk, str) and bulk.startswith("REFUSED")  # MIMIC on the public OpenAI API
+    assert rows["followup (per 1,000)"].startswith("REFUSED")  # same endpoint, same guard

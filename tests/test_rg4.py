@@ -1,0 +1,530 @@
+"""MIMIC-RG4: scenario membership, input-agnostic rewriting, the check, and the loader-exact files."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+
+from workflow.contract import IMAGES, RG4_COUNTS, RG4_RECORDS, RG4_REWRITE_STATS, SECTIONS, STUDIES
+from workflow.keyinfo.extract import label_vector
+from workflow.rg4 import build as rg4
+from workflow.rg4.rewrite import RulesRewriter, check, detect, load_rules, split_sentences
+from workflow.tables import read_table, write_table
+
+RULES = load_rules()
+REMOVES = RULES.scenario_removes
+
+
+# --- constructed patients ----------------------------------------------------------------------------------
+
+
+def _study(
+    subject, study, split, when, findings=None, impression=None, indication=None, history=None, images=()
+):
+    return {
+        "subject_id": subject,
+        "study_id": study,
+        "split": split,
+        "when": when,
+        "findings": findings,
+        "impression": impression,
+        "indication": indication,
+        "history": history,
+        "images": images,
+    }
+
+
+def patients():
+    """Patient 10: s101 (PA + lateral) → s102 (AP only; prior s101) → s103 (lateral only: not eligible)
+    → s104 (PA + LL; prior s102, skipping s103). Patient 20: s201 without findings/impression, then s202
+    (its prior would be s201, which is not eligible → none). Patient 30: two studies at the same time
+    (neither is the other's prior) and an undated one. Patient 40: validate split."""
+    return [
+        _study(
+            10,
+            101,
+            "train",
+            datetime(2150, 1, 1, 9),
+            "Mild cardiomegaly. PA and lateral views were obtained.",
+            "No acute process.",
+            indication="Cough.",
+            images=[("d101b", "PA"), ("d101a", "LATERAL"), ("d101c", "AP")],
+        ),
+        _study(
+            10,
+            102,
+            "train",
+            datetime(2150, 2, 1, 9),
+            "Stable mild cardiomegaly. The lungs are clear.",
+            None,
+            history="Fever.",
+            images=[("d102", "AP")],
+        ),
+        _study(
+            10, 103, "train", datetime(2150, 2, 2, 9), "Lungs are clear.", None, images=[("d103", "LATERAL")]
+        ),
+        _study(
+            10,
+            104,
+            "train",
+            datetime(2150, 3, 1, 9),
+            "New small left pleural effusion compared to prior.",
+            "Small left pleural effusion. Findings were discussed with Dr. ___ at 10:15 a.m.",
+            images=[("d104a", "PA"), ("d104b", "LL")],
+        ),
+        _study(20, 201, "train", datetime(2151, 1, 1), None, None, images=[("d201", "PA")]),
+        _study(20, 202, "train", datetime(2151, 2, 1), "The lungs are clear.", None, images=[("d202", "PA")]),
+        _study(30, 301, "test", datetime(2152, 1, 1), "No pneumothorax.", None, images=[("d301", "PA")]),
+        _study(30, 302, "test", datetime(2152, 1, 1), "No pleural effusion.", None, images=[("d302", "PA")]),
+        _study(30, 303, "test", None, "Heart size is normal.", None, images=[("d303", "PA")]),
+        _study(40, 401, "validate", datetime(2153, 1, 1), None, "Low lung volumes.", images=[("d401", "AP")]),
+        _study(
+            40,
+            402,
+            "validate",
+            datetime(2153, 6, 1),
+            "Moderate cardiomegaly is unchanged.",
+            "Small right pneumothorax, better seen on the lateral view.",
+            images=[("d402", "PA"), ("d402l", "LATERAL")],
+        ),
+    ]
+
+
+def tables(rows):
+    studies = {n: [] for n in STUDIES.names}
+    images = {n: [] for n in IMAGES.names}
+    sections = {n: [] for n in SECTIONS.names}
+    for r in rows:
+        studies["subject_id"].append(r["subject_id"])
+        studies["study_id"].append(r["study_id"])
+        studies["split"].append(r["split"])
+        studies["study_datetime"].append(r["when"])
+        studies["report"].append("FINDINGS: ...")
+        studies["source_path"].append(f"files/p{r['subject_id']}/s{r['study_id']}.txt")
+        for name in SECTIONS.names:
+            sections[name].append(r.get(name) if name not in ("subject_id", "study_id") else r[name])
+        for dicom, view in r["images"]:
+            images["dicom_id"].append(dicom)
+            images["subject_id"].append(r["subject_id"])
+            images["study_id"].append(r["study_id"])
+            images["split"].append(r["split"])
+            images["view_position"].append(view)
+            images["view_code_meaning"].append("")
+            sub = str(r["subject_id"])
+            images["image_path"].append(f"files/p{sub[:2]}/p{sub}/s{r['study_id']}/{dicom}.jpg")
+    return (
+        pa.Table.from_pydict(studies, schema=STUDIES),
+        pa.Table.from_pydict(images, schema=IMAGES),
+        pa.Table.from_pydict(sections, schema=SECTIONS),
+    )
+
+
+def run_rule(tmp_path, rows, extra=()):
+    st, im, sec = tables(rows)
+    for name, t, schema in (("studies", st, STUDIES), ("images", im, IMAGES), ("sections", sec, SECTIONS)):
+        write_table(t, tmp_path / f"{name}.parquet", schema)
+    out = tmp_path / "rg4"
+    rg4.main(
+        [
+            "--studies",
+            str(tmp_path / "studies.parquet"),
+            "--images",
+            str(tmp_path / "images.parquet"),
+            "--sections",
+            str(tmp_path / "sections.parquet"),
+            "--outdir",
+            str(out),
+            *extra,
+        ]
+    )
+    return out
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    return run_rule(tmp_path_factory.mktemp("rg4"), patients())
+
+
+def members(out, scenario):
+    return {r["study_id"]: r for r in read_table(out / f"rg4_{scenario}.parquet").to_pylist()}
+
+
+def test_scenario_membership(built):
+    sn, sw, mn, mw = (members(built, s) for s in ("sn", "sw", "mn", "mw"))
+    # not eligible: lateral-only s103, no findings/impression s201
+    assert set(sn) == {101, 102, 104, 202, 301, 302, 303, 401, 402}
+    # priors: s102←s101, s104←s102 (s103 has no frontal), s402←s401; none for s202 (prior not eligible),
+    # the two same-time studies or the undated one
+    assert {k: v["last_study_id"] for k, v in sw.items()} == {102: 101, 104: 102, 402: 401}
+    assert set(mn) == {101, 104, 402}
+    assert set(mw) == {104, 402}
+    # frontal: PA preferred over AP, whatever the dicom order; lateral LL accepted
+    assert sn[101]["id"] == "d101b" and sn[101]["APPA_flag"] == "PA"
+    assert sn[102]["APPA_flag"] == "AP"
+    assert mn[104]["lateral_imagepath"] == "p10/p10/s104/d104b.jpg"
+    # official split renamed; paths relative to files/
+    assert sn[402]["split"] == "val" and sn[301]["split"] == "test"
+    assert sw[104]["last_APPA_imagepath"] == "p10/p10/s102/d102.jpg"
+    rejects = read_table(built / "rejects.parquet").to_pylist()
+    assert {(r["study_id"], r["reason"]) for r in rejects} >= {
+        (103, "no_frontal_image"),
+        (201, "no_findings_or_impression"),
+    }
+
+
+def test_rewrites_follow_the_scenario(built):
+    sn, sw, mn, mw = (members(built, s) for s in ("sn", "sw", "mn", "mw"))
+    # prior comparison: removed without a prior (sn, mn), kept with one (sw, mw)
+    assert sn[104]["finding"] == "Small left pleural effusion."
+    assert mn[104]["finding"] == "Small left pleural effusion."
+    assert sw[104]["finding"] == mw[104]["finding"] == "New small left pleural effusion compared to prior."
+    # communication: removed everywhere
+    for table in (sn, sw, mn, mw):
+        assert table[104]["impression"] == "Small left pleural effusion."
+    # views: lateral mentions removed without a lateral input (sn, sw), kept with one (mn, mw)
+    assert sn[101]["finding"] == "Mild cardiomegaly."
+    assert mn[101]["finding"] == "Mild cardiomegaly. PA and lateral views were obtained."
+    assert sn[402]["impression"] == "Small right pneumothorax seen."
+    assert mw[402]["impression"] == "Small right pneumothorax, better seen on the lateral view."
+    assert sn[402]["finding"] == "Moderate cardiomegaly is present."
+    assert sw[402]["finding"] == "Moderate cardiomegaly is unchanged."
+    # originals kept for audit, prior reports as written
+    assert sn[104]["original_finding"] == "New small left pleural effusion compared to prior."
+    assert sw[102]["last_finding"] == "Mild cardiomegaly. PA and lateral views were obtained."
+
+
+@pytest.mark.parametrize(
+    ("scenario", "sentence", "expected"),
+    [
+        # pc: prior comparison
+        ("sn", "Stable mild cardiomegaly.", "Mild cardiomegaly."),
+        ("sn", "Increased right pleural effusion compared to prior.", "Right pleural effusion."),
+        ("sn", "Unchanged moderate cardiomegaly.", "Moderate cardiomegaly."),
+        ("sn", "Compared to the prior study, there is no significant interval change.", None),
+        ("sn", "The left pleural effusion has resolved.", "No left pleural effusion."),
+        ("sn", "Interval increase in the right pleural effusion.", "Right pleural effusion."),
+        ("sn", "No new focal consolidation.", "No focal consolidation."),
+        ("sn", "The heart size remains mildly enlarged.", "The heart size is mildly enlarged."),
+        ("sn", "Heart size is stable compared to prior.", None),
+        ("sw", "Stable mild cardiomegaly.", "Stable mild cardiomegaly."),
+        ("sn", "Mild cardiomegaly unchanged.", "Mild cardiomegaly."),
+        (
+            "sn",
+            "The aorta is ectatic and atherosclerotic but stable.",
+            "The aorta is ectatic and atherosclerotic.",
+        ),
+        ("sn", "Mild hyperinflation appears similar to prior.", "Mild hyperinflation is present."),
+        # IU X-Ray phrasings: old disease is not a prior study; comparison lines folded into findings
+        ("sn", "Prior granulomatous disease.", "Granulomatous disease."),
+        ("sn", "Comparison XXXX, XXXX Well-expanded and clear lungs.", "Well-expanded and clear lungs."),
+        # pp: prior procedure
+        ("mn", "Status post left thoracentesis, the heart size is normal.", "The heart size is normal."),
+        ("sn", "Small residual pneumothorax after thoracentesis.", "Small pneumothorax."),
+        ("sn", "Left pleural effusion, slightly larger than on ___.", "Left pleural effusion."),
+        (
+            "mn",
+            "The nasogastric tube has been advanced and now terminates in the stomach.",
+            "The nasogastric tube terminates in the stomach.",
+        ),
+        ("mn", "The endotracheal tube has been removed.", "No endotracheal tube."),
+        ("mw", "The endotracheal tube has been removed.", "The endotracheal tube has been removed."),
+        # comm: everywhere
+        ("mw", "Findings were discussed with Dr. ___ by telephone at 10:15 a.m. on ___.", None),
+        (
+            "sw",
+            "Small right apical pneumothorax, which was communicated to Dr. ___ at 3 p.m.",
+            "Small right apical pneumothorax.",
+        ),
+        # view: without a lateral input
+        ("sn", "On the lateral view, there is a retrocardiac opacity.", "There is a retrocardiac opacity."),
+        (
+            "sw",
+            "PA and lateral views of the chest demonstrate clear lungs.",
+            "The frontal view of the chest demonstrates clear lungs.",
+        ),
+        ("sn", "Lateral costophrenic angles are sharp.", "Lateral costophrenic angles are sharp."),
+        (
+            "sw",
+            "Lateral view reveals mild degenerative changes of the thoracic spine.",
+            "Mild degenerative changes of the thoracic spine.",
+        ),
+        (
+            "mn",
+            "A small effusion is better seen on the lateral view.",
+            "A small effusion is better seen on the lateral view.",
+        ),
+    ],
+)
+def test_rewrite_categories(scenario, sentence, expected):
+    removes = REMOVES[scenario]
+    got = RulesRewriter().text(sentence, removes).text
+    assert got == expected
+    if got is not None:
+        assert not detect(got, removes)
+        assert label_vector(got) == label_vector(sentence)
+
+
+def test_numbered_impression_is_renumbered():
+    text = "1. No change compared to the prior study. 2. Stable small left effusion. 3. Mild edema."
+    assert RulesRewriter().text(text, REMOVES["sn"]).text == "1. Small left effusion. 2. Mild edema."
+
+
+def test_sentence_splitting_keeps_abbreviations_and_decimals():
+    assert split_sentences("Discussed with Dr. ___ at 10 a.m. Nodule measures 1.5 cm.\n Lungs clear.") == [
+        "Discussed with Dr. ___ at 10 a.m.",
+        "Nodule measures 1.5 cm.",
+        "Lungs clear.",
+    ]
+
+
+def test_check_catches_residue_and_label_changes():
+    original = ("Stable small left pleural effusion. No pneumothorax.", None)
+    sn = REMOVES["sn"]
+    assert check(original, ("Small left pleural effusion. No pneumothorax.", None), sn, label_vector) is None
+    assert check(original, ("Stable small left pleural effusion.", None), sn, label_vector) == "residual_pc"
+    assert check(original, ("No pneumothorax.", None), sn, label_vector) == "labels_changed"
+    assert check(original, (None, ""), sn, label_vector) == "empty"
+
+
+def test_label_check_drops_a_study_with_a_reason(tmp_path):
+    # the rules cannot rephrase "Previous left pleural effusion." and remove it, which loses the label →
+    # the study is dropped from sn/mn with a reason and kept in sw, where comparisons stay
+    rows = [
+        _study(1, 11, "train", datetime(2150, 1, 1), "Left pleural effusion.", None, images=[("a", "PA")]),
+        _study(
+            1,
+            12,
+            "train",
+            datetime(2150, 2, 1),
+            "Previous left pleural effusion. Heart size is normal.",
+            None,
+            images=[("b", "PA")],
+        ),
+    ]
+    out = run_rule(tmp_path, rows)
+    assert 12 in members(out, "sw") and 12 not in members(out, "sn")
+    reasons = {(r["study_id"], r["reason"]) for r in read_table(out / "rejects.parquet").to_pylist()}
+    assert (12, "sn:labels_changed") in reasons
+    counts = {(r["scenario"], r["split"]): r for r in read_table(out / "counts.parquet").to_pylist()}
+    assert counts[("sn", "train")]["rejected"] == 1 and counts[("sn", "train")]["records"] == 1
+
+
+def test_loader_json_fields_and_sentinels(built):
+    base = {
+        "id",
+        "study_id",
+        "subject_id",
+        "finding",
+        "impression",
+        "APPA_flag",
+        "APPA_imagepath",
+        "indication",
+        "history",
+        "new_scores",
+    }
+    extra = {
+        "sn": set(),
+        "sw": {"last_finding", "last_impression", "last_APPA_imagepath"},
+        "mn": {"lateral_imagepath"},
+        "mw": {"lateral_imagepath", "last_finding", "last_impression", "last_APPA_imagepath"},
+    }
+    data = {s: json.loads((built / name).read_text()) for s, name in rg4.JSON_FILES.items()}
+    for scenario, content in data.items():
+        assert list(content) == ["train", "val", "test"]
+        for split_records in content.values():
+            for rec in split_records:
+                assert set(rec) == base | extra[scenario]
+                assert rec["new_scores"] == []
+                assert rec["APPA_flag"] in ("PA", "AP")
+                assert not rec["APPA_imagepath"].startswith("files/") and rec["APPA_imagepath"].endswith(
+                    ".jpg"
+                )
+                assert rec["finding"] != "s" or rec["impression"] != "s"
+                for key in ("indication", "history"):
+                    assert rec[key] == 0 or (isinstance(rec[key], str) and rec[key])
+    sn = {r["study_id"]: r for r in data["sn"]["train"]}
+    assert sn[101]["indication"] == "Cough." and sn[101]["history"] == 0
+    assert sn[102]["impression"] == "s" and sn[102]["history"] == "Fever."
+    val = {r["study_id"]: r for r in data["sw"]["val"]}
+    assert val[402]["last_finding"] == "s" and val[402]["last_impression"] == "Low lung volumes."
+    assert isinstance(sn[101]["indication"], str) and isinstance(sn[102]["indication"], int)
+
+
+def test_counts_and_rewrite_stats(built):
+    counts = read_table(built / "counts.parquet")
+    assert counts.schema.equals(RG4_COUNTS)
+    got = {(r["scenario"], r["split"]): r["records"] for r in counts.to_pylist()}
+    assert got[("sn", "train")] == 4 and got[("sn", "val")] == 2 and got[("sn", "test")] == 3
+    assert got[("mw", "train")] == 1 and got[("mw", "val")] == 1
+    stats = {
+        (r["scenario"], r["category"]): r for r in read_table(built / "rewrite_stats.parquet").to_pylist()
+    }
+    assert read_table(built / "rewrite_stats.parquet").schema.equals(RG4_REWRITE_STATS)
+    assert stats[("sn", "view")]["removed"] >= 1 and stats[("mn", "view")]["removed"] == 0
+    assert stats[("sw", "pc")]["rephrased"] == 0 and stats[("sn", "pc")]["rephrased"] >= 2
+    assert stats[("mw", "comm")]["removed"] == 1
+    assert 0 < stats[("sn", "pc")]["share_rephrased"] < 1
+    assert read_table(built / "rg4_sn.parquet").schema.equals(RG4_RECORDS)
+
+
+def test_label_sections_option(tmp_path):
+    out = run_rule(tmp_path, patients()[:2], extra=["--label-sections"])
+    rec = json.loads((out / rg4.JSON_FILES["sn"]).read_text())["train"][0]
+    assert rec["finding"].startswith("finding: ") and rec["impression"].startswith("impression: ")
+
+
+def test_consistency_checks_fail_the_rule(tmp_path):
+    rows = patients()
+    rows[5]["split"] = "test"  # subject 20 now in train (s201) and test (s202)... s201 is not eligible
+    rows[1]["split"] = "test"  # subject 10 in train and test: eligible in both
+    with pytest.raises(rg4.ConsistencyError, match="more than one split"):
+        run_rule(tmp_path, rows)
+    assert not (tmp_path / "rg4" / "rg4_sn.parquet").exists()
+
+
+@pytest.mark.slow
+def test_rg4_and_exports_through_snakemake(tmp_path):
+    """ingest -> sections -> keyinfo (rules) -> rg4 + exports on the demo corpus, through the Snakefile."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    demo = repo / "data" / "demo"
+    reports = next((p for p in (demo / "mimic-cxr-reports.zip", demo / "files") if p.exists()), None)
+    snakefile = (repo / "Snakefile").read_text()
+    if reports is None or 'rules/rg4.smk"' not in snakefile or 'rules/exports.smk"' not in snakefile:
+        pytest.skip("demo corpus or the rg4/exports includes not present")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copy(repo / "config.yaml", workdir / "config.yaml")
+    for shared in ("libs", "prompts", "envs", "data"):  # rules name these relative to the working directory
+        if (repo / shared).exists():
+            (workdir / shared).symlink_to(repo / shared)
+    override = {
+        "outdir": str(workdir / "results"),
+        "corpus": {
+            "format": "mimic",
+            "mimic": {
+                "reports": str(reports),
+                "split": str(demo / "mimic-cxr-2.0.0-split.csv.gz"),
+                "metadata": str(demo / "mimic-cxr-2.0.0-metadata.csv.gz"),
+            },
+        },
+        "rg4": {"rewriter": "rules"},
+    }
+    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+    results = workdir / "results"
+    targets = [results / "rg4" / "counts.parquet", results / "exports" / "summary.json"]
+    argv = [
+        str(Path(sys.executable).with_name("snakemake")),
+        "-s",
+        str(repo / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        "--configfile",
+        "config.yaml",
+        "override.yaml",
+        "--nolock",
+        *map(str, targets),
+    ]
+    run = subprocess.run(argv, cwd=workdir, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    studies = set(read_table(results / "ingest" / "studies.parquet").column("study_id").to_pylist())
+    out = set()
+    for scenario, name in rg4.JSON_FILES.items():
+        data = json.loads((results / "rg4" / name).read_text())
+        assert list(data) == ["train", "val", "test"] and data["train"]
+        out |= set(read_table(results / "rg4" / f"rg4_{scenario}.parquet").column("study_id").to_pylist())
+    rejected = set(read_table(results / "rg4" / "rejects.parquet").column("study_id").to_pylist())
+    assert out | rejected == studies  # every study is in a scenario table or in rejects
+    summary = json.loads((results / "exports" / "summary.json").read_text())
+    assert summary["r2gen"]["train"] > 0 and summary["radialog_rg"] > 0
+    assert all(
+        summary["radialog_tasks"][t] > 0 for t in ("correction", "summarise", "region_qa", "binary_qa")
+    )
+
+
+def test_parallel_workers_give_the_same_tables(monkeypatch):
+    """Detection, edits, target assembly and writing on forked workers change nothing."""
+    import workflow.rg4.rewrite as rewrite_module
+
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    serial = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector, workers=1))
+    monkeypatch.setattr(rewrite_module, "MIN_CHUNK", 2)  # many small tasks even on this tiny input
+    runner = rg4.RulesJobRunner(label_vector, workers=2)
+    runner.parallel_min_jobs = 1
+    parallel = rg4.build(st, im, sec, runner)
+    for scenario in serial.tables:
+        assert parallel.tables[scenario].equals(serial.tables[scenario])
+    assert parallel.stats.equals(serial.stats) and parallel.counts.equals(serial.counts)
+
+
+def test_parallel_writing(tmp_path):
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
+    a, b = rg4.OutputPaths.in_dir(tmp_path / "a"), rg4.OutputPaths.in_dir(tmp_path / "b")
+    for p in (a, b):
+        p.counts.parent.mkdir(parents=True)
+    rg4.write_outputs(result, a, workers=1)
+    rg4.write_outputs(result, b, workers=2)
+    for scenario in rg4.JSON_FILES:
+        assert a.json[scenario].read_text() == b.json[scenario].read_text()
+        assert read_table(a.tables[scenario]).equals(read_table(b.tables[scenario]))
+
+
+IU_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "iu_xray"
+
+
+@pytest.mark.skipif(not (IU_DIR / "indiana_reports.csv").exists(), reason="IU X-Ray reports not available")
+def test_real_reports_keep_most_studies(tmp_path):
+    """On the real IU X-Ray reports (no priors: sn and mn only) the rules rewriter keeps ≥ 95 % of the
+    eligible studies, and nothing the detector flags survives in a target."""
+    from workflow import sections
+    from workflow.ingest import ingest_iu
+
+    ingest_iu(
+        IU_DIR / "indiana_reports.csv",
+        IU_DIR / "indiana_projections.csv",
+        tmp_path / "studies.parquet",
+        tmp_path / "images.parquet",
+        tmp_path / "r.parquet",
+    )
+    sections.run(
+        tmp_path / "studies.parquet",
+        tmp_path / "sections.parquet",
+        tmp_path / "mit.csv",
+        tmp_path / "rj.parquet",
+        workers=1,
+    )
+    out = tmp_path / "rg4"
+    rg4.main(
+        [
+            "--studies",
+            str(tmp_path / "studies.parquet"),
+            "--images",
+            str(tmp_path / "images.parquet"),
+            "--sections",
+            str(tmp_path / "sections.parquet"),
+            "--outdir",
+            str(out),
+        ]
+    )
+    counts = read_table(out / "counts.parquet").to_pylist()
+    for scenario in ("sn", "mn"):
+        kept = sum(r["records"] for r in counts if r["scenario"] == scenario)
+        dropped = sum(r["rejected"] for r in counts if r["scenario"] == scenario)
+        assert kept > 3000 and dropped / (kept + dropped) < 0.05
+        for rec in read_table(out / f"rg4_{scenario}.parquet").to_pylist():
+            assert not detect(
+                " ".join(t for t in (rec["finding"], rec["impression"]) if t), REMOVES[scenario]
+            )

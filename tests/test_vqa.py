@@ -1,0 +1,523 @@
+"""Medical-CXR-VQA question generation (workflow/vqa.py): every type, the fixed bugs, determinism."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from workflow import vqa
+from workflow.contract import FINDINGS, IMAGES, QUESTIONS, STUDIES, VQA_STATS
+
+REPO = Path(__file__).resolve().parents[1]
+TEMPLATES = vqa.load_templates(REPO / "libs" / "vqa_templates.yaml")
+NAMES = vqa.load_vocabulary(REPO / "libs" / "vocabulary.yaml")
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_vqa", REPO / "bench" / "bench_vqa.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    """3,000 MIMIC-like studies (the benchmark's generator at small scale) and their questions."""
+    findings, images, studies = _bench().synthetic_inputs(3000, seed=1)
+    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(seed=3))
+    return findings, images, studies, table.to_pandas(), prepared
+
+
+def _image(study_id, subject_id, view, n=0, split="train"):
+    return {
+        "dicom_id": f"d{study_id}-{n}",
+        "subject_id": subject_id,
+        "study_id": study_id,
+        "split": split,
+        "view_position": view,
+        "view_code_meaning": None,
+        "image_path": f"files/p10/p{subject_id}/s{study_id}/d{study_id}-{n}.jpg",
+    }
+
+
+def _finding(study_id, name, presence="positive", location=None, level=None, type_=None, subject_id=10000001):
+    return {
+        "subject_id": subject_id,
+        "study_id": study_id,
+        "name": name,
+        "presence": presence,
+        "location": location,
+        "level": level,
+        "type": type_,
+    }
+
+
+def _frames(findings_rows, image_rows, study_rows):
+    findings = pd.DataFrame(
+        findings_rows, columns=["subject_id", "study_id", "name", "presence", "location", "level", "type"]
+    )
+    return findings, pd.DataFrame(image_rows), pd.DataFrame(study_rows)
+
+
+def _parse(questions: pd.DataFrame) -> pd.DataFrame:
+    """Recover the slots (name, location, view) of each question from its template."""
+    patterns = {}
+    for tid, text in zip(TEMPLATES.ids, TEMPLATES.texts, strict=True):
+        rx = re.escape(text)
+        for slot in ("name", "location", "view"):
+            rx = rx.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>.+?)")
+        patterns[tid] = re.compile(f"^{rx}$")
+    rows = []
+    for tid, q in zip(questions["template_id"], questions["question"], strict=True):
+        m = patterns[tid].match(q)
+        assert m, (tid, q)
+        rows.append(m.groupdict())
+    return pd.DataFrame(rows, index=questions.index).reindex(columns=["name", "location", "view"])
+
+
+# ------------------------------------------------------------------------------------------------ types
+
+
+def test_every_type_is_generated_with_the_contract_schema(synthetic):
+    *_, q, _ = synthetic
+    counts = q["question_type"].value_counts()
+    assert set(counts.index) == set(vqa.QUESTION_TYPES)
+    assert pa.Table.from_pandas(q, preserve_index=False).cast(QUESTIONS).num_rows == len(q)
+    assert q["qa_id"].is_unique
+    assert not q.duplicated(["study_id", "question_type"]).any()  # at most one question per type and study
+    # every template of every type is used
+    assert set(q["template_id"]) == set(TEMPLATES.ids)
+
+
+def test_answers_follow_the_findings(synthetic):
+    findings, _, _, q, _ = synthetic
+    pos = findings[findings["presence"] == "positive"]
+    slots = _parse(q)
+    q = q.join(slots)
+    by_pair = pos.groupby(["study_id", "name"])
+
+    level = q[q["question_type"] == "level"]
+    assert len(level) > 100
+    levels = by_pair["level"].agg(lambda s: set(s.dropna()))
+    for r in level.itertuples():
+        assert levels[(r.study_id, r.name)] == {r.answer}
+
+    typ = q[q["question_type"] == "type"]
+    types = by_pair["type"].agg(lambda s: ", ".join(sorted(set(s.dropna()))))
+    assert all(types[(r.study_id, r.name)] == r.answer for r in typ.itertuples())
+
+    abn = q[q["template_id"].str.startswith("abn.list")]
+    pos_named = pos[pos["name"].isin(NAMES) & (pos["name"] != "support device")]
+    lists = pos_named.groupby("study_id")["name"].agg(set)
+    assert all(set(r.answer.split(", ")) == lists[r.study_id] for r in abn.itertuples())
+    abnormal = set(pos[pos["name"] != "support device"]["study_id"])
+    yn = q[q["template_id"].str.startswith("abn.yesno")]
+    assert all((r.answer == "yes") == (r.study_id in abnormal) for r in yn.itertuples())
+
+
+def test_location_questions_pair_a_finding_with_its_own_location(synthetic):
+    findings, _, _, q, _ = synthetic
+    located = findings[(findings["presence"] == "positive") & findings["location"].notna()]
+    locs = located.groupby(["study_id", "name"])["location"].agg(set)
+    loc_q = q[q["question_type"] == "location"].join(_parse(q))
+    assert len(loc_q) > 100
+    for r in loc_q.itertuples():
+        own = locs[(r.study_id, r.name)]
+        if r.template_id.startswith("loc.side"):
+            # left/right only when every location of THIS finding is on that one side
+            assert r.answer in ("left", "right")
+            assert {loc.split()[0] for loc in own} == {r.answer}
+        else:
+            assert set(r.answer.split(", ")) == own
+    # the original's bug: a location from another finding of the same study
+    region = q[q["template_id"].str.startswith("abn.region")].join(_parse(q))
+    phrase = {vqa.location_phrase(loc): loc for loc in located["location"].unique()}
+    for r in region.itertuples():
+        loc = phrase[r.location]
+        at = set(located[(located["study_id"] == r.study_id) & (located["location"] == loc)]["name"])
+        assert set(r.answer.split(", ")) == at
+
+
+def test_presence_answers_are_true(synthetic):
+    findings, _, _, q, _ = synthetic
+    pres = q[q["question_type"] == "presence"].join(_parse(q))
+    status = findings.groupby(["study_id", "name"])["presence"].agg(set)
+    located = findings[(findings["presence"] == "positive") & findings["location"].notna()]
+    phrase = {vqa.location_phrase(loc): loc for loc in set(located["location"])}
+    for r in pres.itertuples():
+        st = status.get((r.study_id, r.name), set())
+        if r.answer == "yes":
+            assert "positive" in st
+            if isinstance(r.location, str):
+                own = set(
+                    located[(located["study_id"] == r.study_id) & (located["name"] == r.name)]["location"]
+                )
+                assert phrase[r.location] in own
+        else:
+            assert r.answer == "no"
+            if (
+                isinstance(r.location, str) and "positive" in st
+            ):  # a one-sided finding asked on the other side
+                own = {
+                    loc.split()[0]
+                    for loc in located[(located["study_id"] == r.study_id) & (located["name"] == r.name)][
+                        "location"
+                    ]
+                }
+                assert (
+                    len(own) == 1
+                    and own <= {"left", "right"}
+                    and phrase.get(r.location, r.location).split()[0] not in own
+                )
+            else:
+                assert not st & {"positive", "uncertain"}
+
+
+def test_presence_does_not_leak_through_wording(synthetic):
+    *_, q, _ = synthetic
+    pres = q[q["question_type"] == "presence"]
+    per_template = pres.groupby("template_id")["answer"].value_counts().unstack(fill_value=0)
+    assert (per_template["yes"] == per_template["no"]).all()
+    # stronger: every distinct question text is answered "yes" exactly as often as "no" (the original's
+    # "... lung area?" = yes / "... area?" = no fails this for every located question)
+    per_question = pres.groupby("question")["answer"].value_counts().unstack(fill_value=0)
+    assert len(per_question) > 100
+    assert (per_question["yes"] == per_question["no"]).all()
+    probe = vqa.text_only_probe(pres["question"], pres["answer"], seed=0)
+    assert probe["gain"] < 0.03, probe
+    for qtype in ("abnormality", "view"):
+        yn = q[(q["question_type"] == qtype) & q["answer"].isin(["yes", "no"])]
+        per_q = yn.groupby("question")["answer"].value_counts().unstack(fill_value=0)
+        assert len(per_q) >= 2 and (per_q["yes"] == per_q["no"]).all()
+
+
+def test_leak_probe_detects_a_leaky_question_set():
+    """The probe itself can fail: the original's wording asymmetry is caught."""
+    rng = np.random.default_rng(0)
+    names = rng.choice(["pleural effusion", "edema", "atelectasis", "pneumothorax"], size=4000)
+    yes = rng.random(4000) < 0.5
+    questions = pd.Series(
+        [
+            f"is there {n} in the left lung area?" if y else f"is there {n} in the right area?"
+            for n, y in zip(names, yes, strict=True)
+        ]
+    )
+    answers = pd.Series(np.where(yes, "yes", "no"))
+    probe = vqa.text_only_probe(questions, answers)
+    assert probe["gain"] > 0.4
+    assert min(probe["naive_bayes_accuracy"], probe["logreg_accuracy"]) > 0.95
+
+
+def test_view_questions(synthetic):
+    _, images, _, q, prepared = synthetic
+    view = q[q["question_type"] == "view"].join(_parse(q))
+    study_view = prepared.studies.set_index("study_id")["view"].map({0: "PA", 1: "AP"})
+    for r in view.itertuples():
+        actual = study_view[r.study_id]
+        if r.template_id.startswith("view.open"):
+            assert r.answer == actual
+        else:
+            assert r.answer == ("yes" if r.view == actual else "no")
+    # balanced per split: a model answering the majority view gains nothing
+    for _, part in view.groupby("split"):
+        v = part["study_id"].map(study_view)
+        assert (v == "PA").sum() == (v == "AP").sum()
+
+
+# ------------------------------------------------------------------------------------------- fixed bugs
+
+
+def test_no_substring_confusion():
+    """Pericardial effusion is not pleural effusion; enlarged cardiomediastinum is not cardiomegaly."""
+    f_rows, img_rows, st_rows = [], [], []
+    for i in range(400):
+        sid, subj = 50_000_000 + i, 10_000_000 + i
+        st_rows.append({"subject_id": subj, "study_id": sid, "split": "train"})
+        img_rows.append(_image(sid, subj, "PA" if i % 2 else "AP"))
+        if i < 200:
+            f_rows.append(_finding(sid, "pericardial effusion", subject_id=subj))
+            f_rows.append(_finding(sid, "enlarged cardiomediastinum", level="mild", subject_id=subj))
+        else:  # the other half has the look-alikes, so both names are asked about
+            f_rows.append(_finding(sid, "pleural effusion", location="left", subject_id=subj))
+            f_rows.append(_finding(sid, "cardiomegaly", level="moderate", subject_id=subj))
+    findings, images, studies = _frames(f_rows, img_rows, st_rows)
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES)[0].to_pandas()
+    q = q.join(_parse(q))
+    first = q[q["study_id"] < 50_000_200]
+    assert not first["answer"].str.contains("pleural effusion|cardiomegaly").any()
+    asked = first[first["question_type"] == "presence"]
+    assert len(asked) > 20
+    assert (asked[asked["name"].isin(["pleural effusion", "cardiomegaly"])]["answer"] == "no").all()
+    assert (
+        asked[asked["name"].isin(["pericardial effusion", "enlarged cardiomediastinum"])]["answer"] == "yes"
+    ).all()
+    lv = first[first["question_type"] == "level"]
+    assert set(lv["name"]) == {"enlarged cardiomediastinum"} and set(lv["answer"]) == {"mild"}
+
+
+def test_unknown_names_never_crash_and_are_not_asked_about():
+    rows = [
+        _finding(1, "unknown"),  # the standardiser could not name it
+        _finding(1, "Frobnication of the hilum", location="left"),  # not in the vocabulary at all
+        _finding(1, "pneumothorax", "negative"),
+        _finding(2, "unknown", "uncertain"),
+        _finding(2, None),
+        _finding(2, "edema", "maybe"),  # a presence value outside the contract
+        _finding(3, "edema", level="mild"),
+    ]
+    images = [_image(s, 10000001, "PA") for s in (1, 2, 3)]
+    studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in (1, 2, 3)]
+    findings, images, studies = _frames(rows, images, studies)
+    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES)
+    q = table.to_pandas()
+    assert info["unknown_name_rows"] == 4
+    assert not q["question"].str.contains("unknown|frobnication", case=False).any()
+    assert not q["answer"].str.contains("unknown|frobnication", case=False).any()
+    s1 = q[q["study_id"] == 1]
+    # study 1 has an abnormality we cannot name: never "no abnormality", never an incomplete list
+    assert not ((s1["question_type"] == "abnormality") & (s1["answer"] == "no")).any()
+    assert not s1["template_id"].str.startswith("abn.list").any()
+    # ... and its "no" presence answers come only from explicit negations
+    pres = s1[(s1["question_type"] == "presence") & (s1["answer"] == "no")]
+    assert pres["question"].str.contains("pneumothorax").all()
+
+
+def test_a_study_without_findings_rows_is_never_called_normal():
+    """No rows at all may mean the report was not read: no "no abnormality", no "not mentioned" answers."""
+    rows = [_finding(1, "edema", level="mild"), _finding(1, "pneumothorax", "negative")]
+    rows += [_finding(s, "pneumothorax", "negative") for s in range(3, 40)]
+    images = [_image(s, 10000001, "PA" if s % 2 else "AP") for s in range(1, 40)]
+    studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in range(1, 40)]
+    findings, images, studies = _frames(rows, images, studies)
+    cfg = vqa.VqaConfig(abnormality_no_finding_rate=1.0)
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
+    s2 = q[q["study_id"] == 2]
+    assert set(s2["question_type"]) <= {"view"}
+    normal = q[(q["question_type"] == "abnormality") & (q["answer"] == "no")]
+    assert len(normal) == 1 and normal["study_id"].iloc[0] >= 3
+
+
+def test_studies_without_frontal_image_get_no_questions(tmp_path):
+    rows = [_finding(s, "pleural effusion", location="right", level="small") for s in (1, 2, 3, 4)]
+    images = [
+        _image(1, 10000001, "PA"),
+        _image(1, 10000001, "LATERAL", 1),
+        _image(2, 10000001, "LATERAL"),
+        _image(2, 10000001, "LL", 1),
+        {**_image(3, 10000001, ""), "view_code_meaning": "antero-posterior"},  # blank ViewPosition
+    ]
+    studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in (1, 2, 3, 4)]
+    findings, images, studies = _frames(rows, images, studies)
+    table, prepared, _ = vqa.generate(findings, images, studies, TEMPLATES, NAMES)
+    q = table.to_pandas()
+    assert set(q["study_id"]) <= {1, 3}
+    assert (q.loc[q["study_id"] == 1, "dicom_id"] == "d1-0").all()  # the frontal image, not the lateral
+    rejects = pd.DataFrame(prepared.rejects.rows)
+    assert dict(zip(rejects["study_id"], rejects["reason"], strict=True))[2] == "no_frontal_image"
+    assert dict(zip(rejects["study_id"], rejects["reason"], strict=True))[4] == "no_image"
+    # every input study is accounted for
+    assert set(q["study_id"]) | set(rejects["study_id"]) == {1, 2, 3, 4}
+
+
+def test_iu_frontal_images_get_questions_but_no_view_question():
+    """IU X-Ray only says "frontal" (ingest writes PA): the study is asked about, but not its projection."""
+    rows = [_finding(s, "cardiomegaly", level="mild") for s in (1, 2)]
+    images = [
+        {**_image(1, 11, "PA"), "view_code_meaning": "frontal"},
+        {**_image(1, 11, "LATERAL", 1), "view_code_meaning": "lateral"},
+        {**_image(2, 12, "PA"), "view_code_meaning": "postero-anterior"},
+    ]
+    studies = [
+        {"subject_id": 11, "study_id": 1, "split": "train"},
+        {"subject_id": 12, "study_id": 2, "split": "train"},
+    ]
+    findings, images, studies = _frames(rows, images, studies)
+    cfg = vqa.VqaConfig(view_balance=False)
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
+    assert set(q.loc[q["study_id"] == 1, "question_type"]) >= {"abnormality", "level"}
+    assert set(q.loc[q["question_type"] == "view", "study_id"]) == {2}
+
+
+def test_split_comes_from_the_studies_table():
+    rows = [_finding(s, "edema", level="mild") for s in (1, 2, 3)]
+    images = [
+        _image(1, 11, "PA", split="train"),
+        _image(2, 12, "AP", split="train"),
+        _image(3, 13, "AP", split="test"),
+    ]
+    studies = [
+        {
+            "subject_id": 11,
+            "study_id": 1,
+            "split": "validate",
+        },  # the official split wins over the image's copy
+        {"subject_id": 12, "study_id": 2, "split": "test"},
+        {"subject_id": 13, "study_id": 3, "split": None},  # no study split: the image's
+    ]
+    findings, images, studies = _frames(rows, images, studies)
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(view_balance=False))[
+        0
+    ].to_pandas()
+    assert dict(zip(q["study_id"], q["split"], strict=False)) == {1: "validate", 2: "test", 3: "test"}
+    assert (q.groupby("study_id")["subject_id"].first() == pd.Series({1: 11, 2: 12, 3: 13})).all()
+
+
+def test_determinism_by_seed():
+    findings, images, studies = _bench().synthetic_inputs(800, seed=5)
+    run = lambda seed: vqa.generate(findings, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(seed=seed))[0]  # noqa: E731
+    a, b, c = run(7), run(7), run(8)
+    assert a.equals(b)
+    assert not a.equals(c)
+    # input row order does not matter
+    shuffled = findings.sample(frac=1, random_state=0)
+    assert vqa.generate(shuffled, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(seed=7))[0].equals(a)
+
+
+def test_display_names_from_the_keyinfo_lib(tmp_path):
+    lib = tmp_path / "findings.csv"
+    lib.write_text("name,vqa_name\nlung opacity,opacity\nhiatal hernia,hernia\nsupport device,\n")
+    display = vqa.load_display_names(lib, NAMES)
+    assert display[NAMES.index("lung opacity")] == "opacity"
+    assert display[NAMES.index("support device")] == "support device"
+    assert display[NAMES.index("edema")] == "edema"
+    assert vqa.load_display_names(tmp_path / "absent.csv", NAMES) == NAMES
+    assert vqa.left_out_names(lib) == ["support device"]  # an empty vqa_name: the dataset leaves it out
+
+
+def test_location_phrases_cover_the_vocabulary():
+    import itertools
+
+    import yaml
+
+    voc = yaml.safe_load((REPO / "libs" / "vocabulary.yaml").read_text())["location"]
+    for lat, zone, struct in itertools.product(
+        [None, *voc["laterality"]], [None, *voc["zone"]], [None, *voc["structure"]]
+    ):
+        loc = " ".join(x for x in (lat, zone, struct) if x)
+        if loc:
+            phrase = vqa.location_phrase(loc)
+            assert phrase.startswith(("the ", "both ")) and "  " not in phrase
+    assert vqa.location_phrase("left basal") == "the left lung base"
+    assert vqa.location_phrase("bilateral") == "both lungs"
+    assert vqa.location_phrase("right lower lobe") == "the right lower lobe"
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+
+def test_cli_writes_questions_csv_stats(tmp_path):
+    findings, images, studies = _bench().synthetic_inputs(600, seed=2)
+    bench = _bench()
+    paths = {}
+    for name, df, schema in (
+        ("findings", findings, FINDINGS),
+        ("images", images, IMAGES),
+        ("studies", studies, STUDIES),
+    ):
+        paths[name] = tmp_path / f"{name}.parquet"
+        pq.write_table(bench.to_contract(df, schema), paths[name])
+    out = {
+        k: tmp_path / "vqa" / v
+        for k, v in (
+            ("questions", "questions.parquet"),
+            ("csv", "questions.csv"),
+            ("stats", "stats.parquet"),
+            ("stats-csv", "stats.csv"),
+            ("leak", "leak.csv"),
+            ("rejects", "rejects.parquet"),
+        )
+    }
+    argv = [f"--{k}={v}" for k, v in paths.items()] + [f"--{k}={v}" for k, v in out.items()]
+    vqa.main(
+        [*argv, "--names", str(REPO / "libs" / "findings.csv"), "--seed", "1", "--view-balance", "false"]
+    )
+
+    q = pq.read_table(out["questions"])
+    assert q.schema.equals(QUESTIONS)
+    csv = pd.read_csv(out["csv"])
+    assert list(csv.columns) == ["study_id", "subject_id", "question_type", "question", "answer"]
+    assert len(csv) == q.num_rows
+    if (REPO / "libs" / "findings.csv").exists():  # the paper's name for lung opacity
+        assert not csv["question"].str.contains("lung opacity").any()
+    stats = pq.read_table(out["stats"])
+    assert stats.schema.equals(VQA_STATS)
+    s = stats.to_pandas().set_index(["question_type", "split"])
+    qt = q.to_pandas()
+    for t in vqa.QUESTION_TYPES:
+        assert s.loc[(t, "all"), "n_questions"] == (qt["question_type"] == t).sum()
+        for split, n in qt[qt["question_type"] == t]["split"].value_counts().items():
+            assert s.loc[(t, split), "n_questions"] == n
+    assert s.loc[("presence", "all"), "yes_ratio"] == 0.5
+    assert s.loc[("level", "all"), "n_distinct_answers"] <= 5
+    leak = pd.read_csv(out["leak"])
+    assert set(leak["question_type"]) == {"presence", "abnormality", "view"}
+    rejects = pq.read_table(out["rejects"]).to_pandas()
+    assert set(qt["study_id"]) | set(rejects["study_id"]) == set(studies["study_id"])
+
+
+@pytest.mark.slow
+def test_vqa_rule_through_snakemake(tmp_path):
+    """ingest -> sections -> keyinfo (rules) -> vqa on the demo corpus, through the repository's Snakefile."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    demo = REPO / "data" / "demo"
+    reports = next((p for p in (demo / "mimic-cxr-reports.zip", demo / "files") if p.exists()), None)
+    if reports is None or 'rules/vqa.smk"' not in (REPO / "Snakefile").read_text():
+        pytest.skip("demo corpus or the vqa include not present")
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    shutil.copy(REPO / "config.yaml", workdir / "config.yaml")
+    for shared in ("libs", "prompts", "envs", "data"):  # rules name these relative to the working directory
+        if (REPO / shared).exists():
+            (workdir / shared).symlink_to(REPO / shared)
+    override = {
+        "outdir": str(workdir / "results"),
+        "corpus": {
+            "format": "mimic",
+            "mimic": {
+                "reports": str(reports),
+                "split": str(demo / "mimic-cxr-2.0.0-split.csv.gz"),
+                "metadata": str(demo / "mimic-cxr-2.0.0-metadata.csv.gz"),
+            },
+        },
+        "vqa": {"seed": 11},
+    }
+    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+    snakemake = Path(sys.executable).with_name("snakemake")
+    target = workdir / "results" / "vqa" / "questions.parquet"
+    argv = [
+        str(snakemake),
+        "-s",
+        str(REPO / "Snakefile"),
+        "--directory",
+        str(workdir),
+        "--cores",
+        "2",
+        "--configfile",
+        "config.yaml",
+        "override.yaml",
+        "--nolock",
+        str(target),
+    ]
+    run = subprocess.run(argv, cwd=workdir, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    q = pq.read_table(target).to_pandas()
+    assert set(q["question_type"]) == set(vqa.QUESTION_TYPES)
+    studies = pq.read_table(workdir / "results" / "ingest" / "studies.parquet").to_pandas()
+    split = dict(zip(studies["study_id"], studies["split"], strict=True))
+    assert (q["study_id"].map(split) == q["split"]).all()
+    rejects = pq.read_table(workdir / "results" / "vqa" / "rejects.parquet").to_pandas()
+    assert set(q["study_id"]) | set(rejects["study_id"]) == set(studies["study_id"])
+    assert list(pd.read_csv(workdir / "results" / "vqa" / "questions.csv").columns) == vqa.CSV_COLUMNS

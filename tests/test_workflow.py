@@ -1,0 +1,148 @@
+"""The README's main command on the embedded demo: every stage runs, every table keeps its contract, every
+study is accounted for, a re-run does nothing, the HTML report renders, and the SLURM profile plans the
+GPU branch with the right resources."""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from workflow import contract
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "data" / "demo"
+SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
+pytestmark = pytest.mark.slow
+
+
+def _snakemake(workdir: Path, *args: str, timeout: int = 900, env=None) -> subprocess.CompletedProcess:
+    argv = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    return subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    """One `snakemake --cores 2` over the demo, in a scratch working directory (the repo stays clean)."""
+    workdir = tmp_path_factory.mktemp("demo_run")
+    shutil.copy(REPO / "config.yaml", workdir / "config.yaml")
+    for shared in ("libs", "prompts", "envs", "data"):  # config paths are relative to the working directory
+        (workdir / shared).symlink_to(REPO / shared)
+    run = _snakemake(workdir, "--cores", "2")
+    assert run.returncode == 0, run.stderr[-4000:]
+    return workdir
+
+
+def _demo_study_ids() -> tuple[set[int], set[int]]:
+    """Study ids with a report file in the demo zip, and study ids in the demo's split table."""
+    with zipfile.ZipFile(DEMO / "mimic-cxr-reports.zip") as zf:
+        reported = {int(Path(n).stem[1:]) for n in zf.namelist() if n.endswith(".txt")}
+    with gzip.open(DEMO / "mimic-cxr-2.0.0-split.csv.gz", "rt") as fh:
+        listed = {int(row["study_id"]) for row in csv.DictReader(fh)}
+    return reported, listed
+
+
+TABLES = {
+    "ingest/studies.parquet": contract.STUDIES,
+    "ingest/images.parquet": contract.IMAGES,
+    "sections/sections.parquet": contract.SECTIONS,
+    "keyinfo/rules/findings.parquet": contract.FINDINGS,
+    "vqa/questions.parquet": contract.QUESTIONS,
+    "rg4/rg4_sn.parquet": contract.RG4_RECORDS,
+    "rg4/rg4_mw.parquet": contract.RG4_RECORDS,
+}
+
+
+@pytest.mark.parametrize("relpath", sorted(TABLES))
+def test_tables_keep_the_contract(demo_run, relpath):
+    table = pq.read_table(demo_run / "results" / relpath)
+    assert table.schema.remove_metadata().equals(TABLES[relpath]), relpath
+    assert table.num_rows > 0
+
+
+def test_every_rejects_table_keeps_the_contract(demo_run):
+    paths = sorted((demo_run / "results").rglob("rejects.parquet"))
+    assert len(paths) >= 6
+    for path in paths:
+        assert pq.read_table(path).schema.remove_metadata().equals(contract.REJECTS), path
+
+
+def test_every_demo_study_is_accounted_for(demo_run):
+    reported, listed = _demo_study_ids()
+    studies = set(pq.read_table(demo_run / "results/ingest/studies.parquet")["study_id"].to_pylist())
+    rejected = set(pq.read_table(demo_run / "results/ingest/rejects.parquet")["study_id"].to_pylist())
+    assert studies | rejected == reported | listed
+    assert not studies & rejected
+    # the demo plants exactly one of each bad input, and they are rejected with their reason
+    reasons = pq.read_table(demo_run / "results/ingest/rejects.parquet")["reason"].to_pylist()
+    assert sorted(reasons) == ["empty_report", "no_metadata", "no_report"]
+    sections = set(pq.read_table(demo_run / "results/sections/sections.parquet")["study_id"].to_pylist())
+    assert sections == studies
+
+
+def test_stage_counts_add_up_and_match_the_logs(demo_run):
+    counts = list(csv.DictReader(open(demo_run / "results/report/stage_counts.csv")))
+    by_stage = {row["stage"]: row for row in counts}
+    assert int(by_stage["ingest"]["in"]) == len(set.union(*_demo_study_ids()))
+    for row in counts:
+        assert int(row["in"]) == int(row["out"]) + int(row["rejected"]), row
+    ingest_log = (demo_run / "logs/ingest.log").read_text()
+    row = by_stage["ingest"]
+    assert f"ingest: {row['in']} studies in, {row['out']} out, {row['rejected']} rejected" in ingest_log
+
+
+def test_mit_csv_has_its_header_and_line_ends(demo_run):
+    raw = (demo_run / "results/sections/mimic_cxr_sectioned.csv").read_bytes()
+    assert raw.startswith(b"study,impression,findings,last_paragraph,comparison\r\n")
+
+
+def test_rerun_has_nothing_to_do(demo_run):
+    run = _snakemake(demo_run, "--cores", "2", "-n")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def test_html_report_shows_the_figures(demo_run):
+    run = _snakemake(demo_run, "--report", "report.html")
+    assert run.returncode == 0, run.stderr[-2000:]
+    html = (demo_run / "report.html").read_text(errors="replace")
+    for name in ("stage_counts.png", "label_prevalence.png", "questions.png", "rg4.png", "rejects_by_reason.csv"):
+        assert name in html, name
+
+
+def test_slurm_profile_plans_the_gpu_branch(tmp_path):
+    """The cluster recipe: LLM backend with a fine-tuned student; the dry run asks SLURM for the GPUs."""
+    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
+    for shared in ("libs", "prompts", "envs", "data", "profiles"):
+        (tmp_path / shared).symlink_to(REPO / shared)
+    override = {
+        "llm": {"backend": "llm", "endpoints": {"teacher": {"azure_endpoint": "https://example.openai.azure.com"}}},
+        "finetune": {"base_model": "/models/Llama-2-70b-hf", "gpus": 6, "gpu_model": "a100"},
+    }
+    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(override))
+    run = _snakemake(
+        tmp_path,
+        "--profile",
+        "profiles/slurm",
+        "--configfile",
+        "config.yaml",
+        "cluster.yaml",
+        "-n",
+        timeout=300,
+        env={**os.environ, "AZURE_OPENAI_API_KEY": "not-used-in-a-dry-run"},
+    )
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    for rule in ("finetune", "llm_gold", "llm_keyinfo_shard", "llm_followup", "report_llm"):
+        assert f"rule {rule}:" in log or f"localrule {rule}:" in log, rule
+    finetune = log[log.index("rule finetune:") :].split("\n\n")[0]
+    assert "gpu=6" in finetune and "gpu_model=a100" in finetune, finetune

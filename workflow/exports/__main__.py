@@ -1,0 +1,3 @@
+from workflow.exports.build import main
+
+main()

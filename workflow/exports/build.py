@@ -1,0 +1,211 @@
+"""The exports rule: the training files of the other seeds from our tables.
+
+Writes (``--outdir``, or each path given):
+
+* ``r2gen/annotation.json`` — R2GenGPT / MeGPT (R2Gen format) for the corpus (``--dataset mimic|iu``),
+  see :mod:`workflow.exports.r2gen`;
+* ``radialog/mimic_cxr_reports_stratified.json`` (RG) and ``radialog/mimic_cxr_instruct_stratified.json``
+  (RG + instruct tasks), see :mod:`workflow.exports.radialog`;
+* ``summary.json`` — item counts per file/split/task;
+* ``rejects.parquet`` — studies in no export: ``no_findings`` (R2Gen and RaDialog train on findings),
+  ``too_few_images`` (IU needs ``--iu-images``), ``not_in_split``.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from workflow.cli import parser as cli_parser
+from workflow.cli import setup_logging
+from workflow.exports import r2gen, radialog
+from workflow.tables import Rejects, atomic_path, read_table, summary
+
+log = logging.getLogger(__name__)
+STAGE = "exports"
+R2GEN_FILE = Path("r2gen") / "annotation.json"
+RADIALOG_RG_FILE = Path("radialog") / "mimic_cxr_reports_stratified.json"
+RADIALOG_INS_FILE = Path("radialog") / "mimic_cxr_instruct_stratified.json"
+
+
+def write_json(data, path: Path) -> None:
+    write_text(json.dumps(data, ensure_ascii=False), path)  # dumps uses the C encoder, dump does not
+
+
+def write_text(text: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+
+
+@dataclass
+class OutputPaths:
+    r2gen: Path
+    radialog_rg: Path
+    radialog_ins: Path
+    summary: Path
+    rejects: Path
+
+    @classmethod
+    def in_dir(cls, outdir: Path) -> OutputPaths:
+        return cls(
+            outdir / R2GEN_FILE,
+            outdir / RADIALOG_RG_FILE,
+            outdir / RADIALOG_INS_FILE,
+            outdir / "summary.json",
+            outdir / "rejects.parquet",
+        )
+
+
+def run(
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    findings: pd.DataFrame,
+    paths: OutputPaths,
+    dataset: str = "mimic",
+    report_sections: str = "findings",
+    clean: bool = False,
+    iu_images: int = 2,
+    seed: int = 0,
+    workers: int = 1,
+) -> dict:
+    """Write every export; with ``workers`` > 1 the R2Gen annotation is built on a forked process while
+    this one builds the RaDialog files."""
+    _R2GEN.update(args=(studies, images, sections, paths, dataset, report_sections, clean, iu_images))
+    try:
+        if workers > 1:
+            import multiprocessing as mp
+            from concurrent.futures import ProcessPoolExecutor
+
+            with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
+                future = pool.submit(_r2gen_export)
+                rg, ins, task_counts = radialog.build_encoded(studies, images, sections, findings, seed)
+                _write_radialog(rg, ins, paths)
+                r2gen_counts, exported = future.result()
+        else:
+            r2gen_counts, exported = _r2gen_export()
+            rg, ins, task_counts = radialog.build_encoded(studies, images, sections, findings, seed)
+            _write_radialog(rg, ins, paths)
+    finally:
+        _R2GEN.clear()
+    n_rg = task_counts["report_generation"]
+    counts = {
+        "r2gen": r2gen_counts,
+        "radialog_rg": n_rg,
+        "radialog_ins": n_rg + sum(v for k, v in task_counts.items() if k != "report_generation"),
+        "radialog_tasks": task_counts,
+    }
+    write_json(counts, paths.summary)
+    return {"counts": counts, "exported": set(exported)}
+
+
+_R2GEN: dict = {}  # what the forked R2Gen writer inherits (never pickled)
+
+
+def _r2gen_export() -> tuple[dict[str, int], list[int]]:
+    """Build and write the R2Gen annotation; (items per split, exported study ids)."""
+    studies, images, sections, paths, dataset, report_sections, clean, iu_images = _R2GEN["args"]
+    if dataset == "iu":
+        annotation = r2gen.iu_annotation(studies, images, sections, report_sections, clean, iu_images)
+        exported = sorted({int(i) for i in _iu_study_ids(annotation, images)})
+    else:
+        annotation = r2gen.mimic_annotation(studies, images, sections, report_sections, clean)
+        exported = sorted({item["study_id"] for items in annotation.values() for item in items})
+    write_json(annotation, paths.r2gen)
+    return {split: len(items) for split, items in annotation.items()}, exported
+
+
+def _write_radialog(rg: list[str], ins: list[str], paths: OutputPaths) -> None:
+    for records, path in ((rg, paths.radialog_rg), (ins, paths.radialog_ins)):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+            radialog.write_json_list(records, fh)
+
+
+def _iu_study_ids(annotation: dict, images: pd.DataFrame) -> list[int]:
+    by_path = dict(zip(images["image_path"], images["study_id"], strict=False))
+    return [by_path[item["image_path"][0]] for items in annotation.values() for item in items]
+
+
+def rejects_for(studies: pd.DataFrame, sections: pd.DataFrame, exported: set[int], dataset: str) -> Rejects:
+    rejects = Rejects(STAGE)
+    has_findings = set(
+        sections.loc[sections["findings"].fillna("").str.strip() != "", "study_id"].astype(int)
+    )
+    for sid, split in studies[["study_id", "split"]].itertuples(index=False):
+        sid = int(sid)
+        if sid in exported:
+            continue
+        if split not in ("train", "validate", "test"):
+            rejects.add(sid, "not_in_split")
+        elif sid not in has_findings:
+            rejects.add(sid, "no_findings")
+        else:
+            rejects.add(sid, "too_few_images" if dataset == "iu" else "no_images")
+    return rejects
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = cli_parser("R2GenGPT/MeGPT annotation.json and RaDialog RG/INS training files")
+    p.add_argument("--studies", required=True, type=Path)
+    p.add_argument("--images", required=True, type=Path)
+    p.add_argument("--sections", required=True, type=Path)
+    p.add_argument("--findings", required=True, type=Path)
+    p.add_argument("--outdir", type=Path, help="write every output under its default name here, or:")
+    p.add_argument("--r2gen", type=Path, help="annotation.json")
+    p.add_argument("--radialog-rg", type=Path)
+    p.add_argument("--radialog-ins", type=Path)
+    p.add_argument("--summary", type=Path)
+    p.add_argument("--rejects", type=Path)
+    p.add_argument("--dataset", choices=("mimic", "iu"), default="mimic")
+    p.add_argument("--report-sections", choices=("findings", "findings_impression"), default="findings")
+    p.add_argument("--clean", action="store_true", help="apply the R2Gen cleaner of the dataset to reports")
+    p.add_argument(
+        "--iu-images", type=int, default=2, help="IU: images per item (items with fewer are skipped)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--workers", type=int, default=1, help="2: build the R2Gen and RaDialog files side by side"
+    )
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    gc.disable()  # ~1M records of small objects and no cycles: the cyclic GC would only rescan them
+    if args.outdir:
+        paths = OutputPaths.in_dir(args.outdir)
+    elif all((args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects)):
+        paths = OutputPaths(args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects)
+    else:
+        p.error("give --outdir, or all of --r2gen --radialog-rg --radialog-ins --summary --rejects")
+
+    studies = read_table(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
+    images = read_table(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
+    sections = read_table(args.sections, ["study_id", "findings", "impression"]).to_pandas()
+    findings = read_table(args.findings, ["study_id", "name", "presence", "section", "start"]).to_pandas()
+    result = run(
+        studies,
+        images,
+        sections,
+        findings,
+        paths,
+        args.dataset,
+        args.report_sections,
+        args.clean,
+        args.iu_images,
+        args.seed,
+        args.workers,
+    )
+    rejects = rejects_for(studies, sections, result["exported"], args.dataset)
+    rejects.write(paths.rejects)
+    log.info("exports: %s", json.dumps(result["counts"]))
+    summary(STAGE, len(studies), len(result["exported"]), len(rejects))
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,143 @@
+"""R2GenGPT / MeGPT ``annotation.json`` (the R2Gen format; reference/mimic_rg4.md §5.1).
+
+``{"train": [...], "val": [...], "test": [...]}``; every item has ``id``, ``report``, ``image_path`` (a
+list, relative to the loader's ``--base_dir``) and ``split``:
+
+* MIMIC-CXR: one item per image of every study with a findings section; ``id`` = dicom_id, plus
+  ``study_id`` / ``subject_id``; paths relative to ``files/`` (``p10/p10000032/s5.../<dicom>.jpg``).
+* IU X-Ray: one item per study with findings and at least two images; the first ``iu_images`` images
+  (frontal first, then by name) — R2Gen's IU items always hold two, and R2GenGPT averages image
+  embeddings per batch, so every item must have the same count. ``id`` = ``CXR`` + the image file stem
+  up to its series number (``1_IM-0001-4001.dcm.png`` → ``CXR1_IM-0001``), as in R2Gen.
+
+``report`` = the findings section (``sections="findings_impression"`` appends the impression, as
+R2GenGPT's own MIMIC file does), whitespace-normalised; ``clean=True`` applies the R2Gen cleaner of
+the dataset (the loaders clean again at read time; cleaning is idempotent enough for scoring but the
+default leaves text as written).
+"""
+
+from __future__ import annotations
+
+import re
+
+import pandas as pd
+
+from workflow.exports.cleaners import CLEANERS
+from workflow.rg4.scenarios import SPLIT_NAMES
+
+SPLITS = ("train", "val", "test")
+
+
+def _norm(series: pd.Series) -> pd.Series:
+    return pd.Series(
+        [" ".join(v.split()) if isinstance(v, str) else "" for v in series.tolist()],
+        index=series.index,
+        dtype=object,
+    )
+
+
+def report_texts(sections: pd.DataFrame, which: str) -> pd.Series:
+    """study_id → report text ('' when the study has no findings)."""
+    sec = sections.drop_duplicates("study_id").set_index("study_id")
+    findings = _norm(sec["findings"])
+    if which == "findings_impression":
+        impression = _norm(sec["impression"])
+        text = (findings + " " + impression).str.strip()
+        return text.where(findings != "", "")
+    return findings
+
+
+def _finish(items: pd.DataFrame, dataset: str, clean: bool) -> dict[str, list[dict]]:
+    if clean:
+        items["report"] = items["report"].map(CLEANERS[dataset])
+    out = {split: [] for split in SPLITS}
+    for rec in items.to_dict("records"):
+        out[rec["split"]].append(rec)
+    return out
+
+
+def mimic_annotation(
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    which: str = "findings",
+    clean: bool = False,
+) -> dict[str, list[dict]]:
+    reports = report_texts(sections, which)
+    st = studies[["subject_id", "study_id", "split"]].drop_duplicates("study_id")
+    st = st.assign(split=st["split"].map(SPLIT_NAMES), report=st["study_id"].map(reports).fillna(""))
+    st = st[(st["report"] != "") & st["split"].notna()]
+    img = images[["dicom_id", "study_id", "image_path"]].merge(st, on="study_id", how="inner")
+    img = img.sort_values(["split", "subject_id", "study_id", "dicom_id"], kind="stable")
+    reports = img["report"].tolist()
+    if clean:
+        reports = [CLEANERS["mimic"](r) for r in reports]
+    out = {split: [] for split in SPLITS}
+    for dicom, study, subject, report, path, split in zip(
+        img["dicom_id"].tolist(),
+        img["study_id"].astype("int64").tolist(),
+        img["subject_id"].astype("int64").tolist(),
+        reports,
+        img["image_path"].tolist(),
+        img["split"].tolist(),
+        strict=True,
+    ):
+        out[split].append(
+            {
+                "id": dicom,
+                "study_id": study,
+                "subject_id": subject,
+                "report": report,
+                "image_path": [path[6:] if path.startswith("files/") else path],
+                "split": split,
+            }
+        )
+    return out
+
+
+_IU_STEM = re.compile(r"^(\d+_IM-\d+)")
+
+
+def iu_id(dicom_id: str) -> str:
+    """``CXR`` + uid + ``_IM-`` + series (``21_IM-0729-1001-0001.dcm`` → ``CXR21_IM-0729``)."""
+    stem = dicom_id.removesuffix(".dcm")
+    m = _IU_STEM.match(stem)
+    return "CXR" + (m.group(1) if m else stem.rsplit("-", 1)[0])
+
+
+def iu_annotation(
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    which: str = "findings",
+    clean: bool = False,
+    n_images: int = 2,
+) -> dict[str, list[dict]]:
+    reports = report_texts(sections, which)
+    st = studies[["study_id", "split"]].drop_duplicates("study_id")
+    st = st.assign(split=st["split"].map(SPLIT_NAMES), report=st["study_id"].map(reports).fillna(""))
+    st = st[(st["report"] != "") & st["split"].notna()]
+    img = images[["dicom_id", "study_id", "view_position", "image_path"]].merge(st, on="study_id")
+    img["frontal_first"] = (img["view_position"].fillna("").str.upper().isin(["PA", "AP"])).map(
+        {True: 0, False: 1}
+    )
+    img = img.sort_values(["study_id", "frontal_first", "image_path"], kind="stable")
+    img = img[img.groupby("study_id").cumcount() < n_images]
+    grouped = img.groupby("study_id", sort=True).agg(
+        paths=("image_path", list),
+        first=("dicom_id", "first"),
+        split=("split", "first"),
+        report=("report", "first"),
+    )
+    grouped = grouped[grouped["paths"].str.len() >= n_images]
+    order = {s: i for i, s in enumerate(SPLITS)}
+    grouped = grouped.assign(_o=grouped["split"].map(order)).sort_values(["_o"], kind="stable")
+    items = pd.DataFrame(
+        {
+            "id": [iu_id(d) for d in grouped["first"]],
+            "report": grouped["report"].to_numpy(),
+            "image_path": grouped["paths"].to_list(),
+            "split": grouped["split"].to_numpy(),
+        }
+    )
+    return _finish(items, "iu", clean)

@@ -1,0 +1,396 @@
+"""RaDialog training files: report generation (RG) and instruct (INS) conversations.
+
+Follows RaDialog's dataset recipe (reference/sectioning_radialog.md §3) with our own prompt pools
+(``libs/radialog_prompts.yaml``) and its known quirks fixed:
+
+* RG: official ``train`` split, one record per image whose study has a findings section; the prompt
+  carries the structured findings (CheXpert labels of the findings section, derived from our findings
+  table through ``chexpert_from_canonical``), or "no common findings" — in INS too. Stratification as the
+  original: images with a finding twice, plus ``int(2F/13)`` images without a finding drawn at random,
+  so about 1/14 of the records show no finding.
+* INS: the train images shuffled and cut in six equal parts like the original (there: easy language,
+  unused, summarisation, explanation, region QA, CheXpert QA). The parts that needed an LLM are replaced
+  by tasks built deterministically from labels and key information: correction from label edits (part
+  2), summarisation from the study's own impression (3), binary CheXpert QA (4a), all-findings QA (4b),
+  region QA quoting the report's sentences (5); part 1 (easy language, LLM only) is not built. Each
+  record is a two-turn conversation: the RG prompt → the report (for correction, an edited report),
+  then the task → its answer. RG and INS records are shuffled together into the INS file.
+* Safe templating: only our own slots (``{findings}``, ``{label}``, ...) are filled, in one pass;
+  report text is inserted as a value and never parsed as a template, so braces in reports are harmless.
+  Fixed seed; records whose answer would be empty are not written.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from bisect import bisect_right
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from workflow.rg4.rewrite import _SENTENCE_END
+
+PROMPTS_PATH = Path(__file__).resolve().parents[2] / "libs" / "radialog_prompts.yaml"
+_SLOT = re.compile(r"\{(\w+)\}")
+
+
+def fill(template: str, **slots: str) -> str:
+    """Replace ``{name}`` slots of ``template`` with values, verbatim and in one pass.
+
+    Unlike ``str.format`` on a whole conversation, values (report text) are never re-read, so ``{`` and
+    ``}`` in them need no escaping; an unknown slot in ``template`` is an error.
+    """
+
+    def sub(m: re.Match) -> str:
+        name = m.group(1)
+        if name not in slots:
+            raise KeyError(f"template slot {{{name}}} has no value")
+        return slots[name]
+
+    return _SLOT.sub(sub, template)
+
+
+@cache
+def load_prompts(path: str | None = None) -> dict:
+    return yaml.safe_load(Path(path or PROMPTS_PATH).read_text())
+
+
+def join_names(names: list[str]) -> str:
+    """'a', 'a and b', 'a, b and c'."""
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
+
+
+def conversation(system: str, turns: list[tuple[str, str | None]]) -> str:
+    """Vicuna v1.1 rendering; the last turn's reply is None (the training target follows ``ASSISTANT:``)."""
+    out = system + " "
+    for user, reply in turns:
+        out += "USER: " + user + " ASSISTANT:"
+        if reply is not None:
+            out += " " + reply + "</s>"
+    return out
+
+
+# --- labels -----------------------------------------------------------------------------------------------
+
+
+def _in_findings(section) -> bool:
+    """The finding was read in the findings section (a missing section counts as findings)."""
+    return section is None or section != section or section == "findings"
+
+
+def chexpert_labels(
+    findings: pd.DataFrame, prompts: dict
+) -> tuple[dict[int, list[str]], dict[int, set[str]]]:
+    """study_id → positive CheXpert labels (RaDialog's order, incl. No Finding) and → uncertain labels,
+    from the findings of the findings section (RaDialog labels the findings text)."""
+    mapping = prompts["chexpert_from_canonical"]
+    rank = {name: i for i, name in enumerate(prompts["chexpert_labels"])}
+    positive: dict[int, set[str]] = {}
+    uncertain: dict[int, set[str]] = {}
+    target = {"positive": positive, "uncertain": uncertain}
+    for sid, name, presence, section in zip(
+        findings["study_id"].tolist(),
+        findings["name"].tolist(),
+        findings["presence"].tolist(),
+        findings["section"].tolist(),
+        strict=True,
+    ):
+        label = mapping.get(name)
+        into = target.get(presence)
+        if label is not None and into is not None and _in_findings(section):
+            into.setdefault(int(sid), set()).add(label)
+    return {k: sorted(v, key=rank.__getitem__) for k, v in positive.items()}, uncertain
+
+
+def with_no_finding(labels: list[str], uncertain: set[str]) -> list[str]:
+    """CheXpert's rule: "No Finding" when no pathology (anything but Support Devices) is positive or
+    uncertain. An image with only uncertain labels has no positive label at all (→ "no common findings")."""
+    pathology = [x for x in (*labels, *uncertain) if x != "Support Devices"]
+    return labels if pathology else ["No Finding", *labels]
+
+
+def has_finding(labels: list[str]) -> bool:
+    """RaDialog's stratification: an image "with finding" has a positive label and No Finding unset."""
+    return bool(labels) and "No Finding" not in labels
+
+
+def findings_slot(labels: list[str], prompts: dict) -> str:
+    return ", ".join(x.lower() for x in labels) if labels else prompts["no_findings_text"]
+
+
+# --- evidence sentences -----------------------------------------------------------------------------------
+
+
+def sentence_spans(text: str) -> list[tuple[int, int]]:
+    spans, start = [], 0
+    for m in _SENTENCE_END.finditer(text):
+        spans.append((start, m.start()))
+        start = m.end()
+    spans.append((start, len(text)))
+    return [(a, b) for a, b in spans if text[a:b].strip()]
+
+
+def evidence_sentences(text: str, starts: list[int]) -> list[int]:
+    """Indices of the sentences of ``text`` containing the given evidence offsets."""
+    spans = sentence_spans(text)
+    begins = [a for a, _ in spans]
+    return sorted(
+        {max(0, bisect_right(begins, s) - 1) for s in starts if s is not None and 0 <= s < len(text)}
+    )
+
+
+@dataclass
+class Image:
+    dicom: str
+    study_id: int
+    findings: str  # raw section text (evidence offsets refer to it)
+    impression: str
+    labels: list[str]  # positives incl. No Finding
+    uncertain: set[str]
+    text: str = ""  # the findings as one line (the RG target)
+
+    def __post_init__(self):
+        self.text = _norm(self.findings)
+
+
+def _norm(text: str) -> str:
+    return " ".join(text.split())
+
+
+class Builder:
+    def __init__(
+        self, images: list[Image], evidence: pd.DataFrame, seed: int = 0, prompts: dict | None = None
+    ):
+        self.images = images
+        self.p = prompts or load_prompts()
+        self.seed = seed
+        self.system = _norm(self.p["system"])
+        self.image_block = fill(
+            self.p["image_block"], image_tokens=self.p["image_token"] * int(self.p["image_token_count"])
+        )
+        self._prompts: dict[tuple, str] = {}  # (template, labels) -> rendered RG prompt
+        # study_id -> canonical name -> evidence offsets in the findings section (positives only)
+        self.evidence: dict[int, dict[str, list[int]]] = {}
+        for sid, name, presence, section, start in zip(
+            evidence["study_id"].tolist(),
+            evidence["name"].tolist(),
+            evidence["presence"].tolist(),
+            evidence["section"].tolist(),
+            evidence["start"].tolist(),
+            strict=True,
+        ):
+            if presence == "positive" and _in_findings(section):
+                offsets = self.evidence.setdefault(int(sid), {}).setdefault(name, [])
+                if start is not None and start == start:  # LLM findings may come without a span
+                    offsets.append(int(start))
+
+    def rg_prompt(self, img: Image, rng: random.Random) -> str:
+        k = rng.randrange(len(self.p["rg"]))
+        key = (k, tuple(img.labels))
+        prompt = self._prompts.get(key)
+        if prompt is None:
+            prompt = self._prompts[key] = fill(
+                self.p["rg"][k], image=self.image_block, findings=findings_slot(img.labels, self.p)
+            )
+        return prompt
+
+    def record(self, img: Image, turns: list[tuple[str, str | None]], output: str) -> dict:
+        return {
+            "instruction": conversation(self.system, turns),
+            "input": "",
+            "output": output,
+            "dicom": img.dicom,
+        }
+
+    # RG ------------------------------------------------------------------------------------------------
+    def rg(self) -> list[dict]:
+        rng = random.Random(f"rg:{self.seed}")
+        with_finding = [i for i in self.images if has_finding(i.labels)]
+        without = [i for i in self.images if not has_finding(i.labels)]
+        n_normal = min(len(without), int(2 * len(with_finding) / 13))
+        chosen = with_finding + with_finding + rng.sample(without, n_normal)
+        return [self.record(img, [(self.rg_prompt(img, rng), None)], img.text) for img in chosen]
+
+    # INS -----------------------------------------------------------------------------------------------
+    def ins(self) -> tuple[list[dict], dict[str, int]]:
+        rng = random.Random(f"ins:{self.seed}")
+        order = list(self.images)
+        rng.shuffle(order)
+        n = len(order) // 6
+        parts = [order[k * n : (k + 1) * n] for k in range(6)]
+        tasks = {"correction": parts[2], "summarise": parts[3], "region_qa": parts[5]}
+        half = len(parts[4]) // 2
+        tasks["binary_qa"], tasks["all_findings_qa"] = parts[4][:half], parts[4][half:]
+        records, counts = [], {}
+        for task, imgs in tasks.items():
+            made = 0
+            for img in imgs:
+                rec = getattr(self, task)(img, rng)
+                if rec is None:  # e.g. summarisation without an impression: ask for the findings instead
+                    rec = self.all_findings_qa(img, rng)
+                if rec is not None and rec["output"].strip():
+                    records.append(rec)
+                    made += 1
+            counts[task] = made
+        return records, counts
+
+    def _two_turns(
+        self, img: Image, rng: random.Random, task: str, answer: str, report: str | None = None
+    ) -> dict:
+        first = (self.rg_prompt(img, rng), report if report is not None else img.text)
+        return self.record(img, [first, (task, None)], answer)
+
+    def binary_qa(self, img: Image, rng: random.Random) -> dict:
+        labels = [x for x in self.p["chexpert_labels"] if x != "No Finding"]
+        positives = [x for x in img.labels if x != "No Finding"]
+        if positives and rng.random() < 0.6:
+            label, answer = rng.choice(positives), "Yes."
+        else:
+            candidates = [x for x in labels if x not in positives and x not in img.uncertain]
+            label, answer = rng.choice(candidates), "No."
+        return self._two_turns(img, rng, fill(rng.choice(self.p["binary_qa"]), label=label), answer)
+
+    def all_findings_qa(self, img: Image, rng: random.Random) -> dict:
+        answer = findings_slot(img.labels, self.p)
+        return self._two_turns(img, rng, rng.choice(self.p["all_findings_qa"]), answer)
+
+    def summarise(self, img: Image, rng: random.Random) -> dict | None:
+        impression = _norm(img.impression)
+        if not impression:
+            return None
+        return self._two_turns(img, rng, rng.choice(self.p["summarise"]), impression)
+
+    def region_qa(self, img: Image, rng: random.Random) -> dict:
+        region = rng.choice(sorted(self.p["region_qa"]))
+        names = set(self.p["regions"][region])
+        ev = self.evidence.get(img.study_id, {})
+        present = sorted(name for name in ev if name in names)
+        starts = [s for name in present for s in ev[name]]
+        question = rng.choice(self.p["region_qa"][region])
+        if starts:
+            spans = sentence_spans(img.findings)
+            quoted = " ".join(
+                _norm(img.findings[a:b])
+                for a, b in (spans[i] for i in evidence_sentences(img.findings, starts))
+            )
+            answer = fill(self.p["region_answer_yes"], evidence=quoted)
+        elif present:  # positive findings without evidence offsets: name them
+            answer = fill(self.p["region_answer_yes_names"], names=join_names(present))
+        else:
+            answer = self.p["region_answer_no"][region]
+        return self._two_turns(img, rng, question, answer)
+
+    def correction(self, img: Image, rng: random.Random) -> dict | None:
+        """The assistant first wrote an edited report; the user asks to add what it dropped and remove
+        what it invented; the answer is the true report."""
+        mapping = self.p["chexpert_from_canonical"]
+        ev = self.evidence.get(img.study_id, {})
+        spans = sentence_spans(img.findings)
+        # labels whose every sentence can be dropped without emptying the report
+        droppable = {}
+        for label in img.labels:
+            starts = [s for name, offs in ev.items() if mapping.get(name) == label for s in offs]
+            idx = evidence_sentences(img.findings, starts)
+            if idx and len(idx) < len(spans):
+                droppable[label] = idx
+        addable = [
+            x for x in self.p["correction_sentences"] if x not in img.labels and x not in img.uncertain
+        ]
+        mode = rng.choice(["add", "remove", "both"] if droppable else ["remove"])
+        add = rng.choice(sorted(droppable)) if mode in ("add", "both") else None
+        rem = rng.choice(addable) if mode in ("remove", "both") and addable else None
+        if add is None and rem is None:
+            return None
+        kept = [
+            _norm(img.findings[a:b])
+            for i, (a, b) in enumerate(spans)
+            if add is None or i not in droppable[add]
+        ]
+        if rem is not None:
+            kept.insert(rng.randrange(len(kept) + 1), self.p["correction_sentences"][rem])
+        wrong = " ".join(kept)
+        if add and rem:
+            task = fill(rng.choice(self.p["correction_both"]), add=add.lower(), rem=rem.lower())
+        elif add:
+            task = fill(rng.choice(self.p["correction_add"]), add=add.lower())
+        else:
+            task = fill(rng.choice(self.p["correction_remove"]), rem=rem.lower())
+        return self._two_turns(img, rng, task[0].upper() + task[1:], img.text, report=wrong)
+
+
+def train_images(
+    studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame, findings: pd.DataFrame, prompts: dict
+) -> list[Image]:
+    """Every image of a train study with a findings section, with its labels (sorted by dicom id)."""
+    positives, uncertain = chexpert_labels(findings, prompts)
+    st = studies[studies["split"] == "train"][["study_id"]].drop_duplicates()
+    sec = sections.drop_duplicates("study_id")[["study_id", "findings", "impression"]]
+    sec = sec[sec["findings"].fillna("").str.strip() != ""]
+    img = images[["dicom_id", "study_id"]].merge(st, on="study_id").merge(sec, on="study_id")
+    img = img.sort_values("dicom_id", kind="stable")
+    out = []
+    for dicom, sid, f, i in img[["dicom_id", "study_id", "findings", "impression"]].itertuples(index=False):
+        sid = int(sid)
+        unc = uncertain.get(sid, set())
+        out.append(
+            Image(
+                dicom,
+                sid,
+                f,
+                i if isinstance(i, str) else "",
+                with_no_finding(positives.get(sid, []), unc),
+                unc,
+            )
+        )
+    return out
+
+
+def build(
+    studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame, findings: pd.DataFrame, seed: int = 0
+) -> tuple[list[dict], list[dict], dict[str, int]]:
+    """(RG records, INS records = RG + instruct shuffled, task counts)."""
+    prompts = load_prompts()
+    imgs = train_images(studies, images, sections, findings, prompts)
+    builder = Builder(imgs, findings, seed, prompts)
+    rg = builder.rg()
+    ins, counts = builder.ins()
+    counts["report_generation"] = len(rg)
+    return rg, fuse(rg, ins, seed), counts
+
+
+def fuse(rg: list, instruct: list, seed: int) -> list:
+    """RG and instruct records shuffled together (works on records or on their JSON encodings)."""
+    fused = rg + instruct
+    random.Random(f"fuse:{seed}").shuffle(fused)
+    return fused
+
+
+def build_encoded(
+    studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame, findings: pd.DataFrame, seed: int = 0
+) -> tuple[list[str], list[str], dict[str, int]]:
+    """:func:`build` with every record JSON-encoded once (the INS file repeats all RG records): the
+    encoded records of the two files, in order (write them with :func:`write_json_list`)."""
+    import json
+
+    prompts = load_prompts()
+    imgs = train_images(studies, images, sections, findings, prompts)
+    builder = Builder(imgs, findings, seed, prompts)
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    rg = [encode(r) for r in builder.rg()]
+    ins, counts = builder.ins()
+    counts["report_generation"] = len(rg)
+    return rg, fuse(rg, [encode(r) for r in ins], seed), counts
+
+
+def write_json_list(encoded: list[str], fh, chunk: int = 20_000) -> None:
+    """A JSON array of already encoded records, streamed (no second copy of a ~GB document)."""
+    fh.write("[")
+    for start in range(0, len(encoded), chunk):
+        if start:
+            fh.write(", ")
+        fh.write(", ".join(encoded[start : start + chunk]))
+    fh.write("]")

@@ -1,0 +1,570 @@
+"""The embedded rules extractor: findings + impression text -> rows of the ``findings`` table.
+
+One pass per section: a single compiled longest-first matcher (``libs.load_libs().matcher``) yields every word
+of interest in order; sentences and clauses are cut at punctuation and clause-boundary words; in each clause a
+finding's presence comes from the nearest trigger before it (NegEx/ConText scopes that stop at scope breakers)
+and from backward-looking triggers a few words after it; location, level, type and change are the attribute
+words next to it in the same clause. Mentions are then merged per report into instances (left and right
+effusion stay two rows; positive > uncertain > negative, attributes filled from mentions of the winning
+presence). Presence conventions are documented in ``libs/README.md``.
+"""
+
+from __future__ import annotations
+
+import re
+
+from workflow.keyinfo.libs import Libs, Tok, load_libs
+
+POS, UNC, NEG = "positive", "uncertain", "negative"
+RANK = {POS: 2, UNC: 1, NEG: 0}
+READ_SECTIONS = ("findings", "impression")
+FALLBACK_SECTION = "last_paragraph"  # read only when a report has neither findings nor impression (MIT-LCP)
+PRE_WORDS = 8  # attribute words before a finding
+POST_WORDS = 8  # attribute words after a finding
+POST_TRIGGER_WORDS = 8  # "X ... is not seen"
+ABBREVIATIONS = ("vs", "dr", "e.g", "i.e", "approx", "no", "st", "mr", "mrs", "fig")
+
+_COMMA = Tok(",")
+_SLASH = Tok("/")
+_SLASH.alt = True  # "atelectasis/scarring" reads as "atelectasis or scarring"
+_DEID = re.compile(r"x{3,}|_{2,}|\[\*\*[^\]]*\*\*\]")
+_TRANSLATE = str.maketrans({"-": " ", "\n": " ", "\t": " ", "\r": " ", "_": " "})
+_RULE_OUT = re.compile(r"\br/o\b")
+
+
+def normalise(text: str) -> str:
+    """Lower-cased copy of ``text`` with the SAME length, so match offsets index the original text."""
+    low = text.lower()
+    if len(low) != len(text):  # a few Unicode capitals lower to two characters
+        low = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
+    low = _DEID.sub(lambda m: " " * len(m.group()), low)
+    if "/" in low:
+        low = _RULE_OUT.sub("r o", low)
+    return low.translate(_TRANSLATE)
+
+
+class Mention:
+    __slots__ = (
+        "name",
+        "raw",
+        "presence",
+        "lat",
+        "zones",
+        "structs",
+        "level",
+        "type",
+        "change",
+        "start",
+        "end",
+        "section",
+        "from_anchor",
+    )
+
+    def __init__(self, name, raw, start, end, section):
+        self.name, self.raw, self.start, self.end, self.section = name, raw, start, end, section
+        self.presence = POS
+        self.lat: set[str] = set()
+        self.zones: list[str] = []
+        self.structs: list[str] = []
+        self.level = self.type = self.change = None
+        self.from_anchor = False
+
+    def add_loc(self, tok: Tok) -> None:
+        if tok.lat:
+            self.lat.add(tok.lat)
+        self.zones.extend(z for z in tok.zones if z not in self.zones)
+        self.structs.extend(s for s in tok.structs if s not in self.structs)
+
+    def laterality(self) -> str | None:
+        if not self.lat:
+            return None
+        if "bilateral" in self.lat or {"left", "right"} <= self.lat:
+            return "bilateral"
+        return next(iter(self.lat))
+
+    def location(self, libs: Libs) -> str | None:
+        if self.name == "support device":
+            return None  # where a device sits is not a finding location
+        order = libs.location_order
+        parts = (
+            ([self.laterality()] if self.lat else [])
+            + sorted(self.zones, key=order.get)
+            + sorted(self.structs, key=order.get)
+        )
+        return " ".join(parts) or None
+
+
+def _scan(norm: str, libs: Libs) -> list[list[tuple[int, int, Tok]]]:
+    """Clauses of (start, end, Tok): the matcher's tokens cut at sentence ends, ';', ':' and boundary words."""
+    tokens = libs.tokens
+    clauses: list[list[tuple[int, int, Tok]]] = []
+    cur: list[tuple[int, int, Tok]] = []
+    for m in libs.matcher.finditer(norm):
+        s, e = m.span()
+        if m.lastgroup == "p":
+            ch = norm[s]
+            if ch == ",":
+                cur.append((s, e, _COMMA))
+                continue
+            if ch == "/":
+                cur.append((s, e, _SLASH))
+                continue
+            if ch == ".":
+                nxt = norm[e : e + 1]
+                if nxt and not nxt.isspace():
+                    continue  # decimal point, "x.ray", abbreviation without space
+                word = norm[max(0, s - 6) : s].rsplit(" ", 1)[-1]
+                if word in ABBREVIATIONS and not (word == "no" and nxt == ""):
+                    continue
+            if cur:
+                clauses.append(cur)
+                cur = []
+            continue
+        g = m.group()
+        tok = tokens.get(g) or tokens[" ".join(g.split())]
+        if tok.hard:
+            if cur:
+                clauses.append(cur)
+                cur = []
+            continue
+        cur.append((s, e, tok))
+    if cur:
+        clauses.append(cur)
+    return clauses
+
+
+def _words(norm: str, a: int, b: int) -> int:
+    """Words between two offsets, plus one (runs of spaces left by de-identification count once)."""
+    return len(norm[a:b].split()) + 1 if b > a else 0
+
+
+def _presence(clause, i: int, norm: str) -> str:
+    """Presence of the finding/anchor at clause[i] from the triggers around it."""
+    presence = POS
+    # nearest backward-scoped trigger before the mention
+    for j in range(i - 1, -1, -1):
+        tok = clause[j][2]
+        if tok is _COMMA:
+            nxt = clause[j + 1][2]
+            if j + 1 < i and (nxt.level is not None or nxt.change is not None):
+                break  # ", small left effusion": a new noun phrase, outside the negation
+            continue
+        if tok.neg_pre:
+            presence = NEG
+            break
+        if tok.unc_pre:
+            presence = UNC
+            break
+        if tok.soft or tok.alt and j + 1 < i and clause[j + 1][2].neg_pre:
+            break
+    # backward-looking triggers a few words after the mention ("X is not seen", "X cannot be excluded")
+    end = clause[i][1]
+    for j in range(i + 1, len(clause)):
+        s, _, tok = clause[j]
+        if _words(norm, end, s) > POST_TRIGGER_WORDS:
+            break
+        if tok.neg_post:
+            return NEG
+        if tok.unc_post:
+            if tok.unc_pre and _finding_follows(clause, j):
+                break  # "possible" before the next finding belongs to it
+            return UNC if presence == POS else presence
+        if tok.neg_pre or tok.unc_pre or tok.soft:
+            break
+    return presence
+
+
+def _finding_follows(clause, j: int) -> bool:
+    for k in range(j + 1, len(clause)):
+        tok = clause[k][2]
+        if tok.finding or tok.anchors:
+            return True
+        if tok.soft or tok is _COMMA or tok.neg_pre:
+            return False
+    return False
+
+
+def _anchor_predicate(clause, i: int, norm: str, libs: Libs, group: str):
+    """(presence, level, predicate token index) for an anchor, or None when nothing is said about it."""
+    preds = libs.anchor_preds[group]
+    start = clause[i][0]
+    end = clause[i][1]
+    level = None
+    for j in range(i + 1, len(clause)):
+        s, _, tok = clause[j]
+        if _words(norm, end, s) > libs.anchor_window:
+            break
+        found = _pred_lookup(preds, tok.pred) if tok.pred else None
+        if found and not (tok.finding or _attr_of_next_finding(clause, j)):
+            first = libs.tokens.get(tok.pred.split(" ", 1)[0])
+            return found, level or (first.level if first else None), j
+        if tok.finding or tok.soft and not tok.pred:
+            break
+        if tok.level is not None:
+            level = tok.level
+    for j in range(i - 1, -1, -1):
+        s, e, tok = clause[j]
+        if _words(norm, e, start) > 4:
+            break
+        found = _pred_lookup(preds, tok.pred) if tok.pred else None
+        if found:
+            return found, tok.level, j
+        if tok.finding or tok is _COMMA:
+            break  # other anchors are passed over: "normal heart size and mediastinal contours"
+    return None
+
+
+def _pred_lookup(preds: dict[str, str], phrase: str) -> str | None:
+    """Presence of a predicate phrase for one anchor group; predicates are matched globally (longest
+    first), so a group may only know a shorter head of the phrase ("normal in size [and contour]")."""
+    while phrase:
+        hit = preds.get(phrase)
+        if hit is not None:
+            return hit
+        phrase = phrase.rpartition(" ")[0]
+    return None
+
+
+def _attr_of_next_finding(clause, j: int) -> bool:
+    nxt = clause[j + 1][2] if j + 1 < len(clause) else None
+    return bool(nxt is not None and nxt.finding)
+
+
+def _clause_mentions(clause, norm: str, text: str, section: str, libs: Libs) -> list[Mention]:
+    mentions: list[Mention] = []
+    heads: list[int] = []  # clause index of each mention
+    claimed = [False] * len(clause)
+    for i, (s, e, tok) in enumerate(clause):
+        if tok.finding:
+            m = Mention(tok.finding, text[s:e], s, e, section)
+            if tok.implied:
+                for lat in tok.implied["lat"]:
+                    m.lat.add(lat)
+                m.zones.extend(tok.implied["zones"])
+                m.structs.extend(tok.implied["structs"])
+                m.level = tok.implied["level"]
+                m.type = tok.implied["type"]
+            m.presence = _presence(clause, i, norm)
+            mentions.append(m)
+            heads.append(i)
+            claimed[i] = True
+        elif tok.anchors:
+            for group in tok.anchors:
+                found = _anchor_predicate(clause, i, norm, libs, group)
+                if found is None:
+                    continue
+                pred_presence, level, j = found
+                lo, hi = min(i, j), max(i, j)
+                m = Mention(group, text[clause[lo][0] : clause[hi][1]], clause[lo][0], clause[hi][1], section)
+                m.from_anchor = True
+                context = _presence(clause, i, norm)
+                if pred_presence == POS:
+                    m.presence = context
+                elif pred_presence == UNC:
+                    m.presence = NEG if context == NEG else UNC
+                else:
+                    m.presence = NEG
+                if pred_presence == POS:
+                    m.level = level
+                mentions.append(m)
+                heads.append(i)
+            claimed[i] = True
+
+    # post-window first (it claims "in the right lower lobe" before the next finding's pre-window looks)
+    n = len(clause)
+    post_end = {}
+    for k, i in enumerate(heads):
+        m = mentions[k]
+        nxt_head = heads[k + 1] if k + 1 < len(heads) else n
+        end = clause[i][1]
+        prep_seen = False
+        last = i
+        for j in range(i + 1, nxt_head):
+            s, _, tok = clause[j]
+            if claimed[j] and j != i:
+                if tok.anchors and tok.is_loc:
+                    pass
+                else:
+                    break
+            if _words(norm, end, s) > POST_WORDS:
+                break
+            if tok is _COMMA:
+                # "There is a small effusion, new since the prior study." / "..., unchanged."
+                nxt = clause[j + 1][2] if j + 1 < n else None
+                if (
+                    nxt is not None
+                    and nxt.change is not None
+                    and not nxt.finding
+                    and m.change is None
+                    and not _finding_follows(clause, j + 1)
+                ):
+                    m.change = nxt.change
+                    claimed[j + 1] = True
+                break
+            if tok.conj or tok.alt or tok.neg_pre or tok.finding:
+                break
+            if tok.unc_pre and not tok.unc_post:
+                break
+            if tok.soft and not tok.prep:
+                break
+            if tok.prep:
+                prep_seen = True
+            if m.from_anchor:
+                continue
+            took = False
+            if tok.is_loc and (prep_seen or tok.adverbial or _words(norm, end, s) <= 1):
+                m.add_loc(tok)
+                took = True
+            if tok.level is not None and m.level is None:
+                m.level = tok.level
+                took = True
+            if tok.type is not None and m.type is None and not tok.is_loc:
+                m.type = tok.type
+                took = True
+            if tok.change is not None and m.change is None:
+                m.change = tok.change
+                took = True
+            if took:
+                claimed[j] = True
+                last = j
+        post_end[k] = last
+
+    # pre-window: attribute words between the previous finding (or its claimed post-window) and this one
+    extra: list[tuple[int, Mention]] = []
+    for k, i in enumerate(heads):
+        m = mentions[k]
+        if m.from_anchor:
+            continue
+        start = clause[i][0]
+        segments: list[list[Tok]] = [[]]  # attribute words, split at "and" ("small left and moderate right")
+        for j in range(i - 1, -1, -1):
+            s, e, tok = clause[j]
+            if (
+                claimed[j]
+                or tok is _COMMA
+                or tok.soft
+                or tok.alt
+                or tok.finding
+                or tok.anchors
+                and not tok.is_loc
+            ):
+                break
+            if _words(norm, e, start) > PRE_WORDS * len(segments):
+                break
+            if tok.conj:
+                segments.append([])
+                continue
+            segments[-1].append(tok)
+            claimed[j] = True
+        segments = [seg for seg in segments if seg]
+        if len(segments) > 1 and all(any(t.lat for t in seg) for seg in segments):
+            for seg in segments[1:]:  # each lateral segment is its own instance
+                twin = Mention(m.name, m.raw, m.start, m.end, m.section)
+                twin.presence = m.presence
+                _apply_pre(twin, seg)
+                extra.append((k, twin))
+            segments = segments[:1]
+        _apply_pre(m, [t for seg in segments for t in seg])
+
+    for k, twin in reversed(extra):
+        mentions.insert(k, twin)
+        heads.insert(k, heads[k])
+
+    # a change word before the first finding or after the last one applies to every finding of the clause
+    if mentions:
+        first, last = heads[0], heads[-1]
+        shared = [
+            t.change for j, (_, _, t) in enumerate(clause) if t.change is not None and (j < first or j > last)
+        ]
+        if len(set(shared)) == 1:
+            for m in mentions:
+                if m.change is None:
+                    m.change = shared[0]
+
+    # "atelectasis or pneumonia": alternatives are uncertain
+    for k in range(len(heads) - 1):
+        a, b = heads[k], heads[k + 1]
+        between = [clause[j][2] for j in range(a + 1, b)]
+        if any(t.alt for t in between) and all(t.alt or t.is_attr or t.prep or t.conj for t in between):
+            for m in (mentions[k], mentions[k + 1]):
+                if m.presence == POS:
+                    m.presence = UNC
+
+    for m in mentions:
+        if m.presence == NEG and m.change != "resolved":
+            m.change = None
+    if sum(m.name == DEVICE for m in mentions) > 1:
+        mentions = _merge_devices(mentions)
+    return mentions
+
+
+DEVICE = "support device"
+GENERIC_DEVICE_WORDS = frozenset(
+    [
+        "lead",
+        "leads",
+        "device",
+        "devices",
+        "wire",
+        "wires",
+        "tube",
+        "tubes",
+        "catheter",
+        "catheters",
+        "line",
+        "lines",
+        "clip",
+        "clips",
+        "electrodes",
+        "hardware",
+        "drain",
+        "drains",
+        "port",
+    ]
+)
+
+
+def _merge_devices(mentions: list[Mention]) -> list[Mention]:
+    """One device per clause: "pacemaker ... with leads", "median sternotomy wires", "dual-lead pacemaker device"."""
+    devices = [m for m in mentions if m.name == DEVICE]
+    specific = [m for m in devices if " ".join(normalise(m.raw).split()) not in GENERIC_DEVICE_WORDS]
+    keep = (specific or devices)[0]
+    for m in devices:
+        if keep.change is None and m.change is not None:
+            keep.change = m.change
+    return [m for m in mentions if m.name != DEVICE or m is keep]
+
+
+def _apply_pre(m: Mention, toks: list[Tok]) -> None:
+    """Attribute words before a finding (nearest first)."""
+    for tok in toks:
+        if tok.is_loc:
+            m.add_loc(tok)
+        if tok.level is not None and m.level is None:
+            m.level = tok.level
+        if tok.type is not None and m.type is None and not tok.is_loc:
+            m.type = tok.type
+        if tok.change is not None and m.change is None:
+            m.change = tok.change
+
+
+def extract_mentions(sections: dict[str, str | None], libs: Libs | None = None) -> list[Mention]:
+    """Every finding mention of the findings and impression sections, in text order.
+
+    Indication, history and comparison are never read. A report with neither findings nor impression is read
+    from its ``last_paragraph`` (the MIT-LCP / CheXpert fallback).
+    """
+    libs = libs or load_libs()
+    out: list[Mention] = []
+    read = READ_SECTIONS if any(sections.get(s) for s in READ_SECTIONS) else (FALLBACK_SECTION,)
+    for section in read:
+        text = sections.get(section)
+        if not text:
+            continue
+        norm = normalise(text)
+        for clause in _scan(norm, libs):
+            out.extend(_clause_mentions(clause, norm, text, section, libs))
+    return out
+
+
+def merge_mentions(mentions: list[Mention], libs: Libs | None = None) -> list[dict]:
+    """Report-level instances of rule mentions (see :func:`merge_rows`)."""
+    libs = libs or load_libs()
+    rows = [
+        {
+            "name": m.name,
+            "raw_name": m.raw,
+            "presence": m.presence,
+            "location": m.location(libs),
+            "level": m.level,
+            "type": m.type,
+            "change": m.change,
+            "section": m.section,
+            "start": m.start,
+            "end": m.end,
+        }
+        for m in mentions
+    ]
+    return merge_rows(rows)
+
+
+LATERALITY = ("left", "right", "bilateral")
+
+
+def row_laterality(row: dict) -> str | None:
+    """The instance key of a row besides its name: laterality (devices: which device)."""
+    if row["name"] == DEVICE:
+        return "device:" + " ".join(normalise(row.get("raw_name") or "").split())
+    loc = row.get("location")
+    if not loc:
+        return None
+    first = loc.split(" ", 1)[0]
+    return first if first in LATERALITY else None
+
+
+ATTRS = ("location", "level", "type", "change")
+
+
+def merge_rows(rows: list[dict]) -> list[dict]:
+    """Merge finding rows of one report into instances: one per (name, laterality).
+
+    Left and right stay two instances; a row without laterality joins the only instance of its name (or the
+    one without laterality). Presence: positive > uncertain > negative; attributes are filled from rows that
+    share the winning presence; the evidence of the first winning row is kept.
+    """
+    by_name: dict[str, list[dict]] = {}
+    order: list[dict] = []
+    for row in rows:
+        lat = row_laterality(row)
+        insts = by_name.setdefault(row["name"], [])
+        target = None
+        if lat is not None:
+            target = next((x for x in insts if x["_lat"] == lat), None)
+            if target is None and len(insts) == 1 and insts[0]["_lat"] is None:
+                target = insts[0]
+                target["_lat"] = lat
+        elif len(insts) == 1:
+            target = insts[0]
+        else:
+            target = next((x for x in insts if x["_lat"] is None), None)
+        if target is None:
+            inst = {**row, "_lat": lat}
+            insts.append(inst)
+            order.append(inst)
+            continue
+        if RANK[row["presence"]] > RANK[target["presence"]]:
+            old = dict(target)
+            target.update(row)
+            target["_lat"] = lat or old["_lat"]
+            if target["location"] is None and lat is None:
+                target["location"] = old["location"]
+        elif row["presence"] == target["presence"]:
+            for key in ATTRS:
+                if target.get(key) is None and row.get(key) is not None:
+                    target[key] = row[key]
+    for inst in order:
+        inst.pop("_lat")
+    return order
+
+
+def extract_sections(sections: dict[str, str | None]) -> list[dict]:
+    """Findings rows (name, raw_name, presence, location, level, type, change, section, start, end) of one study.
+
+    Reads only ``findings`` and ``impression``.
+    """
+    libs = load_libs()
+    return merge_mentions(extract_mentions(sections, libs), libs)
+
+
+def merge_presence(pairs) -> dict[str, str]:
+    """name -> merged presence (positive > uncertain > negative) of (name, presence) pairs."""
+    out: dict[str, str] = {}
+    for name, presence in pairs:
+        if name not in out or RANK[presence] > RANK[out[name]]:
+            out[name] = presence
+    return out
+
+
+def label_vector(text: str) -> dict[str, str]:
+    """Report-level canonical name -> merged presence for a free text (e.g. a rewritten report)."""
+    return merge_presence((m.name, m.presence) for m in extract_mentions({"findings": text}))

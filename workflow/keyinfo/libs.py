@@ -1,0 +1,344 @@
+"""Load the term libraries in ``libs/`` and compile them into one longest-first matcher.
+
+Everything the rules extractor and the standardiser know about words lives in ``libs/`` as data:
+``findings.csv`` (canonical names, Medical-CXR-VQA names, CheXpert classes, surface forms), ``blockers.csv``,
+``locations.csv``, ``levels.csv``, ``types.csv``, ``changes.csv``, ``triggers.yaml``, ``anchors.yaml``.
+Canonical values must be those of ``libs/vocabulary.yaml``; :func:`load_libs` refuses anything else.
+
+All phrases (findings, attributes, triggers, anchors, predicates, scope words) go into ONE regex built from a
+character trie: a single left-to-right scan of a section finds every word of interest, the longest phrase
+winning at each position ("pericardial effusion" before "effusion", "no change" before "no").
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+LIBS_DIR = Path(__file__).resolve().parents[2] / "libs"
+
+SIDE_VARIANTS = ("", "left ", "right ", "bilateral ", "both ")
+UNKNOWN = "unknown"
+
+
+class Tok:
+    """Every role one matched phrase can play (a phrase may play several: "large" is a level and a predicate)."""
+
+    __slots__ = (
+        "phrase",
+        "finding",
+        "anchors",
+        "lat",
+        "zones",
+        "structs",
+        "level",
+        "type",
+        "change",
+        "neg_pre",
+        "neg_post",
+        "unc_pre",
+        "unc_post",
+        "soft",
+        "hard",
+        "alt",
+        "prep",
+        "conj",
+        "pred",
+        "implied",
+        "is_loc",
+        "adverbial",
+    )
+
+    def __init__(self, phrase: str):
+        self.phrase = phrase
+        self.finding: str | None = None
+        self.anchors: tuple[str, ...] = ()
+        self.lat: str | None = None
+        self.zones: tuple[str, ...] = ()
+        self.structs: tuple[str, ...] = ()
+        self.level = self.type = self.change = None
+        self.neg_pre = self.neg_post = self.unc_pre = self.unc_post = False
+        self.soft = self.hard = self.alt = self.prep = self.conj = False
+        self.pred: str | None = None
+        self.implied: dict | None = None  # attributes written inside a finding phrase ("left hemidiaphragm")
+        self.is_loc = False
+        self.adverbial = False
+
+    @property
+    def is_attr(self) -> bool:
+        return self.is_loc or self.level is not None or self.type is not None or self.change is not None
+
+
+@dataclass(frozen=True)
+class Libs:
+    """The compiled libraries; get it from :func:`load_libs` (cached)."""
+
+    findings: tuple[str, ...]
+    vqa_name: dict[str, str]
+    chexpert: dict[str, str]
+    surface_to_name: dict[str, str]  # every normalised finding surface form -> canonical name
+    blockers: frozenset[str]
+    tokens: dict[str, Tok]
+    matcher: re.Pattern
+    anchor_preds: dict[str, dict[str, str]]  # anchor group -> predicate phrase -> presence
+    anchor_window: int
+    vocabulary: dict
+    location_order: dict[str, int]
+    level_rank: dict[str, int]
+    slot_words: dict[str, dict[str, str]] = field(
+        default_factory=dict
+    )  # level/type/change phrase -> canonical
+
+
+def norm_phrase(text: str) -> str:
+    """The key a phrase is stored under: lower case, hyphens/slashes/underscores as spaces, single spaces."""
+    text = text.lower().replace("-", " ").replace("/", " ").replace("_", " ")
+    return " ".join(text.split())
+
+
+def plural_forms(phrase: str) -> list[str]:
+    """Plural of the last word of a finding phrase (regular English and the Latin/Greek endings radiology uses)."""
+    head, _, last = phrase.rpartition(" ")
+    if last.endswith("sis"):
+        forms = [last[:-3] + "ses"]
+    elif last.endswith("ax"):
+        forms = [last[:-2] + "aces", last + "es"]
+    elif last.endswith("y") and not last.endswith(("ay", "ey", "oy")):
+        forms = [last[:-1] + "ies"]
+    elif last.endswith(("s", "x", "ch", "sh")):
+        forms = [last + "es"] if not last.endswith("s") else []
+    elif last.endswith("ma"):
+        forms = [last + "s", last + "ta"]
+    else:
+        forms = [last + "s"]
+    return [f"{head} {f}".strip() for f in forms]
+
+
+def _csv(name: str) -> list[dict]:
+    with open(LIBS_DIR / name, newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _yaml(name: str, strings: bool = False) -> dict:
+    """Parse a libs YAML file; ``strings=True`` keeps every scalar a string (YAML 1.1 reads ``no`` as False)."""
+    with open(LIBS_DIR / name, encoding="utf-8") as fh:
+        return yaml.load(fh, Loader=yaml.BaseLoader) if strings else yaml.safe_load(fh)
+
+
+def trie_regex(phrases) -> str:
+    """A regex alternation equivalent to ``phrases`` but shaped as a trie (fast), greedy, so the longest wins.
+
+    A space in a phrase matches one or more spaces in the text.
+    """
+    trie: dict = {}
+    for phrase in phrases:
+        node = trie
+        for ch in phrase:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def build(node: dict) -> str:
+        ends_here = "" in node
+        branches = []
+        for ch in sorted(k for k in node if k):
+            esc = " +" if ch == " " else re.escape(ch)
+            branches.append(esc + build(node[ch]))
+        if not branches:
+            return ""
+        body = branches[0] if len(branches) == 1 else "(?:" + "|".join(branches) + ")"
+        if ends_here:
+            # optional continuation, greedy: the longer phrase is tried first
+            return body + "?" if len(branches) == 1 and len(body) == 1 else "(?:" + body + ")?"
+        return body
+
+    return build(trie)
+
+
+def _add(tokens: dict[str, Tok], phrase: str) -> Tok:
+    key = norm_phrase(phrase)
+    tok = tokens.get(key)
+    if tok is None:
+        tok = tokens[key] = Tok(key)
+    return tok
+
+
+def _check(value, allowed, what: str) -> None:
+    if value not in allowed:
+        raise ValueError(f"libs: {what} value {value!r} is not in libs/vocabulary.yaml")
+
+
+def _parse_implied(text: str, attr_tokens: dict[str, Tok]) -> dict:
+    """Attributes written inside a finding phrase ("elevated left hemidiaphragm", "calcified nodule")."""
+    words = text.split()
+    found: dict = {"lat": [], "zones": [], "structs": [], "level": None, "type": None}
+    i = 0
+    while i < len(words):
+        for j in range(len(words), i, -1):
+            tok = attr_tokens.get(" ".join(words[i:j]))
+            if tok is not None:
+                if tok.is_loc:
+                    if tok.lat:
+                        found["lat"].append(tok.lat)
+                    found["zones"] += tok.zones
+                    found["structs"] += tok.structs
+                found["level"] = found["level"] or tok.level
+                found["type"] = found["type"] or tok.type
+                i = j
+                break
+        else:
+            i += 1
+    return found if any(found.values()) else {}
+
+
+@functools.cache
+def load_libs() -> Libs:
+    """Read and compile ``libs/`` once per process."""
+    vocab = _yaml("vocabulary.yaml")
+    names = tuple(vocab["findings"])
+    loc_vocab = vocab["location"]
+    tokens: dict[str, Tok] = {}
+
+    # attributes first: finding phrases are parsed with them for implied attributes
+    for row in _csv("locations.csv"):
+        tok = _add(tokens, row["phrase"])
+        tok.is_loc = True
+        if row["laterality"]:
+            _check(row["laterality"], loc_vocab["laterality"], "laterality")
+            tok.lat = row["laterality"]
+        tok.zones = tuple(row["zone"].split(" ")) if row["zone"] else ()
+        for z in tok.zones:
+            _check(z, loc_vocab["zone"], "zone")
+        tok.structs = (row["structure"],) if row["structure"] else ()
+        for s in tok.structs:
+            _check(s, loc_vocab["structure"], "structure")
+        tok.adverbial = tok.phrase.endswith("ly") or tok.phrase.startswith("on the")
+    slot_words: dict[str, dict[str, str]] = {"level": {}, "type": {}, "change": {}}
+    for fname, slot in (("levels.csv", "level"), ("types.csv", "type"), ("changes.csv", "change")):
+        for row in _csv(fname):
+            _check(row[slot], vocab[slot], slot)
+            tok = _add(tokens, row["phrase"])
+            setattr(tok, slot, row[slot])
+            slot_words[slot][tok.phrase] = row[slot]
+    attr_tokens = dict(tokens)
+
+    vqa_name, chexpert, surface_to_name = {}, {}, {}
+    for row in _csv("findings.csv"):
+        name = row["name"]
+        _check(name, names, "finding")
+        vqa_name[name] = row["vqa_name"] or ""
+        chexpert[name] = row["chexpert"] or ""
+        for syn in row["synonyms"].split(";"):
+            syn = syn.strip()
+            if not syn:
+                continue
+            variants = [syn.replace("{side}", s) for s in SIDE_VARIANTS] if "{side}" in syn else [syn]
+            for v in variants:
+                for form in [v, *plural_forms(norm_phrase(v))]:
+                    key = norm_phrase(form)
+                    if key in surface_to_name and surface_to_name[key] != name:
+                        continue  # first listing wins (explicit beats generated plural)
+                    surface_to_name[key] = name
+    missing = [n for n in names if n not in vqa_name]
+    if missing:
+        raise ValueError(f"libs/findings.csv lacks canonical findings {missing}")
+    for key, name in surface_to_name.items():
+        tok = _add(tokens, key)
+        tok.finding = name
+        implied = _parse_implied(key, attr_tokens)
+        if implied:
+            # words of the canonical name are not attributes ("interstitial markings" has no type)
+            name_words = set(name.split())
+            # a structure or zone written in a finding's own name is part of the name ("widening of the
+            # mediastinum", "hilar congestion", "elevation of the left hemidiaphragm"): laterality only
+            implied["structs"] = []
+            implied["zones"] = []
+            if implied["type"] and (implied["type"] in name_words or implied["type"] in name):
+                implied["type"] = None
+            if not any(implied.values()):
+                implied = {}
+        tok.implied = implied or None
+
+    blockers = frozenset(
+        form
+        for r in _csv("blockers.csv")
+        for form in (norm_phrase(r["phrase"]), *plural_forms(norm_phrase(r["phrase"])))
+    )
+    for b in blockers:
+        tok = tokens.get(b)
+        if tok is not None and tok.finding is not None:
+            continue  # a blocker that is itself another finding's synonym ("pericardial effusion")
+        tok = _add(tokens, b)
+        tok.finding = None  # matched so it hides its sub-phrases, but it names nothing
+
+    trig = _yaml("triggers.yaml", strings=True)
+    flag_of = {
+        "negation_preceding": "neg_pre",
+        "negation_following": "neg_post",
+        "uncertainty_preceding": "unc_pre",
+        "uncertainty_following": "unc_post",
+        "clause_boundaries": "hard",
+        "scope_breakers": "soft",
+        "alternatives": "alt",
+        "prepositions": "prep",
+    }
+    for section, attr in flag_of.items():
+        for phrase in trig[section]:
+            setattr(_add(tokens, str(phrase)), attr, True)
+    for phrase in trig["pseudo"]:
+        _add(tokens, phrase)  # plain words; hide the triggers inside them
+    for phrase in ("and", "as well as", "plus"):
+        _add(tokens, phrase).conj = True
+
+    anchors = _yaml("anchors.yaml", strings=True)
+    anchor_preds: dict[str, dict[str, str]] = {}
+    for group, spec in anchors["groups"].items():
+        _check(group, names, "anchor finding")
+        for phrase in spec["phrases"]:
+            tok = _add(tokens, phrase)
+            tok.anchors = (*tok.anchors, group)
+        preds = {}
+        for presence in ("positive", "uncertain", "negative"):
+            for phrase in spec.get(presence) or []:
+                key = norm_phrase(phrase)
+                for copula in ("is ", "are "):  # "heart is enlarged": the copula is not part of the predicate
+                    if key.startswith(copula):
+                        key = key[len(copula) :]
+                preds[key] = presence
+                _add(tokens, key).pred = key
+        anchor_preds[group] = preds
+
+    for tok in tokens.values():
+        if tok.finding is not None and tok.anchors:
+            tok.anchors = ()  # a finding phrase is never also an anchor
+    pattern = r"(?P<w>\b(?:" + trie_regex(sorted(tokens)) + r")\b)|(?P<p>[.;:!?,/])"
+    matcher = re.compile(pattern)
+
+    location_order = {}
+    for i, v in enumerate(loc_vocab["laterality"] + loc_vocab["zone"] + loc_vocab["structure"]):
+        location_order.setdefault(v, i)
+    return Libs(
+        findings=names,
+        vqa_name=vqa_name,
+        chexpert=chexpert,
+        surface_to_name=surface_to_name,
+        blockers=blockers,
+        tokens=tokens,
+        matcher=matcher,
+        anchor_preds=anchor_preds,
+        anchor_window=int(anchors.get("window", 9)),
+        vocabulary=vocab,
+        location_order=location_order,
+        level_rank={v: i for i, v in enumerate(vocab["level"])},
+        slot_words=slot_words,
+    )
+
+
+def vqa_name(name: str) -> str:
+    """The Medical-CXR-VQA name of a canonical finding ('' for findings that dataset leaves out, e.g. devices)."""
+    libs = load_libs()
+    return libs.vqa_name.get(name, name)

@@ -1,0 +1,66 @@
+"""The LLM layer: every LLM call of the workflow as a cached, resumable, accounted OpenAI chat request.
+
+Small public API (stable; other stages use only this)::
+
+    from workflow.llm import build_request, run_requests, load_executor_config
+
+    req = build_request("keyinfo.j2", model="gpt-4o", params={"temperature": 0, "max_tokens": 800},
+                        schema=FINDINGS_SCHEMA, report="FINDINGS: ...")      # -> Request (req.key = sha256)
+    results = run_requests([req, ...], executor_cfg, cache_path)            # -> {key: Result}
+    results[req.key].status        # "completed" | "refused" | "failed"
+    results[req.key].content       # the model's text (parse it yourself: parsing is a separate step)
+
+* ``Request.key`` is the sha256 of the canonical JSON (sorted keys, no whitespace) of the request body
+  ``{"model", "messages", **params, "response_format"}`` plus the LoRA adapter name when one is used.
+  Any change of model, prompt text, parameters or schema is a new key; nothing else is.
+* The cache (SQLite, WAL) stores every response under its key the moment it arrives; ``run_requests``
+  only sends keys that have no final answer yet. A second run of a finished stage sends nothing.
+* Executors (``executor_cfg["executor"]``): ``openai`` (AsyncOpenAI / AsyncAzureOpenAI, bounded
+  concurrency, RPM/TPM limits, retries with backoff + jitter honouring Retry-After), ``batch`` (the
+  Batch API), ``vllm`` (offline vLLM through a command, see below). Without any LLM,
+  ``llm.backend: rules`` (the default) keeps the LLM stages out of the workflow: downstream stages read
+  the rules findings (``findings_table()`` in rules/common.smk).
+* Guard: a corpus with ``corpus.credentialed: true`` is refused for a public non-Azure endpoint unless
+  ``llm.allow_public_endpoint: true``; API keys only from the environment variable ``api_key_env`` names.
+* A run stops (``FatalEndpointError``) on 401/403/404 and after ``max_consecutive_failures`` requests in
+  a row failed; a run whose estimate exceeds ``llm.max_cost_usd`` is refused before sending.
+
+Interchange format (the boundary with the offline vLLM executor, Azure/OpenAI Batch and cache
+import/export) is the OpenAI Batch API JSONL:
+
+* request lines:  ``{"custom_id": <request key>, "method": "POST", "url": "/v1/chat/completions",
+  "body": <chat completion request>}`` (written by :func:`workflow.llm.cache.export_requests`)
+* output lines:   ``{"custom_id": <request key>, "response": {"status_code": 200,
+  "body": <chat completion>}, "error": null}``; a failed line has ``"response": null`` or a non-200
+  ``status_code`` and ``"error": {"code", "message"}`` (read by :func:`workflow.llm.cache.import_results`).
+
+Command lines::
+
+    python -m workflow.llm.estimate [--configfile config.yaml more.yaml]   # requests/tokens/cost per stage
+    python -m workflow.llm.run --requests X.jsonl --config JSON --stage keyinfo --cache C.sqlite [--dry-run]
+    python -m workflow.llm.{gold,keyinfo,followup} ...                      # the stages (rules/llm.smk)
+
+Stages (``llm.backend: llm``; outputs under ``<outdir>/llm/``): ``gold/`` (seeded stratified sample sent
+to the teacher; ``sft.jsonl`` = conversation + teacher answer), ``keyinfo/shard{i}/`` (bulk, one request
+per study), ``followup/round{r}/`` (round 0 = merged bulk; rounds 1..R re-ask where rules and LLM
+disagree; ``stats.parquet`` = convergence per round). Every stage writes ``requests.parquet``
+(contract ``LLM_REQUESTS``: status, tokens, cost, model, adapter, executor, template, prompt hash, request
+key) that every findings row joins through ``request_hash``.
+
+The ``vllm`` executor runs ``llm.vllm.command`` (a list; ``{input}``, ``{output}``, ``{model}``,
+``{adapter}`` are substituted) on the JSONL of the pending requests and imports its output JSONL into
+the cache; lines that failed are left pending for the next run.
+"""
+
+from workflow.llm.request import Request, build_request, prompt_hash, render_messages
+from workflow.llm.run import Result, load_executor_config, run_requests
+
+__all__ = [
+    "Request",
+    "Result",
+    "build_request",
+    "load_executor_config",
+    "prompt_hash",
+    "render_messages",
+    "run_requests",
+]

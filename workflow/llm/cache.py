@@ -1,0 +1,244 @@
+"""The durable response cache: one SQLite database in WAL mode, one row per request key.
+
+Every answer is committed the moment it arrives, so a crash or ``kill -9`` loses at most the requests
+that were in flight. WAL with ``synchronous=NORMAL`` survives a killed process (not a power cut, which
+only costs re-asking the last few requests). Several processes (Snakemake shards) may share one file.
+
+Statuses: ``completed`` and ``refused`` (content filter) are final and never re-sent; ``failed``
+(retries exhausted, or a failed batch line) is re-sent by the next run.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+FINAL = ("completed", "refused")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS responses (
+    key TEXT PRIMARY KEY,
+    status TEXT NOT NULL,
+    content TEXT,
+    finish_reason TEXT,
+    error TEXT,
+    prompt_tokens INTEGER,
+    completion_tokens INTEGER,
+    cost REAL,
+    attempts INTEGER,
+    executor TEXT,
+    model TEXT,
+    batch_id TEXT,
+    updated REAL
+);
+CREATE TABLE IF NOT EXISTS batches (
+    batch_id TEXT PRIMARY KEY,
+    endpoint TEXT,
+    input_file_id TEXT,
+    keys TEXT NOT NULL,
+    status TEXT NOT NULL,
+    created REAL,
+    collected INTEGER NOT NULL DEFAULT 0
+);
+"""
+
+
+@dataclass
+class Result:
+    """What the cache holds for one request key."""
+
+    key: str
+    status: str  # completed | refused | failed
+    content: str | None = None
+    finish_reason: str | None = None
+    error: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cost: float = 0.0
+    attempts: int = 0
+    executor: str | None = None
+    model: str | None = None
+    batch_id: str | None = None
+
+    @property
+    def final(self) -> bool:
+        return self.status in FINAL
+
+
+_COLUMNS = (
+    "key",
+    "status",
+    "content",
+    "finish_reason",
+    "error",
+    "prompt_tokens",
+    "completion_tokens",
+    "cost",
+    "attempts",
+    "executor",
+    "model",
+    "batch_id",
+)
+
+
+class Cache:
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.path, timeout=120, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=NORMAL")
+        self.db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    def __enter__(self) -> Cache:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # -- responses -------------------------------------------------------------------------------
+    def put(self, result: Result) -> None:
+        """Store one answer durably (one transaction). A final answer is never downgraded to failed."""
+        values = [getattr(result, c) for c in _COLUMNS] + [time.time()]
+        self.db.execute(
+            f"INSERT INTO responses ({', '.join(_COLUMNS)}, updated) VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
+            " ON CONFLICT(key) DO UPDATE SET "
+            + ", ".join(f"{c}=excluded.{c}" for c in (*_COLUMNS[1:], "updated"))
+            + " WHERE responses.status NOT IN ('completed', 'refused') OR excluded.status IN ('completed', 'refused')",
+            values,
+        )
+
+    def get_many(self, keys: Iterable[str]) -> dict[str, Result]:
+        keys = list(keys)
+        found: dict[str, Result] = {}
+        for i in range(0, len(keys), 900):  # SQLite's bound-parameter limit
+            chunk = keys[i : i + 900]
+            rows = self.db.execute(
+                f"SELECT {', '.join(_COLUMNS)} FROM responses WHERE key IN ({', '.join('?' * len(chunk))})",
+                chunk,
+            )
+            for row in rows:
+                found[row[0]] = Result(*row)
+        return found
+
+    def get(self, key: str) -> Result | None:
+        return self.get_many([key]).get(key)
+
+    def pending(self, keys: Iterable[str], retry_failed: bool = True) -> list[str]:
+        """Keys without a final answer (in the given order, duplicates removed)."""
+        keys = list(dict.fromkeys(keys))
+        status: dict[str, str] = {}
+        for i in range(0, len(keys), 900):
+            chunk = keys[i : i + 900]
+            status.update(self.db.execute(
+                f"SELECT key, status FROM responses WHERE key IN ({', '.join('?' * len(chunk))})", chunk
+            ).fetchall())
+        return [k for k in keys if k not in status or (retry_failed and status[k] not in FINAL)]
+
+    def iter_all(self) -> Iterator[Result]:
+        for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM responses"):
+            yield Result(*row)
+
+    def counts(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT status, count(*) FROM responses GROUP BY status").fetchall())
+
+    # -- batches ---------------------------------------------------------------------------------
+    def add_batch(self, batch_id: str, endpoint: str, input_file_id: str, keys: list[str]) -> None:
+        """Record a submitted batch BEFORE polling it, so a restart adopts it instead of paying twice."""
+        self.db.execute(
+            "INSERT OR REPLACE INTO batches VALUES (?, ?, ?, ?, 'submitted', ?, 0)",
+            (batch_id, endpoint, input_file_id, json.dumps(keys), time.time()),
+        )
+
+    def open_batches(self, endpoint: str) -> list[tuple[str, list[str]]]:
+        rows = self.db.execute(
+            "SELECT batch_id, keys FROM batches WHERE endpoint = ? AND collected = 0", (endpoint,)
+        ).fetchall()
+        return [(b, json.loads(k)) for b, k in rows]
+
+    def close_batch(self, batch_id: str, status: str) -> None:
+        self.db.execute("UPDATE batches SET status = ?, collected = 1 WHERE batch_id = ?", (status, batch_id))
+
+
+# -- Batch API JSONL interchange ------------------------------------------------------------------
+def export_requests(requests, path: str | Path, url: str = "/v1/chat/completions") -> int:
+    """Write requests as Batch API input lines (``custom_id`` = request key; Azure wants
+    ``url="/chat/completions"`` and the deployment as ``body.model``)."""
+    n = 0
+    with open(path, "w", encoding="utf-8") as fh:
+        for req in requests:
+            fh.write(json.dumps({**req.batch_line(), "url": url}, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def result_from_output_line(line: dict, executor: str, model: str | None = None, batch_id=None) -> Result:
+    """A :class:`Result` from one Batch API output line (success, refusal or failure)."""
+    key = line["custom_id"]
+    response = line.get("response") or {}
+    error = line.get("error")
+    status_code = response.get("status_code")
+    body = response.get("body") or {}
+    if status_code == 200 and body.get("choices"):
+        choice = body["choices"][0]
+        usage = body.get("usage") or {}
+        refused = choice.get("finish_reason") == "content_filter"
+        return Result(
+            key,
+            "refused" if refused else "completed",
+            content=(choice.get("message") or {}).get("content"),
+            finish_reason=choice.get("finish_reason"),
+            error="content_filter" if refused else None,
+            prompt_tokens=usage.get("prompt_tokens") or 0,
+            completion_tokens=usage.get("completion_tokens") or 0,
+            attempts=1,
+            executor=executor,
+            model=body.get("model") or model,
+            batch_id=batch_id,
+        )
+    err = error or (body.get("error") if isinstance(body, dict) else None) or {}
+    code = (err.get("code") if isinstance(err, dict) else None) or (
+        f"http_{status_code}" if status_code else "no_response"
+    )
+    if code == "content_filter":
+        return Result(
+            key,
+            "refused",
+            error="content_filter",
+            attempts=1,
+            executor=executor,
+            model=model,
+            batch_id=batch_id,
+        )
+    message = (err.get("message") if isinstance(err, dict) else str(err)) or ""
+    return Result(
+        key,
+        "failed",
+        error=f"{code}: {message[:200]}",
+        attempts=1,
+        executor=executor,
+        model=model,
+        batch_id=batch_id,
+    )
+
+
+def import_results(
+    path: str | Path, cache: Cache, executor: str, model: str | None = None, batch_id=None
+) -> dict[str, int]:
+    """Store every line of a Batch API output JSONL in the cache; returns counts per status."""
+    counts: dict[str, int] = {}
+    with open(path, encoding="utf-8") as fh:
+        for raw in fh:
+            if not raw.strip():
+                continue
+            result = result_from_output_line(json.loads(raw), executor, model, batch_id)
+            cache.put(result)
+            counts[result.status] = counts.get(result.status, 0) + 1
+    return counts

@@ -1,0 +1,236 @@
+"""From parsed LLM answers to rows of the ``findings`` table (shared by gold, keyinfo and follow-up).
+
+Standardisation onto ``libs/`` is the key-information stage's job
+(``workflow.keyinfo.standardise.standardise``); when that module is not importable we fall back to an
+exact-vocabulary mapping (unknown names kept as ``unknown`` with their raw name) so the LLM stages still
+run, and say so in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from functools import lru_cache
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+import yaml
+
+from workflow.contract import FINDINGS
+
+log = logging.getLogger(__name__)
+VOCABULARY = Path(__file__).resolve().parents[2] / "libs" / "vocabulary.yaml"
+PRESENCE_RANK = {"positive": 2, "uncertain": 1, "negative": 0}
+ANSWER_FIELDS = ("name", "presence", "location", "level", "type", "change", "evidence")
+
+
+def text_of(value) -> str:
+    """A section's text; '' for None and for pandas' missing values (NaN in string columns)."""
+    return value if isinstance(value, str) else ""
+
+
+def report_text(sections_row: dict) -> str | None:
+    """The text sent to the LLM: FINDINGS and IMPRESSION (never indication/history), labelled."""
+    parts = []
+    for name in ("findings", "impression"):
+        text = text_of(sections_row.get(name)).strip()
+        if text:
+            parts.append(f"{name.upper()}: {text}")
+    if not parts:
+        last = text_of(sections_row.get("last_paragraph")).strip()
+        return last or None
+    return "\n".join(parts)
+
+
+@lru_cache(maxsize=1)
+def _vocabulary() -> dict:
+    return yaml.safe_load(VOCABULARY.read_text())
+
+
+def _fallback_standardise(record: dict) -> list[dict]:
+    vocab = _vocabulary()
+    names = set(vocab["findings"])
+    levels = {**{v: v for v in vocab["level"]}, "small": "mild", "large": "severe", "trace": "minimal"}
+    rows = []
+    for item in record["findings"]:
+        raw = item["name"].strip().lower()
+        name = raw if raw in names else raw[:-1] if raw.endswith("s") and raw[:-1] in names else "unknown"
+        level = levels.get((item.get("level") or "").strip().lower())
+        change = (item.get("change") or "").strip().lower() or None
+        type_ = (item.get("type") or "").strip().lower() or None
+        presence = item.get("presence") if item.get("presence") in PRESENCE_RANK else "uncertain"
+        rows.append(
+            {
+                "name": name,
+                "raw_name": item["name"],
+                "presence": presence,
+                "location": (item.get("location") or "").strip().lower() or None,
+                "level": level,
+                "type": type_ if type_ in vocab["type"] else None,
+                "change": change if change in vocab["change"] else None,
+                "evidence": item.get("evidence"),
+            }
+        )
+    return rows
+
+
+@lru_cache(maxsize=1)
+def _standardiser():
+    try:
+        from workflow.keyinfo.standardise import standardise  # the key-information stage's normaliser
+    except ImportError:
+        log.warning("workflow.keyinfo.standardise not available: exact-vocabulary fallback used")
+        return None
+    return standardise
+
+
+def _as_rows(value) -> list[dict]:
+    if isinstance(value, tuple):
+        value = value[0]
+    if hasattr(value, "to_pylist"):
+        return value.to_pylist()
+    if isinstance(value, pd.DataFrame):
+        return value.to_dict("records")
+    if isinstance(value, dict):
+        return list(value.get("findings", []))
+    return list(value)
+
+
+def _span(evidence: str | None, sections_row: dict) -> tuple[str | None, int | None, int | None]:
+    """Where the evidence words are in the findings or impression text (case-insensitive)."""
+    if not evidence:
+        return None, None, None
+    needle = re.sub(r"\s+", " ", evidence.strip().lower())
+    needle = re.sub(r"^(findings|impression)\s*:\s*", "", needle)
+    for section in ("findings", "impression", "last_paragraph"):
+        text = text_of(sections_row.get(section)).lower()
+        pos = re.sub(r"\s+", " ", text).find(needle) if needle else -1
+        if pos >= 0 and len(text) == len(re.sub(r"\s+", " ", text)):
+            return section, pos, pos + len(needle)
+        if pos >= 0:  # whitespace differs: search the original with a flexible pattern
+            m = re.search(r"\s+".join(map(re.escape, needle.split(" "))), text)
+            if m:
+                return section, m.start(), m.end()
+    return None, None, None
+
+
+def standardise_answer(items: list[dict], sections_row: dict, *, source: str, round_: int,
+                       request_key: str | None, audit: list[dict] | None = None) -> list[dict]:
+    """Rows of the ``findings`` table for one study's answer items (evidence located in the sections).
+
+    Standardisation's audit rows (what was changed, by which rule) are appended to ``audit`` if given.
+    """
+    record = {"study_id": int(sections_row["study_id"]), "subject_id": int(sections_row["subject_id"]),
+              "findings": items}
+    standardise = _standardiser()
+    if standardise:
+        result = standardise(record, "findings")
+        rows = _as_rows(result)
+        if audit is not None and isinstance(result, tuple) and len(result) > 1:
+            audit += [{**a, "subject_id": record["subject_id"], "study_id": record["study_id"]} for a in result[1]]
+    else:
+        rows = _fallback_standardise(record)
+    out = []
+    for row in rows:
+        evidence = row.get("evidence")
+        if row.get("start") is None:
+            section, start, end = _span(evidence, sections_row)
+        else:
+            section, start, end = row.get("section"), row.get("start"), row.get("end")
+        out.append({
+            "subject_id": record["subject_id"], "study_id": record["study_id"],
+            "name": row.get("name") or "unknown", "raw_name": row.get("raw_name"),
+            "presence": row.get("presence") or "uncertain", "location": row.get("location"),
+            "level": row.get("level"), "type": row.get("type"), "change": row.get("change"),
+            "section": section, "start": start, "end": end, "source": source, "round": round_,
+            "request_hash": request_key, "evidence": evidence, "flags": row.get("flags") or None,
+        })
+    return out
+
+
+def ground_findings(llm: pd.DataFrame, rules: pd.DataFrame, sections: pd.DataFrame) -> pd.DataFrame:
+    """LLM rows with the key-information stage's grounding flags (unsupported, presence_disagrees).
+
+    Rules findings the LLM missed are what the follow-up rounds ask about; they are not added here.
+    """
+    try:
+        from workflow.keyinfo.grounding import ground
+    except ImportError:
+        return llm
+    if llm.empty:
+        return llm
+    by_rules = {sid: [{k: (None if _missing(v) else v) for k, v in r.items()} for r in g.to_dict("records")]
+                for sid, g in rules.groupby("study_id")}
+    text = sections.set_index("study_id")
+    out = []
+    for sid, group in llm.groupby("study_id", sort=False):
+        rows = [{k: (None if _missing(v) else v) for k, v in r.items()} for r in group.to_dict("records")]
+        for r in rows:  # recompute from scratch: grounding flags of an earlier round may be stale
+            kept = [f for f in (r.get("flags") or "").split(";") if f and f not in ("unsupported", "presence_disagrees")]
+            r["flags"] = ";".join(kept) or None
+        sec = {k: (v if isinstance(v, str) else None) for k, v in text.loc[sid].to_dict().items()} if sid in text.index else {}
+        flagged = ground(rows, by_rules.get(sid, []), sec)
+        out += [r for r in flagged if r.get("source") != "rules"]
+    return pd.DataFrame(out, columns=FINDINGS.names)
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and pd.isna(value))
+
+
+def findings_frame(rows: list[dict]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=FINDINGS.names)
+
+
+def answer_json(study_rows: pd.DataFrame, sections_row: dict) -> str:
+    """A study's current findings in the answer format (the 'previous answer' of a follow-up)."""
+    items = []
+    for row in study_rows.itertuples(index=False):
+        evidence = None
+        if isinstance(row.section, str) and pd.notna(row.start):
+            evidence = text_of(sections_row.get(row.section))[int(row.start) : int(row.end)] or None
+        name = row.raw_name if row.name == "unknown" and isinstance(row.raw_name, str) else row.name
+        items.append(
+            {
+                "name": name,
+                "presence": row.presence,
+                "location": _none(row.location),
+                "level": _none(row.level),
+                "type": _none(row.type),
+                "change": _none(row.change),
+                "evidence": evidence,
+            }
+        )
+    return json.dumps({"findings": items}, ensure_ascii=False)
+
+
+def _none(value):
+    return None if value is None or (isinstance(value, float) and pd.isna(value)) else value
+
+
+def per_name_presence(df: pd.DataFrame) -> pd.DataFrame:
+    """One row per (study, name) with the merged presence (positive > uncertain > negative)."""
+    if df.empty:
+        return pd.DataFrame(columns=["study_id", "name", "presence"])
+    ranked = df.assign(_r=df["presence"].map(PRESENCE_RANK).fillna(1))
+    best = ranked.sort_values("_r", ascending=False).drop_duplicates(["study_id", "name"])
+    return best[["study_id", "name", "presence"]]
+
+
+def write_audit(audit: list[dict], audit_path, unknown_path=None) -> None:
+    """The standardisation audit (contract.AUDIT) and, if asked, the unknown-terms report."""
+    from workflow.contract import AUDIT, UNKNOWN_TERMS
+    from workflow.tables import write_table
+
+    table = pa.Table.from_pydict({f.name: [a.get(f.name) for a in audit] for f in AUDIT}, schema=AUDIT)
+    write_table(table, audit_path, AUDIT)
+    if unknown_path is not None:
+        try:
+            from workflow.keyinfo.standardise import unknown_terms
+        except ImportError:
+            terms = UNKNOWN_TERMS.empty_table()
+        else:
+            terms = unknown_terms(table)
+        write_table(terms, unknown_path, UNKNOWN_TERMS)

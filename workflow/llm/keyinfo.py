@@ -1,0 +1,171 @@
+"""Bulk key-information extraction by the LLM over every study, in shards.
+
+``shard``: the studies with ``study_id % shards == shard`` are asked (one request each, through the
+cache), answers parsed and standardised. ``merge``: the shards become round 0 of the follow-up chain
+(``<outdir>/llm/followup/round0/``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pandas as pd
+import pyarrow as pa
+
+from workflow import cli
+from workflow.contract import AUDIT, FINDINGS, LLM_FOLLOWUP_STATS, LLM_REQUESTS, REJECTS, UNKNOWN_TERMS
+from workflow.llm import accounting, build_request
+from workflow.llm.answers import FINDINGS_SCHEMA
+from workflow.llm.findings import (
+    findings_frame,
+    ground_findings,
+    report_text,
+    standardise_answer,
+    write_audit,
+)
+from workflow.llm.followup import ASKED, empty_asked, followup_targets
+from workflow.llm.stages import (
+    add_common_args,
+    ask,
+    load_studies,
+    reject_reason,
+    request_rows,
+    stage_params,
+    write_estimate,
+    write_requests,
+)
+from workflow.tables import Rejects, read_table, summary, write_table
+
+log = logging.getLogger(__name__)
+TEMPLATE = "keyinfo.j2"
+
+
+def shard_requests(studies: pd.DataFrame, shard: int, shards: int, cfg: dict, params: dict, rejects: Rejects):
+    part = studies[studies["study_id"] % shards == shard]
+    requests = []
+    for row in part.to_dict("records"):
+        text = report_text(row)
+        if text is None:
+            rejects.add(int(row["study_id"]), "no_findings_or_impression", "nothing to send to the LLM")
+            continue
+        requests.append(
+            build_request(
+                TEMPLATE,
+                cfg["model"],
+                params,
+                FINDINGS_SCHEMA,
+                adapter=cfg.get("adapter"),
+                meta={"study_id": int(row["study_id"])},
+                report=text,
+            )
+        )
+    return part, requests
+
+
+def run_shard(args, config) -> None:
+    cfg, params = stage_params(config, "keyinfo")
+    studies = load_studies(args.sections, args.studies)
+    rejects = Rejects("llm_keyinfo")
+    part, requests = shard_requests(studies, args.shard, args.shards, cfg, params, rejects)
+    answers = ask(requests, cfg, args.cache, dry_run=args.dry_run)
+    if isinstance(answers, accounting.Estimate):
+        write_estimate(answers, args.estimate)
+        return
+    by_id = part.set_index("study_id", drop=False)
+    rows, audit = [], []
+    for a in answers:
+        sid = int(a.request.meta["study_id"])
+        if a.items is None:
+            rejects.add(sid, *reject_reason(a))
+            continue
+        rows += standardise_answer(
+            a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key, audit=audit
+        )
+    write_audit(audit, args.audit)
+    write_table(
+        pa.Table.from_pandas(findings_frame(rows), schema=FINDINGS, preserve_index=False),
+        args.findings,
+        FINDINGS,
+    )
+    write_requests(request_rows(answers, "keyinfo", 0, cfg), args.requests)
+    rejects.write(args.rejects)
+    summary(
+        f"llm_keyinfo shard {args.shard}/{args.shards}", len(part), len(part) - len(rejects), len(rejects)
+    )
+
+
+def _unknown_terms(audit: pa.Table) -> pa.Table:
+    """The unknown-terms report of the LLM's answers: what to add to libs/."""
+    try:
+        from workflow.keyinfo.standardise import unknown_terms
+    except ImportError:
+        return UNKNOWN_TERMS.empty_table()
+    return unknown_terms(audit)
+
+
+def merge(args) -> None:
+    """Concatenate the shards into round 0 and record its disagreement with the rules."""
+    findings = pa.concat_tables([read_table(p) for p in args.shard_findings]).cast(FINDINGS)
+    requests = pa.concat_tables([read_table(p) for p in args.shard_requests]).cast(LLM_REQUESTS)
+    rejects = pa.concat_tables([read_table(p) for p in args.shard_rejects]).cast(REJECTS)
+    audit = pa.concat_tables([read_table(p) for p in args.shard_audit]).cast(AUDIT)
+    write_table(audit, args.audit, AUDIT)
+    write_table(_unknown_terms(audit), args.unknown_terms, UNKNOWN_TERMS)
+    rules = read_table(args.rules_findings).to_pandas()
+    sections = read_table(args.sections).to_pandas()
+    grounded = ground_findings(findings.to_pandas(), rules, sections)
+    findings = pa.Table.from_pandas(grounded, schema=FINDINGS, preserve_index=False)
+    write_table(findings, args.findings, FINDINGS)
+    write_table(requests, args.requests, LLM_REQUESTS)
+    write_table(rejects, args.rejects, REJECTS)
+    write_table(empty_asked(), args.asked, ASKED)
+    llm = grounded
+    req = requests.to_pandas()
+    answered = set(req.loc[(req["status"] == "completed") & req["parse_error"].isna(), "study_id"])
+    targets = followup_targets(llm, rules, answered, empty_asked().to_pandas())
+    stats = {
+        "round": 0,
+        "studies": len(answered),
+        "missed": int((targets["reason"] == "missed").sum()),
+        "disagreements": int((targets["reason"] == "disagreement").sum()),
+        "asked": 0,
+        "answered": 0,
+        "changed": 0,
+        "findings": findings.num_rows,
+        "converged": False,
+    }
+    write_table(pa.Table.from_pylist([stats], schema=LLM_FOLLOWUP_STATS), args.stats, LLM_FOLLOWUP_STATS)
+    n_in = len(answered) + rejects.num_rows
+    summary("llm_keyinfo merge", n_in, len(answered), rejects.num_rows)
+
+
+def main(argv=None) -> None:
+    p = cli.parser(__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("shard")
+    add_common_args(s)
+    s.add_argument("--sections", required=True)
+    s.add_argument("--studies", required=True)
+    s.add_argument("--shard", type=int, required=True)
+    s.add_argument("--shards", type=int, required=True)
+    for name in ("findings", "requests", "rejects", "audit"):
+        s.add_argument(f"--{name}", required=True)
+    s.add_argument("--estimate")
+    m = sub.add_parser("merge")
+    for name in ("shard-findings", "shard-requests", "shard-rejects", "shard-audit"):
+        m.add_argument(f"--{name}", nargs="+", required=True)
+    m.add_argument("--rules-findings", required=True)
+    m.add_argument("--sections", required=True)
+    for name in ("findings", "requests", "rejects", "asked", "stats", "audit", "unknown-terms"):
+        m.add_argument(f"--{name}", required=True)
+    args = p.parse_args(argv)
+    cli.setup_logging(args.verbose)
+    if args.command == "shard":
+        run_shard(args, json.loads(args.config))
+    else:
+        merge(args)
+
+
+if __name__ == "__main__":
+    main()

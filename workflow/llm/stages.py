@@ -1,0 +1,135 @@
+"""What the LLM stages share: inputs, asking through the cache, parsing answers, provenance rows."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import pyarrow as pa
+
+from workflow.contract import LLM_REQUESTS
+from workflow.llm import accounting
+from workflow.llm.answers import extract_json, findings_of
+from workflow.llm.cache import Result
+from workflow.llm.request import Request
+from workflow.llm.run import load_executor_config, run_requests
+from workflow.tables import read_table, write_table
+
+log = logging.getLogger(__name__)
+
+
+def add_common_args(p) -> None:
+    p.add_argument("--config", required=True, help="JSON of the workflow config (corpus + llm sections)")
+    p.add_argument("--cache", required=True, help="the response cache (SQLite)")
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the estimate (requests, tokens, cost) and stop"
+    )
+
+
+def load_studies(sections_path, studies_path) -> pd.DataFrame:
+    """Sections joined with the split of each study (one row per study)."""
+    sections = read_table(sections_path).to_pandas()
+    studies = read_table(studies_path, columns=["study_id", "split"]).to_pandas()
+    return sections.merge(studies, on="study_id", how="left")
+
+
+def stage_params(config: dict, stage: str) -> tuple[dict, dict]:
+    """(executor settings, request params) of one stage."""
+    cfg = load_executor_config(config, stage)
+    stage_cfg = config["llm"][stage]
+    params = {"temperature": stage_cfg.get("temperature", 0), "max_tokens": stage_cfg.get("max_tokens", 1500)}
+    return cfg, params
+
+
+class PendingRequestsError(RuntimeError):
+    """Some requests are still in flight: the stage must not write outputs as if it were done."""
+
+
+@dataclass
+class Answer:
+    request: Request
+    result: Result | None
+    items: list[dict] | None  # parsed finding items; None when unusable
+    parse_error: str | None
+
+
+def ask(requests: list[Request], cfg: dict, cache_path, dry_run: bool = False):
+    """Run the requests through the cache and executor, then parse each answer (a separate step)."""
+    results = run_requests(requests, cfg, cache_path, dry_run=dry_run)
+    if isinstance(results, accounting.Estimate):
+        return results
+    unanswered = sum(1 for r in requests if r.key not in results)
+    if unanswered:  # e.g. Batch API jobs still running with batch.wait: false
+        raise PendingRequestsError(
+            f"{unanswered} request(s) have no answer yet (batch in flight?); re-run to collect them"
+        )
+    answers = []
+    for req in requests:
+        result = results.get(req.key)
+        items = error = None
+        if result is None or result.status != "completed":
+            error = None
+        else:
+            parsed, error = extract_json(result.content)
+            if parsed is not None:
+                items, problems = findings_of(parsed)
+                if problems and not items and problems != ["no_findings_key"]:
+                    error = ";".join(problems)
+                elif problems == ["no_findings_key"]:
+                    items, error = None, "no_findings_key"
+            if result.finish_reason == "length" and items is None:
+                error = f"truncated (max_tokens): {error}"
+        answers.append(Answer(req, result, items, error))
+    return answers
+
+
+def request_rows(answers: list[Answer], stage: str, round_: int | None, cfg: dict) -> list[dict]:
+    rows = []
+    for a in answers:
+        r, req = a.result, a.request
+        rows.append(
+            {
+                "study_id": int(req.meta["study_id"]),
+                "stage": stage,
+                "round": round_,
+                "finding": req.meta.get("finding"),
+                "request_key": req.key,
+                "status": r.status if r else "not_sent",
+                "model": (r.model if r and r.model else req.model),
+                "adapter": req.adapter,
+                "executor": (r.executor if r and r.executor else cfg["executor"]),
+                "template": req.template,
+                "prompt_hash": req.prompt_hash,
+                "prompt_tokens": r.prompt_tokens if r else 0,
+                "completion_tokens": r.completion_tokens if r else 0,
+                "cost_usd": r.cost if r else 0.0,
+                "finish_reason": r.finish_reason if r else None,
+                "error": r.error if r else None,
+                "parse_error": a.parse_error,
+                "n_findings": len(a.items) if a.items is not None else None,
+            }
+        )
+    return rows
+
+
+def write_requests(rows: list[dict], path) -> None:
+    write_table(pa.Table.from_pylist(rows, schema=LLM_REQUESTS), path, LLM_REQUESTS)
+
+
+def reject_reason(a: Answer) -> tuple[str, str]:
+    if a.result is None:
+        return "llm_not_answered", "no answer in the cache"
+    if a.result.status == "refused":
+        return "llm_refused", a.result.error or "content_filter"
+    if a.result.status == "failed":
+        return "llm_failed", a.result.error or ""
+    return "llm_unusable_answer", a.parse_error or ""
+
+
+def write_estimate(est: accounting.Estimate, path: str | Path | None) -> None:
+    print(est.line())
+    if path:
+        Path(path).write_text(json.dumps(est.as_dict(), indent=2))

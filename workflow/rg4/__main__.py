@@ -1,0 +1,3 @@
+from workflow.rg4.build import main
+
+main()

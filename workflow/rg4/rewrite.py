@@ -1,0 +1,455 @@
+"""Removing input-agnostic content from MIMIC-RG4 targets: the detector and the ``rules`` rewriter.
+
+A target sentence is input-agnostic for a scenario when the model could not infer it from that
+scenario's inputs (LLM-RG4's four DiscBERT heads): a comparison with, or a procedure since, a prior
+study when no prior report is an input (``pc``, ``pp``: removed in sn/mn); communication of results
+(``comm``: removed everywhere); mentions of views that are not inputs (``view``: removed in sn/sw).
+
+The data (detector patterns, scenario → removed categories, rephrasing rules) live in
+``libs/rg4_rules.yaml``. The rules rewriter works sentence by sentence: a sentence the detector flags
+with a removed category is rephrased by that category's rules ("stable mild cardiomegaly" → "mild
+cardiomegaly", "The effusion has resolved" → "No effusion.", "Moderate cardiomegaly is unchanged" →
+"Moderate cardiomegaly is present."); if the detector still fires, or nothing with content is left,
+the sentence is removed. Every rewrite — rules or llm — then passes :func:`check`.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+
+import yaml
+
+log = logging.getLogger(__name__)
+RULES_PATH = Path(__file__).resolve().parents[2] / "libs" / "rg4_rules.yaml"
+CATEGORIES = ("pc", "pp", "comm", "view")
+# Order in which a sentence's categories are rephrased: clause-level cuts first, word-level last.
+_RULE_ORDER = ("comm", "view", "pp", "pc")
+
+# Sentence ends: . ! ? followed by space and a capital/digit/quote/placeholder, except after common
+# abbreviations and after a bare list number ("1. ").
+_SENTENCE_END = re.compile(
+    r"(?<=[.!?])(?<!\bDr\.)(?<!\bDrs\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bMrs\.)(?<!\bvs\.)(?<!\be\.g\.)"
+    r"(?<!\bi\.e\.)(?<!\bapprox\.)(?<!\bSt\.)(?<!\bNo\.)(?<!\s\d\.)(?<!^\d\.)(?<!\s\d\d\.)\s+(?=[A-Z0-9_\"'(\[])"
+)
+_LIST_MARKER = re.compile(r"^(\d{1,2})[.)]\s+")
+
+
+@dataclass(frozen=True)
+class Rule:
+    category: str
+    kind: str  # sub / predicate / negate
+    pattern: re.Pattern
+    replacement: str = ""
+    guard: re.Pattern | None = None  # the rule is tried only where this matches (cheap; speed only)
+
+
+@dataclass(frozen=True)
+class RuleSet:
+    detect: dict[str, re.Pattern]  # category -> one alternation of its patterns
+    any_trigger: re.Pattern  # union of every category (fast path: most sentences match nothing)
+    rules: dict[str, tuple[Rule, ...]]
+    scenario_removes: dict[str, frozenset[str]]
+    finding_words: re.Pattern
+    glue_words: frozenset[str]
+
+
+def _guard(words: list[str] | None) -> re.Pattern | None:
+    return re.compile("|".join(re.escape(w.lower()) for w in words)) if words else None
+
+
+def _union(patterns: list[str]) -> re.Pattern:
+    """One alternation, matched against lower-cased text (no re.IGNORECASE: several times faster)."""
+    return re.compile("|".join(f"(?:{p})" for p in patterns))
+
+
+@cache
+def load_rules(path: str | None = None) -> RuleSet:
+    data = yaml.safe_load(Path(path or RULES_PATH).read_text())
+    detect = {cat: _union(data["detect"][cat]) for cat in CATEGORIES}
+    rules = {
+        cat: tuple(
+            Rule(cat, r["kind"], re.compile(r["find"], re.IGNORECASE), r.get("to", ""), _guard(r.get("when")))
+            for r in data["rephrase"].get(cat, [])
+        )
+        for cat in CATEGORIES
+    }
+    words = data["finding_words"]
+    return RuleSet(
+        detect=detect,
+        any_trigger=_union([p for cat in CATEGORIES for p in data["detect"][cat]]),
+        rules=rules,
+        scenario_removes={s: frozenset(c) for s, c in data["scenario_removes"].items()},
+        finding_words=re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE),
+        glue_words=frozenset(data["glue_words"]),
+    )
+
+
+# --- sentences --------------------------------------------------------------------------------------------
+
+
+def normalise_space(text: str) -> str:
+    """MIMIC wraps lines with ``"\\n "``; targets are single-spaced text."""
+    return " ".join(text.split())
+
+
+def split_sentences(text: str) -> list[str]:
+    text = normalise_space(text)
+    return [s for s in _SENTENCE_END.split(text) if s] if text else []
+
+
+def detect(text: str, categories=CATEGORIES, rules: RuleSet | None = None) -> set[str]:
+    """The input-agnostic categories (among ``categories``) that ``text`` still contains."""
+    rules = rules or load_rules()
+    lower = text.lower()
+    if not rules.any_trigger.search(lower):
+        return set()
+    return {cat for cat in categories if rules.detect[cat].search(lower)}
+
+
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)])")
+_DOUBLE_PUNCT = re.compile(r"([,;:])\s*([,;:.])")
+_LEADING_JUNK = re.compile(r"^[\s,;:.)-]+|^(?:and|but|however|then|also)\b[\s,]*", re.IGNORECASE)
+_TRAILING_DANGLER = re.compile(
+    r"(?:\s+(?:and|or|but|with|of|in|on|at|to|from|by|as|is|are|was|were|has|have|the|a|an|which|that))+\s*([.!?]?)$",
+    re.IGNORECASE,
+)
+
+
+def tidy(sentence: str) -> str:
+    """Repair what a removal leaves: spaces, doubled punctuation, dangling words, capital, full stop."""
+    s = " ".join(sentence.split())
+    s = s.replace("()", "").replace("( )", "")
+    s = _SPACE_BEFORE_PUNCT.sub(r"\1", s)
+    s = _DOUBLE_PUNCT.sub(r"\2", s)
+    s = _LEADING_JUNK.sub("", s).strip()
+    s = s.rstrip(" ,;:")
+    body = s.rstrip(".!?")
+    end = s[len(body) :] or "."
+    body = _TRAILING_DANGLER.sub("", body).rstrip(" ,;:")
+    if not body:
+        return ""
+    return body[0].upper() + body[1:] + end[0]
+
+
+def has_content(sentence: str, rules: RuleSet | None = None) -> bool:
+    """At least one word that is not glue ("There is." or "Patient is." say nothing)."""
+    glue = (rules or load_rules()).glue_words
+    return any(w.lower() not in glue for w in re.findall(r"[A-Za-z]{3,}", sentence))
+
+
+# --- the rules rewriter -----------------------------------------------------------------------------------
+
+
+def _apply(rule: Rule, text: str, rules: RuleSet, names_finding: Callable[[str], bool] | None = None) -> str:
+    if rule.kind == "sub":
+        return rule.pattern.sub(rule.replacement, text)
+    m = rule.pattern.search(text.rstrip(".").strip())
+    if not m:
+        return text
+    subject = m.group("subject").strip(" ,")
+    if rule.kind == "negate":
+        return f"No {subject[0].lower() + subject[1:] if subject[:2] != subject[:2].upper() else subject}."
+    # predicate: keep the subject only when it names a finding
+    if not (names_finding(subject) if names_finding else rules.finding_words.search(subject)):
+        return ""
+    verb = m.group("verb").lower()
+    plural = verb in ("are", "have", "remain", "appear", "look", "persist") or verb.startswith("continue ")
+    return f"{subject} {'are' if plural else 'is'} present."
+
+
+@dataclass(frozen=True)
+class SentenceEdit:
+    text: str | None  # None: removed
+    categories: frozenset[str]  # removed categories the original sentence contained
+    action: str  # kept / rephrased / removed
+    residual: frozenset[str] = frozenset()  # every category the detector still finds in ``text``
+
+
+def rewrite_sentence(
+    sentence: str,
+    removes: frozenset[str],
+    rules: RuleSet | None = None,
+    names_finding: Callable[[str], bool] | None = None,
+) -> SentenceEdit:
+    """Rephrase or remove one sentence for a scenario removing ``removes``; ``names_finding(phrase)``
+    decides whether "<phrase> is unchanged" keeps "<phrase> is present." (default: ``finding_words``)."""
+    rules = rules or load_rules()
+    found = frozenset(detect(sentence, removes, rules))
+    if not found:
+        return SentenceEdit(sentence, found, "kept")
+    marker = _LIST_MARKER.match(sentence)
+    body = sentence[marker.end() :] if marker else sentence
+    lower = body.lower()
+    for cat in _RULE_ORDER:
+        if cat not in found:
+            continue
+        for rule in rules.rules[cat]:
+            if rule.guard is not None and not rule.guard.search(lower):
+                continue
+            new = _apply(rule, body, rules, names_finding)
+            if new != body:
+                if not new.strip():
+                    return SentenceEdit(None, found, "removed")
+                body, lower = new, new.lower()
+    body = tidy(body)
+    residual = frozenset(detect(body, CATEGORIES, rules)) if body else frozenset()
+    if not body or not has_content(body, rules) or residual & removes:
+        return SentenceEdit(None, found, "removed")
+    return SentenceEdit((marker.group(0) if marker else "") + body, found, "rephrased", residual)
+
+
+def _renumber(sentences: list[str]) -> list[str]:
+    """Keep a numbered impression numbered 1, 2, 3 after items were removed."""
+    out, n = [], 0
+    for s in sentences:
+        m = _LIST_MARKER.match(s)
+        if m:
+            n += 1
+            s = f"{n}. {s[m.end() :]}"
+        out.append(s)
+    return out
+
+
+NO_COUNTS: Counter = Counter()  # shared, never mutated
+
+
+@dataclass
+class TextEdit:
+    text: str | None  # None when every sentence was removed
+    sentences: int
+    removed: Counter  # category -> sentences removed
+    rephrased: Counter
+    changed: list[tuple[str, str | None]] = field(default_factory=list)  # (original, new) sentences
+    residual: frozenset[str] = frozenset()  # categories the detector finds in rephrased sentences
+
+
+class RulesRewriter:
+    """The embedded rewriter: deterministic; detection is cached per sentence and edits per (sentence,
+    categories to remove that the sentence contains), so scenarios share the work."""
+
+    name = "rules"
+
+    def __init__(self, rules: RuleSet | None = None, label_vector: Callable[[str], dict] | None = None):
+        self.rules = rules or load_rules()
+        self._found: dict[str, frozenset[str]] = {}
+        self._edits: dict[tuple[str, frozenset], SentenceEdit] = {}
+        self._split: dict[str, list[str]] = {}
+        self._labels_equal: dict[tuple[str, str | None], bool] = {}
+        self._text_found: dict[str, frozenset[str]] = {}  # text -> union of its sentences' categories
+        self._last_text: tuple | None = None
+        # with the findings extractor, "X is unchanged" keeps X exactly when X carries a label
+        self.names_finding = (lambda phrase: bool(label_vector(phrase))) if label_vector else None
+
+    def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
+        """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
+        distinct sentences are detected, and the distinct (sentence, categories) edits made and
+        label-checked, on ``workers`` processes (fork), so no work is repeated or serial."""
+        items = items if isinstance(items, list) else list(items)
+        intern: dict[str, str] = {}
+        new_texts = []
+        for text, _ in items:
+            if text and text not in self._split:
+                self._split[text] = [intern.setdefault(x, x) for x in split_sentences(text)]
+                new_texts.append(text)
+        t0 = time.perf_counter()
+        todo = [x for x in intern if x not in self._found]
+        for sentence, cats in zip(
+            todo, _pool_map(_detect_worker, todo, workers, self, label_vector), strict=True
+        ):
+            self._found[sentence] = cats
+        for text in new_texts:
+            self._text_found[text] = frozenset().union(*(self._found[x] for x in self._split[text]))
+        keys: dict[tuple[str, frozenset], None] = {}
+        pairs = {(text, self._text_found[text] & removes) for text, removes in items if text}
+        for text, eff in pairs:
+            if eff:
+                for x in self._split[text]:
+                    found = self._found[x] & eff
+                    if found and (x, found) not in self._edits:
+                        keys[(x, found)] = None
+        todo_keys = list(keys)
+        t1 = time.perf_counter()
+        for key, (edit, same) in zip(
+            todo_keys, _pool_map(_edit_worker, todo_keys, workers, self, label_vector), strict=True
+        ):
+            self._edits[key] = edit
+            if same is not None:
+                self._labels_equal[(key[0], edit.text)] = same
+        log.info(
+            "rules rewriter: %d texts, %d distinct sentences (detected in %.1f s), %d edits (%.1f s)",
+            len(new_texts),
+            len(todo),
+            t1 - t0,
+            len(todo_keys),
+            time.perf_counter() - t1,
+        )
+
+    def labels_equal(self, before: str, after: str | None, label_vector: Callable[[str], dict]) -> bool:
+        """Whether a sentence and its rewrite carry the same findings labels (cached)."""
+        key = (before, after)
+        same = self._labels_equal.get(key)
+        if same is None:
+            same = self._labels_equal[key] = label_vector(before) == label_vector(after or "")
+        return same
+
+    def found(self, sentence: str) -> frozenset[str]:
+        cats = self._found.get(sentence)
+        if cats is None:
+            cats = self._found[sentence] = frozenset(detect(sentence, CATEGORIES, self.rules))
+        return cats
+
+    def sentence(self, sentence: str, removes: frozenset[str]) -> SentenceEdit:
+        found = self.found(sentence) & removes
+        if not found:
+            return SentenceEdit(sentence, found, "kept")
+        key = (sentence, found)
+        edit = self._edits.get(key)
+        if edit is None:
+            edit = self._edits[key] = rewrite_sentence(sentence, found, self.rules, self.names_finding)
+        return edit
+
+    def split(self, text: str) -> list[str]:
+        """Sentences of ``text`` (cached: a study's text is rewritten for each of its scenarios)."""
+        sentences = self._split.get(text)
+        if sentences is None:
+            sentences = self._split[text] = split_sentences(text)
+            self._text_found[text] = frozenset().union(*(self.found(x) for x in sentences))
+        return sentences
+
+    def text(self, text: str | None, removes: frozenset[str]) -> TextEdit:
+        if not text:
+            return TextEdit(None, 0, NO_COUNTS, NO_COUNTS)
+        sentences = self.split(text)
+        eff = self._text_found[text] & removes
+        if not eff:  # nothing to remove: the text as written (single-spaced, so the sentences joined)
+            return TextEdit(" ".join(sentences), len(sentences), NO_COUNTS, NO_COUNTS)
+        # the scenarios of a study come in a row; those removing the same of its categories share the edit
+        key = (text, eff)
+        last = self._last_text
+        if last is not None and last[0] == key:
+            return last[1]
+        kept, removed, rephrased, changed, residual = [], Counter(), Counter(), [], set()
+        for s in sentences:
+            edit = self.sentence(s, eff)
+            if edit.action == "removed":
+                removed.update(edit.categories)
+                changed.append((s, None))
+            elif edit.action == "rephrased":
+                rephrased.update(edit.categories)
+                changed.append((s, edit.text))
+                residual |= edit.residual
+            if edit.text is not None:
+                kept.append(edit.text)
+        if removed and any(_LIST_MARKER.match(s) for s in kept):
+            kept = _renumber(kept)
+        result = TextEdit(
+            " ".join(kept) or None, len(sentences), removed, rephrased, changed, frozenset(residual)
+        )
+        self._last_text = (key, result)
+        return result
+
+
+# --- parallel preparation (fork: workers inherit the rewriter and the label function) --------------------
+
+_WORKER: dict = {}
+MIN_CHUNK = 256  # items per task: below this, forking costs more than it saves
+
+
+def _detect_worker(sentences: list[str]) -> list[frozenset[str]]:
+    rw = _WORKER["rewriter"]
+    return [frozenset(detect(x, CATEGORIES, rw.rules)) for x in sentences]
+
+
+def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple[SentenceEdit, bool | None]]:
+    rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
+    out = []
+    for sentence, found in keys:
+        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding)
+        out.append((edit, None if lv is None else lv(sentence) == lv(edit.text or "")))
+    return out
+
+
+def _pool_map(fn, items: list, workers: int, rewriter: RulesRewriter, label_vector) -> list:
+    """``fn`` over chunks of ``items`` (in order), in ``workers`` forked processes when worth it."""
+    if not items:
+        return []
+    _WORKER.update(rewriter=rewriter, label_vector=label_vector)
+    size = max(MIN_CHUNK, min(4096, len(items) // (8 * max(workers, 1)) or 1))
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    try:
+        if workers > 1 and len(chunks) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(workers) as pool:
+                parts = pool.map(fn, chunks, chunksize=1)
+        else:
+            parts = [fn(c) for c in chunks]
+    finally:
+        _WORKER.clear()
+    return [x for part in parts for x in part]
+
+
+# --- the check every rewrite passes -----------------------------------------------------------------------
+
+LabelFn = Callable[[str], dict]
+
+
+def joined(finding: str | None, impression: str | None) -> str:
+    return " ".join(t for t in (finding, impression) if t)
+
+
+def check(
+    original: tuple[str | None, str | None],
+    rewrite: tuple[str | None, str | None],
+    removes: frozenset[str],
+    label_vector: LabelFn,
+    rules: RuleSet | None = None,
+) -> str | None:
+    """None when ``rewrite`` (finding, impression) is acceptable for a scenario removing ``removes``;
+    otherwise the reason: ``empty`` (nothing left), ``residual_<cat>`` (the detector still finds removed
+    content), ``labels_changed`` (the findings label vector differs from the original's)."""
+    if not any(t and t.strip() for t in rewrite):
+        return "empty"
+    residual = detect(joined(*rewrite), removes, rules)
+    if residual:
+        return "residual_" + "_".join(c for c in CATEGORIES if c in residual)
+    before, after = joined(*original), joined(*rewrite)
+    if before != after and label_vector(before) != label_vector(after):
+        return "labels_changed"
+    return None
+
+
+def check_edits(
+    original: tuple[str | None, str | None],
+    edits: tuple[TextEdit, TextEdit],
+    removes: frozenset[str],
+    label_vector: LabelFn,
+    sentence_labels_equal: Callable[[str, str | None], bool] | None = None,
+) -> str | None:
+    """:func:`check` for rules rewrites, evaluated from the sentence edits: the residue is what the
+    detector found in the rewritten sentences, and the label vectors are compared sentence by sentence
+    (cached), falling back to the whole texts only when a sentence's labels differ (the extractor reads
+    sentence by sentence, so equal sentences give equal texts)."""
+    rewrite = (edits[0].text, edits[1].text)
+    if not (edits[0].changed or edits[1].changed or edits[0].residual or edits[1].residual) and any(rewrite):
+        return None  # nothing was touched
+    if not any(t and t.strip() for t in rewrite):
+        return "empty"
+    residual = (edits[0].residual | edits[1].residual) & removes
+    if residual:
+        return "residual_" + "_".join(c for c in CATEGORIES if c in residual)
+    same = sentence_labels_equal or (lambda before, after: label_vector(before) == label_vector(after or ""))
+    for e in edits:
+        for before, after in e.changed:
+            if not same(before, after):
+                if label_vector(joined(*original)) != label_vector(joined(*rewrite)):
+                    return "labels_changed"
+                return None
+    return None
