@@ -90,7 +90,7 @@ def test_every_demo_study_is_accounted_for(demo_run):
 
 
 def test_stage_counts_add_up_and_match_the_logs(demo_run):
-    counts = list(csv.DictReader(open(demo_run / "results/report/stage_counts.csv")))
+    counts = list(csv.DictReader((demo_run / "results/report/stage_counts.csv").read_text().splitlines()))
     by_stage = {row["stage"]: row for row in counts}
     assert int(by_stage["ingest"]["in"]) == len(set.union(*_demo_study_ids()))
     for row in counts:
