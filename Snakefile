@@ -18,6 +18,7 @@ include: "rules/vqa.smk"
 include: "rules/rg4.smk"
 include: "rules/exports.smk"
 include: "rules/finetune.smk"
+include: "rules/release.smk"
 include: "rules/report.smk"
 
 

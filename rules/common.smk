@@ -198,3 +198,23 @@ def llm_report_requests():
     """Every LLM_REQUESTS table of the run (LLM backend only)."""
     rounds = range(config["llm"]["followup"]["rounds"] + 1)
     return [out("llm", "gold", "requests.parquet"), *(llm_round_dir(r, "requests.parquet") for r in rounds)]
+
+
+# --- release folders with dataset cards (rules/release.smk) ------------------------------------------
+def corpus_is_demo():
+    """The embedded synthetic demo (its cards say so instead of quoting a data-use agreement)."""
+    corpus = config["corpus"]
+    reports = corpus[corpus["format"]]["reports"] or ""
+    return Path(reports).resolve().is_relative_to(Path("data/demo").resolve())
+
+
+def release_args(wildcards, input):
+    """`--table CONFIG=PATH` arguments of workflow.cards for a release's tables."""
+    return " ".join(f"--table {name}={path}" for name, path in input.items())
+
+
+def effective_config(wildcards=None):
+    """The run's configuration after defaults and overrides, as JSON (quoted in dataset cards)."""
+    import json
+
+    return json.dumps(config)

@@ -146,3 +146,16 @@ def test_slurm_profile_plans_the_gpu_branch(tmp_path):
         assert f"rule {rule}:" in log or f"localrule {rule}:" in log, rule
     finetune = log[log.index("rule finetune:") :].split("\n\n")[0]
     assert "gpu=6" in finetune and "gpu_model=a100" in finetune, finetune
+
+
+def test_release_folders_load_with_datasets(demo_run):
+    import datasets
+
+    vqa = datasets.load_dataset(str(demo_run / "results/release/medical_cxr_vqa"), "default")
+    questions = pq.read_table(demo_run / "results/vqa/questions.parquet")
+    assert sum(part.num_rows for part in vqa.values()) == questions.num_rows
+    assert set(vqa) == set(questions["split"].to_pylist())
+    rg4 = datasets.load_dataset(str(demo_run / "results/release/mimic_rg4"), "mw")
+    assert sum(part.num_rows for part in rg4.values()) == pq.read_table(demo_run / "results/rg4/rg4_mw.parquet").num_rows
+    card = (demo_run / "results/release/mimic_rg4/README.md").read_text()
+    assert "synthetic demo corpus" in card and "| `last_study_id` | `int64` | the prior study (sw, mw) |" in card

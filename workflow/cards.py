@@ -25,6 +25,7 @@ from workflow.tables import atomic_path
 log = logging.getLogger(__name__)
 
 SPLIT_ORDER = ("train", "validate", "val", "test")
+CARD_SPECS = Path(__file__).parent / "release_cards"  # title, description, sources, column meanings
 
 MIMIC_LICENCE = (
     "Derived from MIMIC-CXR, which is distributed by PhysioNet under the PhysioNet Credentialed Health "
@@ -142,21 +143,23 @@ def write_release(
 def main(argv=None) -> None:
     p: argparse.ArgumentParser = parser("Write a release folder with a dataset card")
     p.add_argument("--table", action="append", required=True, metavar="CONFIG=PATH")
-    p.add_argument("--spec", required=True, help="YAML file with title, description, sources, columns")
-    p.add_argument("--config", required=True, help="the workflow's config.yaml, quoted in the card")
+    p.add_argument("--spec", required=True, help=f"a card spec in {CARD_SPECS}/ (by name) or a YAML file")
+    p.add_argument("--config-json", required=True, help="the run's effective configuration, quoted in the card")
     p.add_argument("--corpus-format", default="mimic")
     p.add_argument("--demo", action="store_true", help="the corpus is the synthetic demo")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     tables = dict(item.split("=", 1) for item in args.table)
-    spec = CardSpec(**yaml.safe_load(Path(args.spec).read_text()))
+    spec_path = Path(args.spec) if Path(args.spec).is_file() else CARD_SPECS / f"{args.spec}.yaml"
+    spec = CardSpec(**yaml.safe_load(spec_path.read_text()))
+    config = json.loads(args.config_json)
     write_release(
         tables,
         args.out,
         spec,
         licence_text(args.corpus_format, args.demo),
-        Path(args.config).read_text(),
+        yaml.safe_dump(config, sort_keys=False),
     )
 
 

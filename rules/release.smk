@@ -1,0 +1,53 @@
+# Release folders (one Parquet per config and split + a dataset card) for the VQA and RG4 datasets, loadable
+# with `datasets.load_dataset(<folder>, <config>)`; logic in workflow/cards.py.
+
+
+rule release_vqa:
+    input:
+        default=rules.vqa.output.questions,
+    output:
+        card=out("release", "medical_cxr_vqa", "README.md"),
+    params:
+        py=PY,
+        spec="medical_cxr_vqa",
+        tables=release_args,
+        config=effective_config,
+        format=config["corpus"]["format"],
+        demo="--demo" if corpus_is_demo() else "",
+        outdir=first_output_dir,
+    log:
+        logfile("release_vqa"),
+    conda:
+        "../envs/core.yaml"
+    shell:
+        "{params.py} -m workflow.cards {params.tables} --spec {params.spec} --config-json {params.config:q}"
+        " --corpus-format {params.format} {params.demo} --out {params.outdir:q} 2> {log:q}"
+
+
+rule release_rg4:
+    input:
+        sn=rules.rg4.output.sn,
+        sw=rules.rg4.output.sw,
+        mn=rules.rg4.output.mn,
+        mw=rules.rg4.output.mw,
+    output:
+        card=out("release", "mimic_rg4", "README.md"),
+    params:
+        py=PY,
+        spec="mimic_rg4",
+        tables=release_args,
+        config=effective_config,
+        format=config["corpus"]["format"],
+        demo="--demo" if corpus_is_demo() else "",
+        outdir=first_output_dir,
+    log:
+        logfile("release_rg4"),
+    conda:
+        "../envs/core.yaml"
+    shell:
+        "{params.py} -m workflow.cards {params.tables} --spec {params.spec} --config-json {params.config:q}"
+        " --corpus-format {params.format} {params.demo} --out {params.outdir:q} 2> {log:q}"
+
+
+ALL_TARGETS += rules.release_vqa.output
+ALL_TARGETS += rules.release_rg4.output
