@@ -742,6 +742,10 @@ def ingest_mimic(
                 f"{str(reports)!r} (the reports are in MIMIC-CXR's mimic-cxr-reports.zip, not in MIMIC-CXR-JPG)"
             )
         log.info("reports: %d report files in %s (%s)", catalog.num_rows + n_bad_names, reports, source.kind)
+        source.names = (
+            None  # the catalog has what is needed; 227k Python strings less for the rest of the run
+        )
+        pa.default_memory_pool().release_unused()
         # Every member is queued for reading now (sorted order); the ones the tables reject are dropped
         # after reading. This lets the workers inflate reports while the tables are being read.
         locators = catalog["locator"].to_numpy()
