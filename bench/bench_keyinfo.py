@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pyarrow as pa
 
+from bench.results import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / "work" / "keyinfo"
-RESULTS = REPO / "bench" / "RESULTS.md"
 HEADING = "## Key information"
 IU = REPO.parent / "shared" / "data" / "iu_xray" / "indiana_reports.csv"
 HOLDOUT_NOTE = (
@@ -182,14 +183,7 @@ def main(argv: list[str] | None = None) -> None:
     block = "\n".join(lines)
     print(block)
     if not args.no_write:
-        text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-        start = text.find(HEADING)
-        if start < 0:
-            text = text.rstrip("\n") + "\n\n" + block
-        else:
-            end = text.find("\n## ", start + len(HEADING))
-            text = text[:start] + block + (text[end + 1 :] if end >= 0 else "")
-        RESULTS.write_text(text if text.endswith("\n") else text + "\n")
+        write_section(HEADING, block)
 
 
 if __name__ == "__main__":

@@ -25,8 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.results import write_section
+
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "bench" / "RESULTS.md"
 HEADING = "## LLM layer"
 sys.path.insert(0, str(REPO / "tests"))
 
@@ -139,17 +140,6 @@ def prompt_shape() -> dict:
     return {"prefix_chars": prefix, "prompt_chars": total, "prefix_share": prefix / total, "est_tokens": est}
 
 
-def write_results(block: str) -> None:
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + block + (text[end + 1 :] if end >= 0 else "")
-    RESULTS.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--requests", type=int, default=10000)
@@ -212,7 +202,7 @@ def main(argv=None) -> None:
     ])
     print(block)
     if not args.no_write:
-        write_results(block)
+        write_section(HEADING, block)
 
 
 if __name__ == "__main__":

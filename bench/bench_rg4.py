@@ -24,9 +24,10 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
+from bench.results import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / "work" / "rg4"
-RESULTS = REPO / "bench" / "RESULTS.md"
 HEADING = "## RG4 and exports"
 PY = sys.executable
 
@@ -192,7 +193,7 @@ def main(argv: list[str] | None = None) -> None:
     report = render(n_studies, n_images, rg4, exports, counts, stats, summary)
     print(report)
     if not args.no_write:
-        write_section(report)
+        write_section(HEADING, report)
 
 
 def render(n_studies, n_images, rg4, exports, counts, stats, summary) -> str:
@@ -249,18 +250,6 @@ def render(n_studies, n_images, rg4, exports, counts, stats, summary) -> str:
         "",
     ]
     return "\n".join(lines)
-
-
-def write_section(report: str) -> None:
-    """Replace our section of bench/RESULTS.md (or append it), leaving the others untouched."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    if HEADING in text:
-        start = text.index(HEADING)
-        nxt = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + report.rstrip() + "\n" + (text[nxt:] if nxt >= 0 else "")
-    else:
-        text = text.rstrip() + "\n\n" + report
-    RESULTS.write_text(text)
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.bench_spine import REPO, RESULTS, WORK, Run, cpu_name, measure, warm
+from bench.bench_spine import REPO, WORK, Run, cpu_name, measure, warm
+from bench.results import write_section
 
 HEADING = "## Sections"
 
@@ -103,18 +104,6 @@ def corpus(studies: int, patients: int, seed: int) -> Path:
     )  # fmt: skip
     (folder / ".bench_params.json").write_text(json.dumps(params))
     return folder
-
-
-def write_results(block: str) -> None:
-    """Replace (or append) the "## Sections" part of bench/RESULTS.md, leaving the others alone."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmarks\n"
-    start = text.find("\n" + HEADING + "\n")
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + len(HEADING) + 1)
-        text = text[: start + 1] + block + (text[end:] if end >= 0 else "")
-    RESULTS.write_text(text if text.endswith("\n") else text + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -241,7 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(block)
     print(text)
     if not args.no_write:
-        write_results(text)
+        write_section(HEADING, text)
 
 
 if __name__ == "__main__":

@@ -27,9 +27,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench.results import write_section
+
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / "work"
-RESULTS = REPO / "bench" / "RESULTS.md"
 HEADING = "## Spine (ingest + sections)"
 
 
@@ -160,18 +161,6 @@ def cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def write_results(block: str) -> None:
-    """Replace (or append) this benchmark's section of bench/RESULTS.md, leaving the others alone."""
-    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
-    start = text.find(HEADING)
-    if start < 0:
-        text = text.rstrip("\n") + "\n\n" + block
-    else:
-        end = text.find("\n## ", start + len(HEADING))
-        text = text[:start] + block + (text[end + 1 :] if end >= 0 else "")
-    RESULTS.write_text(text if text.endswith("\n") else text + "\n")
-
-
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=227_835)
@@ -296,7 +285,7 @@ def main(argv: list[str] | None = None) -> None:
     text = "\n".join(block)
     print(text)
     if not args.no_write:
-        write_results(text)
+        write_section(HEADING, text)
 
 
 if __name__ == "__main__":
