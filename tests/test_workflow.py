@@ -146,6 +146,8 @@ def test_slurm_profile_plans_the_gpu_branch(tmp_path):
         assert f"rule {rule}:" in log or f"localrule {rule}:" in log, rule
     finetune = log[log.index("rule finetune:") :].split("\n\n")[0]
     assert "gpu=6" in finetune and "gpu_model=a100" in finetune, finetune
+    shard = log[log.index("rule llm_keyinfo_shard:") :].split("\n\n")[0]
+    assert "slurm_partition=gpu" in shard and "gpu=4" in shard, shard
 
 
 def test_release_folders_load_with_datasets(demo_run):

@@ -99,7 +99,7 @@ def _scan(norm: str, libs: Libs) -> list[list[tuple[int, int, Tok]]]:
     tokens = libs.tokens
     clauses: list[list[tuple[int, int, Tok]]] = []
     cur: list[tuple[int, int, Tok]] = []
-    for m in libs.matcher.finditer(norm):
+    for m in _matches(norm, libs):
         s, e = m.span()
         if m.lastgroup == "p":
             ch = norm[s]
@@ -131,6 +131,52 @@ def _scan(norm: str, libs: Libs) -> list[list[tuple[int, int, Tok]]]:
     if cur:
         clauses.append(cur)
     return clauses
+
+
+def _matches(norm: str, libs: Libs):
+    """The matcher's matches, left to right, longest first at each position, except that a finding phrase
+    wins over a non-finding phrase it overlaps: the leftmost match alone would let a trigger or predicate
+    swallow the head of a longer finding ("no enlargement" + "of the cardiomediastinal silhouette" hides
+    "enlargement of the cardiomediastinal silhouette"). Such a phrase is cut where the finding starts and
+    its head is matched again on its own ("no")."""
+    matcher, tokens = libs.matcher, libs.tokens
+    n = len(norm)
+    pos, limit = 0, n  # limit < n while re-matching the head of a phrase cut before a finding
+    while True:
+        m = matcher.search(norm, pos, limit)
+        if m is None:
+            if limit == n:
+                return
+            pos, limit = limit, n
+            continue
+        s, e = m.span()
+        if limit == n and m.lastgroup == "w":
+            cut = _finding_inside(norm, m, tokens, matcher)
+            if cut is not None:
+                pos, limit = s, cut
+                continue
+        yield m
+        pos = e
+
+
+def _finding_inside(norm: str, m: re.Match, tokens: dict[str, Tok], matcher: re.Pattern) -> int | None:
+    """Offset of a word inside the non-finding phrase ``m`` where a finding phrase starts that ends after it."""
+    g = m.group()
+    if " " not in g:
+        return None
+    tok = tokens.get(g) or tokens[" ".join(g.split())]
+    if tok.finding is not None:
+        return None
+    s, e = m.span()
+    for inner in re.finditer(r" (?=\S)", g):
+        start = s + inner.end()
+        hit = matcher.match(norm, start)
+        if hit is None or hit.lastgroup != "w" or hit.end() <= e:
+            continue
+        h = hit.group()
+        if (tokens.get(h) or tokens[" ".join(h.split())]).finding is not None:
+            return start
+    return None
 
 
 def _words(norm: str, a: int, b: int) -> int:

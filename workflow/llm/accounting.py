@@ -8,9 +8,17 @@ at ``batch_discount`` of the online price. Token counts before sending are estim
 
 from __future__ import annotations
 
+import functools
+import logging
 from dataclasses import dataclass
 
 DEFAULT_CHARS_PER_TOKEN = 4.0
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _warn_unpriced(model: str) -> None:
+    log.warning("llm.prices has no entry for model %r: its cost is counted as $0", model)
 
 
 def price_of(model: str, prices: dict) -> dict:
@@ -18,7 +26,10 @@ def price_of(model: str, prices: dict) -> dict:
     if model in prices:
         return prices[model]
     best = max((m for m in prices if model.startswith(m)), key=len, default=None)
-    return prices[best] if best else {"input": 0.0, "output": 0.0}
+    if best is None:
+        _warn_unpriced(model)
+        return {"input": 0.0, "output": 0.0}
+    return prices[best]
 
 
 def cost(
