@@ -55,10 +55,11 @@ def test_card_header_declares_configs_and_licence(release):
     assert "| `study_id` | `int64` | MIMIC study id |" in text
 
 
-def test_loads_with_datasets(release):
+def test_loads_with_datasets(release, tmp_path):
     out, _ = release
-    by_card = datasets.load_dataset(str(out), "sn")
+    cache = str(tmp_path / "hf")
+    by_card = datasets.load_dataset(str(out), "sn", cache_dir=cache)
     assert {k: v.num_rows for k, v in by_card.items()} == {"train": 4, "val": 4, "test": 4}
-    by_parquet = datasets.load_dataset("parquet", data_dir=str(out / "mw"))
+    by_parquet = datasets.load_dataset("parquet", data_dir=str(out / "mw"), cache_dir=cache)
     assert {k: v.num_rows for k, v in by_parquet.items()} == {"train": 6, "test": 6}
     assert by_parquet["train"][0]["question"].startswith("is there {x}")

@@ -6,39 +6,28 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import yaml
 
 from workflow.tables import read_table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI  # noqa: E402
 from test_finetune import LF_CLI, LF_PY, OFFLINE_ENV, VLLM_PY, venv_tool  # noqa: E402
+from workflow_run import prepare_workdir, run_snakemake  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 
 
 def workdir_with(tmp_path: Path, override: dict) -> Path:
-    workdir = tmp_path / "run"
-    workdir.mkdir(parents=True)
-    shutil.copy(ROOT / "config.yaml", workdir / "config.yaml")
-    for shared in ("libs", "prompts", "envs", "data"):  # rules name these relative to the working directory
-        (workdir / shared).symlink_to(ROOT / shared)
-    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
-    return workdir
+    return prepare_workdir(tmp_path / "run", override)
 
 
 def snakemake(workdir: Path, *args: str, env: dict | None = None, timeout: int = 900):
-    argv = [str(SNAKEMAKE), "-s", str(ROOT / "Snakefile"), "--directory", str(workdir), "--configfile",
-            "config.yaml", "override.yaml", "--nolock", *args]  # fmt: skip
-    return subprocess.run(argv, cwd=workdir, env=env or dict(os.environ), capture_output=True, text=True,
-                          timeout=timeout)  # fmt: skip
+    return run_snakemake(workdir, "--nolock", *args, env=env, timeout=timeout)
 
 
 def planned_rules(run) -> set[str]:

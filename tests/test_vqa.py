@@ -11,6 +11,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from workflow_run import demo_corpus, prepare_workdir, run_snakemake
 
 from workflow import vqa
 from workflow.contract import FINDINGS, IMAGES, QUESTIONS, STUDIES, VQA_STATS
@@ -465,53 +466,11 @@ def test_cli_writes_questions_csv_stats(tmp_path):
 @pytest.mark.slow
 def test_vqa_rule_through_snakemake(tmp_path):
     """ingest -> sections -> keyinfo (rules) -> vqa on the demo corpus, through the repository's Snakefile."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    import yaml
-
-    demo = REPO / "data" / "demo"
-    reports = next((p for p in (demo / "mimic-cxr-reports.zip", demo / "files") if p.exists()), None)
-    if reports is None or 'rules/vqa.smk"' not in (REPO / "Snakefile").read_text():
-        pytest.skip("demo corpus or the vqa include not present")
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    shutil.copy(REPO / "config.yaml", workdir / "config.yaml")
-    for shared in ("libs", "prompts", "envs", "data"):  # rules name these relative to the working directory
-        if (REPO / shared).exists():
-            (workdir / shared).symlink_to(REPO / shared)
-    override = {
-        "outdir": str(workdir / "results"),
-        "corpus": {
-            "format": "mimic",
-            "mimic": {
-                "reports": str(reports),
-                "split": str(demo / "mimic-cxr-2.0.0-split.csv.gz"),
-                "metadata": str(demo / "mimic-cxr-2.0.0-metadata.csv.gz"),
-            },
-        },
-        "vqa": {"seed": 11},
-    }
-    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
-    snakemake = Path(sys.executable).with_name("snakemake")
+    workdir = prepare_workdir(
+        tmp_path / "run", {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "vqa": {"seed": 11}}
+    )
     target = workdir / "results" / "vqa" / "questions.parquet"
-    argv = [
-        str(snakemake),
-        "-s",
-        str(REPO / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--cores",
-        "2",
-        "--configfile",
-        "config.yaml",
-        "override.yaml",
-        "--nolock",
-        str(target),
-    ]
-    run = subprocess.run(argv, cwd=workdir, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    run = run_snakemake(workdir, "--cores", "2", "--nolock", str(target), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     q = pq.read_table(target).to_pandas()
     assert set(q["question_type"]) == set(vqa.QUESTION_TYPES)

@@ -7,37 +7,23 @@ from __future__ import annotations
 import csv
 import gzip
 import os
-import shutil
-import subprocess
-import sys
 import zipfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-import yaml
+from workflow_run import DEMO, prepare_workdir, run_snakemake
 
 from workflow import contract
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO = REPO / "data" / "demo"
-SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 pytestmark = pytest.mark.slow
-
-
-def _snakemake(workdir: Path, *args: str, timeout: int = 900, env=None) -> subprocess.CompletedProcess:
-    argv = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
-    return subprocess.run(argv, cwd=workdir, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
     """One `snakemake --cores 2` over the demo, in a scratch working directory (the repo stays clean)."""
-    workdir = tmp_path_factory.mktemp("demo_run")
-    shutil.copy(REPO / "config.yaml", workdir / "config.yaml")
-    for shared in ("libs", "prompts", "envs", "data"):  # config paths are relative to the working directory
-        (workdir / shared).symlink_to(REPO / shared)
-    run = _snakemake(workdir, "--cores", "2")
+    workdir = prepare_workdir(tmp_path_factory.mktemp("demo_run"))
+    run = run_snakemake(workdir, "--cores", "2")
     assert run.returncode == 0, run.stderr[-4000:]
     return workdir
 
@@ -106,13 +92,13 @@ def test_mit_csv_has_its_header_and_line_ends(demo_run):
 
 
 def test_rerun_has_nothing_to_do(demo_run):
-    run = _snakemake(demo_run, "--cores", "2", "-n")
+    run = run_snakemake(demo_run, "--cores", "2", "-n")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
 def test_html_report_shows_the_figures(demo_run):
-    run = _snakemake(demo_run, "--report", "report.html")
+    run = run_snakemake(demo_run, "--report", "report.html")
     assert run.returncode == 0, run.stderr[-2000:]
     html = (demo_run / "report.html").read_text(errors="replace")
     for name in ("stage_counts.png", "label_prevalence.png", "questions.png", "rg4.png", "rejects_by_reason.csv"):
@@ -121,21 +107,15 @@ def test_html_report_shows_the_figures(demo_run):
 
 def test_slurm_profile_plans_the_gpu_branch(tmp_path):
     """The cluster recipe: LLM backend with a fine-tuned student; the dry run asks SLURM for the GPUs."""
-    shutil.copy(REPO / "config.yaml", tmp_path / "config.yaml")
-    for shared in ("libs", "prompts", "envs", "data", "profiles"):
-        (tmp_path / shared).symlink_to(REPO / shared)
     override = {
         "llm": {"backend": "llm", "endpoints": {"teacher": {"azure_endpoint": "https://example.openai.azure.com"}}},
         "finetune": {"base_model": "/models/Llama-2-70b-hf", "gpus": 6, "gpu_model": "a100"},
     }
-    (tmp_path / "cluster.yaml").write_text(yaml.safe_dump(override))
-    run = _snakemake(
+    prepare_workdir(tmp_path, override)
+    run = run_snakemake(
         tmp_path,
         "--profile",
         "profiles/slurm",
-        "--configfile",
-        "config.yaml",
-        "cluster.yaml",
         "-n",
         timeout=300,
         env={**os.environ, "AZURE_OPENAI_API_KEY": "not-used-in-a-dry-run"},
@@ -150,14 +130,15 @@ def test_slurm_profile_plans_the_gpu_branch(tmp_path):
     assert "slurm_partition=gpu" in shard and "gpu=4" in shard, shard
 
 
-def test_release_folders_load_with_datasets(demo_run):
+def test_release_folders_load_with_datasets(demo_run, tmp_path):
     import datasets
 
-    vqa = datasets.load_dataset(str(demo_run / "results/release/medical_cxr_vqa"), "default")
+    cache = str(tmp_path / "hf")  # a fresh cache: datasets may otherwise serve an older build of the same path
+    vqa = datasets.load_dataset(str(demo_run / "results/release/medical_cxr_vqa"), "default", cache_dir=cache)
     questions = pq.read_table(demo_run / "results/vqa/questions.parquet")
     assert sum(part.num_rows for part in vqa.values()) == questions.num_rows
     assert set(vqa) == set(questions["split"].to_pylist())
-    rg4 = datasets.load_dataset(str(demo_run / "results/release/mimic_rg4"), "mw")
+    rg4 = datasets.load_dataset(str(demo_run / "results/release/mimic_rg4"), "mw", cache_dir=cache)
     assert sum(part.num_rows for part in rg4.values()) == pq.read_table(demo_run / "results/rg4/rg4_mw.parquet").num_rows
     card = (demo_run / "results/release/mimic_rg4/README.md").read_text()
     assert "synthetic demo corpus" in card and "| `last_study_id` | `int64` | the prior study (sw, mw) |" in card
