@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pyarrow.parquet as pq
 import pytest
+from workflow_run import demo_corpus, prepare_workdir, run_snakemake
 
 from workflow.contract import FINDINGS, KEYINFO_STATS, SECTIONS
 from workflow.keyinfo.extract import extract_sections, label_vector
@@ -118,6 +119,62 @@ def test_anchors_need_a_predicate():
         "cardiomegaly": "negative", "enlarged cardiomediastinum": "negative"}  # fmt: skip
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("No enlargement of the cardiomediastinal silhouette.", {"enlarged cardiomediastinum": "negative"}),
+        ("There is no enlargement of the cardiomediastinal silhouette.", {"enlarged cardiomediastinum": "negative"}),
+        ("Without enlargement of the cardiomediastinal silhouette.", {"enlarged cardiomediastinum": "negative"}),
+        ("The lungs are clear without enlargement of the cardiomediastinal silhouette.",
+         {"lung opacity": "negative", "enlarged cardiomediastinum": "negative"}),
+        ("No enlargement of the cardiomediastinal silhouette or pleural effusion.",
+         {"enlarged cardiomediastinum": "negative", "pleural effusion": "negative"}),
+        ("No enlargement of the cardiac silhouette.", {"cardiomegaly": "negative"}),
+        ("No enlargement of the heart.", {"cardiomegaly": "negative"}),
+        ("Enlargement of the cardiomediastinal silhouette.", {"enlarged cardiomediastinum": "positive"}),
+        ("Possibly enlarged lymph nodes in the right hilum.", {"lymphadenopathy": "uncertain"}),
+        ("The heart is not enlarged.", {"cardiomegaly": "negative"}),
+    ],
+)  # fmt: skip
+def test_a_trigger_or_predicate_phrase_does_not_hide_the_finding_starting_inside_it(text, expected):
+    # "no enlargement" (a cardiomegaly predicate) used to swallow the head of the finding
+    # "enlargement of the cardiomediastinal silhouette", leaving an anchor without a predicate: no label
+    assert label_vector(text) == expected
+
+
+def test_attributes_survive_when_a_phrase_is_cut_before_a_finding():
+    mild = by_name(rows_of("Mild enlargement of the cardiomediastinal silhouette."))
+    assert mild["enlarged cardiomediastinum"][0]["level"] == "mild"
+    moderate = by_name(rows_of("Moderately enlarged heart."))  # "moderately enlarged" + "enlarged heart"
+    assert moderate["cardiomegaly"][0]["presence"] == "positive"
+    assert moderate["cardiomegaly"][0]["level"] == "moderate"
+    nodes = by_name(rows_of("Possibly enlarged lymph nodes in the right hilum."))
+    assert nodes["lymphadenopathy"][0]["location"] == "right hilum"
+    # a blocker still vetoes what starts inside it: a chest wall mass is not a lung mass
+    assert "mass" not in label_vector("Chest wall mass lesion.")
+
+
+def test_rg4_rephrasings_keep_their_labels():
+    # the rules rewriter's "No <subject>." and section headings left inside a sentence ("IMPRESSION:")
+    # used to make the RG4 label check drop these studies
+    from workflow.rg4.rewrite import RulesRewriter, load_rules
+
+    removes = load_rules().scenario_removes["sn"]
+    rewriter = RulesRewriter(label_vector=label_vector)
+    for sentence, rephrased in [
+        ("The enlargement of the cardiomediastinal silhouette has resolved.",
+         "No enlargement of the cardiomediastinal silhouette."),
+        ("Interval resolution of the enlargement of the cardiomediastinal silhouette.",
+         "No enlargement of the cardiomediastinal silhouette."),
+        ("IMPRESSION: There has been no change in the minimal right basilar volume loss.",
+         "IMPRESSION: Minimal right basilar volume loss."),
+        ("IMPRESSION: 1. No change in the mild cardiomegaly.", "IMPRESSION: 1. Mild cardiomegaly."),
+    ]:  # fmt: skip
+        edit = rewriter.sentence(sentence, removes)
+        assert edit.text == rephrased
+        assert label_vector(edit.text) == label_vector(sentence) != {}
+
+
 def test_devices_are_one_row_each_without_location():
     rows = rows_of(
         "A left-sided pacemaker is noted with leads terminating in the right atrium. "
@@ -178,36 +235,9 @@ def test_run_rules_cli_writes_the_contract_tables(tmp_path):
 @pytest.mark.slow
 def test_keyinfo_rule_through_snakemake(tmp_path):
     """ingest -> sections -> keyinfo_rules on the demo corpus, through the repository's Snakefile."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    import yaml
-
-    repo = Path(__file__).resolve().parents[1]
-    demo = repo / "data" / "demo"
-    reports = next((p for p in (demo / "mimic-cxr-reports.zip", demo / "files") if p.exists()), None)
-    if reports is None:
-        pytest.skip("demo corpus not present")
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    shutil.copy(repo / "config.yaml", workdir / "config.yaml")
-    for shared in ("libs", "prompts", "envs", "data"):  # rules name these relative to the working directory
-        if (repo / shared).exists():
-            (workdir / shared).symlink_to(repo / shared)
-    override = {
-        "outdir": str(workdir / "results"),
-        "corpus": {"format": "mimic", "mimic": {"reports": str(reports),
-                   "split": str(demo / "mimic-cxr-2.0.0-split.csv.gz"),
-                   "metadata": str(demo / "mimic-cxr-2.0.0-metadata.csv.gz")}},
-    }  # fmt: skip
-    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+    workdir = prepare_workdir(tmp_path / "run", {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus()})
     target = workdir / "results" / "keyinfo" / "rules" / "findings.parquet"
-    argv = [str(Path(sys.executable).with_name("snakemake")), "-s", str(repo / "Snakefile"), "--directory",
-            str(workdir), "--cores", "2", "--configfile", "config.yaml", "override.yaml", "--nolock", str(target)]  # fmt: skip
-    run = subprocess.run(argv, cwd=workdir, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    run = run_snakemake(workdir, "--cores", "2", "--nolock", str(target), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     findings = pq.read_table(target)
     assert findings.schema.equals(FINDINGS) and findings.num_rows > 0

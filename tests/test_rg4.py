@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from workflow_run import demo_corpus, prepare_workdir, run_snakemake
 
 from workflow.contract import IMAGES, RG4_COUNTS, RG4_RECORDS, RG4_REWRITE_STATS, SECTIONS, STUDIES
 from workflow.keyinfo.extract import label_vector
@@ -389,55 +390,13 @@ def test_consistency_checks_fail_the_rule(tmp_path):
 @pytest.mark.slow
 def test_rg4_and_exports_through_snakemake(tmp_path):
     """ingest -> sections -> keyinfo (rules) -> rg4 + exports on the demo corpus, through the Snakefile."""
-    import os
-    import shutil
-    import subprocess
-    import sys
-
-    import yaml
-
-    repo = Path(__file__).resolve().parents[1]
-    demo = repo / "data" / "demo"
-    reports = next((p for p in (demo / "mimic-cxr-reports.zip", demo / "files") if p.exists()), None)
-    snakefile = (repo / "Snakefile").read_text()
-    if reports is None or 'rules/rg4.smk"' not in snakefile or 'rules/exports.smk"' not in snakefile:
-        pytest.skip("demo corpus or the rg4/exports includes not present")
-    workdir = tmp_path / "run"
-    workdir.mkdir()
-    shutil.copy(repo / "config.yaml", workdir / "config.yaml")
-    for shared in ("libs", "prompts", "envs", "data"):  # rules name these relative to the working directory
-        if (repo / shared).exists():
-            (workdir / shared).symlink_to(repo / shared)
-    override = {
-        "outdir": str(workdir / "results"),
-        "corpus": {
-            "format": "mimic",
-            "mimic": {
-                "reports": str(reports),
-                "split": str(demo / "mimic-cxr-2.0.0-split.csv.gz"),
-                "metadata": str(demo / "mimic-cxr-2.0.0-metadata.csv.gz"),
-            },
-        },
-        "rg4": {"rewriter": "rules"},
-    }
-    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+    workdir = prepare_workdir(
+        tmp_path / "run",
+        {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "rg4": {"rewriter": "rules"}},
+    )
     results = workdir / "results"
     targets = [results / "rg4" / "counts.parquet", results / "exports" / "summary.json"]
-    argv = [
-        str(Path(sys.executable).with_name("snakemake")),
-        "-s",
-        str(repo / "Snakefile"),
-        "--directory",
-        str(workdir),
-        "--cores",
-        "2",
-        "--configfile",
-        "config.yaml",
-        "override.yaml",
-        "--nolock",
-        *map(str, targets),
-    ]
-    run = subprocess.run(argv, cwd=workdir, env=dict(os.environ), capture_output=True, text=True, timeout=600)
+    run = run_snakemake(workdir, "--cores", "2", "--nolock", *map(str, targets), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     studies = set(read_table(results / "ingest" / "studies.parquet").column("study_id").to_pylist())
     out = set()

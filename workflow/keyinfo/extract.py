@@ -95,88 +95,92 @@ class Mention:
 
 
 def _scan(norm: str, libs: Libs) -> list[list[tuple[int, int, Tok]]]:
-    """Clauses of (start, end, Tok): the matcher's tokens cut at sentence ends, ';', ':' and boundary words."""
+    """Clauses of (start, end, Tok): the matcher's tokens cut at sentence ends, ';', ':' and boundary words.
+
+    The matcher takes the leftmost phrase, longest first; a finding phrase that starts inside a longer
+    non-finding phrase and ends after it would be hidden ("no enlargement" + "of the cardiomediastinal
+    silhouette" hides "enlargement of the cardiomediastinal silhouette"), so such a phrase (``Tok.hides``)
+    is cut where the finding starts: its head is matched again on its own ("no") and the scan resumes at
+    the finding.
+    """
     tokens = libs.tokens
+    matcher = libs.matcher
     clauses: list[list[tuple[int, int, Tok]]] = []
     cur: list[tuple[int, int, Tok]] = []
-    for m in _matches(norm, libs):
-        s, e = m.span()
-        if m.lastgroup == "p":
-            ch = norm[s]
-            if ch == ",":
-                cur.append((s, e, _COMMA))
-                continue
-            if ch == "/":
-                cur.append((s, e, _SLASH))
-                continue
-            if ch == ".":
-                nxt = norm[e : e + 1]
-                if nxt and not nxt.isspace():
-                    continue  # decimal point, "x.ray", abbreviation without space
-                word = norm[max(0, s - 6) : s].rsplit(" ", 1)[-1]
-                if word in ABBREVIATIONS and not (word == "no" and nxt == ""):
+    pos: int | None = 0
+    while pos is not None:
+        resume = None
+        for m in matcher.finditer(norm, pos):
+            s, e = m.span()
+            if m.lastgroup == "p":
+                ch = norm[s]
+                if ch == ",":
+                    cur.append((s, e, _COMMA))
                     continue
-            if cur:
-                clauses.append(cur)
-                cur = []
-            continue
-        g = m.group()
-        tok = tokens.get(g) or tokens[" ".join(g.split())]
-        if tok.hard:
-            if cur:
-                clauses.append(cur)
-                cur = []
-            continue
-        cur.append((s, e, tok))
+                if ch == "/":
+                    cur.append((s, e, _SLASH))
+                    continue
+                if ch == ".":
+                    nxt = norm[e : e + 1]
+                    if nxt and not nxt.isspace():
+                        continue  # decimal point, "x.ray", abbreviation without space
+                    word = norm[max(0, s - 6) : s].rsplit(" ", 1)[-1]
+                    if word in ABBREVIATIONS and not (word == "no" and nxt == ""):
+                        continue
+                if cur:
+                    clauses.append(cur)
+                    cur = []
+                continue
+            g = m.group()
+            tok = tokens.get(g) or tokens[" ".join(g.split())]
+            if tok.hides:
+                cut = _finding_start_inside(norm, s, e, libs)
+                if cut is not None:
+                    # the head holds words only (phrases have no punctuation); it is not cut again
+                    head = [
+                        (h.start(), h.end(), _tok(h.group(), tokens)) for h in matcher.finditer(norm, s, cut)
+                    ]
+                    for hs, he, htok in head:
+                        if htok.hard:
+                            if cur:
+                                clauses.append(cur)
+                                cur = []
+                        else:
+                            cur.append((hs, he, htok))
+                    resume = cut
+                    break
+            if tok.hard:
+                if cur:
+                    clauses.append(cur)
+                    cur = []
+                continue
+            cur.append((s, e, tok))
+        pos = resume
     if cur:
         clauses.append(cur)
     return clauses
 
 
-def _matches(norm: str, libs: Libs):
-    """The matcher's matches, left to right, longest first at each position, except that a finding phrase
-    wins over a non-finding phrase it overlaps: the leftmost match alone would let a trigger or predicate
-    swallow the head of a longer finding ("no enlargement" + "of the cardiomediastinal silhouette" hides
-    "enlargement of the cardiomediastinal silhouette"). Such a phrase is cut where the finding starts and
-    its head is matched again on its own ("no")."""
-    matcher, tokens = libs.matcher, libs.tokens
-    n = len(norm)
-    pos, limit = 0, n  # limit < n while re-matching the head of a phrase cut before a finding
-    while True:
-        m = matcher.search(norm, pos, limit)
-        if m is None:
-            if limit == n:
-                return
-            pos, limit = limit, n
-            continue
-        s, e = m.span()
-        if limit == n and m.lastgroup == "w":
-            cut = _finding_inside(norm, m, tokens, matcher)
-            if cut is not None:
-                pos, limit = s, cut
-                continue
-        yield m
-        pos = e
+def _tok(g: str, tokens: dict[str, Tok]) -> Tok:
+    return tokens.get(g) or tokens[" ".join(g.split())]
 
 
-def _finding_inside(norm: str, m: re.Match, tokens: dict[str, Tok], matcher: re.Pattern) -> int | None:
-    """Offset of a word inside the non-finding phrase ``m`` where a finding phrase starts that ends after it."""
-    g = m.group()
-    if " " not in g:
-        return None
-    tok = tokens.get(g) or tokens[" ".join(g.split())]
-    if tok.finding is not None:
-        return None
-    s, e = m.span()
-    for inner in re.finditer(r" (?=\S)", g):
-        start = s + inner.end()
-        hit = matcher.match(norm, start)
-        if hit is None or hit.lastgroup != "w" or hit.end() <= e:
-            continue
-        h = hit.group()
-        if (tokens.get(h) or tokens[" ".join(h.split())]).finding is not None:
+def _finding_start_inside(norm: str, s: int, e: int, libs: Libs) -> int | None:
+    """Offset of the first word inside the phrase at ``[s, e)`` where a finding phrase starts that ends after ``e``."""
+    for inner in _INNER_WORD.finditer(norm, s, e):
+        start = inner.end()
+        hit = libs.matcher.match(norm, start)
+        if (
+            hit is not None
+            and hit.end() > e
+            and hit.lastgroup == "w"
+            and _tok(hit.group(), libs.tokens).finding
+        ):
             return start
     return None
+
+
+_INNER_WORD = re.compile(r" +(?=\S)")
 
 
 def _words(norm: str, a: int, b: int) -> int:

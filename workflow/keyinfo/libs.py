@@ -52,6 +52,7 @@ class Tok:
         "implied",
         "is_loc",
         "adverbial",
+        "hides",
     )
 
     def __init__(self, phrase: str):
@@ -68,6 +69,9 @@ class Tok:
         self.implied: dict | None = None  # attributes written inside a finding phrase ("left hemidiaphragm")
         self.is_loc = False
         self.adverbial = False
+        # a non-finding phrase one of whose tails starts a longer finding phrase ("no enlargement" and
+        # "enlargement of the cardiomediastinal silhouette"): the scan checks whether it hides that finding
+        self.hides = False
 
     @property
     def is_attr(self) -> bool:
@@ -315,6 +319,7 @@ def load_libs() -> Libs:
     for tok in tokens.values():
         if tok.finding is not None and tok.anchors:
             tok.anchors = ()  # a finding phrase is never also an anchor
+    _mark_hiding(tokens, blockers)
     pattern = r"(?P<w>\b(?:" + trie_regex(sorted(tokens)) + r")\b)|(?P<p>[.;:!?,/])"
     matcher = re.compile(pattern)
 
@@ -336,6 +341,22 @@ def load_libs() -> Libs:
         level_rank={v: i for i, v in enumerate(vocab["level"])},
         slot_words=slot_words,
     )
+
+
+def _mark_hiding(tokens: dict[str, Tok], blockers: frozenset[str]) -> None:
+    """Set ``Tok.hides`` on every multi-word non-finding phrase a tail of which ("enlargement" of "no
+    enlargement") is followed, in some finding phrase, by more words ("enlargement of the ...").
+
+    Blockers are left out: they exist to veto the findings inside them ("chest wall mass lesion")."""
+    heads = set()  # every proper word prefix of a finding phrase
+    for key, tok in tokens.items():
+        if tok.finding is not None:
+            words = key.split(" ")
+            heads.update(" ".join(words[:k]) for k in range(1, len(words)))
+    for key, tok in tokens.items():
+        if tok.finding is None and " " in key and key not in blockers:
+            words = key.split(" ")
+            tok.hides = any(" ".join(words[k:]) in heads for k in range(1, len(words)))
 
 
 def vqa_name(name: str) -> str:

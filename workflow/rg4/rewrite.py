@@ -39,6 +39,10 @@ _SENTENCE_END = re.compile(
     r"(?<!\bi\.e\.)(?<!\bapprox\.)(?<!\bSt\.)(?<!\bNo\.)(?<!\s\d\.)(?<!^\d\.)(?<!\s\d\d\.)\s+(?=[A-Z0-9_\"'(\[])"
 )
 _LIST_MARKER = re.compile(r"^(\d{1,2})[.)]\s+")
+# What a sentence starts with that is not its content: a section heading left inside the text ("IMPRESSION:",
+# when a report's sections were not split) and/or a list number. The rules, many anchored at the sentence
+# start, see the sentence without it; it is put back in front of the rephrased sentence.
+_SENTENCE_PREFIX = re.compile(r"^(?:[A-Z][A-Z ]{2,30}:\s*)?(?:\d{1,2}[.)]\s+)?")
 
 
 @dataclass(frozen=True)
@@ -184,8 +188,8 @@ def rewrite_sentence(
     found = frozenset(detect(sentence, removes, rules))
     if not found:
         return SentenceEdit(sentence, found, "kept")
-    marker = _LIST_MARKER.match(sentence)
-    body = sentence[marker.end() :] if marker else sentence
+    prefix = _SENTENCE_PREFIX.match(sentence).group()
+    body = sentence[len(prefix) :]
     lower = body.lower()
     for cat in _RULE_ORDER:
         if cat not in found:
@@ -199,10 +203,13 @@ def rewrite_sentence(
                     return SentenceEdit(None, found, "removed")
                 body, lower = new, new.lower()
     body = tidy(body)
-    residual = frozenset(detect(body, CATEGORIES, rules)) if body else frozenset()
-    if not body or not has_content(body, rules) or residual & removes:
+    if not body or not has_content(body, rules):
         return SentenceEdit(None, found, "removed")
-    return SentenceEdit((marker.group(0) if marker else "") + body, found, "rephrased", residual)
+    text = prefix + body
+    residual = frozenset(detect(text, CATEGORIES, rules))  # the prefix too: a heading may say "lateral"
+    if residual & removes:
+        return SentenceEdit(None, found, "removed")
+    return SentenceEdit(text, found, "rephrased", residual)
 
 
 def _renumber(sentences: list[str]) -> list[str]:
