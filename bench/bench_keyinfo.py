@@ -2,7 +2,7 @@
 
     python -m bench.bench_keyinfo [--studies 30000 --patients 9000 --seed 3] [--rule] [--no-write]
 
-Generates a synthetic MIMIC-CXR corpus once (cached under ``bench/work/keyinfo``, gitignored), sections it
+Generates a synthetic MIMIC-CXR corpus once (cached under ``bench/cache/keyinfo``, gitignored), sections it
 with ``workflow.sections`` (not timed), then times ``extract_sections`` over every report in ONE process
 (CPU time, so the figure is per core), and the same on the IU X-Ray reports when they are present. The
 quality of the extraction on that corpus (``score_synth``) is reported next to the speed. ``--rule`` also
@@ -27,7 +27,7 @@ import pyarrow as pa
 from bench.results import write_section
 
 REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / "bench" / "work" / "keyinfo"
+WORK = REPO / "bench" / "cache" / "keyinfo"
 HEADING = "## Key information"
 IU = REPO.parent / "shared" / "data" / "iu_xray" / "indiana_reports.csv"
 HOLDOUT_NOTE = (

@@ -5,7 +5,7 @@
 Inputs are the synthetic corpus at full scale run through the real upstream steps, so the rewriter
 sees realistic report text: ``workflow.synth`` (zip only) → ``workflow.ingest`` → ``workflow.sections``
 → ``workflow.keyinfo.run_rules`` (the findings table the exports read), cached under
-``bench/work/rg4/`` (gitignored). Upstream steps are not timed. Then ``python -m workflow.rg4`` (rules
+``bench/cache/rg4/`` (gitignored). Upstream steps are not timed. Then ``python -m workflow.rg4`` (rules
 rewriter) and ``python -m workflow.exports`` run as subprocesses, the way the rules run them, and their
 wall time, CPU time and peak RSS are reported and written to ``bench/RESULTS.md`` under
 "## RG4 and exports".
@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from bench.results import write_section
 
 REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / "bench" / "work" / "rg4"
+WORK = REPO / "bench" / "cache" / "rg4"
 HEADING = "## RG4 and exports"
 PY = sys.executable
 
@@ -205,7 +205,7 @@ def render(n_studies, n_images, rg4, exports, counts, stats, summary) -> str:
         "`bench/bench_rg4.py` (issue 5) times `python -m workflow.rg4` (rules rewriter) and `python -m workflow.exports`",
         "as the rules run them (subprocesses reading and writing Parquet/JSON). **Inputs**: the synthetic corpus at",
         f"full scale ({n_studies:,} studies, {n_images:,} images; `workflow.synth` → ingest → sections → keyinfo rules,",
-        "cached under `bench/work/rg4/`, not timed).",
+        "cached under `bench/cache/rg4/`, not timed).",
         "",
         f"**Speed** ({platform.machine()}, {os.cpu_count()} cores shared with other jobs, load average {load:.1f} at the end):",
         "",

@@ -3,7 +3,7 @@
     python -m bench.bench_sections [--corpus DIR] [--mit DIR] [--no-write]
 
 The corpus is a cached synthetic one (227,835 studies / 65,379 patients by ``workflow.synth``: the spine
-benchmark's ``bench/work/mimic`` when it has the same parameters, else ``bench/work/sections/mimic``,
+benchmark's ``bench/cache/mimic`` when it has the same parameters, else ``bench/cache/sections/mimic``,
 generated once) unless ``--corpus`` names another folder in the MIMIC-CXR layout (``files/`` + zip +
 split/metadata). ``workflow.ingest`` turns it into
 ``studies.parquet`` (untimed), then the sections step is timed the way the rule runs it (a subprocess

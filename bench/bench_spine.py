@@ -2,7 +2,7 @@
 
     python -m bench.bench_spine [--studies 227835 --patients 65379 --seed 1] [--mit DIR] [--no-write]
 
-Generates the synthetic corpus once (cached under ``bench/work/mimic``, gitignored), then runs
+Generates the synthetic corpus once (cached under ``bench/cache/mimic``, gitignored), then runs
 ``workflow.ingest`` (zip → studies/images/rejects) and ``workflow.sections`` as subprocesses, the way the
 Snakemake rules do, and reports wall time, CPU time and the peak RSS of each step (summed over the step's
 process tree, sampled every 10 ms, since ingest reads with worker processes).
@@ -30,7 +30,7 @@ from pathlib import Path
 from bench.results import write_section
 
 REPO = Path(__file__).resolve().parents[1]
-WORK = REPO / "bench" / "work"
+WORK = REPO / "bench" / "cache"
 HEADING = "## Spine (ingest + sections)"
 
 

@@ -4,7 +4,7 @@ The inputs are generated directly here (not from the synthetic report corpus): f
 FINDINGS schema with per-finding prevalences, negation rates, locations, levels and types of the order
 seen in MIMIC-CXR reports, images with MIMIC's view mix. The same generator (small n) feeds the tests.
 
-    .venv/bin/python bench/bench_vqa.py [--studies 227835] [--out bench/work/vqa]
+    .venv/bin/python bench/bench_vqa.py [--studies 227835] [--out bench/cache/vqa]
 
 prints wall time and peak RSS of `workflow.vqa` (run as the rule runs it: a subprocess on Parquet
 files) and compares the per-type counts with the released Medical-CXR-VQA dataset.
@@ -269,7 +269,7 @@ def write_inputs(out: Path, n_studies: int, seed: int = 0) -> dict[str, Path]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, default=227_835)
-    ap.add_argument("--out", default=str(REPO / "bench" / "work" / "vqa"))
+    ap.add_argument("--out", default=str(REPO / "bench" / "cache" / "vqa"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--leak-probe-max", type=int, default=200_000)
     args = ap.parse_args()
