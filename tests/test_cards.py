@@ -63,3 +63,15 @@ def test_loads_with_datasets(release, tmp_path):
     by_parquet = datasets.load_dataset("parquet", data_dir=str(out / "mw"), cache_dir=cache)
     assert {k: v.num_rows for k, v in by_parquet.items()} == {"train": 6, "test": 6}
     assert by_parquet["train"][0]["question"].startswith("is there {x}")
+
+
+def test_empty_configuration_is_counted_but_not_declared(tmp_path):
+    pq.write_table(_table(6, ["train", "test"]), tmp_path / "sn.parquet")
+    pq.write_table(_table(0, ["train"]), tmp_path / "sw.parquet")
+    spec = CardSpec(title="IU", description="No priors.", sources=["IU X-Ray"])
+    paths = {"sn": tmp_path / "sn.parquet", "sw": tmp_path / "sw.parquet"}
+    counts = write_release(paths, tmp_path / "out", spec, licence_text("iu", False), "corpus:\n  format: iu\n")
+    assert counts["sw"] == {}
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert [c["config_name"] for c in yaml.safe_load(text.split("---")[1])["configs"]] == ["sn"]
+    assert "| sw | 0 | 0 | 0 |" in text and "non-commercial" in text

@@ -94,6 +94,7 @@ def render_card(
                 "data_files": [{"split": s, "path": f"{name}/{s}-*.parquet"} for s in split_counts],
             }
             for name, split_counts in counts.items()
+            if split_counts  # an empty configuration (e.g. RG4's sw/mw on IU, which has no priors) has no files
         ],
     }
     splits = sorted({s for c in counts.values() for s in c}, key=lambda s: SPLIT_ORDER.index(s))
