@@ -154,20 +154,22 @@ def finetune_targets():
 
 # --- the Snakemake report (rules/report.smk) ---------------------------------------------------------
 def report_stages():
-    """(stage, input table, output table, rejects table) of each stage, for the report's counts."""
-    studies, sections = out("ingest", "studies.parquet"), out("sections", "sections.parquet")
+    """(stage, input table, output table, rejects table) of each stage, for the report's counts.
+
+    Paths come from the stages' own rules (called at DAG time, when every rule module is loaded)."""
+    studies, sections = rules.ingest.output.studies, rules.sections.output.sections
     keyinfo = (
-        ("keyinfo (llm)", sections, findings_table(), llm_round_dir(0, "rejects.parquet"))
+        ("keyinfo (llm)", sections, findings_table(), rules.llm_keyinfo_merge.output.rejects)
         if config["llm"]["backend"] == "llm"
-        else ("keyinfo (rules)", sections, None, out("keyinfo", "rules", "rejects.parquet"))
+        else ("keyinfo (rules)", sections, None, rules.keyinfo_rules.output.rejects)
     )
     return [
-        ("ingest", None, studies, out("ingest", "rejects.parquet")),
-        ("sections", studies, sections, out("sections", "rejects.parquet")),
+        ("ingest", None, studies, rules.ingest.output.rejects),
+        ("sections", studies, sections, rules.sections.output.rejects),
         keyinfo,
-        ("vqa", studies, out("vqa", "questions.parquet"), out("vqa", "rejects.parquet")),
-        ("rg4", sections, None, out("rg4", "rejects.parquet")),
-        ("exports", sections, None, out("exports", "rejects.parquet")),
+        ("vqa", studies, rules.vqa.output.questions, rules.vqa.output.rejects),
+        ("rg4", sections, None, rules.rg4.output.rejects),
+        ("exports", sections, None, rules.exports.output.rejects),
     ]
 
 
@@ -176,9 +178,9 @@ def report_inputs(wildcards=None):
              for kind, path in zip(("in", "out", "rejects"), stage[1:]) if path}
     files.update(
         findings=findings_table(),
-        questions=out("vqa", "questions.parquet"),
-        rg4_counts=out("rg4", "counts.parquet"),
-        rg4_stats=out("rg4", "rewrite_stats.parquet"),
+        questions=rules.vqa.output.questions,
+        rg4_counts=rules.rg4.output.counts,
+        rg4_stats=rules.rg4.output.stats,
     )
     return files
 

@@ -37,7 +37,7 @@ def _save_csv(frame: pd.DataFrame, path: str | Path) -> None:
 
 
 def _distinct_studies(path: str | Path) -> int:
-    return pq.read_table(path, columns=["study_id"]).column("study_id").unique().__len__()
+    return len(pq.read_table(path, columns=["study_id"]).column("study_id").unique())
 
 
 def _rejected_studies(rejects: pd.DataFrame) -> int:
