@@ -172,10 +172,9 @@ def main(argv: list[str] | None = None) -> None:
                   "conventions in `libs/README.md`):", "",
                   "| set | reports | U-Ones P / R / F1 (14) | U-Ones F1 (13, no No Finding) | presence-aware F1 (14) |",
                   "|---|---:|---|---:|---:|"]  # fmt: skip
-        for label, fname in (("development (used while writing libs/)", "iu_dev_labels.csv"),
-                             ("held out", "iu_holdout_labels.csv")):  # fmt: skip
-            path = REPO / "tests" / "data" / fname
-            r = score_iu(IU, path)
+        for label, sets in (("development (used while writing libs/)", ("dev",)),
+                            ("held out", ("holdout",)), ("blind (labelled before any output)", ("blind",))):  # fmt: skip
+            r = score_iu(IU, REPO / "tests" / "data" / "iu_labels.csv", sets)
             u, u13, pr = r["u_ones"], r["u_ones_13"], r["presence"]
             lines.append(f"| {label} | {len(r['_pred'])} | {u['precision']:.3f} / {u['recall']:.3f} / "
                          f"**{u['f1']:.3f}** | {u13['f1']:.3f} | {pr['f1']:.3f} |")  # fmt: skip

@@ -10,8 +10,7 @@ from workflow.keyinfo.evaluate import score_iu, score_synth
 from workflow.synth import Options, generate
 
 IU = Path(__file__).resolve().parents[2] / "shared" / "data" / "iu_xray" / "indiana_reports.csv"
-LABELS = Path(__file__).resolve().parent / "data" / "iu_dev_labels.csv"  # 80 reports, used while building libs/
-HOLDOUT = Path(__file__).resolve().parent / "data" / "iu_holdout_labels.csv"  # 40 other reports, scored once
+LABELS = Path(__file__).resolve().parent / "data" / "iu_labels.csv"  # sets: see tests/data/LABELING.md
 
 
 def test_rules_extractor_recovers_the_synthetic_truth(tmp_path):
@@ -29,13 +28,13 @@ def test_rules_extractor_recovers_the_synthetic_truth(tmp_path):
 @pytest.mark.skipif(not IU.exists(), reason="IU X-Ray reports not available")
 def test_report_level_labels_on_hand_labelled_iu_reports():
     # Labels (uid, CheXpert class, presence) were written by reading the reports; the text stays outside the repo.
-    result = score_iu(IU, LABELS)
+    result = score_iu(IU, LABELS, ("dev",))
     assert result["u_ones"]["f1"] >= 0.90
     assert result["presence"]["f1"] >= 0.90
 
 
 @pytest.mark.skipif(not IU.exists(), reason="IU X-Ray reports not available")
 def test_report_level_labels_on_held_out_iu_reports():
-    result = score_iu(IU, HOLDOUT)
+    result = score_iu(IU, LABELS, ("holdout",))
     assert result["u_ones"]["f1"] >= 0.88  # 0.915 when written; a guard against regressions, small set
     assert result["presence"]["f1"] >= 0.93

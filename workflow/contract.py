@@ -121,6 +121,24 @@ KEYINFO_STATS = pa.schema(
     ]
 )
 
+# One row per study the key-information stage read (keyinfo/studies.parquet): whether the study is normal.
+# `status`: `abnormal` (a positive or uncertain finding, devices aside), `normal` (none, and the report
+# says so: a normal statement such as "No acute cardiopulmonary process" or at least one negative finding),
+# `unknown` (the report names no finding and makes no normal statement: read, but silent). Downstream
+# stages tell "read and normal" from "not read" with it (a study without a row was not read).
+STUDY_STATUS = ("normal", "abnormal", "unknown")
+KEYINFO_STUDIES = pa.schema(
+    [
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("study_id", pa.int64(), nullable=False),
+        pa.field("status", pa.string(), nullable=False),  # STUDY_STATUS
+        pa.field("normal_evidence", pa.string()),  # the normal statement as written, if any
+        pa.field("n_positive", pa.int32(), nullable=False),  # finding rows by presence (devices aside)
+        pa.field("n_uncertain", pa.int32(), nullable=False),
+        pa.field("n_negative", pa.int32(), nullable=False),
+    ]
+)
+
 QUESTIONS = pa.schema(
     [
         pa.field("qa_id", pa.int64(), nullable=False),

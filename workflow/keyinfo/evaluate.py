@@ -245,23 +245,25 @@ def iu_reports(path: Path) -> dict[str, dict[str, str | None]]:
                 for r in csv.DictReader(fh)}  # fmt: skip
 
 
-def read_labels(path: Path) -> dict[str, dict[str, str]]:
-    """uid -> {CheXpert class: presence} of a hand-label csv (uid, finding, presence)."""
+def read_labels(path: Path, sets: tuple[str, ...] | None = None) -> dict[str, dict[str, str]]:
+    """uid -> {class: presence} of the hand-label csv (uid, set, finding, presence; tests/data/LABELING.md),
+    only the reports of ``sets`` (dev / holdout / blind) when given."""
     import csv
 
     out: dict[str, dict[str, str]] = {}
     with open(path, newline="", encoding="utf-8") as fh:
         for r in csv.DictReader(fh):
-            out.setdefault(r["uid"], {})[r["finding"]] = r["presence"]
+            if sets is None or r["set"] in sets:
+                out.setdefault(r["uid"], {})[r["finding"]] = r["presence"]
     return out
 
 
-def score_iu(reports_csv: Path, labels_csv: Path) -> dict[str, dict]:
+def score_iu(reports_csv: Path, labels_csv: Path, sets: tuple[str, ...] | None = None) -> dict[str, dict]:
     """Report-level scores of the rules extractor on hand-labelled IU reports (14 classes and 13 without
     No Finding, U-Ones and presence-aware)."""
     from workflow.keyinfo.extract import extract_sections
 
-    gold = read_labels(labels_csv)
+    gold = read_labels(labels_csv, sets)
     reports = iu_reports(reports_csv)
     pred = {uid: chexpert14(extract_sections(reports[uid])) for uid in gold}
     out = {}
