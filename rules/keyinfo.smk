@@ -1,6 +1,7 @@
 rule keyinfo_rules:
     input:
         sections=rules.sections.output.sections,
+        reports=rules.ingest.output.studies,
         libs=[
             "libs/vocabulary.yaml",
             "libs/findings.csv",
@@ -22,9 +23,38 @@ rule keyinfo_rules:
         "../envs/core.yaml"
     params:
         py=PY,
+        conventions=lambda wc: (
+            f"--alternatives {config['keyinfo']['alternatives']} --hedges {config['keyinfo']['hedges']}"
+            + ("" if config["keyinfo"]["lenient_sections"] else " --no-lenient")
+        ),
     shell:
-        "{params.py} -m workflow.keyinfo.run_rules --sections {input.sections:q} --findings {output.findings:q}"
-        " --stats {output.stats:q} --rejects {output.rejects:q} 2> {log:q}"
+        "{params.py} -m workflow.keyinfo.run_rules --sections {input.sections:q} --reports {input.reports:q}"
+        " --findings {output.findings:q} --stats {output.stats:q} --rejects {output.rejects:q}"
+        " {params.conventions} 2> {log:q}"
 
 
 ALL_TARGETS += rules.keyinfo_rules.output
+
+
+# normal / abnormal / unknown per study, from the findings downstream stages read (either backend)
+rule keyinfo_studies:
+    input:
+        sections=rules.sections.output.sections,
+        reports=rules.ingest.output.studies,
+        findings=findings_table,
+        libs="libs/triggers.yaml",
+    output:
+        studies=out("keyinfo", "studies.parquet"),
+    log:
+        logfile("keyinfo_studies"),
+    conda:
+        "../envs/core.yaml"
+    params:
+        py=PY,
+        lenient=lambda wc: "" if config["keyinfo"]["lenient_sections"] else "--no-lenient",
+    shell:
+        "{params.py} -m workflow.keyinfo.studies --sections {input.sections:q} --reports {input.reports:q}"
+        " --findings {input.findings:q} --out {output.studies:q} {params.lenient} 2> {log:q}"
+
+
+ALL_TARGETS += rules.keyinfo_studies.output

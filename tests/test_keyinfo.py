@@ -61,7 +61,7 @@ def test_blockers_keep_lookalike_findings_apart():
         "Calcified nodule in the right upper lobe. Massive hiatal hernia."
     )
     assert labels == {"pericardial effusion": "positive", "subcutaneous emphysema": "positive",
-                      "granuloma": "positive", "hiatal hernia": "positive"}  # fmt: skip
+                      "granuloma": "positive", "nodule": "positive", "hiatal hernia": "positive"}  # fmt: skip
     rows = by_name(rows_of("Calcified nodule in the right upper lobe."))
     assert rows["granuloma"][0]["type"] == "calcified"
     assert rows["granuloma"][0]["location"] == "right upper lobe"

@@ -12,6 +12,7 @@ presence). Presence conventions are documented in ``libs/README.md``.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from workflow.keyinfo.libs import Libs, Tok, load_libs
 
@@ -58,6 +59,7 @@ class Mention:
         "end",
         "section",
         "from_anchor",
+        "also",
     )
 
     def __init__(self, name, raw, start, end, section):
@@ -68,6 +70,7 @@ class Mention:
         self.structs: list[str] = []
         self.level = self.type = self.change = None
         self.from_anchor = False
+        self.also: tuple[str, ...] = ()
 
     def add_loc(self, tok: Tok) -> None:
         if tok.lat:
@@ -188,40 +191,153 @@ def _words(norm: str, a: int, b: int) -> int:
     return len(norm[a:b].split()) + 1 if b > a else 0
 
 
-def _presence(clause, i: int, norm: str) -> str:
-    """Presence of the finding/anchor at clause[i] from the triggers around it."""
-    presence = POS
-    # nearest backward-scoped trigger before the mention
-    for j in range(i - 1, -1, -1):
-        tok = clause[j][2]
+ABSENT = "absent"  # a request or a mimic: the mention is no finding at all
+
+
+@dataclass(frozen=True)
+class Conventions:
+    """The documented, configurable readings (``keyinfo.alternatives`` / ``keyinfo.hedges`` in config.yaml).
+
+    ``alternatives``: "X or Y" in a plain statement → both ``uncertain`` (CheXpert's reading, the default)
+    or both ``positive`` (NegBio's). ``hedges``: "possible X", "X cannot be excluded" → ``uncertain`` (the
+    default) or ``positive`` (U-Ones at the source). Negations are never affected.
+    """
+
+    alternatives: str = "uncertain"
+    hedges: str = "uncertain"
+
+    def __post_init__(self):
+        for key in ("alternatives", "hedges"):
+            if getattr(self, key) not in (UNC, POS):
+                raise ValueError(f"keyinfo.{key} must be 'uncertain' or 'positive', not {getattr(self, key)!r}")
+
+
+DEFAULT_CONVENTIONS = Conventions()
+
+
+class Scope:
+    """Presence of every mention of one clause from the triggers around it, in linear time.
+
+    Backward: the nearest forward-looking trigger before a mention decides, walking back over list items;
+    the walk stops at a scope breaker and at a new noun phrase after a comma (``No pneumothorax, small
+    left effusion``) unless a coordinator closes the list (``No consolidation, large effusion, or
+    pneumothorax`` is one negated list). A causal link (``due to``) stops a negation but not a hedge.
+    Forward: a backward-looking trigger a few words after a mention, or after the list it ends
+    (``Consolidation, atelectasis, and effusion ... have cleared``), overrides.
+
+    Both walks are memoised per clause position (each step's answer is the next step's), so a clause of
+    any length costs O(tokens): one malformed run-on report cannot stall the stage.
+    """
+
+    __slots__ = ("clause", "norm", "toks", "closed", "_back", "_back_unc", "_fwd")
+
+    def __init__(self, clause, norm: str):
+        self.clause = clause
+        self.norm = norm
+        self.toks = [c[2] for c in clause]
+        n = len(clause)
+        self.closed = self._closed_lists()
+        self._back: list[str | None] = [None] * n
+        self._back_unc: list[str | None] = [None] * n
+        self._fwd: list[str | None] = [None] * n
+        back, back_unc = self._back, self._back_unc
+        for k in range(n):  # left to right: f(k) needs f(k - 1) only
+            back[k] = self._step(k, False)
+            back_unc[k] = self._step(k, True)
+        fwd = self._fwd
+        for k in range(n - 1, -1, -1):  # right to left: g(k) needs g at the next finding only
+            fwd[k] = self._forward(k)
+
+    def _closed_lists(self) -> list[bool]:
+        """closed[k]: the comma at k sits in a list that a coordinator (or / nor / and) closes.
+
+        Read right to left: a comma is closed when, before anything else than list items (findings,
+        attribute words, prepositions, commas), an ``or`` / ``nor`` / ``and`` follows and the item after it
+        does not open a new positive noun phrase of its own (``..., small effusion and mild atelectasis``)."""
+        toks = self.toks
+        n = len(toks)
+        closed = [False] * n
+        state = False  # is there a closing coordinator ahead, reachable over list items only?
+        for k in range(n - 1, -1, -1):
+            tok = toks[k]
+            if tok is _COMMA:
+                closed[k] = state
+            elif tok.alt or tok.phrase == "nor":
+                state = True
+            elif tok.conj:
+                nxt = toks[k + 1] if k + 1 < n else None
+                state = nxt is not None and nxt.level is None and nxt.change is None
+            elif tok.finding or tok.anchors or tok.is_attr or tok.prep:
+                pass
+            else:
+                state = False
+        return closed
+
+    def _step(self, k: int, unc_only: bool) -> str | None:
+        """The walk's answer examining position k and then leftwards (None: nothing governs, positive)."""
+        toks = self.toks
+        memo = self._back_unc if unc_only else self._back
+        prev = memo[k - 1] if k > 0 else None
+        tok = toks[k]
         if tok is _COMMA:
-            nxt = clause[j + 1][2]
-            if j + 1 < i and (nxt.level is not None or nxt.change is not None):
-                break  # ", small left effusion": a new noun phrase, outside the negation
-            continue
+            nxt = toks[k + 1] if k + 1 < len(toks) else None
+            if nxt is not None and (nxt.level is not None or nxt.change is not None) and not self.closed[k]:
+                return None  # ", small left effusion": a new noun phrase, outside the negation
+            return prev
         if tok.neg_pre:
-            presence = NEG
-            break
+            return None if unc_only else NEG
         if tok.unc_pre:
+            return UNC
+        if tok.request:
+            return ABSENT
+        if tok.soft:
+            if tok.causal:
+                return self._back_unc[k - 1] if k > 0 else None
+            return None
+        if tok.alt and k + 1 < len(toks) and toks[k + 1].neg_pre:
+            return None
+        return prev
+
+    def _forward(self, k: int) -> str | None:
+        """NEG / UNC from a backward-looking trigger after position k (chained over following list items)."""
+        clause, norm = self.clause, self.norm
+        end = clause[k][1]
+        for j in range(k + 1, len(clause)):
+            s, _, tok = clause[j]
+            if _words(norm, end, s) > POST_TRIGGER_WORDS:
+                return None
+            if tok.neg_post:
+                return NEG
+            if tok.unc_post:
+                if tok.unc_pre and _finding_follows(clause, j):
+                    return None  # "possible" before the next finding belongs to it
+                return UNC
+            if tok.neg_pre or tok.unc_pre or tok.soft or tok.request:
+                return None
+            if tok.finding:
+                return self._fwd[j]  # the list goes on: what follows it speaks for the whole list
+        return None
+
+    def presence(self, i: int, conv: Conventions = DEFAULT_CONVENTIONS) -> str:
+        """positive / uncertain / negative, or ABSENT for a mention a request names."""
+        toks = self.toks
+        if i == 0:
+            before = None
+        elif toks[i - 1] is _COMMA:  # the comma right before a mention never opens a new phrase
+            before = self._back[i - 2] if i > 1 else None
+        else:
+            before = self._back[i - 1]
+        presence = before or POS
+        if presence == ABSENT:
+            return ABSENT
+        after = self._fwd[i]
+        if after == NEG:
+            presence = NEG
+        elif after == UNC and presence == POS:
             presence = UNC
-            break
-        if tok.soft or tok.alt and j + 1 < i and clause[j + 1][2].neg_pre:
-            break
-    # backward-looking triggers a few words after the mention ("X is not seen", "X cannot be excluded")
-    end = clause[i][1]
-    for j in range(i + 1, len(clause)):
-        s, _, tok = clause[j]
-        if _words(norm, end, s) > POST_TRIGGER_WORDS:
-            break
-        if tok.neg_post:
-            return NEG
-        if tok.unc_post:
-            if tok.unc_pre and _finding_follows(clause, j):
-                break  # "possible" before the next finding belongs to it
-            return UNC if presence == POS else presence
-        if tok.neg_pre or tok.unc_pre or tok.soft:
-            break
-    return presence
+        if presence == UNC and conv.hedges == POS:
+            presence = POS
+        return presence
 
 
 def _finding_follows(clause, j: int) -> bool:
@@ -235,11 +351,15 @@ def _finding_follows(clause, j: int) -> bool:
 
 
 def _anchor_predicate(clause, i: int, norm: str, libs: Libs, group: str):
-    """(presence, level, predicate token index) for an anchor, or None when nothing is said about it."""
+    """(presence, level, predicate token index, negated) for an anchor, or None when nothing is said about it.
+
+    ``negated``: a negation stands between the anchor and a positive or uncertain predicate, over degree
+    words ("the heart is not significantly enlarged")."""
     preds = libs.anchor_preds[group]
     start = clause[i][0]
     end = clause[i][1]
     level = None
+    negated = False
     for j in range(i + 1, len(clause)):
         s, _, tok = clause[j]
         if _words(norm, end, s) > libs.anchor_window:
@@ -247,9 +367,11 @@ def _anchor_predicate(clause, i: int, norm: str, libs: Libs, group: str):
         found = _pred_lookup(preds, tok.pred) if tok.pred else None
         if found and not (tok.finding or _attr_of_next_finding(clause, j)):
             first = libs.tokens.get(tok.pred.split(" ", 1)[0])
-            return found, level or (first.level if first else None), j
+            return found, level or (first.level if first else None), j, negated and found != NEG
         if tok.finding or tok.soft and not tok.pred:
             break
+        if tok.neg_pre and not tok.pred:
+            negated = True
         if tok.level is not None:
             level = tok.level
     for j in range(i - 1, -1, -1):
@@ -258,7 +380,9 @@ def _anchor_predicate(clause, i: int, norm: str, libs: Libs, group: str):
             break
         found = _pred_lookup(preds, tok.pred) if tok.pred else None
         if found:
-            return found, tok.level, j
+            return found, tok.level, j, False
+        if tok is _COMMA and j > 0 and clause[j - 1][2].anchors:
+            continue  # "normal cardiac size, mediastinum, and vasculature": one predicate, a list of anchors
         if tok.finding or tok is _COMMA:
             break  # other anchors are passed over: "normal heart size and mediastinal contours"
     return None
@@ -280,13 +404,19 @@ def _attr_of_next_finding(clause, j: int) -> bool:
     return bool(nxt is not None and nxt.finding)
 
 
-def _clause_mentions(clause, norm: str, text: str, section: str, libs: Libs) -> list[Mention]:
+def _clause_mentions(
+    clause, norm: str, text: str, section: str, libs: Libs, conv: Conventions = DEFAULT_CONVENTIONS
+) -> list[Mention]:
+    if not any(tok.finding or tok.anchors for _, _, tok in clause):
+        return []
+    scope = Scope(clause, norm)
     mentions: list[Mention] = []
     heads: list[int] = []  # clause index of each mention
     claimed = [False] * len(clause)
     for i, (s, e, tok) in enumerate(clause):
         if tok.finding:
             m = Mention(tok.finding, text[s:e], s, e, section)
+            m.also = tok.also
             if tok.implied:
                 for lat in tok.implied["lat"]:
                     m.lat.add(lat)
@@ -294,7 +424,7 @@ def _clause_mentions(clause, norm: str, text: str, section: str, libs: Libs) -> 
                 m.structs.extend(tok.implied["structs"])
                 m.level = tok.implied["level"]
                 m.type = tok.implied["type"]
-            m.presence = _presence(clause, i, norm)
+            m.presence = scope.presence(i, conv)
             mentions.append(m)
             heads.append(i)
             claimed[i] = True
@@ -303,12 +433,16 @@ def _clause_mentions(clause, norm: str, text: str, section: str, libs: Libs) -> 
                 found = _anchor_predicate(clause, i, norm, libs, group)
                 if found is None:
                     continue
-                pred_presence, level, j = found
+                pred_presence, level, j, negated = found
                 lo, hi = min(i, j), max(i, j)
                 m = Mention(group, text[clause[lo][0] : clause[hi][1]], clause[lo][0], clause[hi][1], section)
                 m.from_anchor = True
-                context = _presence(clause, i, norm)
-                if pred_presence == POS:
+                context = scope.presence(i, conv)
+                if negated:  # "the heart is not significantly enlarged"
+                    m.presence = NEG
+                elif context == ABSENT:
+                    m.presence = ABSENT
+                elif pred_presence == POS:
                     m.presence = context
                 elif pred_presence == UNC:
                     m.presence = NEG if context == NEG else UNC
@@ -435,17 +569,57 @@ def _clause_mentions(clause, norm: str, text: str, section: str, libs: Libs) -> 
     for k in range(len(heads) - 1):
         a, b = heads[k], heads[k + 1]
         between = [clause[j][2] for j in range(a + 1, b)]
+        if mentions[k].name == mentions[k + 1].name:
+            continue  # "pacemaker/defibrillator": one thing named twice, not two alternatives
         if any(t.alt for t in between) and all(t.alt or t.is_attr or t.prep or t.conj for t in between):
             for m in (mentions[k], mentions[k + 1]):
-                if m.presence == POS:
+                if m.presence == POS and conv.alternatives == UNC:
                     m.presence = UNC
+
+    for k in _explained_away(clause, heads, mentions):
+        mentions[k].presence = ABSENT
+    if any(m.presence == ABSENT for m in mentions):
+        mentions = [m for m in mentions if m.presence != ABSENT]
 
     for m in mentions:
         if m.presence == NEG and m.change != "resolved":
             m.change = None
+    if any(m.also for m in mentions):
+        mentions = [x for m in mentions for x in (m, *(_renamed(m, name) for name in m.also))]
     if sum(m.name == DEVICE for m in mentions) > 1:
         mentions = _merge_devices(mentions)
     return mentions
+
+
+def _explained_away(clause, heads: list[int], mentions: list[Mention]) -> list[int]:
+    """Mentions a mimic after them explains away ("Nodular opacity ... consistent with a nipple shadow").
+
+    From each mimic, walk left over attribute words, links and hedges to the nearest finding; a
+    coordinator, a negation or a clause boundary in between means the mimic is a finding's neighbour, not
+    its explanation."""
+    out = []
+    head_of = {i: k for k, i in enumerate(heads)}
+    for j, (_, _, tok) in enumerate(clause):
+        if not tok.mimic:
+            continue
+        for i in range(j - 1, -1, -1):
+            t = clause[i][2]
+            if i in head_of:
+                m = mentions[head_of[i]]
+                if not m.from_anchor and m.presence in (POS, UNC):
+                    out.append(head_of[i])
+                break
+            if t.conj or t.alt or t.neg_pre or t.neg_post or t.finding:
+                break
+    return out
+
+
+def _renamed(m: Mention, name: str) -> Mention:
+    twin = Mention(name, m.raw, m.start, m.end, m.section)
+    for slot in ("presence", "level", "type", "change", "from_anchor"):
+        setattr(twin, slot, getattr(m, slot))
+    twin.lat, twin.zones, twin.structs = set(m.lat), list(m.zones), list(m.structs)
+    return twin
 
 
 DEVICE = "support device"
@@ -498,7 +672,9 @@ def _apply_pre(m: Mention, toks: list[Tok]) -> None:
             m.change = tok.change
 
 
-def extract_mentions(sections: dict[str, str | None], libs: Libs | None = None) -> list[Mention]:
+def extract_mentions(
+    sections: dict[str, str | None], libs: Libs | None = None, conventions: Conventions | None = None
+) -> list[Mention]:
     """Every finding mention of the findings and impression sections, in text order.
 
     Indication, history and comparison are never read. A report with neither findings nor impression is read
@@ -513,7 +689,7 @@ def extract_mentions(sections: dict[str, str | None], libs: Libs | None = None) 
             continue
         norm = normalise(text)
         for clause in _scan(norm, libs):
-            out.extend(_clause_mentions(clause, norm, text, section, libs))
+            out.extend(_clause_mentions(clause, norm, text, section, libs, conventions or DEFAULT_CONVENTIONS))
     return out
 
 
@@ -597,13 +773,47 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     return order
 
 
-def extract_sections(sections: dict[str, str | None]) -> list[dict]:
+def extract_sections(sections: dict[str, str | None], conventions: Conventions | None = None) -> list[dict]:
     """Findings rows (name, raw_name, presence, location, level, type, change, section, start, end) of one study.
 
     Reads only ``findings`` and ``impression``.
     """
     libs = load_libs()
-    return merge_mentions(extract_mentions(sections, libs), libs)
+    return merge_mentions(extract_mentions(sections, libs, conventions), libs)
+
+
+# A header in any case at a line start ("Findings:", "IMPRESSION :"): MIT-LCP's parser knows upper case only.
+_LENIENT_HEADER = re.compile(
+    r"(?im)^[ \t]*(findings?\s*(?:and|/|&)\s*impressions?|findings?|impressions?|conclusions?|opinion)[ \t]*:"
+)
+
+
+def lenient_sections(report: str) -> dict[str, str | None]:
+    """findings / impression of a report by headers in any case; None where a section is absent.
+
+    For corpora whose headers are not MIMIC's capitals; the last section of a name wins (as MIT-LCP)."""
+    out: dict[str, str | None] = {"findings": None, "impression": None}
+    matches = list(_LENIENT_HEADER.finditer(report))
+    for m, nxt in zip(matches, [*matches[1:], None], strict=True):
+        head = m.group(1).lower()
+        name = "findings" if head.startswith("finding") and "impression" not in head else "impression"
+        body = report[m.end() : nxt.start() if nxt else len(report)]
+        # a following header that the lenient pattern does not know ends the section too
+        body = re.split(r"(?m)^[ \t]*[A-Za-z][A-Za-z /]{2,40}:", body, maxsplit=1)[0].strip()
+        if body:
+            out[name] = body
+    return out
+
+
+def sections_for_reading(sections: dict[str, str | None], report: str | None) -> dict[str, str | None]:
+    """The sections the key-information stage reads: the MIT-LCP-compatible ones when they hold findings
+    or an impression; else, when the report has headers in another case, those (``Findings:``)."""
+    if any(sections.get(s) for s in READ_SECTIONS) or not report:
+        return sections
+    lenient = lenient_sections(report)
+    if not any(lenient.values()):
+        return sections
+    return {**sections, **lenient}
 
 
 def merge_presence(pairs) -> dict[str, str]:

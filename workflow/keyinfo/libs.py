@@ -53,6 +53,10 @@ class Tok:
         "is_loc",
         "adverbial",
         "hides",
+        "also",
+        "causal",
+        "request",
+        "mimic",
     )
 
     def __init__(self, phrase: str):
@@ -72,6 +76,10 @@ class Tok:
         # a non-finding phrase one of whose tails starts a longer finding phrase ("no enlargement" and
         # "enlargement of the cardiomediastinal silhouette"): the scan checks whether it hides that finding
         self.hides = False
+        self.also: tuple[str, ...] = ()  # further findings one phrase names ("calcified nodule": + granuloma)
+        self.causal = False  # a scope breaker that a hedge reaches through ("may be secondary to")
+        self.request = False  # "evaluation for", "correlate clinically for": what follows is not a finding
+        self.mimic = False  # "nipple shadow", "artifact": explains a finding written before it away
 
     @property
     def is_attr(self) -> bool:
@@ -85,6 +93,7 @@ class Libs:
     findings: tuple[str, ...]
     vqa_name: dict[str, str]
     chexpert: dict[str, str]
+    cxr14: dict[str, str]  # canonical name -> ChestX-ray14 class ('' for none)
     surface_to_name: dict[str, str]  # every normalised finding surface form -> canonical name
     blockers: frozenset[str]
     tokens: dict[str, Tok]
@@ -94,6 +103,7 @@ class Libs:
     vocabulary: dict
     location_order: dict[str, int]
     level_rank: dict[str, int]
+    normal_statements: re.Pattern | None = None  # "no acute cardiopulmonary process", "normal chest", ...
     slot_words: dict[str, dict[str, str]] = field(
         default_factory=dict
     )  # level/type/change phrase -> canonical
@@ -228,20 +238,30 @@ def load_libs() -> Libs:
             tok = _add(tokens, row["phrase"])
             setattr(tok, slot, row[slot])
             slot_words[slot][tok.phrase] = row[slot]
+            if slot == "change" and tok.phrase.startswith("no "):
+                # "without interval change" says what "no interval change" says (a change word, no negation)
+                twin = _add(tokens, "without " + tok.phrase[3:])
+                twin.change = row[slot]
+                slot_words[slot][twin.phrase] = row[slot]
     attr_tokens = dict(tokens)
 
-    vqa_name, chexpert, surface_to_name = {}, {}, {}
+    vqa_name, chexpert, cxr14, surface_to_name = {}, {}, {}, {}
+    explicit: dict[str, list[str]] = {}  # surface form -> every finding that lists it explicitly
     for row in _csv("findings.csv"):
         name = row["name"]
         _check(name, names, "finding")
         vqa_name[name] = row["vqa_name"] or ""
         chexpert[name] = row["chexpert"] or ""
+        cxr14[name] = row["cxr14"] or ""
         for syn in row["synonyms"].split(";"):
             syn = syn.strip()
             if not syn:
                 continue
             variants = [syn.replace("{side}", s) for s in SIDE_VARIANTS] if "{side}" in syn else [syn]
             for v in variants:
+                names_of = explicit.setdefault(norm_phrase(v), [])
+                if name not in names_of:
+                    names_of.append(name)
                 for form in [v, *plural_forms(norm_phrase(v))]:
                     key = norm_phrase(form)
                     if key in surface_to_name and surface_to_name[key] != name:
@@ -266,6 +286,8 @@ def load_libs() -> Libs:
             if not any(implied.values()):
                 implied = {}
         tok.implied = implied or None
+        # a surface form listed under two findings names both ("calcified nodule": nodule and granuloma)
+        tok.also = tuple(n for n in explicit.get(key, ()) if n != name)
 
     blockers = frozenset(
         form
@@ -293,7 +315,17 @@ def load_libs() -> Libs:
     for section, attr in flag_of.items():
         for phrase in trig[section]:
             setattr(_add(tokens, str(phrase)), attr, True)
-    for phrase in trig["pseudo"]:
+    for phrase in trig["causal_links"]:
+        tok = _add(tokens, phrase)
+        tok.soft = tok.causal = True
+    for phrase in trig["request_preceding"]:
+        _add(tokens, phrase).request = True
+    for phrase in trig["explanations"]:
+        _add(tokens, phrase).mimic = True
+    for head in ("clear of", "free of"):  # "grossly clear of", "hypoinflated but clear of"
+        for modifier in trig["negation_modifiers"]:
+            _add(tokens, f"{modifier} {head}").neg_pre = True
+    for phrase in (*trig["pseudo"], *trig["normal_statements"]):
         _add(tokens, phrase)  # plain words; hide the triggers inside them
     for phrase in ("and", "as well as", "plus"):
         _add(tokens, phrase).conj = True
@@ -312,8 +344,10 @@ def load_libs() -> Libs:
                 for copula in ("is ", "are "):  # "heart is enlarged": the copula is not part of the predicate
                     if key.startswith(copula):
                         key = key[len(copula) :]
-                preds[key] = presence
-                _add(tokens, key).pred = key
+                # "the silhouette is otherwise normal": "otherwise" is a clause boundary, not before a predicate
+                for form in (key, f"otherwise {key}") if presence == "negative" else (key,):
+                    preds.setdefault(form, presence)
+                    _add(tokens, form).pred = form
         anchor_preds[group] = preds
 
     for tok in tokens.values():
@@ -330,6 +364,7 @@ def load_libs() -> Libs:
         findings=names,
         vqa_name=vqa_name,
         chexpert=chexpert,
+        cxr14=cxr14,
         surface_to_name=surface_to_name,
         blockers=blockers,
         tokens=tokens,
@@ -340,6 +375,9 @@ def load_libs() -> Libs:
         location_order=location_order,
         level_rank={v: i for i, v in enumerate(vocab["level"])},
         slot_words=slot_words,
+        normal_statements=re.compile(
+            r"\b(?:" + trie_regex(sorted({norm_phrase(p) for p in trig["normal_statements"]})) + r")\b"
+        ),
     )
 
 

@@ -11,6 +11,7 @@ while the parent writes in order. A study with no findings / impression / last-p
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -23,12 +24,12 @@ from tqdm import tqdm
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.contract import FINDINGS, KEYINFO_STATS
-from workflow.keyinfo.extract import FALLBACK_SECTION, READ_SECTIONS, extract_sections
+from workflow.keyinfo.extract import Conventions, extract_sections
+from workflow.keyinfo.studies import TEXT_COLUMNS, section_batches
 from workflow.tables import Rejects, TableWriter, summary, write_table
 
 log = logging.getLogger(__name__)
 STAGE = "keyinfo_rules"
-COLUMNS = ("subject_id", "study_id", *READ_SECTIONS, FALLBACK_SECTION)
 
 
 def findings_rows_to_table(rows: list[dict]) -> pa.Table:
@@ -37,23 +38,24 @@ def findings_rows_to_table(rows: list[dict]) -> pa.Table:
     return pa.Table.from_pydict(cols, schema=FINDINGS)
 
 
-def extract_batch(batch: dict[str, list]) -> tuple[list[dict], list[int], int]:
-    """(findings rows, study ids without any text, studies) of one column-wise batch of the sections table."""
+def extract_batch(
+    batch: tuple[list[int], list[int], list[dict]], conventions: Conventions | None = None
+) -> tuple[list[dict], list[int], int]:
+    """(findings rows, study ids without any text, studies) of one batch of (subject ids, study ids, sections)."""
+    subjects, studies, sections_of = batch
     rows: list[dict] = []
     empty: list[int] = []
-    n = len(batch["study_id"])
-    for k in range(n):
-        sections = {name: batch[name][k] for name in (*READ_SECTIONS, FALLBACK_SECTION)}
-        if not any((sections[s] or "").strip() for s in sections):
-            empty.append(batch["study_id"][k])
+    for subject, study, sections in zip(subjects, studies, sections_of, strict=True):
+        if not any((sections.get(s) or "").strip() for s in TEXT_COLUMNS):
+            empty.append(study)
             continue
-        for r in extract_sections(sections):
-            r["subject_id"] = batch["subject_id"][k]
-            r["study_id"] = batch["study_id"][k]
+        for r in extract_sections(sections, conventions):
+            r["subject_id"] = subject
+            r["study_id"] = study
             r["source"] = "rules"
             r["evidence"] = r["raw_name"]
             rows.append(r)
-    return rows, empty, n
+    return rows, empty, len(studies)
 
 
 def stats_table(counts: Counter, studies: dict[str, set]) -> pa.Table:
@@ -70,17 +72,8 @@ def stats_table(counts: Counter, studies: dict[str, set]) -> pa.Table:
     )
 
 
-def _batches(path: Path, batch_size: int):
-    pf = pq.ParquetFile(path)
-    present = [c for c in COLUMNS if c in pf.schema_arrow.names]
-    for rb in pf.iter_batches(batch_size=batch_size, columns=present):
-        d = rb.to_pydict()
-        for c in COLUMNS:
-            d.setdefault(c, [None] * rb.num_rows)
-        yield d
-
-
-def run(sections: Path, findings: Path, stats: Path, rejects: Path, batch_size: int = 8192, workers: int = 1):
+def run(sections: Path, findings: Path, stats: Path, rejects: Path, batch_size: int = 8192, workers: int = 1,
+        reports: Path | None = None, conventions: Conventions | None = None, lenient: bool = True):  # fmt: skip
     counts: Counter = Counter()
     studies_of: dict[str, set] = {}
     rej = Rejects(STAGE)
@@ -88,8 +81,9 @@ def run(sections: Path, findings: Path, stats: Path, rejects: Path, batch_size: 
     with TableWriter(findings, FINDINGS) as writer, tqdm(total=total, unit="study", desc=STAGE) as bar:
         pool = ProcessPoolExecutor(workers) if workers > 1 else None
         try:
-            batches = list(_batches(sections, batch_size)) if pool else _batches(sections, batch_size)
-            results = pool.map(extract_batch, batches) if pool else map(extract_batch, batches)
+            batches = section_batches(sections, reports, lenient, batch_size)
+            work = functools.partial(extract_batch, conventions=conventions)
+            results = pool.map(work, list(batches)) if pool else map(work, batches)
             for rows, empty, n_batch in results:
                 for sid in empty:
                     rej.add(sid, "no_report_text", "no findings, impression or last paragraph")
@@ -118,11 +112,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rejects", required=True, type=Path, help="output rejects.parquet")
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--workers", type=int, default=1, help="extraction processes")
+    p.add_argument("--reports", type=Path, help="studies.parquet (report text, for the lenient section reading)")
+    p.add_argument("--no-lenient", action="store_true", help="read MIT-LCP's sections only")
+    p.add_argument("--alternatives", choices=("uncertain", "positive"), default="uncertain")
+    p.add_argument("--hedges", choices=("uncertain", "positive"), default="uncertain")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     if not args.sections.exists():
         p.error(f"--sections: {args.sections} does not exist")
-    run(args.sections, args.findings, args.stats, args.rejects, args.batch_size, args.workers)
+    run(args.sections, args.findings, args.stats, args.rejects, args.batch_size, args.workers, args.reports,
+        Conventions(args.alternatives, args.hedges), not args.no_lenient)  # fmt: skip
 
 
 if __name__ == "__main__":

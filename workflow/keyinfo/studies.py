@@ -1,0 +1,156 @@
+"""Per-study status of the key information: normal / abnormal / unknown (contract.KEYINFO_STUDIES).
+
+    python -m workflow.keyinfo.studies --sections results/sections/sections.parquet \\
+        --findings results/keyinfo/rules/findings.parquet --reports results/ingest/studies.parquet \\
+        --out results/keyinfo/studies.parquet
+
+A study without any finding row is either a normal report ("No acute cardiopulmonary process.") or a
+report that says nothing we read; downstream stages must tell the two apart (Medical-CXR-VQA asks the
+abnormality question "no" of normal studies only). Works for either backend: the findings are whatever the
+configured backend wrote; the normal statement comes from the report text (libs/triggers.yaml
+``normal_statements``), read in the same sections the extractor reads.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+
+from workflow.cli import parser as cli_parser
+from workflow.cli import setup_logging
+from workflow.contract import KEYINFO_STUDIES
+from workflow.keyinfo.extract import DEVICE, FALLBACK_SECTION, READ_SECTIONS, normalise, sections_for_reading
+from workflow.keyinfo.libs import Libs, load_libs
+from workflow.tables import TableWriter, summary
+
+log = logging.getLogger(__name__)
+STAGE = "keyinfo_studies"
+TEXT_COLUMNS = (*READ_SECTIONS, FALLBACK_SECTION)
+
+
+def normal_statement(sections: dict[str, str | None], libs: Libs | None = None) -> str | None:
+    """The first normal statement of the sections the extractor reads, as written; None if there is none."""
+    libs = libs or load_libs()
+    read = READ_SECTIONS if any(sections.get(s) for s in READ_SECTIONS) else (FALLBACK_SECTION,)
+    for section in read:
+        text = sections.get(section)
+        if not text:
+            continue
+        m = libs.normal_statements.search(normalise(text))
+        if m:
+            return text[m.start() : m.end()]
+    return None
+
+
+def study_status(n_positive: int, n_uncertain: int, n_negative: int, evidence: str | None) -> str:
+    """``abnormal`` with any positive or uncertain finding (devices aside); ``normal`` when the report says
+    so or denies at least one finding; ``unknown`` when it names nothing and makes no normal statement."""
+    if n_positive or n_uncertain:
+        return "abnormal"
+    if evidence or n_negative:
+        return "normal"
+    return "unknown"
+
+
+def presence_counts(findings: Path) -> dict[int, tuple[int, int, int]]:
+    """study_id -> (positive, uncertain, negative) finding rows, devices aside (vectorised group-by)."""
+    t = pq.read_table(findings, columns=["study_id", "name", "presence"])
+    t = t.filter(pc.not_equal(t["name"], DEVICE))
+    out: dict[int, list[int]] = {}
+    if t.num_rows:
+        g = t.group_by(["study_id", "presence"]).aggregate([([], "count_all")])
+        slot = {"positive": 0, "uncertain": 1, "negative": 2}
+        for sid, presence, n in zip(
+            g["study_id"].to_pylist(), g["presence"].to_pylist(), g["count_all"].to_pylist(), strict=True
+        ):
+            out.setdefault(sid, [0, 0, 0])[slot[presence]] = n
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def reports_for(reports: Path | None, study_ids: set[int]) -> dict[int, str]:
+    """study_id -> report text of the studies.parquet rows asked for (the few the lenient reading needs)."""
+    if reports is None or not study_ids:
+        return {}
+    table = ds.dataset(reports).to_table(
+        columns=["study_id", "report"], filter=pc.field("study_id").isin(pa.array(sorted(study_ids)))
+    )
+    return dict(zip(table["study_id"].to_pylist(), table["report"].to_pylist(), strict=True))
+
+
+def strict_silent(sections: Path) -> set[int]:
+    """Study ids whose MIT-compatible sections have neither findings nor impression."""
+    t = pq.read_table(sections, columns=["study_id", *READ_SECTIONS])
+    empty = None
+    for name in READ_SECTIONS:
+        col = t[name]
+        blank = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))
+        empty = blank if empty is None else pc.and_kleene(empty, blank)
+    return set(t.filter(empty)["study_id"].to_pylist())
+
+
+def section_batches(
+    sections: Path, reports: Path | None, lenient: bool, batch_size: int = 8192
+) -> Iterator[tuple[list[int], list[int], list[dict]]]:
+    """(subject ids, study ids, sections to read) per batch; with ``lenient`` the studies MIT-LCP's parser
+    finds neither findings nor impression in are read by headers in any case."""
+    texts = reports_for(reports, strict_silent(sections)) if lenient else {}
+    pf = pq.ParquetFile(sections)
+    present = [c for c in ("subject_id", "study_id", *TEXT_COLUMNS) if c in pf.schema_arrow.names]
+    for rb in pf.iter_batches(batch_size=batch_size, columns=present):
+        d = rb.to_pydict()
+        rows = []
+        for k, sid in enumerate(d["study_id"]):
+            strict = {name: d.get(name, [None] * rb.num_rows)[k] for name in TEXT_COLUMNS}
+            rows.append(sections_for_reading(strict, texts.get(sid)) if sid in texts else strict)
+        yield d["subject_id"], d["study_id"], rows
+
+
+def run(sections: Path, findings: Path, out: Path, reports: Path | None = None, lenient: bool = True) -> None:
+    libs = load_libs()
+    counts = presence_counts(findings)
+    by_status = dict.fromkeys(("normal", "abnormal", "unknown", "no text"), 0)
+    n_in = 0
+    with TableWriter(out, KEYINFO_STUDIES) as writer:
+        for subjects, studies, rows in section_batches(sections, reports, lenient):
+            cols: dict[str, list] = {f.name: [] for f in KEYINFO_STUDIES}
+            for subject, study, secs in zip(subjects, studies, rows, strict=True):
+                n_in += 1
+                if not any((secs.get(s) or "").strip() for s in TEXT_COLUMNS):
+                    by_status["no text"] += 1  # rejected by the extractor (no_report_text): not read
+                    continue
+                pos, unc, neg = counts.get(study, (0, 0, 0))
+                evidence = normal_statement(secs, libs)
+                status = study_status(pos, unc, neg, evidence)
+                by_status[status] += 1
+                for key, value in (("subject_id", subject), ("study_id", study), ("status", status),
+                                   ("normal_evidence", evidence), ("n_positive", pos), ("n_uncertain", unc),
+                                   ("n_negative", neg)):  # fmt: skip
+                    cols[key].append(value)
+            writer.write(pa.Table.from_pydict(cols, schema=KEYINFO_STUDIES))
+    summary(STAGE, n_in, n_in - by_status["no text"], by_status["no text"])
+    log.info("%s: %s", STAGE, ", ".join(f"{k} {v}" for k, v in by_status.items()))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = cli_parser("Per-study normal / abnormal / unknown status of the key information.")
+    p.add_argument("--sections", required=True, type=Path, help="sections.parquet (contract.SECTIONS)")
+    p.add_argument("--findings", required=True, type=Path, help="the findings table downstream stages read")
+    p.add_argument("--reports", type=Path, help="studies.parquet (report text, for the lenient section reading)")
+    p.add_argument("--no-lenient", action="store_true", help="read MIT-LCP's sections only")
+    p.add_argument("--out", required=True, type=Path, help="output studies.parquet (contract.KEYINFO_STUDIES)")
+    args = p.parse_args(argv)
+    setup_logging(args.verbose)
+    for key in ("sections", "findings"):
+        if not getattr(args, key).exists():
+            p.error(f"--{key}: {getattr(args, key)} does not exist")
+    run(args.sections, args.findings, args.out, args.reports, not args.no_lenient)
+
+
+if __name__ == "__main__":
+    main()
