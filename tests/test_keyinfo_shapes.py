@@ -218,3 +218,8 @@ def test_study_status_tells_normal_from_silent_and_abnormal(tmp_path):
     findings = pq.read_table(tmp_path / "f.parquet").to_pylist()
     assert {(r["study_id"], r["name"], r["presence"]) for r in findings if r["study_id"] == 6} == {
         (6, "cardiomegaly", "negative"), (6, "pneumothorax", "negative")}  # fmt: skip
+
+
+def test_a_report_without_any_header_keeps_its_strict_sections():
+    strict = {"findings": None, "impression": None, "last_paragraph": "No effusion."}
+    assert sections_for_reading(strict, "No effusion.") == strict

@@ -42,6 +42,7 @@ TABLES = {
     "ingest/images.parquet": contract.IMAGES,
     "sections/sections.parquet": contract.SECTIONS,
     "keyinfo/rules/findings.parquet": contract.FINDINGS,
+    "keyinfo/studies.parquet": contract.KEYINFO_STUDIES,
     "vqa/questions.parquet": contract.QUESTIONS,
     "rg4/rg4_sn.parquet": contract.RG4_RECORDS,
     "rg4/rg4_mw.parquet": contract.RG4_RECORDS,
@@ -84,6 +85,21 @@ def test_stage_counts_add_up_and_match_the_logs(demo_run):
     ingest_log = (demo_run / "logs/ingest.log").read_text()
     row = by_stage["ingest"]
     assert f"ingest: {row['in']} studies in, {row['out']} out, {row['rejected']} rejected" in ingest_log
+
+
+def test_every_read_study_has_a_status_and_the_status_agrees_with_the_findings(demo_run):
+    status = pq.read_table(demo_run / "results/keyinfo/studies.parquet").to_pandas()
+    sections = set(pq.read_table(demo_run / "results/sections/sections.parquet")["study_id"].to_pylist())
+    rejected = set(pq.read_table(demo_run / "results/keyinfo/rules/rejects.parquet")["study_id"].to_pylist())
+    assert set(status["study_id"]) == sections - rejected
+    findings = pq.read_table(demo_run / "results/keyinfo/rules/findings.parquet").to_pandas()
+    findings = findings[findings["name"] != "support device"]
+    abnormal = set(findings.loc[findings["presence"].isin(["positive", "uncertain"]), "study_id"])
+    assert set(status.loc[status["status"] == "abnormal", "study_id"]) == abnormal
+    normal = status[status["status"] == "normal"]
+    assert len(normal) > 0
+    denied = set(findings.loc[findings["presence"] == "negative", "study_id"])
+    assert all(sid in denied or ev for sid, ev in zip(normal["study_id"], normal["normal_evidence"], strict=True))
 
 
 def test_mit_csv_has_its_header_and_line_ends(demo_run):

@@ -794,6 +794,8 @@ def lenient_sections(report: str) -> dict[str, str | None]:
     For corpora whose headers are not MIMIC's capitals; the last section of a name wins (as MIT-LCP)."""
     out: dict[str, str | None] = {"findings": None, "impression": None}
     matches = list(_LENIENT_HEADER.finditer(report))
+    if not matches:
+        return out
     for m, nxt in zip(matches, [*matches[1:], None], strict=True):
         head = m.group(1).lower()
         name = "findings" if head.startswith("finding") and "impression" not in head else "impression"
