@@ -77,6 +77,7 @@ from tqdm import tqdm
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.contract import SYNTH_STUDIES, SYNTH_TRUTH
+from workflow.keyinfo.libs import load_libs
 from workflow.sections import SPECIAL_STUDIES as MIT_SPECIAL_STUDY_IDS
 from workflow.tables import TableWriter
 
@@ -175,10 +176,13 @@ FINDING_FORMS: dict[str, Form] = {
     "pneumonia": Form((("pneumonia", None),), None, (), (None, *LOBES, "lingula", "right basal", "left basal"),
                       (None, None, "multifocal"), countable=False),
     # no "airspace disease": "airspace" is also a type word, so its type would be ambiguous
-    "lung opacity": Form((("opacity", "opacities"), ("opacification", None), ("infiltrate", "infiltrates")),
+    "lung opacity": Form((("opacity", "opacities"), ("opacification", None)),
                          "severity", ("mild",),
                          (None, *LOBES, *BASES, "retrocardiac", "left apical", "right perihilar", "lingula"),
                          (None, "patchy", "hazy", "ground-glass", "streaky", "linear", "confluent")),
+    # its own finding (ChestX-ray14's Infiltration); CheXpert folds it into Lung Opacity (libs/findings.csv)
+    "infiltrate": Form((("infiltrate", "infiltrates"),), "severity", ("mild",),
+                       (None, *LOBES, *BASES, "retrocardiac", "right perihilar"), (None, "patchy", "interstitial")),
     "edema": Form((("pulmonary edema", None), ("edema", None)), "severity", ("mild", "moderate", "severe"),
                   (None, None, None, "perihilar", "bilateral"), (None, None, "interstitial", "alveolar"),
                   countable=False),
@@ -526,15 +530,8 @@ SPECIAL_STUDIES = [
 CHEXPERT_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
                    "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
                    "Pneumonia", "Pneumothorax", "Support Devices"]
-# Canonical name -> CheXpert label (the rest have none).
-CHEXPERT_OF = {"atelectasis": "Atelectasis", "cardiomegaly": "Cardiomegaly", "consolidation": "Consolidation",
-               "edema": "Edema", "vascular congestion": "Edema", "heart failure": "Edema",
-               "enlarged cardiomediastinum": "Enlarged Cardiomediastinum", "fracture": "Fracture",
-               "nodule": "Lung Lesion", "mass": "Lung Lesion", "lesion": "Lung Lesion",
-               "lung opacity": "Lung Opacity", "pleural effusion": "Pleural Effusion",
-               "blunting of the costophrenic angle": "Pleural Effusion",
-               "pleural thickening": "Pleural Other", "pneumonia": "Pneumonia", "pneumothorax": "Pneumothorax",
-               "support device": "Support Devices"}
+# Canonical name -> CheXpert label: libs/findings.csv, the one mapping every stage reads.
+CHEXPERT_OF = {name: cls for name, cls in load_libs().chexpert.items() if cls}
 
 METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
                     "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
@@ -842,14 +839,14 @@ ACUTE = [("pleural effusion", 0.15), ("atelectasis", 0.15), ("lung opacity", 0.1
          ("pericardial effusion", 0.006), ("heart failure", 0.01), ("hilar congestion", 0.006),
          ("lymphadenopathy", 0.005), ("mass", 0.004), ("lesion", 0.003), ("hematoma", 0.003),
          ("blunting of the costophrenic angle", 0.015), ("pneumoperitoneum", 0.002), ("fracture", 0.006),
-         ("aspiration", 0.004), ("calcification", 0.006)]
+         ("aspiration", 0.004), ("calcification", 0.006), ("infiltrate", 0.02)]
 CHRONIC = [("cardiomegaly", 0.28), ("emphysema", 0.06), ("hyperinflation", 0.05), ("scoliosis", 0.05),
            ("degenerative changes", 0.07), ("granuloma", 0.05), ("tortuous aorta", 0.08),
            ("aortic calcification", 0.06), ("hiatal hernia", 0.04), ("fracture", 0.03), ("scarring", 0.04),
            ("pleural thickening", 0.03), ("elevated hemidiaphragm", 0.04), ("nodule", 0.03), ("fibrosis", 0.015),
            ("bronchiectasis", 0.015), ("interstitial markings", 0.03)]
 ACUTE_NAMES = {n for n, _p in ACUTE}
-PARENCHYMAL = {"lung opacity", "consolidation", "atelectasis", "pneumonia", "edema", "nodule", "mass", "granuloma",
+PARENCHYMAL = {"lung opacity", "infiltrate", "consolidation", "atelectasis", "pneumonia", "edema", "nodule", "mass", "granuloma",
                "fibrosis", "scarring", "interstitial markings", "aspiration", "lesion", "bronchiectasis", "emphysema",
                "vascular congestion", "hyperinflation"}
 HEART = {"cardiomegaly", "enlarged cardiomediastinum", "heart failure", "pericardial effusion"}

@@ -5,7 +5,7 @@ Follows RaDialog's dataset recipe (reference/sectioning_radialog.md §3) with ou
 
 * RG: official ``train`` split, one record per image whose study has a findings section; the prompt
   carries the structured findings (CheXpert labels of the findings section, derived from our findings
-  table through ``chexpert_from_canonical``), or "no common findings" — in INS too. Stratification as the
+  table through ``libs/findings.csv``), or "no common findings" — in INS too. Stratification as the
   original: images with a finding twice, plus ``int(2F/13)`` images without a finding drawn at random,
   so about 1/14 of the records show no finding.
 * INS: the train images shuffled and cut in six equal parts like the original (there: easy language,
@@ -32,6 +32,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from workflow.keyinfo.libs import load_libs
 from workflow.rg4.rewrite import _SENTENCE_END
 
 PROMPTS_PATH = Path(__file__).resolve().parents[2] / "libs" / "radialog_prompts.yaml"
@@ -82,12 +83,17 @@ def _in_findings(section) -> bool:
     return section is None or section != section or section == "findings"
 
 
+def chexpert_of() -> dict[str, str]:
+    """Canonical name -> CheXpert class, from libs/findings.csv (the one mapping every stage reads)."""
+    return {name: cls for name, cls in load_libs().chexpert.items() if cls}
+
+
 def chexpert_labels(
     findings: pd.DataFrame, prompts: dict
 ) -> tuple[dict[int, list[str]], dict[int, set[str]]]:
     """study_id → positive CheXpert labels (RaDialog's order, incl. No Finding) and → uncertain labels,
     from the findings of the findings section (RaDialog labels the findings text)."""
-    mapping = prompts["chexpert_from_canonical"]
+    mapping = chexpert_of()
     rank = {name: i for i, name in enumerate(prompts["chexpert_labels"])}
     positive: dict[int, set[str]] = {}
     uncertain: dict[int, set[str]] = {}
@@ -287,7 +293,7 @@ class Builder:
     def correction(self, img: Image, rng: random.Random) -> dict | None:
         """The assistant first wrote an edited report; the user asks to add what it dropped and remove
         what it invented; the answer is the true report."""
-        mapping = self.p["chexpert_from_canonical"]
+        mapping = chexpert_of()
         ev = self.evidence.get(img.study_id, {})
         spans = sentence_spans(img.findings)
         # labels whose every sentence can be dropped without emptying the report
