@@ -144,39 +144,54 @@ def score_synth(corpus: Path) -> dict:
     return score_mentions(pred, truth)
 
 
-# ---- report-level 14 classes --------------------------------------------------------------------------------
-def chexpert14(rows: list) -> dict[str, str]:
-    """CheXpert class -> merged presence of a report's findings rows (name, presence pairs or dicts).
+# ---- report-level classes: CheXpert's 14 and ChestX-ray14's 14 (+ No Finding) --------------------------------
+CXR14 = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Effusion", "Emphysema", "Fibrosis", "Hernia",
+    "Infiltration", "Mass", "Nodule", "No Finding", "Pleural_Thickening", "Pneumonia", "Pneumothorax",
+)  # fmt: skip
+LABEL_SETS = {"chexpert": CHEXPERT14, "cxr14": CXR14}
+# the hand labels write ChestX-ray14's two classes that CheXpert also has under CheXpert's names
+GOLD_NAME = {"cxr14": {"Pleural Effusion": "Effusion", "Pleural Thickening": "Pleural_Thickening"}}
+# CheXpert's conventions: these findings speak for a class only as uncertain, and never deny it
+ONLY_UNCERTAIN = frozenset(("vascular congestion", "blunting of the costophrenic angle"))
 
-    Mapping from ``libs/findings.csv`` (column ``chexpert``). Vascular congestion counts for Edema only as
-    uncertain, blunting of the costophrenic angle for Pleural Effusion only as uncertain (CheXpert's
-    conventions). No Finding is positive when no finding at all (devices aside) is positive or uncertain.
+
+def report_labels(rows: list, scheme: str = "chexpert") -> dict[str, str]:
+    """Class -> merged presence of a report's findings rows (name, presence pairs or dicts).
+
+    The class of each canonical finding is a column of ``libs/findings.csv`` (``chexpert`` / ``cxr14``).
+    No Finding is positive when no finding at all (devices aside) is positive or uncertain — granuloma,
+    scoliosis and the other findings without a class block it too (CheXpert's rule, kept for both sets).
     """
     libs = load_libs()
+    mapping = libs.chexpert if scheme == "chexpert" else libs.cxr14
     pairs = []
+    abnormal = False
     for r in rows:
         name, presence = (r["name"], r["presence"]) if isinstance(r, dict) else r
-        cls = libs.chexpert.get(name)
+        if presence in ("positive", "uncertain") and name != "support device":
+            abnormal = True
+        cls = mapping.get(name)
         if not cls:
             continue
-        if name in ("vascular congestion", "blunting of the costophrenic angle"):
+        if name in ONLY_UNCERTAIN:
             if presence == "negative":
                 continue  # "normal pulmonary vascularity" says nothing about edema
             presence = "uncertain"
         pairs.append((cls, presence))
     labels = merge_presence(pairs)
-    abnormal = any(
-        (r["presence"] if isinstance(r, dict) else r[1]) in ("positive", "uncertain")
-        and (r["name"] if isinstance(r, dict) else r[0]) != "support device"
-        for r in rows
-    )
-    if not abnormal:  # CheXpert: any other finding (granuloma, scoliosis, ...) also blocks No Finding
+    if not abnormal:
         labels["No Finding"] = "positive"
     return labels
 
 
+def chexpert14(rows: list) -> dict[str, str]:
+    """CheXpert's 14 classes of a report's findings rows (:func:`report_labels`)."""
+    return report_labels(rows, "chexpert")
+
+
 def score_labels(pred: dict[object, dict[str, str]], gold: dict[object, dict[str, str]],
-                 policy: str = "u_ones") -> dict:  # fmt: skip
+                 policy: str = "u_ones", classes: tuple[str, ...] = CHEXPERT14) -> dict:  # fmt: skip
     """Micro P/R/F1 over (report, class) of ``gold``'s reports.
 
     ``u_ones``: the positive class is positive-or-uncertain (blank and negative are the other class);
@@ -184,10 +199,15 @@ def score_labels(pred: dict[object, dict[str, str]], gold: dict[object, dict[str
     """
     tp = fp = fn = 0
     per_class: dict[str, Counter] = defaultdict(Counter)
+    per_presence: dict[str, Counter] = defaultdict(Counter)
     for report, g in gold.items():
         p = pred.get(report, {})
-        for cls in CHEXPERT14:
+        for cls in classes:
             gv, pv = g.get(cls), p.get(cls)
+            for value in ("positive", "uncertain", "negative"):
+                per_presence[value]["tp"] += gv == value and pv == value
+                per_presence[value]["fp"] += pv == value and gv != value
+                per_presence[value]["fn"] += gv == value and pv != value
             if policy == "u_ones":
                 gpos = gv in ("positive", "uncertain")
                 ppos = pv in ("positive", "uncertain")
@@ -202,8 +222,12 @@ def score_labels(pred: dict[object, dict[str, str]], gold: dict[object, dict[str
             per_class[cls]["fn"] += fn_
     p = tp / (tp + fp) if tp + fp else 0.0
     r = tp / (tp + fn) if tp + fn else 0.0
+    for c in (*per_class.values(), *per_presence.values()):
+        c["f1"] = 2 * c["tp"] / (2 * c["tp"] + c["fp"] + c["fn"]) if c["tp"] + c["fp"] + c["fn"] else None
+        c["support"] = c["tp"] + c["fn"]
     return {"policy": policy, "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0,
-            "tp": tp, "fp": fp, "fn": fn, "per_class": {k: dict(v) for k, v in per_class.items()}}  # fmt: skip
+            "tp": tp, "fp": fp, "fn": fn, "per_class": {k: dict(v) for k, v in per_class.items()},
+            "per_presence": {k: dict(v) for k, v in per_presence.items()}}  # fmt: skip
 
 
 def format_fields(result: dict) -> str:
@@ -258,23 +282,58 @@ def read_labels(path: Path, sets: tuple[str, ...] | None = None) -> dict[str, di
     return out
 
 
-def score_iu(reports_csv: Path, labels_csv: Path, sets: tuple[str, ...] | None = None) -> dict[str, dict]:
-    """Report-level scores of the rules extractor on hand-labelled IU reports (14 classes and 13 without
-    No Finding, U-Ones and presence-aware)."""
+def score_iu(reports_csv: Path, labels_csv: Path, sets: tuple[str, ...] | None = None, scheme: str = "chexpert",
+             conventions=None) -> dict[str, dict]:  # fmt: skip
+    """Report-level scores of the rules extractor on hand-labelled IU reports: all classes of ``scheme``
+    and the same without No Finding (``_13``), U-Ones and presence-aware."""
     from workflow.keyinfo.extract import extract_sections
 
-    gold = read_labels(labels_csv, sets)
+    classes = LABEL_SETS[scheme]
+    rename = GOLD_NAME.get(scheme, {})
+    gold = {u: {rename.get(k, k): v for k, v in g.items() if rename.get(k, k) in classes}
+            for u, g in read_labels(labels_csv, sets).items()}  # fmt: skip
     reports = iu_reports(reports_csv)
-    pred = {uid: chexpert14(extract_sections(reports[uid])) for uid in gold}
+    pred = {uid: report_labels(extract_sections(reports[uid], conventions), scheme) for uid in gold}
+    without = tuple(c for c in classes if c != "No Finding")
     out = {}
     for policy in ("u_ones", "presence"):
-        out[policy] = score_labels(pred, gold, policy)
-        g13 = {u: {k: v for k, v in g.items() if k != "No Finding"} for u, g in gold.items()}
-        p13 = {u: {k: v for k, v in p.items() if k != "No Finding"} for u, p in pred.items()}
-        out[policy + "_13"] = score_labels(p13, g13, policy)
+        out[policy] = score_labels(pred, gold, policy, classes)
+        out[policy + "_13"] = score_labels(pred, gold, policy, without)
     out["_pred"] = pred
     return out
 
 
+def format_per_class(result: dict, policy: str = "u_ones") -> str:
+    """A Markdown table: class, support (gold positives), TP / FP / FN, F1."""
+    lines = ["| class | support | TP / FP / FN | F1 |", "|---|---:|---|---:|"]
+    for cls, c in sorted(result[policy]["per_class"].items()):
+        f1 = "–" if c["f1"] is None else f"{c['f1']:.3f}"
+        lines.append(f"| {cls} | {c['support']} | {c['tp']} / {c['fp']} / {c['fn']} | {f1} |")
+    return "\n".join(lines)
+
+
+def main_iu(argv: list[str] | None = None) -> None:
+    from workflow.cli import parser as cli_parser
+    from workflow.keyinfo.extract import Conventions
+
+    p = cli_parser("Score the rules extractor against the hand-labelled IU X-Ray reports.")
+    p.add_argument("--iu", required=True, type=Path, help="indiana_reports.csv")
+    p.add_argument("--gold", type=Path, default=Path(__file__).resolve().parents[2] / "tests/data/iu_labels.csv")
+    p.add_argument("--labels", choices=sorted(LABEL_SETS), default="chexpert", help="which 14-class label set")
+    p.add_argument("--sets", default="dev,holdout,blind", help="comma-separated label sets (tests/data/LABELING.md)")
+    p.add_argument("--alternatives", choices=("uncertain", "positive"), default="uncertain")
+    p.add_argument("--hedges", choices=("uncertain", "positive"), default="uncertain")
+    args = p.parse_args(argv)
+    r = score_iu(args.iu, args.gold, tuple(args.sets.split(",")), args.labels,
+                 Conventions(args.alternatives, args.hedges))  # fmt: skip
+    for key in ("u_ones", "u_ones_13", "presence", "presence_13"):
+        m = r[key]
+        print(f"{key:12s} P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}")
+    print(format_per_class(r))
+    print(" ".join(f"{k} F1 {v['f1']:.3f} (n={v['support']})" for k, v in r["u_ones"]["per_presence"].items()))
+
+
 if __name__ == "__main__":
-    main()
+    import sys
+
+    main_iu(sys.argv[1:]) if "--iu" in sys.argv else main()

@@ -234,19 +234,23 @@ class Scope:
     def __init__(self, clause, norm: str):
         self.clause = clause
         self.norm = norm
-        self.toks = [c[2] for c in clause]
+        self.toks = toks = [c[2] for c in clause]
         n = len(clause)
-        self.closed = self._closed_lists()
+        has_list = any(t is _COMMA for t in toks)
+        self.closed = self._closed_lists() if has_list else None
         self._back: list[str | None] = [None] * n
         self._back_unc: list[str | None] = [None] * n
         self._fwd: list[str | None] = [None] * n
         back, back_unc = self._back, self._back_unc
+        causal = any(t.causal for t in toks)  # the hedge-only walk is read only past a causal link
         for k in range(n):  # left to right: f(k) needs f(k - 1) only
             back[k] = self._step(k, False)
-            back_unc[k] = self._step(k, True)
+            if causal:
+                back_unc[k] = self._step(k, True)
         fwd = self._fwd
         for k in range(n - 1, -1, -1):  # right to left: g(k) needs g at the next finding only
-            fwd[k] = self._forward(k)
+            if toks[k].finding or toks[k].anchors:
+                fwd[k] = self._forward(k)
 
     def _closed_lists(self) -> list[bool]:
         """closed[k]: the comma at k sits in a list that a coordinator (or / nor / and) closes.
@@ -281,7 +285,7 @@ class Scope:
         tok = toks[k]
         if tok is _COMMA:
             nxt = toks[k + 1] if k + 1 < len(toks) else None
-            if nxt is not None and (nxt.level is not None or nxt.change is not None) and not self.closed[k]:
+            if nxt is not None and (nxt.level is not None or nxt.change is not None) and not self.closed[k]:  # type: ignore[index]
                 return None  # ", small left effusion": a new noun phrase, outside the negation
             return prev
         if tok.neg_pre:
@@ -341,7 +345,8 @@ class Scope:
 
 
 def _finding_follows(clause, j: int) -> bool:
-    for k in range(j + 1, len(clause)):
+    """A finding (or anchor) follows the trigger at j within the few tokens a hedge reaches forward."""
+    for k in range(j + 1, min(len(clause), j + 1 + POST_TRIGGER_WORDS)):
         tok = clause[k][2]
         if tok.finding or tok.anchors:
             return True
@@ -609,8 +614,8 @@ def _explained_away(clause, heads: list[int], mentions: list[Mention]) -> list[i
                 if not m.from_anchor and m.presence in (POS, UNC):
                     out.append(head_of[i])
                 break
-            if t.conj or t.alt or t.neg_pre or t.neg_post or t.finding:
-                break
+            if t.conj or t.alt or t.neg_pre or t.neg_post or t.finding or t.mimic:
+                break  # (another mimic: each walk stops where the previous one started, so it stays linear)
     return out
 
 
