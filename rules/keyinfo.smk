@@ -19,6 +19,7 @@ rule keyinfo_rules:
         rejects=out("keyinfo", "rules", "rejects.parquet"),
     log:
         logfile("keyinfo_rules"),
+    threads: 2
     conda:
         "../envs/core.yaml"
     params:
@@ -30,7 +31,7 @@ rule keyinfo_rules:
     shell:
         "{params.py} -m workflow.keyinfo.run_rules --sections {input.sections:q} --reports {input.reports:q}"
         " --findings {output.findings:q} --stats {output.stats:q} --rejects {output.rejects:q}"
-        " {params.conventions} 2> {log:q}"
+        " --workers {threads} {params.conventions} 2> {log:q}"
 
 
 ALL_TARGETS += rules.keyinfo_rules.output

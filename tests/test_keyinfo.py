@@ -256,3 +256,25 @@ def test_keyinfo_rule_through_snakemake(tmp_path):
     assert got == want
     log = (workdir / "logs" / "keyinfo_rules.log").read_text()
     assert f"keyinfo_rules: {len(sections)} studies in" in log
+
+
+def test_run_rules_on_two_workers_writes_what_one_worker_writes(tmp_path):
+    """Batches extracted on a process pool come back in order and complete (small batches: many in flight)."""
+    import pyarrow as pa
+
+    texts = ["Mild cardiomegaly. No effusion.", "No focal consolidation, large effusion, or pneumothorax.",
+             "Possible small left effusion.", "Lungs are clear.", None]  # fmt: skip
+    sections = {f.name: [None] * 100 for f in SECTIONS}
+    sections["subject_id"] = list(range(100))
+    sections["study_id"] = list(range(1000, 1100))
+    sections["findings"] = [texts[k % len(texts)] for k in range(100)]
+    write_table(pa.Table.from_pydict(sections, schema=SECTIONS), tmp_path / "sections.parquet", SECTIONS)
+    out = {}
+    for workers in ("1", "2"):
+        run_rules_main(["--sections", str(tmp_path / "sections.parquet"), "--findings", str(tmp_path / f"f{workers}.parquet"),
+                        "--stats", str(tmp_path / f"s{workers}.parquet"), "--rejects", str(tmp_path / f"r{workers}.parquet"),
+                        "--batch-size", "7", "--workers", workers])  # fmt: skip
+        out[workers] = pq.read_table(tmp_path / f"f{workers}.parquet").to_pylist()
+    assert out["1"] == out["2"]
+    assert len({r["study_id"] for r in out["2"]}) == 80
+    assert len(pq.read_table(tmp_path / "r2.parquet")) == 20

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import Counter
+from collections import Counter, deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -58,6 +58,18 @@ def extract_batch(
     return rows, empty, len(studies)
 
 
+def _in_order(pool: ProcessPoolExecutor, fn, items, window: int):
+    """``pool.map`` with at most ``window`` batches in flight: memory stays bounded by the window, not the
+    corpus (``Executor.map`` submits every item at once)."""
+    pending: deque = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
 def stats_table(counts: Counter, studies: dict[str, set]) -> pa.Table:
     names = sorted(studies)
     return pa.Table.from_pydict(
@@ -83,7 +95,7 @@ def run(sections: Path, findings: Path, stats: Path, rejects: Path, batch_size: 
         try:
             batches = section_batches(sections, reports, lenient, batch_size)
             work = functools.partial(extract_batch, conventions=conventions)
-            results = pool.map(work, list(batches)) if pool else map(work, batches)
+            results = _in_order(pool, work, batches, 2 * workers) if pool else map(work, batches)
             for rows, empty, n_batch in results:
                 for sid in empty:
                     rej.add(sid, "no_report_text", "no findings, impression or last paragraph")
