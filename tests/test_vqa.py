@@ -21,6 +21,11 @@ TEMPLATES = vqa.load_templates(REPO / "libs" / "vqa_templates.yaml")
 NAMES = vqa.load_vocabulary(REPO / "libs" / "vocabulary.yaml")
 
 
+def _clean(**kw) -> vqa.VqaConfig:
+    """The clean style (our paraphrases and answer forms), which TEMPLATES belong to."""
+    return vqa.VqaConfig(style="clean", **kw)
+
+
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_vqa", REPO / "bench" / "bench_vqa.py")
     mod = importlib.util.module_from_spec(spec)
@@ -32,7 +37,7 @@ def _bench():
 def synthetic():
     """3,000 MIMIC-like studies (the benchmark's generator at small scale) and their questions."""
     findings, images, studies = _bench().synthetic_inputs(3000, seed=1)
-    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(seed=3))
+    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(seed=3))
     return findings, images, studies, table.to_pandas(), prepared
 
 
@@ -67,11 +72,11 @@ def _frames(findings_rows, image_rows, study_rows):
     return findings, pd.DataFrame(image_rows), pd.DataFrame(study_rows)
 
 
-def _parse(questions: pd.DataFrame) -> pd.DataFrame:
+def _parse(questions: pd.DataFrame, templates: vqa.Templates = TEMPLATES) -> pd.DataFrame:
     """Recover the slots (name, location, view) of each question from its template."""
     patterns = {}
-    for tid, text in zip(TEMPLATES.ids, TEMPLATES.texts, strict=True):
-        rx = re.escape(text)
+    for tid, text in zip(templates.ids, templates.texts, strict=True):
+        rx = re.escape(text).replace(re.escape("a {view}"), "an?\\ " + re.escape("{view}"))
         for slot in ("name", "location", "view"):
             rx = rx.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>.+?)")
         patterns[tid] = re.compile(f"^{rx}$")
@@ -249,7 +254,7 @@ def test_no_substring_confusion():
             f_rows.append(_finding(sid, "pleural effusion", location="left", subject_id=subj))
             f_rows.append(_finding(sid, "cardiomegaly", level="moderate", subject_id=subj))
     findings, images, studies = _frames(f_rows, img_rows, st_rows)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES)[0].to_pandas()
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean())[0].to_pandas()
     q = q.join(_parse(q))
     first = q[q["study_id"] < 50_000_200]
     assert not first["answer"].str.contains("pleural effusion|cardiomegaly").any()
@@ -276,7 +281,7 @@ def test_unknown_names_never_crash_and_are_not_asked_about():
     images = [_image(s, 10000001, "PA") for s in (1, 2, 3)]
     studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in (1, 2, 3)]
     findings, images, studies = _frames(rows, images, studies)
-    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES)
+    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean())
     q = table.to_pandas()
     assert info["unknown_name_rows"] == 4
     assert not q["question"].str.contains("unknown|frobnication", case=False).any()
@@ -297,7 +302,7 @@ def test_a_study_without_findings_rows_is_never_called_normal():
     images = [_image(s, 10000001, "PA" if s % 2 else "AP") for s in range(1, 40)]
     studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in range(1, 40)]
     findings, images, studies = _frames(rows, images, studies)
-    cfg = vqa.VqaConfig(abnormality_no_finding_rate=1.0)
+    cfg = _clean(abnormality_no_finding_rate=1.0)
     q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
     s2 = q[q["study_id"] == 2]
     assert set(s2["question_type"]) <= {"view"}
@@ -316,7 +321,7 @@ def test_studies_without_frontal_image_get_no_questions(tmp_path):
     ]
     studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in (1, 2, 3, 4)]
     findings, images, studies = _frames(rows, images, studies)
-    table, prepared, _ = vqa.generate(findings, images, studies, TEMPLATES, NAMES)
+    table, prepared, _ = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean())
     q = table.to_pandas()
     assert set(q["study_id"]) <= {1, 3}
     assert (q.loc[q["study_id"] == 1, "dicom_id"] == "d1-0").all()  # the frontal image, not the lateral
@@ -340,7 +345,7 @@ def test_iu_frontal_images_get_questions_but_no_view_question():
         {"subject_id": 12, "study_id": 2, "split": "train"},
     ]
     findings, images, studies = _frames(rows, images, studies)
-    cfg = vqa.VqaConfig(view_balance=False)
+    cfg = _clean(view_balance=False)
     q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
     assert set(q.loc[q["study_id"] == 1, "question_type"]) >= {"abnormality", "level"}
     assert set(q.loc[q["question_type"] == "view", "study_id"]) == {2}
@@ -363,7 +368,7 @@ def test_split_comes_from_the_studies_table():
         {"subject_id": 13, "study_id": 3, "split": None},  # no study split: the image's
     ]
     findings, images, studies = _frames(rows, images, studies)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(view_balance=False))[
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(view_balance=False))[
         0
     ].to_pandas()
     assert dict(zip(q["study_id"], q["split"], strict=False)) == {1: "validate", 2: "test", 3: "test"}
@@ -372,13 +377,13 @@ def test_split_comes_from_the_studies_table():
 
 def test_determinism_by_seed():
     findings, images, studies = _bench().synthetic_inputs(800, seed=5)
-    run = lambda seed: vqa.generate(findings, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(seed=seed))[0]  # noqa: E731
+    run = lambda seed: vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(seed=seed))[0]  # noqa: E731
     a, b, c = run(7), run(7), run(8)
     assert a.equals(b)
     assert not a.equals(c)
     # input row order does not matter
     shuffled = findings.sample(frac=1, random_state=0)
-    assert vqa.generate(shuffled, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(seed=7))[0].equals(a)
+    assert vqa.generate(shuffled, images, studies, TEMPLATES, NAMES, _clean(seed=7))[0].equals(a)
 
 
 def test_display_names_from_the_keyinfo_lib(tmp_path):
@@ -388,7 +393,12 @@ def test_display_names_from_the_keyinfo_lib(tmp_path):
     assert display[NAMES.index("lung opacity")] == "opacity"
     assert display[NAMES.index("support device")] == "support device"
     assert display[NAMES.index("edema")] == "edema"
-    assert vqa.load_display_names(tmp_path / "absent.csv", NAMES) == NAMES
+    assert vqa.load_display_names(None, NAMES) == NAMES  # no lib configured: canonical names
+    with pytest.raises(FileNotFoundError, match="vqa.names"):  # a misspelt path fails
+        vqa.load_display_names(tmp_path / "absent.csv", NAMES)
+    (tmp_path / "wrong.csv").write_text("name,label\nedema,x\n")
+    with pytest.raises(ValueError, match="vqa.names.*vqa_name"):
+        vqa.load_display_names(tmp_path / "wrong.csv", NAMES)
     assert vqa.left_out_names(lib) == ["support device"]  # an empty vqa_name: the dataset leaves it out
 
 
@@ -437,7 +447,17 @@ def test_cli_writes_questions_csv_stats(tmp_path):
     }
     argv = [f"--{k}={v}" for k, v in paths.items()] + [f"--{k}={v}" for k, v in out.items()]
     vqa.main(
-        [*argv, "--names", str(REPO / "libs" / "findings.csv"), "--seed", "1", "--view-balance", "false"]
+        [
+            *argv,
+            "--names",
+            str(REPO / "libs" / "findings.csv"),
+            "--seed",
+            "1",
+            "--view-balance",
+            "false",
+            "--style",
+            "clean",
+        ]
     )
 
     q = pq.read_table(out["questions"])
