@@ -500,3 +500,177 @@ def test_vqa_rule_through_snakemake(tmp_path):
     rejects = pq.read_table(workdir / "results" / "vqa" / "rejects.parquet").to_pandas()
     assert set(q["study_id"]) | set(rejects["study_id"]) == set(studies["study_id"])
     assert list(pd.read_csv(workdir / "results" / "vqa" / "questions.csv").columns) == vqa.CSV_COLUMNS
+
+
+# ------------------------------------------------------------------------------- medical_cxr_vqa style
+
+COMPAT_TEMPLATES = vqa.load_templates(REPO / "libs" / "medical_cxr_vqa_templates.yaml")
+# the original's wordings (reference/medical_cxr_vqa.md §6.1), with its placeholders as our slots
+ORIGINAL_WORDINGS = {
+    "what abnormalities are seen in this image?",
+    "what abnormalities are seen in the {location}?",
+    "is there evidence of any abnormalities in this image?",
+    "is there evidence of {name} in this image?",
+    "is there {name}?",
+    "is there {name} in the {location} area?",
+    "which view is this image taken?",
+    "is this {view} view?",
+    "where in the image is the {name} located?",
+    "where is the {name}?",
+    "is the {name} located on the left side or right side?",
+    "what level is the {name}?",
+    "what type is the {name}?",
+}
+
+
+def _constructed_corpus(n=60):
+    """Hand-built studies: every answer form, a multi-site finding, normal studies, PA and AP."""
+    f_rows, img_rows, st_rows, status = [], [], [], []
+    for i in range(n):
+        sid, subj = 60_000_000 + i, 11_000_000 + i
+        st_rows.append({"subject_id": subj, "study_id": sid, "split": "train"})
+        img_rows.append(_image(sid, subj, "PA" if i % 3 else "AP"))
+        kind = i % 4
+        if kind == 0:  # small right effusion, written "small"
+            f_rows.append({**_finding(sid, "pleural effusion", location="right basal", level="mild",
+                                      type_="layering", subject_id=subj),
+                           "raw_name": "small right pleural effusion"})  # fmt: skip
+        elif kind == 1:  # large left pneumothorax: ordinal "severe", the report says "large"
+            f_rows.append({**_finding(sid, "pneumothorax", location="left apical", level="severe",
+                                      subject_id=subj), "raw_name": "large left apical pneumothorax"})  # fmt: skip
+        elif kind == 2:  # a multi-site finding: atelectasis at two places, and edema at one of them
+            f_rows.append({**_finding(sid, "atelectasis", location="left lower lobe", subject_id=subj),
+                           "raw_name": "atelectasis"})  # fmt: skip
+            f_rows.append({**_finding(sid, "atelectasis", location="right lower lobe", subject_id=subj),
+                           "raw_name": "atelectasis"})  # fmt: skip
+            f_rows.append({**_finding(sid, "edema", location="left lower lobe", level="moderate",
+                                      subject_id=subj), "raw_name": "moderately severe edema"})  # fmt: skip
+        # kind 3: a normal report ("No acute cardiopulmonary process"): no findings rows at all
+        status.append({"subject_id": subj, "study_id": sid,
+                       "status": "normal" if kind == 3 else "abnormal"})  # fmt: skip
+    findings = pd.DataFrame(f_rows)
+    return findings, pd.DataFrame(img_rows), pd.DataFrame(st_rows), pd.DataFrame(status)
+
+
+def test_compatible_style_uses_the_original_wordings_only():
+    assert set(COMPAT_TEMPLATES.texts) == ORIGINAL_WORDINGS
+    assert len(COMPAT_TEMPLATES.texts) == 13
+    findings, images, studies = _bench().synthetic_inputs(3000, seed=4)
+    q = vqa.generate(findings, images, studies, COMPAT_TEMPLATES, NAMES, vqa.VqaConfig())[0].to_pandas()
+    assert set(q["question_type"]) == set(vqa.QUESTION_TYPES)
+    assert set(q["template_id"]) == set(COMPAT_TEMPLATES.ids)
+    slots = _parse(q, COMPAT_TEMPLATES)
+    assert slots["view"].dropna().isin(["PA", "AP"]).all()
+    views = q[q["question_type"] == "view"]
+    assert set(views["question"]) == {"which view is this image taken?", "is this PA view?", "is this AP view?"}
+    # yes/no twins: every yes/no question text is answered yes as often as no
+    yn = q[q["answer"].isin(["yes", "no"])]
+    per_q = yn.groupby(["question_type", "question"])["answer"].value_counts().unstack(fill_value=0)
+    assert (per_q["yes"] == per_q["no"]).all()
+    leak = vqa.leak_report(q[["question_type", "question", "answer"]])
+    assert (leak["gain"] <= 0.02).all(), leak
+
+
+def test_compatible_style_answer_forms_on_constructed_studies():
+    findings, images, studies, status = _constructed_corpus()
+    cfg = vqa.VqaConfig(level_word_min_count=0, view_balance=False)
+    table, _, _ = vqa.generate(
+        findings, images, studies, COMPAT_TEMPLATES, NAMES, cfg, keyinfo_studies=status
+    )
+    q = table.to_pandas()
+    q = q.join(_parse(q, COMPAT_TEMPLATES))
+    by = {t: q[q["question_type"] == t] for t in vqa.QUESTION_TYPES}
+    kind = (q["study_id"] - 60_000_000) % 4
+
+    view_open = by["view"][by["view"]["template_id"] == "mcv.view.open"]
+    assert len(view_open) and set(view_open["answer"]) <= {"PA view", "AP view"}
+    pa = view_open["study_id"].sub(60_000_000) % 3 != 0
+    assert (view_open["answer"] == np.where(pa, "PA view", "AP view")).all()
+
+    where = by["location"][by["location"]["template_id"] != "mcv.loc.side"]
+    side = by["location"][by["location"]["template_id"] == "mcv.loc.side"]
+    assert len(where) and where["answer"].str.endswith(" area").all()
+    assert set(side["answer"]) <= {"left side", "right side"}
+    own = {"pleural effusion": "right basal area", "pneumothorax": "left apical area",
+           "edema": "left lower lobe area",
+           "atelectasis": "left lower lobe area, right lower lobe area"}  # fmt: skip
+    assert all(own[r.name] == r.answer for r in where.itertuples())
+    for r in side.itertuples():  # only one-sided findings; the multi-site atelectasis never
+        assert r.name != "atelectasis"
+        assert r.answer == {"pleural effusion": "right side", "pneumothorax": "left side", "edema": "left side"}[r.name]
+
+    # levels: the report's words, not the ordinal scale
+    level = dict(zip(by["level"]["name"], by["level"]["answer"], strict=False))
+    assert level == {"pleural effusion": "small", "pneumothorax": "large", "edema": "moderate"}
+    assert set(by["type"]["answer"]) == {"layering"}
+
+    # the region question answers ONE finding seen at that location
+    region = by["abnormality"][by["abnormality"]["template_id"] == "mcv.abn.region"]
+    assert len(region)
+    for r in region.itertuples():
+        rows = findings[(findings["study_id"] == r.study_id) & (findings["location"] == r.location)]
+        assert r.answer in set(rows["name"]) and "," not in r.answer
+
+    # normal studies (status normal, no findings rows) get the abnormality question, answered "no"
+    normal_abn = by["abnormality"][kind[by["abnormality"].index] == 3]
+    assert len(normal_abn) == 15 and set(normal_abn["answer"]) == {"no"}
+    assert set(normal_abn["question"]) == {"is there evidence of any abnormalities in this image?"}
+
+
+def test_unknown_status_is_never_called_normal():
+    findings, images, studies, status = _constructed_corpus(40)
+    status.loc[status["status"] == "normal", "status"] = "unknown"
+    q = vqa.generate(findings, images, studies, COMPAT_TEMPLATES, NAMES, vqa.VqaConfig(), keyinfo_studies=status)[
+        0
+    ].to_pandas()
+    silent = q[(q["study_id"] - 60_000_000) % 4 == 3]
+    assert len(silent) and set(silent["question_type"]) == {"view"}  # neither "no abnormality" nor "no X"
+    normal_abn = q[(q["question_type"] == "abnormality") & (q["answer"] == "no")]
+    assert normal_abn.empty
+
+
+def test_clean_style_keeps_its_answer_forms():
+    findings, images, studies, status = _constructed_corpus()
+    cfg = _clean(view_balance=False)
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg, keyinfo_studies=status)[0].to_pandas()
+    assert set(q.loc[q["template_id"].str.startswith("view.open"), "answer"]) <= {"PA", "AP"}
+    assert set(q.loc[q["question_type"] == "level", "answer"]) <= {"mild", "severe", "moderate"}
+    assert not q["answer"].str.endswith((" area", " side", " view")).any()
+    assert "is this a AP view?" not in set(q["question"])
+
+
+def test_view_questions_on_a_pa_only_corpus():
+    """A corpus with one projection keeps its view questions (the balance needs both views to exist)."""
+    findings, images, studies = _bench().synthetic_inputs(1500, seed=6)
+    images = images[images["view_position"] != "AP"]
+    for style, tpl in (("medical_cxr_vqa", COMPAT_TEMPLATES), ("clean", TEMPLATES)):
+        table, p, info = vqa.generate(findings, images, studies, tpl, NAMES, vqa.VqaConfig(style=style))
+        q = table.to_pandas()
+        n_pa = int((p.studies["view"] == 0).sum())
+        assert (q["question_type"] == "view").sum() == n_pa > 400
+        assert info["view: removed by PA/AP balancing"] == 0
+        assert info["view: one-view splits kept unbalanced"] == n_pa
+    # with both views the balance still holds per split
+    findings, images, studies = _bench().synthetic_inputs(1500, seed=6)
+    q = vqa.generate(findings, images, studies, COMPAT_TEMPLATES, NAMES)[0].to_pandas()
+    view = q[q["template_id"] == "mcv.view.open"]
+    assert len(view) and abs((view["answer"] == "PA view").mean() - 0.5) < 0.1
+
+
+def test_templates_file_is_validated(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vqa.templates"):
+        vqa.load_templates(tmp_path / "missing.yaml")
+    text = (REPO / "libs" / "medical_cxr_vqa_templates.yaml").read_text()
+    cases = {
+        "presense:\n  plain: {templates: [{id: x, text: 'is there {name}?'}]}\n": "presense",
+        "view:\n  opne: {templates: [{id: y, text: 'which?'}]}\n": "opne",
+        "slots: {location: sentence}\n": "slots",
+    }
+    for extra, word in cases.items():
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text.replace("slots:\n  location: words", "") + extra)
+        with pytest.raises(ValueError, match=f"vqa.templates.*{word}"):
+            vqa.load_templates(bad)
+    bad.write_text(text.replace("is there {name}?", "is there {finding}?"))
+    with pytest.raises(ValueError, match="vqa.templates.*finding"):
+        vqa.load_templates(bad)
