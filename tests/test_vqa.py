@@ -674,3 +674,56 @@ def test_templates_file_is_validated(tmp_path):
     bad.write_text(text.replace("is there {name}?", "is there {finding}?"))
     with pytest.raises(ValueError, match="vqa.templates.*finding"):
         vqa.load_templates(bad)
+
+
+@pytest.mark.parametrize("style", ["medical_cxr_vqa", "clean"])
+def test_release_card_and_splits(tmp_path, style):
+    """The VQA release: HF split names by both loading routes, the style, type mix and answer vocabulary."""
+    import datasets
+    import yaml
+
+    from workflow import cards
+
+    findings, images, studies = _bench().synthetic_inputs(1500, seed=8)
+    tpl = vqa.load_templates(vqa.STYLE_TEMPLATES[style])
+    table = vqa.generate(findings, images, studies, tpl, NAMES, vqa.VqaConfig(style=style))[0]
+    assert set(table["split"].to_pylist()) == {"train", "validate", "test"}
+    pq.write_table(table, tmp_path / "questions.parquet")
+    spec = cards.CardSpec(**yaml.safe_load((REPO / "workflow/release_cards/medical_cxr_vqa.yaml").read_text()))
+    config = {"corpus": {"format": "mimic", "mimic": {"reports": "/abs/secret/mimic-cxr-reports.zip"}},
+              "vqa": {"style": style, "seed": 0}, "llm": {"backend": "rules"}, "rg4": {"rewriter": "rules"}}  # fmt: skip
+    out = tmp_path / "release"
+    (out / "default").mkdir(parents=True)
+    (out / "default" / "validate-00000-of-00001.parquet").write_text("stale")  # an earlier run's file
+    cards.main(
+        [
+            "--table", f"default={tmp_path / 'questions.parquet'}", "--spec", "medical_cxr_vqa",
+            "--config-json", __import__("json").dumps(config), "--corpus-format", "mimic", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert sorted(p.name.split("-")[0] for p in (out / "default").iterdir()) == ["test", "train", "validation"]
+    cache = str(tmp_path / "hf")
+    by_card = datasets.load_dataset(str(out), "default", cache_dir=cache)
+    by_dir = datasets.load_dataset("parquet", data_dir=str(out / "default"), cache_dir=cache)
+    for ds in (by_card, by_dir):
+        assert {k: v.num_rows for k, v in ds.items()} == {
+            hf: table.filter(pa.compute.equal(table["split"], src)).num_rows
+            for src, hf in (("train", "train"), ("validate", "validation"), ("test", "test"))
+        }
+    assert set(by_card["validation"]["source_split"]) == {"validate"}
+
+    text = (out / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["annotations_creators"] == ["machine-generated"] and header["language"] == ["en"]
+    assert header["license"] == "other" and "physionet" in header["license_name"]
+    assert header["size_categories"] == ["1K<n<10K"]
+    assert f"`{style}`" in text and "MIMIC-CXR 2.0.0" in text
+    assert "/abs/secret" not in text and "rewriter" not in text  # no absolute paths, no unused sections
+    q = table.to_pandas()
+    for qtype, n in q["question_type"].value_counts().items():
+        assert f"| {qtype} | " in text and f"| {n} | {100 * n / len(q):.1f} % |" in text
+    assert "| view |" in text and "92,048" in text and "11.8 %" in text  # the released count and share
+    view_answers = q.loc[q["question_type"] == "view", "answer"].value_counts()
+    top = view_answers.index[0]
+    assert f"`{top}` ({view_answers.iloc[0]:,})" in text
+    assert "@article{hu2024" in text
