@@ -689,7 +689,6 @@ def test_release_card_and_splits(tmp_path, style):
     table = vqa.generate(findings, images, studies, tpl, NAMES, vqa.VqaConfig(style=style))[0]
     assert set(table["split"].to_pylist()) == {"train", "validate", "test"}
     pq.write_table(table, tmp_path / "questions.parquet")
-    spec = cards.CardSpec(**yaml.safe_load((REPO / "workflow/release_cards/medical_cxr_vqa.yaml").read_text()))
     config = {"corpus": {"format": "mimic", "mimic": {"reports": "/abs/secret/mimic-cxr-reports.zip"}},
               "vqa": {"style": style, "seed": 0}, "llm": {"backend": "rules"}, "rg4": {"rewriter": "rules"}}  # fmt: skip
     out = tmp_path / "release"
