@@ -476,6 +476,14 @@ def test_cli_writes_questions_csv_stats(tmp_path):
         for split, n in qt[qt["question_type"] == t]["split"].value_counts().items():
             assert s.loc[(t, split), "n_questions"] == n
     assert s.loc[("presence", "all"), "yes_ratio"] == 0.5
+    # the type mix next to the released dataset's (780,014 pairs)
+    stats_csv = pd.read_csv(out["stats-csv"]).set_index(["question_type", "split"])
+    assert stats_csv.loc[("view", "all"), "released_n"] == 92_048
+    assert stats_csv.loc[("abnormality", "all"), "released_share"] == pytest.approx(0.244, abs=5e-4)
+    assert stats_csv.xs("all", level="split")["share"].sum() == pytest.approx(1.0)
+    n_all = (qt["question_type"] == "level").sum() / len(qt)
+    assert stats_csv.loc[("level", "all"), "share"] == pytest.approx(n_all)
+    assert stats_csv.xs("train", level="split")["released_n"].isna().all()
     assert s.loc[("level", "all"), "n_distinct_answers"] <= 5
     leak = pd.read_csv(out["leak"])
     assert set(leak["question_type"]) == {"presence", "abnormality", "view"}
