@@ -734,3 +734,20 @@ def test_release_card_and_splits(tmp_path, style):
     top = view_answers.index[0]
     assert f"`{top}` ({view_answers.iloc[0]:,})" in text
     assert "@article{hu2024" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"templates": "libs/vqa_templates_typo.yaml"}, "vqa.templates: no such template file"),
+        ({"names": "libs/findngs.csv"}, "vqa.names: no such findings lib"),
+        ({"style": "original"}, "original"),
+    ],
+)
+def test_bad_vqa_config_stops_the_run_at_start_up(tmp_path, override, message):
+    """A misspelt path must fail before any job runs, naming the config key (not quietly change questions)."""
+    workdir = prepare_workdir(tmp_path / "run", {"corpus": demo_corpus(), "vqa": override})
+    run = run_snakemake(workdir, "-n", "--cores", "1", timeout=300)
+    assert run.returncode != 0
+    assert message in run.stdout + run.stderr
