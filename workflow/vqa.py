@@ -358,30 +358,27 @@ def level_words(level: pd.Series, text: pd.Series, lib: dict[str, str]) -> pd.Se
     """The report's own level word of each finding row, as the original's key information writes it.
 
     ``level`` is the standardised (ordinal) level, ``text`` the row's surface text (raw name and
-    evidence). The word is the longest phrase of ``levels.csv`` in the text that maps to the row's
-    level, written as an adjective ("mildly" -> "mild"); without one the ordinal level itself. Null
-    where the row has no level.
+    evidence). The word is the first phrase of ``levels.csv`` in the text that maps to the row's level
+    (the longest one at that position), written as an adjective ("mildly" -> "mild"); without one the
+    ordinal level itself. Null where the row has no level.
     """
-    phrases = sorted(lib, key=len, reverse=True)
-    rx = re.compile(r"\b(?:" + "|".join(re.escape(x) for x in phrases) + r")\b") if phrases else None
-    has = level.notna().to_numpy()
-    pairs = pd.DataFrame(
-        {
-            "level": level.to_numpy()[has].astype(str),
-            "text": pd.Series(text.to_numpy()[has], dtype=object).fillna("").astype(str).str.lower(),
-        }
-    )
-    codes, uniq = pd.factorize(pd.MultiIndex.from_frame(pairs)) if len(pairs) else ([], [])
-    words = []
-    for lev, t in uniq:
-        found = [w for w in (rx.findall(t) if rx else []) if lib.get(w) == lev]
-        w = max(found, key=len) if found else lev
-        if w.endswith("ly") and w[:-2] in lib:
-            w = w[:-2]
-        words.append(w)
-    out = np.full(len(level), None, dtype=object)
-    if len(words):
-        out[has] = np.asarray(words, dtype=object)[codes]
+    lev = pa.array(level.to_numpy(), type=pa.string(), from_pandas=True)
+    txt = pc.utf8_lower(pa.array(text.to_numpy(), type=pa.string(), from_pandas=True).fill_null(""))
+    out = level.to_numpy(dtype=object).copy()  # default: the ordinal level itself
+    for value in sorted({v for v in lib.values()}):
+        rows = np.flatnonzero(pc.fill_null(pc.equal(lev, value), False).to_numpy(zero_copy_only=False))
+        if not len(rows):
+            continue
+        phrases = sorted((k for k, v in lib.items() if v == value), key=len, reverse=True)
+        # RE2 in C++ over all rows at once; at one position the longest phrase wins (longest first)
+        pattern = r"\b(?P<w>" + "|".join(re.escape(x) for x in phrases) + r")\b"
+        found = pc.struct_field(pc.extract_regex(txt.take(pa.array(rows)), pattern), "w")
+        words = np.asarray(found.to_pylist(), dtype=object)
+        hit = pd.notna(words)
+        out[rows[hit]] = words[hit]
+    adjective = {w: (w[:-2] if w.endswith("ly") and w[:-2] in lib else w) for w in set(out[pd.notna(out)])}
+    has = pd.notna(out)
+    out[has] = [adjective[w] for w in out[has]]
     return pd.Series(out, index=level.index)
 
 
