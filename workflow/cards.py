@@ -301,7 +301,8 @@ def write_release(
             schema = table.schema
             if SOURCE_SPLIT_COLUMN not in schema.names:
                 schema = schema.append(pa.field(SOURCE_SPLIT_COLUMN, pa.string()))
-    spec.columns.setdefault("split", "train / validation / test (Hugging Face names)")
+    # this module names the splits, so it describes the column (a spec's older wording would be stale)
+    spec.columns["split"] = "train / validation / test (Hugging Face names)"
     spec.columns.setdefault(SOURCE_SPLIT_COLUMN, "the source's split name (MIMIC: train / validate / test)")
     card = render_card(
         spec,
