@@ -562,8 +562,11 @@ def prepare(
     loc_codes, locations = _codes(_clean(f["location"]).filter(mask))
     level_col = _clean(f["level"]).filter(mask)
     if level_lib is not None:
+        # where the report's words survive standardisation: the surface name and the evidence quote
         surface = [f[c].astype("string").fillna("") for c in ("raw_name", "evidence") if c in f]
-        text = (surface[0] + " " + surface[1]) if len(surface) == 2 else (surface or [pd.Series("", index=f.index)])[0]
+        text = surface[0] if surface else pd.Series("", index=f.index)
+        if len(surface) == 2:
+            text = surface[0] + " " + surface[1]
         lev = pd.Series(level_col.to_pandas().to_numpy(), dtype=object)
         words = level_words(lev, pd.Series(text[sel].to_numpy(), dtype=object), level_lib)
         rare = words.map(words.value_counts()) < level_word_min_count
