@@ -29,7 +29,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from workflow.contract import FINDINGS, IMAGES, STUDIES  # noqa: E402
+from workflow.contract import FINDINGS, IMAGES, KEYINFO_STUDIES, STUDIES  # noqa: E402
 
 RELEASED = {  # Medical-CXR-VQA 1.0.0 (PhysioNet abstract): 780,014 pairs
     "abnormality": 190_525,
@@ -230,8 +230,15 @@ def synthetic_inputs(
         )
     )
     findings = pd.concat(rows, ignore_index=True).sort_values("study_id", kind="stable")
+    # the surface text keeps the report's level word ("small effusion" -> level mild), as extraction does
+    lib = pd.read_csv(REPO / "libs" / "levels.csv")
+    lib = lib[~lib["phrase"].str.contains(" ")]
+    word = pd.Series(None, index=findings.index, dtype=object)
+    for level, phrases in lib.groupby("level")["phrase"]:
+        sel = (findings["level"] == level).to_numpy()
+        word[sel] = rng.choice(phrases.to_numpy()[:4], size=int(sel.sum()))
     findings = findings.assign(
-        raw_name=findings["name"],
+        raw_name=(word.fillna("") + " " + findings["name"]).str.strip(),
         change=None,
         section="findings",
         start=None,
@@ -241,6 +248,28 @@ def synthetic_inputs(
         request_hash=None,
     )
     return findings.reset_index(drop=True), images, studies
+
+
+def keyinfo_status(findings: pd.DataFrame, studies: pd.DataFrame, unread_rate: float = 0.01, seed: int = 0):
+    """A KEYINFO_STUDIES-like table: normal (no positive/uncertain finding), abnormal, or unknown."""
+    rng = np.random.default_rng(seed)
+    f = findings[findings["name"] != "support device"]
+    sick = set(f.loc[f["presence"].isin(["positive", "uncertain"]), "study_id"])
+    status = np.where(studies["study_id"].isin(sick), "abnormal", "normal").astype(object)
+    status[rng.random(len(studies)) < unread_rate] = "unknown"
+    n = f.groupby(["study_id", "presence"]).size().unstack(fill_value=0)
+    n = n.reindex(columns=["positive", "uncertain", "negative"], fill_value=0).reindex(studies["study_id"], fill_value=0)
+    return pd.DataFrame(
+        {
+            "subject_id": studies["subject_id"].to_numpy(),
+            "study_id": studies["study_id"].to_numpy(),
+            "status": status,
+            "normal_evidence": np.where(status == "normal", "No acute cardiopulmonary process.", None),
+            "n_positive": n["positive"].to_numpy().astype("int32"),
+            "n_uncertain": n["uncertain"].to_numpy().astype("int32"),
+            "n_negative": n["negative"].to_numpy().astype("int32"),
+        }
+    )
 
 
 def to_contract(df: pd.DataFrame, schema: pa.Schema) -> pa.Table:
@@ -256,11 +285,13 @@ def write_inputs(out: Path, n_studies: int, seed: int = 0) -> dict[str, Path]:
         "findings": out / "findings.parquet",
         "images": out / "images.parquet",
         "studies": out / "studies.parquet",
+        "keyinfo-studies": out / "keyinfo_studies.parquet",
     }
     for key, df, schema in (
         ("findings", findings, FINDINGS),
         ("images", images, IMAGES),
         ("studies", studies, STUDIES),
+        ("keyinfo-studies", keyinfo_status(findings, studies, seed=seed), KEYINFO_STUDIES),
     ):
         pq.write_table(to_contract(df, schema), paths[key])
     return paths
@@ -272,10 +303,15 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "bench" / "cache" / "vqa"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--leak-probe-max", type=int, default=200_000)
+    ap.add_argument("--style", default="medical_cxr_vqa", choices=["medical_cxr_vqa", "clean"])
+    ap.add_argument("--reuse-inputs", action="store_true", help="keep the inputs of an earlier run")
     args = ap.parse_args()
     out = Path(args.out)
     t0 = time.perf_counter()
-    paths = write_inputs(out / "in", args.studies, args.seed)
+    if args.reuse_inputs and (out / "in" / "keyinfo_studies.parquet").exists():
+        paths = {k: out / "in" / f"{k.replace('-', '_')}.parquet" for k in ("findings", "images", "studies", "keyinfo-studies")}
+    else:
+        paths = write_inputs(out / "in", args.studies, args.seed)
     print(
         f"inputs: {time.perf_counter() - t0:.1f} s "
         f"({pq.read_metadata(paths['findings']).num_rows:,} finding rows, "
@@ -291,6 +327,10 @@ def main() -> None:
         str(paths["images"]),
         "--studies",
         str(paths["studies"]),
+        "--keyinfo-studies",
+        str(paths["keyinfo-studies"]),
+        "--style",
+        args.style,
         "--seed",
         str(args.seed),
         "--leak-probe-max",

@@ -220,3 +220,23 @@ def effective_config(wildcards=None):
     import json
 
     return json.dumps(config)
+
+
+# --- vqa helpers (rules/vqa.smk) ---------------------------------------------------------------------
+def vqa_templates_path():
+    """`vqa.templates` (null: the style's own file), checked at start-up: a bad file stops the run here."""
+    from workflow import vqa
+
+    path = config["vqa"]["templates"] or str(vqa.STYLE_TEMPLATES[config["vqa"]["style"]].relative_to(vqa.REPO))
+    vqa.load_templates(path, key="vqa.templates")
+    return path
+
+
+def vqa_names_path():
+    """`vqa.names`, checked at start-up: a misspelt path fails instead of quietly using canonical names."""
+    from workflow import vqa
+
+    path = config["vqa"]["names"]
+    if path:
+        vqa.read_name_lib(path, key="vqa.names")
+    return path or "None"

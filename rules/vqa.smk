@@ -1,10 +1,16 @@
+VQA_TEMPLATES = vqa_templates_path()
+VQA_NAMES = vqa_names_path()
+
+
 rule vqa:
     input:
         findings=findings_table(),
         images=rules.ingest.output.images,
         studies=rules.ingest.output.studies,
-        templates=config["vqa"]["templates"],
+        keyinfo_studies=rules.keyinfo_studies.output.studies,
+        templates=VQA_TEMPLATES,
         vocabulary="libs/vocabulary.yaml",
+        levels="libs/levels.csv",
     output:
         questions=out("vqa", "questions.parquet"),
         csv=out("vqa", "questions.csv"),
@@ -18,8 +24,10 @@ rule vqa:
         "../envs/core.yaml"
     params:
         py=PY,
-        names=config["vqa"]["names"],
+        style=config["vqa"]["style"],
+        names=VQA_NAMES,
         seed=config["vqa"]["seed"],
+        level_min=config["vqa"]["level_word_min_count"],
         exclude=config["vqa"]["exclude_names"],
         no_finding_rate=config["vqa"]["abnormality_no_finding_rate"],
         negative_weight=config["vqa"]["explicit_negative_weight"],
@@ -28,8 +36,10 @@ rule vqa:
         leak_probe_max=config["vqa"]["leak_probe_max"],
     shell:
         "{params.py} -m workflow.vqa --findings {input.findings:q} --images {input.images:q}"
-        " --studies {input.studies:q} --templates {input.templates:q} --vocabulary {input.vocabulary:q}"
-        " --names {params.names:q} --seed {params.seed} --exclude-names {params.exclude:q}"
+        " --studies {input.studies:q} --keyinfo-studies {input.keyinfo_studies:q} --style {params.style}"
+        " --templates {input.templates:q} --vocabulary {input.vocabulary:q} --levels {input.levels:q}"
+        " --names {params.names:q} --seed {params.seed} --level-word-min-count {params.level_min}"
+        " --exclude-names {params.exclude:q}"
         " --abnormality-no-finding-rate {params.no_finding_rate}"
         " --explicit-negative-weight {params.negative_weight}"
         " --laterality-flip-share {params.flip_share} --view-balance {params.view_balance}"

@@ -38,7 +38,7 @@ def release(tmp_path):
 
 def test_counts_and_files_per_split(release):
     out, counts = release
-    assert counts == {"sn": {"train": 4, "val": 4, "test": 4}, "mw": {"train": 6, "test": 6}}
+    assert counts == {"sn": {"train": 4, "validation": 4, "test": 4}, "mw": {"train": 6, "test": 6}}
     assert sorted(p.name for p in (out / "mw").iterdir()) == [
         "test-00000-of-00001.parquet",
         "train-00000-of-00001.parquet",
@@ -59,7 +59,8 @@ def test_loads_with_datasets(release, tmp_path):
     out, _ = release
     cache = str(tmp_path / "hf")
     by_card = datasets.load_dataset(str(out), "sn", cache_dir=cache)
-    assert {k: v.num_rows for k, v in by_card.items()} == {"train": 4, "val": 4, "test": 4}
+    assert {k: v.num_rows for k, v in by_card.items()} == {"train": 4, "validation": 4, "test": 4}
+    assert set(by_card["validation"]["source_split"]) == {"val"}  # the source's own name stays
     by_parquet = datasets.load_dataset("parquet", data_dir=str(out / "mw"), cache_dir=cache)
     assert {k: v.num_rows for k, v in by_parquet.items()} == {"train": 6, "test": 6}
     assert by_parquet["train"][0]["question"].startswith("is there {x}")

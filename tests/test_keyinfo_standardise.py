@@ -199,3 +199,65 @@ def test_keyinfo_json_export_then_import_round_trip(tmp_path):
     assert [r["location"] for r in back if r["name"] == "pleural effusion"] == ["bilateral"]
     findings2, _, _ = import_records(records)
     assert findings2.num_rows == len(back)
+
+
+def test_keyinfo_json_export_writes_the_side_files_question_gen_reads(tmp_path):
+    """The original question_gen.py's lookups succeed on the side files (reference/medical_cxr_vqa.md §6, §8)."""
+    import pandas as pd
+
+    reports = {
+        601: {"findings": "Small left pleural effusion. Small pericardial effusion. Mild pulmonary edema.",
+              "impression": "Possible pneumonia. No pneumothorax."},
+        602: {"impression": "No acute cardiopulmonary process. The lungs are clear."},
+        603: {"findings": "Moderate cardiomegaly. Patchy right basilar opacity."},
+    }  # fmt: skip
+    rows = []
+    for study, sections in reports.items():
+        for r in extract_sections(sections):
+            rows.append({**r, "subject_id": 8, "study_id": study, "source": "rules"})
+    findings = pa.Table.from_pylist(rows, schema=FINDINGS)
+    studies = pa.table({"subject_id": [8, 8, 8], "study_id": [601, 602, 603], "split": ["train", "train", "test"],
+                        "study_datetime": [datetime(2150, 1, 2), datetime(2150, 1, 1), datetime(2150, 1, 2)]})  # fmt: skip
+    images = pa.table({"study_id": [601, 602, 603], "dicom_id": ["a", "b", "c"],
+                       "view_code_meaning": ["postero-anterior", "antero-posterior", "lateral"]})  # fmt: skip
+    for name, t in (("f", findings), ("s", studies), ("i", images)):
+        pq.write_table(t, tmp_path / f"{name}.parquet")
+    out = tmp_path / "qgen"
+    vqa_json_main(["export", "--findings", str(tmp_path / "f.parquet"), "--studies", str(tmp_path / "s.parquet"),
+                   "--images", str(tmp_path / "i.parquet"), "--json", str(out / "data/all_diseases.json"),
+                   "--side-files", str(out)])  # fmt: skip
+    records = json.loads((out / "data/all_diseases.json").read_text())
+
+    d_all = pd.read_csv(out / "data/mimic_all.csv")
+    assert list(d_all.columns[:2]) == ["subject_id", "study_id"] and len(d_all.columns) == 21
+    assert list(d_all.columns[-5:]) == ["dicom_id", "view", "split", "study_date", "study_order"]
+    for rec in records:  # question_gen: d_all[d_all.study_id == int(study_id)].view.values[0]
+        row = d_all[d_all.study_id == int(rec["study_id"])]
+        assert row.view.values[0] == rec["view"]
+    assert d_all.set_index("study_id").loc[601, "Pleural Effusion"] == 1.0
+    assert d_all.set_index("study_id").loc[601, "Pneumothorax"] == 0.0
+    assert d_all.set_index("study_id").loc[601, "Pneumonia"] == -1.0
+    assert d_all.set_index("study_id").loc[602, "No Finding"] == 1.0
+    assert d_all.set_index("study_id").loc[601, "study_date"] == 21500102
+
+    d_d = pd.read_csv(out / "libs/disease_lib_llm.csv", keep_default_na=False)
+    assert list(d_d.columns) == ["id", "report_name", "official_name", "location"]
+    assert list(d_d["id"]) == list(range(len(d_d)))
+    entity_fre = json.loads((out / "libs/entity_dict.json").read_text())
+    counts = list(entity_fre.values())
+    assert counts == sorted(counts, reverse=True)
+    for rec in records:
+        for key in rec["entity"]:
+            # find_name_id_in_dd_report_name: the first row with a report_name that is a substring of key
+            hit = next(r for r in d_d.itertuples() if any(n in key for n in r.report_name.split(";")))
+            assert hit.official_name == key  # never a shorter look-alike
+            assert entity_fre[hit.official_name] >= 1  # d_entity_fre[official_name] does not raise
+    assert "pericardial effusion" in records[0]["entity"] and "pleural effusion" in records[0]["entity"]
+    assert entity_fre["pleural effusion"] == 1
+    level_fre = json.loads((out / "libs/level_dict.json").read_text())
+    assert set(level_fre) >= {rec["entity"]["cardiomegaly"]["level"] for rec in records if "cardiomegaly" in rec["entity"]}
+    assert json.loads((out / "libs/location_dict.json").read_text())
+    for rel, header in (("libs/level_lib.csv", ["level"]), ("libs/location_lib.csv", ["location"]),
+                        ("data/type_lib.csv", ["type"]), ("libs/postlocation_lib.csv", ["post_location", "relate_keyword"]),
+                        ("libs/position_change.csv", ["from", "to"])):  # fmt: skip
+        assert list(pd.read_csv(out / rel).columns) == header

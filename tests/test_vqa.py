@@ -21,6 +21,11 @@ TEMPLATES = vqa.load_templates(REPO / "libs" / "vqa_templates.yaml")
 NAMES = vqa.load_vocabulary(REPO / "libs" / "vocabulary.yaml")
 
 
+def _clean(**kw) -> vqa.VqaConfig:
+    """The clean style (our paraphrases and answer forms), which TEMPLATES belong to."""
+    return vqa.VqaConfig(style="clean", **kw)
+
+
 def _bench():
     spec = importlib.util.spec_from_file_location("bench_vqa", REPO / "bench" / "bench_vqa.py")
     mod = importlib.util.module_from_spec(spec)
@@ -32,7 +37,7 @@ def _bench():
 def synthetic():
     """3,000 MIMIC-like studies (the benchmark's generator at small scale) and their questions."""
     findings, images, studies = _bench().synthetic_inputs(3000, seed=1)
-    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(seed=3))
+    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(seed=3))
     return findings, images, studies, table.to_pandas(), prepared
 
 
@@ -67,11 +72,11 @@ def _frames(findings_rows, image_rows, study_rows):
     return findings, pd.DataFrame(image_rows), pd.DataFrame(study_rows)
 
 
-def _parse(questions: pd.DataFrame) -> pd.DataFrame:
+def _parse(questions: pd.DataFrame, templates: vqa.Templates = TEMPLATES) -> pd.DataFrame:
     """Recover the slots (name, location, view) of each question from its template."""
     patterns = {}
-    for tid, text in zip(TEMPLATES.ids, TEMPLATES.texts, strict=True):
-        rx = re.escape(text)
+    for tid, text in zip(templates.ids, templates.texts, strict=True):
+        rx = re.escape(text).replace(re.escape("a {view}"), "an?\\ " + re.escape("{view}"))
         for slot in ("name", "location", "view"):
             rx = rx.replace(re.escape("{" + slot + "}"), f"(?P<{slot}>.+?)")
         patterns[tid] = re.compile(f"^{rx}$")
@@ -249,7 +254,7 @@ def test_no_substring_confusion():
             f_rows.append(_finding(sid, "pleural effusion", location="left", subject_id=subj))
             f_rows.append(_finding(sid, "cardiomegaly", level="moderate", subject_id=subj))
     findings, images, studies = _frames(f_rows, img_rows, st_rows)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES)[0].to_pandas()
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean())[0].to_pandas()
     q = q.join(_parse(q))
     first = q[q["study_id"] < 50_000_200]
     assert not first["answer"].str.contains("pleural effusion|cardiomegaly").any()
@@ -276,7 +281,7 @@ def test_unknown_names_never_crash_and_are_not_asked_about():
     images = [_image(s, 10000001, "PA") for s in (1, 2, 3)]
     studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in (1, 2, 3)]
     findings, images, studies = _frames(rows, images, studies)
-    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES)
+    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean())
     q = table.to_pandas()
     assert info["unknown_name_rows"] == 4
     assert not q["question"].str.contains("unknown|frobnication", case=False).any()
@@ -297,7 +302,7 @@ def test_a_study_without_findings_rows_is_never_called_normal():
     images = [_image(s, 10000001, "PA" if s % 2 else "AP") for s in range(1, 40)]
     studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in range(1, 40)]
     findings, images, studies = _frames(rows, images, studies)
-    cfg = vqa.VqaConfig(abnormality_no_finding_rate=1.0)
+    cfg = _clean(abnormality_no_finding_rate=1.0)
     q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
     s2 = q[q["study_id"] == 2]
     assert set(s2["question_type"]) <= {"view"}
@@ -316,7 +321,7 @@ def test_studies_without_frontal_image_get_no_questions(tmp_path):
     ]
     studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in (1, 2, 3, 4)]
     findings, images, studies = _frames(rows, images, studies)
-    table, prepared, _ = vqa.generate(findings, images, studies, TEMPLATES, NAMES)
+    table, prepared, _ = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean())
     q = table.to_pandas()
     assert set(q["study_id"]) <= {1, 3}
     assert (q.loc[q["study_id"] == 1, "dicom_id"] == "d1-0").all()  # the frontal image, not the lateral
@@ -340,7 +345,7 @@ def test_iu_frontal_images_get_questions_but_no_view_question():
         {"subject_id": 12, "study_id": 2, "split": "train"},
     ]
     findings, images, studies = _frames(rows, images, studies)
-    cfg = vqa.VqaConfig(view_balance=False)
+    cfg = _clean(view_balance=False)
     q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
     assert set(q.loc[q["study_id"] == 1, "question_type"]) >= {"abnormality", "level"}
     assert set(q.loc[q["question_type"] == "view", "study_id"]) == {2}
@@ -363,7 +368,7 @@ def test_split_comes_from_the_studies_table():
         {"subject_id": 13, "study_id": 3, "split": None},  # no study split: the image's
     ]
     findings, images, studies = _frames(rows, images, studies)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(view_balance=False))[
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(view_balance=False))[
         0
     ].to_pandas()
     assert dict(zip(q["study_id"], q["split"], strict=False)) == {1: "validate", 2: "test", 3: "test"}
@@ -372,13 +377,13 @@ def test_split_comes_from_the_studies_table():
 
 def test_determinism_by_seed():
     findings, images, studies = _bench().synthetic_inputs(800, seed=5)
-    run = lambda seed: vqa.generate(findings, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(seed=seed))[0]  # noqa: E731
+    run = lambda seed: vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(seed=seed))[0]  # noqa: E731
     a, b, c = run(7), run(7), run(8)
     assert a.equals(b)
     assert not a.equals(c)
     # input row order does not matter
     shuffled = findings.sample(frac=1, random_state=0)
-    assert vqa.generate(shuffled, images, studies, TEMPLATES, NAMES, vqa.VqaConfig(seed=7))[0].equals(a)
+    assert vqa.generate(shuffled, images, studies, TEMPLATES, NAMES, _clean(seed=7))[0].equals(a)
 
 
 def test_display_names_from_the_keyinfo_lib(tmp_path):
@@ -388,7 +393,12 @@ def test_display_names_from_the_keyinfo_lib(tmp_path):
     assert display[NAMES.index("lung opacity")] == "opacity"
     assert display[NAMES.index("support device")] == "support device"
     assert display[NAMES.index("edema")] == "edema"
-    assert vqa.load_display_names(tmp_path / "absent.csv", NAMES) == NAMES
+    assert vqa.load_display_names(None, NAMES) == NAMES  # no lib configured: canonical names
+    with pytest.raises(FileNotFoundError, match="vqa.names"):  # a misspelt path fails
+        vqa.load_display_names(tmp_path / "absent.csv", NAMES)
+    (tmp_path / "wrong.csv").write_text("name,label\nedema,x\n")
+    with pytest.raises(ValueError, match="vqa.names.*vqa_name"):
+        vqa.load_display_names(tmp_path / "wrong.csv", NAMES)
     assert vqa.left_out_names(lib) == ["support device"]  # an empty vqa_name: the dataset leaves it out
 
 
@@ -437,7 +447,17 @@ def test_cli_writes_questions_csv_stats(tmp_path):
     }
     argv = [f"--{k}={v}" for k, v in paths.items()] + [f"--{k}={v}" for k, v in out.items()]
     vqa.main(
-        [*argv, "--names", str(REPO / "libs" / "findings.csv"), "--seed", "1", "--view-balance", "false"]
+        [
+            *argv,
+            "--names",
+            str(REPO / "libs" / "findings.csv"),
+            "--seed",
+            "1",
+            "--view-balance",
+            "false",
+            "--style",
+            "clean",
+        ]
     )
 
     q = pq.read_table(out["questions"])
@@ -456,6 +476,14 @@ def test_cli_writes_questions_csv_stats(tmp_path):
         for split, n in qt[qt["question_type"] == t]["split"].value_counts().items():
             assert s.loc[(t, split), "n_questions"] == n
     assert s.loc[("presence", "all"), "yes_ratio"] == 0.5
+    # the type mix next to the released dataset's (780,014 pairs)
+    stats_csv = pd.read_csv(out["stats-csv"]).set_index(["question_type", "split"])
+    assert stats_csv.loc[("view", "all"), "released_n"] == 92_048
+    assert stats_csv.loc[("abnormality", "all"), "released_share"] == pytest.approx(0.244, abs=5e-4)
+    assert stats_csv.xs("all", level="split")["share"].sum() == pytest.approx(1.0)
+    n_all = (qt["question_type"] == "level").sum() / len(qt)
+    assert stats_csv.loc[("level", "all"), "share"] == pytest.approx(n_all)
+    assert stats_csv.xs("train", level="split")["released_n"].isna().all()
     assert s.loc[("level", "all"), "n_distinct_answers"] <= 5
     leak = pd.read_csv(out["leak"])
     assert set(leak["question_type"]) == {"presence", "abnormality", "view"}
@@ -480,3 +508,246 @@ def test_vqa_rule_through_snakemake(tmp_path):
     rejects = pq.read_table(workdir / "results" / "vqa" / "rejects.parquet").to_pandas()
     assert set(q["study_id"]) | set(rejects["study_id"]) == set(studies["study_id"])
     assert list(pd.read_csv(workdir / "results" / "vqa" / "questions.csv").columns) == vqa.CSV_COLUMNS
+
+
+# ------------------------------------------------------------------------------- medical_cxr_vqa style
+
+COMPAT_TEMPLATES = vqa.load_templates(REPO / "libs" / "medical_cxr_vqa_templates.yaml")
+# the original's wordings (reference/medical_cxr_vqa.md §6.1), with its placeholders as our slots
+ORIGINAL_WORDINGS = {
+    "what abnormalities are seen in this image?",
+    "what abnormalities are seen in the {location}?",
+    "is there evidence of any abnormalities in this image?",
+    "is there evidence of {name} in this image?",
+    "is there {name}?",
+    "is there {name} in the {location} area?",
+    "which view is this image taken?",
+    "is this {view} view?",
+    "where in the image is the {name} located?",
+    "where is the {name}?",
+    "is the {name} located on the left side or right side?",
+    "what level is the {name}?",
+    "what type is the {name}?",
+}
+
+
+def _constructed_corpus(n=60):
+    """Hand-built studies: every answer form, a multi-site finding, normal studies, PA and AP."""
+    f_rows, img_rows, st_rows, status = [], [], [], []
+    for i in range(n):
+        sid, subj = 60_000_000 + i, 11_000_000 + i
+        st_rows.append({"subject_id": subj, "study_id": sid, "split": "train"})
+        img_rows.append(_image(sid, subj, "PA" if i % 3 else "AP"))
+        kind = i % 4
+        if kind == 0:  # small right effusion, written "small"
+            f_rows.append({**_finding(sid, "pleural effusion", location="right basal", level="mild",
+                                      type_="layering", subject_id=subj),
+                           "raw_name": "small right pleural effusion"})  # fmt: skip
+        elif kind == 1:  # large left pneumothorax: ordinal "severe", the report says "large"
+            f_rows.append({**_finding(sid, "pneumothorax", location="left apical", level="severe",
+                                      subject_id=subj), "raw_name": "large left apical pneumothorax"})  # fmt: skip
+        elif kind == 2:  # a multi-site finding: atelectasis at two places, and edema at one of them
+            f_rows.append({**_finding(sid, "atelectasis", location="left lower lobe", subject_id=subj),
+                           "raw_name": "atelectasis"})  # fmt: skip
+            f_rows.append({**_finding(sid, "atelectasis", location="right lower lobe", subject_id=subj),
+                           "raw_name": "atelectasis"})  # fmt: skip
+            f_rows.append({**_finding(sid, "edema", location="left lower lobe", level="moderate",
+                                      subject_id=subj), "raw_name": "moderately severe edema"})  # fmt: skip
+        # kind 3: a normal report ("No acute cardiopulmonary process"): no findings rows at all
+        status.append({"subject_id": subj, "study_id": sid,
+                       "status": "normal" if kind == 3 else "abnormal"})  # fmt: skip
+    findings = pd.DataFrame(f_rows)
+    return findings, pd.DataFrame(img_rows), pd.DataFrame(st_rows), pd.DataFrame(status)
+
+
+def test_compatible_style_uses_the_original_wordings_only():
+    assert set(COMPAT_TEMPLATES.texts) == ORIGINAL_WORDINGS
+    assert len(COMPAT_TEMPLATES.texts) == 13
+    findings, images, studies = _bench().synthetic_inputs(3000, seed=4)
+    q = vqa.generate(findings, images, studies, COMPAT_TEMPLATES, NAMES, vqa.VqaConfig())[0].to_pandas()
+    assert set(q["question_type"]) == set(vqa.QUESTION_TYPES)
+    assert set(q["template_id"]) == set(COMPAT_TEMPLATES.ids)
+    slots = _parse(q, COMPAT_TEMPLATES)
+    assert slots["view"].dropna().isin(["PA", "AP"]).all()
+    views = q[q["question_type"] == "view"]
+    assert set(views["question"]) == {"which view is this image taken?", "is this PA view?", "is this AP view?"}
+    # yes/no twins: every yes/no question text is answered yes as often as no
+    yn = q[q["answer"].isin(["yes", "no"])]
+    per_q = yn.groupby(["question_type", "question"])["answer"].value_counts().unstack(fill_value=0)
+    assert (per_q["yes"] == per_q["no"]).all()
+    leak = vqa.leak_report(q[["question_type", "question", "answer"]])
+    assert (leak["gain"] <= 0.02).all(), leak
+
+
+def test_compatible_style_answer_forms_on_constructed_studies():
+    findings, images, studies, status = _constructed_corpus()
+    cfg = vqa.VqaConfig(level_word_min_count=0, view_balance=False)
+    table, _, _ = vqa.generate(
+        findings, images, studies, COMPAT_TEMPLATES, NAMES, cfg, keyinfo_studies=status
+    )
+    q = table.to_pandas()
+    q = q.join(_parse(q, COMPAT_TEMPLATES))
+    by = {t: q[q["question_type"] == t] for t in vqa.QUESTION_TYPES}
+    kind = (q["study_id"] - 60_000_000) % 4
+
+    view_open = by["view"][by["view"]["template_id"] == "mcv.view.open"]
+    assert len(view_open) and set(view_open["answer"]) <= {"PA view", "AP view"}
+    pa = view_open["study_id"].sub(60_000_000) % 3 != 0
+    assert (view_open["answer"] == np.where(pa, "PA view", "AP view")).all()
+
+    where = by["location"][by["location"]["template_id"] != "mcv.loc.side"]
+    side = by["location"][by["location"]["template_id"] == "mcv.loc.side"]
+    assert len(where) and where["answer"].str.endswith(" area").all()
+    assert set(side["answer"]) <= {"left side", "right side"}
+    own = {"pleural effusion": "right basal area", "pneumothorax": "left apical area",
+           "edema": "left lower lobe area",
+           "atelectasis": "left lower lobe area, right lower lobe area"}  # fmt: skip
+    assert all(own[r.name] == r.answer for r in where.itertuples())
+    for r in side.itertuples():  # only one-sided findings; the multi-site atelectasis never
+        assert r.name != "atelectasis"
+        assert r.answer == {"pleural effusion": "right side", "pneumothorax": "left side", "edema": "left side"}[r.name]
+
+    # levels: the report's words, not the ordinal scale
+    level = dict(zip(by["level"]["name"], by["level"]["answer"], strict=False))
+    assert level == {"pleural effusion": "small", "pneumothorax": "large", "edema": "moderate"}
+    assert set(by["type"]["answer"]) == {"layering"}
+
+    # the region question answers ONE finding seen at that location
+    region = by["abnormality"][by["abnormality"]["template_id"] == "mcv.abn.region"]
+    assert len(region)
+    for r in region.itertuples():
+        rows = findings[(findings["study_id"] == r.study_id) & (findings["location"] == r.location)]
+        assert r.answer in set(rows["name"]) and "," not in r.answer
+
+    # normal studies (status normal, no findings rows) get the abnormality question, answered "no"
+    normal_abn = by["abnormality"][kind[by["abnormality"].index] == 3]
+    assert len(normal_abn) == 15 and set(normal_abn["answer"]) == {"no"}
+    assert set(normal_abn["question"]) == {"is there evidence of any abnormalities in this image?"}
+
+
+def test_unknown_status_is_never_called_normal():
+    findings, images, studies, status = _constructed_corpus(40)
+    status.loc[status["status"] == "normal", "status"] = "unknown"
+    q = vqa.generate(findings, images, studies, COMPAT_TEMPLATES, NAMES, vqa.VqaConfig(), keyinfo_studies=status)[
+        0
+    ].to_pandas()
+    silent = q[(q["study_id"] - 60_000_000) % 4 == 3]
+    assert len(silent) and set(silent["question_type"]) == {"view"}  # neither "no abnormality" nor "no X"
+    normal_abn = q[(q["question_type"] == "abnormality") & (q["answer"] == "no")]
+    assert normal_abn.empty
+
+
+def test_clean_style_keeps_its_answer_forms():
+    findings, images, studies, status = _constructed_corpus()
+    cfg = _clean(view_balance=False)
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg, keyinfo_studies=status)[0].to_pandas()
+    assert set(q.loc[q["template_id"].str.startswith("view.open"), "answer"]) <= {"PA", "AP"}
+    assert set(q.loc[q["question_type"] == "level", "answer"]) <= {"mild", "severe", "moderate"}
+    assert not q["answer"].str.endswith((" area", " side", " view")).any()
+    assert "is this a AP view?" not in set(q["question"])
+
+
+def test_view_questions_on_a_pa_only_corpus():
+    """A corpus with one projection keeps its view questions (the balance needs both views to exist)."""
+    findings, images, studies = _bench().synthetic_inputs(1500, seed=6)
+    images = images[images["view_position"] != "AP"]
+    for style, tpl in (("medical_cxr_vqa", COMPAT_TEMPLATES), ("clean", TEMPLATES)):
+        table, p, info = vqa.generate(findings, images, studies, tpl, NAMES, vqa.VqaConfig(style=style))
+        q = table.to_pandas()
+        n_pa = int((p.studies["view"] == 0).sum())
+        assert (q["question_type"] == "view").sum() == n_pa > 400
+        assert info["view: removed by PA/AP balancing"] == 0
+        assert info["view: one-view splits kept unbalanced"] == n_pa
+    # with both views the balance still holds per split
+    findings, images, studies = _bench().synthetic_inputs(1500, seed=6)
+    q = vqa.generate(findings, images, studies, COMPAT_TEMPLATES, NAMES)[0].to_pandas()
+    view = q[q["template_id"] == "mcv.view.open"]
+    assert len(view) and abs((view["answer"] == "PA view").mean() - 0.5) < 0.1
+
+
+def test_templates_file_is_validated(tmp_path):
+    with pytest.raises(FileNotFoundError, match="vqa.templates"):
+        vqa.load_templates(tmp_path / "missing.yaml")
+    text = (REPO / "libs" / "medical_cxr_vqa_templates.yaml").read_text()
+    cases = {
+        "presense:\n  plain: {templates: [{id: x, text: 'is there {name}?'}]}\n": "presense",
+        "view:\n  opne: {templates: [{id: y, text: 'which?'}]}\n": "opne",
+        "slots: {location: sentence}\n": "slots",
+    }
+    for extra, word in cases.items():
+        bad = tmp_path / "bad.yaml"
+        bad.write_text(text.replace("slots:\n  location: words", "") + extra)
+        with pytest.raises(ValueError, match=f"vqa.templates.*{word}"):
+            vqa.load_templates(bad)
+    bad.write_text(text.replace("is there {name}?", "is there {finding}?"))
+    with pytest.raises(ValueError, match="vqa.templates.*finding"):
+        vqa.load_templates(bad)
+
+
+@pytest.mark.parametrize("style", ["medical_cxr_vqa", "clean"])
+def test_release_card_and_splits(tmp_path, style):
+    """The VQA release: HF split names by both loading routes, the style, type mix and answer vocabulary."""
+    import datasets
+    import yaml
+
+    from workflow import cards
+
+    findings, images, studies = _bench().synthetic_inputs(1500, seed=8)
+    tpl = vqa.load_templates(vqa.STYLE_TEMPLATES[style])
+    table = vqa.generate(findings, images, studies, tpl, NAMES, vqa.VqaConfig(style=style))[0]
+    assert set(table["split"].to_pylist()) == {"train", "validate", "test"}
+    pq.write_table(table, tmp_path / "questions.parquet")
+    config = {"corpus": {"format": "mimic", "mimic": {"reports": "/abs/secret/mimic-cxr-reports.zip"}},
+              "vqa": {"style": style, "seed": 0}, "llm": {"backend": "rules"}, "rg4": {"rewriter": "rules"}}  # fmt: skip
+    out = tmp_path / "release"
+    (out / "default").mkdir(parents=True)
+    (out / "default" / "validate-00000-of-00001.parquet").write_text("stale")  # an earlier run's file
+    cards.main(
+        [
+            "--table", f"default={tmp_path / 'questions.parquet'}", "--spec", "medical_cxr_vqa",
+            "--config-json", __import__("json").dumps(config), "--corpus-format", "mimic", "--out", str(out),
+        ]
+    )  # fmt: skip
+    assert sorted(p.name.split("-")[0] for p in (out / "default").iterdir()) == ["test", "train", "validation"]
+    cache = str(tmp_path / "hf")
+    by_card = datasets.load_dataset(str(out), "default", cache_dir=cache)
+    by_dir = datasets.load_dataset("parquet", data_dir=str(out / "default"), cache_dir=cache)
+    for ds in (by_card, by_dir):
+        assert {k: v.num_rows for k, v in ds.items()} == {
+            hf: table.filter(pa.compute.equal(table["split"], src)).num_rows
+            for src, hf in (("train", "train"), ("validate", "validation"), ("test", "test"))
+        }
+    assert set(by_card["validation"]["source_split"]) == {"validate"}
+
+    text = (out / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["annotations_creators"] == ["machine-generated"] and header["language"] == ["en"]
+    assert header["license"] == "other" and "physionet" in header["license_name"]
+    assert header["size_categories"] == ["1K<n<10K"]
+    assert f"`{style}`" in text and "MIMIC-CXR 2.0.0" in text
+    assert "/abs/secret" not in text and "rewriter" not in text  # no absolute paths, no unused sections
+    q = table.to_pandas()
+    for qtype, n in q["question_type"].value_counts().items():
+        assert f"| {qtype} | " in text and f"| {n} | {100 * n / len(q):.1f} % |" in text
+    assert "| view |" in text and "92,048" in text and "11.8 %" in text  # the released count and share
+    view_answers = q.loc[q["question_type"] == "view", "answer"].value_counts()
+    top = view_answers.index[0]
+    assert f"`{top}` ({view_answers.iloc[0]:,})" in text
+    assert "@article{hu2024" in text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"templates": "libs/vqa_templates_typo.yaml"}, "vqa.templates: no such template file"),
+        ({"names": "libs/findngs.csv"}, "vqa.names: no such findings lib"),
+        ({"style": "original"}, "original"),
+    ],
+)
+def test_bad_vqa_config_stops_the_run_at_start_up(tmp_path, override, message):
+    """A misspelt path must fail before any job runs, naming the config key (not quietly change questions)."""
+    workdir = prepare_workdir(tmp_path / "run", {"corpus": demo_corpus(), "vqa": override})
+    run = run_snakemake(workdir, "-n", "--cores", "1", timeout=300)
+    assert run.returncode != 0
+    assert message in run.stdout + run.stderr

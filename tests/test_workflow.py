@@ -149,11 +149,13 @@ def test_slurm_profile_plans_the_gpu_branch(tmp_path):
 def test_release_folders_load_with_datasets(demo_run, tmp_path):
     import datasets
 
+    from workflow import cards
+
     cache = str(tmp_path / "hf")  # a fresh cache: datasets may otherwise serve an older build of the same path
     vqa = datasets.load_dataset(str(demo_run / "results/release/medical_cxr_vqa"), "default", cache_dir=cache)
     questions = pq.read_table(demo_run / "results/vqa/questions.parquet")
     assert sum(part.num_rows for part in vqa.values()) == questions.num_rows
-    assert set(vqa) == set(questions["split"].to_pylist())
+    assert set(vqa) == {cards.hf_split(s) for s in questions["split"].to_pylist()}  # validate -> validation
     rg4 = datasets.load_dataset(str(demo_run / "results/release/mimic_rg4"), "mw", cache_dir=cache)
     assert sum(part.num_rows for part in rg4.values()) == pq.read_table(demo_run / "results/rg4/rg4_mw.parquet").num_rows
     card = (demo_run / "results/release/mimic_rg4/README.md").read_text()

@@ -4,6 +4,11 @@ A release folder holds, per configuration (e.g. RG4's ``sn``/``sw``/``mn``/``mw`
 split named ``{config}/{split}-00000-of-00001.parquet``, and a ``README.md`` whose YAML header declares the
 configurations, so both ``datasets.load_dataset(<folder>, <config>)`` and
 ``datasets.load_dataset("parquet", data_dir=<folder>/<config>)`` load it with the right splits.
+
+Splits use the Hugging Face names ``train`` / ``validation`` / ``test`` (``datasets`` infers only those
+from file names: MIMIC's ``validate`` would be silently dropped by the ``data_dir`` route); the source's
+own split name stays in the column ``source_split``. The card is built with ``huggingface_hub``'s
+``DatasetCard`` / ``DatasetCardData``.
 """
 
 from __future__ import annotations
@@ -18,13 +23,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
+from huggingface_hub import DatasetCard, DatasetCardData
 
 from workflow.cli import parser, setup_logging
 from workflow.tables import atomic_path
 
 log = logging.getLogger(__name__)
 
-SPLIT_ORDER = ("train", "validate", "val", "test")
+SPLIT_ORDER = ("train", "validation", "test")
+# source split name -> Hugging Face split name
+HF_SPLITS = {"train": "train", "validate": "validation", "val": "validation", "valid": "validation", "test": "test"}
+SOURCE_SPLIT_COLUMN = "source_split"
 CARD_SPECS = Path(__file__).parent / "release_cards"  # title, description, sources, column meanings
 
 MIMIC_LICENCE = (
@@ -49,6 +58,16 @@ class CardSpec:
     sources: list[str]
     columns: dict[str, str] = field(default_factory=dict)  # column -> meaning
     build_command: str = "snakemake --cores all"
+    # config sections the card quotes (None: all); absolute paths are never quoted
+    config_sections: list[str] | None = None
+    # per-value counts (and answer vocabularies) of a column, e.g. VQA's question types:
+    # {"column": "question_type", "answers": "answer", "reference": {value: released count}, "reference_name": ...}
+    breakdown: dict | None = None
+    # "label: dotted.config.key" facts quoted from the configuration (e.g. the VQA style)
+    config_facts: dict[str, str] = field(default_factory=dict)
+    task_categories: list[str] = field(default_factory=lambda: ["visual-question-answering", "image-to-text"])
+    limitations: list[str] = field(default_factory=list)
+    citation: str = ""
 
 
 def licence_text(corpus_format: str, corpus_is_demo: bool) -> str:
@@ -57,9 +76,89 @@ def licence_text(corpus_format: str, corpus_is_demo: bool) -> str:
     return MIMIC_LICENCE if corpus_format == "mimic" else IU_LICENCE
 
 
+def licence_metadata(corpus_format: str, corpus_is_demo: bool) -> dict:
+    """HF card metadata of the licence: ``other`` plus its name and link."""
+    if corpus_is_demo:
+        return {"license": "other", "license_name": "synthetic-demo-data", "license_link": "LICENSE"}
+    if corpus_format == "mimic":
+        return {
+            "license": "other",
+            "license_name": "physionet-credentialed-health-data-license-1.5.0",
+            "license_link": "https://physionet.org/content/mimic-cxr/view-license/2.0.0/",
+        }
+    return {
+        "license": "other",
+        "license_name": "open-i-iu-chest-x-ray-non-commercial",
+        "license_link": "https://openi.nlm.nih.gov/faq",
+    }
+
+
+def corpus_text(corpus_format: str, corpus_is_demo: bool) -> str:
+    """Which corpus the release was built from, in words (IU is not MIMIC; its split is not official)."""
+    if corpus_is_demo:
+        return (
+            "The embedded **synthetic demo corpus** (`workflow.synth`, MIMIC layout): no patient data; the "
+            "numbers below say nothing about the real dataset."
+        )
+    if corpus_format == "mimic":
+        return (
+            "**MIMIC-CXR 2.0.0** reports with **MIMIC-CXR-JPG 2.0.0** metadata (PhysioNet). The split is "
+            "MIMIC-CXR's official, patient-disjoint split (`source_split`: train / validate / test)."
+        )
+    return (
+        "The **IU X-Ray** collection (Indiana University, Open-i), not MIMIC-CXR. IU has no official split: "
+        "the split is drawn with the configured seed, one study per patient."
+    )
+
+
+def _size_category(n: int) -> str:
+    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+        if n < limit:
+            return name
+    return "1M<n<10M" if n < 10_000_000 else "n>10M"
+
+
+def scrub_config(config: dict, sections: list[str] | None = None) -> dict:
+    """The quoted configuration: only ``sections`` (None: all), absolute paths reduced to their file name."""
+
+    def clean(v):
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [clean(x) for x in v]
+        if isinstance(v, str) and Path(v).is_absolute():
+            return f"<local>/{Path(v).name}"
+        return v
+
+    picked = config if sections is None else {k: config[k] for k in sections if k in config}
+    return clean(picked)
+
+
+def _dotted(config: dict, key: str):
+    value = config
+    for part in key.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def hf_split(name: str) -> str:
+    return HF_SPLITS.get(name, name)
+
+
 def _split_files(table: pa.Table, config_dir: Path) -> dict[str, int]:
-    """Write one Parquet file per split value; return row counts per split."""
+    """Write one Parquet file per split (HF split names); return row counts per split.
+
+    Parquet files of an earlier run (e.g. another corpus with other splits) are removed first, so the
+    folder holds exactly what the card declares.
+    """
     config_dir.mkdir(parents=True, exist_ok=True)
+    for stale in config_dir.glob("*-of-*.parquet"):
+        stale.unlink()
+    source = table["split"]
+    if SOURCE_SPLIT_COLUMN not in table.column_names:
+        table = table.append_column(SOURCE_SPLIT_COLUMN, source)
+    names = [hf_split(s) if s is not None else None for s in source.to_pylist()]
+    table = table.set_column(table.column_names.index("split"), "split", pa.array(names, pa.string()))
     splits = [s for s in pc.unique(table["split"]).to_pylist() if s is not None]
     splits.sort(key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
     counts = {}
@@ -77,18 +176,71 @@ def _markdown_table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def breakdown_sections(tables: dict[str, pa.Table], spec: CardSpec) -> list[str]:
+    """Per-value counts by split, the share next to a reference, and the answer vocabulary per value."""
+    b = spec.breakdown or {}
+    col, answers = b.get("column"), b.get("answers")
+    reference = b.get("reference") or {}
+    sections = []
+    for name, table in tables.items():
+        if not col or col not in table.column_names or not table.num_rows:
+            continue
+        df = table.select([c for c in (col, "split", answers) if c]).to_pandas()
+        df["split"] = df["split"].map(hf_split)
+        counts = df.groupby([col, "split"]).size().unstack(fill_value=0)
+        splits = [s for s in SPLIT_ORDER if s in counts.columns] + sorted(set(counts.columns) - set(SPLIT_ORDER))
+        order = [v for v in reference if v in counts.index] + sorted(set(counts.index) - set(reference))
+        total = int(counts.to_numpy().sum())
+        ref_total = sum(reference.values())
+        rows = []
+        for v in order:
+            n = int(counts.loc[v].sum())
+            row = [v, *(int(counts.loc[v, s]) for s in splits), n, f"{100 * n / total:.1f} %"]
+            if reference:
+                ref = reference.get(v)
+                row += [f"{ref:,}" if ref else "", f"{100 * ref / ref_total:.1f} %" if ref else ""]
+            rows.append(row)
+        header = [col, *splits, "total", "share"]
+        if reference:
+            header += [f"{b.get('reference_name', 'reference')} count", "reference share"]
+        text = f"## {col.replace('_', ' ').capitalize()} counts ({name})\n" + _markdown_table(header, rows)
+        if b.get("note"):
+            text += "\n\n" + b["note"].strip()
+        sections.append(text)
+        if answers and answers in df.columns:
+            top = int(b.get("max_answers", 40))
+            parts = [f"## Answer vocabulary ({name})\nDistinct answers per {col} with their counts"
+                     f" (at most {top} listed, most frequent first)."]  # fmt: skip
+            for v in order:
+                vc = df.loc[df[col] == v, answers].value_counts()
+                listed = "; ".join(f"`{a}` ({n:,})" for a, n in vc.head(top).items())
+                more = f"; … {len(vc) - top:,} more" if len(vc) > top else ""
+                parts.append(f"- **{v}** ({len(vc):,} distinct): {listed}{more}")
+            sections.append("\n".join(parts))
+    return sections
+
+
 def render_card(
     spec: CardSpec,
     counts: dict[str, dict[str, int]],
     schema: pa.Schema,
     licence: str,
     config_snippet: str,
+    licence_meta: dict | None = None,
+    corpus: str = "",
+    extra_sections: list[str] | None = None,
+    facts: dict[str, str] | None = None,
 ) -> str:
-    header = {
-        "pretty_name": spec.title,
-        "license": "other",
-        "task_categories": ["visual-question-answering", "image-to-text"],
-        "configs": [
+    total = sum(sum(c.values()) for c in counts.values())
+    card_data = DatasetCardData(
+        pretty_name=spec.title,
+        language=["en"],
+        annotations_creators=["machine-generated"],
+        language_creators=["found"],
+        size_categories=[_size_category(total)],
+        source_datasets=["extended"],
+        task_categories=spec.task_categories,
+        configs=[
             {
                 "config_name": name,
                 "data_files": [{"split": s, "path": f"{name}/{s}-*.parquet"} for s in split_counts],
@@ -96,26 +248,34 @@ def render_card(
             for name, split_counts in counts.items()
             if split_counts  # an empty configuration (e.g. RG4's sw/mw on IU, which has no priors) has no files
         ],
-    }
+        **(licence_meta or {"license": "other"}),
+    )
     splits = sorted({s for c in counts.values() for s in c}, key=lambda s: SPLIT_ORDER.index(s))
     count_rows = [[name] + [c.get(s, 0) for s in splits] + [sum(c.values())] for name, c in counts.items()]
     schema_rows = [[f"`{f.name}`", f"`{f.type}`", spec.columns.get(f.name, "")] for f in schema]
     sections = [
-        "---\n" + yaml.safe_dump(header, sort_keys=False) + "---",
         f"# {spec.title}",
         spec.description,
+        *(["## Corpus\n" + corpus] if corpus else []),
+        *(["## Settings\n" + "\n".join(f"- {k}: `{v}`" for k, v in facts.items())] if facts else []),
         "## Sources\n" + "\n".join(f"- {s}" for s in spec.sources),
         "## How it was built\n"
         f"Built by the chest X-ray dataset factory with `{spec.build_command}` and this configuration:\n\n"
         f"```yaml\n{config_snippet.strip()}\n```",
         "## Loading\n```python\nfrom datasets import load_dataset\n"
         + "\n".join(f'{n} = load_dataset("<this folder>", "{n}")' for n in counts)
-        + "\n```",
+        + "\n```\n"
+        "Splits are `train` / `validation` / `test`; the source's split name is in `source_split`.",
         "## Counts\n" + _markdown_table(["config", *splits, "total"], count_rows),
+        *(extra_sections or []),
         "## Schema\n" + _markdown_table(["column", "type", "meaning"], schema_rows),
+        *(["## Limitations\n" + "\n".join(f"- {x}" for x in spec.limitations)] if spec.limitations else []),
+        *(["## Citation\n```bibtex\n" + spec.citation.strip() + "\n```"] if spec.citation else []),
         "## Licence\n" + licence,
     ]
-    return "\n\n".join(sections) + "\n"
+    body = "\n\n".join(sections) + "\n"
+    card = DatasetCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body=body)
+    return str(card.content)
 
 
 def write_release(
@@ -124,17 +284,37 @@ def write_release(
     spec: CardSpec,
     licence: str,
     config_snippet: str,
+    licence_meta: dict | None = None,
+    corpus: str = "",
+    facts: dict[str, str] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Split each table by ``split`` into the release folder and write its card; return the counts."""
     out_dir = Path(out_dir)
-    counts, schema = {}, None
+    counts, schema, read = {}, None, {}
     for name, path in tables.items():
         table = pq.read_table(path)
         if "split" not in table.column_names:
             raise ValueError(f"{path}: a released table needs a `split` column")
         counts[name] = _split_files(table, out_dir / name)
-        schema = schema or table.schema
-    card = render_card(spec, counts, schema, licence, config_snippet)
+        read[name] = table
+        if schema is None:
+            schema = table.schema
+            if SOURCE_SPLIT_COLUMN not in schema.names:
+                schema = schema.append(pa.field(SOURCE_SPLIT_COLUMN, pa.string()))
+    # this module names the splits, so it describes the column (a spec's older wording would be stale)
+    spec.columns["split"] = "train / validation / test (Hugging Face names)"
+    spec.columns.setdefault(SOURCE_SPLIT_COLUMN, "the source's split name (MIMIC: train / validate / test)")
+    card = render_card(
+        spec,
+        counts,
+        schema,
+        licence,
+        config_snippet,
+        licence_meta=licence_meta,
+        corpus=corpus,
+        extra_sections=breakdown_sections(read, spec),
+        facts=facts,
+    )
     with atomic_path(out_dir / "README.md") as tmp:
         tmp.write_text(card)
     log.info("release %s: %s", out_dir, json.dumps(counts))
@@ -155,12 +335,16 @@ def main(argv=None) -> None:
     spec_path = Path(args.spec) if Path(args.spec).is_file() else CARD_SPECS / f"{args.spec}.yaml"
     spec = CardSpec(**yaml.safe_load(spec_path.read_text()))
     config = json.loads(args.config_json)
+    facts = {label: _dotted(config, key) for label, key in spec.config_facts.items()}
     write_release(
         tables,
         args.out,
         spec,
         licence_text(args.corpus_format, args.demo),
-        yaml.safe_dump(config, sort_keys=False),
+        yaml.safe_dump(scrub_config(config, spec.config_sections), sort_keys=False),
+        licence_meta=licence_metadata(args.corpus_format, args.demo),
+        corpus=corpus_text(args.corpus_format, args.demo),
+        facts=facts,
     )
 
 

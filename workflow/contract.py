@@ -168,6 +168,10 @@ VQA_STATS = pa.schema(
         pa.field("top_answer", pa.string()),
         pa.field("top_answer_share", pa.float64()),
         pa.field("top_answers", pa.string()),  # the five most frequent answers: "answer (count); ..."
+        pa.field("share", pa.float64()),  # this type's share of the split's questions
+        # the released Medical-CXR-VQA 1.0.0 (780,014 pairs): count and share of the type (split 'all' only)
+        pa.field("released_n", pa.int64()),
+        pa.field("released_share", pa.float64()),
     ]
 )
 

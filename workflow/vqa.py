@@ -1,9 +1,19 @@
 """Medical-CXR-VQA question generation: standardised findings + image metadata -> question/answer pairs.
 
 Six question types, as in Medical-CXR-VQA (reference/medical_cxr_vqa.md §6): abnormality, presence,
-view, location, level, type. Templates are data (``libs/vqa_templates.yaml``); answers are computed
-from the ``findings`` table; every random choice comes from one seed (one generator per question type,
-so changing one type never reshuffles another).
+view, location, level, type. Templates are data; answers are computed from the ``findings`` table; every
+random choice comes from one seed (one generator per question type, so changing one type never
+reshuffles another).
+
+Two styles (``vqa.style``):
+- ``medical_cxr_vqa`` (default, a drop-in replacement): the original's 13 fixed wordings
+  (``libs/medical_cxr_vqa_templates.yaml``) and its answer forms: ``PA view`` / ``AP view``, locations
+  ``<words> area``, side ``left side`` / ``right side``, levels as the report's level words (``small``,
+  ``large``; recovered from the row's raw name / evidence, the ordinal level when there is none or it
+  is rarer than ``level_word_min_count``), and the region question answered with one finding;
+- ``clean``: our paraphrase pools (``libs/vqa_templates.yaml``), answers ``PA``, ``right basal``,
+  ``left``, the five ordinal levels, and every finding at the asked region.
+The fixes below hold in both styles.
 
 What differs from the original ``question_gen.py`` on purpose:
 - Findings are joined on their canonical name (integer codes), never by substring, so pericardial vs
@@ -18,11 +28,14 @@ What differs from the original ``question_gen.py`` on purpose:
   mention, with the name distribution of the "yes" questions; never from uncertain findings, and
   never "unmentioned" in a study whose report has a positive finding we could not name.
 - Studies without a frontal (PA/AP) image get no questions and are listed in ``rejects``; so is a
-  frontal study left without any question. A study with no findings rows at all is never called
-  normal (its report may not have been read).
+  frontal study left without any question. Normal studies (the key-information stage's per-study
+  ``status``; without that table: findings rows but no positive or uncertain one) get the abnormality
+  question ("no"); a study the stage did not read, or read as ``unknown``, is never called normal.
 - ``split`` is the studies table's official split with MIMIC's names (train / validate / test). The
   released Medical-CXR-VQA CSV has no split column; its predecessor split CSV rows 80/10/10 by position.
-- The view question is asked for as many AP as PA images per split (the original kept 5 % of AP).
+- The view question is asked for as many AP as PA images in every split that has both views (the
+  original kept 5 % of AP); a split with one view (a PA-only corpus) keeps all its view questions.
+  Every rule that removes candidates logs how many, per type.
 
 Outputs: ``questions.parquet`` (QUESTIONS), ``questions.csv`` (the original's columns), ``stats``
 (VQA_STATS, per type and split), ``leak.csv`` (VQA_LEAK: a text-only classifier against the majority
@@ -57,6 +70,15 @@ VIEWS = ("PA", "AP")
 CSV_COLUMNS = ["study_id", "subject_id", "question_type", "question", "answer"]
 _VIEW_MEANING = {"postero-anterior": "PA", "antero-posterior": "AP"}
 _PRESENCE_CODE = {"positive": 0, "negative": 1, "uncertain": 2}
+# The released Medical-CXR-VQA 1.0.0 per type (PhysioNet abstract; 780,014 pairs), for the type mix.
+RELEASED_COUNTS = {
+    "abnormality": 190_525,
+    "presence": 211_560,
+    "view": 92_048,
+    "location": 104_680,
+    "level": 111_715,
+    "type": 69_486,
+}
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -65,15 +87,23 @@ class VqaConfig:
     """The ``vqa:`` section of config.yaml (config.schema.yaml documents every key)."""
 
     seed: int = 0
+    # medical_cxr_vqa: the original's answer forms ("PA view", "right basal area", "left side", the
+    # report's level words, one finding per region question); clean: our forms ("PA", "right basal",
+    # "left", five ordinal levels, every finding at the region)
+    style: str = "medical_cxr_vqa"
+    # medical_cxr_vqa style: a level word seen on fewer positive findings than this is answered with its
+    # ordinal level instead (the original's frequency threshold of 10 on attribute words)
+    level_word_min_count: int = 10
     # canonical names that never appear in a question (devices are not abnormalities; Rule 4 of the paper)
     exclude_names: tuple[str, ...] = ("support device",)
-    # share of studies without any positive finding that get the abnormality yes/no question ("no")
-    abnormality_no_finding_rate: float = 0.5
+    # share of normal studies that get the abnormality yes/no question ("no"); the original asked half
+    abnormality_no_finding_rate: float = 1.0
     # how much likelier an explicitly negated finding is picked as a "no" than an unmentioned one
     explicit_negative_weight: float = 4.0
     # share of located "no" presence questions made by moving a one-sided finding to the other side
     laterality_flip_share: float = 0.5
-    # keep as many AP as PA view questions per split (the original kept 5 % of AP studies instead)
+    # keep as many AP as PA view questions per split where the split has both views (the original kept
+    # 5 % of AP studies instead); a split with one view keeps all its view questions
     view_balance: bool = True
     # presence/abnormality/view questions used by the text-only leak probe (0 = no probe)
     leak_probe_max: int = 200_000
@@ -91,6 +121,8 @@ class Templates:
     texts: list[str] = field(default_factory=list)
     # (type, family) -> (weight, global template indices)
     families: dict[tuple[str, str], tuple[float, np.ndarray]] = field(default_factory=dict)
+    # how {location} is filled: "phrase" ("the left lung base") or "words" (the canonical words, "left basal")
+    location_slot: str = "phrase"
 
     def family(self, qtype: str, fam: str) -> np.ndarray:
         return self.families[(qtype, fam)][1]
@@ -117,24 +149,67 @@ _SLOTS = {
     ("level", "open"): {"name"},
     ("type", "open"): {"name"},
 }
+LOCATION_SLOT_FORMS = ("phrase", "words")
+# the two answer/wording styles (config `vqa.style`) and the template file each uses by default
+STYLES = ("medical_cxr_vqa", "clean")
+STYLE_TEMPLATES = {
+    "medical_cxr_vqa": REPO / "libs" / "medical_cxr_vqa_templates.yaml",
+    "clean": REPO / "libs" / "vqa_templates.yaml",
+}
 
 
-def load_templates(path: str | Path) -> Templates:
-    """Read and check the template file: every family present, ids unique, slots as the family needs."""
-    data = yaml.safe_load(Path(path).read_text())
-    out = Templates()
+def load_templates(path: str | Path, key: str = "vqa.templates") -> Templates:
+    """Read and check a template file; every problem raises naming the config ``key``, the file and the entry.
+
+    Checked: the file exists and is a mapping; only known question types, families and template keys;
+    every family present with at least one template; ids unique; slots as the family needs.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{key}: no such template file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ValueError(f"{key}: {path} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{key}: {path} must be a mapping of question types")
+    unknown = sorted(set(data) - set(REQUIRED_FAMILIES) - {"slots"})
+    if unknown:
+        raise ValueError(
+            f"{key}: {path}: unknown key(s) {unknown}; expected {[*REQUIRED_FAMILIES, 'slots']}"
+        )
+    slots_cfg = data.get("slots") or {}
+    if set(slots_cfg) - {"location"} or slots_cfg.get("location", "phrase") not in LOCATION_SLOT_FORMS:
+        raise ValueError(
+            f"{key}: {path}: slots must be {{location: {' | '.join(LOCATION_SLOT_FORMS)}}}, got {slots_cfg}"
+        )
+    out = Templates(location_slot=slots_cfg.get("location", "phrase"))
     for qtype, fams in REQUIRED_FAMILIES.items():
+        given = data.get(qtype) or {}
+        if not isinstance(given, dict):
+            raise ValueError(f"{key}: {path}: {qtype} must be a mapping of families {list(fams)}")
+        extra = sorted(set(given) - set(fams))
+        if extra:
+            raise ValueError(f"{key}: {path}: unknown family {qtype}.{extra[0]}; {qtype} has {list(fams)}")
         for fam in fams:
-            spec = (data.get(qtype) or {}).get(fam)
+            spec = given.get(fam)
             if not spec or not spec.get("templates"):
-                raise ValueError(f"{path}: no templates for {qtype}.{fam}")
+                raise ValueError(f"{key}: {path}: no templates for {qtype}.{fam}")
+            bad = sorted(set(spec) - {"weight", "templates"})
+            if bad:
+                raise ValueError(f"{key}: {path}: unknown key {qtype}.{fam}.{bad[0]} (weight, templates)")
             idx = []
             for t in spec["templates"]:
+                if not isinstance(t, dict) or set(t) != {"id", "text"}:
+                    raise ValueError(f"{key}: {path}: template of {qtype}.{fam} needs exactly id and text: {t}")
                 slots = set(re.findall(r"{(\w+)}", t["text"]))
                 if slots != _SLOTS.get((qtype, fam), set()):
-                    raise ValueError(f"{path}: template {t['id']} has slots {sorted(slots)}")
+                    raise ValueError(
+                        f"{key}: {path}: template {t['id']} has slots {sorted(slots)}, "
+                        f"{qtype}.{fam} needs {sorted(_SLOTS.get((qtype, fam), set()))}"
+                    )
                 if t["id"] in out.ids:
-                    raise ValueError(f"{path}: duplicate template id {t['id']}")
+                    raise ValueError(f"{key}: {path}: duplicate template id {t['id']}")
                 idx.append(len(out.ids))
                 out.ids.append(t["id"])
                 out.texts.append(t["text"])
@@ -146,11 +221,17 @@ def load_vocabulary(path: str | Path) -> list[str]:
     return list(yaml.safe_load(Path(path).read_text())["findings"])
 
 
-def _read_name_lib(path: str | Path | None) -> pd.DataFrame | None:
-    """The key-information stage's findings lib (csv / yaml / parquet with ``name`` and ``vqa_name``)."""
-    if not path or not Path(path).exists():
+def read_name_lib(path: str | Path | None, key: str = "vqa.names") -> pd.DataFrame | None:
+    """The key-information stage's findings lib (csv / yaml / parquet with ``name`` and ``vqa_name``).
+
+    None only when no lib is configured; a configured path that does not exist or lacks the columns is an
+    error naming ``key`` (a misspelt path must not quietly change the questions).
+    """
+    if not path:
         return None
     p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{key}: no such findings lib: {p} (set it to null for canonical names)")
     if p.suffix == ".parquet":
         df = pd.read_parquet(p)
     elif p.suffix in (".yaml", ".yml"):
@@ -159,8 +240,7 @@ def _read_name_lib(path: str | Path | None) -> pd.DataFrame | None:
     else:
         df = pd.read_csv(p, dtype=str, keep_default_na=False)
     if not {"name", "vqa_name"} <= set(df.columns):
-        log.warning("%s has no name/vqa_name columns; questions use canonical names", p)
-        return None
+        raise ValueError(f"{key}: {p} has no name and vqa_name columns (columns: {list(df.columns)})")
     return pd.DataFrame(
         {
             "name": df["name"].astype(str).str.strip(),
@@ -172,16 +252,16 @@ def _read_name_lib(path: str | Path | None) -> pd.DataFrame | None:
 def load_display_names(path: str | Path | None, names: list[str]) -> list[str]:
     """Canonical name -> the name questions and answers use (Medical-CXR-VQA's ``vqa_name`` when known).
 
-    A missing file, column or value falls back to the canonical name.
+    No lib (None) or an empty value falls back to the canonical name.
     """
-    df = _read_name_lib(path)
+    df = read_name_lib(path)
     mapping = {} if df is None else dict(zip(df["name"], df["vqa_name"], strict=True))
     return [mapping.get(n) or n for n in names]
 
 
 def left_out_names(path: str | Path | None) -> list[str]:
     """Findings the lib gives an empty ``vqa_name``: Medical-CXR-VQA leaves them out (e.g. devices)."""
-    df = _read_name_lib(path)
+    df = read_name_lib(path)
     return [] if df is None else sorted(df.loc[df["vqa_name"] == "", "name"])
 
 
@@ -239,6 +319,8 @@ def location_phrase(location: str) -> str:
     zones = toks[1:] if lat else toks
     if (not zones and not lat and not structure) or any(z not in _ZONES for z in zones):
         return f"the {loc} region"
+    if structure == "lung" and any(z in _ZONE_NOUN for z in zones):
+        structure = None  # "right basal lung" is the right lung base
     noun_zone = None if structure else next((z for z in reversed(zones) if z in _ZONE_NOUN), None)
     adjectives = [z for z in zones if z != noun_zone]
     if structure:
@@ -263,6 +345,44 @@ def flip_laterality(location: str) -> str | None:
 
 
 # ----------------------------------------------------------------------------------------------------
+# Level words (medical_cxr_vqa style)
+
+
+def load_level_lib(path: str | Path) -> dict[str, str]:
+    """libs/levels.csv: surface phrase -> ordinal level."""
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
+    return dict(zip(df["phrase"].str.strip().str.lower(), df["level"].str.strip(), strict=True))
+
+
+def level_words(level: pd.Series, text: pd.Series, lib: dict[str, str]) -> pd.Series:
+    """The report's own level word of each finding row, as the original's key information writes it.
+
+    ``level`` is the standardised (ordinal) level, ``text`` the row's surface text (raw name and
+    evidence). The word is the first phrase of ``levels.csv`` in the text that maps to the row's level
+    (the longest one at that position), written as an adjective ("mildly" -> "mild"); without one the
+    ordinal level itself. Null where the row has no level.
+    """
+    lev = pa.array(level.to_numpy(), type=pa.string(), from_pandas=True)
+    txt = pc.utf8_lower(pa.array(text.to_numpy(), type=pa.string(), from_pandas=True).fill_null(""))
+    out = level.to_numpy(dtype=object).copy()  # default: the ordinal level itself
+    for value in sorted({v for v in lib.values()}):
+        rows = np.flatnonzero(pc.fill_null(pc.equal(lev, value), False).to_numpy(zero_copy_only=False))
+        if not len(rows):
+            continue
+        phrases = sorted((k for k, v in lib.items() if v == value), key=len, reverse=True)
+        # RE2 in C++ over all rows at once; at one position the longest phrase wins (longest first)
+        pattern = r"\b(?P<w>" + "|".join(re.escape(x) for x in phrases) + r")\b"
+        found = pc.struct_field(pc.extract_regex(txt.take(pa.array(rows)), pattern), "w")
+        words = np.asarray(found.to_pylist(), dtype=object)
+        hit = pd.notna(words)
+        out[rows[hit]] = words[hit]
+    adjective = {w: (w[:-2] if w.endswith("ly") and w[:-2] in lib else w) for w in set(out[pd.notna(out)])}
+    has = pd.notna(out)
+    out[has] = [adjective[w] for w in out[has]]
+    return pd.Series(out, index=level.index)
+
+
+# ----------------------------------------------------------------------------------------------------
 # Inputs
 
 
@@ -278,6 +398,7 @@ class Prepared:
     neg: np.ndarray
     unc: np.ndarray
     unknown_pos: np.ndarray  # bool per study: a positive finding whose name is outside the vocabulary
+    normal: np.ndarray  # bool per study: read and normal (no positive or uncertain finding)
     # bool per study: "not mentioned" may be read as "absent" -- the study has findings rows (the
     # extractor read its report) and none of its positive/uncertain findings is outside the vocabulary
     absent_known: np.ndarray
@@ -327,7 +448,17 @@ def prepare(
     names: list[str],
     display: list[str] | None = None,
     exclude_names: tuple[str, ...] = (),
+    keyinfo_studies: pd.DataFrame | None = None,
+    level_lib: dict[str, str] | None = None,
+    level_word_min_count: int = 10,
 ) -> Prepared:
+    """Frontal studies and their usable findings.
+
+    ``keyinfo_studies`` (KEYINFO_STUDIES: study_id, status) says which studies the key-information stage
+    read and found normal; without it a study with findings rows and no positive/uncertain finding counts
+    as normal. ``level_lib`` (levels.csv) switches levels to the report's level words (medical_cxr_vqa
+    style, see :func:`level_words`).
+    """
     rejects = Rejects(STAGE)
     studies = studies.drop_duplicates("study_id")
     frontal = frontal_images(images)
@@ -383,6 +514,30 @@ def prepare(
     absent_known = np.zeros(n_s, dtype=bool)
     absent_known[s] = True
     absent_known[s[(code < 0) & np.isin(presence, (0, 2))]] = False
+    has_rows = np.zeros(n_s, dtype=bool)
+    has_rows[s] = True
+    if keyinfo_studies is not None:
+        status = (
+            keyinfo_studies.drop_duplicates("study_id")
+            .set_index("study_id")["status"]
+            .reindex(st["study_id"].to_numpy())
+            .astype("string")
+            .str.strip()
+            .str.lower()
+        )
+        normal = (status == "normal").fillna(False).to_numpy(bool)
+        read = status.isin(["normal", "abnormal"]).fillna(False).to_numpy(bool)
+        # a normal report ("No acute cardiopulmonary process") says every unmentioned finding is absent;
+        # an `unknown` (read but silent) or unread study says nothing
+        absent_known = (absent_known | normal) & read
+        counts.update(
+            {
+                f"keyinfo_status_{k}": int(v)
+                for k, v in status.fillna("missing").value_counts().sort_index().items()
+            }
+        )
+    else:
+        normal = has_rows.copy()  # refined below: no positive or uncertain finding
 
     usable = np.ones(n_n, dtype=bool)
     usable[[names.index(n) for n in exclude_names if n in names]] = False
@@ -398,10 +553,27 @@ def prepare(
     # a finding both asserted and negated in one study ("no left effusion; small right effusion") is positive
     neg &= ~pos & ~unc
 
+    # normal: no positive or uncertain finding (named or not), and read (status table or findings rows)
+    normal &= ~pos.any(axis=1) & ~unc.any(axis=1) & ~unknown_pos
+    normal[s[(code < 0) & (presence == 2)]] = False
+
     sel = ok & (presence == 0)
     mask = pa.array(sel)
     loc_codes, locations = _codes(_clean(f["location"]).filter(mask))
-    lev_codes, levels = _codes(_clean(f["level"]).filter(mask))
+    level_col = _clean(f["level"]).filter(mask)
+    if level_lib is not None:
+        # where the report's words survive standardisation: the surface name and the evidence quote
+        surface = [f[c].astype("string").fillna("") for c in ("raw_name", "evidence") if c in f]
+        text = surface[0] if surface else pd.Series("", index=f.index)
+        if len(surface) == 2:
+            text = surface[0] + " " + surface[1]
+        lev = pd.Series(level_col.to_pandas().to_numpy(), dtype=object)
+        words = level_words(lev, pd.Series(text[sel].to_numpy(), dtype=object), level_lib)
+        rare = words.map(words.value_counts()) < level_word_min_count
+        words = words.where(~rare.fillna(False), lev)
+        counts["level_words_rare_to_ordinal"] = int(rare.fillna(False).sum())
+        level_col = pa.array(words.to_numpy(), type=pa.string(), from_pandas=True)
+    lev_codes, levels = _codes(level_col)
     typ_codes, types = _codes(_clean(f["type"]).filter(mask))
     instances = pd.DataFrame(
         {"s": s[sel], "name": code[sel], "loc": loc_codes, "level": lev_codes, "type": typ_codes}
@@ -417,6 +589,7 @@ def prepare(
         neg=neg,
         unc=unc,
         unknown_pos=unknown_pos,
+        normal=normal,
         absent_known=absent_known,
         instances=instances.reset_index(drop=True),
         locations=[str(x) for x in locations],
@@ -567,18 +740,23 @@ def _distinct_join(groups: pd.DataFrame, values: list[str], col: str) -> pd.Seri
     return out
 
 
-def build_abnormality(p: Prepared, tpl: Templates, cfg: VqaConfig) -> pd.DataFrame:
+def build_abnormality(p: Prepared, tpl: Templates, cfg: VqaConfig, info: dict | None = None) -> pd.DataFrame:
     rng = _rng(cfg.seed, "abnormality")
+    info = {} if info is None else info
     n_s = len(p.studies)
     has_pos = p.pos.any(axis=1)
     abnormal = has_pos | p.unknown_pos
-    # "no abnormality" only for a study whose report was read (it has findings rows, e.g. negations)
-    normal = np.flatnonzero(~abnormal & p.absent_known)
+    # "no abnormality" only for a study read and found normal (key-information status, or findings rows
+    # without any positive or uncertain finding); never for an unread or silent one
+    normal = np.flatnonzero(p.normal & ~abnormal)
     no_rows = normal[rng.random(len(normal)) < cfg.abnormality_no_finding_rate]
     abn_rows = rng.permutation(np.flatnonzero(abnormal))
     yes_rows = abn_rows[: len(no_rows)]  # as many "yes" as "no" yes/no questions
     rest = abn_rows[len(no_rows) :]
     n_pair = min(len(yes_rows), len(no_rows))
+    info["abnormality: normal studies"] = len(normal)
+    info["abnormality: normal studies not sampled (abnormality_no_finding_rate)"] = len(normal) - len(no_rows)
+    info["abnormality: 'no' removed by yes/no balancing"] = len(no_rows) - n_pair
     yes_rows, no_rows = yes_rows[:n_pair], no_rows[:n_pair]
     pair_tid = _uniform_template(rng, tpl.family("abnormality", "yesno"), n_pair)
     frames = [
@@ -597,6 +775,9 @@ def build_abnormality(p: Prepared, tpl: Templates, cfg: VqaConfig) -> pd.DataFra
     region &= has_located[rest]
     listed = rest[~region & can_list]
     region_rows = rest[region]
+    info["abnormality: abnormal studies without a named or located finding"] = int(
+        len(rest) - len(listed) - len(region_rows)
+    )
 
     if len(listed):
         answers = _join_names(inst[inst["s"].isin(listed)], display)
@@ -610,13 +791,16 @@ def build_abnormality(p: Prepared, tpl: Templates, cfg: VqaConfig) -> pd.DataFra
     if len(region_rows):
         cand = located[located["s"].isin(region_rows)]
         pick = cand.iloc[pick_one_per_group(cand["s"].to_numpy(), rng)]
-        at_loc = located.merge(pick[["s", "loc"]], on=["s", "loc"])
-        answers = _join_names(at_loc, display)
+        if cfg.style == "medical_cxr_vqa":  # the original answers with the one finding it picked
+            answers = display[pick["name"].to_numpy()]
+        else:  # every finding seen at that location
+            at_loc = located.merge(pick[["s", "loc"]], on=["s", "loc"])
+            answers = _join_names(at_loc, display).reindex(pick["s"].to_numpy()).to_numpy()
         frames.append(
             _frame(
                 pick["s"],
                 _uniform_template(rng, tpl.family("abnormality", "region"), len(pick)),
-                answers.reindex(pick["s"].to_numpy()).to_numpy(),
+                answers,
                 loc=pick["loc"],
             )
         )
@@ -741,15 +925,31 @@ def build_presence(p: Prepared, tpl: Templates, cfg: VqaConfig) -> tuple[pd.Data
     return _frame(kept["s"], tid, answer, name=kept["name"], loc=kept["loc"]), info
 
 
-def build_view(p: Prepared, tpl: Templates, cfg: VqaConfig) -> pd.DataFrame:
+def build_view(p: Prepared, tpl: Templates, cfg: VqaConfig, info: dict | None = None) -> pd.DataFrame:
     rng = _rng(cfg.seed, "view")
+    info = {} if info is None else info
     st = p.studies
     known = np.flatnonzero(st["view"].to_numpy() >= 0)
     view = st["view"].to_numpy().astype(np.int64)
     split_code = pd.factorize(st["split"])[0].astype(np.int64)
-    if cfg.view_balance:
-        rows, pair = pair_yes_no(split_code[known], view[known] == 0, rng)
-        rows = known[rows]
+    info["view: frontal studies of unknown projection (no view question)"] = int(len(st) - len(known))
+    if cfg.view_balance and len(known):
+        # balance PA against AP only in splits that have both; a one-view split (a PA-only corpus)
+        # keeps every study, or the whole type would vanish
+        pa_split = np.zeros(split_code.max() + 1, dtype=bool)
+        pa_split[split_code[known][view[known] == 0]] = True
+        ap_split = np.zeros_like(pa_split)
+        ap_split[split_code[known][view[known] == 1]] = True
+        both = pa_split & ap_split
+        bal = known[both[split_code[known]]]
+        rows, pair = pair_yes_no(split_code[bal], view[bal] == 0, rng)
+        rows = bal[rows]
+        rest = known[~both[split_code[known]]]
+        info["view: removed by PA/AP balancing"] = int(len(bal) - len(rows))
+        info["view: one-view splits kept unbalanced"] = int(len(rest))
+        start = int(pair.max()) + 1 if len(pair) else 0
+        rows = np.r_[rows, rest]
+        pair = np.r_[pair, start + np.arange(len(rest))]
     else:
         rows = known
         pair = np.arange(len(known))
@@ -761,18 +961,25 @@ def build_view(p: Prepared, tpl: Templates, cfg: VqaConfig) -> pd.DataFrame:
     f = fam[pair]
     v = view[rows]
     tid = np.where(f == 0, open_t[pair], yesno_t[pair])
-    answer = np.where(f == 0, np.asarray(VIEWS, dtype=object)[v], np.where(asked[pair] == v, "yes", "no"))
+    view_answer = np.asarray(VIEWS, dtype=object)
+    if cfg.style == "medical_cxr_vqa":
+        view_answer = view_answer + " view"
+    answer = np.where(f == 0, view_answer[v], np.where(asked[pair] == v, "yes", "no"))
     return _frame(rows, tid, answer.astype(object), view=np.where(f == 1, asked[pair], -1))
 
 
-def build_location(p: Prepared, tpl: Templates, cfg: VqaConfig) -> pd.DataFrame:
+def build_location(p: Prepared, tpl: Templates, cfg: VqaConfig, info: dict | None = None) -> pd.DataFrame:
     rng = _rng(cfg.seed, "location")
+    info = {} if info is None else info
+    compat = cfg.style == "medical_cxr_vqa"
     inst = p.instances
     located = inst[inst["loc"] >= 0]
     pairs = located[["s", "name"]].drop_duplicates()
     pick = pairs.iloc[pick_one_per_group(pairs["s"].to_numpy(), rng)]
     chosen = located.merge(pick, on=["s", "name"])
-    where = _distinct_join(chosen, p.locations, "loc")
+    # the original answers "<location> area"; one finding seen at several places lists each
+    loc_answers = [f"{loc} area" for loc in p.locations] if compat else p.locations
+    where = _distinct_join(chosen, loc_answers, "loc")
     key = pick["s"].to_numpy() * 1_000_003 + pick["name"].to_numpy()
     answer_where = where.reindex(key).to_numpy()
     # left/right only for a finding seen on one side only (never "bilateral", never two sides)
@@ -784,22 +991,37 @@ def build_location(p: Prepared, tpl: Templates, cfg: VqaConfig) -> pd.DataFrame:
     side = one.reindex(pd.MultiIndex.from_arrays([pick["s"], pick["name"]])).to_numpy()
     fam = _choose_family(rng, len(pick), "location", ("where", "side"), tpl)
     use_side = (fam == 1) & pd.notna(side)
+    info["location: side question asked 'where' instead (finding not on exactly one side)"] = int(
+        ((fam == 1) & ~pd.notna(side)).sum()
+    )
     tid = np.where(
         use_side,
         _uniform_template(rng, tpl.family("location", "side"), len(pick)),
         _uniform_template(rng, tpl.family("location", "where"), len(pick)),
     )
-    answer = np.where(use_side, side, answer_where)
+    side_answer = np.where(pd.notna(side), pd.Series(side, dtype=object) + " side", None) if compat else side
+    answer = np.where(use_side, side_answer, answer_where)
     return _frame(pick["s"], tid, answer, name=pick["name"])
 
 
-def _build_attribute(p: Prepared, tpl: Templates, cfg: VqaConfig, qtype: str, col: str, values: list[str]):
+def _build_attribute(
+    p: Prepared,
+    tpl: Templates,
+    cfg: VqaConfig,
+    qtype: str,
+    col: str,
+    values: list[str],
+    info: dict | None = None,
+):
     rng = _rng(cfg.seed, qtype)
     inst = p.instances
     have = inst[inst[col] >= 0]
     joined = _distinct_join(have, values, col)
     if qtype == "level":  # two different levels for one finding is ambiguous: no question
-        joined = joined[~joined.str.contains(",", regex=False)]
+        ambiguous = joined.str.contains(",", regex=False)
+        if info is not None:
+            info["level: findings with two different levels (not asked)"] = int(ambiguous.sum())
+        joined = joined[~ambiguous]
     key = have["s"].to_numpy() * 1_000_003 + have["name"].to_numpy()
     have = have[np.isin(key, joined.index.to_numpy())][["s", "name"]].drop_duplicates()
     pick = have.iloc[pick_one_per_group(have["s"].to_numpy(), rng)]
@@ -834,11 +1056,20 @@ def render_questions(frame: pd.DataFrame, p: Prepared, tpl: Templates) -> pa.Arr
         if name >= 0:
             slots["name"] = p.display[name]
         if loc >= 0:
-            slots["location"] = location_phrase(p.locations[loc])
+            words = p.locations[loc]
+            slots["location"] = words if tpl.location_slot == "words" else location_phrase(words)
         if view >= 0:
             slots["view"] = VIEWS[view]
-        texts.append(tpl.texts[tid].format(**slots))
+        texts.append(_indefinite_article(tpl.texts[tid].format(**slots)))
     return _expand(codes, texts)
+
+
+_A_BEFORE_AP = re.compile(r"\b([Aa]) (?=AP\b)")
+
+
+def _indefinite_article(text: str) -> str:
+    """ "is this a AP view?" -> "is this an AP view?" (the filled {view} slot decides the article)."""
+    return _A_BEFORE_AP.sub(lambda m: m.group(1) + "n ", text)
 
 
 def _expand(codes: np.ndarray, values) -> pa.Array:
@@ -856,21 +1087,46 @@ def generate(
     names: list[str],
     cfg: VqaConfig | None = None,
     display: list[str] | None = None,
+    keyinfo_studies: pd.DataFrame | None = None,
+    level_lib: dict[str, str] | None = None,
 ) -> tuple[pa.Table, Prepared, dict]:
-    """Build the QUESTIONS table; also returns the prepared inputs (rejects, counts) and run info."""
+    """Build the QUESTIONS table; also returns the prepared inputs (rejects, counts) and run info.
+
+    ``keyinfo_studies``: the key-information stage's per-study status (KEYINFO_STUDIES); ``level_lib``:
+    levels.csv as read by :func:`load_level_lib` (default: libs/levels.csv), used by the
+    medical_cxr_vqa style only.
+    """
     cfg = cfg or VqaConfig()
-    p = prepare(findings, images, studies, names, display, cfg.exclude_names)
+    if cfg.style not in STYLES:
+        raise ValueError(f"vqa.style: {cfg.style!r} is not one of {list(STYLES)}")
+    if cfg.style == "medical_cxr_vqa" and level_lib is None:
+        level_lib = load_level_lib(REPO / "libs" / "levels.csv")
+    p = prepare(
+        findings,
+        images,
+        studies,
+        names,
+        display,
+        cfg.exclude_names,
+        keyinfo_studies=keyinfo_studies,
+        level_lib=level_lib if cfg.style == "medical_cxr_vqa" else None,
+        level_word_min_count=cfg.level_word_min_count,
+    )
     info = dict(p.counts)
     presence, pinfo = build_presence(p, tpl, cfg)
     info.update(pinfo)
     parts = {
-        "abnormality": build_abnormality(p, tpl, cfg),
+        "abnormality": build_abnormality(p, tpl, cfg, info),
         "presence": presence,
-        "view": build_view(p, tpl, cfg),
-        "location": build_location(p, tpl, cfg),
-        "level": _build_attribute(p, tpl, cfg, "level", "level", p.levels),
-        "type": _build_attribute(p, tpl, cfg, "type", "type", p.types),
+        "view": build_view(p, tpl, cfg, info),
+        "location": build_location(p, tpl, cfg, info),
+        "level": _build_attribute(p, tpl, cfg, "level", "level", p.levels, info),
+        "type": _build_attribute(p, tpl, cfg, "type", "type", p.types, info),
     }
+    for qtype, part in parts.items():
+        info[f"{qtype}: questions"] = len(part)
+        if not len(part) and len(p.studies):
+            log.warning("vqa: no %s question at all (see the per-rule counts above)", qtype)
     frame = pd.concat(
         [f.assign(qtype=np.int8(QUESTION_TYPES.index(t))) for t, f in parts.items()], ignore_index=True
     )
@@ -933,6 +1189,12 @@ def question_stats(questions: pd.DataFrame) -> pd.DataFrame:
     out["top_answer"] = first["answer"].reindex(idx).to_numpy()
     out["top_answer_share"] = (first["n"].reindex(idx).to_numpy() / out["n_questions"]).astype(float)
     out["top_answers"] = top_text.reindex(idx).to_numpy()
+    out["share"] = out["n_questions"] / out.groupby("split")["n_questions"].transform("sum")
+    released_total = sum(RELEASED_COUNTS.values())
+    is_all = out["split"] == "all"
+    released = out["question_type"].map(RELEASED_COUNTS)
+    out["released_n"] = released.where(is_all).astype("Int64")
+    out["released_share"] = (released / released_total).where(is_all)
     order = {t: i for i, t in enumerate(QUESTION_TYPES)}
     out = out.sort_values(
         ["question_type", "split"], key=lambda c: c.map(order) if c.name == "question_type" else c
@@ -1065,9 +1327,13 @@ def write_outputs(table: pa.Table, questions_path, csv_path, stats_path, stats_c
 def run(args) -> dict:
     names = load_vocabulary(args.vocabulary)
     display = load_display_names(args.names, names)
-    tpl = load_templates(args.templates)
+    if args.style not in STYLES:
+        raise ValueError(f"vqa.style: {args.style!r} is not one of {list(STYLES)}")
+    tpl = load_templates(args.templates or STYLE_TEMPLATES[args.style])
     cfg = VqaConfig(
         seed=args.seed,
+        style=args.style,
+        level_word_min_count=args.level_word_min_count,
         exclude_names=tuple(dict.fromkeys([*args.exclude_names, *left_out_names(args.names)])),
         abnormality_no_finding_rate=args.abnormality_no_finding_rate,
         explicit_negative_weight=args.explicit_negative_weight,
@@ -1075,12 +1341,27 @@ def run(args) -> dict:
         view_balance=args.view_balance,
         leak_probe_max=args.leak_probe_max,
     )
-    findings = pq.read_table(
-        args.findings, columns=["study_id", "name", "presence", "location", "level", "type"]
-    ).to_pandas()
+    wanted = ["study_id", "name", "presence", "location", "level", "type", "raw_name", "evidence"]
+    available = set(pq.read_schema(args.findings).names)
+    findings = pq.read_table(args.findings, columns=[c for c in wanted if c in available]).to_pandas()
     images = pq.read_table(args.images).to_pandas()
     studies = pq.read_table(args.studies, columns=["subject_id", "study_id", "split"]).to_pandas()
-    table, p, info = generate(findings, images, studies, tpl, names, cfg, display)
+    keyinfo_studies = (
+        pq.read_table(args.keyinfo_studies, columns=["study_id", "status"]).to_pandas()
+        if args.keyinfo_studies
+        else None
+    )
+    table, p, info = generate(
+        findings,
+        images,
+        studies,
+        tpl,
+        names,
+        cfg,
+        display,
+        keyinfo_studies=keyinfo_studies,
+        level_lib=load_level_lib(args.levels),
+    )
     write_outputs(table, args.questions, args.csv, args.stats, args.stats_csv)
     if args.leak:
         leak = (
@@ -1128,7 +1409,18 @@ def main(argv=None) -> None:
     ap.add_argument("--findings", required=True)
     ap.add_argument("--images", required=True)
     ap.add_argument("--studies", required=True)
-    ap.add_argument("--templates", default=str(REPO / "libs" / "vqa_templates.yaml"))
+    ap.add_argument(
+        "--keyinfo-studies",
+        type=_optional,
+        default=None,
+        help="the key-information stage's per-study status (KEYINFO_STUDIES): which studies are normal",
+    )
+    ap.add_argument("--style", default="medical_cxr_vqa", help=" | ".join(STYLES))
+    ap.add_argument(
+        "--templates", type=_optional, default=None, help="template file (default: the style's own)"
+    )
+    ap.add_argument("--levels", default=str(REPO / "libs" / "levels.csv"))
+    ap.add_argument("--level-word-min-count", type=int, default=10)
     ap.add_argument("--vocabulary", default=str(REPO / "libs" / "vocabulary.yaml"))
     ap.add_argument(
         "--names",
@@ -1138,7 +1430,7 @@ def main(argv=None) -> None:
     )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--exclude-names", nargs="*", default=["support device"])
-    ap.add_argument("--abnormality-no-finding-rate", type=float, default=0.5)
+    ap.add_argument("--abnormality-no-finding-rate", type=float, default=1.0)
     ap.add_argument("--explicit-negative-weight", type=float, default=4.0)
     ap.add_argument("--laterality-flip-share", type=float, default=0.5)
     ap.add_argument("--view-balance", type=_flag, default=True, help="true/false")

@@ -9,10 +9,15 @@ released file has them) plus ``entity`` / ``uncertain_entity`` (name -> {locatio
   into question generation;
 * export: a ``findings`` table -> that JSON, names written with their Medical-CXR-VQA names (``vqa_name`` of
   ``libs/findings.csv``), support devices left out (the dataset ignores them), the post-processed shape
-  (``uncertain_entity`` as a dict), several instances of one name flattened as ``"left,right"``.
+  (``uncertain_entity`` as a dict), several instances of one name flattened as ``"left,right"``;
+  with ``--side-files DIR`` also the files the original ``question_gen.py`` reads next to the JSON
+  (:func:`write_side_files`), so it can run unmodified on our key information:
+  ``DIR/data/mimic_all.csv``, ``DIR/data/type_lib.csv``, ``DIR/libs/disease_lib_llm.csv``,
+  ``DIR/libs/{entity,location,level,type}_dict.json`` and ``DIR/libs/{level_lib,location_lib,
+  postlocation_lib,position_change}.csv``.
 
     python -m workflow.keyinfo.vqa_json import --json all_diseases.json --findings F --audit A --unknown U
-    python -m workflow.keyinfo.vqa_json export --findings F --studies S --images I --json out.json
+    python -m workflow.keyinfo.vqa_json export --findings F --studies S --images I --json out.json [--side-files D]
 """
 
 from __future__ import annotations
@@ -178,6 +183,143 @@ def export_records(findings: pa.Table, meta: dict[int, dict] | None = None) -> l
     return out
 
 
+# The 14 CheXpert columns of mimic_all.csv, in the original's order (MIMIC-CXR-JPG's chexpert.csv).
+CHEXPERT_COLUMNS = (
+    "Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum", "Fracture",
+    "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other", "Pneumonia",
+    "Pneumothorax", "Support Devices",
+)  # fmt: skip
+_CHEXPERT_VALUE = {"positive": 1.0, "uncertain": -1.0, "negative": 0.0}
+
+
+def frequency_dicts(records: list[dict]) -> dict[str, dict[str, int]]:
+    """``entity``/``location``/``level``/``type`` term counts over the records, count-descending.
+
+    The original's counting rule (``get_initial_dicts``): a name counts once per occurrence in
+    ``entity``, ``uncertain_entity`` and ``opacity_vs_clear``; an attribute value counts as written.
+    """
+    from collections import Counter
+
+    counts = {k: Counter() for k in ("entity", "location", "level", "type")}
+    for r in records:
+        for cat in ("entity", "uncertain_entity", "opacity_vs_clear"):
+            for name, attrs in (r.get(cat) or {}).items():
+                counts["entity"][name] += 1
+                for k in ("location", "level", "type"):
+                    value = (attrs or {}).get(k)
+                    if isinstance(value, str) and value:
+                        counts[k][value] += 1
+    return {k: dict(sorted(c.items(), key=lambda kv: (-kv[1], kv[0]))) for k, c in counts.items()}
+
+
+def mimic_all_rows(records: list[dict], studies: pa.Table | None, findings: pa.Table) -> list[dict]:
+    """One ``mimic_all.csv`` row per record: ids, the 14 CheXpert-style labels from our findings (1 / -1 / 0,
+    empty when not mentioned), dicom_id, view (code meaning), split, study_date (yyyymmdd), study_order."""
+    libs = load_libs()
+    labels: dict[int, dict[str, float]] = {}
+    rank = {"positive": 3, "uncertain": 2, "negative": 1}
+    for r in findings.select(["study_id", "name", "presence"]).to_pylist():
+        col = libs.chexpert.get(r["name"])
+        if not col or r["presence"] not in rank:
+            continue
+        mine = labels.setdefault(r["study_id"], {})
+        old = mine.get(col)
+        new = _CHEXPERT_VALUE[r["presence"]]
+        if old is None or rank[r["presence"]] > {1.0: 3, -1.0: 2, 0.0: 1}[old]:
+            mine[col] = new
+    extra: dict[int, dict] = {}
+    if studies is not None:
+        cols = [c for c in ("study_id", "split", "study_datetime") if c in studies.column_names]
+        for r in studies.select(cols).to_pylist():
+            when = r.get("study_datetime")
+            extra[r["study_id"]] = {
+                "split": r.get("split"),
+                "study_date": int(when.strftime("%Y%m%d")) if when is not None else None,
+            }
+    rows = []
+    for rec in records:
+        sid = int(rec["study_id"])
+        mine = labels.get(sid, {})
+        if not any(v == 1.0 for k, v in mine.items() if k != "Support Devices"):
+            mine = {**mine, "No Finding": 1.0} if sid in labels else mine
+        rows.append(
+            {
+                "subject_id": rec["subject_id"],
+                "study_id": rec["study_id"],
+                **{c: mine.get(c) for c in CHEXPERT_COLUMNS},
+                "dicom_id": rec.get("dicom_id"),
+                "view": rec.get("view"),
+                "split": extra.get(sid, {}).get("split"),
+                "study_date": extra.get(sid, {}).get("study_date"),
+                "study_order": rec.get("study_order"),
+            }
+        )
+    return rows
+
+
+def disease_lib_rows(records: list[dict]) -> list[dict]:
+    """``disease_lib_llm.csv``: one row per Medical-CXR-VQA name we write, ``report_name`` = the name itself.
+
+    The original looks a record's entity up by the first row whose report name is a substring of it;
+    rows are ordered longest name first, so every name finds its own row and never a shorter look-alike
+    (``effusion`` in ``pericardial effusion``).
+    """
+    libs = load_libs()
+    names = set(libs.vqa_name.values()) - {""}
+    for r in records:
+        for cat in ("entity", "uncertain_entity", "opacity_vs_clear"):
+            names |= set(r.get(cat) or {})
+        names |= set(r.get("no_entity") or [])
+    lung = {"infiltration", "pulmonary fibrosis", "nodule", "mass", "cyst", "cavity"}
+    ordered = sorted(names - {"", "clear"}, key=lambda n: (-len(n), n))
+    return [
+        {"id": i, "report_name": n, "official_name": n, "location": "lung" if n in lung else ""}
+        for i, n in enumerate(ordered)
+    ]
+
+
+def write_side_files(
+    records: list[dict], findings: pa.Table, studies: pa.Table | None, out_dir: str | Path
+) -> dict[str, Path]:
+    """The files the original ``question_gen.py`` reads besides the KeyInfo JSON, in its layout."""
+    import csv
+
+    out_dir = Path(out_dir)
+    (out_dir / "libs").mkdir(parents=True, exist_ok=True)
+    (out_dir / "data").mkdir(parents=True, exist_ok=True)
+    paths: dict[str, Path] = {}
+
+    def write_csv(rel: str, header: list[str], rows: list[dict]) -> None:
+        path = out_dir / rel
+        with path.open("w", newline="", encoding="utf-8") as fh:
+            w = csv.DictWriter(fh, fieldnames=header)
+            w.writeheader()
+            w.writerows(rows)
+        paths[rel] = path
+
+    mimic_all = mimic_all_rows(records, studies, findings)
+    header = ["subject_id", "study_id", *CHEXPERT_COLUMNS, "dicom_id", "view", "split", "study_date", "study_order"]
+    write_csv("data/mimic_all.csv", header, mimic_all)
+    write_csv("libs/disease_lib_llm.csv", ["id", "report_name", "official_name", "location"], disease_lib_rows(records))
+    for kind, counts in frequency_dicts(records).items():
+        path = out_dir / "libs" / f"{kind}_dict.json"
+        path.write_text(json.dumps(counts, indent=1), encoding="utf-8")
+        paths[f"libs/{kind}_dict.json"] = path
+    # phrase lists: the original reads them but its questions do not depend on them (reference §4)
+    libs_dir = Path(__file__).resolve().parents[2] / "libs"
+
+    def phrases(fname: str) -> list[str]:
+        with (libs_dir / fname).open(encoding="utf-8") as fh:
+            return list(dict.fromkeys(r["phrase"] for r in csv.DictReader(fh)))
+
+    write_csv("libs/level_lib.csv", ["level"], [{"level": x} for x in phrases("levels.csv")])
+    write_csv("libs/location_lib.csv", ["location"], [{"location": x} for x in phrases("locations.csv")])
+    write_csv("data/type_lib.csv", ["type"], [{"type": x} for x in phrases("types.csv")])
+    write_csv("libs/postlocation_lib.csv", ["post_location", "relate_keyword"], [])
+    write_csv("libs/position_change.csv", ["from", "to"], [])
+    return paths
+
+
 def main(argv: list[str] | None = None) -> None:
     p = cli_parser("Import / export the Medical-CXR-VQA KeyInfo JSON.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -193,6 +335,7 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("--studies", type=Path, help="studies.parquet (for subject, study order)")
     exp.add_argument("--images", type=Path, help="images.parquet (for dicom_id and view)")
     exp.add_argument("--json", required=True, type=Path)
+    exp.add_argument("--side-files", type=Path, help="folder for the other files the original question_gen.py reads")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     if args.cmd == "import":
@@ -217,6 +360,10 @@ def main(argv: list[str] | None = None) -> None:
         tmp = args.json.with_name(f".{args.json.name}.tmp")
         tmp.write_text(json.dumps(records, indent=1), encoding="utf-8")
         tmp.replace(args.json)
+        if args.side_files:
+            studies = pq.read_table(args.studies) if args.studies else None
+            for rel in write_side_files(records, findings, studies, args.side_files):
+                log.info("wrote %s", args.side_files / rel)
         summary("keyinfo_export", len(records), len(records), 0)
 
 
