@@ -223,3 +223,19 @@ def test_study_status_tells_normal_from_silent_and_abnormal(tmp_path):
 def test_a_report_without_any_header_keeps_its_strict_sections():
     strict = {"findings": None, "impression": None, "last_paragraph": "No effusion."}
     assert sections_for_reading(strict, "No effusion.") == strict
+
+
+@pytest.mark.parametrize(
+    "text,evidence",
+    [
+        ("Small left pleural effusion.", "Small left pleural effusion"),
+        ("There is a large right pneumothorax.", "large right pneumothorax"),
+        ("Opacity in the right lower lobe.", "Opacity in the right lower lobe"),
+        ("Heart is mildly enlarged.", "Heart is mildly enlarged"),
+    ],
+)
+def test_evidence_is_the_noun_phrase_with_its_attribute_words(text, evidence):
+    # downstream (Medical-CXR-VQA's level answers, the review page) reads the report's own words here
+    (row,) = extract_sections({"findings": text})
+    assert row["evidence"] == evidence
+    assert text[row["start"] : row["end"]] == row["raw_name"]

@@ -60,6 +60,9 @@ class Mention:
         "section",
         "from_anchor",
         "also",
+        "ev_start",
+        "ev_end",
+        "evidence",
     )
 
     def __init__(self, name, raw, start, end, section):
@@ -71,6 +74,9 @@ class Mention:
         self.level = self.type = self.change = None
         self.from_anchor = False
         self.also: tuple[str, ...] = ()
+        # the finding's noun phrase with the attribute words it took ("small left pleural effusion")
+        self.ev_start, self.ev_end = start, end
+        self.evidence: str | None = None
 
     def add_loc(self, tok: Tok) -> None:
         if tok.lat:
@@ -516,6 +522,7 @@ def _clause_mentions(
             if took:
                 claimed[j] = True
                 last = j
+                m.ev_end = max(m.ev_end, clause[j][1])
         post_end[k] = last
 
     # pre-window: attribute words between the previous finding (or its claimed post-window) and this one
@@ -545,6 +552,8 @@ def _clause_mentions(
                 continue
             segments[-1].append(tok)
             claimed[j] = True
+            if len(segments) == 1:
+                m.ev_start = min(m.ev_start, s)
         segments = [seg for seg in segments if seg]
         if len(segments) > 1 and all(any(t.lat for t in seg) for seg in segments):
             for seg in segments[1:]:  # each lateral segment is its own instance
@@ -589,6 +598,8 @@ def _clause_mentions(
     for m in mentions:
         if m.presence == NEG and m.change != "resolved":
             m.change = None
+    for m in mentions:
+        m.evidence = text[m.ev_start : m.ev_end]
     if any(m.also for m in mentions):
         mentions = [x for m in mentions for x in (m, *(_renamed(m, name) for name in m.also))]
     if sum(m.name == DEVICE for m in mentions) > 1:
@@ -624,6 +635,7 @@ def _renamed(m: Mention, name: str) -> Mention:
     for slot in ("presence", "level", "type", "change", "from_anchor"):
         setattr(twin, slot, getattr(m, slot))
     twin.lat, twin.zones, twin.structs = set(m.lat), list(m.zones), list(m.structs)
+    twin.evidence = m.evidence
     return twin
 
 
@@ -713,6 +725,7 @@ def merge_mentions(mentions: list[Mention], libs: Libs | None = None) -> list[di
             "section": m.section,
             "start": m.start,
             "end": m.end,
+            "evidence": m.evidence or m.raw,
         }
         for m in mentions
     ]

@@ -53,7 +53,6 @@ def extract_batch(
             r["subject_id"] = subject
             r["study_id"] = study
             r["source"] = "rules"
-            r["evidence"] = r["raw_name"]
             rows.append(r)
     return rows, empty, len(studies)
 
