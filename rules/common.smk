@@ -8,6 +8,11 @@ from snakemake.utils import validate
 
 validate(config, "../config.schema.yaml")
 
+from workflow.llm.guard import check_corpus  # noqa: E402  (the data-use guard's start-up check)
+
+# A corpus that looks like MIMIC-CXR but is marked credentialed: false needs an explicit confirmation.
+check_corpus(config["corpus"])
+
 OUT = Path(config["outdir"])
 LOGS = Path("logs")
 # The interpreter of the core environment: the one running Snakemake (the Makefile's venv).
