@@ -52,6 +52,9 @@ Reject reasons (the ``rejects`` table; ``detail`` names the file or member, neve
 - ``undecodable``: bytes that are not UTF-8. Rejected rather than decoded with replacement characters,
   because mangled text would silently flow into every dataset built from it.
 - ``empty_report``: empty or whitespace-only report (IU: neither findings nor impression).
+- ``too_large``: a report above ``ingest.max_report_bytes`` (default 1 MiB). A file is read only up to
+  the bound; a zip member whose declared size is above it is not inflated at all, and one that inflates
+  past its declared size is stopped there (``corrupt_member``), so a zip bomb costs no more than its bound.
 - ``no_report``: a study in the split/metadata tables (IU: in the projections) without a report.
 - ``bad_id`` (IU): a uid that is not an integer.
 
@@ -103,6 +106,9 @@ PREFETCH_BATCHES = 6  # batches read ahead by the workers (~50k reports, ~75 MB 
 IU_SPLIT_RATIOS = (0.7, 0.1, 0.2)
 IU_BANNER = " " * 33 + "FINAL REPORT"
 IU_VIEW_POSITION = {"frontal": "PA", "lateral": "LATERAL"}
+# Far above any real report (MIMIC-CXR's longest is ~15 KB); a larger one is rejected as too_large
+# before it is read in full, so a hostile file cannot exhaust memory or stall the extractors.
+DEFAULT_MAX_REPORT_BYTES = 1 << 20
 
 
 class InputError(Exception):
@@ -132,6 +138,10 @@ def _mit_candidate(path: str) -> bool:
 
 class CorruptMember(Exception):
     pass
+
+
+class TooLarge(Exception):
+    """A report above ``ingest.max_report_bytes``: never read in full, rejected as ``too_large``."""
 
 
 # Central directory file header (46 bytes) and local file header (30 bytes) of the zip format.
@@ -273,10 +283,16 @@ class DirSource:
 
 
 class _Reader:
-    """Reads the bytes of members in one process (the parent or a worker)."""
+    """Reads the bytes of members in one process (the parent or a worker).
 
-    def __init__(self, spec: tuple):
+    No read holds more than ``max_bytes`` + 1 bytes of a report: a file is read up to that bound, and a
+    zip member is inflated with its output bounded by its declared size, so a member that lies about its
+    size (a zip bomb) is stopped as soon as it passes the declared size.
+    """
+
+    def __init__(self, spec: tuple, max_bytes: int = DEFAULT_MAX_REPORT_BYTES):
         self.kind = spec[0]
+        self.max_bytes = int(max_bytes)
         if self.kind == "zip":
             _, path, self.entries = spec
             self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
@@ -288,24 +304,37 @@ class _Reader:
     def read(self, locator: int) -> bytes:
         if self.kind == "dir":
             with open(self.paths[locator], "rb") as fh:
-                return fh.read()
+                data = fh.read(self.max_bytes + 1)
+            if len(data) > self.max_bytes:
+                raise TooLarge(f"more than {self.max_bytes} bytes (ingest.max_report_bytes)")
+            return data
         offset, csize, usize, crc, method, flags = self.entries[locator].tolist()
         if flags & 0x1:
             raise CorruptMember("encrypted member")
+        if usize > self.max_bytes:
+            raise TooLarge(f"declares {usize} bytes, more than {self.max_bytes} (ingest.max_report_bytes)")
         if offset + _LOCAL.size > self._size:
             raise CorruptMember("local header beyond the end of the archive")
         signature, n_name, n_extra = _LOCAL.unpack_from(self._map, offset)
         if signature != b"PK\x03\x04":
             raise CorruptMember("bad local header signature")
         start = offset + _LOCAL.size + n_name + n_extra
+        if method == zipfile.ZIP_STORED and csize != usize:
+            raise CorruptMember(f"stored member of {csize} bytes declares {usize}")
         raw = self._map[start : start + csize]
         if len(raw) < csize:
             raise CorruptMember("member data truncated")
         if method == zipfile.ZIP_DEFLATED:
+            inflater = zlib.decompressobj(-15)
             try:
-                data = zlib.decompress(raw, -15, usize or 1)
+                # One byte more than declared is enough to catch a liar; nothing beyond is inflated.
+                data = inflater.decompress(raw, usize + 1)
             except zlib.error as exc:
                 raise CorruptMember(f"inflate failed: {exc}") from None
+            if len(data) > usize:
+                raise CorruptMember(f"inflates past its declared size of {usize} bytes")
+            if not inflater.eof:
+                raise CorruptMember("inflate failed: incomplete or truncated stream")
         elif method == zipfile.ZIP_STORED:
             data = raw
         else:
@@ -339,6 +368,10 @@ def read_batch(reader: _Reader, locators: np.ndarray) -> tuple[pa.StringArray, n
             data = reader.read(locator)
         except CorruptMember as exc:
             problems.append((i, "corrupt_member", str(exc)))
+            ok[i] = False
+            continue
+        except TooLarge as exc:
+            problems.append((i, "too_large", str(exc)))
             ok[i] = False
             continue
         except OSError as exc:
@@ -381,9 +414,9 @@ def read_batch(reader: _Reader, locators: np.ndarray) -> tuple[pa.StringArray, n
 _worker_reader: _Reader | None = None
 
 
-def _worker_init(spec: tuple) -> None:
+def _worker_init(spec: tuple, max_bytes: int) -> None:
     global _worker_reader
-    _worker_reader = _Reader(spec)
+    _worker_reader = _Reader(spec, max_bytes)
 
 
 def _worker_batch(locators: np.ndarray):
@@ -391,7 +424,7 @@ def _worker_batch(locators: np.ndarray):
 
 
 @contextlib.contextmanager
-def reader_pool(spec: tuple, workers: int):
+def reader_pool(spec: tuple, workers: int, max_bytes: int = DEFAULT_MAX_REPORT_BYTES):
     """A pool of reader processes (None for ``workers <= 1``), closed on exit.
 
     Started before any Arrow compute runs in this process: forking a process whose Arrow thread pools
@@ -401,7 +434,7 @@ def reader_pool(spec: tuple, workers: int):
         yield None
         return
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with context.Pool(workers, initializer=_worker_init, initargs=(spec,)) as pool:
+    with context.Pool(workers, initializer=_worker_init, initargs=(spec, max_bytes)) as pool:
         yield pool
 
 
@@ -413,8 +446,15 @@ class BatchResults:
     memory stays bounded whatever the corpus size.
     """
 
-    def __init__(self, spec: tuple, jobs: list[np.ndarray], pool, window: int = PREFETCH_BATCHES):
-        self.spec, self.jobs, self.pool = spec, jobs, pool
+    def __init__(
+        self,
+        spec: tuple,
+        jobs: list[np.ndarray],
+        pool,
+        window: int = PREFETCH_BATCHES,
+        max_bytes: int = DEFAULT_MAX_REPORT_BYTES,
+    ):
+        self.spec, self.jobs, self.pool, self.max_bytes = spec, jobs, pool, max_bytes
         self._queue = iter(jobs)
         self._pending: deque = deque()
         if pool is not None:
@@ -423,7 +463,7 @@ class BatchResults:
 
     def __iter__(self) -> Iterator:
         if self.pool is None:
-            reader = _Reader(self.spec)
+            reader = _Reader(self.spec, self.max_bytes)
             try:
                 for locators in self.jobs:
                     yield read_batch(reader, locators)
@@ -724,6 +764,7 @@ def ingest_mimic(
     rejects_out: str | os.PathLike,
     workers: int = 1,
     batch_rows: int = BATCH_ROWS,
+    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
 ) -> Result:
     for key, value in (("reports", reports), ("split", split), ("metadata", metadata)):
         if not Path(value).exists():
@@ -733,7 +774,7 @@ def ingest_mimic(
     rejects = Rejects(STAGE)
     source = open_source(reports)
     spec = source.spec()
-    with reader_pool(spec, workers) as pool:
+    with reader_pool(spec, workers, max_report_bytes) as pool:
         catalog = _catalog(source, rejects)
         n_bad_names = len(rejects)
         if catalog.num_rows + n_bad_names == 0:
@@ -750,7 +791,7 @@ def ingest_mimic(
         # after reading. This lets the workers inflate reports while the tables are being read.
         locators = catalog["locator"].to_numpy()
         jobs = [locators[start : start + batch_rows] for start in range(0, len(locators), batch_rows)]
-        results = BatchResults(spec, jobs, pool)
+        results = BatchResults(spec, jobs, pool, max_bytes=max_report_bytes)
         images, facts = read_mimic_tables(split, metadata)
         pa.default_memory_pool().release_unused()  # give the CSV/join scratch memory back before reading on
         log.info("tables: %d images of %d studies", images.num_rows, facts.num_rows)
@@ -888,6 +929,7 @@ def ingest_iu(
     rejects_out: str | os.PathLike,
     split_seed: int = 0,
     split_ratios: Sequence[float] = IU_SPLIT_RATIOS,
+    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
 ) -> Result:
     import pandas as pd
 
@@ -943,14 +985,16 @@ def ingest_iu(
         if not has_images[row.Index]:
             rejects.add(study_id, "no_metadata", f"{where}: no rows in {Path(projections).name}")
             continue
+        text = iu_report_text(
+            _clean(row.image), _clean(row.indication), _clean(row.comparison), findings, impression
+        )
+        if len(text.encode()) > max_report_bytes:
+            rejects.add(study_id, "too_large", f"{where}: more than {max_report_bytes} bytes")
+            continue
         studies["subject_id"].append(study_id)
         studies["study_id"].append(study_id)
         studies["study_datetime"].append(None)
-        studies["report"].append(
-            iu_report_text(
-                _clean(row.image), _clean(row.indication), _clean(row.comparison), findings, impression
-            )
-        )
+        studies["report"].append(text)
         studies["source_path"].append(where)
     studies["split"] = iu_split(studies["study_id"], split_seed, split_ratios)
     table = pa.Table.from_pydict(studies, schema=STUDIES).sort_by([("subject_id", "ascending")])
@@ -1006,6 +1050,12 @@ def build_parser():
             default=min(2, os.cpu_count() or 1),
             help="processes inflating and decoding MIMIC reports (default: up to 2; IU is read in one)",
         )
+        sp.add_argument(
+            "--max-report-bytes",
+            type=int,
+            default=DEFAULT_MAX_REPORT_BYTES,
+            help="larger reports are rejected as too_large, never read in full (config ingest.max_report_bytes)",
+        )
         sp.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
@@ -1024,6 +1074,7 @@ def main(argv: list[str] | None = None) -> Result:
                 args.images,
                 args.rejects,
                 workers=args.workers,
+                max_report_bytes=args.max_report_bytes,
             )
         else:
             try:
@@ -1040,6 +1091,7 @@ def main(argv: list[str] | None = None) -> Result:
                 args.rejects,
                 split_seed=args.split_seed,
                 split_ratios=ratios,
+                max_report_bytes=args.max_report_bytes,
             )
     except InputError as exc:
         p.error(str(exc))
