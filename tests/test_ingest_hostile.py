@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from test_ingest import REPORT, Corpus, check_contract, reasons, rejected
+from test_ingest import REPORT, Corpus, check_contract, reasons, rejected, write_csv
 
 from workflow import ingest
 
@@ -111,3 +111,61 @@ def test_a_zip_member_declaring_more_than_the_cap_is_not_inflated(tmp_path):
     assert peak < 1 << 20
     _, tables = run(tmp_path, corpus, corpus.zip, max_report_bytes=1 << 20)
     assert reasons(tables) == {"too_large": 1}
+
+
+# -- item 2: ids beyond int64 --------------------------------------------------------------------
+BIG = 2**63  # one beyond int64
+
+
+def test_ids_beyond_int64_reject_their_row_and_the_run_goes_on(tmp_path):
+    corpus = Corpus(tmp_path / "corpus")
+    corpus.study(10000001, 50000001)
+    corpus.study(10000002, 50000002)
+    corpus.study(10000003, 50000003)
+    corpus.study(10000004, BIG + 5, tables=False)  # a report file named beyond int64
+    corpus.study(BIG, 50000006, tables=False)
+    corpus.write()
+    corpus.split_rows[2][1] = str(BIG)  # study_id of one split row (study 50000002's first image)
+    corpus.meta_rows[5][1] = str(2**64 + 1)  # subject_id of one metadata row (study 50000003's second image)
+    corpus.split_rows.append(["big-dicom", 50000001, 10000001, "train"])
+    corpus.split_rows[-1][0] = "9" * 40  # a dicom id is a string: any length is fine
+    corpus.write()
+
+    for reports in (corpus.root / "files", corpus.zip):
+        result, tables = run(tmp_path, corpus, reports, reports.name)
+        bad = [r for r in tables["rejects"].to_pylist() if r["reason"] == "bad_id"]
+        assert sorted(r["study_id"] or 0 for r in bad) == [0, 0, 50000003, 50000006]
+        text = " ".join(r["detail"] for r in bad)
+        assert "mimic-cxr-2.0.0-split.csv.gz: row 4: study_id" in text
+        assert "mimic-cxr-2.0.0-metadata.csv.gz: row 7: subject_id" in text
+        assert f"s{BIG + 5}.txt: study id beyond int64" in text
+        # Studies that lost one image row still have the other, so they come through.
+        assert set(tables["studies"]["study_id"].to_pylist()) == {50000001, 50000002, 50000003}
+        assert result.n_in == tables["studies"].num_rows + tables["rejects"].num_rows
+
+
+def test_iu_uid_beyond_int64_is_bad_id_and_an_oversized_report_too_large(tmp_path):
+    header = ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"]
+    reports = write_csv(
+        tmp_path / "indiana_reports.csv",
+        header,
+        [
+            [1, "", "", "Chest", "", "", "Clear lungs.", "Normal."],
+            [BIG, "", "", "Chest", "", "", "Clear lungs.", "Normal."],
+            [9223372036854775807, "", "", "Chest", "", "", "Clear lungs.", "Normal."],  # int64 max: fine
+            [3, "", "", "Chest", "", "", "Clear lungs. " * 200, "Normal."],
+        ],
+    )
+    projections = write_csv(
+        tmp_path / "indiana_projections.csv",
+        ["uid", "filename", "projection"],
+        [[u, f"{u}_IM-1.dcm.png", "Frontal"] for u in (1, 3, 9223372036854775807)],
+    )
+    out = tmp_path / "out"
+    result = ingest.ingest_iu(
+        reports, projections, out / "s.parquet", out / "i.parquet", out / "r.parquet", max_report_bytes=1000
+    )
+    assert pq.read_table(out / "s.parquet")["study_id"].to_pylist() == [1, 9223372036854775807]
+    rejects = pq.read_table(out / "r.parquet").to_pylist()
+    assert [(r["study_id"], r["reason"]) for r in rejects] == [(None, "bad_id"), (3, "too_large")]
+    assert result.n_in == result.n_out + len(result.rejects)

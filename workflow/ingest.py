@@ -56,7 +56,9 @@ Reject reasons (the ``rejects`` table; ``detail`` names the file or member, neve
   the bound; a zip member whose declared size is above it is not inflated at all, and one that inflates
   past its declared size is stopped there (``corrupt_member``), so a zip bomb costs no more than its bound.
 - ``no_report``: a study in the split/metadata tables (IU: in the projections) without a report.
-- ``bad_id`` (IU): a uid that is not an integer.
+- ``bad_id``: an id that is not an integer fitting int64: a report file whose subject/study number is
+  beyond int64, a split/metadata table row whose study_id/subject_id is (one reject per table row; the
+  run goes on without it), an IU uid.
 
 A missing input path, an unreadable zip, a table without its required columns, or a reports folder
 without any report file stop the run with an error naming the option and its config key.
@@ -109,6 +111,19 @@ IU_VIEW_POSITION = {"frontal": "PA", "lateral": "LATERAL"}
 # Far above any real report (MIMIC-CXR's longest is ~15 KB); a larger one is rejected as too_large
 # before it is read in full, so a hostile file cannot exhaust memory or stall the extractors.
 DEFAULT_MAX_REPORT_BYTES = 1 << 20
+
+
+INT64_MAX = (1 << 63) - 1
+
+
+def _fits_int64(digits: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Which all-digit strings are ids that fit int64 (no Python work unless one has 19+ digits)."""
+    values = digits.to_pylist() if isinstance(digits, pa.Array) else pa.concat_arrays(digits.chunks).to_pylist()
+    lengths = np.array([len(v) if v is not None else 0 for v in values], dtype=np.int64)
+    fits = lengths > 0
+    for i in np.flatnonzero(lengths >= 19).tolist():
+        fits[i] = int(values[i]) <= INT64_MAX
+    return fits
 
 
 class InputError(Exception):
@@ -498,13 +513,15 @@ def read_csv_arrow(
     ids: Sequence[str] = (),
     multiline: bool = False,
     key: str = "",
+    rejects: Rejects | None = None,
 ) -> pa.Table:
     """The wanted columns of a .csv or .csv.gz (extra columns ignored; a missing optional one is null).
 
     ``key`` names the config key of the file in error messages.
 
-    ``ids`` columns become int64; rows where one of them is not an integer are dropped with a warning.
-    Every other column is read as text.
+    ``ids`` columns become int64; a row where one of them is not an integer that fits int64 is dropped
+    and, with ``rejects``, recorded there as ``bad_id`` (one row per table row; its study_id when that one
+    is readable). Every other column is read as text.
     """
     header = _csv_header(path)
     missing = [c for c in required if c not in header]
@@ -525,21 +542,32 @@ def read_csv_arrow(
         try:
             table = read({**text_types, **dict.fromkeys(ids, pa.int64())})
         except pa.ArrowInvalid:
-            # Some id is not an integer: read as text, keep the rows whose ids are all digits.
+            # Some id is not an integer (or not one that fits int64): read as text, keep the rows whose
+            # ids all are, reject the others.
             table = read(text_types)
-            good = None
+            good = np.ones(table.num_rows, dtype=bool)
+            fits = {}
             for column in ids:
-                digits = pc.fill_null(pc.match_substring_regex(table[column], r"^\s*\d+\s*$"), False)
-                good = digits if good is None else pc.and_(good, digits)
-            log.warning(
-                "%s: %d rows with unreadable ids ignored", path, table.num_rows - pc.sum(good).as_py()
-            )
-            table = table.filter(good)
+                text = pc.utf8_trim_whitespace(table[column])
+                digits = pc.fill_null(pc.match_substring_regex(text, r"^\d+$"), False).to_numpy(
+                    zero_copy_only=False
+                )
+                fits[column] = digits & _fits_int64(pc.if_else(digits, text, None))
+                table = table.set_column(table.schema.get_field_index(column), column, text)
+                good &= fits[column]
+            bad = np.flatnonzero(~good)
+            log.warning("%s: %d rows with unreadable or out-of-range ids rejected (bad_id)", path, len(bad))
+            if rejects is not None:
+                name = Path(path).name
+                for i in bad.tolist():
+                    row_ids = {c: table[c][i].as_py() for c in ids}
+                    wrong = ", ".join(f"{c} {row_ids[c]!r}" for c in ids if not fits[c][i])
+                    study = int(row_ids["study_id"]) if "study_id" in fits and fits["study_id"][i] else None
+                    rejects.add(study, "bad_id", f"{name}: row {i + 2}: {wrong} is not an int64 id")
+            table = table.filter(pa.array(good))
             for column in ids:
                 idx = table.schema.get_field_index(column)
-                table = table.set_column(
-                    idx, column, pc.cast(pc.utf8_trim_whitespace(table[column]), pa.int64())
-                )
+                table = table.set_column(idx, column, pc.cast(table[column], pa.int64()))
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: cannot parse as CSV ({exc})") from exc
     for column in optional:
@@ -582,8 +610,10 @@ def study_datetime(dates: pa.ChunkedArray, times: pa.ChunkedArray) -> pa.Array:
     return stamps.cast(pa.timestamp("ms"))
 
 
-def read_mimic_tables(split_path, metadata_path) -> tuple[pa.Table, pa.Table]:
+def read_mimic_tables(split_path, metadata_path, rejects: Rejects | None = None) -> tuple[pa.Table, pa.Table]:
     """(images, facts): the image rows of both tables, and one row per study_id of either table.
+
+    Rows with ids that are not int64 integers go to ``rejects`` as ``bad_id``.
 
     ``facts``: study_id, subject_id (null when the tables disagree), split, n_splits, study_datetime,
     in_split, in_metadata.
@@ -593,6 +623,7 @@ def read_mimic_tables(split_path, metadata_path) -> tuple[pa.Table, pa.Table]:
         ("dicom_id", "study_id", "subject_id", "split"),
         ids=("study_id", "subject_id"),
         key="corpus.mimic.split",
+        rejects=rejects,
     )
     meta = read_csv_arrow(
         metadata_path,
@@ -600,6 +631,7 @@ def read_mimic_tables(split_path, metadata_path) -> tuple[pa.Table, pa.Table]:
         ("ViewPosition", "ViewCodeSequence_CodeMeaning", "StudyDate", "StudyTime"),
         ids=("study_id", "subject_id"),
         key="corpus.mimic.metadata",
+        rejects=rejects,
     )
     split = _drop_duplicate_keys(split, "dicom_id", f"split table {split_path}")
     meta = _drop_duplicate_keys(meta, "dicom_id", f"metadata table {metadata_path}")
@@ -687,7 +719,20 @@ def _catalog(source, rejects: Rejects) -> pa.Table:
         name = source.names[i]
         if _mit_candidate(name):  # looks like a report file but does not parse
             study = re.fullmatch(r"s(\d+)\.txt", name.rsplit("/", 1)[-1])
-            rejects.add(int(study.group(1)) if study else None, "bad_filename", name)
+            study_id = int(study.group(1)) if study else None
+            rejects.add(study_id if study_id is None or study_id <= INT64_MAX else None, "bad_filename", name)
+    # Ids beyond int64 cannot be a MIMIC id (nor fit the contract): the file is rejected, the run goes on.
+    for field in ("subject", "study"):
+        long_ids = np.flatnonzero(good & (pc.utf8_length(pc.fill_null(parts.field(field), "")).to_numpy() >= 19))
+        for i in long_ids.tolist():
+            if int(parts.field(field)[i].as_py()) > INT64_MAX:
+                good[i] = False
+                study_id = int(parts.field("study")[i].as_py())
+                rejects.add(
+                    study_id if study_id <= INT64_MAX else None,
+                    "bad_id",
+                    f"{source.names[i]}: {field} id beyond int64",
+                )
     locator = np.flatnonzero(good)
     parts = parts.filter(pa.array(good))
     tail = pc.extract_regex(names.filter(pa.array(good)), r"(?P<tail>p\d\d/p\d+/s\d+\.txt)$").field("tail")
@@ -792,7 +837,9 @@ def ingest_mimic(
         locators = catalog["locator"].to_numpy()
         jobs = [locators[start : start + batch_rows] for start in range(0, len(locators), batch_rows)]
         results = BatchResults(spec, jobs, pool, max_bytes=max_report_bytes)
-        images, facts = read_mimic_tables(split, metadata)
+        n_before_tables = len(rejects)
+        images, facts = read_mimic_tables(split, metadata, rejects)
+        n_bad_rows = len(rejects) - n_before_tables
         pa.default_memory_pool().release_unused()  # give the CSV/join scratch memory back before reading on
         log.info("tables: %d images of %d studies", images.num_rows, facts.num_rows)
 
@@ -859,8 +906,11 @@ def ingest_mimic(
         images = images.append_column("image_path", image_path).select(IMAGES.names)
         write_table(images, images_out, IMAGES)
         rejects.write(rejects_out)
-        # In: every report file found (parsable or not) plus every table study without one.
-        return Result(catalog.num_rows + n_bad_names + len(no_report), n_out, images.num_rows, rejects)
+        # In: every report file found (parsable or not), every table study without one, and every table
+        # row rejected for its ids.
+        return Result(
+            catalog.num_rows + n_bad_names + n_bad_rows + len(no_report), n_out, images.num_rows, rejects
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -868,11 +918,14 @@ def ingest_mimic(
 
 
 def _to_id(series: pd.Series) -> pd.Series:
-    """Integer ids as nullable Int64; anything that is not all digits becomes <NA>."""
+    """Integer ids as nullable Int64; anything that is not all digits, or beyond int64, becomes <NA>."""
     import pandas as pd
 
     text = series.astype("string").str.strip()
-    return pd.to_numeric(text.where(text.str.fullmatch(r"\d+", na=False)), errors="coerce").astype("Int64")
+    digits = text.str.fullmatch(r"\d+", na=False).to_numpy(dtype=bool)
+    usable = digits & _fits_int64(pa.array(text.where(digits, None).astype(object), pa.string()))
+    values = [int(v) if ok else None for v, ok in zip(text.to_numpy(dtype=object), usable, strict=True)]
+    return pd.Series(pd.array(values, dtype="Int64"), index=series.index)
 
 
 def iu_split(
@@ -954,7 +1007,7 @@ def ingest_iu(
 
     frame["study_id"] = _to_id(frame["uid"])
     for row in frame[frame["study_id"].isna()].itertuples():
-        rejects.add(None, "bad_id", f"{name}: row {row.Index + 2}: uid is not an integer")
+        rejects.add(None, "bad_id", f"{name}: row {row.Index + 2}: uid is not an int64 integer")
     frame = frame[frame["study_id"].notna()]
     dup = frame.duplicated("study_id")
     for row in frame[dup].itertuples():
