@@ -169,3 +169,67 @@ def test_iu_uid_beyond_int64_is_bad_id_and_an_oversized_report_too_large(tmp_pat
     rejects = pq.read_table(out / "r.parquet").to_pylist()
     assert [(r["study_id"], r["reason"]) for r in rejects] == [(None, "bad_id"), (3, "too_large")]
     assert result.n_in == result.n_out + len(result.rejects)
+
+
+# -- item 3: symlinks ----------------------------------------------------------------------------
+def test_symlinks_out_of_the_reports_folder_loops_and_dangling_links_are_rejected_never_followed(tmp_path):
+    corpus = Corpus(tmp_path / "corpus")
+    for study in range(50000001, 50000007):
+        corpus.study(10000001, study, report=study == 50000001)
+    corpus.study(11000001, 51000001, report=False)
+    corpus.write()
+    secret = tmp_path / "outside" / "secret.txt"
+    secret.parent.mkdir()
+    secret.write_text("SECRET not a report\n")
+    (tmp_path / "outside" / "p11000001").mkdir()
+    (tmp_path / "outside" / "p11000001" / "s51000001.txt").write_text(REPORT)
+    files = corpus.root / "files"
+    patient = files / "p10" / "p10000001"
+    (patient / "s50000002.txt").symlink_to(secret)  # a file outside
+    (patient / "s50000003.txt").symlink_to(patient / "s50000003.txt")  # a loop
+    (patient / "s50000004.txt").symlink_to(patient / "missing.txt")  # points nowhere
+    (files / "p11").symlink_to(tmp_path / "outside")  # a folder outside
+    (files / "store").mkdir()  # not a report folder (MIT ignores it): a link into it stays inside
+    (files / "store" / "r5.txt").write_text(REPORT.replace("clear", "well expanded"))
+    (patient / "s50000005.txt").symlink_to(Path("..") / ".." / "store" / "r5.txt")
+    (patient / "p10000009").symlink_to(files / "p10")  # a folder loop (inside): bounded depth, nothing read
+    (files / "p10" / "p10000007").symlink_to(files / "p10")
+
+    result, tables = run(tmp_path, corpus, files)
+    assert sorted((r["study_id"] or 0, r["reason"], r["detail"]) for r in tables["rejects"].to_pylist()) == [
+        (0, "bad_symlink", "files/p11: symlink pointing outside the reports folder, not followed"),
+        (
+            50000002,
+            "bad_symlink",
+            "files/p10/p10000001/s50000002.txt: symlink pointing outside the reports folder, not followed",
+        ),
+        (50000003, "bad_symlink", "files/p10/p10000001/s50000003.txt: symlink loop, not followed"),
+        (50000004, "bad_symlink", "files/p10/p10000001/s50000004.txt: symlink to nothing, not followed"),
+        (50000006, "no_report", "in the split/metadata tables, no report file"),
+        (51000001, "no_report", "in the split/metadata tables, no report file"),  # behind the p11 link
+    ]
+    studies = tables["studies"].to_pylist()
+    reports = {s["study_id"]: s["report"] for s in studies}
+    assert sorted(reports) == [50000001, 50000005]
+    assert "well expanded" in reports[50000005]  # the in-folder link was followed
+    assert not any("SECRET" in r for r in reports.values())
+
+
+def test_a_symlink_entry_in_the_zip_is_rejected(tmp_path):
+    corpus = Corpus(tmp_path / "corpus")
+    corpus.study(10000001, 50000001)
+    corpus.study(10000001, 50000002, report=False)
+    corpus.write()
+    link = zipfile.ZipInfo("files/p10/p10000001/s50000002.txt")
+    link.create_system = 3
+    link.external_attr = 0o120777 << 16
+    with zipfile.ZipFile(corpus.zip, "a") as zf:
+        zf.writestr(link, "/etc/passwd")
+    # Both central-directory readers (ours and the standard-library fallback) mark it.
+    source = ingest.ZipSource(corpus.zip)
+    assert source.entries[source.names.index(link.filename), 5] & ingest.SYMLINK_FLAG
+    names, table = ingest._zipfile_directory(str(corpus.zip))
+    assert table[names.index(link.filename), 5] & ingest.SYMLINK_FLAG
+    _, tables = run(tmp_path, corpus, corpus.zip)
+    assert rejected(tables, "bad_symlink") == {50000002}
+    assert tables["studies"]["study_id"].to_pylist() == [50000001]

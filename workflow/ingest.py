@@ -49,6 +49,9 @@ Reject reasons (the ``rejects`` table; ``detail`` names the file or member, neve
 - ``corrupt_member``: a zip member that cannot be inflated, fails its CRC-32, or uses an unsupported
   compression method; the rest of the archive is read normally.
 - ``unreadable``: a report file that cannot be read (OSError).
+- ``bad_symlink``: a symbolic link in the reports folder whose target is outside it, that loops or that
+  points nowhere (a link to a folder counts once), or a symlink entry of the zip. Never followed; links
+  that stay inside the folder are followed.
 - ``undecodable``: bytes that are not UTF-8. Rejected rather than decoded with replacement characters,
   because mangled text would silently flow into every dataset built from it.
 - ``empty_report``: empty or whitespace-only report (IU: neither findings nor impression).
@@ -68,6 +71,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import gzip
 import hashlib
 import itertools
@@ -76,6 +80,7 @@ import mmap
 import multiprocessing
 import os
 import re
+import stat
 import struct
 import sys
 import zipfile
@@ -159,6 +164,14 @@ class TooLarge(Exception):
     """A report above ``ingest.max_report_bytes``: never read in full, rejected as ``too_large``."""
 
 
+# Our mark in an entry's flags column (zip's own flags are 16 bits) for a Unix symlink entry.
+SYMLINK_FLAG = 1 << 20
+
+
+class BadSymlink(Exception):
+    """A symlink entry of a zip: never read as a report."""
+
+
 # Central directory file header (46 bytes) and local file header (30 bytes) of the zip format.
 _CENTRAL = struct.Struct("<4s6H3L5H2L")
 _LOCAL = struct.Struct("<4s22xHH")  # signature, ..., file name length, extra field length
@@ -204,9 +217,11 @@ def _central_directory(path: str) -> tuple[list[str], np.ndarray]:
     pos = 0
     unpack = _CENTRAL.unpack_from
     for i in range(n_entries):
-        (sig, _, _, flags, method, _, _, crc, csize, usize, n_name, n_extra, n_comment, _, _, _, offset) = (
+        (sig, made_by, _, flags, method, _, _, crc, csize, usize, n_name, n_extra, n_comment, _, _, ext, offset) = (
             unpack(cd, pos)
         )
+        if made_by >> 8 == 3 and stat.S_ISLNK(ext >> 16):  # a Unix symlink entry: its data is a path
+            flags |= SYMLINK_FLAG
         if sig != b"PK\x01\x02":
             raise zipfile.BadZipFile(f"bad central directory entry {i}")
         raw_name = cd[pos + 46 : pos + 46 + n_name]
@@ -241,8 +256,12 @@ def _zipfile_directory(path: str) -> tuple[list[str], np.ndarray]:
     """The same as ``_central_directory`` through the standard library (the fallback for odd archives)."""
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
+    def flags(i: zipfile.ZipInfo) -> int:
+        link = i.create_system == 3 and stat.S_ISLNK(i.external_attr >> 16)
+        return i.flag_bits | (SYMLINK_FLAG if link else 0)
+
     table = np.array(
-        [(i.header_offset, i.compress_size, i.file_size, i.CRC, i.compress_type, i.flag_bits) for i in infos],
+        [(i.header_offset, i.compress_size, i.file_size, i.CRC, i.compress_type, flags(i)) for i in infos],
         dtype=np.int64,
     ).reshape(-1, 6)
     return [i.filename for i in infos], table
@@ -269,7 +288,14 @@ class ZipSource:
 
 
 class DirSource:
-    """Report files under a ``files/`` directory (or a folder that contains ``files/``), found like MIT."""
+    """Report files under a ``files/`` directory (or a folder that contains ``files/``), found like MIT.
+
+    Symbolic links are never followed out of the reports folder: a link (file or folder, at any level
+    MIT's traversal looks at) whose target lies outside it, that loops or that points nowhere is listed
+    in ``bad_links`` (rejected as ``bad_symlink``) instead of being read. Links that stay inside are
+    followed (their target is what gets read). The traversal has a fixed depth, so no link can make it
+    recurse.
+    """
 
     kind = "dir"
 
@@ -280,18 +306,47 @@ class DirSource:
         ):
             root = root / "files"
         self.root = root
+        self._real_root = os.path.realpath(root)
         self.names: list[str] = []  # "files/pXX/pSUBJECT/sSTUDY.txt"
         self._abs: list[str] = []
+        self.bad_links: list[tuple[str, str]] = []  # (name, why)
         for group in sorted(os.scandir(root), key=lambda e: e.name):
-            if not (len(group.name) == 3 and group.name.startswith("p") and group.is_dir()):
+            if not (len(group.name) == 3 and group.name.startswith("p")):
                 continue
-            for patient in os.scandir(group.path):
-                if not (patient.name.startswith("p") and patient.is_dir()):
+            group_path = self._follow(group, f"files/{group.name}", want_dir=True)
+            if group_path is None:
+                continue
+            for patient in os.scandir(group_path):
+                if not patient.name.startswith("p"):
                     continue
-                for study in os.scandir(patient.path):
-                    if study.name.startswith("s") and study.name.endswith(".txt") and study.is_file():
-                        self.names.append(f"files/{group.name}/{patient.name}/{study.name}")
-                        self._abs.append(study.path)
+                patient_path = self._follow(patient, f"files/{group.name}/{patient.name}", want_dir=True)
+                if patient_path is None:
+                    continue
+                for study in os.scandir(patient_path):
+                    if not (study.name.startswith("s") and study.name.endswith(".txt")):
+                        continue
+                    name = f"files/{group.name}/{patient.name}/{study.name}"
+                    study_path = self._follow(study, name, want_dir=False)
+                    if study_path is not None:
+                        self.names.append(name)
+                        self._abs.append(study_path)
+
+    def _follow(self, entry: os.DirEntry, name: str, want_dir: bool) -> str | None:
+        """The path to read for ``entry`` (None: not of the wanted kind, or a rejected link)."""
+        if not entry.is_symlink():
+            ok = entry.is_dir(follow_symlinks=False) if want_dir else entry.is_file(follow_symlinks=False)
+            return entry.path if ok else None
+        try:
+            target = os.path.realpath(entry.path, strict=True)
+        except OSError as exc:
+            why = "symlink loop" if exc.errno == errno.ELOOP else "symlink to nothing"
+            self.bad_links.append((name, f"{why}, not followed"))
+            return None
+        if os.path.commonpath([self._real_root, target]) != self._real_root:
+            self.bad_links.append((name, "symlink pointing outside the reports folder, not followed"))
+            return None
+        ok = os.path.isdir(target) if want_dir else os.path.isfile(target)
+        return target if ok else None
 
     def spec(self) -> tuple:
         return ("dir", self._abs)
@@ -318,12 +373,19 @@ class _Reader:
 
     def read(self, locator: int) -> bytes:
         if self.kind == "dir":
-            with open(self.paths[locator], "rb") as fh:
+            # The path is a regular file inside the reports folder (DirSource resolved any link): opened
+            # without following a link swapped in since, and without blocking on a FIFO swapped in.
+            fd = os.open(self.paths[locator], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
                 data = fh.read(self.max_bytes + 1)
             if len(data) > self.max_bytes:
                 raise TooLarge(f"more than {self.max_bytes} bytes (ingest.max_report_bytes)")
             return data
         offset, csize, usize, crc, method, flags = self.entries[locator].tolist()
+        if flags & SYMLINK_FLAG:
+            raise BadSymlink("symlink member, not followed")
         if flags & 0x1:
             raise CorruptMember("encrypted member")
         if usize > self.max_bytes:
@@ -387,6 +449,10 @@ def read_batch(reader: _Reader, locators: np.ndarray) -> tuple[pa.StringArray, n
             continue
         except TooLarge as exc:
             problems.append((i, "too_large", str(exc)))
+            ok[i] = False
+            continue
+        except BadSymlink as exc:
+            problems.append((i, "bad_symlink", str(exc)))
             ok[i] = False
             continue
         except OSError as exc:
@@ -821,6 +887,12 @@ def ingest_mimic(
     spec = source.spec()
     with reader_pool(spec, workers, max_report_bytes) as pool:
         catalog = _catalog(source, rejects)
+        linked = []  # studies whose report file is a rejected link (not also "no_report")
+        for name, why in getattr(source, "bad_links", ()):
+            study = re.fullmatch(r"s(\d{1,18})\.txt", name.rsplit("/", 1)[-1])
+            rejects.add(int(study.group(1)) if study else None, "bad_symlink", f"{name}: {why}")
+            if study:
+                linked.append(int(study.group(1)))
         n_bad_names = len(rejects)
         if catalog.num_rows + n_bad_names == 0:
             raise InputError(
@@ -876,7 +948,10 @@ def ingest_mimic(
             n_out = writer.rows
 
         # Studies of the tables without any report file (rejected copies still count as having one).
-        no_report = facts.filter(pc.invert(pc.is_in(facts["study_id"], catalog["study_id"])))["study_id"]
+        has_file = pa.concat_arrays(
+            [*catalog["study_id"].chunks, pa.array(linked, pa.int64())]
+        )
+        no_report = facts.filter(pc.invert(pc.is_in(facts["study_id"], has_file)))["study_id"]
         for study_id in pc.sort_indices(no_report).to_numpy():
             rejects.add(
                 no_report[int(study_id)].as_py(), "no_report", "in the split/metadata tables, no report file"
