@@ -233,3 +233,40 @@ def test_a_symlink_entry_in_the_zip_is_rejected(tmp_path):
     _, tables = run(tmp_path, corpus, corpus.zip)
     assert rejected(tables, "bad_symlink") == {50000002}
     assert tables["studies"]["study_id"].to_pylist() == [50000001]
+
+
+# -- item 4: the split table ---------------------------------------------------------------------
+def test_a_patient_in_two_splits_has_every_study_rejected(tmp_path):
+    corpus = Corpus(tmp_path / "corpus")
+    corpus.study(10000001, 50000001, split="train")
+    corpus.study(10000001, 50000002, split="test")  # the same patient in test
+    corpus.study(10000001, 50000003, split="train")
+    corpus.study(10000002, 50000004, split="test")
+    corpus.study(10000002, 50000005, split="test")
+    corpus.study(10000003, 50000006, split="validate", report=False)
+    corpus.write()
+    for reports in (corpus.root / "files", corpus.zip):
+        _, tables = run(tmp_path, corpus, reports, reports.name)
+        assert tables["studies"]["study_id"].to_pylist() == [50000004, 50000005]
+        assert rejected(tables, "split_conflict") == {50000001, 50000002, 50000003}
+        assert all("patient p10000001 has studies in 2 splits" in d for d in details(tables, "split_conflict"))
+        assert set(tables["images"]["study_id"].to_pylist()) == {50000004, 50000005}
+        # What is written is patient-disjoint.
+        rows = tables["studies"].to_pylist()
+        assert len({(r["subject_id"], r["split"]) for r in rows}) == len({r["subject_id"] for r in rows})
+
+
+@pytest.mark.parametrize("labels", [["dev"], ["val", "Train"], [""]])
+def test_unknown_split_labels_stop_the_run_naming_the_file_and_labels(tmp_path, labels):
+    corpus = Corpus(tmp_path / "corpus")
+    corpus.study(10000001, 50000001)
+    for k, label in enumerate(labels):
+        corpus.study(10000002 + k, 50000002 + k, split=label)
+    corpus.write()
+    with pytest.raises(ingest.InputError) as err:
+        run(tmp_path, corpus, corpus.zip)
+    message = str(err.value)
+    assert "corpus.mimic.split" in message and corpus.split.name in message
+    assert all(repr(label) in message for label in labels)
+    assert "train, validate, test" in message
+    assert not (tmp_path / "out" / "studies.parquet").exists()

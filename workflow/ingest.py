@@ -45,7 +45,11 @@ Reject reasons (the ``rejects`` table; ``detail`` names the file or member, neve
 - ``no_metadata``: a report whose study is absent from the split and/or the metadata table (IU: absent
   from indiana_projections.csv).
 - ``subject_mismatch``: the report's patient folder disagrees with the study's patient in the tables.
-- ``split_conflict``: the images of one study carry different splits.
+- ``split_conflict``: the images of one study carry different splits, or one patient's studies do.
+  Splits must be patient-disjoint (a patient in train and test leaks into every dataset built from
+  them), and which split such a patient belongs to cannot be known, so **every** study of that patient
+  is rejected; the rest of the run goes on. A split label other than train / validate / test stops the
+  run with an error naming the split file and the labels.
 - ``corrupt_member``: a zip member that cannot be inflated, fails its CRC-32, or uses an unsupported
   compression method; the rest of the archive is read normally.
 - ``unreadable``: a report file that cannot be read (OSError).
@@ -99,7 +103,7 @@ from tqdm import tqdm
 
 from workflow.cli import parser as base_parser
 from workflow.cli import setup_logging
-from workflow.contract import IMAGES, STUDIES
+from workflow.contract import IMAGES, SPLITS, STUDIES
 from workflow.tables import Rejects, TableWriter, summary, write_table
 
 if TYPE_CHECKING:  # pandas is imported where IU needs it: it costs ~0.3 s of every MIMIC run's start
@@ -681,8 +685,10 @@ def read_mimic_tables(split_path, metadata_path, rejects: Rejects | None = None)
 
     Rows with ids that are not int64 integers go to ``rejects`` as ``bad_id``.
 
-    ``facts``: study_id, subject_id (null when the tables disagree), split, n_splits, study_datetime,
-    in_split, in_metadata.
+    ``facts``: study_id, subject_id (null when the tables disagree), split, n_splits, patient_splits (of
+    the study's patient in the split table), study_datetime, in_split, in_metadata.
+
+    An unknown split label stops the run (:class:`InputError` naming the file and the labels).
     """
     split = read_csv_arrow(
         split_path,
@@ -699,6 +705,18 @@ def read_mimic_tables(split_path, metadata_path, rejects: Rejects | None = None)
         key="corpus.mimic.metadata",
         rejects=rejects,
     )
+    labels = pc.unique(pc.fill_null(split["split"], "")).to_pylist()
+    unknown = sorted(set(labels) - set(SPLITS))
+    if unknown:
+        counts = {label: 0 for label in unknown}
+        for label in pc.fill_null(split["split"], "").to_pylist():
+            if label in counts:
+                counts[label] += 1
+        found = ", ".join(f"{label!r} ({n} rows)" for label, n in counts.items())
+        raise InputError(
+            f"corpus.mimic.split ({split_path}): unknown split label(s) {found} in column 'split'; "
+            f"expected only {', '.join(SPLITS)}"
+        )
     split = _drop_duplicate_keys(split, "dicom_id", f"split table {split_path}")
     meta = _drop_duplicate_keys(meta, "dicom_id", f"metadata table {metadata_path}")
     meta = pa.table(
@@ -737,12 +755,19 @@ def read_mimic_tables(split_path, metadata_path, rejects: Rejects | None = None)
     meta_facts = meta_facts.append_column("in_metadata", pa.array(np.ones(meta_facts.num_rows, bool)))
     facts = facts.join(split_facts, "study_id").join(meta_facts, "study_id")
     agreed = pc.equal(facts["subject_id_count_distinct"], 1)
+    # Splits must be patient-disjoint: how many splits each patient's rows carry.
+    patient_splits = split.group_by("subject_id").aggregate([("split", "count_distinct")])
+    facts = facts.append_column("_subject", pc.if_else(agreed, facts["subject_id_min"], None)).join(
+        patient_splits.rename_columns(["_subject", "patient_splits"]), "_subject", join_type="left outer"
+    )
+    agreed = pc.equal(facts["subject_id_count_distinct"], 1)  # again: the join reorders rows
     facts = pa.table(
         {
             "study_id": facts["study_id"],
             "subject_id_tables": pc.if_else(agreed, facts["subject_id_min"], None),
             "split": facts["split_min"],
             "n_splits": pc.fill_null(facts["split_count_distinct"], 0),
+            "patient_splits": pc.fill_null(facts["patient_splits"], 0),
             "study_datetime": facts["study_datetime_min"],
             "in_split": pc.fill_null(facts["in_split"], False),
             "in_metadata": pc.fill_null(facts["in_metadata"], False),
@@ -832,6 +857,7 @@ def _resolve(catalog: pa.Table, facts: pa.Table, rejects: Rejects) -> tuple[pa.T
     in_split = pc.fill_null(joined["in_split"], False).to_numpy(zero_copy_only=False)
     in_meta = pc.fill_null(joined["in_metadata"], False).to_numpy(zero_copy_only=False)
     n_splits = pc.fill_null(joined["n_splits"], 0).to_numpy()
+    patient_splits = pc.fill_null(joined["patient_splits"], 0).to_numpy()
     paths = joined["path"]
 
     keep = np.ones(n, dtype=bool)
@@ -851,7 +877,7 @@ def _resolve(catalog: pa.Table, facts: pa.Table, rejects: Rejects) -> tuple[pa.T
                 )
     missing = keep & ~(in_split & in_meta)
     mismatch = keep & ~missing & ~matches
-    conflict = keep & ~missing & ~mismatch & (n_splits > 1)
+    conflict = keep & ~missing & ~mismatch & ((n_splits > 1) | (patient_splits > 1))
     for i in np.flatnonzero(missing | mismatch | conflict).tolist():
         if missing[i]:
             absent = " and ".join(
@@ -861,8 +887,14 @@ def _resolve(catalog: pa.Table, facts: pa.Table, rejects: Rejects) -> tuple[pa.T
         elif mismatch[i]:
             said = "disagree" if tables_subject[i] < 0 else f"say p{tables_subject[i]}"
             rejects.add(int(study[i]), "subject_mismatch", f"{paths[i]}: the split/metadata tables {said}")
-        else:
+        elif n_splits[i] > 1:
             rejects.add(int(study[i]), "split_conflict", f"{paths[i]}: images in {n_splits[i]} splits")
+        else:
+            rejects.add(
+                int(study[i]),
+                "split_conflict",
+                f"{paths[i]}: patient p{subject[i]} has studies in {patient_splits[i]} splits",
+            )
     return joined, keep & ~missing & ~mismatch & ~conflict
 
 
