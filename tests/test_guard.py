@@ -202,6 +202,9 @@ def test_a_local_vllm_command_is_accepted(command):
 def test_a_vllm_command_naming_a_remote_host_is_refused(command):
     with pytest.raises(GuardError, match="llm.vllm.command"):
         check({}, "vllm", credentialed=True, allow_public=False, vllm_command=command)
+    # An open corpus, or the explicit opt-in, is not held back.
+    assert check({}, "vllm", credentialed=False, allow_public=False, vllm_command=command) == "local"
+    assert check({}, "vllm", credentialed=True, allow_public=True, vllm_command=command) == "local"
     cfg = load_executor_config(
         {"corpus": {"credentialed": True},
          "llm": {"endpoints": {"e": {"kind": "openai", "model": "m", "executor": "vllm"}},

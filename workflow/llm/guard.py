@@ -189,7 +189,8 @@ def check_command(command: list | None) -> None:
             raise GuardError(
                 f"refusing llm.vllm.command: {why}. The offline executor must run on this machine (it is "
                 "given the request files, report text included); run vLLM here, or serve it on a private "
-                "network and use executor: openai with its base_url."
+                "network and use executor: openai with its base_url (llm.allow_public_endpoint: true "
+                "lifts this check when the data's licence allows the data to leave)."
             )
 
 
@@ -206,7 +207,7 @@ def check(
     if executor == "rules":
         return "local"
     if executor == "vllm":
-        if credentialed:
+        if credentialed and not allow_public:  # the opt-in that lets the data leave covers this too
             check_command(vllm_command)
         return "local"
     url = endpoint_url(endpoint)
