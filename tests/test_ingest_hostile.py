@@ -129,15 +129,17 @@ def test_ids_beyond_int64_reject_their_row_and_the_run_goes_on(tmp_path):
     corpus.meta_rows[5][1] = str(2**64 + 1)  # subject_id of one metadata row (study 50000003's second image)
     corpus.split_rows.append(["big-dicom", 50000001, 10000001, "train"])
     corpus.split_rows[-1][0] = "9" * 40  # a dicom id is a string: any length is fine
+    corpus.split_rows.append(["na-dicom", "n/a", 10000001, "train"])  # not a number at all
     corpus.write()
 
     for reports in (corpus.root / "files", corpus.zip):
         result, tables = run(tmp_path, corpus, reports, reports.name)
         bad = [r for r in tables["rejects"].to_pylist() if r["reason"] == "bad_id"]
-        assert sorted(r["study_id"] or 0 for r in bad) == [0, 0, 50000003, 50000006]
+        assert sorted(r["study_id"] or 0 for r in bad) == [0, 0, 0, 50000003, 50000006]
         text = " ".join(r["detail"] for r in bad)
         assert "mimic-cxr-2.0.0-split.csv.gz: row 4: study_id" in text
         assert "mimic-cxr-2.0.0-metadata.csv.gz: row 7: subject_id" in text
+        assert "study_id 'n/a' is not an int64 id" in text
         assert f"s{BIG + 5}.txt: study id beyond int64" in text
         # Studies that lost one image row still have the other, so they come through.
         assert set(tables["studies"]["study_id"].to_pylist()) == {50000001, 50000002, 50000003}

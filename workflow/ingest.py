@@ -126,12 +126,13 @@ INT64_MAX = (1 << 63) - 1
 
 
 def _fits_int64(digits: pa.Array | pa.ChunkedArray) -> np.ndarray:
-    """Which all-digit strings are ids that fit int64 (no Python work unless one has 19+ digits)."""
-    values = digits.to_pylist() if isinstance(digits, pa.Array) else pa.concat_arrays(digits.chunks).to_pylist()
-    lengths = np.array([len(v) if v is not None else 0 for v in values], dtype=np.int64)
+    """Which all-digit strings (nulls: False) are ids that fit int64; Python looks only at 19+ digits."""
+    lengths = pc.fill_null(pc.utf8_length(digits), 0).to_numpy(zero_copy_only=False)
     fits = lengths > 0
-    for i in np.flatnonzero(lengths >= 19).tolist():
-        fits[i] = int(values[i]) <= INT64_MAX
+    long_ = np.flatnonzero(lengths >= 19)
+    if len(long_):
+        for i, value in zip(long_.tolist(), digits.take(pa.array(long_)).to_pylist(), strict=True):
+            fits[i] = int(value) <= INT64_MAX
     return fits
 
 
@@ -631,7 +632,7 @@ def read_csv_arrow(
                 name = Path(path).name
                 for i in bad.tolist():
                     row_ids = {c: table[c][i].as_py() for c in ids}
-                    wrong = ", ".join(f"{c} {row_ids[c]!r}" for c in ids if not fits[c][i])
+                    wrong = ", ".join(f"{c} {str(row_ids[c])[:40]!r}" for c in ids if not fits[c][i])
                     study = int(row_ids["study_id"]) if "study_id" in fits and fits["study_id"][i] else None
                     rejects.add(study, "bad_id", f"{name}: row {i + 2}: {wrong} is not an int64 id")
             table = table.filter(pa.array(good))
