@@ -20,7 +20,8 @@ from workflow.llm.guard import GuardError, check, classify, proxy_for
 from workflow.llm.request import build_request
 from workflow.llm.run import load_executor_config, run_requests
 
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "REQUEST_METHOD")
+PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "REQUEST_METHOD", "OPENAI_BASE_URL",
+              "AZURE_OPENAI_ENDPOINT")
 
 # 104.18.33.64 is a public address; 127.0.0.1 loopback. Each written in the forms a resolver accepts.
 PUBLIC = [
@@ -153,6 +154,26 @@ def test_a_proxy_the_client_would_use_is_refused_for_a_credentialed_corpus(monke
         assert check(ep, "openai", credentialed=True, allow_public=False) in ("local", "azure")
     # An open corpus is not held back by a proxy.
     assert check(ep, "openai", credentialed=False, allow_public=False) in ("local", "azure")
+
+
+def test_an_unset_url_is_judged_by_what_the_sdk_uses_instead(monkeypatch):
+    unset = {"kind": "openai", "base_url": None, "model": "m"}
+    assert check(unset, "openai", credentialed=True, allow_public=True) == "public"  # api.openai.com
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://1746011840/v1")
+    with pytest.raises(GuardError, match="public endpoint '1746011840'"):
+        check(unset, "openai", credentialed=True, allow_public=False)
+    monkeypatch.setenv("OPENAI_BASE_URL", "http://127.0.0.1:8000/v1")
+    assert check(unset, "openai", credentialed=True, allow_public=False) == "local"
+    # The same URL as the SDK's own client.
+    assert httpx2.URL(guard.client_url(unset)).host == openai.OpenAI(api_key="x").base_url.host == "127.0.0.1"
+    azure = {"kind": "azure", "azure_endpoint": None, "model": "m", "api_version": "2024-10-21"}
+    with pytest.raises(ValueError, match="no URL"):
+        check(azure, "openai", credentialed=True, allow_public=False)
+    monkeypatch.setenv("AZURE_OPENAI_ENDPOINT", "https://evil.example")
+    with pytest.raises(GuardError, match="evil.example"):
+        check(azure, "openai", credentialed=True, allow_public=False)
+    sdk = openai.AzureOpenAI(api_version="2024-10-21", api_key="x")
+    assert httpx2.URL(guard.client_url(azure)).host == sdk.base_url.host == "evil.example"
 
 
 def test_run_requests_refuses_before_sending_and_the_config_key_opts_in(monkeypatch, tmp_path):

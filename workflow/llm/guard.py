@@ -34,6 +34,7 @@ import csv
 import gzip
 import ipaddress
 import logging
+import os
 import re
 import shlex
 import socket
@@ -66,6 +67,14 @@ def endpoint_url(endpoint: dict) -> str | None:
     if endpoint.get("kind") == "azure":
         return endpoint.get("azure_endpoint")
     return endpoint.get("base_url") or "https://api.openai.com/v1"
+
+
+def client_url(endpoint: dict) -> str | None:
+    """The URL the openai SDK will really use for ``endpoint``: like the SDK, an unset URL falls back on
+    ``OPENAI_BASE_URL`` / ``AZURE_OPENAI_ENDPOINT`` (then, for kind openai, on api.openai.com)."""
+    if endpoint.get("kind") == "azure":
+        return endpoint.get("azure_endpoint") or os.environ.get("AZURE_OPENAI_ENDPOINT") or None
+    return endpoint.get("base_url") or os.environ.get("OPENAI_BASE_URL") or "https://api.openai.com/v1"
 
 
 def host_of(url: str) -> str:
@@ -210,7 +219,7 @@ def check(
         if credentialed and not allow_public:  # the opt-in that lets the data leave covers this too
             check_command(vllm_command)
         return "local"
-    url = endpoint_url(endpoint)
+    url = client_url(endpoint)
     if not url:
         raise ValueError("config: the llm endpoint has no URL (set azure_endpoint for kind: azure)")
     kind = classify(url)
