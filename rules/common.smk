@@ -8,6 +8,14 @@ from snakemake.utils import validate
 
 validate(config, "../config.schema.yaml")
 
+from workflow.configcheck import check as check_config  # noqa: E402
+from workflow.llm.guard import check_corpus  # noqa: E402
+
+# What the schema cannot say (files that must exist, endpoints that must be configured), named by key.
+check_config(config)
+# A corpus that looks like MIMIC-CXR but is marked credentialed: false needs an explicit confirmation.
+check_corpus(config["corpus"])
+
 OUT = Path(config["outdir"])
 LOGS = Path("logs")
 # The interpreter of the core environment: the one running Snakemake (the Makefile's venv).

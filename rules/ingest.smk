@@ -14,9 +14,11 @@ rule ingest:
         python=PY,
         format=config["corpus"]["format"],
         args=ingest_args,
+        max_bytes=config["ingest"]["max_report_bytes"],
     shell:
         "{params.python:q} -m workflow.ingest {params.format} {params.args} --studies {output.studies:q}"
-        " --images {output.images:q} --rejects {output.rejects:q} --workers {threads} 2> {log:q}"
+        " --images {output.images:q} --rejects {output.rejects:q} --workers {threads}"
+        " --max-report-bytes {params.max_bytes} 2> {log:q}"
 
 
 ALL_TARGETS += rules.ingest.output

@@ -45,15 +45,27 @@ Reject reasons (the ``rejects`` table; ``detail`` names the file or member, neve
 - ``no_metadata``: a report whose study is absent from the split and/or the metadata table (IU: absent
   from indiana_projections.csv).
 - ``subject_mismatch``: the report's patient folder disagrees with the study's patient in the tables.
-- ``split_conflict``: the images of one study carry different splits.
+- ``split_conflict``: the images of one study carry different splits, or one patient's studies do.
+  Splits must be patient-disjoint (a patient in train and test leaks into every dataset built from
+  them), and which split such a patient belongs to cannot be known, so **every** study of that patient
+  is rejected; the rest of the run goes on. A split label other than train / validate / test stops the
+  run with an error naming the split file and the labels.
 - ``corrupt_member``: a zip member that cannot be inflated, fails its CRC-32, or uses an unsupported
   compression method; the rest of the archive is read normally.
 - ``unreadable``: a report file that cannot be read (OSError).
+- ``bad_symlink``: a symbolic link in the reports folder whose target is outside it, that loops or that
+  points nowhere (a link to a folder counts once), or a symlink entry of the zip. Never followed; links
+  that stay inside the folder are followed.
 - ``undecodable``: bytes that are not UTF-8. Rejected rather than decoded with replacement characters,
   because mangled text would silently flow into every dataset built from it.
 - ``empty_report``: empty or whitespace-only report (IU: neither findings nor impression).
+- ``too_large``: a report above ``ingest.max_report_bytes`` (default 1 MiB). A file is read only up to
+  the bound; a zip member whose declared size is above it is not inflated at all, and one that inflates
+  past its declared size is stopped there (``corrupt_member``), so a zip bomb costs no more than its bound.
 - ``no_report``: a study in the split/metadata tables (IU: in the projections) without a report.
-- ``bad_id`` (IU): a uid that is not an integer.
+- ``bad_id``: an id that is not an integer fitting int64: a report file whose subject/study number is
+  beyond int64, a split/metadata table row whose study_id/subject_id is (one reject per table row; the
+  run goes on without it), an IU uid.
 
 A missing input path, an unreadable zip, a table without its required columns, or a reports folder
 without any report file stop the run with an error naming the option and its config key.
@@ -63,6 +75,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import gzip
 import hashlib
 import itertools
@@ -71,6 +84,7 @@ import mmap
 import multiprocessing
 import os
 import re
+import stat
 import struct
 import sys
 import zipfile
@@ -89,7 +103,7 @@ from tqdm import tqdm
 
 from workflow.cli import parser as base_parser
 from workflow.cli import setup_logging
-from workflow.contract import IMAGES, STUDIES
+from workflow.contract import IMAGES, SPLITS, STUDIES
 from workflow.tables import Rejects, TableWriter, summary, write_table
 
 if TYPE_CHECKING:  # pandas is imported where IU needs it: it costs ~0.3 s of every MIMIC run's start
@@ -103,6 +117,23 @@ PREFETCH_BATCHES = 6  # batches read ahead by the workers (~50k reports, ~75 MB 
 IU_SPLIT_RATIOS = (0.7, 0.1, 0.2)
 IU_BANNER = " " * 33 + "FINAL REPORT"
 IU_VIEW_POSITION = {"frontal": "PA", "lateral": "LATERAL"}
+# Far above any real report (MIMIC-CXR's longest is ~15 KB); a larger one is rejected as too_large
+# before it is read in full, so a hostile file cannot exhaust memory or stall the extractors.
+DEFAULT_MAX_REPORT_BYTES = 1 << 20
+
+
+INT64_MAX = (1 << 63) - 1
+
+
+def _fits_int64(digits: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """Which all-digit strings (nulls: False) are ids that fit int64; Python looks only at 19+ digits."""
+    lengths = pc.fill_null(pc.utf8_length(digits), 0).to_numpy(zero_copy_only=False)
+    fits = lengths > 0
+    long_ = np.flatnonzero(lengths >= 19)
+    if len(long_):
+        for i, value in zip(long_.tolist(), digits.take(pa.array(long_)).to_pylist(), strict=True):
+            fits[i] = int(value) <= INT64_MAX
+    return fits
 
 
 class InputError(Exception):
@@ -132,6 +163,18 @@ def _mit_candidate(path: str) -> bool:
 
 class CorruptMember(Exception):
     pass
+
+
+class TooLarge(Exception):
+    """A report above ``ingest.max_report_bytes``: never read in full, rejected as ``too_large``."""
+
+
+# Our mark in an entry's flags column (zip's own flags are 16 bits) for a Unix symlink entry.
+SYMLINK_FLAG = 1 << 20
+
+
+class BadSymlink(Exception):
+    """A symlink entry of a zip: never read as a report."""
 
 
 # Central directory file header (46 bytes) and local file header (30 bytes) of the zip format.
@@ -179,9 +222,11 @@ def _central_directory(path: str) -> tuple[list[str], np.ndarray]:
     pos = 0
     unpack = _CENTRAL.unpack_from
     for i in range(n_entries):
-        (sig, _, _, flags, method, _, _, crc, csize, usize, n_name, n_extra, n_comment, _, _, _, offset) = (
+        (sig, made_by, _, flags, method, _, _, crc, csize, usize, n_name, n_extra, n_comment, _, _, ext, offset) = (
             unpack(cd, pos)
         )
+        if made_by >> 8 == 3 and stat.S_ISLNK(ext >> 16):  # a Unix symlink entry: its data is a path
+            flags |= SYMLINK_FLAG
         if sig != b"PK\x01\x02":
             raise zipfile.BadZipFile(f"bad central directory entry {i}")
         raw_name = cd[pos + 46 : pos + 46 + n_name]
@@ -216,8 +261,12 @@ def _zipfile_directory(path: str) -> tuple[list[str], np.ndarray]:
     """The same as ``_central_directory`` through the standard library (the fallback for odd archives)."""
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
+    def flags(i: zipfile.ZipInfo) -> int:
+        link = i.create_system == 3 and stat.S_ISLNK(i.external_attr >> 16)
+        return i.flag_bits | (SYMLINK_FLAG if link else 0)
+
     table = np.array(
-        [(i.header_offset, i.compress_size, i.file_size, i.CRC, i.compress_type, i.flag_bits) for i in infos],
+        [(i.header_offset, i.compress_size, i.file_size, i.CRC, i.compress_type, flags(i)) for i in infos],
         dtype=np.int64,
     ).reshape(-1, 6)
     return [i.filename for i in infos], table
@@ -244,7 +293,14 @@ class ZipSource:
 
 
 class DirSource:
-    """Report files under a ``files/`` directory (or a folder that contains ``files/``), found like MIT."""
+    """Report files under a ``files/`` directory (or a folder that contains ``files/``), found like MIT.
+
+    Symbolic links are never followed out of the reports folder: a link (file or folder, at any level
+    MIT's traversal looks at) whose target lies outside it, that loops or that points nowhere is listed
+    in ``bad_links`` (rejected as ``bad_symlink``) instead of being read. Links that stay inside are
+    followed (their target is what gets read). The traversal has a fixed depth, so no link can make it
+    recurse.
+    """
 
     kind = "dir"
 
@@ -255,28 +311,63 @@ class DirSource:
         ):
             root = root / "files"
         self.root = root
+        self._real_root = os.path.realpath(root)
         self.names: list[str] = []  # "files/pXX/pSUBJECT/sSTUDY.txt"
         self._abs: list[str] = []
+        self.bad_links: list[tuple[str, str]] = []  # (name, why)
         for group in sorted(os.scandir(root), key=lambda e: e.name):
-            if not (len(group.name) == 3 and group.name.startswith("p") and group.is_dir()):
+            if not (len(group.name) == 3 and group.name.startswith("p")):
                 continue
-            for patient in os.scandir(group.path):
-                if not (patient.name.startswith("p") and patient.is_dir()):
+            group_path = self._follow(group, f"files/{group.name}", want_dir=True)
+            if group_path is None:
+                continue
+            for patient in os.scandir(group_path):
+                if not patient.name.startswith("p"):
                     continue
-                for study in os.scandir(patient.path):
-                    if study.name.startswith("s") and study.name.endswith(".txt") and study.is_file():
-                        self.names.append(f"files/{group.name}/{patient.name}/{study.name}")
-                        self._abs.append(study.path)
+                patient_path = self._follow(patient, f"files/{group.name}/{patient.name}", want_dir=True)
+                if patient_path is None:
+                    continue
+                for study in os.scandir(patient_path):
+                    if not (study.name.startswith("s") and study.name.endswith(".txt")):
+                        continue
+                    name = f"files/{group.name}/{patient.name}/{study.name}"
+                    study_path = self._follow(study, name, want_dir=False)
+                    if study_path is not None:
+                        self.names.append(name)
+                        self._abs.append(study_path)
+
+    def _follow(self, entry: os.DirEntry, name: str, want_dir: bool) -> str | None:
+        """The path to read for ``entry`` (None: not of the wanted kind, or a rejected link)."""
+        if not entry.is_symlink():
+            ok = entry.is_dir(follow_symlinks=False) if want_dir else entry.is_file(follow_symlinks=False)
+            return entry.path if ok else None
+        try:
+            target = os.path.realpath(entry.path, strict=True)
+        except OSError as exc:
+            why = "symlink loop" if exc.errno == errno.ELOOP else "symlink to nothing"
+            self.bad_links.append((name, f"{why}, not followed"))
+            return None
+        if os.path.commonpath([self._real_root, target]) != self._real_root:
+            self.bad_links.append((name, "symlink pointing outside the reports folder, not followed"))
+            return None
+        ok = os.path.isdir(target) if want_dir else os.path.isfile(target)
+        return target if ok else None
 
     def spec(self) -> tuple:
         return ("dir", self._abs)
 
 
 class _Reader:
-    """Reads the bytes of members in one process (the parent or a worker)."""
+    """Reads the bytes of members in one process (the parent or a worker).
 
-    def __init__(self, spec: tuple):
+    No read holds more than ``max_bytes`` + 1 bytes of a report: a file is read up to that bound, and a
+    zip member is inflated with its output bounded by its declared size, so a member that lies about its
+    size (a zip bomb) is stopped as soon as it passes the declared size.
+    """
+
+    def __init__(self, spec: tuple, max_bytes: int = DEFAULT_MAX_REPORT_BYTES):
         self.kind = spec[0]
+        self.max_bytes = int(max_bytes)
         if self.kind == "zip":
             _, path, self.entries = spec
             self._file = open(path, "rb")  # noqa: SIM115 - closed in close()
@@ -287,25 +378,45 @@ class _Reader:
 
     def read(self, locator: int) -> bytes:
         if self.kind == "dir":
-            with open(self.paths[locator], "rb") as fh:
-                return fh.read()
+            # The path is a regular file inside the reports folder (DirSource resolved any link): opened
+            # without following a link swapped in since, and without blocking on a FIFO swapped in.
+            fd = os.open(self.paths[locator], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+            with os.fdopen(fd, "rb") as fh:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, "not a regular file")
+                data = fh.read(self.max_bytes + 1)
+            if len(data) > self.max_bytes:
+                raise TooLarge(f"more than {self.max_bytes} bytes (ingest.max_report_bytes)")
+            return data
         offset, csize, usize, crc, method, flags = self.entries[locator].tolist()
+        if flags & SYMLINK_FLAG:
+            raise BadSymlink("symlink member, not followed")
         if flags & 0x1:
             raise CorruptMember("encrypted member")
+        if usize > self.max_bytes:
+            raise TooLarge(f"declares {usize} bytes, more than {self.max_bytes} (ingest.max_report_bytes)")
         if offset + _LOCAL.size > self._size:
             raise CorruptMember("local header beyond the end of the archive")
         signature, n_name, n_extra = _LOCAL.unpack_from(self._map, offset)
         if signature != b"PK\x03\x04":
             raise CorruptMember("bad local header signature")
         start = offset + _LOCAL.size + n_name + n_extra
+        if method == zipfile.ZIP_STORED and csize != usize:
+            raise CorruptMember(f"stored member of {csize} bytes declares {usize}")
         raw = self._map[start : start + csize]
         if len(raw) < csize:
             raise CorruptMember("member data truncated")
         if method == zipfile.ZIP_DEFLATED:
+            inflater = zlib.decompressobj(-15)
             try:
-                data = zlib.decompress(raw, -15, usize or 1)
+                # One byte more than declared is enough to catch a liar; nothing beyond is inflated.
+                data = inflater.decompress(raw, usize + 1)
             except zlib.error as exc:
                 raise CorruptMember(f"inflate failed: {exc}") from None
+            if len(data) > usize:
+                raise CorruptMember(f"inflates past its declared size of {usize} bytes")
+            if not inflater.eof:
+                raise CorruptMember("inflate failed: incomplete or truncated stream")
         elif method == zipfile.ZIP_STORED:
             data = raw
         else:
@@ -339,6 +450,14 @@ def read_batch(reader: _Reader, locators: np.ndarray) -> tuple[pa.StringArray, n
             data = reader.read(locator)
         except CorruptMember as exc:
             problems.append((i, "corrupt_member", str(exc)))
+            ok[i] = False
+            continue
+        except TooLarge as exc:
+            problems.append((i, "too_large", str(exc)))
+            ok[i] = False
+            continue
+        except BadSymlink as exc:
+            problems.append((i, "bad_symlink", str(exc)))
             ok[i] = False
             continue
         except OSError as exc:
@@ -381,9 +500,9 @@ def read_batch(reader: _Reader, locators: np.ndarray) -> tuple[pa.StringArray, n
 _worker_reader: _Reader | None = None
 
 
-def _worker_init(spec: tuple) -> None:
+def _worker_init(spec: tuple, max_bytes: int) -> None:
     global _worker_reader
-    _worker_reader = _Reader(spec)
+    _worker_reader = _Reader(spec, max_bytes)
 
 
 def _worker_batch(locators: np.ndarray):
@@ -391,7 +510,7 @@ def _worker_batch(locators: np.ndarray):
 
 
 @contextlib.contextmanager
-def reader_pool(spec: tuple, workers: int):
+def reader_pool(spec: tuple, workers: int, max_bytes: int = DEFAULT_MAX_REPORT_BYTES):
     """A pool of reader processes (None for ``workers <= 1``), closed on exit.
 
     Started before any Arrow compute runs in this process: forking a process whose Arrow thread pools
@@ -401,7 +520,7 @@ def reader_pool(spec: tuple, workers: int):
         yield None
         return
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
-    with context.Pool(workers, initializer=_worker_init, initargs=(spec,)) as pool:
+    with context.Pool(workers, initializer=_worker_init, initargs=(spec, max_bytes)) as pool:
         yield pool
 
 
@@ -413,8 +532,15 @@ class BatchResults:
     memory stays bounded whatever the corpus size.
     """
 
-    def __init__(self, spec: tuple, jobs: list[np.ndarray], pool, window: int = PREFETCH_BATCHES):
-        self.spec, self.jobs, self.pool = spec, jobs, pool
+    def __init__(
+        self,
+        spec: tuple,
+        jobs: list[np.ndarray],
+        pool,
+        window: int = PREFETCH_BATCHES,
+        max_bytes: int = DEFAULT_MAX_REPORT_BYTES,
+    ):
+        self.spec, self.jobs, self.pool, self.max_bytes = spec, jobs, pool, max_bytes
         self._queue = iter(jobs)
         self._pending: deque = deque()
         if pool is not None:
@@ -423,7 +549,7 @@ class BatchResults:
 
     def __iter__(self) -> Iterator:
         if self.pool is None:
-            reader = _Reader(self.spec)
+            reader = _Reader(self.spec, self.max_bytes)
             try:
                 for locators in self.jobs:
                     yield read_batch(reader, locators)
@@ -458,13 +584,15 @@ def read_csv_arrow(
     ids: Sequence[str] = (),
     multiline: bool = False,
     key: str = "",
+    rejects: Rejects | None = None,
 ) -> pa.Table:
     """The wanted columns of a .csv or .csv.gz (extra columns ignored; a missing optional one is null).
 
     ``key`` names the config key of the file in error messages.
 
-    ``ids`` columns become int64; rows where one of them is not an integer are dropped with a warning.
-    Every other column is read as text.
+    ``ids`` columns become int64; a row where one of them is not an integer that fits int64 is dropped
+    and, with ``rejects``, recorded there as ``bad_id`` (one row per table row; its study_id when that one
+    is readable). Every other column is read as text.
     """
     header = _csv_header(path)
     missing = [c for c in required if c not in header]
@@ -485,21 +613,32 @@ def read_csv_arrow(
         try:
             table = read({**text_types, **dict.fromkeys(ids, pa.int64())})
         except pa.ArrowInvalid:
-            # Some id is not an integer: read as text, keep the rows whose ids are all digits.
+            # Some id is not an integer (or not one that fits int64): read as text, keep the rows whose
+            # ids all are, reject the others.
             table = read(text_types)
-            good = None
+            good = np.ones(table.num_rows, dtype=bool)
+            fits = {}
             for column in ids:
-                digits = pc.fill_null(pc.match_substring_regex(table[column], r"^\s*\d+\s*$"), False)
-                good = digits if good is None else pc.and_(good, digits)
-            log.warning(
-                "%s: %d rows with unreadable ids ignored", path, table.num_rows - pc.sum(good).as_py()
-            )
-            table = table.filter(good)
+                text = pc.utf8_trim_whitespace(table[column])
+                digits = pc.fill_null(pc.match_substring_regex(text, r"^\d+$"), False).to_numpy(
+                    zero_copy_only=False
+                )
+                fits[column] = digits & _fits_int64(pc.if_else(digits, text, None))
+                table = table.set_column(table.schema.get_field_index(column), column, text)
+                good &= fits[column]
+            bad = np.flatnonzero(~good)
+            log.warning("%s: %d rows with unreadable or out-of-range ids rejected (bad_id)", path, len(bad))
+            if rejects is not None:
+                name = Path(path).name
+                for i in bad.tolist():
+                    row_ids = {c: table[c][i].as_py() for c in ids}
+                    wrong = ", ".join(f"{c} {str(row_ids[c])[:40]!r}" for c in ids if not fits[c][i])
+                    study = int(row_ids["study_id"]) if "study_id" in fits and fits["study_id"][i] else None
+                    rejects.add(study, "bad_id", f"{name}: row {i + 2}: {wrong} is not an int64 id")
+            table = table.filter(pa.array(good))
             for column in ids:
                 idx = table.schema.get_field_index(column)
-                table = table.set_column(
-                    idx, column, pc.cast(pc.utf8_trim_whitespace(table[column]), pa.int64())
-                )
+                table = table.set_column(idx, column, pc.cast(table[column], pa.int64()))
     except (pa.ArrowInvalid, OSError) as exc:
         raise InputError(f"{path}: cannot parse as CSV ({exc})") from exc
     for column in optional:
@@ -542,17 +681,22 @@ def study_datetime(dates: pa.ChunkedArray, times: pa.ChunkedArray) -> pa.Array:
     return stamps.cast(pa.timestamp("ms"))
 
 
-def read_mimic_tables(split_path, metadata_path) -> tuple[pa.Table, pa.Table]:
+def read_mimic_tables(split_path, metadata_path, rejects: Rejects | None = None) -> tuple[pa.Table, pa.Table]:
     """(images, facts): the image rows of both tables, and one row per study_id of either table.
 
-    ``facts``: study_id, subject_id (null when the tables disagree), split, n_splits, study_datetime,
-    in_split, in_metadata.
+    Rows with ids that are not int64 integers go to ``rejects`` as ``bad_id``.
+
+    ``facts``: study_id, subject_id (null when the tables disagree), split, n_splits, patient_splits (of
+    the study's patient in the split table), study_datetime, in_split, in_metadata.
+
+    An unknown split label stops the run (:class:`InputError` naming the file and the labels).
     """
     split = read_csv_arrow(
         split_path,
         ("dicom_id", "study_id", "subject_id", "split"),
         ids=("study_id", "subject_id"),
         key="corpus.mimic.split",
+        rejects=rejects,
     )
     meta = read_csv_arrow(
         metadata_path,
@@ -560,7 +704,20 @@ def read_mimic_tables(split_path, metadata_path) -> tuple[pa.Table, pa.Table]:
         ("ViewPosition", "ViewCodeSequence_CodeMeaning", "StudyDate", "StudyTime"),
         ids=("study_id", "subject_id"),
         key="corpus.mimic.metadata",
+        rejects=rejects,
     )
+    labels = pc.unique(pc.fill_null(split["split"], "")).to_pylist()
+    unknown = sorted(set(labels) - set(SPLITS))
+    if unknown:
+        counts = {label: 0 for label in unknown}
+        for label in pc.fill_null(split["split"], "").to_pylist():
+            if label in counts:
+                counts[label] += 1
+        found = ", ".join(f"{label!r} ({n} rows)" for label, n in counts.items())
+        raise InputError(
+            f"corpus.mimic.split ({split_path}): unknown split label(s) {found} in column 'split'; "
+            f"expected only {', '.join(SPLITS)}"
+        )
     split = _drop_duplicate_keys(split, "dicom_id", f"split table {split_path}")
     meta = _drop_duplicate_keys(meta, "dicom_id", f"metadata table {metadata_path}")
     meta = pa.table(
@@ -599,12 +756,19 @@ def read_mimic_tables(split_path, metadata_path) -> tuple[pa.Table, pa.Table]:
     meta_facts = meta_facts.append_column("in_metadata", pa.array(np.ones(meta_facts.num_rows, bool)))
     facts = facts.join(split_facts, "study_id").join(meta_facts, "study_id")
     agreed = pc.equal(facts["subject_id_count_distinct"], 1)
+    # Splits must be patient-disjoint: how many splits each patient's rows carry.
+    patient_splits = split.group_by("subject_id").aggregate([("split", "count_distinct")])
+    facts = facts.append_column("_subject", pc.if_else(agreed, facts["subject_id_min"], None)).join(
+        patient_splits.rename_columns(["_subject", "patient_splits"]), "_subject", join_type="left outer"
+    )
+    agreed = pc.equal(facts["subject_id_count_distinct"], 1)  # again: the join reorders rows
     facts = pa.table(
         {
             "study_id": facts["study_id"],
             "subject_id_tables": pc.if_else(agreed, facts["subject_id_min"], None),
             "split": facts["split_min"],
             "n_splits": pc.fill_null(facts["split_count_distinct"], 0),
+            "patient_splits": pc.fill_null(facts["patient_splits"], 0),
             "study_datetime": facts["study_datetime_min"],
             "in_split": pc.fill_null(facts["in_split"], False),
             "in_metadata": pc.fill_null(facts["in_metadata"], False),
@@ -647,7 +811,20 @@ def _catalog(source, rejects: Rejects) -> pa.Table:
         name = source.names[i]
         if _mit_candidate(name):  # looks like a report file but does not parse
             study = re.fullmatch(r"s(\d+)\.txt", name.rsplit("/", 1)[-1])
-            rejects.add(int(study.group(1)) if study else None, "bad_filename", name)
+            study_id = int(study.group(1)) if study else None
+            rejects.add(study_id if study_id is None or study_id <= INT64_MAX else None, "bad_filename", name)
+    # Ids beyond int64 cannot be a MIMIC id (nor fit the contract): the file is rejected, the run goes on.
+    for field in ("subject", "study"):
+        long_ids = np.flatnonzero(good & (pc.utf8_length(pc.fill_null(parts.field(field), "")).to_numpy() >= 19))
+        for i in long_ids.tolist():
+            if int(parts.field(field)[i].as_py()) > INT64_MAX:
+                good[i] = False
+                study_id = int(parts.field("study")[i].as_py())
+                rejects.add(
+                    study_id if study_id <= INT64_MAX else None,
+                    "bad_id",
+                    f"{source.names[i]}: {field} id beyond int64",
+                )
     locator = np.flatnonzero(good)
     parts = parts.filter(pa.array(good))
     tail = pc.extract_regex(names.filter(pa.array(good)), r"(?P<tail>p\d\d/p\d+/s\d+\.txt)$").field("tail")
@@ -681,6 +858,7 @@ def _resolve(catalog: pa.Table, facts: pa.Table, rejects: Rejects) -> tuple[pa.T
     in_split = pc.fill_null(joined["in_split"], False).to_numpy(zero_copy_only=False)
     in_meta = pc.fill_null(joined["in_metadata"], False).to_numpy(zero_copy_only=False)
     n_splits = pc.fill_null(joined["n_splits"], 0).to_numpy()
+    patient_splits = pc.fill_null(joined["patient_splits"], 0).to_numpy()
     paths = joined["path"]
 
     keep = np.ones(n, dtype=bool)
@@ -700,7 +878,7 @@ def _resolve(catalog: pa.Table, facts: pa.Table, rejects: Rejects) -> tuple[pa.T
                 )
     missing = keep & ~(in_split & in_meta)
     mismatch = keep & ~missing & ~matches
-    conflict = keep & ~missing & ~mismatch & (n_splits > 1)
+    conflict = keep & ~missing & ~mismatch & ((n_splits > 1) | (patient_splits > 1))
     for i in np.flatnonzero(missing | mismatch | conflict).tolist():
         if missing[i]:
             absent = " and ".join(
@@ -710,8 +888,14 @@ def _resolve(catalog: pa.Table, facts: pa.Table, rejects: Rejects) -> tuple[pa.T
         elif mismatch[i]:
             said = "disagree" if tables_subject[i] < 0 else f"say p{tables_subject[i]}"
             rejects.add(int(study[i]), "subject_mismatch", f"{paths[i]}: the split/metadata tables {said}")
-        else:
+        elif n_splits[i] > 1:
             rejects.add(int(study[i]), "split_conflict", f"{paths[i]}: images in {n_splits[i]} splits")
+        else:
+            rejects.add(
+                int(study[i]),
+                "split_conflict",
+                f"{paths[i]}: patient p{subject[i]} has studies in {patient_splits[i]} splits",
+            )
     return joined, keep & ~missing & ~mismatch & ~conflict
 
 
@@ -724,6 +908,7 @@ def ingest_mimic(
     rejects_out: str | os.PathLike,
     workers: int = 1,
     batch_rows: int = BATCH_ROWS,
+    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
 ) -> Result:
     for key, value in (("reports", reports), ("split", split), ("metadata", metadata)):
         if not Path(value).exists():
@@ -733,8 +918,14 @@ def ingest_mimic(
     rejects = Rejects(STAGE)
     source = open_source(reports)
     spec = source.spec()
-    with reader_pool(spec, workers) as pool:
+    with reader_pool(spec, workers, max_report_bytes) as pool:
         catalog = _catalog(source, rejects)
+        linked = []  # studies whose report file is a rejected link (not also "no_report")
+        for name, why in getattr(source, "bad_links", ()):
+            study = re.fullmatch(r"s(\d{1,18})\.txt", name.rsplit("/", 1)[-1])
+            rejects.add(int(study.group(1)) if study else None, "bad_symlink", f"{name}: {why}")
+            if study:
+                linked.append(int(study.group(1)))
         n_bad_names = len(rejects)
         if catalog.num_rows + n_bad_names == 0:
             raise InputError(
@@ -750,8 +941,10 @@ def ingest_mimic(
         # after reading. This lets the workers inflate reports while the tables are being read.
         locators = catalog["locator"].to_numpy()
         jobs = [locators[start : start + batch_rows] for start in range(0, len(locators), batch_rows)]
-        results = BatchResults(spec, jobs, pool)
-        images, facts = read_mimic_tables(split, metadata)
+        results = BatchResults(spec, jobs, pool, max_bytes=max_report_bytes)
+        n_before_tables = len(rejects)
+        images, facts = read_mimic_tables(split, metadata, rejects)
+        n_bad_rows = len(rejects) - n_before_tables
         pa.default_memory_pool().release_unused()  # give the CSV/join scratch memory back before reading on
         log.info("tables: %d images of %d studies", images.num_rows, facts.num_rows)
 
@@ -788,7 +981,10 @@ def ingest_mimic(
             n_out = writer.rows
 
         # Studies of the tables without any report file (rejected copies still count as having one).
-        no_report = facts.filter(pc.invert(pc.is_in(facts["study_id"], catalog["study_id"])))["study_id"]
+        has_file = pa.concat_arrays(
+            [*catalog["study_id"].chunks, pa.array(linked, pa.int64())]
+        )
+        no_report = facts.filter(pc.invert(pc.is_in(facts["study_id"], has_file)))["study_id"]
         for study_id in pc.sort_indices(no_report).to_numpy():
             rejects.add(
                 no_report[int(study_id)].as_py(), "no_report", "in the split/metadata tables, no report file"
@@ -818,8 +1014,11 @@ def ingest_mimic(
         images = images.append_column("image_path", image_path).select(IMAGES.names)
         write_table(images, images_out, IMAGES)
         rejects.write(rejects_out)
-        # In: every report file found (parsable or not) plus every table study without one.
-        return Result(catalog.num_rows + n_bad_names + len(no_report), n_out, images.num_rows, rejects)
+        # In: every report file found (parsable or not), every table study without one, and every table
+        # row rejected for its ids.
+        return Result(
+            catalog.num_rows + n_bad_names + n_bad_rows + len(no_report), n_out, images.num_rows, rejects
+        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -827,11 +1026,14 @@ def ingest_mimic(
 
 
 def _to_id(series: pd.Series) -> pd.Series:
-    """Integer ids as nullable Int64; anything that is not all digits becomes <NA>."""
+    """Integer ids as nullable Int64; anything that is not all digits, or beyond int64, becomes <NA>."""
     import pandas as pd
 
     text = series.astype("string").str.strip()
-    return pd.to_numeric(text.where(text.str.fullmatch(r"\d+", na=False)), errors="coerce").astype("Int64")
+    digits = text.str.fullmatch(r"\d+", na=False).to_numpy(dtype=bool)
+    usable = digits & _fits_int64(pa.array(text.where(digits, None).astype(object), pa.string()))
+    values = [int(v) if ok else None for v, ok in zip(text.to_numpy(dtype=object), usable, strict=True)]
+    return pd.Series(pd.array(values, dtype="Int64"), index=series.index)
 
 
 def iu_split(
@@ -888,6 +1090,7 @@ def ingest_iu(
     rejects_out: str | os.PathLike,
     split_seed: int = 0,
     split_ratios: Sequence[float] = IU_SPLIT_RATIOS,
+    max_report_bytes: int = DEFAULT_MAX_REPORT_BYTES,
 ) -> Result:
     import pandas as pd
 
@@ -912,7 +1115,7 @@ def ingest_iu(
 
     frame["study_id"] = _to_id(frame["uid"])
     for row in frame[frame["study_id"].isna()].itertuples():
-        rejects.add(None, "bad_id", f"{name}: row {row.Index + 2}: uid is not an integer")
+        rejects.add(None, "bad_id", f"{name}: row {row.Index + 2}: uid is not an int64 integer")
     frame = frame[frame["study_id"].notna()]
     dup = frame.duplicated("study_id")
     for row in frame[dup].itertuples():
@@ -943,14 +1146,16 @@ def ingest_iu(
         if not has_images[row.Index]:
             rejects.add(study_id, "no_metadata", f"{where}: no rows in {Path(projections).name}")
             continue
+        text = iu_report_text(
+            _clean(row.image), _clean(row.indication), _clean(row.comparison), findings, impression
+        )
+        if len(text.encode()) > max_report_bytes:
+            rejects.add(study_id, "too_large", f"{where}: more than {max_report_bytes} bytes")
+            continue
         studies["subject_id"].append(study_id)
         studies["study_id"].append(study_id)
         studies["study_datetime"].append(None)
-        studies["report"].append(
-            iu_report_text(
-                _clean(row.image), _clean(row.indication), _clean(row.comparison), findings, impression
-            )
-        )
+        studies["report"].append(text)
         studies["source_path"].append(where)
     studies["split"] = iu_split(studies["study_id"], split_seed, split_ratios)
     table = pa.Table.from_pydict(studies, schema=STUDIES).sort_by([("subject_id", "ascending")])
@@ -1006,6 +1211,12 @@ def build_parser():
             default=min(2, os.cpu_count() or 1),
             help="processes inflating and decoding MIMIC reports (default: up to 2; IU is read in one)",
         )
+        sp.add_argument(
+            "--max-report-bytes",
+            type=int,
+            default=DEFAULT_MAX_REPORT_BYTES,
+            help="larger reports are rejected as too_large, never read in full (config ingest.max_report_bytes)",
+        )
         sp.add_argument("--verbose", action="store_true", help="debug logging")
     return p
 
@@ -1024,6 +1235,7 @@ def main(argv: list[str] | None = None) -> Result:
                 args.images,
                 args.rejects,
                 workers=args.workers,
+                max_report_bytes=args.max_report_bytes,
             )
         else:
             try:
@@ -1040,6 +1252,7 @@ def main(argv: list[str] | None = None) -> Result:
                 args.rejects,
                 split_seed=args.split_seed,
                 split_ratios=ratios,
+                max_report_bytes=args.max_report_bytes,
             )
     except InputError as exc:
         p.error(str(exc))

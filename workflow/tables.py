@@ -2,12 +2,17 @@
 
 A table appears at its final path only when it is complete (temp file in the same directory, then
 ``os.replace``), so a crash never leaves a half-written file that Snakemake would take as done.
+
+A kill -9 can still leave the temp file (``.NAME.tmp-PID``) behind. The first write into a folder by a
+process removes the temporaries there whose process is gone, so a stage starts clean after a kill; a
+temporary of a process still running on this machine is left alone.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,11 +29,53 @@ def _tmp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+_TMP_NAME = re.compile(r"^\..+\.tmp-(\d+)$")
+_cleaned: set[Path] = set()  # folders this process has already cleaned
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OverflowError:
+        return False
+    return True
+
+
+def clean_stale_temporaries(folder: str | os.PathLike) -> list[Path]:
+    """Remove the ``.NAME.tmp-PID`` files in ``folder`` whose process no longer runs; returns them."""
+    removed = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TMP_NAME.match(entry.name)
+        if match and not _alive(int(match.group(1))) and entry.is_file(follow_symlinks=False):
+            try:
+                os.unlink(entry.path)
+            except OSError:
+                continue
+            removed.append(Path(entry.path))
+    if removed:
+        log.info("removed %d stale temporary file(s) of killed runs in %s", len(removed), folder)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike):
     """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
+    folder = final.parent.resolve()
+    if folder not in _cleaned:
+        clean_stale_temporaries(folder)
+        _cleaned.add(folder)
     tmp = _tmp_path(final)
     try:
         yield tmp

@@ -86,6 +86,7 @@ def load_executor_config(config: dict, stage: str) -> dict:
         vllm=llm.get("vllm", {}),
         credentialed=config.get("corpus", {}).get("credentialed", True),
         allow_public=llm.get("allow_public_endpoint", False),
+        allow_proxy=llm.get("allow_proxy", False),
         max_cost_usd=llm.get("max_cost_usd"),
     )
     return cfg
@@ -494,7 +495,7 @@ def run_requests(
     """
     cfg = executor_cfg
     executor = cfg["executor"]
-    guard.check(cfg["endpoint"], executor, cfg["credentialed"], cfg["allow_public"])
+    guard.check_executor(cfg)
     requests = list(requests)
     stats = RunStats()
     with Cache(cache_path) as cache:
