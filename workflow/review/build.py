@@ -56,9 +56,13 @@ def corpus_label(corpus_format: str, reports: str | None, demo: bool) -> str:
     return f"{name} ({Path(reports).name})" if reports else name
 
 
-def _by_study(frame: pd.DataFrame, wanted: set[int]) -> dict[int, pd.DataFrame]:
-    frame = frame[frame["study_id"].isin(wanted)]
-    return {int(k): g for k, g in frame.groupby("study_id", sort=False)}
+def _by_study(frame: pd.DataFrame, wanted: set[int]) -> dict[int, list[dict]]:
+    """The rows of the sampled studies as dicts, per study (plain Python from here: per-row pandas access
+    costs more than everything else the page needs)."""
+    grouped: dict[int, list[dict]] = {}
+    for row in frame[frame["study_id"].isin(wanted)].to_dict("records"):
+        grouped.setdefault(int(row["study_id"]), []).append(row)
+    return grouped
 
 
 def collect(
@@ -73,29 +77,22 @@ def collect(
 ) -> list[dict]:
     """The page's study dicts, in sample order (see :mod:`workflow.review.items`)."""
     wanted = set(chosen)
-    sec = sections[sections["study_id"].isin(wanted)].drop_duplicates("study_id").set_index("study_id")
+    sec = {s: rows[0] for s, rows in _by_study(sections, wanted).items()}
     views = dict(zip(images["dicom_id"], images["view_position"].fillna(""), strict=True))
     f_by, q_by = _by_study(findings, wanted), _by_study(questions, wanted)
-    r_by = {s: frame[frame["study_id"].isin(wanted)].drop_duplicates("study_id").set_index("study_id")
-            for s, frame in rg4.items()}
+    r_by = {s: {k: rows[0] for k, rows in _by_study(frame, wanted).items()} for s, frame in rg4.items()}
     rules_by = _by_study(rules_findings, wanted) if rules_findings is not None else {}
-    empty_f, empty_q = findings.iloc[:0], questions.iloc[:0]
     studies = []
     for study_id in chosen:
-        row = sec.loc[study_id].to_dict() if study_id in sec.index else {}
+        row = sec.get(study_id, {})
         texts = {name: review_items._text(row.get(name)) for name in review_items.SHOWN_SECTIONS}
-        study_findings = f_by.get(study_id, empty_f)
+        study_findings, study_questions = f_by.get(study_id, []), q_by.get(study_id, [])
         f_items, spans = review_items.finding_items(study_id, texts, study_findings)
-        q_items = review_items.question_items(study_id, q_by.get(study_id, empty_q), views)
-        records = {s: r_by[s].loc[study_id] for s in RG4_SCENARIOS if s in r_by and study_id in r_by[s].index}
-        subject = next(
-            (int(frame["subject_id"].iloc[0]) for frame in (study_findings, q_by.get(study_id)) if frame is not None
-             and len(frame)),
-            int(row["subject_id"]) if "subject_id" in row else None,
-        )
-        split = next((str(r["split"]) for r in records.values()), None)
-        if split is None and study_id in q_by:
-            split = str(q_by[study_id]["split"].iloc[0])
+        q_items = review_items.question_items(study_id, study_questions, views)
+        records = {s: r_by[s][study_id] for s in RG4_SCENARIOS if s in r_by and study_id in r_by[s]}
+        rows = [*study_findings, *study_questions, *records.values(), row]
+        subject = next((int(r["subject_id"]) for r in rows if "subject_id" in r), None)
+        split = next((str(r["split"]) for r in [*study_questions, *records.values()]), None)  # official names first
         study = {
             "study_id": study_id,
             "subject_id": subject,
@@ -105,7 +102,7 @@ def collect(
             "items": f_items + q_items + review_items.rg4_items(study_id, records),
         }
         if rules_findings is not None:
-            study["disagreements"] = review_items.disagreements(study_findings, rules_by.get(study_id, empty_f))
+            study["disagreements"] = review_items.disagreements(study_findings, rules_by.get(study_id, []))
         studies.append(study)
     return studies
 

@@ -97,30 +97,30 @@ def segments(text: str, spans: Iterable[tuple[int, int, int]]) -> list[list]:
     return out
 
 
-def finding_items(study_id: int, sections: Mapping[str, str | None], findings: pd.DataFrame):
+def finding_items(study_id: int, sections: Mapping[str, str | None], findings: Iterable[Mapping]):
     """(finding items in report order, numbered 1..n; spans per section as (start, end, number))."""
     located = {}
-    for row in findings.itertuples(index=False):
-        where = locate(sections, row.section, row.start, row.end, row.evidence)
-        section = where[0] if where else _text(row.section)
-        item_id = f"f:{study_id}:{row.name}:{section or '-'}:{where[1] if where else '-'}"
+    for row in findings:
+        where = locate(sections, row["section"], row["start"], row["end"], row["evidence"])
+        section = where[0] if where else _text(row["section"])
+        item_id = f"f:{study_id}:{row['name']}:{section or '-'}:{where[1] if where else '-'}"
         if item_id in located:  # the same name twice at the same place is one judgement
             continue
         item = {
             "id": item_id,
             "kind": "finding",
             "study_id": study_id,
-            "name": row.name,
-            "raw_name": _text(row.raw_name),
-            "presence": row.presence,
-            "location": _text(row.location),
-            "level": _text(row.level),
-            "type": _text(row.type),
-            "change": _text(row.change),
+            "name": row["name"],
+            "raw_name": _text(row["raw_name"]),
+            "presence": row["presence"],
+            "location": _text(row["location"]),
+            "level": _text(row["level"]),
+            "type": _text(row["type"]),
+            "change": _text(row["change"]),
             "section": section,
-            "evidence": _text(row.evidence),
-            "source": _text(row.source),
-            "flags": [f for f in (_text(row.flags) or "").split(";") if f],
+            "evidence": _text(row["evidence"]),
+            "source": _text(row["source"]),
+            "flags": [f for f in (_text(row["flags"]) or "").split(";") if f],
             "located": where is not None,
         }
         located[item_id] = (item, where)
@@ -159,20 +159,20 @@ def report_sections(section_row: Mapping[str, object], spans: Mapping[str, list]
 # --- questions ---------------------------------------------------------------------------------------------
 
 
-def question_items(study_id: int, questions: pd.DataFrame, views: Mapping[str, str]) -> list[dict]:
+def question_items(study_id: int, questions: Iterable[Mapping], views: Mapping[str, str]) -> list[dict]:
     return [
         {
-            "id": f"q:{row.qa_id}",
+            "id": f"q:{row['qa_id']}",
             "kind": "question",
             "study_id": study_id,
-            "question_type": row.question_type,
-            "question": row.question,
-            "answer": row.answer,
-            "template_id": row.template_id,
-            "dicom_id": row.dicom_id,
-            "view": views.get(row.dicom_id) or None,
+            "question_type": row["question_type"],
+            "question": row["question"],
+            "answer": row["answer"],
+            "template_id": row["template_id"],
+            "dicom_id": row["dicom_id"],
+            "view": views.get(row["dicom_id"]) or None,
         }
-        for row in questions.sort_values("qa_id").itertuples(index=False)
+        for row in sorted(questions, key=lambda r: r["qa_id"])
     ]
 
 
@@ -196,7 +196,7 @@ def word_diff(before: str | None, after: str | None) -> tuple[list[list], list[l
     return left, right
 
 
-def rg4_items(study_id: int, records: Mapping[str, pd.Series | None]) -> list[dict]:
+def rg4_items(study_id: int, records: Mapping[str, Mapping]) -> list[dict]:
     """One item per distinct rewrite of the study's targets over the scenarios it is in."""
     rules = load_rules()
     groups: dict[tuple, list[str]] = {}
@@ -230,7 +230,7 @@ def rg4_items(study_id: int, records: Mapping[str, pd.Series | None]) -> list[di
                 "categories": categories,
                 "changed": changed,
                 "rewriter": _text(row.get("rewriter")),
-                "has_prior": row.get("last_study_id") is not None and not pd.isna(row.get("last_study_id")),
+                "has_prior": _int(row.get("last_study_id")) is not None,
                 "fields": fields,
             }
         )
@@ -240,11 +240,14 @@ def rg4_items(study_id: int, records: Mapping[str, pd.Series | None]) -> list[di
 # --- the rules' reading where an LLM backend disagrees with it -------------------------------------------
 
 
-def disagreements(llm: pd.DataFrame, rules: pd.DataFrame) -> list[dict]:
-    """Finding names whose presence differs between the LLM's table and the rules' (either may lack it)."""
+def disagreements(llm: Iterable[Mapping], rules: Iterable[Mapping]) -> list[dict]:
+    """Finding names whose presence differs between the LLM's rows and the rules' (either may lack it)."""
 
-    def readings(frame):
-        return frame.groupby("name")["presence"].agg(lambda p: "/".join(sorted(set(p)))).to_dict()
+    def readings(rows):
+        seen: dict[str, set] = {}
+        for row in rows:
+            seen.setdefault(row["name"], set()).add(row["presence"])
+        return {name: "/".join(sorted(p)) for name, p in seen.items()}
 
     a, b = readings(llm), readings(rules)
     return [
