@@ -27,6 +27,7 @@ from workflow.review.score import (
     agreement_table,
     cohen_kappa,
     consensus,
+    figure,
     precision_table,
     read_verdicts,
     score,
@@ -215,6 +216,8 @@ def test_precision_per_group_from_two_reviewers(tmp_path):
     low, high = wilson_interval(1, 2)
     assert get.loc[("rg4", "rg4_category", "comm"), "ci_low"] == pytest.approx(low)
     assert get.loc[("rg4", "rg4_category", "comm"), "ci_high"] == pytest.approx(high)
+    figure(precision, tmp_path / "precision.png")  # 0/n and n/n groups included
+    assert (tmp_path / "precision.png").stat().st_size > 5_000
     everything = agreement.set_index("kind").loc["all"]
     assert everything["items"] == 8 and everything["observed_agreement"] == pytest.approx(7 / 8)
     labels_a = [r[2] for r in rows_a]
@@ -410,6 +413,10 @@ def test_review_in_headless_chromium(review_run, tmp_path):
         )
         assert driver.find_element(By.ID, "reviewer").get_attribute("value") == "JD"
         assert progress().startswith("5 / ") and "item 7" in progress()
+        body.send_keys("p", "u")  # back to the study's first item, then the next one without a verdict
+        assert "item 4" in progress()
+        body.send_keys("u")
+        assert "item 7" in progress()
         # n moves to the next study: its report and items replace the first study's
         body.send_keys("n", "1")
         assert driver.find_element(By.CSS_SELECTOR, ".study-head h2").text == f"Study {data['studies'][1]['study_id']}"

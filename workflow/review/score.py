@@ -197,13 +197,16 @@ def figure(precision: pd.DataFrame, path: str | Path, max_findings: int = 15) ->
             part = pd.concat([part[part["group"] != "finding"], names])
         panels.append((title, part))
     fig_height = 1.2 + sum(0.22 * len(p) + 0.6 for _, p in panels) if panels else 2
-    fig, axes = plt.subplots(max(1, len(panels)), 1, figsize=(7, fig_height), squeeze=False)
+    ratios = [len(part) + 1 for _, part in panels] or [1]
+    fig, axes = plt.subplots(len(ratios), 1, figsize=(7, fig_height), squeeze=False,
+                             gridspec_kw={"height_ratios": ratios})
     for ax, (title, part) in zip(axes[:, 0], panels, strict=False):
         labels = [f"{v} (n={n})" if g == "all" else f"{g}: {v} (n={n})"
                   for g, v, n in zip(part["group"], part["value"], part["correct"] + part["wrong"], strict=True)]
         y = range(len(part))[::-1]
-        ax.errorbar(part["precision"], list(y), fmt="o", color="#1b2631",
-                    xerr=[part["precision"] - part["ci_low"], part["ci_high"] - part["precision"]], capsize=2)
+        below = (part["precision"] - part["ci_low"]).clip(lower=0)  # rounding at 0/n and n/n
+        above = (part["ci_high"] - part["precision"]).clip(lower=0)
+        ax.errorbar(part["precision"], list(y), xerr=[below, above], fmt="o", color="#1b2631", capsize=2)
         ax.set_yticks(list(y), labels, fontsize=8)
         ax.set_xlim(0, 1.02)
         ax.set_title(title, fontsize=10, loc="left")
