@@ -21,6 +21,7 @@ from workflow_run import prepare_workdir, run_snakemake
 
 from workflow.contract import REVIEW_AGREEMENT, REVIEW_PRECISION, REVIEW_VERDICT_COLUMNS
 from workflow.review import items as review_items
+from workflow.review.build import build as build_page
 from workflow.review.build import render
 from workflow.review.sample import read_exclusions, stratified_sample, study_strata
 from workflow.review.score import (
@@ -265,6 +266,47 @@ def test_page_escapes_report_text():
     assert json.loads(data)["studies"][0]["sections"][0]["segments"][0][0].startswith("</script>")
 
 
+def test_build_with_llm_findings_locates_quotes_and_shows_the_rules_reading():
+    from workflow.contract import FINDINGS, QUESTIONS
+
+    text = "Small right pleural effusion.  No pneumothorax."
+    sections = pd.DataFrame({"subject_id": [10], "study_id": [1], "indication": ["dyspnea"], "history": [None],
+                             "comparison": [None], "technique": [None], "findings": [text],
+                             "impression": ["Effusion."], "last_paragraph": [None]})
+
+    def finding(name, presence, source, evidence, start=None, end=None, flags=None):
+        row = dict.fromkeys(FINDINGS.names)
+        row.update(subject_id=10, study_id=1, name=name, raw_name=name, presence=presence, section="findings",
+                   start=start, end=end, source=source, evidence=evidence, flags=flags)
+        return row
+
+    llm = pd.DataFrame([finding("pleural effusion", "positive", "llm", "small right pleural effusion"),
+                        finding("pneumothorax", "uncertain", "followup", "No pneumothorax",
+                                flags="presence_disagrees")])
+    rules = pd.DataFrame([finding("pleural effusion", "positive", "rules", "pleural effusion", 12, 28),
+                          finding("pneumothorax", "negative", "rules", "pneumothorax", 35, 47)])
+    question = dict.fromkeys(QUESTIONS.names)
+    question.update(qa_id=5, subject_id=10, study_id=1, dicom_id="d1", image_path="files/x.jpg", split="train",
+                    question_type="presence", question="is there an effusion?", answer="yes", template_id="t")
+    html, sample = build_page(sections, pd.DataFrame({"dicom_id": ["d1"], "view_position": ["PA"]}), llm,
+                              pd.DataFrame([question]), {}, n=5, seed=0, rules_findings=rules,
+                              meta={"corpus": "test", "notice": "n"})
+    study = _page_data_of(html)["studies"][0]
+    assert sample["study_id"].tolist() == [1]
+    effusion, pneumothorax, qa = study["items"]
+    assert (effusion["located"], effusion["section"], effusion["n"]) == (True, "findings", 1)
+    marked = "".join(seg[0] for seg in study["sections"][1]["segments"] if 1 in seg[1])
+    assert marked == "Small right pleural effusion"  # the quote, found case-insensitively
+    assert pneumothorax["flags"] == ["presence_disagrees"]
+    assert (qa["answer"], qa["view"]) == ("yes", "PA")
+    assert study["disagreements"] == [{"name": "pneumothorax", "llm": "uncertain", "rules": "negative"}]
+
+
+def _page_data_of(html: str) -> dict:
+    block = re.search(r'<script type="application/json" id="review-data">(.*?)</script>', html, re.S)
+    return json.loads(block.group(1))
+
+
 # --- the demo run: page, sample, exclusions, scoring ---------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -277,9 +319,7 @@ def review_run(tmp_path_factory):
 
 
 def _page_data(page: Path) -> dict:
-    html = page.read_text()
-    block = re.search(r'<script type="application/json" id="review-data">(.*?)</script>', html, re.S)
-    return json.loads(block.group(1))
+    return _page_data_of(page.read_text())
 
 
 @pytest.mark.slow
@@ -343,6 +383,28 @@ def test_exclusions_and_scoring_without_verdicts(review_run, tmp_path):
     assert len(second) == 50 and not set(second["study_id"]) & set(first["study_id"])
     run = run_snakemake(workdir, "--cores", "1", "review_score")
     assert run.returncode != 0 and "review.verdicts" in run.stderr
+    # neither review target is part of `all`
+    run = run_snakemake(workdir, "-n", "--forceall")
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = set(re.findall(r"^rule (\w+):", run.stdout + run.stderr, re.M))
+    assert "rg4" in jobs and not jobs & {"review", "review_score"}
+
+
+@pytest.mark.slow
+def test_llm_backend_review_reads_the_last_round_and_the_rules(tmp_path):
+    workdir = prepare_workdir(tmp_path / "w", {
+        "llm": {"backend": "llm", "endpoints": {
+            "teacher": {"kind": "azure", "azure_endpoint": "https://example.openai.azure.com", "model": "gpt-4o",
+                        "api_key_env": "CXR_TEST_AZURE_KEY"},
+            "student": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "student",
+                        "api_key_env": None}}},
+        "finetune": {"enabled": False},
+    })
+    run = run_snakemake(workdir, "-n", "-p", "review", env={**os.environ, "CXR_TEST_AZURE_KEY": "x"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    command = next(line for line in run.stdout.splitlines() if "workflow.review.build" in line)
+    assert "--findings results/llm/followup/round2/findings.parquet" in command
+    assert "--rules-findings results/keyinfo/rules/findings.parquet" in command
 
 
 # --- the browser -------------------------------------------------------------------------------------------
