@@ -98,8 +98,8 @@ def test_exclusion_files(tmp_path):
     pd.DataFrame({"study_id": [3, 4], "strata": ["a", "b"]}).to_csv(sample, index=False)
     assert read_exclusions(sample) == {3, 4}
     bad = tmp_path / "bad.txt"
-    bad.write_text("50000001\nstudy fifty\n")
-    with pytest.raises(ValueError, match="review.exclude"):
+    bad.write_text("50000001\n\nstudy fifty\n")
+    with pytest.raises(ValueError, match="review.exclude.*line 3"):
         read_exclusions(bad)
     with pytest.raises(FileNotFoundError, match="review.exclude"):
         read_exclusions(tmp_path / "missing.txt")

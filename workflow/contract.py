@@ -328,7 +328,7 @@ REVIEW_VERDICT_COLUMNS = (
     "finding",  # finding items: canonical name
     "presence",  # finding items
     "question_type",  # question items
-    "rg4_category",  # rg4 items: ';'-joined pc / pp / comm / view, or none (target unchanged)
+    "rg4_category",  # rg4 items: ';'-joined pc / pp / comm / view; none (target unchanged); other
     "scenarios",  # rg4 items: '+'-joined scenarios sharing the rewrite
 )
 

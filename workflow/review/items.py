@@ -30,6 +30,7 @@ CATEGORY_NAMES = {
     "comm": "communication",
     "view": "views not provided",
     "none": "unchanged",
+    "other": "other change",  # the rewrite differs but the detector names no category (LLM rewording)
 }
 SCENARIO_NAMES = {
     "sn": "single view, no prior",

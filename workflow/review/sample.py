@@ -98,13 +98,13 @@ def read_exclusions(path: str | Path | None) -> set[int]:
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"config: `review.exclude` points to {str(path)!r}, which does not exist")
-    lines = [ln.strip() for ln in path.read_text().splitlines()]
-    lines = [ln for ln in lines if ln and not ln.startswith("#")]
-    if lines and "study_id" in lines[0].split(","):
-        column = pd.read_csv(path, usecols=["study_id"])["study_id"].dropna()
+    lines = [(number, ln.strip()) for number, ln in enumerate(path.read_text().splitlines(), start=1)]
+    lines = [(number, ln) for number, ln in lines if ln and not ln.startswith("#")]
+    if lines and "study_id" in lines[0][1].split(","):
+        column = pd.read_csv(path, usecols=["study_id"], comment="#")["study_id"].dropna()
         return {int(x) for x in column}
     ids = set()
-    for number, line in enumerate(lines, start=1):
+    for number, line in lines:
         try:
             ids.add(int(line))
         except ValueError:
