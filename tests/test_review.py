@@ -16,6 +16,7 @@ from collections import Counter
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 import pytest
 from workflow_run import prepare_workdir, run_snakemake
 
@@ -106,9 +107,9 @@ def test_exclusion_files(tmp_path):
 
 
 def test_strata_from_tables():
-    findings = pd.DataFrame({"study_id": [1, 1, 2], "presence": ["positive", "negative", "uncertain"]})
-    questions = pd.DataFrame({"study_id": [2, 3], "question_type": ["view", "level"]})
-    rg4 = {"sn": pd.DataFrame({"study_id": [1, 3]}), "mw": pd.DataFrame({"study_id": [3]})}
+    findings = pa.table({"study_id": [1, 1, 2, 1], "presence": ["positive", "negative", "uncertain", "positive"]})
+    questions = pa.table({"study_id": [2, 3], "question_type": ["view", "level"]})
+    rg4 = {"sn": pa.table({"study_id": [1, 3]}), "mw": pa.table({"study_id": [3]})}
     assert study_strata(findings, questions, rg4) == {
         1: {"presence:positive", "presence:negative", "rg4:sn"},
         2: {"presence:uncertain", "question:view"},
@@ -267,12 +268,11 @@ def test_page_escapes_report_text():
 
 
 def test_build_with_llm_findings_locates_quotes_and_shows_the_rules_reading():
-    from workflow.contract import FINDINGS, QUESTIONS
+    from workflow.contract import FINDINGS, QUESTIONS, SECTIONS
 
     text = "Small right pleural effusion.  No pneumothorax."
-    sections = pd.DataFrame({"subject_id": [10], "study_id": [1], "indication": ["dyspnea"], "history": [None],
-                             "comparison": [None], "technique": [None], "findings": [text],
-                             "impression": ["Effusion."], "last_paragraph": [None]})
+    sections = pa.Table.from_pylist([{"subject_id": 10, "study_id": 1, "indication": "dyspnea",
+                                      "findings": text, "impression": "Effusion."}], schema=SECTIONS)
 
     def finding(name, presence, source, evidence, start=None, end=None, flags=None):
         row = dict.fromkeys(FINDINGS.names)
@@ -280,19 +280,21 @@ def test_build_with_llm_findings_locates_quotes_and_shows_the_rules_reading():
                    start=start, end=end, source=source, evidence=evidence, flags=flags)
         return row
 
-    llm = pd.DataFrame([finding("pleural effusion", "positive", "llm", "small right pleural effusion"),
-                        finding("pneumothorax", "uncertain", "followup", "No pneumothorax",
-                                flags="presence_disagrees")])
-    rules = pd.DataFrame([finding("pleural effusion", "positive", "rules", "pleural effusion", 12, 28),
-                          finding("pneumothorax", "negative", "rules", "pneumothorax", 35, 47)])
+    llm = pa.Table.from_pylist([finding("pleural effusion", "positive", "llm", "small right pleural effusion"),
+                                finding("pneumothorax", "uncertain", "followup", "No pneumothorax",
+                                        flags="presence_disagrees")], schema=FINDINGS)
+    rules = pa.Table.from_pylist([finding("pleural effusion", "positive", "rules", "pleural effusion", 12, 28),
+                                  finding("pneumothorax", "negative", "rules", "pneumothorax", 35, 47)],
+                                 schema=FINDINGS)
     question = dict.fromkeys(QUESTIONS.names)
     question.update(qa_id=5, subject_id=10, study_id=1, dicom_id="d1", image_path="files/x.jpg", split="train",
                     question_type="presence", question="is there an effusion?", answer="yes", template_id="t")
-    html, sample = build_page(sections, pd.DataFrame({"dicom_id": ["d1"], "view_position": ["PA"]}), llm,
-                              pd.DataFrame([question]), {}, n=5, seed=0, rules_findings=rules,
-                              meta={"corpus": "test", "notice": "n"})
+    images = pa.table({"study_id": [1], "dicom_id": ["d1"], "view_position": ["PA"]})
+    html, sample = build_page(sections, images, llm, pa.Table.from_pylist([question], schema=QUESTIONS), {},
+                              n=5, seed=0, rules_findings=rules, meta={"corpus": "test", "notice": "n"})
     study = _page_data_of(html)["studies"][0]
-    assert sample["study_id"].tolist() == [1]
+    assert sample.to_pylist() == [{"study_id": 1, "subject_id": 10, "strata": "presence:positive;"
+                                   "presence:uncertain;question:presence", "items": 3}]
     effusion, pneumothorax, qa = study["items"]
     assert (effusion["located"], effusion["section"], effusion["n"]) == (True, "findings", 1)
     marked = "".join(seg[0] for seg in study["sections"][1]["segments"] if 1 in seg[1])

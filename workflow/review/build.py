@@ -8,14 +8,16 @@ a time, so it weighs little and stays quick with a thousand studies; see ``page.
 from __future__ import annotations
 
 import argparse
+import csv
 import hashlib
 import json
 import logging
 import time
 from pathlib import Path
 
-import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from jinja2 import Environment, FileSystemLoader, StrictUndefined, select_autoescape
 from markupsafe import Markup
 
@@ -56,11 +58,12 @@ def corpus_label(corpus_format: str, reports: str | None, demo: bool) -> str:
     return f"{name} ({Path(reports).name})" if reports else name
 
 
-def _by_study(frame: pd.DataFrame, wanted: set[int]) -> dict[int, list[dict]]:
-    """The rows of the sampled studies as dicts, per study (plain Python from here: per-row pandas access
-    costs more than everything else the page needs)."""
+def _by_study(table: pa.Table, wanted: set[int]) -> dict[int, list[dict]]:
+    """The rows of the sampled studies as dicts, per study. Plain Python from here on: a page holds a few
+    thousand rows, and per-row access to a data frame would cost more than everything else."""
+    mask = pc.is_in(table["study_id"], value_set=pa.array(sorted(wanted), pa.int64()))
     grouped: dict[int, list[dict]] = {}
-    for row in frame[frame["study_id"].isin(wanted)].to_dict("records"):
+    for row in table.filter(mask).to_pylist():
         grouped.setdefault(int(row["study_id"]), []).append(row)
     return grouped
 
@@ -68,17 +71,17 @@ def _by_study(frame: pd.DataFrame, wanted: set[int]) -> dict[int, list[dict]]:
 def collect(
     chosen: list[int],
     strata: dict[int, set[str]],
-    sections: pd.DataFrame,
-    images: pd.DataFrame,
-    findings: pd.DataFrame,
-    questions: pd.DataFrame,
-    rg4: dict[str, pd.DataFrame],
-    rules_findings: pd.DataFrame | None = None,
+    sections: pa.Table,
+    images: pa.Table,
+    findings: pa.Table,
+    questions: pa.Table,
+    rg4: dict[str, pa.Table],
+    rules_findings: pa.Table | None = None,
 ) -> list[dict]:
     """The page's study dicts, in sample order (see :mod:`workflow.review.items`)."""
     wanted = set(chosen)
     sec = {s: rows[0] for s, rows in _by_study(sections, wanted).items()}
-    views = dict(zip(images["dicom_id"], images["view_position"].fillna(""), strict=True))
+    views = {r["dicom_id"]: r["view_position"] for rows in _by_study(images, wanted).values() for r in rows}
     f_by, q_by = _by_study(findings, wanted), _by_study(questions, wanted)
     r_by = {s: {k: rows[0] for k, rows in _by_study(frame, wanted).items()} for s, frame in rg4.items()}
     rules_by = _by_study(rules_findings, wanted) if rules_findings is not None else {}
@@ -131,35 +134,38 @@ def render(studies: list[dict], meta: dict) -> str:
 
 
 def build(
-    sections: pd.DataFrame,
-    images: pd.DataFrame,
-    findings: pd.DataFrame,
-    questions: pd.DataFrame,
-    rg4: dict[str, pd.DataFrame],
+    sections: pa.Table,
+    images: pa.Table,
+    findings: pa.Table,
+    questions: pa.Table,
+    rg4: dict[str, pa.Table],
     n: int,
     seed: int,
     exclude: set[int] = frozenset(),
     meta: dict | None = None,
-    rules_findings: pd.DataFrame | None = None,
-) -> tuple[str, pd.DataFrame]:
-    """(page HTML, sample table) for the given tables."""
+    rules_findings: pa.Table | None = None,
+) -> tuple[str, pa.Table]:
+    """(page HTML, sample table) for the given tables (pyarrow, as the contract declares them)."""
     strata = study_strata(findings, questions, rg4)
     chosen = stratified_sample(strata, n, seed, exclude)
     studies = collect(chosen, strata, sections, images, findings, questions, rg4, rules_findings)
     html = render(studies, {"seed": seed, **(meta or {})})
-    sample = pd.DataFrame(
-        {
-            "study_id": [s["study_id"] for s in studies],
-            "subject_id": [s["subject_id"] for s in studies],
-            "strata": [";".join(s["strata"]) for s in studies],
-            "items": [len(s["items"]) for s in studies],
-        }
+    sample = pa.Table.from_pylist(
+        [
+            {"study_id": s["study_id"], "subject_id": s["subject_id"], "strata": ";".join(s["strata"]),
+             "items": len(s["items"])}
+            for s in studies
+        ],
+        schema=REVIEW_SAMPLE,
     )
     return html, sample
 
 
-def _read(path: str, columns=None) -> pd.DataFrame:
-    return pd.read_parquet(path, columns=columns)
+def write_sample(sample: pa.Table, path: str | Path) -> None:
+    with atomic_path(path) as tmp, Path(tmp).open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=REVIEW_SAMPLE.names, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(sample.to_pylist())
 
 
 def main(argv=None) -> None:
@@ -186,12 +192,12 @@ def main(argv=None) -> None:
         scenario, _, path = item.partition("=")
         if scenario not in RG4_SCENARIOS or not path:
             p.error(f"--rg4 takes SCENARIO=PATH with a scenario in {RG4_SCENARIOS}, got {item!r}")
-        rg4[scenario] = _read(path)
+        rg4[scenario] = pq.read_table(path)
     html, sample = build(
-        _read(args.sections),
-        _read(args.images, ["dicom_id", "view_position"]),
-        _read(args.findings),
-        _read(args.questions),
+        pq.read_table(args.sections),
+        pq.read_table(args.images, columns=["study_id", "dicom_id", "view_position"]),
+        pq.read_table(args.findings),
+        pq.read_table(args.questions),
         rg4,
         args.n,
         args.seed,
@@ -200,17 +206,15 @@ def main(argv=None) -> None:
             "corpus": corpus_label(args.corpus_format, args.corpus_reports, args.demo),
             "notice": notice(args.corpus_format, args.demo),
         },
-        _read(args.rules_findings) if args.rules_findings else None,
+        pq.read_table(args.rules_findings) if args.rules_findings else None,
     )
     with atomic_path(args.page) as tmp:
         Path(tmp).write_text(html, encoding="utf-8")
-    table = pa.Table.from_pandas(sample, preserve_index=False).select(REVIEW_SAMPLE.names).cast(REVIEW_SAMPLE)
-    with atomic_path(args.sample) as tmp:
-        table.to_pandas().to_csv(tmp, index=False)
+    write_sample(sample, args.sample)
     log.info(
         "review: %d studies, %d items, page %.0f kB in %.2f s",
-        len(sample),
-        int(sample["items"].sum()) if len(sample) else 0,
+        sample.num_rows,
+        sum(sample["items"].to_pylist()),
         len(html.encode()) / 1024,
         time.perf_counter() - t0,
     )

@@ -16,8 +16,6 @@ import difflib
 import math
 from collections.abc import Iterable, Mapping
 
-import pandas as pd
-
 from workflow.contract import RG4_SCENARIOS
 from workflow.rg4.rewrite import detect, joined, load_rules
 
@@ -42,14 +40,14 @@ SCENARIO_NAMES = {
 
 def _text(value) -> str | None:
     """A table cell as text, None for null/NaN/empty."""
-    if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     value = str(value)
     return value if value.strip() else None
 
 
 def _int(value) -> int | None:
-    if value is None or value is pd.NA or (isinstance(value, float) and math.isnan(value)):
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return None
     return int(value)
 

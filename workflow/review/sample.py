@@ -10,36 +10,38 @@ enough items; the sample is not proportional to the corpus (overall figures are 
 
 from __future__ import annotations
 
+import csv
 import logging
 import random
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
-import pandas as pd
+import pyarrow as pa
 
 log = logging.getLogger(__name__)
 
 NO_STRATUM = "other"  # a study with items but none of the strata (e.g. no finding, question or RG4 record)
 
 
-def study_strata(
-    findings: pd.DataFrame, questions: pd.DataFrame, rg4: Mapping[str, pd.DataFrame]
-) -> dict[int, set[str]]:
+def _distinct(table: pa.Table, columns: list[str]) -> list[list]:
+    """The distinct rows of ``columns`` as Python columns."""
+    unique = table.select(columns).group_by(columns, use_threads=False).aggregate([])
+    return [unique.column(c).to_pylist() for c in columns]
+
+
+def study_strata(findings: pa.Table, questions: pa.Table, rg4: Mapping[str, pa.Table]) -> dict[int, set[str]]:
     """study_id -> its strata, for every study that has at least one reviewable item."""
     strata: dict[int, set[str]] = {}
-
-    def add(ids: Iterable, labels: Iterable[str]) -> None:
-        for study, label in zip(ids, labels, strict=True):
-            strata.setdefault(int(study), set()).add(label)
-
-    pairs = findings[["study_id", "presence"]].drop_duplicates()
-    add(pairs["study_id"], "presence:" + pairs["presence"].astype(str))
-    pairs = questions[["study_id", "question_type"]].drop_duplicates()
-    add(pairs["study_id"], "question:" + pairs["question_type"].astype(str))
-    for scenario, frame in rg4.items():
-        ids = frame["study_id"].drop_duplicates()
-        add(ids, [f"rg4:{scenario}"] * len(ids))
+    studies, presences = _distinct(findings, ["study_id", "presence"])
+    for study, presence in zip(studies, presences, strict=True):
+        strata.setdefault(int(study), set()).add(f"presence:{presence}")
+    studies, types = _distinct(questions, ["study_id", "question_type"])
+    for study, qtype in zip(studies, types, strict=True):
+        strata.setdefault(int(study), set()).add(f"question:{qtype}")
+    for scenario, table in rg4.items():
+        for study in _distinct(table, ["study_id"])[0]:
+            strata.setdefault(int(study), set()).add(f"rg4:{scenario}")
     return strata
 
 
@@ -100,9 +102,10 @@ def read_exclusions(path: str | Path | None) -> set[int]:
         raise FileNotFoundError(f"config: `review.exclude` points to {str(path)!r}, which does not exist")
     lines = [(number, ln.strip()) for number, ln in enumerate(path.read_text().splitlines(), start=1)]
     lines = [(number, ln) for number, ln in lines if ln and not ln.startswith("#")]
-    if lines and "study_id" in lines[0][1].split(","):
-        column = pd.read_csv(path, usecols=["study_id"], comment="#")["study_id"].dropna()
-        return {int(x) for x in column}
+    if lines and "study_id" in next(csv.reader([lines[0][1]])):
+        with path.open(newline="") as fh:
+            rows = csv.DictReader(ln for ln in fh if ln.strip() and not ln.startswith("#"))
+            return {int(row["study_id"]) for row in rows if row["study_id"].strip()}
     ids = set()
     for number, line in lines:
         try:
