@@ -9,15 +9,15 @@ rule review:
     output:
         page=out("review", "index.html"),
         sample=out("review", "sample.csv"),
+    log:
+        logfile("review"),
+    conda:
+        "../envs/core.yaml"
     params:
         py=PY,
         n=config["review"]["n"],
         seed=config["review"]["seed"],
         args=review_args,
-    log:
-        logfile("review"),
-    conda:
-        "../envs/core.yaml"
     shell:
         "{params.py} -m workflow.review.build --sections {input.sections:q} --images {input.images:q}"
         " --findings {input.findings:q} --questions {input.questions:q} {params.args}"
@@ -43,12 +43,12 @@ rule review_score:
             caption="../workflow/report_captions/review.rst",
             category="6. Clinicians' review",
         ),
-    params:
-        py=PY,
     log:
         logfile("review_score"),
     conda:
         "../envs/core.yaml"
+    params:
+        py=PY,
     shell:
         "{params.py} -m workflow.review.score {input.verdicts:q} --precision {output.precision:q}"
         " --agreement {output.agreement:q} --figure {output.figure:q} 2> {log:q}"
