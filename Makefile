@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-lf setup-vllm run test lint report bench clean demo
+.PHONY: setup setup-lf setup-vllm browser run test lint report bench clean demo
 
 setup: $(STAMP)
 
@@ -50,10 +50,20 @@ $(STAMP): envs/core.txt pyproject.toml
 	$(BIN)/pip install -q --no-deps -e .
 	touch $@
 
+# The review page's end-to-end test (tests/test_review.py) drives Debian's headless Chromium through
+# Selenium; installed once (skipped when chromedriver is already there), with sudo unless root.
+CHROMEDRIVER := /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+browser: $(CHROMEDRIVER)
+
+$(CHROMEDRIVER):
+	$(SUDO) apt-get update && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
+
 run: setup
 	$(BIN)/snakemake --cores all
 
-test: setup $(LF_STAMP) $(VLLM_STAMP)
+test: setup $(LF_STAMP) $(VLLM_STAMP) $(CHROMEDRIVER)
 	$(BIN)/ruff check .
 	$(BIN)/snakemake --lint
 	$(BIN)/pytest tests

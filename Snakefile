@@ -20,6 +20,7 @@ include: "rules/exports.smk"
 include: "rules/finetune.smk"
 include: "rules/release.smk"
 include: "rules/report.smk"
+include: "rules/review.smk"
 
 
 rule all:

@@ -248,3 +248,44 @@ def vqa_names_path():
     if path:
         vqa.read_name_lib(path, key="vqa.names")
     return path or "None"
+
+
+# --- the clinicians' review (rules/review.smk) ------------------------------------------------------
+def review_inputs(wildcards=None):
+    """The review page's tables: sections, images, findings, questions, the four RG4 scenarios (+ extras)."""
+    files = {
+        "sections": rules.sections.output.sections,
+        "images": rules.ingest.output.images,
+        "findings": findings_table(),
+        "questions": rules.vqa.output.questions,
+        **{scenario: getattr(rules.rg4.output, scenario) for scenario in ("sn", "sw", "mn", "mw")},
+    }
+    if config["llm"]["backend"] == "llm":  # the teacher's and the rules' readings side by side
+        files["rules_findings"] = rules.keyinfo_rules.output.findings
+    if config["review"]["exclude"]:
+        files["exclude"] = require_path("review.exclude", config["review"]["exclude"])
+    return files
+
+
+def review_args(wildcards, input):
+    """Arguments of workflow.review.build besides the fixed tables: RG4 tables, optional files, corpus."""
+    args = [f"--rg4 {s}={shlex.quote(str(getattr(input, s)))}" for s in ("sn", "sw", "mn", "mw")]
+    for key in ("rules_findings", "exclude"):
+        if key in input.keys():
+            args.append(f"--{key.replace('_', '-')} {shlex.quote(str(getattr(input, key)))}")
+    corpus = config["corpus"]
+    reports = corpus[corpus["format"]]["reports"]
+    args.append(f"--corpus-format {corpus['format']}")
+    if reports:
+        args.append(f"--corpus-reports {shlex.quote(str(reports))}")
+    if corpus_is_demo():
+        args.append("--demo")
+    return " ".join(args)
+
+
+def review_verdicts(wildcards=None):
+    """The verdicts.csv files `review_score` reads (config `review.verdicts`), checked only when asked for."""
+    paths = config["review"]["verdicts"]
+    if not paths:
+        raise ValueError("config: `review.verdicts` must list the verdicts.csv files to score")
+    return [require_path("review.verdicts", p) for p in paths]

@@ -195,7 +195,9 @@ def test_only_findings_and_impression_are_read_and_spans_index_the_section_text(
         ("cardiomegaly", "negative", "findings"), ("pleural effusion", "positive", "findings"),
         ("pneumonia", "uncertain", "impression")}  # fmt: skip
     eff = next(r for r in rows if r["name"] == "pleural effusion")
-    assert sections["findings"][eff["start"] : eff["end"]] == "pleural effusion"
+    # the evidence span: the finding's noun phrase with its attribute words, as written
+    assert sections["findings"][eff["start"] : eff["end"]] == "Small right\n pleural effusion" == eff["evidence"]
+    assert eff["raw_name"] == "pleural effusion"
     assert eff["location"] == "right" and eff["level"] == "mild"
     # no findings/impression: the last paragraph is read (MIT-LCP's fallback)
     assert label_vector("") == {}

@@ -238,4 +238,4 @@ def test_evidence_is_the_noun_phrase_with_its_attribute_words(text, evidence):
     # downstream (Medical-CXR-VQA's level answers, the review page) reads the report's own words here
     (row,) = extract_sections({"findings": text})
     assert row["evidence"] == evidence
-    assert text[row["start"] : row["end"]] == row["raw_name"]
+    assert text[row["start"] : row["end"]] == row["evidence"]  # the span indexes the section text

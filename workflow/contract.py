@@ -333,6 +333,65 @@ LLM_GOLD_SAMPLE = pa.schema(
     ]
 )
 
+# --- Clinicians' review (workflow/review) -------------------------------------------------------------------
+REVIEW_VERDICTS = ("correct", "wrong", "unsure")
+REVIEW_KINDS = ("finding", "question", "rg4")
+# verdicts.csv, as the review page exports it (one row per judged item) and the scorer reads it. The
+# item's own labels travel with the verdict, so the file is scored without the tables it came from.
+REVIEW_VERDICT_COLUMNS = (
+    "item_id",  # f:<study>:<name>:<section>:<start> | q:<qa_id> | rg4:<study>:<scenarios>
+    "kind",  # finding / question / rg4
+    "study_id",
+    "verdict",  # correct / wrong / unsure
+    "comment",
+    "reviewer",  # initials
+    "build",  # content hash of the page the verdict was given on
+    "corpus",
+    "finding",  # finding items: canonical name
+    "presence",  # finding items
+    "question_type",  # question items
+    "rg4_category",  # rg4 items: ';'-joined pc / pp / comm / view; none (target unchanged); other
+    "scenarios",  # rg4 items: '+'-joined scenarios sharing the rewrite
+)
+
+# The sampled studies of a review page (review/sample.csv): what to exclude from the next round.
+REVIEW_SAMPLE = pa.schema(
+    [
+        pa.field("study_id", pa.int64(), nullable=False),
+        pa.field("subject_id", pa.int64(), nullable=False),
+        pa.field("strata", pa.string(), nullable=False),  # ';'-joined presence:<p> / question:<type> / rg4:<s>
+        pa.field("items", pa.int64(), nullable=False),
+    ]
+)
+
+# review/precision.csv: precision of the items (consensus over reviewers) per group, 95 % Wilson interval.
+REVIEW_PRECISION = pa.schema(
+    [
+        pa.field("kind", pa.string(), nullable=False),  # finding / question / rg4
+        pa.field("group", pa.string(), nullable=False),  # all / finding / presence / question_type / rg4_category
+        pa.field("value", pa.string(), nullable=False),  # the group's value (all: 'all')
+        pa.field("items", pa.int64(), nullable=False),  # distinct items judged
+        pa.field("correct", pa.int64(), nullable=False),
+        pa.field("wrong", pa.int64(), nullable=False),
+        pa.field("unsure", pa.int64(), nullable=False),  # unsure, or reviewers split evenly: not counted
+        pa.field("precision", pa.float64()),  # correct / (correct + wrong); null when both are 0
+        pa.field("ci_low", pa.float64()),
+        pa.field("ci_high", pa.float64()),
+    ]
+)
+
+# review/agreement.csv: Cohen's kappa per pair of reviewers over the items both judged.
+REVIEW_AGREEMENT = pa.schema(
+    [
+        pa.field("reviewer_a", pa.string(), nullable=False),
+        pa.field("reviewer_b", pa.string(), nullable=False),
+        pa.field("kind", pa.string(), nullable=False),  # finding / question / rg4 / all
+        pa.field("items", pa.int64(), nullable=False),
+        pa.field("observed_agreement", pa.float64()),
+        pa.field("kappa", pa.float64()),  # null when chance agreement is 1 (both always said the same)
+    ]
+)
+
 # --- Synthetic corpus truth (workflow.synth) ---------------------------------------------------------------
 # One row per finding mention a careful reader extracts from the findings / impression / last_paragraph
 # section (MIT parser semantics, LAST section of that name) of a synthetic report; canonical values only.

@@ -635,7 +635,7 @@ def _renamed(m: Mention, name: str) -> Mention:
     for slot in ("presence", "level", "type", "change", "from_anchor"):
         setattr(twin, slot, getattr(m, slot))
     twin.lat, twin.zones, twin.structs = set(m.lat), list(m.zones), list(m.structs)
-    twin.evidence = m.evidence
+    twin.evidence, twin.ev_start, twin.ev_end = m.evidence, m.ev_start, m.ev_end
     return twin
 
 
@@ -723,8 +723,9 @@ def merge_mentions(mentions: list[Mention], libs: Libs | None = None) -> list[di
             "type": m.type,
             "change": m.change,
             "section": m.section,
-            "start": m.start,
-            "end": m.end,
+            # the evidence span: the finding's noun phrase with the attribute words it took
+            "start": m.ev_start,
+            "end": m.ev_end,
             "evidence": m.evidence or m.raw,
         }
         for m in mentions
