@@ -77,7 +77,7 @@ from tqdm import tqdm
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.contract import SYNTH_STUDIES, SYNTH_TRUTH
-from workflow.keyinfo.libs import load_libs
+from workflow.keyinfo.libs import load_libs, no_finding
 from workflow.sections import SPECIAL_STUDIES as MIT_SPECIAL_STUDY_IDS
 from workflow.tables import TableWriter
 
@@ -1346,7 +1346,7 @@ def chexpert_labels(rows: list[tuple[str, Mention, str]], section: str | None) -
         cur = labels[label]
         if cur is None or order[v] > order[cur]:
             labels[label] = v
-    if not any(labels[k] in (1.0, -1.0) for k in CHEXPERT_LABELS if k not in ("No Finding", "Support Devices")):
+    if no_finding(((r.name, r.presence) for sec, r, _s in rows if sec == section), "chexpert"):
         labels["No Finding"] = 1.0
     return labels
 

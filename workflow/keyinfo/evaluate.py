@@ -21,7 +21,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from workflow.keyinfo.extract import extract_mentions, merge_presence
-from workflow.keyinfo.libs import load_libs
+from workflow.keyinfo.libs import load_libs, no_finding
 
 FIELDS = ("location", "level", "type", "change")
 CHEXPERT14 = (
@@ -166,11 +166,8 @@ def report_labels(rows: list, scheme: str = "chexpert") -> dict[str, str]:
     libs = load_libs()
     mapping = libs.chexpert if scheme == "chexpert" else libs.cxr14
     pairs = []
-    abnormal = False
-    for r in rows:
-        name, presence = (r["name"], r["presence"]) if isinstance(r, dict) else r
-        if presence in ("positive", "uncertain") and name != "support device":
-            abnormal = True
+    named = [(r["name"], r["presence"]) if isinstance(r, dict) else tuple(r) for r in rows]
+    for name, presence in named:
         cls = mapping.get(name)
         if not cls:
             continue
@@ -180,7 +177,7 @@ def report_labels(rows: list, scheme: str = "chexpert") -> dict[str, str]:
             presence = "uncertain"
         pairs.append((cls, presence))
     labels = merge_presence(pairs)
-    if not abnormal:
+    if no_finding(named, "any"):
         labels["No Finding"] = "positive"
     return labels
 

@@ -397,6 +397,29 @@ def _mark_hiding(tokens: dict[str, Tok], blockers: frozenset[str]) -> None:
             tok.hides = any(" ".join(words[k:]) in heads for k in range(1, len(words)))
 
 
+NO_FINDING_RULES = ("any", "chexpert")
+DEVICE = "support device"
+
+
+def no_finding(pairs, rule: str = "any") -> bool:
+    """The "No Finding" rule, in one place: no (name, presence) pair that blocks it is positive or uncertain.
+
+    ``any`` (ours: the IU labels, keyinfo/studies.parquet, evaluation): every finding blocks except devices —
+    a granuloma or a scoliosis is not a normal study. ``chexpert`` (the CheXpert labeler's, where we write
+    files it would have written: the synthetic mimic-cxr chexpert.csv, RaDialog's labels): only findings with
+    a CheXpert class other than Support Devices block.
+    """
+    if rule not in NO_FINDING_RULES:
+        raise ValueError(f"no_finding rule must be one of {NO_FINDING_RULES}, not {rule!r}")
+    chexpert = load_libs().chexpert
+    for name, presence in pairs:
+        if presence not in ("positive", "uncertain") or name == DEVICE:
+            continue
+        if rule == "any" or chexpert.get(name, "") not in ("", "Support Devices"):
+            return False
+    return True
+
+
 def vqa_name(name: str) -> str:
     """The Medical-CXR-VQA name of a canonical finding ('' for findings that dataset leaves out, e.g. devices)."""
     libs = load_libs()
