@@ -4,14 +4,52 @@ import sys
 from pathlib import Path
 
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 
 validate(config, "../config.schema.yaml")
 
+# The folder this workflow ships from (Snakefile, libs/, prompts/, envs/, data/demo/, the `workflow`
+# package), wherever Snakemake runs: `--directory`, `-s /path/to/Snakefile` or a `module` import.
+# `workflow.basedir` would be the importing workflow's folder; the file being parsed is ours.
+WORKFLOW_DIR = Path(str(workflow.current_basedir)).parent
 OUT = Path(config["outdir"])
 LOGS = Path("logs")
-# The interpreter of the core environment: the one running Snakemake (the Makefile's venv).
-PY = sys.executable
+
+
+def packaged(*parts):
+    """A file the workflow ships (libs/, prompts/, envs/, data/demo/), as an absolute path."""
+    return str(WORKFLOW_DIR.joinpath(*parts))
+
+
+def env_deployment():
+    """True when Snakemake deploys the rules' software (`--sdm conda` / `--sdm apptainer`)."""
+    settings = workflow.deployment_settings
+    methods = settings.deployment_method if settings is not None else ()
+    return DeploymentMethod.CONDA in methods or DeploymentMethod.APPTAINER in methods
+
+
+def python_command():
+    """How every rule starts Python, with the `workflow` package next to this Snakefile importable.
+
+    Under `--sdm conda` / `apptainer` it is the rule's environment's `python` (first on PATH once Snakemake
+    activated the rule's `conda:` env); otherwise the interpreter running Snakemake (the Makefile's venv).
+    Snakemake clears PYTHONPATH before activating a conda env, so it is set in the command itself.
+    """
+    interpreter = "python" if env_deployment() else shlex.quote(sys.executable)
+    return f"PYTHONPATH={shlex.quote(str(WORKFLOW_DIR))}${{PYTHONPATH:+:$PYTHONPATH}} {interpreter}"
+
+
+PY = python_command()
+
+
+def per_attempt(base):
+    """A resource (mem_mb, runtime in minutes) that grows with each retry of a failed job.
+
+    The CPU rules' bases are about twice their peak RSS / wall time at MIMIC-CXR scale (227k studies,
+    bench/RESULTS.md), so a cluster job fits the first time; `retries:` in profiles/slurm doubles them.
+    """
+    return lambda wildcards, attempt: base * attempt
 # Every module appends its final outputs here; `rule all` asks for them.
 ALL_TARGETS = []
 
@@ -25,13 +63,26 @@ def logfile(rule_name):
     return str(LOGS / f"{rule_name}.log")
 
 
+def config_path(value):
+    """A path from the config: relative to the working directory, or else to the workflow's own folder.
+
+    So the defaults that name shipped files (data/demo/..., libs/..., envs/...) work from any working
+    directory, while a file of the same name in the working directory still wins.
+    """
+    if not value or Path(value).is_absolute() or Path(value).exists():
+        return value
+    shipped = WORKFLOW_DIR / value
+    return str(shipped) if shipped.exists() else value
+
+
 def require_path(key, value):
     """A configured input path that must exist; a clear error names the config key."""
     if not value:
         raise ValueError(f"config: `{key}` must be set for corpus.format={config['corpus']['format']}")
-    if not Path(value).exists():
+    path = config_path(value)
+    if not Path(path).exists():
         raise FileNotFoundError(f"config: `{key}` points to {value!r}, which does not exist")
-    return value
+    return path
 
 
 def ingest_inputs(wildcards=None):
@@ -63,6 +114,16 @@ def llm_config_json(wildcards=None):
     import json
 
     return json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]})
+
+
+def llm_conda_env(endpoint):
+    """The conda env file of a job asking `endpoint` (relative to the .smk files, as `conda:` wants).
+
+    With `executor: vllm` the job itself runs offline vLLM (llm.vllm.command, e.g. `python -m
+    workflow.llm.vllm_offline`), so it needs envs/vllm.yaml, which also holds the LLM layer's own packages.
+    """
+    settings = config["llm"]["endpoints"].get(endpoint) or {}
+    return "../envs/vllm.yaml" if settings.get("executor") == "vllm" else "../envs/core.yaml"
 
 
 def llm_cache(wildcards=None):
@@ -136,10 +197,17 @@ def first_input_dir(wildcards, input):
 
 
 def finetune_settings(wildcards=None):
-    """The `finetune:` config section as JSON (what workflow.finetune.train reads)."""
+    """The `finetune:` config section as JSON (what workflow.finetune.train reads), its paths resolved.
+
+    Under `--sdm conda` the rule runs in envs/llamafactory.yaml, whose `llamafactory-cli` is on PATH.
+    """
     import json
 
-    return json.dumps(config["finetune"])
+    settings = dict(config["finetune"], deepspeed=config_path(config["finetune"]["deepspeed"]))
+    settings["llamafactory_cli"] = (
+        "llamafactory-cli" if env_deployment() else config_path(settings["llamafactory_cli"])
+    )
+    return json.dumps(settings)
 
 
 def finetune_targets():
@@ -207,7 +275,7 @@ def corpus_is_demo():
     """The embedded synthetic demo (its cards say so instead of quoting a data-use agreement)."""
     corpus = config["corpus"]
     reports = corpus[corpus["format"]]["reports"] or ""
-    return Path(reports).resolve().is_relative_to(Path("data/demo").resolve())
+    return Path(config_path(reports)).resolve().is_relative_to((WORKFLOW_DIR / "data" / "demo").resolve())
 
 
 def release_args(wildcards, input):

@@ -2,15 +2,15 @@ rule keyinfo_rules:
     input:
         sections=rules.sections.output.sections,
         libs=[
-            "libs/vocabulary.yaml",
-            "libs/findings.csv",
-            "libs/blockers.csv",
-            "libs/locations.csv",
-            "libs/levels.csv",
-            "libs/types.csv",
-            "libs/changes.csv",
-            "libs/triggers.yaml",
-            "libs/anchors.yaml",
+            packaged("libs", "vocabulary.yaml"),
+            packaged("libs", "findings.csv"),
+            packaged("libs", "blockers.csv"),
+            packaged("libs", "locations.csv"),
+            packaged("libs", "levels.csv"),
+            packaged("libs", "types.csv"),
+            packaged("libs", "changes.csv"),
+            packaged("libs", "triggers.yaml"),
+            packaged("libs", "anchors.yaml"),
         ],
     output:
         findings=out("keyinfo", "rules", "findings.parquet"),
@@ -20,6 +20,9 @@ rule keyinfo_rules:
         logfile("keyinfo_rules"),
     conda:
         "../envs/core.yaml"
+    resources:
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(60),
     params:
         py=PY,
     shell:

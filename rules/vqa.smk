@@ -3,8 +3,8 @@ rule vqa:
         findings=findings_table(),
         images=rules.ingest.output.images,
         studies=rules.ingest.output.studies,
-        templates=config["vqa"]["templates"],
-        vocabulary="libs/vocabulary.yaml",
+        templates=config_path(config["vqa"]["templates"]),
+        vocabulary=packaged("libs", "vocabulary.yaml"),
     output:
         questions=out("vqa", "questions.parquet"),
         csv=out("vqa", "questions.csv"),
@@ -16,9 +16,12 @@ rule vqa:
         logfile("vqa"),
     conda:
         "../envs/core.yaml"
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
         py=PY,
-        names=config["vqa"]["names"],
+        names=config_path(config["vqa"]["names"]),
         seed=config["vqa"]["seed"],
         exclude=config["vqa"]["exclude_names"],
         no_finding_rate=config["vqa"]["abnormality_no_finding_rate"],
