@@ -10,7 +10,10 @@ min_version("9.0")
 
 # The working directory's config.yaml, else the shipped one (`snakemake -s /path/to/Snakefile --directory
 # /my/run`); a `module` import passes its own config instead.
-configfile: "config.yaml" if Path("config.yaml").exists() else f"{workflow.current_basedir}/config.yaml"
+configfile:
+    "config.yaml"
+    if Path("config.yaml").exists()
+    else f"{workflow.current_basedir}/config.yaml"
 
 
 include: "rules/common.smk"

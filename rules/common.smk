@@ -123,7 +123,16 @@ def llm_conda_env(endpoint):
     workflow.llm.vllm_offline`), so it needs envs/vllm.yaml, which also holds the LLM layer's own packages.
     """
     settings = config["llm"]["endpoints"].get(endpoint) or {}
-    return "../envs/vllm.yaml" if settings.get("executor") == "vllm" else "../envs/core.yaml"
+    if settings.get("executor") == "vllm":
+        return "../envs/vllm.yaml"
+    return "../envs/core.yaml"
+
+
+def rg4_conda_env():
+    """rg4 asks its endpoint only with `rewriter: llm`; the rules rewriter needs the core env alone."""
+    if config["rg4"]["rewriter"] != "llm":
+        return "../envs/core.yaml"
+    return llm_conda_env(config["rg4"]["llm"]["endpoint"])
 
 
 def llm_cache(wildcards=None):
@@ -203,10 +212,12 @@ def finetune_settings(wildcards=None):
     """
     import json
 
-    settings = dict(config["finetune"], deepspeed=config_path(config["finetune"]["deepspeed"]))
-    settings["llamafactory_cli"] = (
-        "llamafactory-cli" if env_deployment() else config_path(settings["llamafactory_cli"])
-    )
+    settings = dict(config["finetune"])
+    settings["deepspeed"] = config_path(settings["deepspeed"])
+    if env_deployment():
+        settings["llamafactory_cli"] = "llamafactory-cli"
+    else:
+        settings["llamafactory_cli"] = config_path(settings["llamafactory_cli"])
     return json.dumps(settings)
 
 
@@ -275,7 +286,8 @@ def corpus_is_demo():
     """The embedded synthetic demo (its cards say so instead of quoting a data-use agreement)."""
     corpus = config["corpus"]
     reports = corpus[corpus["format"]]["reports"] or ""
-    return Path(config_path(reports)).resolve().is_relative_to((WORKFLOW_DIR / "data" / "demo").resolve())
+    demo = (WORKFLOW_DIR / "data" / "demo").resolve()
+    return Path(config_path(reports)).resolve().is_relative_to(demo)
 
 
 def release_args(wildcards, input):

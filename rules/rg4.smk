@@ -22,7 +22,7 @@ rule rg4:
     log:
         logfile("rg4"),
     conda:
-        llm_conda_env(config["rg4"]["llm"]["endpoint"]) if config["rg4"]["rewriter"] == "llm" else "../envs/core.yaml"
+        rg4_conda_env()
     threads: 2
     resources:
         mem_mb=per_attempt(4000),

@@ -40,8 +40,19 @@ FULL_DAG = {
             "student": {"executor": "vllm"},
         },
         "vllm": {
-            "command": ["python", "-m", "workflow.llm.vllm_offline", "--requests", "{input}",
-                        "--output", "{output}", "--model", "/models/base", "--lora", "{model}=results/finetune/adapter"],
+            "command": [
+                "python",
+                "-m",
+                "workflow.llm.vllm_offline",
+                "--requests",
+                "{input}",
+                "--output",
+                "{output}",
+                "--model",
+                "/models/base",
+                "--lora",
+                "{model}=results/finetune/adapter",
+            ],
         },
     },
     "finetune": {"base_model": "/models/base", "gpus": 6, "gpu_model": "a100", "merge": True},
@@ -95,14 +106,20 @@ def test_core_env_has_exactly_the_pins_of_core_txt():
 def test_gpu_envs_carry_their_txt_pins_and_only_known_extras(name):
     """Every pin of envs/NAME.txt is in NAME.yaml (its CPU build swapped for the GPU one of the same
     release); every other pin is core.txt's pin of that package, or a GPU-only package."""
-    env, own, core = yaml_pins(ENVS / f"{name}.yaml"), txt_pins(ENVS / f"{name}.txt"), txt_pins(ENVS / "core.txt")
+    env, own, core = (
+        yaml_pins(ENVS / f"{name}.yaml"),
+        txt_pins(ENVS / f"{name}.txt"),
+        txt_pins(ENVS / "core.txt"),
+    )
     expected = {CPU_TO_GPU.get(pkg, pkg): version for pkg, version in own.items()}
     missing = {pkg: v for pkg, v in expected.items() if env.get(pkg) != v}
     assert not missing, f"{name}.yaml lacks or changes pins of {name}.txt: {missing}"
     for pkg, version in env.items():
         if pkg in expected or pkg in GPU_ONLY:
             continue
-        assert core.get(pkg) == version, f"{name}.yaml: {pkg}{version} is neither {name}.txt's nor core.txt's pin"
+        assert core.get(pkg) == version, (
+            f"{name}.yaml: {pkg}{version} is neither {name}.txt's nor core.txt's pin"
+        )
 
 
 # --- dry runs ----------------------------------------------------------------------------------------
@@ -117,9 +134,9 @@ def conda_on_path(tmp_path_factory) -> dict:
     stand_in.write_text(
         "#!/bin/sh\n"
         'case "$1" in\n'
-        f"  info) printf '{{\"conda_prefix\": \"{bindir.parent}\", \"platform\": \"linux-64\"}}\\n' ;;\n"
+        f'  info) printf \'{{"conda_prefix": "{bindir.parent}", "platform": "linux-64"}}\\n\' ;;\n'
         "  --version) echo 'conda 24.11.3' ;;\n"
-        "  config) printf '{\"get\": {\"channel_priority\": \"strict\"}}\\n' ;;\n"
+        '  config) printf \'{"get": {"channel_priority": "strict"}}\\n\' ;;\n'
         '  *) echo "conda stand-in: $* is not available here" >&2; exit 1 ;;\n'
         "esac\n"
     )
@@ -153,9 +170,24 @@ def shell_commands(log: str) -> dict[str, list[str]]:
 
 
 ALL_RULES = {
-    "ingest", "sections", "keyinfo_rules", "vqa", "rg4", "exports", "release_vqa", "release_rg4",
-    "report_figures", "report_llm", "llm_gold", "llm_keyinfo_shard", "llm_keyinfo_merge", "llm_followup",
-    "finetune_data", "finetune", "finetune_merge", "finetune_eval",
+    "ingest",
+    "sections",
+    "keyinfo_rules",
+    "vqa",
+    "rg4",
+    "exports",
+    "release_vqa",
+    "release_rg4",
+    "report_figures",
+    "report_llm",
+    "llm_gold",
+    "llm_keyinfo_shard",
+    "llm_keyinfo_merge",
+    "llm_followup",
+    "finetune_data",
+    "finetune",
+    "finetune_merge",
+    "finetune_eval",
 }
 
 
@@ -188,16 +220,38 @@ def test_without_sdm_the_rules_run_the_interpreter_running_snakemake(tmp_path):
     ("rule", "target", "inputs", "env"),
     [
         ("ingest", "results/ingest/studies.parquet", [], "core"),
-        ("finetune", "results/finetune/adapter/adapter_config.json",
-         ["results/finetune/data/keyinfo_sft.json", "results/finetune/data/dataset_info.json"], "llamafactory"),
-        ("finetune_merge", "results/finetune/merged/config.json",
-         ["results/finetune/adapter/adapter_config.json"], "llamafactory"),
-        ("llm_keyinfo_shard", "results/llm/keyinfo/shard0/findings.parquet",
-         ["results/finetune/adapter/adapter_config.json", "results/sections/sections.parquet",
-          "results/ingest/studies.parquet"], "vllm"),
-        ("llm_gold", "results/llm/gold/findings.parquet",
-         ["results/sections/sections.parquet", "results/ingest/studies.parquet",
-          "results/keyinfo/rules/findings.parquet"], "core"),  # the teacher is an Azure endpoint
+        (
+            "finetune",
+            "results/finetune/adapter/adapter_config.json",
+            ["results/finetune/data/keyinfo_sft.json", "results/finetune/data/dataset_info.json"],
+            "llamafactory",
+        ),
+        (
+            "finetune_merge",
+            "results/finetune/merged/config.json",
+            ["results/finetune/adapter/adapter_config.json"],
+            "llamafactory",
+        ),
+        (
+            "llm_keyinfo_shard",
+            "results/llm/keyinfo/shard0/findings.parquet",
+            [
+                "results/finetune/adapter/adapter_config.json",
+                "results/sections/sections.parquet",
+                "results/ingest/studies.parquet",
+            ],
+            "vllm",
+        ),
+        (
+            "llm_gold",
+            "results/llm/gold/findings.parquet",
+            [
+                "results/sections/sections.parquet",
+                "results/ingest/studies.parquet",
+                "results/keyinfo/rules/findings.parquet",
+            ],
+            "core",
+        ),  # the teacher is an Azure endpoint
     ],
 )
 def test_each_rule_declares_the_env_it_runs_in(tmp_path, conda_on_path, rule, target, inputs, env):
@@ -205,8 +259,19 @@ def test_each_rule_declares_the_env_it_runs_in(tmp_path, conda_on_path, rule, ta
     for name in inputs:
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).touch()
-    log = snakemake_in(tmp_path, target, "-n", "--sdm", "conda", "--allowed-rules", rule, "--forcerun", rule,
-                       override=FULL_DAG, env=conda_on_path)
+    log = snakemake_in(
+        tmp_path,
+        target,
+        "-n",
+        "--sdm",
+        "conda",
+        "--allowed-rules",
+        rule,
+        "--forcerun",
+        rule,
+        override=FULL_DAG,
+        env=conda_on_path,
+    )
     built = set(re.findall(r"envs/(\w+)\.yaml will be created", log))
     assert f"rule {rule}:" in log
     assert built == {env}, built
@@ -219,14 +284,21 @@ def test_slurm_profile_asks_for_each_rules_own_resources(tmp_path):
     assert "gpu=6" in blocks["finetune"] and "gpu_model=a100" in blocks["finetune"], blocks["finetune"]
     assert "slurm_partition=gpu" in blocks["llm_keyinfo_shard"] and "gpu=4" in blocks["llm_keyinfo_shard"]
     # CPU rules: their own memory and time; CPUs follow their `threads:` (no profile-wide cpus_per_task)
-    for rule, mem_mb, runtime in (("ingest", 2000, 30), ("rg4", 4000, 60), ("exports", 4000, 60), ("vqa", 2000, 30)):
+    for rule, mem_mb, runtime in (
+        ("ingest", 2000, 30),
+        ("rg4", 4000, 60),
+        ("exports", 4000, 60),
+        ("vqa", 2000, 30),
+    ):
         assert f"mem_mb={mem_mb}," in blocks[rule] and f"runtime={runtime}" in blocks[rule], blocks[rule]
         assert "cpus_per_task" not in blocks[rule], blocks[rule]
     # Snakemake layers profiles/default over --profile key by key and caps every job's threads at
     # `cores`, so neither may set it (a dry run without --cores always plans with one core, so the cap
     # itself does not show here).
     for profile in ("default", "slurm"):
-        assert "cores" not in yaml.safe_load((REPO / "profiles" / profile / "config.yaml").read_text()), profile
+        assert "cores" not in yaml.safe_load((REPO / "profiles" / profile / "config.yaml").read_text()), (
+            profile
+        )
 
 
 # --- real runs from elsewhere ------------------------------------------------------------------------
@@ -266,8 +338,9 @@ def test_demo_runs_as_a_module_import(tmp_path):
         "    config:\n        config\n\n\n"
         "use rule * from cxr_factory as cxr_*\n"
     )
-    run = subprocess.run([SNAKEMAKE, "--cores", "2"], cwd=tmp_path, env=KEY_ENV, capture_output=True, text=True,
-                         timeout=600)
+    run = subprocess.run(
+        [SNAKEMAKE, "--cores", "2"], cwd=tmp_path, env=KEY_ENV, capture_output=True, text=True, timeout=600
+    )
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert "rule cxr_ingest:" in run.stdout + run.stderr
     assert_demo_outputs(tmp_path)
