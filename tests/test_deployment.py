@@ -206,6 +206,14 @@ def test_conda_dry_run_runs_every_rule_with_the_env_python(tmp_path, conda_on_pa
     assert all('"llamafactory_cli": "llamafactory-cli"' in line for line in commands["finetune"])
 
 
+def test_apptainer_dry_run_runs_the_image_python(tmp_path):
+    """`--sdm apptainer`: the image's `python`, never the host interpreter that runs Snakemake."""
+    commands = shell_commands(snakemake_in(tmp_path, "-n", "-p", "--sdm", "apptainer"))
+    assert {"ingest", "sections", "vqa", "rg4", "exports", "report_figures"} <= set(commands)
+    prefix = f"PYTHONPATH={REPO}${{PYTHONPATH:+:$PYTHONPATH}} python -m workflow."
+    assert all(line.startswith(prefix) for lines in commands.values() for line in lines), commands
+
+
 def test_without_sdm_the_rules_run_the_interpreter_running_snakemake(tmp_path):
     """The Makefile's venv (`make run`): the interpreter that runs Snakemake, with this repo's package."""
     commands = shell_commands(snakemake_in(tmp_path, "-n", "-p", "--cores", "2"))
