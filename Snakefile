@@ -1,12 +1,19 @@
 # The chest X-ray dataset factory. Wiring only: configuration, validation, rule modules, targets.
 # All logic lives in the `workflow/` package; see README.md and DESIGN notes in docs.
 
+from pathlib import Path
+
 from snakemake.utils import min_version
 
 min_version("9.0")
 
 
-configfile: "config.yaml"
+# The working directory's config.yaml, else the shipped one (`snakemake -s /path/to/Snakefile --directory
+# /my/run`); a `module` import passes its own config instead.
+configfile:
+    "config.yaml"
+    if Path("config.yaml").exists()
+    else f"{workflow.current_basedir}/config.yaml"
 
 
 include: "rules/common.smk"

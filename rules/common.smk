@@ -4,22 +4,61 @@ import sys
 from pathlib import Path
 
 from snakemake.utils import validate
+from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
 
 validate(config, "../config.schema.yaml")
+
+# The folder this workflow ships from (Snakefile, libs/, prompts/, envs/, data/demo/, the `workflow`
+# package), wherever Snakemake runs: `--directory`, `-s /path/to/Snakefile` or a `module` import.
+# `workflow.basedir` would be the importing workflow's folder; the file being parsed is ours.
+WORKFLOW_DIR = Path(str(workflow.current_basedir)).parent
 
 from workflow.configcheck import check as check_config  # noqa: E402
 from workflow.llm.guard import check_corpus  # noqa: E402
 
 # What the schema cannot say (files that must exist, endpoints that must be configured), named by key.
-check_config(config)
+check_config(config, shipped=WORKFLOW_DIR)
 # A corpus that looks like MIMIC-CXR but is marked credentialed: false needs an explicit confirmation.
 check_corpus(config["corpus"])
 
 OUT = Path(config["outdir"])
 LOGS = Path("logs")
-# The interpreter of the core environment: the one running Snakemake (the Makefile's venv).
-PY = sys.executable
+
+
+def packaged(*parts):
+    """A file the workflow ships (libs/, prompts/, envs/, data/demo/), as an absolute path."""
+    return str(WORKFLOW_DIR.joinpath(*parts))
+
+
+def env_deployment():
+    """True when Snakemake deploys the rules' software (`--sdm conda` / `--sdm apptainer`)."""
+    settings = workflow.deployment_settings
+    methods = settings.deployment_method if settings is not None else ()
+    return DeploymentMethod.CONDA in methods or DeploymentMethod.APPTAINER in methods
+
+
+def python_command():
+    """How every rule starts Python, with the `workflow` package next to this Snakefile importable.
+
+    Under `--sdm conda` / `apptainer` it is the rule's environment's `python` (first on PATH once Snakemake
+    activated the rule's `conda:` env); otherwise the interpreter running Snakemake (the Makefile's venv).
+    Snakemake clears PYTHONPATH before activating a conda env, so it is set in the command itself.
+    """
+    interpreter = "python" if env_deployment() else shlex.quote(sys.executable)
+    return f"PYTHONPATH={shlex.quote(str(WORKFLOW_DIR))}${{PYTHONPATH:+:$PYTHONPATH}} {interpreter}"
+
+
+PY = python_command()
+
+
+def per_attempt(base):
+    """A resource (mem_mb, runtime in minutes) that grows with each retry of a failed job.
+
+    The CPU rules' bases are about twice their peak RSS / wall time at MIMIC-CXR scale (227k studies,
+    bench/RESULTS.md), so a cluster job fits the first time; `retries:` in profiles/slurm doubles them.
+    """
+    return lambda wildcards, attempt: base * attempt
 # Every module appends its final outputs here; `rule all` asks for them.
 ALL_TARGETS = []
 
@@ -33,13 +72,26 @@ def logfile(rule_name):
     return str(LOGS / f"{rule_name}.log")
 
 
+def config_path(value):
+    """A path from the config: relative to the working directory, or else to the workflow's own folder.
+
+    So the defaults that name shipped files (data/demo/..., libs/..., envs/...) work from any working
+    directory, while a file of the same name in the working directory still wins.
+    """
+    if not value or Path(value).is_absolute() or Path(value).exists():
+        return value
+    shipped = WORKFLOW_DIR / value
+    return str(shipped) if shipped.exists() else value
+
+
 def require_path(key, value):
     """A configured input path that must exist; a clear error names the config key."""
     if not value:
         raise ValueError(f"config: `{key}` must be set for corpus.format={config['corpus']['format']}")
-    if not Path(value).exists():
+    path = config_path(value)
+    if not Path(path).exists():
         raise FileNotFoundError(f"config: `{key}` points to {value!r}, which does not exist")
-    return value
+    return path
 
 
 def ingest_inputs(wildcards=None):
@@ -71,6 +123,25 @@ def llm_config_json(wildcards=None):
     import json
 
     return json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]})
+
+
+def llm_conda_env(endpoint):
+    """The conda env file of a job asking `endpoint` (relative to the .smk files, as `conda:` wants).
+
+    With `executor: vllm` the job itself runs offline vLLM (llm.vllm.command, e.g. `python -m
+    workflow.llm.vllm_offline`), so it needs envs/vllm.yaml, which also holds the LLM layer's own packages.
+    """
+    settings = config["llm"]["endpoints"].get(endpoint) or {}
+    if settings.get("executor") == "vllm":
+        return "../envs/vllm.yaml"
+    return "../envs/core.yaml"
+
+
+def rg4_conda_env():
+    """rg4 asks its endpoint only with `rewriter: llm`; the rules rewriter needs the core env alone."""
+    if config["rg4"]["rewriter"] != "llm":
+        return "../envs/core.yaml"
+    return llm_conda_env(config["rg4"]["llm"]["endpoint"])
 
 
 def llm_cache(wildcards=None):
@@ -144,10 +215,19 @@ def first_input_dir(wildcards, input):
 
 
 def finetune_settings(wildcards=None):
-    """The `finetune:` config section as JSON (what workflow.finetune.train reads)."""
+    """The `finetune:` config section as JSON (what workflow.finetune.train reads), its paths resolved.
+
+    Under `--sdm conda` the rule runs in envs/llamafactory.yaml, whose `llamafactory-cli` is on PATH.
+    """
     import json
 
-    return json.dumps(config["finetune"])
+    settings = dict(config["finetune"])
+    settings["deepspeed"] = config_path(settings["deepspeed"])
+    if env_deployment():
+        settings["llamafactory_cli"] = "llamafactory-cli"
+    else:
+        settings["llamafactory_cli"] = config_path(settings["llamafactory_cli"])
+    return json.dumps(settings)
 
 
 def finetune_targets():
@@ -215,7 +295,8 @@ def corpus_is_demo():
     """The embedded synthetic demo (its cards say so instead of quoting a data-use agreement)."""
     corpus = config["corpus"]
     reports = corpus[corpus["format"]]["reports"] or ""
-    return Path(reports).resolve().is_relative_to(Path("data/demo").resolve())
+    demo = (WORKFLOW_DIR / "data" / "demo").resolve()
+    return Path(config_path(reports)).resolve().is_relative_to(demo)
 
 
 def release_args(wildcards, input):
@@ -235,7 +316,7 @@ def vqa_templates_path():
     """`vqa.templates` (null: the style's own file), checked at start-up: a bad file stops the run here."""
     from workflow import vqa
 
-    path = config["vqa"]["templates"] or str(vqa.STYLE_TEMPLATES[config["vqa"]["style"]].relative_to(vqa.REPO))
+    path = config_path(config["vqa"]["templates"]) or str(vqa.STYLE_TEMPLATES[config["vqa"]["style"]])
     vqa.load_templates(path, key="vqa.templates")
     return path
 
@@ -244,7 +325,7 @@ def vqa_names_path():
     """`vqa.names`, checked at start-up: a misspelt path fails instead of quietly using canonical names."""
     from workflow import vqa
 
-    path = config["vqa"]["names"]
+    path = config_path(config["vqa"]["names"])
     if path:
         vqa.read_name_lib(path, key="vqa.names")
     return path or "None"

@@ -7,7 +7,7 @@ rule exports:
         images=rules.ingest.output.images,
         sections=rules.sections.output.sections,
         findings=findings_table(),
-        prompts="libs/radialog_prompts.yaml",
+        prompts=packaged("libs", "radialog_prompts.yaml"),
     output:
         r2gen=out("exports", "r2gen", "annotation.json"),
         radialog_rg=out("exports", "radialog", "mimic_cxr_reports_stratified.json"),
@@ -19,6 +19,9 @@ rule exports:
     conda:
         "../envs/core.yaml"
     threads: 2
+    resources:
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(60),
     params:
         py=PY,
         dataset=config["corpus"]["format"],

@@ -19,6 +19,9 @@ rule finetune_data:
         logfile("finetune_data"),
     conda:
         "../envs/core.yaml"
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
         python=PY,
         outdir=first_output_dir,
@@ -43,7 +46,7 @@ rule finetune:
     log:
         logfile("finetune"),
     conda:
-        "../envs/core.yaml"
+        "../envs/llamafactory.yaml"
     threads: 8
     resources:
         gpu=config["finetune"]["gpus"] * config["finetune"]["nodes"],
@@ -68,7 +71,7 @@ rule finetune_merge:
     log:
         logfile("finetune_merge"),
     conda:
-        "../envs/core.yaml"
+        "../envs/llamafactory.yaml"
     threads: 8
     params:
         python=PY,
@@ -95,7 +98,7 @@ rule finetune_eval:
     log:
         logfile("finetune_eval"),
     conda:
-        "../envs/core.yaml"
+        llm_conda_env(config["llm"]["keyinfo"]["endpoint"])
     resources:
         llm_endpoint=1,
     params:

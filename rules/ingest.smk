@@ -10,13 +10,16 @@ rule ingest:
     conda:
         "../envs/core.yaml"
     threads: 2
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
         python=PY,
         format=config["corpus"]["format"],
         args=ingest_args,
         max_bytes=config["ingest"]["max_report_bytes"],
     shell:
-        "{params.python:q} -m workflow.ingest {params.format} {params.args} --studies {output.studies:q}"
+        "{params.python} -m workflow.ingest {params.format} {params.args} --studies {output.studies:q}"
         " --images {output.images:q} --rejects {output.rejects:q} --workers {threads}"
         " --max-report-bytes {params.max_bytes} 2> {log:q}"
 

@@ -3,15 +3,15 @@ rule keyinfo_rules:
         sections=rules.sections.output.sections,
         reports=rules.ingest.output.studies,
         libs=[
-            "libs/vocabulary.yaml",
-            "libs/findings.csv",
-            "libs/blockers.csv",
-            "libs/locations.csv",
-            "libs/levels.csv",
-            "libs/types.csv",
-            "libs/changes.csv",
-            "libs/triggers.yaml",
-            "libs/anchors.yaml",
+            packaged("libs", "vocabulary.yaml"),
+            packaged("libs", "findings.csv"),
+            packaged("libs", "blockers.csv"),
+            packaged("libs", "locations.csv"),
+            packaged("libs", "levels.csv"),
+            packaged("libs", "types.csv"),
+            packaged("libs", "changes.csv"),
+            packaged("libs", "triggers.yaml"),
+            packaged("libs", "anchors.yaml"),
         ],
     output:
         findings=out("keyinfo", "rules", "findings.parquet"),
@@ -22,6 +22,9 @@ rule keyinfo_rules:
     threads: 2
     conda:
         "../envs/core.yaml"
+    resources:
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(60),
     params:
         py=PY,
         conventions=lambda wc: (
@@ -43,11 +46,14 @@ rule keyinfo_studies:
         sections=rules.sections.output.sections,
         reports=rules.ingest.output.studies,
         findings=findings_table,
-        libs="libs/triggers.yaml",
+        libs=packaged("libs", "triggers.yaml"),
     output:
         studies=out("keyinfo", "studies.parquet"),
     log:
         logfile("keyinfo_studies"),
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     conda:
         "../envs/core.yaml"
     params:

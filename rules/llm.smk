@@ -25,7 +25,7 @@ rule llm_gold:
     log:
         logfile("llm_gold"),
     conda:
-        "../envs/core.yaml"
+        llm_conda_env(config["llm"]["gold"]["endpoint"])
     resources:
         llm_endpoint=1,
     params:
@@ -52,7 +52,7 @@ rule llm_keyinfo_shard:
     log:
         logfile("llm_keyinfo_shard{shard}"),
     conda:
-        "../envs/core.yaml"
+        llm_conda_env(config["llm"]["keyinfo"]["endpoint"])
     resources:
         llm_endpoint=1,
     params:
@@ -100,6 +100,9 @@ rule llm_keyinfo_merge:
         logfile("llm_keyinfo_merge"),
     conda:
         "../envs/core.yaml"
+    resources:
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(60),
     params:
         py=PY,
     shell:
@@ -125,7 +128,7 @@ rule llm_followup:
     log:
         logfile("llm_followup_round{round}"),
     conda:
-        "../envs/core.yaml"
+        llm_conda_env(config["llm"]["followup"]["endpoint"])
     resources:
         llm_endpoint=1,
     params:

@@ -7,6 +7,9 @@ rule release_vqa:
         default=rules.vqa.output.questions,
     output:
         card=out("release", "medical_cxr_vqa", "README.md"),
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
         py=PY,
         spec="medical_cxr_vqa",
@@ -32,6 +35,9 @@ rule release_rg4:
         mw=rules.rg4.output.mw,
     output:
         card=out("release", "mimic_rg4", "README.md"),
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
         py=PY,
         spec="mimic_rg4",

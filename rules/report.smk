@@ -40,6 +40,9 @@ rule report_figures:
             caption="../workflow/report_captions/rg4.rst",
             category="4. MIMIC-RG4",
         ),
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
         py=PY,
         stages=report_stage_args,
@@ -74,6 +77,9 @@ if config["llm"]["backend"] == "llm":
                 caption="../workflow/report_captions/llm.rst",
                 category="5. LLM usage",
             ),
+        resources:
+            mem_mb=per_attempt(2000),
+            runtime=per_attempt(30),
         params:
             py=PY,
             outdir=first_output_dir,

@@ -6,7 +6,7 @@ rule rg4:
         studies=rules.ingest.output.studies,
         images=rules.ingest.output.images,
         sections=rules.sections.output.sections,
-        rewrite_rules="libs/rg4_rules.yaml",
+        rewrite_rules=packaged("libs", "rg4_rules.yaml"),
     output:
         sn=out("rg4", "rg4_sn.parquet"),
         sw=out("rg4", "rg4_sw.parquet"),
@@ -22,9 +22,11 @@ rule rg4:
     log:
         logfile("rg4"),
     conda:
-        "../envs/core.yaml"
+        rg4_conda_env()
     threads: 2
     resources:
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(60),
         llm_endpoint=1,  # with rewriter: llm, one LLM stage at a time talks to the endpoint
     params:
         py=PY,

@@ -12,10 +12,13 @@ rule sections:
     # Two reader/parser processes: 2.3 s instead of 3.4 s for 227k studies when both cores are free
     # (bench/RESULTS.md, "## Sections"); Snakemake scales this down when fewer cores are given.
     threads: 2
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
         python=PY,
     shell:
-        "{params.python:q} -m workflow.sections --studies {input.studies:q} --sections {output.sections:q}"
+        "{params.python} -m workflow.sections --studies {input.studies:q} --sections {output.sections:q}"
         " --mit-csv {output.mit_csv:q} --rejects {output.rejects:q} --workers {threads} 2> {log:q}"
 
 

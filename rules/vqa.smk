@@ -9,8 +9,8 @@ rule vqa:
         studies=rules.ingest.output.studies,
         keyinfo_studies=rules.keyinfo_studies.output.studies,
         templates=VQA_TEMPLATES,
-        vocabulary="libs/vocabulary.yaml",
-        levels="libs/levels.csv",
+        vocabulary=packaged("libs", "vocabulary.yaml"),
+        levels=packaged("libs", "levels.csv"),
     output:
         questions=out("vqa", "questions.parquet"),
         csv=out("vqa", "questions.csv"),
@@ -22,6 +22,9 @@ rule vqa:
         logfile("vqa"),
     conda:
         "../envs/core.yaml"
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
         py=PY,
         style=config["vqa"]["style"],

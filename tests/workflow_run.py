@@ -1,7 +1,8 @@
 """Run the repository's Snakefile in a scratch working directory, so tests never write into the repo.
 
-The rules name `libs/`, `prompts/`, `envs/`, `data/` and `profiles/` relative to the working directory, so
-those are linked in; `config.yaml` is copied and an optional `override.yaml` layered on top of it.
+`libs/`, `prompts/`, `envs/`, `data/` and `profiles/` are linked in so tests and their overrides can name
+them relatively (the workflow itself finds them next to its Snakefile: tests/test_deployment.py runs it from
+a bare directory); `config.yaml` is copied and an optional `override.yaml` layered on top of it.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ The schema rejects unknown keys, misspelt fields and empty strings; this module 
 file system or crosses sections: configured files that must exist, an output folder that would be
 the working directory itself, and LLM stages naming an endpoint that is not configured. Every error
 names the config key. Run from rules/common.smk right after ``validate``, in the working directory
-Snakemake runs in (paths are relative to it).
+Snakemake runs in (paths are relative to it, or else to the workflow's own folder).
 """
 
 from __future__ import annotations
@@ -32,13 +32,16 @@ def _get(config: dict, path: tuple[str, ...]):
     return value
 
 
-def problems(config: dict, cwd: str | Path = ".") -> list[str]:
-    """Every problem found, one message per key."""
+def problems(config: dict, cwd: str | Path = ".", shipped: str | Path | None = None) -> list[str]:
+    """Every problem found, one message per key. A relative file path is looked up in ``cwd`` and then in
+    ``shipped`` (the workflow's own folder: the defaults name files the workflow ships, rules/common.smk
+    ``config_path``)."""
     cwd = Path(cwd)
     found = []
     for path, what in FILE_KEYS:
         value = _get(config, path)
-        if value is not None and not (cwd / value).is_file():
+        exists = value is not None and ((cwd / value).is_file() or (shipped is not None and (Path(shipped) / value).is_file()))
+        if value is not None and not exists:
             found.append(f"`{'.'.join(path)}` points to {value!r} ({what}), which is not a file")
     outdir = config.get("outdir")
     if isinstance(outdir, str) and outdir.strip() and (cwd / outdir).resolve() == cwd.resolve():
@@ -61,8 +64,8 @@ def problems(config: dict, cwd: str | Path = ".") -> list[str]:
     return found
 
 
-def check(config: dict, cwd: str | Path = ".") -> None:
+def check(config: dict, cwd: str | Path = ".", shipped: str | Path | None = None) -> None:
     """Raise :class:`ConfigError` listing every problem (nothing when the configuration is fine)."""
-    found = problems(config, cwd)
+    found = problems(config, cwd, shipped)
     if found:
         raise ConfigError("config: " + "; ".join(found))

@@ -131,8 +131,10 @@ def export_arguments(settings: dict, adapter_dir: Path, merged_dir: Path) -> dic
 def launch_environment(settings: dict, gpus: int, cli_path: str) -> dict[str, str]:
     """Environment for ``llamafactory-cli``: torchrun variables for multi-GPU / multi-node runs."""
     env = dict(os.environ)
-    # LLaMA-Factory's launcher calls `torchrun` by name: it must be found next to the configured CLI.
-    env["PATH"] = f"{Path(cli_path).parent}{os.pathsep}{env.get('PATH', '')}"
+    # LLaMA-Factory's launcher calls `torchrun` by name: it must be found next to the configured CLI
+    # (a bare `llamafactory-cli`, as in a conda env, is looked up on PATH first).
+    cli_dir = Path(shutil.which(cli_path) or cli_path).parent
+    env["PATH"] = f"{cli_dir}{os.pathsep}{env.get('PATH', '')}"
     nodes = settings["nodes"]
     if gpus > 1 or nodes > 1:
         env["FORCE_TORCHRUN"] = "1"
