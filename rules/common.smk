@@ -92,7 +92,8 @@ def followup_previous(wildcards):
         "previous": llm_round_dir(prev, "findings.parquet"),
         "previous_asked": llm_round_dir(prev, "asked.parquet"),
         "previous_stats": llm_round_dir(prev, "stats.parquet"),
-        "previous_requests": llm_round_dir(prev, "requests.parquet"),
+        "previous_rejects": llm_round_dir(prev, "rejects.parquet"),
+        "keyinfo_requests": llm_round_dir(0, "requests.parquet"),
     }
 
 
@@ -159,7 +160,8 @@ def report_stages():
     Paths come from the stages' own rules (called at DAG time, when every rule module is loaded)."""
     studies, sections = rules.ingest.output.studies, rules.sections.output.sections
     keyinfo = (
-        ("keyinfo (llm)", sections, findings_table(), rules.llm_keyinfo_merge.output.rejects)
+        # the last round's rejects go with its findings: every study is in exactly one of them
+        ("keyinfo (llm)", sections, findings_table(), llm_round_dir(config["llm"]["followup"]["rounds"], "rejects.parquet"))
         if config["llm"]["backend"] == "llm"
         else ("keyinfo (rules)", sections, None, rules.keyinfo_rules.output.rejects)
     )

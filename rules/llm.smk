@@ -122,6 +122,7 @@ rule llm_followup:
         asked=out("llm", "followup", "round{round}", "asked.parquet"),
         stats=out("llm", "followup", "round{round}", "stats.parquet"),
         requests=out("llm", "followup", "round{round}", "requests.parquet"),
+        rejects=out("llm", "followup", "round{round}", "rejects.parquet"),
     log:
         logfile("llm_followup_round{round}"),
     conda:
@@ -137,8 +138,9 @@ rule llm_followup:
         " --round {wildcards.round} --sections {input.sections:q} --studies {input.studies:q}"
         " --rules-findings {input.rules_findings:q} --previous {input.previous:q}"
         " --previous-asked {input.previous_asked:q} --previous-stats {input.previous_stats:q}"
-        " --previous-requests {input.previous_requests:q} --findings {output.findings:q}"
-        " --asked {output.asked:q} --stats {output.stats:q} --requests {output.requests:q} 2> {log:q}"
+        " --keyinfo-requests {input.keyinfo_requests:q} --previous-rejects {input.previous_rejects:q}"
+        " --findings {output.findings:q} --asked {output.asked:q} --stats {output.stats:q}"
+        " --requests {output.requests:q} --rejects {output.rejects:q} 2> {log:q}"
 
 
 ALL_TARGETS += llm_targets()

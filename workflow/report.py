@@ -150,8 +150,14 @@ def plot_rg4(counts_path: str | Path, stats_path: str | Path, png: str | Path) -
 
 
 def llm_usage(requests_paths: list[str | Path]) -> pd.DataFrame:
-    """Requests, tokens, cost and failures per LLM stage (LLM_REQUESTS tables)."""
+    """Requests, tokens, cost and failures per LLM stage (LLM_REQUESTS tables, in run order).
+
+    One row per distinct request: a request key that several studies share (identical reports) or that
+    an earlier stage already asked (same model, same prompt) was sent once and is counted once, at the
+    first stage that asked it. Requests never sent (``not_sent``) are counted but cost nothing.
+    """
     frame = pd.concat([pq.read_table(p).to_pandas() for p in requests_paths], ignore_index=True)
+    frame = frame.drop_duplicates("request_key", keep="first")
     frame["stage"] = frame["stage"] + frame["round"].map(lambda r: "" if pd.isna(r) else f" r{int(r)}")
     grouped = frame.groupby("stage", sort=False)
     return pd.DataFrame(
@@ -162,7 +168,7 @@ def llm_usage(requests_paths: list[str | Path]) -> pd.DataFrame:
             "unusable_answers": grouped["parse_error"].apply(lambda s: int(s.notna().sum())),
             "prompt_tokens": grouped["prompt_tokens"].sum(),
             "completion_tokens": grouped["completion_tokens"].sum(),
-            "cost_usd": grouped["cost_usd"].sum().round(4),
+            "cost_usd": grouped["cost_usd"].sum().round(6),
         }
     ).reset_index()
 

@@ -18,7 +18,7 @@ import pandas as pd
 import pyarrow as pa
 
 from workflow import cli
-from workflow.contract import FINDINGS, LLM_FOLLOWUP_STATS, LLM_REQUESTS
+from workflow.contract import FINDINGS, LLM_FOLLOWUP_STATS, REJECTS
 from workflow.llm import accounting, build_request
 from workflow.llm.answers import FOLLOWUP_SCHEMA
 from workflow.llm.findings import (
@@ -36,6 +36,7 @@ from workflow.llm.stages import (
     request_rows,
     stage_params,
     write_estimate,
+    write_requests,
 )
 from workflow.tables import read_table, summary, write_table
 
@@ -82,6 +83,27 @@ def _signature(df: pd.DataFrame) -> set:
     }
 
 
+def round_rejects(
+    previous_rejects: pd.DataFrame, previous: pd.DataFrame, merged: pd.DataFrame, round_: int
+) -> pd.DataFrame:
+    """The rejects that go with a round's findings: every study the chain has seen is in exactly one.
+
+    Earlier rejects stay unless a follow-up answer gave the study findings; a study whose rows all went
+    away in this round is recorded too."""
+    kept = set(merged["study_id"])
+    carried = previous_rejects[~previous_rejects["study_id"].isin(kept)]
+    lost = sorted(set(previous["study_id"]) - kept)
+    new = pd.DataFrame(
+        {
+            "study_id": pd.Series(lost, dtype="int64"),
+            "stage": "llm_followup",
+            "reason": "llm_no_findings",
+            "detail": f"follow-up round {round_} left no findings",
+        }
+    )
+    return pd.concat([carried, new], ignore_index=True)[list(REJECTS.names)]
+
+
 def run_round(args, config) -> None:
     round_ = int(args.round)
     fcfg = config["llm"]["followup"]
@@ -89,10 +111,11 @@ def run_round(args, config) -> None:
     previous = read_table(args.previous).to_pandas()
     prev_stats = read_table(args.previous_stats).to_pylist()
     asked = read_table(args.previous_asked).to_pandas()
-    prev_requests = read_table(args.previous_requests).to_pandas()
+    # Who answered the bulk extraction (round 0); each round's requests.parquet holds only its own requests.
+    keyinfo_requests = read_table(args.keyinfo_requests).to_pandas()
     rules = read_table(args.rules_findings).to_pandas()
     studies = load_studies(args.sections, args.studies).set_index("study_id", drop=False)
-    first = prev_requests[(prev_requests["stage"] != "followup") & (prev_requests["status"] == "completed")]
+    first = keyinfo_requests[keyinfo_requests["status"] == "completed"]
     answered_ids = set(first.loc[first["parse_error"].isna(), "study_id"])
 
     converged_before = bool(prev_stats and prev_stats[-1]["converged"])
@@ -168,12 +191,13 @@ def run_round(args, config) -> None:
             "converged": len(requests) == 0 or changed == 0,
         }
     ]
+    rejects = round_rejects(read_table(args.previous_rejects).to_pandas(), previous, merged, round_)
     write_table(pa.Table.from_pandas(merged, schema=FINDINGS, preserve_index=False), args.findings, FINDINGS)
+    write_table(pa.Table.from_pandas(rejects, schema=REJECTS, preserve_index=False), args.rejects, REJECTS)
     write_table(pa.Table.from_pandas(all_asked, schema=ASKED, preserve_index=False), args.asked, ASKED)
     write_table(pa.Table.from_pylist(stats, schema=LLM_FOLLOWUP_STATS), args.stats, LLM_FOLLOWUP_STATS)
-    new_requests = pa.Table.from_pylist(request_rows(answers, "followup", round_, cfg), schema=LLM_REQUESTS)
-    all_requests = pa.concat_tables([read_table(args.previous_requests).cast(LLM_REQUESTS), new_requests])
-    write_table(all_requests, args.requests, LLM_REQUESTS)
+    # This round's requests only, once each: the report adds the rounds up.
+    write_requests(request_rows(answers, "followup", round_, cfg), args.requests)
     log.info(
         "followup round %d: %d missed, %d disagreements, %d asked, %d answered, %d changed%s",
         round_,
@@ -184,7 +208,8 @@ def run_round(args, config) -> None:
         changed,
         " (fixpoint)" if stats[-1]["converged"] else "",
     )
-    summary(f"llm_followup round {round_}", len(answered_ids), len(answered_ids), 0)
+    n_out = merged["study_id"].nunique()
+    summary(f"llm_followup round {round_}", n_out + rejects["study_id"].nunique(), n_out, len(rejects))
 
 
 def main(argv=None) -> None:
@@ -198,11 +223,13 @@ def main(argv=None) -> None:
         "previous",
         "previous-asked",
         "previous-stats",
-        "previous-requests",
+        "keyinfo-requests",
+        "previous-rejects",
         "findings",
         "asked",
         "stats",
         "requests",
+        "rejects",
     ):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--estimate")

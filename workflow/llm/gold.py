@@ -26,6 +26,7 @@ from workflow.llm.stages import (
     add_common_args,
     ask,
     load_studies,
+    no_findings_reason,
     reject_reason,
     request_rows,
     stage_params,
@@ -134,9 +135,12 @@ def main(argv=None) -> None:
             if a.items is None:
                 rejects.add(sid, *reject_reason(a))
                 continue
-            rows += standardise_answer(
+            new = standardise_answer(
                 a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key
             )
+            if not new:  # a valid answer ("nothing found") that leaves no findings row: say so
+                rejects.add(sid, *no_findings_reason(a.items))
+            rows += new
             sft.write(
                 json.dumps(
                     {

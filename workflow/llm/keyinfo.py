@@ -29,6 +29,7 @@ from workflow.llm.stages import (
     add_common_args,
     ask,
     load_studies,
+    no_findings_reason,
     reject_reason,
     request_rows,
     stage_params,
@@ -79,9 +80,12 @@ def run_shard(args, config) -> None:
         if a.items is None:
             rejects.add(sid, *reject_reason(a))
             continue
-        rows += standardise_answer(
+        new = standardise_answer(
             a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key, audit=audit
         )
+        if not new:  # answered, nothing found: recorded, so every study is in the output or in rejects
+            rejects.add(sid, *no_findings_reason(a.items))
+        rows += new
     write_audit(audit, args.audit)
     write_table(
         pa.Table.from_pandas(findings_frame(rows), schema=FINDINGS, preserve_index=False),
@@ -136,8 +140,9 @@ def merge(args) -> None:
         "converged": False,
     }
     write_table(pa.Table.from_pylist([stats], schema=LLM_FOLLOWUP_STATS), args.stats, LLM_FOLLOWUP_STATS)
-    n_in = len(answered) + rejects.num_rows
-    summary("llm_keyinfo merge", n_in, len(answered), rejects.num_rows)
+    n_out = len(set(findings.column("study_id").to_pylist()))
+    n_rejected = len(set(rejects.column("study_id").to_pylist()))
+    summary("llm_keyinfo merge", n_out + n_rejected, n_out, n_rejected)
 
 
 def main(argv=None) -> None:

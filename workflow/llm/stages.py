@@ -129,6 +129,13 @@ def reject_reason(a: Answer) -> tuple[str, str]:
     return "llm_unusable_answer", a.parse_error or ""
 
 
+def no_findings_reason(items: list[dict]) -> tuple[str, str]:
+    """Why a usable answer left a study without findings rows (a recorded outcome, not an error)."""
+    if not items:
+        return "llm_no_findings", "the model's answer lists no findings"
+    return "llm_findings_dropped", f"standardisation kept none of the {len(items)} answer items"
+
+
 def write_estimate(est: accounting.Estimate, path: str | Path | None) -> None:
     print(est.line())
     if path:
