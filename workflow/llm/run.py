@@ -50,6 +50,7 @@ CLIENT_DEFAULTS = {
     "backoff_initial_s": 1.0,
     "backoff_max_s": 60.0,
     "max_consecutive_failures": 50,
+    "probe_timeout_s": 10.0,
 }
 BATCH_DEFAULTS = {
     "poll_interval_s": 30.0,
@@ -517,6 +518,9 @@ def run_requests(
         pending_set = set(pending_keys)
         pending = [r for r in {r.key: r for r in requests}.values() if r.key in pending_set]
         if pending:
+            from workflow.llm.probe import probe  # (imports this module)
+
+            probe(cfg)  # seconds, not minutes of retries, when the URL or key is wrong
             if executor == "openai":
                 asyncio.run(_run_openai_async(iter(pending), len(pending), cfg, cache, stats))
             elif executor == "batch":
