@@ -81,6 +81,22 @@ def _llm_endpoint_envvars():
 LLM_ENVVARS = _llm_endpoint_envvars()
 
 
+def llm_resources(*endpoints):
+    """`llm_<endpoint>: 1` for each endpoint a rule's job talks to (none for a rule that asks no LLM).
+
+    Jobs on different endpoints run side by side; the profiles cap the jobs per endpoint (an endpoint
+    the profile does not name is uncapped). An endpoint with the offline `vllm` executor is no shared
+    server (each job runs its own engine), so it takes no resource."""
+    import re
+
+    names = {e for e in endpoints if e}
+    return {
+        "llm_" + re.sub(r"\W", "_", e): 1
+        for e in sorted(names)
+        if config["llm"]["endpoints"].get(e, {}).get("executor", "openai") != "vllm"
+    }
+
+
 def llm_round_dir(round_, name):
     return out("llm", "followup", f"round{round_}", name)
 

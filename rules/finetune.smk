@@ -97,7 +97,7 @@ rule finetune_eval:
     conda:
         "../envs/core.yaml"
     resources:
-        llm_endpoint=1,
+        **llm_resources(config["finetune"]["endpoint"]),
     params:
         python=PY,
         config=llm_config_json,

@@ -27,7 +27,7 @@ rule llm_gold:
     conda:
         "../envs/core.yaml"
     resources:
-        llm_endpoint=1,
+        **llm_resources(config["llm"]["gold"]["endpoint"]),
     params:
         py=PY,
         config=llm_config_json,
@@ -54,7 +54,7 @@ rule llm_keyinfo_shard:
     conda:
         "../envs/core.yaml"
     resources:
-        llm_endpoint=1,
+        **llm_resources(config["llm"]["keyinfo"]["endpoint"]),
     params:
         py=PY,
         config=llm_config_json,
@@ -128,7 +128,7 @@ rule llm_followup:
     conda:
         "../envs/core.yaml"
     resources:
-        llm_endpoint=1,
+        **llm_resources(config["llm"]["followup"]["endpoint"]),
     params:
         py=PY,
         config=llm_config_json,

@@ -25,7 +25,8 @@ rule rg4:
         "../envs/core.yaml"
     threads: 2
     resources:
-        llm_endpoint=1,  # with rewriter: llm, one LLM stage at a time talks to the endpoint
+        # the rules rewriter asks no LLM: no endpoint resource, rg4 runs beside the LLM stages
+        **llm_resources(config["rg4"]["llm"]["endpoint"] if config["rg4"]["rewriter"] == "llm" else None),
     params:
         py=PY,
         rewriter=config["rg4"]["rewriter"],

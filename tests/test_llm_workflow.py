@@ -166,3 +166,51 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
     logs = "".join(p.read_text() for p in (workdir / "logs").glob("llm_*.log"))
     assert logs and not any(s in logs for s in snippets)
     assert re.search(r"llm_gold: \d+ studies in", logs)
+
+
+def job_resources(stdout: str) -> dict[str, set[str]]:
+    """rule -> the `llm_*` resources its jobs take, from a dry run's job listing."""
+    out: dict[str, set[str]] = {}
+    for block in re.split(r"\n(?=rule \w+:)", stdout):
+        name = re.match(r"rule (\w+):", block)
+        if not name:
+            continue
+        res = re.search(r"^\s+resources: (.*)$", block, re.M)
+        taken = {kv.split("=")[0] for kv in res.group(1).split(", ")} if res else set()
+        out.setdefault(name.group(1), set()).update(t for t in taken if t.startswith("llm_"))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ({}, {"llm_gold": {"llm_teacher"}, "llm_keyinfo_shard": {"llm_student"}, "llm_followup": {"llm_student"},
+              "llm_keyinfo_merge": set(), "rg4": set(), "ingest": set()}),
+        ({"rg4": {"rewriter": "llm", "llm": {"endpoint": "teacher"}}}, {"rg4": {"llm_teacher"}}),
+        # an offline vLLM student is no shared server: its shards take nothing and run side by side
+        ({"llm": {"endpoints": {"student": {"kind": "openai", "model": "student", "executor": "vllm"}},
+                  "vllm": {"command": ["true"]}}},
+         {"llm_keyinfo_shard": set(), "llm_followup": set(), "llm_gold": {"llm_teacher"}}),
+    ],
+)
+def test_each_llm_job_takes_only_its_endpoints_resource(tmp_path, override, expected):
+    from workflow_run import demo_corpus as demo_section
+    from workflow_run import prepare_workdir, run_snakemake
+
+    base = {"corpus": demo_section(demo_corpus(tmp_path)), "outdir": "results", "finetune": {"enabled": False},
+            "llm": {"backend": "llm", "endpoints": {"teacher": {
+                "kind": "azure", "azure_endpoint": "https://r.openai.azure.com", "model": "gpt-4o",
+                "api_key_env": "CXR_TEST_AZURE_KEY"}}}}
+    for key, value in override.items():
+        base[key] = {**base.get(key, {}), **value} if key != "llm" else {
+            **base["llm"], **value, "endpoints": {**base["llm"]["endpoints"], **value.get("endpoints", {})}}
+    workdir = prepare_workdir(tmp_path / "run", base)
+    run = run_snakemake(workdir, "-n", "--cores", "2", env={**os.environ, "CXR_TEST_AZURE_KEY": "k"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    taken = job_resources(run.stdout)
+    for rule, resources in expected.items():
+        assert taken[rule] == resources, (rule, taken)
+    # every endpoint resource a job takes is capped in both profiles
+    for profile in ("default", "slurm"):
+        caps = yaml.safe_load((ROOT / "profiles" / profile / "config.yaml").read_text())["resources"]
+        assert set().union(*taken.values()) <= set(caps), profile
