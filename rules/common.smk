@@ -89,12 +89,9 @@ def llm_resources(*endpoints):
     server (each job runs its own engine), so it takes no resource."""
     import re
 
-    names = {e for e in endpoints if e}
-    return {
-        "llm_" + re.sub(r"\W", "_", e): 1
-        for e in sorted(names)
-        if config["llm"]["endpoints"].get(e, {}).get("executor", "openai") != "vllm"
-    }
+    served = [e for e in sorted({e for e in endpoints if e})
+              if config["llm"]["endpoints"].get(e, {}).get("executor", "openai") != "vllm"]
+    return {"llm_{}".format(re.sub(r"\W", "_", e)): 1 for e in served}
 
 
 def llm_round_dir(round_, name):
