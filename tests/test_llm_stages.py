@@ -291,3 +291,64 @@ def test_estimate_prices_every_stage_before_sending(tables, tmp_path):
                                                  + gold.completion_tokens * prices["output"]) / 1e6)  # batch: half
     assert isinstance(bulk, str) and bulk.startswith("REFUSED")  # MIMIC on the public OpenAI API
     assert rows["followup (per 1,000)"].startswith("REFUSED")  # same endpoint, same guard
+
+
+def test_estimate_is_what_the_run_then_sends_request_for_request(tables, tmp_path, monkeypatch, capsys):
+    from openai_server import messages_hash
+
+    from workflow.llm import estimate
+
+    workdir = tmp_path / "work"  # the README recipe: config.yaml in the working directory, one overlay
+    workdir.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    (workdir / "config.yaml").write_text((root / "config.yaml").read_text())
+    monkeypatch.chdir(workdir)
+    results = tmp_path / "results"
+    with LoopbackOpenAI() as srv:
+        ep = {"kind": "openai", "base_url": srv.base_url, "api_key_env": None, "executor": "openai"}
+        (workdir / "mine.yaml").write_text(json.dumps({
+            "outdir": str(results),
+            "llm": {"backend": "llm", "endpoints": {"teacher": {**ep, "model": "gpt-4o"},
+                                                    "student": {**ep, "model": "student", "adapter": "lora-v1"}},
+                    "gold": {"n": 8}}}))
+        # Nothing built yet: the estimate names what to build first instead of a traceback.
+        with pytest.raises(SystemExit):
+            estimate.main(["--configfile", "mine.yaml"])
+        err = capsys.readouterr().err
+        assert "snakemake --cores 2 " in err and str(results / "sections" / "sections.parquet") in err
+        for folder in ("sections", "ingest", "keyinfo/rules"):
+            (results / folder).mkdir(parents=True)
+        (results / "sections" / "sections.parquet").write_bytes(tables["sections"].read_bytes())
+        (results / "ingest" / "studies.parquet").write_bytes(tables["studies"].read_bytes())
+        (results / "keyinfo" / "rules" / "findings.parquet").write_bytes(tables["rules"].read_bytes())
+
+        config = estimate.load_config(["mine.yaml"])  # config.yaml + overlay, like snakemake
+        assert config["llm"]["prices"]["gpt-4o"]["input"] == 2.5 and config["llm"]["keyinfo"]["shards"] == 2
+        estimate.main(["--configfile", "mine.yaml", "--keys", str(tmp_path / "keys.txt")])
+        printed = capsys.readouterr().out
+        assert "[gpt-4o] estimate: 8 requests, 0 cached, 8 to send" in printed and "~$0.00" not in printed.split("\n")[0]
+        planned = estimate.planned_requests(config, *(results / p for p in (
+            "sections/sections.parquet", "ingest/studies.parquet", "keyinfo/rules/findings.parquet")))
+        assert (tmp_path / "keys.txt").read_text().split() == [r.key for s in ("gold", "keyinfo") for r in planned[s]]
+
+        # The run, as the rules call it: the config the rules pass, the cache the rules use.
+        cfg = json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]})
+        out = results / "llm"
+        assert estimate.cache_path(config) == str(out / "cache.sqlite")  # the cache the stages use below
+        run_gold(cfg, tables, out)
+        assert {messages_hash(r.messages) for r in planned["gold"]} == set(srv.by_hash())
+        # After gold: the estimate sees gold cached and every bulk request still to send.
+        rows = dict(estimate.estimates(config, tables["sections"], tables["studies"], tables["rules"]))
+        assert (rows["gold"].cached, rows["gold"].to_send) == (8, 0)
+        to_send = rows["keyinfo"].to_send
+        run_keyinfo(cfg, tables, out, shards=1)
+        # Keyinfo's shard 0 is cached now (the student's adapter is part of its keys): nothing left to send.
+        rows = dict(estimate.estimates(config, tables["sections"], tables["studies"], tables["rules"]))
+        assert rows["keyinfo"].to_send == 0 and rows["keyinfo"].cached == to_send
+        sent = srv.count()
+    assert sent == 8 + to_send == 8 + 24
+    requests = read_table(out / "shard0" / "requests.parquet").to_pandas()
+    assert list(requests["request_key"]) == [r.key for r in planned["keyinfo"]]
+    assert (requests["adapter"] == "lora-v1").all()
+    gold_rows = read_table(out / "gold" / "requests.parquet").to_pandas()
+    assert list(gold_rows["request_key"]) == [r.key for r in planned["gold"]]

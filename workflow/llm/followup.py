@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from workflow import cli
 from workflow.contract import FINDINGS, LLM_FOLLOWUP_STATS, REJECTS
-from workflow.llm import accounting, build_request
+from workflow.llm import accounting
 from workflow.llm.answers import FOLLOWUP_SCHEMA
 from workflow.llm.findings import (
     answer_json,
@@ -35,6 +35,7 @@ from workflow.llm.stages import (
     load_studies,
     request_rows,
     stage_params,
+    stage_request,
     write_estimate,
     write_requests,
 )
@@ -74,6 +75,21 @@ def followup_targets(
         targets = targets.merge(done, on=["study_id", "name"], how="left")
         targets = targets[targets["_asked"].isna()].drop(columns="_asked")
     return targets.sort_values(["study_id", "name"]).reset_index(drop=True)
+
+
+def followup_request(row: dict, previous_answer: str, finding: str, reason: str, cfg: dict, params: dict):
+    """One follow-up question (the stage and the estimate both build them here)."""
+    return stage_request(
+        TEMPLATE,
+        FOLLOWUP_SCHEMA,
+        cfg,
+        params,
+        {"study_id": int(row["study_id"]), "finding": finding, "reason": reason},
+        report=report_text(row),
+        previous=previous_answer,
+        finding=finding,
+        reason=reason,
+    )
 
 
 def _signature(df: pd.DataFrame) -> set:
@@ -130,20 +146,7 @@ def run_round(args, config) -> None:
     for t in targets.itertuples(index=False):
         row = studies.loc[t.study_id].to_dict()
         current = by_study.get(t.study_id, previous.head(0))
-        requests.append(
-            build_request(
-                TEMPLATE,
-                cfg["model"],
-                params,
-                FOLLOWUP_SCHEMA,
-                adapter=cfg.get("adapter"),
-                meta={"study_id": int(t.study_id), "finding": t.name, "reason": t.reason},
-                report=report_text(row),
-                previous=answer_json(current, row),
-                finding=t.name,
-                reason=t.reason,
-            )
-        )
+        requests.append(followup_request(row, answer_json(current, row), t.name, t.reason, cfg, params))
     answers = ask(requests, cfg, args.cache, dry_run=args.dry_run) if requests else []
     if isinstance(answers, accounting.Estimate):
         write_estimate(answers, args.estimate)

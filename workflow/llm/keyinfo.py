@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from workflow import cli
 from workflow.contract import AUDIT, FINDINGS, LLM_FOLLOWUP_STATS, LLM_REQUESTS, REJECTS, UNKNOWN_TERMS
-from workflow.llm import accounting, build_request
+from workflow.llm import accounting
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import (
     findings_frame,
@@ -33,6 +33,7 @@ from workflow.llm.stages import (
     reject_reason,
     request_rows,
     stage_params,
+    stage_request,
     write_estimate,
     write_requests,
 )
@@ -50,17 +51,8 @@ def shard_requests(studies: pd.DataFrame, shard: int, shards: int, cfg: dict, pa
         if text is None:
             rejects.add(int(row["study_id"]), "no_findings_or_impression", "nothing to send to the LLM")
             continue
-        requests.append(
-            build_request(
-                TEMPLATE,
-                cfg["model"],
-                params,
-                FINDINGS_SCHEMA,
-                adapter=cfg.get("adapter"),
-                meta={"study_id": int(row["study_id"])},
-                report=text,
-            )
-        )
+        requests.append(stage_request(TEMPLATE, FINDINGS_SCHEMA, cfg, params, {"study_id": int(row["study_id"])},
+                                      report=text))
     return part, requests
 
 

@@ -14,7 +14,7 @@ from workflow.contract import LLM_REQUESTS
 from workflow.llm import accounting
 from workflow.llm.answers import extract_json, findings_of
 from workflow.llm.cache import Result
-from workflow.llm.request import Request
+from workflow.llm.request import Request, build_request
 from workflow.llm.run import load_executor_config, run_requests
 from workflow.tables import read_table, write_table
 
@@ -42,6 +42,12 @@ def stage_params(config: dict, stage: str) -> tuple[dict, dict]:
     stage_cfg = config["llm"][stage]
     params = {"temperature": stage_cfg.get("temperature", 0), "max_tokens": stage_cfg.get("max_tokens", 1500)}
     return cfg, params
+
+
+def stage_request(template: str, schema: dict, cfg: dict, params: dict, meta: dict, **variables) -> Request:
+    """The one way every LLM stage (and the estimate) builds a request: the stage endpoint's model and
+    adapter (the adapter is part of the key), the stage's parameters, the answer schema."""
+    return build_request(template, cfg["model"], params, schema, adapter=cfg.get("adapter"), meta=meta, **variables)
 
 
 class PendingRequestsError(RuntimeError):
