@@ -62,7 +62,62 @@ def llm_config_json(wildcards=None):
     """What the LLM modules read: the guard flag and the llm section (keys are env var NAMES only)."""
     import json
 
-    return json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]})
+    return json.dumps(
+        {"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]}, sort_keys=True
+    )
+
+
+LLM_STAGES = ("gold", "keyinfo", "followup")
+
+
+def llm_stage_settings(stage):
+    """Everything one LLM stage reads (its section, its endpoint, client, batch, prices, guard flags)."""
+    llm = config["llm"]
+    name = llm[stage]["endpoint"]
+    shared = ("allow_public_endpoint", "max_cost_usd", "client", "batch", "vllm", "prices", "cache")
+    return {
+        "corpus": {"credentialed": config["corpus"]["credentialed"]},
+        "llm": {**{k: llm[k] for k in shared}, stage: llm[stage], "endpoints": {name: llm["endpoints"].get(name)}},
+    }
+
+
+def llm_settings_file(stage):
+    """The stage's settings as a file (the command line names the file, not a page of JSON)."""
+    return out("llm", "settings", f"{stage}.json")
+
+
+def write_llm_settings():
+    """Write every LLM stage's settings file (onstart: before any job, also on a cluster's head node)."""
+    import json
+
+    if config["llm"]["backend"] != "llm":
+        return
+    for stage in LLM_STAGES:
+        path = Path(llm_settings_file(stage))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(llm_stage_settings(stage), sort_keys=True, indent=1))
+
+
+def llm_stage_identity(stage):
+    """What changes a stage's outputs, in canonical form: the rule's re-run trigger. URLs, keys, client
+    limits and the budget change how requests travel, not what comes back: they re-run nothing."""
+    import json
+
+    llm = config["llm"]
+    endpoint = llm["endpoints"].get(llm[stage]["endpoint"]) or {}
+    model = endpoint.get("model") or ""
+    executor = endpoint.get("executor", "openai")
+    return json.dumps(
+        {
+            "stage": llm[stage],
+            "model": model,
+            "adapter": endpoint.get("adapter"),
+            "executor": executor,
+            "prices": {m: p for m, p in llm["prices"].items() if model.startswith(m)},
+            "batch_discount": llm["batch"]["discount"] if executor == "batch" else None,
+        },
+        sort_keys=True,
+    )
 
 
 def llm_cache(wildcards=None):
@@ -234,4 +289,4 @@ def effective_config(wildcards=None):
     """The run's configuration after defaults and overrides, as JSON (quoted in dataset cards)."""
     import json
 
-    return json.dumps(config)
+    return json.dumps(config, sort_keys=True)  # canonical: key order of the override files re-runs nothing

@@ -138,6 +138,43 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
         assert forced.returncode == 0, forced.stderr[-4000:]
         assert srv.count() == sent
 
+        # Re-runs triggered by nothing: the same values in another key order, a repeated default, other
+        # client limits (they change how requests travel, not what comes back).
+        def with_override(name, values):
+            (workdir / name).write_text(yaml.safe_dump(values, sort_keys=False))
+            return [name if a == "override.yaml" else a for a in argv]
+
+        same = {k: override[k] for k in reversed(list(override))}
+        same["llm"] = {k: same["llm"][k] for k in reversed(list(same["llm"]))}
+        same["llm"]["client"] = {**same["llm"]["client"], "concurrency": 3}
+        same["llm"]["keyinfo"] = {**same["llm"]["keyinfo"], "temperature": 0}  # the default, repeated
+        dry = subprocess.run(with_override("same.yaml", same) + ["-n"], cwd=workdir, env=env, capture_output=True,
+                             text=True, timeout=600)
+        assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
+
+        # A change of what the follow-ups send re-runs the follow-ups only; with nothing listening at the
+        # student's URL the job fails at once, naming the URL and the config key, without printing the config.
+        import socket
+
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            closed = sock.getsockname()[1]
+        changed = yaml.safe_load(yaml.safe_dump(override))
+        changed["llm"]["followup"]["max_tokens"] = 333
+        changed["llm"]["endpoints"]["student"]["base_url"] = f"http://127.0.0.1:{closed}/v1"
+        dry = subprocess.run(with_override("changed.yaml", changed) + ["-n"], cwd=workdir, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert "llm_followup" in dry.stdout and "llm_gold" not in dry.stdout and "llm_keyinfo" not in dry.stdout
+        dead = subprocess.run(with_override("changed.yaml", changed), cwd=workdir, env=env, capture_output=True,
+                              text=True, timeout=600)
+        shown = dead.stdout + dead.stderr
+        assert dead.returncode != 0 and f"127.0.0.1:{closed}/v1/models" in shown, shown[-4000:]
+        assert "llm.endpoints.student.base_url" in shown
+        assert "backoff_initial_s" not in shown  # the settings travel in a file, not on the command line
+        restored = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
+        assert restored.returncode == 0, restored.stderr[-4000:]
+        assert srv.count() == sent  # the failed job's outputs are rebuilt from the cache
+
         # Without the key in the environment the workflow refuses to start (envvars:).
         no_key = {k: v for k, v in env.items() if k != "CXR_TEST_AZURE_KEY"}
         refused = subprocess.run(argv, cwd=workdir, env=no_key, capture_output=True, text=True, timeout=600)

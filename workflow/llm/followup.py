@@ -11,7 +11,6 @@ with each round.
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pandas as pd
@@ -32,6 +31,7 @@ from workflow.llm.findings import (
 from workflow.llm.stages import (
     add_common_args,
     ask,
+    load_config,
     load_studies,
     request_rows,
     stage_params,
@@ -238,7 +238,7 @@ def main(argv=None) -> None:
     p.add_argument("--estimate")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
-    run_round(args, json.loads(args.config))
+    run_round(args, load_config(args.config))
 
 
 if __name__ == "__main__":

@@ -25,6 +25,7 @@ from workflow.llm.findings import findings_frame, report_text, standardise_answe
 from workflow.llm.stages import (
     add_common_args,
     ask,
+    load_config,
     load_studies,
     no_findings_reason,
     reject_reason,
@@ -118,7 +119,7 @@ def main(argv=None) -> None:
     p.add_argument("--estimate", help="write the dry-run estimate here (JSON)")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
-    config = json.loads(args.config)
+    config = load_config(args.config)
     gcfg = config["llm"]["gold"]
     cfg, params = stage_params(config, "gold")
 

@@ -7,7 +7,6 @@ cache), answers parsed and standardised. ``merge``: the shards become round 0 of
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pandas as pd
@@ -28,6 +27,7 @@ from workflow.llm.followup import ASKED, empty_asked, followup_targets
 from workflow.llm.stages import (
     add_common_args,
     ask,
+    load_config,
     load_studies,
     no_findings_reason,
     reject_reason,
@@ -159,7 +159,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
     if args.command == "shard":
-        run_shard(args, json.loads(args.config))
+        run_shard(args, load_config(args.config))
     else:
         merge(args)
 

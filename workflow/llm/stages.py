@@ -22,11 +22,23 @@ log = logging.getLogger(__name__)
 
 
 def add_common_args(p) -> None:
-    p.add_argument("--config", required=True, help="JSON of the workflow config (corpus + llm sections)")
+    p.add_argument(
+        "--config", required=True, help="the stage's settings (corpus + llm sections): a JSON file, or JSON text"
+    )
     p.add_argument("--cache", required=True, help="the response cache (SQLite)")
     p.add_argument(
         "--dry-run", action="store_true", help="print the estimate (requests, tokens, cost) and stop"
     )
+
+
+def load_config(value: str) -> dict:
+    """``--config``: a JSON file (what the rules pass) or JSON text (tests, one-off calls)."""
+    if value.lstrip().startswith("{"):
+        return json.loads(value)
+    try:
+        return json.loads(Path(value).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--config {value}: no such settings file (the workflow writes it when a run starts)") from None
 
 
 def load_studies(sections_path, studies_path) -> pd.DataFrame:
