@@ -241,6 +241,22 @@ def test_endpoint_is_probed_once_and_not_at_all_when_everything_is_cached(tmp_pa
     assert all(r.status == "completed" for r in results.values())
 
 
+def test_progress_lines_on_the_terminal_and_plain_lines_in_the_log(server, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = load_executor_config(config(server.base_url, progress_s=0), "keyinfo")
+    reqs = make_requests(reports(30))
+    run_requests(reqs[:10], cfg, tmp_path / "c.sqlite")
+    capsys.readouterr()
+    run_requests(reqs, cfg, tmp_path / "c.sqlite")
+    terminal = capsys.readouterr()
+    lines = terminal.out.splitlines()
+    assert lines[0] == "llm keyinfo: 20 requests to send (10 answered from the cache)"
+    assert "llm keyinfo: 20/20 (100%), 0 failed, 0 refused, 0 retries;" in lines[-1] and "$" in lines[-1]
+    assert len(lines) == 1 + 20 + 1  # progress_s: 0 = a line per answer, then the closing line
+    assert "\r" not in terminal.out + terminal.err + caplog.text  # no animation frames, in the log least of all
+    assert "llm keyinfo: 20/20 (100%)" in caplog.text
+
+
 def test_key_comes_from_the_environment_only(server, tmp_path, monkeypatch):
     cfg = config(server.base_url)
     cfg["llm"]["endpoints"]["e"]["api_key_env"] = "CXR_TEST_UNSET_KEY"
