@@ -9,7 +9,7 @@ from snakemake.utils import validate
 validate(config, "../config.schema.yaml")
 
 OUT = Path(config["outdir"])
-LOGS = Path("logs")
+LOGS = OUT / "logs"  # per outdir: two runs on two outdirs keep their own logs
 # The interpreter of the core environment: the one running Snakemake (the Makefile's venv).
 PY = sys.executable
 # Every module appends its final outputs here; `rule all` asks for them.

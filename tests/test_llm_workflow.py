@@ -125,6 +125,8 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
         env = {**os.environ, "CXR_TEST_AZURE_KEY": "test-key"}
         run = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-4000:]
+        # Progress on the terminal, one line per stage (not only in the logs)
+        assert re.search(r"llm keyinfo: \d+/\d+ \(100%\), \d+ failed", run.stdout + run.stderr), run.stdout[-3000:]
         sent = srv.count()
         azure_calls = len(srv.azure_calls)
 
@@ -200,7 +202,7 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
     # Report text stays out of the logs.
     sample_report = read_table(workdir / "results" / "sections" / "sections.parquet").column("findings")
     snippets = [t[:40] for t in sample_report.to_pylist() if t and len(t) > 40][:20]
-    logs = "".join(p.read_text() for p in (workdir / "logs").glob("llm_*.log"))
+    logs = "".join(p.read_text() for p in (workdir / "results" / "logs").glob("llm_*.log"))
     assert logs and not any(s in logs for s in snippets)
     assert re.search(r"llm_gold: \d+ studies in", logs)
 
