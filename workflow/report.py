@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from workflow.cli import parser, setup_logging  # noqa: E402
 from workflow.tables import atomic_path  # noqa: E402
@@ -183,6 +184,7 @@ def plot_llm(usage: pd.DataFrame, followup_stats: str | Path, png: str | Path) -
     stats.set_index("round")[["missed", "disagreements", "asked", "changed"]].plot(ax=ax3, marker="o")
     ax3.set_title("Follow-up convergence")
     ax3.set_xlabel("round")
+    ax3.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     _save(fig, png)
 
 

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -130,6 +131,8 @@ def main(argv=None) -> None:
     p.add_argument("--keys", help="write the request keys of gold and keyinfo here (one per line)")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
+    if not args.verbose:  # the table below says it once; the executor's own estimate lines would repeat it
+        logging.getLogger("workflow.llm.run").setLevel(logging.WARNING)
     config = load_config(args.configfile)
     try:
         paths = input_paths(config, args.sections, args.studies, args.rules_findings)
