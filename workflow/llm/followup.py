@@ -6,7 +6,8 @@ finding the LLM did not mention (``missed``) or both mention it with a different
 (the conversation continues from the LLM's previous answer). An answer replaces the study's rows of that
 finding; an empty answer to a ``missed`` question confirms the omission. A round with nothing new to
 ask is a fixpoint: later rounds copy it and send nothing. Statistics of every round so far are written
-with each round.
+with each round; ``requests`` holds this round's requests only; ``rejects`` carries the earlier rejects of
+every study still without findings, so each study is in the round's findings or in its rejects.
 """
 
 from __future__ import annotations
