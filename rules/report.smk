@@ -74,6 +74,11 @@ if config["llm"]["backend"] == "llm":
                 caption="../workflow/report_captions/llm.rst",
                 category="5. LLM usage",
             ),
+            table_html=report(
+                out("report", "llm", "llm_usage.html"),
+                caption="../workflow/report_captions/llm.rst",
+                category="5. LLM usage",
+            ),
         params:
             py=PY,
             outdir=first_output_dir,

@@ -247,6 +247,14 @@ def test_report_counts_every_request_once_and_every_study_ends_somewhere(tmp_pat
                  for m, u in usage_returned.items())
     assert usage["cost_usd"].sum() == pytest.approx(billed, abs=1e-5)
     assert usage.loc["followup r1", "requests"] > 0
+    # The report's readable table says the same, with the total.
+    from workflow import report
+
+    report.main(["--llm-requests", *map(str, paths), "--followup-stats", str(out / "round2" / "stats.parquet"),
+                 "--outdir", str(tmp_path / "report")])
+    html = (tmp_path / "report" / "llm_usage.html").read_text()
+    total_row = html[html.index("<td>total</td>"):]
+    assert f"<td>{received:,}</td>" in total_row and f"${billed:,.4f}" in total_row
 
     # Every study ends in the findings or in the rejects (with a reason), never both, at every stage.
     def accounted(findings, rejects, expected):

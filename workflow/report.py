@@ -174,6 +174,27 @@ def llm_usage(requests_paths: list[str | Path]) -> pd.DataFrame:
     ).reset_index()
 
 
+def llm_usage_html(usage: pd.DataFrame, path: str | Path) -> None:
+    """The usage table as a small self-contained HTML page (the report viewer shows HTML, not CSV),
+    with a total row: what the run sent and what it cost."""
+    total = usage.drop(columns="stage").sum(numeric_only=True)
+    table = pd.concat([usage, pd.DataFrame([{"stage": "total", **total.to_dict()}])], ignore_index=True)
+    counts = [c for c in table.columns if c not in ("stage", "cost_usd")]
+    table[counts] = table[counts].astype(int)
+    formatters = {c: "{:,}".format for c in counts} | {"cost_usd": "${:,.4f}".format}
+    body = table.to_html(index=False, formatters=formatters, border=0, classes="usage")
+    style = ("body{font-family:sans-serif;font-size:14px} table.usage{border-collapse:collapse}"
+             " .usage th,.usage td{padding:4px 10px;text-align:right;border-bottom:1px solid #ddd}"
+             " .usage td:first-child,.usage th:first-child{text-align:left}"
+             " .usage tr:last-child td{font-weight:bold}")
+    html = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>LLM usage</title><style>{style}</style>"
+            f"</head><body><h3>LLM requests, tokens and cost per stage</h3>{body}"
+            "<p>One row per request sent, at the first stage that sent it; tokens as the endpoint's "
+            "<code>usage</code> returned them; cost from <code>llm.prices</code>.</p></body></html>")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(html, encoding="utf-8")
+
+
 def plot_llm(usage: pd.DataFrame, followup_stats: str | Path, png: str | Path) -> None:
     stats = pq.read_table(followup_stats).to_pandas()
     fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
@@ -224,6 +245,7 @@ def main(argv=None) -> None:
     if args.llm_requests:
         usage = llm_usage(args.llm_requests)
         _save_csv(usage, out / "llm_usage.csv")
+        llm_usage_html(usage, out / "llm_usage.html")
         plot_llm(usage, args.followup_stats, out / "llm.png")
     log.info("report figures in %s", out)
 
