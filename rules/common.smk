@@ -23,7 +23,7 @@ check_config(config, shipped=WORKFLOW_DIR)
 check_corpus(config["corpus"])
 
 OUT = Path(config["outdir"])
-LOGS = Path("logs")
+LOGS = OUT / "logs"  # per outdir: two runs on two outdirs keep their own logs
 
 
 def packaged(*parts):
@@ -122,7 +122,62 @@ def llm_config_json(wildcards=None):
     """What the LLM modules read: the guard flag and the llm section (keys are env var NAMES only)."""
     import json
 
-    return json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]})
+    return json.dumps(
+        {"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]}, sort_keys=True
+    )
+
+
+LLM_STAGES = ("gold", "keyinfo", "followup")
+
+
+def llm_stage_settings(stage):
+    """Everything one LLM stage reads (its section, its endpoint, client, batch, prices, guard flags)."""
+    llm = config["llm"]
+    name = llm[stage]["endpoint"]
+    shared = ("allow_public_endpoint", "max_cost_usd", "client", "batch", "vllm", "prices", "cache")
+    return {
+        "corpus": {"credentialed": config["corpus"]["credentialed"]},
+        "llm": {**{k: llm[k] for k in shared}, stage: llm[stage], "endpoints": {name: llm["endpoints"].get(name)}},
+    }
+
+
+def llm_settings_file(stage):
+    """The stage's settings as a file (the command line names the file, not a page of JSON)."""
+    return out("llm", "settings", f"{stage}.json")
+
+
+def write_llm_settings():
+    """Write every LLM stage's settings file (onstart: before any job, also on a cluster's head node)."""
+    import json
+
+    if config["llm"]["backend"] != "llm":
+        return
+    for stage in LLM_STAGES:
+        path = Path(llm_settings_file(stage))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(llm_stage_settings(stage), sort_keys=True, indent=1))
+
+
+def llm_stage_identity(stage):
+    """What changes a stage's outputs, in canonical form: the rule's re-run trigger. URLs, keys, client
+    limits and the budget change how requests travel, not what comes back: they re-run nothing."""
+    import json
+
+    llm = config["llm"]
+    endpoint = llm["endpoints"].get(llm[stage]["endpoint"]) or {}
+    model = endpoint.get("model") or ""
+    executor = endpoint.get("executor", "openai")
+    return json.dumps(
+        {
+            "stage": llm[stage],
+            "model": model,
+            "adapter": endpoint.get("adapter"),
+            "executor": executor,
+            "prices": {m: p for m, p in llm["prices"].items() if model.startswith(m)},
+            "batch_discount": llm["batch"]["discount"] if executor == "batch" else None,
+        },
+        sort_keys=True,
+    )
 
 
 def llm_conda_env(endpoint):
@@ -160,6 +215,19 @@ def _llm_endpoint_envvars():
 LLM_ENVVARS = _llm_endpoint_envvars()
 
 
+def llm_resources(*endpoints):
+    """`llm_<endpoint>: 1` for each endpoint a rule's job talks to (none for a rule that asks no LLM).
+
+    Jobs on different endpoints run side by side; the profiles cap the jobs per endpoint (an endpoint
+    the profile does not name is uncapped). An endpoint with the offline `vllm` executor is no shared
+    server (each job runs its own engine), so it takes no resource."""
+    import re
+
+    served = [e for e in sorted({e for e in endpoints if e})
+              if config["llm"]["endpoints"].get(e, {}).get("executor", "openai") != "vllm"]
+    return {"llm_{}".format(re.sub(r"\W", "_", e)): 1 for e in served}
+
+
 def llm_round_dir(round_, name):
     return out("llm", "followup", f"round{round_}", name)
 
@@ -171,7 +239,8 @@ def followup_previous(wildcards):
         "previous": llm_round_dir(prev, "findings.parquet"),
         "previous_asked": llm_round_dir(prev, "asked.parquet"),
         "previous_stats": llm_round_dir(prev, "stats.parquet"),
-        "previous_requests": llm_round_dir(prev, "requests.parquet"),
+        "previous_rejects": llm_round_dir(prev, "rejects.parquet"),
+        "keyinfo_requests": llm_round_dir(0, "requests.parquet"),
     }
 
 
@@ -247,7 +316,8 @@ def report_stages():
     Paths come from the stages' own rules (called at DAG time, when every rule module is loaded)."""
     studies, sections = rules.ingest.output.studies, rules.sections.output.sections
     keyinfo = (
-        ("keyinfo (llm)", sections, findings_table(), rules.llm_keyinfo_merge.output.rejects)
+        # the last round's rejects go with its findings: every study is in exactly one of them
+        ("keyinfo (llm)", sections, findings_table(), llm_round_dir(config["llm"]["followup"]["rounds"], "rejects.parquet"))
         if config["llm"]["backend"] == "llm"
         else ("keyinfo (rules)", sections, None, rules.keyinfo_rules.output.rejects)
     )
@@ -308,7 +378,7 @@ def effective_config(wildcards=None):
     """The run's configuration after defaults and overrides, as JSON (quoted in dataset cards)."""
     import json
 
-    return json.dumps(config)
+    return json.dumps(config, sort_keys=True)  # canonical: key order of the override files re-runs nothing
 
 
 # --- vqa helpers (rules/vqa.smk) ---------------------------------------------------------------------

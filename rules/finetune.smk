@@ -100,7 +100,7 @@ rule finetune_eval:
     conda:
         llm_conda_env(config["llm"]["keyinfo"]["endpoint"])
     resources:
-        llm_endpoint=1,
+        **llm_resources(config["finetune"]["endpoint"]),
     params:
         python=PY,
         config=llm_config_json,

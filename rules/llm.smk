@@ -6,6 +6,10 @@ envvars:
     *LLM_ENVVARS,
 
 
+onstart:
+    write_llm_settings()
+
+
 wildcard_constraints:
     round="[1-9][0-9]*",
     shard="[0-9]+",
@@ -27,13 +31,14 @@ rule llm_gold:
     conda:
         llm_conda_env(config["llm"]["gold"]["endpoint"])
     resources:
-        llm_endpoint=1,
+        **llm_resources(config["llm"]["gold"]["endpoint"]),
     params:
         py=PY,
-        config=llm_config_json,
+        settings=llm_settings_file("gold"),
+        identity=llm_stage_identity("gold"),
         cache=llm_cache,
     shell:
-        "{params.py} -m workflow.llm.gold --config {params.config:q} --cache {params.cache:q}"
+        "{params.py} -m workflow.llm.gold --config {params.settings:q} --cache {params.cache:q}"
         " --sections {input.sections:q} --studies {input.studies:q} --rules-findings {input.rules_findings:q}"
         " --sample {output.sample:q} --findings {output.findings:q} --requests {output.requests:q}"
         " --sft {output.sft:q} --rejects {output.rejects:q} 2> {log:q}"
@@ -54,14 +59,15 @@ rule llm_keyinfo_shard:
     conda:
         llm_conda_env(config["llm"]["keyinfo"]["endpoint"])
     resources:
-        llm_endpoint=1,
+        **llm_resources(config["llm"]["keyinfo"]["endpoint"]),
     params:
         py=PY,
-        config=llm_config_json,
+        settings=llm_settings_file("keyinfo"),
+        identity=llm_stage_identity("keyinfo"),
         cache=llm_cache,
         shards=config["llm"]["keyinfo"]["shards"],
     shell:
-        "{params.py} -m workflow.llm.keyinfo shard --config {params.config:q} --cache {params.cache:q}"
+        "{params.py} -m workflow.llm.keyinfo shard --config {params.settings:q} --cache {params.cache:q}"
         " --sections {input.sections:q} --studies {input.studies:q}"
         " --shard {wildcards.shard} --shards {params.shards}"
         " --findings {output.findings:q} --requests {output.requests:q} --rejects {output.rejects:q}"
@@ -125,23 +131,26 @@ rule llm_followup:
         asked=out("llm", "followup", "round{round}", "asked.parquet"),
         stats=out("llm", "followup", "round{round}", "stats.parquet"),
         requests=out("llm", "followup", "round{round}", "requests.parquet"),
+        rejects=out("llm", "followup", "round{round}", "rejects.parquet"),
     log:
         logfile("llm_followup_round{round}"),
     conda:
         llm_conda_env(config["llm"]["followup"]["endpoint"])
     resources:
-        llm_endpoint=1,
+        **llm_resources(config["llm"]["followup"]["endpoint"]),
     params:
         py=PY,
-        config=llm_config_json,
+        settings=llm_settings_file("followup"),
+        identity=llm_stage_identity("followup"),
         cache=llm_cache,
     shell:
-        "{params.py} -m workflow.llm.followup --config {params.config:q} --cache {params.cache:q}"
+        "{params.py} -m workflow.llm.followup --config {params.settings:q} --cache {params.cache:q}"
         " --round {wildcards.round} --sections {input.sections:q} --studies {input.studies:q}"
         " --rules-findings {input.rules_findings:q} --previous {input.previous:q}"
         " --previous-asked {input.previous_asked:q} --previous-stats {input.previous_stats:q}"
-        " --previous-requests {input.previous_requests:q} --findings {output.findings:q}"
-        " --asked {output.asked:q} --stats {output.stats:q} --requests {output.requests:q} 2> {log:q}"
+        " --keyinfo-requests {input.keyinfo_requests:q} --previous-rejects {input.previous_rejects:q}"
+        " --findings {output.findings:q} --asked {output.asked:q} --stats {output.stats:q}"
+        " --requests {output.requests:q} --rejects {output.rejects:q} 2> {log:q}"
 
 
 ALL_TARGETS += llm_targets()

@@ -77,6 +77,11 @@ if config["llm"]["backend"] == "llm":
                 caption="../workflow/report_captions/llm.rst",
                 category="5. LLM usage",
             ),
+            table_html=report(
+                out("report", "llm", "llm_usage.html"),
+                caption="../workflow/report_captions/llm.rst",
+                category="5. LLM usage",
+            ),
         resources:
             mem_mb=per_attempt(2000),
             runtime=per_attempt(30),

@@ -27,7 +27,8 @@ rule rg4:
     resources:
         mem_mb=per_attempt(4000),
         runtime=per_attempt(60),
-        llm_endpoint=1,  # with rewriter: llm, one LLM stage at a time talks to the endpoint
+        # the rules rewriter asks no LLM: no endpoint resource, rg4 runs beside the LLM stages
+        **llm_resources(config["rg4"]["llm"]["endpoint"] if config["rg4"]["rewriter"] == "llm" else None),
     params:
         py=PY,
         rewriter=config["rg4"]["rewriter"],

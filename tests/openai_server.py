@@ -96,6 +96,8 @@ class LoopbackOpenAI:
         self.slow_s, self.retry_after, self.max_requests, self.lifetime_s = slow_s, retry_after, max_requests, lifetime_s
         self.api_key = api_key
         self.events: list[tuple[str, str]] = []  # (messages hash, outcome) of every request, in order
+        self.usage: defaultdict = defaultdict(Counter)  # model -> prompt/completion tokens answered
+        self.model_listings = 0  # GET /models calls (endpoint probes; not chat requests)
         self.attempts: Counter = Counter()
         self.azure_calls: list[dict] = []
         self.files: dict[str, bytes] = {}
@@ -128,6 +130,14 @@ class LoopbackOpenAI:
     def reset_counts(self) -> None:
         with self.lock:
             self.events.clear()
+            self.usage.clear()
+
+    def _record_usage(self, payload) -> None:
+        if isinstance(payload, dict) and "usage" in payload:
+            with self.lock:
+                usage = self.usage[payload["model"]]
+                usage["prompt_tokens"] += payload["usage"]["prompt_tokens"]
+                usage["completion_tokens"] += payload["usage"]["completion_tokens"]
 
     def _draw(self, key: str) -> random.Random:
         return random.Random(f"{self.seed}:{key}")
@@ -203,6 +213,8 @@ class LoopbackOpenAI:
         status, payload, outcome = self.completion(body, model_override or body.get("model", "loopback"))
         with self.lock:
             self.events.append((messages_hash(body["messages"]), outcome))
+        if outcome != "slow":  # a slow answer arrives after the client gave up: it never sees this usage
+            self._record_usage(payload)
         if outcome == "slow":
             await asyncio.sleep(self.slow_s)
         elif self.latency:
@@ -283,6 +295,7 @@ class LoopbackOpenAI:
                 err.append({"id": f"r-{h}", "custom_id": line["custom_id"], "response": {"status_code": status,
                             "body": payload if isinstance(payload, dict) else {}}, "error": None})
             else:
+                self._record_usage(payload)
                 out.append({"id": f"r-{h}", "custom_id": line["custom_id"],
                             "response": {"status_code": 200, "request_id": h, "body": payload}, "error": None})
         for kind, lines in (("output_file_id", out), ("error_file_id", err)):
@@ -292,6 +305,17 @@ class LoopbackOpenAI:
                 b[kind] = fid
         b["status"] = "completed"
         b["request_counts"] = {"total": len(out) + len(err), "completed": len(out), "failed": len(err)}
+
+    async def models(self, request):
+        """The model listing (what the endpoint probe asks): key-checked like every other call."""
+        if (denied := self._check_key(request)) is not None:
+            return denied
+        if request.path.startswith("/openai") and "api-version" not in request.query:
+            return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
+        with self.lock:
+            self.model_listings += 1
+        return web.json_response({"object": "list", "data": [{"id": "loopback", "object": "model", "created": 0,
+                                                              "owned_by": "loopback"}]})
 
     async def stats(self, request):
         return web.json_response({"requests": self.count(), "by_hash": self.by_hash()})
@@ -305,6 +329,7 @@ class LoopbackOpenAI:
             app.router.add_get(f"{prefix}/files/{{file_id}}/content", self.file_content)
             app.router.add_post(f"{prefix}/batches", self.batch_create)
             app.router.add_get(f"{prefix}/batches/{{batch_id}}", self.batch_retrieve)
+            app.router.add_get(f"{prefix}/models", self.models)
         app.router.add_post("/openai/deployments/{deployment}/chat/completions", self.azure_chat)
         app.router.add_get("/_stats", self.stats)
         return app

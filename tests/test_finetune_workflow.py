@@ -130,5 +130,5 @@ def test_gold_finetune_bulk_standardise_through_snakemake(corpus, tmp_path):
     unusable = {r["study_id"] for r in rejects if r["reason"] == "llm_unusable_answer"}
     for r in requests:  # garbage from the random student: a parse failure with its reason, or findings
         assert (r["parse_error"] is not None) == (r["study_id"] in unusable)
-    log = (workdir / "logs" / "finetune.log").read_text()
+    log = (workdir / "results" / "logs" / "finetune.log").read_text()
     assert "System: You read chest X-ray reports" in log and re.search(r"step 3/3 loss \d", log)

@@ -256,7 +256,7 @@ def test_keyinfo_rule_through_snakemake(tmp_path):
         if r["study_id"] == first["study_id"]
     }
     assert got == want
-    log = (workdir / "logs" / "keyinfo_rules.log").read_text()
+    log = (workdir / "results" / "logs" / "keyinfo_rules.log").read_text()
     assert f"keyinfo_rules: {len(sections)} studies in" in log
 
 

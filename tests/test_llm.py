@@ -21,6 +21,7 @@ from workflow.llm import build_request, run_requests
 from workflow.llm.answers import FINDINGS_SCHEMA, extract_json, findings_of
 from workflow.llm.cache import Cache, export_requests
 from workflow.llm.guard import GuardError, classify
+from workflow.llm.probe import EndpointProbeError
 from workflow.llm.run import FatalEndpointError, load_executor_config
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -200,16 +201,60 @@ def test_kill_9_then_resume_never_resends_a_completed_request(tmp_path):
     assert all(r.status == "completed" for r in results.values()) and len(results) == len(reqs)
 
 
-def test_authentication_error_stops_the_run(tmp_path, monkeypatch):
+def test_wrong_key_fails_in_seconds_naming_the_variable_not_its_value(tmp_path, monkeypatch):
     with LoopbackOpenAI(api_key="right") as srv:
-        monkeypatch.setenv("CXR_TEST_WRONG_KEY", "wrong")
-        cfg = config(srv.base_url)
-        cfg["llm"]["endpoints"]["e"]["api_key_env"] = "CXR_TEST_WRONG_KEY"
-        with pytest.raises(FatalEndpointError, match="401"):
-            run_requests(make_requests(reports(50)), load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite")
-        assert srv.count() <= 16  # at most one wave of the worker pool, not 50 x retries
+        monkeypatch.setenv("CXR_TEST_WRONG_KEY", "wrong-secret-value")
+        for kind, url in (("openai", srv.base_url), ("azure", srv.root_url)):
+            cfg = config(url, kind=kind)
+            cfg["llm"]["endpoints"]["e"]["api_key_env"] = "CXR_TEST_WRONG_KEY"
+            with pytest.raises(EndpointProbeError) as err:
+                run_requests(make_requests(reports(50)), load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite")
+            message = str(err.value)
+            assert "HTTP 401" in message and "$CXR_TEST_WRONG_KEY" in message and url in message
+            assert "llm.endpoints.e.api_key_env" in message and "wrong-secret-value" not in message
+        assert srv.count() == 0  # not one chat request was sent
     with Cache(tmp_path / "c.sqlite") as cache:
         assert cache.counts().get("completed", 0) == 0
+
+
+def test_nothing_listening_fails_at_once_naming_the_url_key(tmp_path):
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    url = f"http://127.0.0.1:{port}/v1"
+    cfg = config(url, max_retries=8, timeout_s=120)  # without the probe: minutes of retries
+    with pytest.raises(EndpointProbeError, match=rf"nothing answers at .*:{port}/v1/models.*llm\.endpoints\.e\.base_url"):
+        run_requests(make_requests(reports(20)), load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite")
+
+
+def test_endpoint_is_probed_once_and_not_at_all_when_everything_is_cached(tmp_path):
+    reqs = make_requests(reports(6))
+    with LoopbackOpenAI() as srv:
+        cfg = load_executor_config(config(srv.base_url), "keyinfo")
+        run_requests(reqs[:3], cfg, tmp_path / "c.sqlite")
+        run_requests(reqs, cfg, tmp_path / "c.sqlite")
+        assert srv.model_listings == 1 and srv.count() == 6
+    # The server is gone: a finished stage re-run from the cache still works (nothing to send, no probe).
+    results = run_requests(reqs, cfg, tmp_path / "c.sqlite")
+    assert all(r.status == "completed" for r in results.values())
+
+
+def test_progress_lines_on_the_terminal_and_plain_lines_in_the_log(server, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
+    cfg = load_executor_config(config(server.base_url, progress_s=0), "keyinfo")
+    reqs = make_requests(reports(30))
+    run_requests(reqs[:10], cfg, tmp_path / "c.sqlite")
+    capsys.readouterr()
+    run_requests(reqs, cfg, tmp_path / "c.sqlite")
+    terminal = capsys.readouterr()
+    lines = terminal.out.splitlines()
+    assert lines[0] == "llm keyinfo: 20 requests to send (10 answered from the cache)"
+    assert "llm keyinfo: 20/20 (100%), 0 failed, 0 refused, 0 retries;" in lines[-1] and "$" in lines[-1]
+    assert len(lines) == 1 + 20 + 1  # progress_s: 0 = a line per answer, then the closing line
+    assert "\r" not in terminal.out + terminal.err + caplog.text  # no animation frames, in the log least of all
+    assert "llm keyinfo: 20/20 (100%)" in caplog.text
 
 
 def test_key_comes_from_the_environment_only(server, tmp_path, monkeypatch):

@@ -121,36 +121,62 @@ def test_followup_targets_are_missed_and_disagreeing_findings_not_yet_asked():
     assert followup_targets(llm, rules, {1, 2}, asked)["name"].tolist() == ["pneumothorax"]
 
 
+def run_gold(cfg: str, tables, out: Path) -> None:
+    gold.main(["--config", cfg, "--cache", str(out / "cache.sqlite"), "--sections", str(tables["sections"]),
+               "--studies", str(tables["studies"]), "--rules-findings", str(tables["rules"])] + [
+        f"--{k}={out / 'gold' / f}" for k, f in (("sample", "sample.parquet"), ("findings", "findings.parquet"),
+                                                 ("requests", "requests.parquet"), ("sft", "sft.jsonl"),
+                                                 ("rejects", "rejects.parquet"))])
+
+
+def run_keyinfo(cfg: str, tables, out: Path, shards: int = 2) -> None:
+    common = ["--config", cfg, "--cache", str(out / "cache.sqlite"), "--sections", str(tables["sections"]),
+              "--studies", str(tables["studies"])]
+    for shard in range(shards):
+        d = out / f"shard{shard}"
+        keyinfo.main(["shard"] + common + ["--shard", str(shard), "--shards", str(shards)] + [
+            f"--{k}={d / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "audit")])
+
+
+def run_merge(tables, out: Path, shards: int = 2) -> None:
+    r0, parts = out / "round0", range(shards)
+    keyinfo.main(["merge", "--shard-findings", *(str(out / f"shard{s}" / "findings.parquet") for s in parts),
+                  "--shard-requests", *(str(out / f"shard{s}" / "requests.parquet") for s in parts),
+                  "--shard-rejects", *(str(out / f"shard{s}" / "rejects.parquet") for s in parts),
+                  "--shard-audit", *(str(out / f"shard{s}" / "audit.parquet") for s in parts),
+                  "--rules-findings", str(tables["rules"]), "--sections", str(tables["sections"])] + [
+        f"--{k}={r0 / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "asked", "stats", "audit")]
+                 + [f"--unknown-terms={r0 / 'unknown_terms.parquet'}"])
+
+
+def run_followup(cfg: str, tables, out: Path, rnd: int) -> None:
+    prev, cur = out / f"round{rnd - 1}", out / f"round{rnd}"
+    followup_mod.main(["--config", cfg, "--cache", str(out / "cache.sqlite"), "--round", str(rnd),
+                       "--sections", str(tables["sections"]), "--studies", str(tables["studies"]),
+                       "--rules-findings", str(tables["rules"]),
+                       f"--keyinfo-requests={out / 'round0' / 'requests.parquet'}",
+                       f"--previous-rejects={prev / 'rejects.parquet'}"] +
+                      [f"--previous{'-' + k if k != 'findings' else ''}={prev / f'{k}.parquet'}"
+                       for k in ("findings", "asked", "stats")] +
+                      [f"--{k}={cur / f'{k}.parquet'}" for k in ("findings", "asked", "stats", "requests", "rejects")])
+
+
 def test_gold_keyinfo_followup_chain(tables, tmp_path):
     out = tmp_path / "out"
     with LoopbackOpenAI() as srv:
         cfg = json.dumps(llm_config(srv))
-        common = ["--config", cfg, "--cache", str(out / "cache.sqlite"), "--sections", str(tables["sections"]),
-                  "--studies", str(tables["studies"])]
-        gold.main(common + ["--rules-findings", str(tables["rules"])] + [
-            f"--{k}={out / 'gold' / f}" for k, f in (("sample", "sample.parquet"), ("findings", "findings.parquet"),
-                                                     ("requests", "requests.parquet"), ("sft", "sft.jsonl"),
-                                                     ("rejects", "rejects.parquet"))])
+        run_gold(cfg, tables, out)
         assert srv.count() == 8
         sft = [json.loads(line) for line in (out / "gold" / "sft.jsonl").read_text().splitlines()]
         assert len(sft) == 8 and sft[0]["messages"][-1]["role"] == "assistant"
         req = read_table(out / "gold" / "requests.parquet").to_pandas()
         assert (req["model"] == "teacher").all() and req["cost_usd"].gt(0).all() and req["prompt_hash"].notna().all()
 
-        for shard in (0, 1):
-            d = out / f"shard{shard}"
-            keyinfo.main(["shard"] + common + ["--shard", str(shard), "--shards", "2"] + [
-                f"--{k}={d / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "audit")])
+        run_keyinfo(cfg, tables, out)
         sent_after_keyinfo = srv.count()
         assert sent_after_keyinfo == 8 + 24  # 30 studies, 6 without text; gold's answers are not the same request
+        run_merge(tables, out)
         r0 = out / "round0"
-        keyinfo.main(["merge", "--shard-findings", *(str(out / f"shard{s}" / "findings.parquet") for s in (0, 1)),
-                      "--shard-requests", *(str(out / f"shard{s}" / "requests.parquet") for s in (0, 1)),
-                      "--shard-rejects", *(str(out / f"shard{s}" / "rejects.parquet") for s in (0, 1)),
-                      "--shard-audit", *(str(out / f"shard{s}" / "audit.parquet") for s in (0, 1)),
-                      "--rules-findings", str(tables["rules"]), "--sections", str(tables["sections"])] + [
-            f"--{k}={r0 / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "asked", "stats", "audit")]
-                     + [f"--unknown-terms={r0 / 'unknown_terms.parquet'}"])
         assert read_table(r0 / "audit.parquet").num_rows > 0  # standardisation's trail of the LLM answers
         assert read_table(r0 / "unknown_terms.parquet").column_names[:2] == ["kind", "term"]
         rejects = read_table(r0 / "rejects.parquet").to_pandas()
@@ -159,13 +185,7 @@ def test_gold_keyinfo_followup_chain(tables, tmp_path):
         assert len(requests0) == 24 and (requests0["status"] == "completed").all()
 
         for rnd in (1, 2, 3):
-            prev, cur = out / f"round{rnd - 1}", out / f"round{rnd}"
-            followup_mod.main(["--config", cfg, "--cache", str(out / "cache.sqlite"), "--round", str(rnd),
-                               "--sections", str(tables["sections"]), "--studies", str(tables["studies"]),
-                               "--rules-findings", str(tables["rules"])] +
-                              [f"--previous{'-' + k if k != 'findings' else ''}={prev / f'{k}.parquet'}"
-                               for k in ("findings", "asked", "stats", "requests")] +
-                              [f"--{k}={cur / f'{k}.parquet'}" for k in ("findings", "asked", "stats", "requests")])
+            run_followup(cfg, tables, out, rnd)
         stats = read_table(out / "round3" / "stats.parquet").to_pandas()
         final = read_table(out / "round3" / "findings.parquet").to_pandas()
         total_sent = srv.count()
@@ -181,6 +201,80 @@ def test_gold_keyinfo_followup_chain(tables, tmp_path):
     assert not pnx.empty and (pnx["presence"] == "negative").all() and (pnx["source"] == "followup").all()
     assert (final.loc[final["source"] == "llm", "round"] == 0).all()
     assert final["request_hash"].notna().all()
+
+
+def write_tables(tmp_path, sections, studies) -> dict:
+    paths = {k: tmp_path / f"{k}.parquet" for k in ("sections", "studies", "rules")}
+    write_table(pa.Table.from_pandas(sections, schema=SECTIONS, preserve_index=False), paths["sections"], SECTIONS)
+    write_table(pa.Table.from_pandas(studies, schema=STUDIES, preserve_index=False), paths["studies"], STUDIES)
+    write_table(pa.Table.from_pandas(rules_rows(sections), schema=FINDINGS, preserve_index=False), paths["rules"],
+                FINDINGS)
+    return paths
+
+
+def test_report_counts_every_request_once_and_every_study_ends_somewhere(tmp_path):
+    from workflow.report import llm_usage
+
+    sections, studies = corpus(40)
+    sections.loc[[1, 6], "findings"] = "Moderate cardiomegaly. Mild pulmonary edema."  # one request for two
+    sections.loc[[2, 7, 12], "findings"] = ["Unremarkable study.", "Unremarkable exam 2.", "Normal chest 3."]
+    sections.loc[[2, 7, 12], "impression"] = None  # answers with no findings at all
+    tables = write_tables(tmp_path, sections, studies)
+    out = tmp_path / "out"
+    # Sticky refusals are answered once and never re-sent; no transient faults, so every HTTP request the
+    # server counts is one request of the run.
+    with LoopbackOpenAI(faults={"content_filter": 0.08}, seed=3) as srv:
+        config = llm_config(srv, rounds=2)
+        config["llm"]["prices"]["student"] = {"input": 0.5, "output": 1.5}
+        cfg = json.dumps(config)
+        run_gold(cfg, tables, out)
+        run_keyinfo(cfg, tables, out)
+        run_merge(tables, out)
+        for rnd in (1, 2):
+            run_followup(cfg, tables, out, rnd)
+        received = srv.count()
+        usage_returned = {m: dict(u) for m, u in srv.usage.items()}
+        refused = srv.count("content_filter")
+    paths = [out / "gold" / "requests.parquet", *(out / f"round{r}" / "requests.parquet" for r in (0, 1, 2))]
+    usage = llm_usage(paths).set_index("stage")
+    assert list(usage.index) == ["gold r0", "keyinfo r0", "followup r1"]  # round 2 is a fixpoint: asks nothing
+    assert usage["requests"].sum() == received > 0
+    assert usage["failed_or_refused"].sum() == refused > 0
+    assert usage["prompt_tokens"].sum() == sum(u["prompt_tokens"] for u in usage_returned.values())
+    assert usage["completion_tokens"].sum() == sum(u["completion_tokens"] for u in usage_returned.values())
+    prices = config["llm"]["prices"]
+    billed = sum((u["prompt_tokens"] * prices[m]["input"] + u["completion_tokens"] * prices[m]["output"]) / 1e6
+                 for m, u in usage_returned.items())
+    assert usage["cost_usd"].sum() == pytest.approx(billed, abs=1e-5)
+    assert usage.loc["followup r1", "requests"] > 0
+    # The report's readable table says the same, with the total.
+    from workflow import report
+
+    report.main(["--llm-requests", *map(str, paths), "--followup-stats", str(out / "round2" / "stats.parquet"),
+                 "--outdir", str(tmp_path / "report")])
+    html = (tmp_path / "report" / "llm_usage.html").read_text()
+    total_row = html[html.index("<td>total</td>"):]
+    assert f"<td>{received:,}</td>" in total_row and f"${billed:,.4f}" in total_row
+
+    # Every study ends in the findings or in the rejects (with a reason), never both, at every stage.
+    def accounted(findings, rejects, expected):
+        have = set(read_table(findings).column("study_id").to_pylist())
+        rej = read_table(rejects).to_pandas()
+        assert rej["reason"].notna().all() and not have & set(rej["study_id"])
+        assert have | set(rej["study_id"]) == expected
+        return rej
+
+    sample = set(read_table(out / "gold" / "sample.parquet").column("study_id").to_pylist())
+    accounted(out / "gold" / "findings.parquet", out / "gold" / "rejects.parquet", sample)
+    every = set(sections["study_id"])
+    for shard in (0, 1):
+        accounted(out / f"shard{shard}" / "findings.parquet", out / f"shard{shard}" / "rejects.parquet",
+                  {s for s in every if s % 2 == shard})
+    for rnd in (0, 1, 2):
+        rej = accounted(out / f"round{rnd}" / "findings.parquet", out / f"round{rnd}" / "rejects.parquet", every)
+        no_findings = set(rej.loc[rej["reason"] == "llm_no_findings", "study_id"])
+        assert no_findings == set(sections.loc[[2, 7, 12], "study_id"])
+        assert (rej["reason"] == "no_findings_or_impression").sum() == 8
 
 
 def test_estimate_prices_every_stage_before_sending(tables, tmp_path):
@@ -205,3 +299,64 @@ def test_estimate_prices_every_stage_before_sending(tables, tmp_path):
                                                  + gold.completion_tokens * prices["output"]) / 1e6)  # batch: half
     assert isinstance(bulk, str) and bulk.startswith("REFUSED")  # MIMIC on the public OpenAI API
     assert rows["followup (per 1,000)"].startswith("REFUSED")  # same endpoint, same guard
+
+
+def test_estimate_is_what_the_run_then_sends_request_for_request(tables, tmp_path, monkeypatch, capsys):
+    from openai_server import messages_hash
+
+    from workflow.llm import estimate
+
+    workdir = tmp_path / "work"  # the README recipe: config.yaml in the working directory, one overlay
+    workdir.mkdir()
+    root = Path(__file__).resolve().parents[1]
+    (workdir / "config.yaml").write_text((root / "config.yaml").read_text())
+    monkeypatch.chdir(workdir)
+    results = tmp_path / "results"
+    with LoopbackOpenAI() as srv:
+        ep = {"kind": "openai", "base_url": srv.base_url, "api_key_env": None, "executor": "openai"}
+        (workdir / "mine.yaml").write_text(json.dumps({
+            "outdir": str(results),
+            "llm": {"backend": "llm", "endpoints": {"teacher": {**ep, "model": "gpt-4o"},
+                                                    "student": {**ep, "model": "student", "adapter": "lora-v1"}},
+                    "gold": {"n": 8}}}))
+        # Nothing built yet: the estimate names what to build first instead of a traceback.
+        with pytest.raises(SystemExit):
+            estimate.main(["--configfile", "mine.yaml"])
+        err = capsys.readouterr().err
+        assert "snakemake --cores 2 " in err and str(results / "sections" / "sections.parquet") in err
+        for folder in ("sections", "ingest", "keyinfo/rules"):
+            (results / folder).mkdir(parents=True)
+        (results / "sections" / "sections.parquet").write_bytes(tables["sections"].read_bytes())
+        (results / "ingest" / "studies.parquet").write_bytes(tables["studies"].read_bytes())
+        (results / "keyinfo" / "rules" / "findings.parquet").write_bytes(tables["rules"].read_bytes())
+
+        config = estimate.load_config(["mine.yaml"])  # config.yaml + overlay, like snakemake
+        assert config["llm"]["prices"]["gpt-4o"]["input"] == 2.5 and config["llm"]["keyinfo"]["shards"] == 2
+        estimate.main(["--configfile", "mine.yaml", "--keys", str(tmp_path / "keys.txt")])
+        printed = capsys.readouterr().out
+        assert "[gpt-4o] estimate: 8 requests, 0 cached, 8 to send" in printed and "~$0.00" not in printed.split("\n")[0]
+        planned = estimate.planned_requests(config, *(results / p for p in (
+            "sections/sections.parquet", "ingest/studies.parquet", "keyinfo/rules/findings.parquet")))
+        assert (tmp_path / "keys.txt").read_text().split() == [r.key for s in ("gold", "keyinfo") for r in planned[s]]
+
+        # The run, as the rules call it: the config the rules pass, the cache the rules use.
+        cfg = json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]})
+        out = results / "llm"
+        assert estimate.cache_path(config) == str(out / "cache.sqlite")  # the cache the stages use below
+        run_gold(cfg, tables, out)
+        assert {messages_hash(r.messages) for r in planned["gold"]} == set(srv.by_hash())
+        # After gold: the estimate sees gold cached and every bulk request still to send.
+        rows = dict(estimate.estimates(config, tables["sections"], tables["studies"], tables["rules"]))
+        assert (rows["gold"].cached, rows["gold"].to_send) == (8, 0)
+        to_send = rows["keyinfo"].to_send
+        run_keyinfo(cfg, tables, out, shards=1)
+        # Keyinfo's shard 0 is cached now (the student's adapter is part of its keys): nothing left to send.
+        rows = dict(estimate.estimates(config, tables["sections"], tables["studies"], tables["rules"]))
+        assert rows["keyinfo"].to_send == 0 and rows["keyinfo"].cached == to_send
+        sent = srv.count()
+    assert sent == 8 + to_send == 8 + 24
+    requests = read_table(out / "shard0" / "requests.parquet").to_pandas()
+    assert list(requests["request_key"]) == [r.key for r in planned["keyinfo"]]
+    assert (requests["adapter"] == "lora-v1").all()
+    gold_rows = read_table(out / "gold" / "requests.parquet").to_pandas()
+    assert list(gold_rows["request_key"]) == [r.key for r in planned["gold"]]

@@ -82,7 +82,7 @@ def test_stage_counts_add_up_and_match_the_logs(demo_run):
     assert int(by_stage["ingest"]["in"]) == len(set.union(*_demo_study_ids()))
     for row in counts:
         assert int(row["in"]) == int(row["out"]) + int(row["rejected"]), row
-    ingest_log = (demo_run / "logs/ingest.log").read_text()
+    ingest_log = (demo_run / "results/logs/ingest.log").read_text()
     row = by_stage["ingest"]
     assert f"ingest: {row['in']} studies in, {row['out']} out, {row['rejected']} rejected" in ingest_log
 

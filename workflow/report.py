@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from workflow.cli import parser, setup_logging  # noqa: E402
 from workflow.tables import atomic_path  # noqa: E402
@@ -150,8 +151,14 @@ def plot_rg4(counts_path: str | Path, stats_path: str | Path, png: str | Path) -
 
 
 def llm_usage(requests_paths: list[str | Path]) -> pd.DataFrame:
-    """Requests, tokens, cost and failures per LLM stage (LLM_REQUESTS tables)."""
+    """Requests, tokens, cost and failures per LLM stage (LLM_REQUESTS tables, in run order).
+
+    One row per distinct request: a request key that several studies share (identical reports) or that
+    an earlier stage already asked (same model, same prompt) was sent once and is counted once, at the
+    first stage that asked it. Requests never sent (``not_sent``) are counted but cost nothing.
+    """
     frame = pd.concat([pq.read_table(p).to_pandas() for p in requests_paths], ignore_index=True)
+    frame = frame.drop_duplicates("request_key", keep="first")
     frame["stage"] = frame["stage"] + frame["round"].map(lambda r: "" if pd.isna(r) else f" r{int(r)}")
     grouped = frame.groupby("stage", sort=False)
     return pd.DataFrame(
@@ -162,9 +169,30 @@ def llm_usage(requests_paths: list[str | Path]) -> pd.DataFrame:
             "unusable_answers": grouped["parse_error"].apply(lambda s: int(s.notna().sum())),
             "prompt_tokens": grouped["prompt_tokens"].sum(),
             "completion_tokens": grouped["completion_tokens"].sum(),
-            "cost_usd": grouped["cost_usd"].sum().round(4),
+            "cost_usd": grouped["cost_usd"].sum().round(6),
         }
     ).reset_index()
+
+
+def llm_usage_html(usage: pd.DataFrame, path: str | Path) -> None:
+    """The usage table as a small self-contained HTML page (the report viewer shows HTML, not CSV),
+    with a total row: what the run sent and what it cost."""
+    total = usage.drop(columns="stage").sum(numeric_only=True)
+    table = pd.concat([usage, pd.DataFrame([{"stage": "total", **total.to_dict()}])], ignore_index=True)
+    counts = [c for c in table.columns if c not in ("stage", "cost_usd")]
+    table[counts] = table[counts].astype(int)
+    formatters = {c: "{:,}".format for c in counts} | {"cost_usd": "${:,.4f}".format}
+    body = table.to_html(index=False, formatters=formatters, border=0, classes="usage")
+    style = ("body{font-family:sans-serif;font-size:14px} table.usage{border-collapse:collapse}"
+             " .usage th,.usage td{padding:4px 10px;text-align:right;border-bottom:1px solid #ddd}"
+             " .usage td:first-child,.usage th:first-child{text-align:left}"
+             " .usage tr:last-child td{font-weight:bold}")
+    html = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>LLM usage</title><style>{style}</style>"
+            f"</head><body><h3>LLM requests, tokens and cost per stage</h3>{body}"
+            "<p>One row per request sent, at the first stage that sent it; tokens as the endpoint's "
+            "<code>usage</code> returned them; cost from <code>llm.prices</code>.</p></body></html>")
+    with atomic_path(path) as tmp:
+        Path(tmp).write_text(html, encoding="utf-8")
 
 
 def plot_llm(usage: pd.DataFrame, followup_stats: str | Path, png: str | Path) -> None:
@@ -177,6 +205,7 @@ def plot_llm(usage: pd.DataFrame, followup_stats: str | Path, png: str | Path) -
     stats.set_index("round")[["missed", "disagreements", "asked", "changed"]].plot(ax=ax3, marker="o")
     ax3.set_title("Follow-up convergence")
     ax3.set_xlabel("round")
+    ax3.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     _save(fig, png)
 
 
@@ -216,6 +245,7 @@ def main(argv=None) -> None:
     if args.llm_requests:
         usage = llm_usage(args.llm_requests)
         _save_csv(usage, out / "llm_usage.csv")
+        llm_usage_html(usage, out / "llm_usage.html")
         plot_llm(usage, args.followup_stats, out / "llm.png")
     log.info("report figures in %s", out)
 

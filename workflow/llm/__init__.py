@@ -45,7 +45,15 @@ to the teacher; ``sft.jsonl`` = conversation + teacher answer), ``keyinfo/shard{
 per study), ``followup/round{r}/`` (round 0 = merged bulk; rounds 1..R re-ask where rules and LLM
 disagree; ``stats.parquet`` = convergence per round). Every stage writes ``requests.parquet``
 (contract ``LLM_REQUESTS``: status, tokens, cost, model, adapter, executor, template, prompt hash, request
-key) that every findings row joins through ``request_hash``.
+key) that every findings row joins through ``request_hash``; a follow-up round's table holds only that
+round's requests, so adding the tables up counts each request once. Every stage also writes ``rejects``:
+each study ends in its findings or in its rejects with a reason (``llm_no_findings`` when the answer
+lists nothing). The rules pass each stage its settings as a file (``<outdir>/llm/settings/<stage>.json``,
+written when a run starts); the rule's params hold only what changes its outputs.
+
+Before a stage sends anything, :mod:`workflow.llm.probe` asks the endpoint's ``/models`` once and stops
+with the URL, HTTP status and config key to fix; while it sends, :mod:`workflow.llm.progress` prints a
+progress line to the terminal (stdout) and plain lines to the log.
 
 The ``vllm`` executor runs ``llm.vllm.command`` (a list; ``{input}``, ``{output}``, ``{model}``,
 ``{adapter}`` are substituted) on the JSONL of the pending requests and imports its output JSONL into

@@ -78,13 +78,17 @@ def estimate(
     chars_per_token: float = DEFAULT_CHARS_PER_TOKEN,
 ) -> Estimate:
     """Requests, tokens and cost of sending ``pending_keys`` (completion tokens: the ``max_tokens``
-    bound when set, else a quarter of the prompt — an upper-side guess)."""
+    bound when set, else a quarter of the prompt — an upper-side guess).
+
+    Counted per distinct request key: studies with identical reports share one request, sent once."""
     pending = set(pending_keys)
     n = pt = ct = 0
     usd = 0.0
-    total = 0
+    seen: set[str] = set()
     for req in requests:
-        total += 1
+        if req.key in seen:
+            continue
+        seen.add(req.key)
         if req.key not in pending:
             continue
         n += 1
@@ -93,4 +97,4 @@ def estimate(
         pt += p
         ct += c
         usd += cost(req.model, p, c, prices, batch, batch_discount)
-    return Estimate(total, total - n, n, pt, ct, usd)
+    return Estimate(len(seen), len(seen) - n, n, pt, ct, usd)

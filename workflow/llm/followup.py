@@ -6,20 +6,20 @@ finding the LLM did not mention (``missed``) or both mention it with a different
 (the conversation continues from the LLM's previous answer). An answer replaces the study's rows of that
 finding; an empty answer to a ``missed`` question confirms the omission. A round with nothing new to
 ask is a fixpoint: later rounds copy it and send nothing. Statistics of every round so far are written
-with each round.
+with each round; ``requests`` holds this round's requests only; ``rejects`` carries the earlier rejects of
+every study still without findings, so each study is in the round's findings or in its rejects.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pandas as pd
 import pyarrow as pa
 
 from workflow import cli
-from workflow.contract import FINDINGS, LLM_FOLLOWUP_STATS, LLM_REQUESTS
-from workflow.llm import accounting, build_request
+from workflow.contract import FINDINGS, LLM_FOLLOWUP_STATS, REJECTS
+from workflow.llm import accounting
 from workflow.llm.answers import FOLLOWUP_SCHEMA
 from workflow.llm.findings import (
     answer_json,
@@ -32,10 +32,13 @@ from workflow.llm.findings import (
 from workflow.llm.stages import (
     add_common_args,
     ask,
+    load_config,
     load_studies,
     request_rows,
     stage_params,
+    stage_request,
     write_estimate,
+    write_requests,
 )
 from workflow.tables import read_table, summary, write_table
 
@@ -75,11 +78,47 @@ def followup_targets(
     return targets.sort_values(["study_id", "name"]).reset_index(drop=True)
 
 
+def followup_request(row: dict, previous_answer: str, finding: str, reason: str, cfg: dict, params: dict):
+    """One follow-up question (the stage and the estimate both build them here)."""
+    return stage_request(
+        TEMPLATE,
+        FOLLOWUP_SCHEMA,
+        cfg,
+        params,
+        {"study_id": int(row["study_id"]), "finding": finding, "reason": reason},
+        report=report_text(row),
+        previous=previous_answer,
+        finding=finding,
+        reason=reason,
+    )
+
+
 def _signature(df: pd.DataFrame) -> set:
     return {
         tuple(map(str, r))
         for r in df[["name", "presence", "location", "level", "type", "change"]].itertuples(index=False)
     }
+
+
+def round_rejects(
+    previous_rejects: pd.DataFrame, previous: pd.DataFrame, merged: pd.DataFrame, round_: int
+) -> pd.DataFrame:
+    """The rejects that go with a round's findings: every study the chain has seen is in exactly one.
+
+    Earlier rejects stay unless a follow-up answer gave the study findings; a study whose rows all went
+    away in this round is recorded too."""
+    kept = set(merged["study_id"])
+    carried = previous_rejects[~previous_rejects["study_id"].isin(kept)]
+    lost = sorted(set(previous["study_id"]) - kept)
+    new = pd.DataFrame(
+        {
+            "study_id": pd.Series(lost, dtype="int64"),
+            "stage": "llm_followup",
+            "reason": "llm_no_findings",
+            "detail": f"follow-up round {round_} left no findings",
+        }
+    )
+    return pd.concat([carried, new], ignore_index=True)[list(REJECTS.names)]
 
 
 def run_round(args, config) -> None:
@@ -89,10 +128,11 @@ def run_round(args, config) -> None:
     previous = read_table(args.previous).to_pandas()
     prev_stats = read_table(args.previous_stats).to_pylist()
     asked = read_table(args.previous_asked).to_pandas()
-    prev_requests = read_table(args.previous_requests).to_pandas()
+    # Who answered the bulk extraction (round 0); each round's requests.parquet holds only its own requests.
+    keyinfo_requests = read_table(args.keyinfo_requests).to_pandas()
     rules = read_table(args.rules_findings).to_pandas()
     studies = load_studies(args.sections, args.studies).set_index("study_id", drop=False)
-    first = prev_requests[(prev_requests["stage"] != "followup") & (prev_requests["status"] == "completed")]
+    first = keyinfo_requests[keyinfo_requests["status"] == "completed"]
     answered_ids = set(first.loc[first["parse_error"].isna(), "study_id"])
 
     converged_before = bool(prev_stats and prev_stats[-1]["converged"])
@@ -107,20 +147,7 @@ def run_round(args, config) -> None:
     for t in targets.itertuples(index=False):
         row = studies.loc[t.study_id].to_dict()
         current = by_study.get(t.study_id, previous.head(0))
-        requests.append(
-            build_request(
-                TEMPLATE,
-                cfg["model"],
-                params,
-                FOLLOWUP_SCHEMA,
-                adapter=cfg.get("adapter"),
-                meta={"study_id": int(t.study_id), "finding": t.name, "reason": t.reason},
-                report=report_text(row),
-                previous=answer_json(current, row),
-                finding=t.name,
-                reason=t.reason,
-            )
-        )
+        requests.append(followup_request(row, answer_json(current, row), t.name, t.reason, cfg, params))
     answers = ask(requests, cfg, args.cache, dry_run=args.dry_run) if requests else []
     if isinstance(answers, accounting.Estimate):
         write_estimate(answers, args.estimate)
@@ -168,12 +195,13 @@ def run_round(args, config) -> None:
             "converged": len(requests) == 0 or changed == 0,
         }
     ]
+    rejects = round_rejects(read_table(args.previous_rejects).to_pandas(), previous, merged, round_)
     write_table(pa.Table.from_pandas(merged, schema=FINDINGS, preserve_index=False), args.findings, FINDINGS)
+    write_table(pa.Table.from_pandas(rejects, schema=REJECTS, preserve_index=False), args.rejects, REJECTS)
     write_table(pa.Table.from_pandas(all_asked, schema=ASKED, preserve_index=False), args.asked, ASKED)
     write_table(pa.Table.from_pylist(stats, schema=LLM_FOLLOWUP_STATS), args.stats, LLM_FOLLOWUP_STATS)
-    new_requests = pa.Table.from_pylist(request_rows(answers, "followup", round_, cfg), schema=LLM_REQUESTS)
-    all_requests = pa.concat_tables([read_table(args.previous_requests).cast(LLM_REQUESTS), new_requests])
-    write_table(all_requests, args.requests, LLM_REQUESTS)
+    # This round's requests only, once each: the report adds the rounds up.
+    write_requests(request_rows(answers, "followup", round_, cfg), args.requests)
     log.info(
         "followup round %d: %d missed, %d disagreements, %d asked, %d answered, %d changed%s",
         round_,
@@ -184,7 +212,8 @@ def run_round(args, config) -> None:
         changed,
         " (fixpoint)" if stats[-1]["converged"] else "",
     )
-    summary(f"llm_followup round {round_}", len(answered_ids), len(answered_ids), 0)
+    n_out = merged["study_id"].nunique()
+    summary(f"llm_followup round {round_}", n_out + rejects["study_id"].nunique(), n_out, len(rejects))
 
 
 def main(argv=None) -> None:
@@ -198,17 +227,19 @@ def main(argv=None) -> None:
         "previous",
         "previous-asked",
         "previous-stats",
-        "previous-requests",
+        "keyinfo-requests",
+        "previous-rejects",
         "findings",
         "asked",
         "stats",
         "requests",
+        "rejects",
     ):
         p.add_argument(f"--{name}", required=True)
     p.add_argument("--estimate")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
-    run_round(args, json.loads(args.config))
+    run_round(args, load_config(args.config))
 
 
 if __name__ == "__main__":

@@ -19,16 +19,19 @@ import pyarrow as pa
 
 from workflow import cli
 from workflow.contract import FINDINGS, LLM_GOLD_SAMPLE
-from workflow.llm import accounting, build_request
+from workflow.llm import accounting
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import findings_frame, report_text, standardise_answer
 from workflow.llm.stages import (
     add_common_args,
     ask,
+    load_config,
     load_studies,
+    no_findings_reason,
     reject_reason,
     request_rows,
     stage_params,
+    stage_request,
     write_estimate,
     write_requests,
 )
@@ -85,6 +88,23 @@ def select_gold(
     )
 
 
+def gold_requests(config: dict, studies: pd.DataFrame, rules: pd.DataFrame | None) -> tuple[pd.DataFrame, list]:
+    """The gold sample and its teacher requests (the stage and the estimate both call this)."""
+    gcfg = config["llm"]["gold"]
+    cfg, params = stage_params(config, "gold")
+    sample = select_gold(
+        studies, rules, int(gcfg["n"]), int(gcfg["seed"]), read_exclusion(gcfg.get("exclude"))
+    )
+    by_id = studies.set_index("study_id", drop=False)
+    requests = [
+        stage_request(
+            TEMPLATE, FINDINGS_SCHEMA, cfg, params, {"study_id": int(sid)}, report=report_text(by_id.loc[sid].to_dict())
+        )
+        for sid in sample["study_id"]
+    ]
+    return sample, requests
+
+
 def main(argv=None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     add_common_args(p)
@@ -99,29 +119,15 @@ def main(argv=None) -> None:
     p.add_argument("--estimate", help="write the dry-run estimate here (JSON)")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
-    config = json.loads(args.config)
+    config = load_config(args.config)
     gcfg = config["llm"]["gold"]
     cfg, params = stage_params(config, "gold")
 
     studies = load_studies(args.sections, args.studies)
     rules = read_table(args.rules_findings).to_pandas() if args.rules_findings else None
-    sample = select_gold(
-        studies, rules, int(gcfg["n"]), int(gcfg["seed"]), read_exclusion(gcfg.get("exclude"))
-    )
+    sample, requests = gold_requests(config, studies, rules)
     log.info("gold: %d studies sampled from %d (seed %s)", len(sample), len(studies), gcfg["seed"])
     by_id = studies.set_index("study_id", drop=False)
-    requests = [
-        build_request(
-            TEMPLATE,
-            cfg["model"],
-            params,
-            FINDINGS_SCHEMA,
-            adapter=cfg.get("adapter"),
-            meta={"study_id": int(sid)},
-            report=report_text(by_id.loc[sid].to_dict()),
-        )
-        for sid in sample["study_id"]
-    ]
     answers = ask(requests, cfg, args.cache, dry_run=args.dry_run)
     if isinstance(answers, accounting.Estimate):
         write_estimate(answers, args.estimate)
@@ -134,9 +140,12 @@ def main(argv=None) -> None:
             if a.items is None:
                 rejects.add(sid, *reject_reason(a))
                 continue
-            rows += standardise_answer(
+            new = standardise_answer(
                 a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key
             )
+            if not new:  # a valid answer ("nothing found") that leaves no findings row: say so
+                rejects.add(sid, *no_findings_reason(a.items))
+            rows += new
             sft.write(
                 json.dumps(
                     {

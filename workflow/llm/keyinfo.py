@@ -7,7 +7,6 @@ cache), answers parsed and standardised. ``merge``: the shards become round 0 of
 
 from __future__ import annotations
 
-import json
 import logging
 
 import pandas as pd
@@ -15,7 +14,7 @@ import pyarrow as pa
 
 from workflow import cli
 from workflow.contract import AUDIT, FINDINGS, LLM_FOLLOWUP_STATS, LLM_REQUESTS, REJECTS, UNKNOWN_TERMS
-from workflow.llm import accounting, build_request
+from workflow.llm import accounting
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import (
     findings_frame,
@@ -28,10 +27,13 @@ from workflow.llm.followup import ASKED, empty_asked, followup_targets
 from workflow.llm.stages import (
     add_common_args,
     ask,
+    load_config,
     load_studies,
+    no_findings_reason,
     reject_reason,
     request_rows,
     stage_params,
+    stage_request,
     write_estimate,
     write_requests,
 )
@@ -49,17 +51,8 @@ def shard_requests(studies: pd.DataFrame, shard: int, shards: int, cfg: dict, pa
         if text is None:
             rejects.add(int(row["study_id"]), "no_findings_or_impression", "nothing to send to the LLM")
             continue
-        requests.append(
-            build_request(
-                TEMPLATE,
-                cfg["model"],
-                params,
-                FINDINGS_SCHEMA,
-                adapter=cfg.get("adapter"),
-                meta={"study_id": int(row["study_id"])},
-                report=text,
-            )
-        )
+        requests.append(stage_request(TEMPLATE, FINDINGS_SCHEMA, cfg, params, {"study_id": int(row["study_id"])},
+                                      report=text))
     return part, requests
 
 
@@ -79,9 +72,12 @@ def run_shard(args, config) -> None:
         if a.items is None:
             rejects.add(sid, *reject_reason(a))
             continue
-        rows += standardise_answer(
+        new = standardise_answer(
             a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key, audit=audit
         )
+        if not new:  # answered, nothing found: recorded, so every study is in the output or in rejects
+            rejects.add(sid, *no_findings_reason(a.items))
+        rows += new
     write_audit(audit, args.audit)
     write_table(
         pa.Table.from_pandas(findings_frame(rows), schema=FINDINGS, preserve_index=False),
@@ -136,8 +132,9 @@ def merge(args) -> None:
         "converged": False,
     }
     write_table(pa.Table.from_pylist([stats], schema=LLM_FOLLOWUP_STATS), args.stats, LLM_FOLLOWUP_STATS)
-    n_in = len(answered) + rejects.num_rows
-    summary("llm_keyinfo merge", n_in, len(answered), rejects.num_rows)
+    n_out = len(set(findings.column("study_id").to_pylist()))
+    n_rejected = len(set(rejects.column("study_id").to_pylist()))
+    summary("llm_keyinfo merge", n_out + n_rejected, n_out, n_rejected)
 
 
 def main(argv=None) -> None:
@@ -162,7 +159,7 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
     if args.command == "shard":
-        run_shard(args, json.loads(args.config))
+        run_shard(args, load_config(args.config))
     else:
         merge(args)
 

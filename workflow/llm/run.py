@@ -28,10 +28,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tqdm import tqdm
-
 from workflow.llm import accounting, guard
 from workflow.llm.cache import Cache, Result, export_requests, import_results
+from workflow.llm.progress import Progress
 from workflow.llm.request import Request, sha256_text
 
 log = logging.getLogger(__name__)
@@ -50,6 +49,8 @@ CLIENT_DEFAULTS = {
     "backoff_initial_s": 1.0,
     "backoff_max_s": 60.0,
     "max_consecutive_failures": 50,
+    "probe_timeout_s": 10.0,
+    "progress_s": 10.0,
 }
 BATCH_DEFAULTS = {
     "poll_interval_s": 30.0,
@@ -259,7 +260,7 @@ def _result_from_completion(req: Request, completion, attempts: int, cfg: dict, 
     )
 
 
-async def _openai_worker(queue, client, cfg, cache, limiter, stats, bar, stop):
+async def _openai_worker(queue, client, cfg, cache, limiter, stats, progress, stop):
     from openai.types.chat import ChatCompletion
 
     max_retries = int(cfg["max_retries"])
@@ -311,15 +312,7 @@ async def _openai_worker(queue, client, cfg, cache, limiter, stats, bar, stop):
                 f"{stats.consecutive_failures} requests in a row failed after retries "
                 f"(last: {result.error}); stopping. Completed answers are cached: re-run to continue."
             )
-        bar.update(1)
-        bar.set_postfix(
-            tok_in=stats.prompt_tokens,
-            tok_out=stats.completion_tokens,
-            usd=f"{stats.cost_usd:.3f}",
-            retries=stats.retries,
-            failed=stats.failed,
-            refresh=False,
-        )
+        progress.update()
 
 
 async def _run_openai_async(
@@ -330,33 +323,33 @@ async def _run_openai_async(
     queue: asyncio.Queue = asyncio.Queue(maxsize=4 * concurrency)
     limiter = RateLimiter(cfg.get("rpm"), cfg.get("tpm"))
     stop = asyncio.Event()
-    with tqdm(
-        total=n_pending, desc=f"llm {cfg.get('stage', '')}", unit="req", mininterval=1.0, smoothing=0.05
-    ) as bar:
-        workers = [
-            asyncio.create_task(_openai_worker(queue, client, cfg, cache, limiter, stats, bar, stop))
-            for _ in range(concurrency)
-        ]
+    progress = Progress(cfg.get("stage", ""), n_pending, stats, cached=stats.cached,
+                        terminal_s=float(cfg["progress_s"]), log_s=max(30.0, float(cfg["progress_s"])))
+    workers = [
+        asyncio.create_task(_openai_worker(queue, client, cfg, cache, limiter, stats, progress, stop))
+        for _ in range(concurrency)
+    ]
 
-        async def produce():
-            for req in pending:
-                await queue.put(req)
-            for _ in workers:
-                await queue.put(None)
+    async def produce():
+        for req in pending:
+            await queue.put(req)
+        for _ in workers:
+            await queue.put(None)
 
-        producer = asyncio.create_task(produce())
-        try:
-            done, _ = await asyncio.wait([producer, *workers], return_when=asyncio.FIRST_EXCEPTION)
-            for task in done:
-                if task.exception():
-                    raise task.exception()
-            await asyncio.gather(producer, *workers)
-        finally:
-            stop.set()
-            for task in (producer, *workers):
-                task.cancel()
-            await asyncio.gather(producer, *workers, return_exceptions=True)
-            await client.close()
+    producer = asyncio.create_task(produce())
+    try:
+        done, _ = await asyncio.wait([producer, *workers], return_when=asyncio.FIRST_EXCEPTION)
+        for task in done:
+            if task.exception():
+                raise task.exception()
+        await asyncio.gather(producer, *workers)
+    finally:
+        stop.set()
+        for task in (producer, *workers):
+            task.cancel()
+        await asyncio.gather(producer, *workers, return_exceptions=True)
+        await client.close()
+        progress.close()
 
 
 def _run_batch(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats) -> None:
@@ -394,17 +387,18 @@ def _run_batch(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats)
                 "%d batch(es) in flight; wait=false, so re-run the rule to collect them", len(open_batches)
             )
             return
-        with tqdm(total=len(open_batches), desc="batches", unit="batch") as bar:
-            while open_batches:
-                for batch_id, keys in list(open_batches):
-                    batch = client.batches.retrieve(batch_id)
-                    if batch.status not in ("completed", "failed", "expired", "cancelled"):
-                        continue
-                    _collect_batch(client, batch, keys, cfg, cache)
-                    open_batches.remove((batch_id, keys))
-                    bar.update(1)
-                if open_batches:
-                    time.sleep(float(bcfg["poll_interval_s"]))
+        print(f"llm {cfg.get('stage', '')}: waiting for {len(open_batches)} batch(es)", flush=True)
+        while open_batches:
+            for batch_id, keys in list(open_batches):
+                batch = client.batches.retrieve(batch_id)
+                if batch.status not in ("completed", "failed", "expired", "cancelled"):
+                    continue
+                _collect_batch(client, batch, keys, cfg, cache)
+                open_batches.remove((batch_id, keys))
+                print(f"llm {cfg.get('stage', '')}: batch {batch_id} {batch.status}, "
+                      f"{len(open_batches)} still open", flush=True)
+            if open_batches:
+                time.sleep(float(bcfg["poll_interval_s"]))
         if not cache.pending(by_key):
             break
 
@@ -518,6 +512,9 @@ def run_requests(
         pending_set = set(pending_keys)
         pending = [r for r in {r.key: r for r in requests}.values() if r.key in pending_set]
         if pending:
+            from workflow.llm.probe import probe  # (imports this module)
+
+            probe(cfg)  # seconds, not minutes of retries, when the URL or key is wrong
             if executor == "openai":
                 asyncio.run(_run_openai_async(iter(pending), len(pending), cfg, cache, stats))
             elif executor == "batch":

@@ -14,7 +14,7 @@ from workflow.contract import LLM_REQUESTS
 from workflow.llm import accounting
 from workflow.llm.answers import extract_json, findings_of
 from workflow.llm.cache import Result
-from workflow.llm.request import Request
+from workflow.llm.request import Request, build_request
 from workflow.llm.run import load_executor_config, run_requests
 from workflow.tables import read_table, write_table
 
@@ -22,11 +22,23 @@ log = logging.getLogger(__name__)
 
 
 def add_common_args(p) -> None:
-    p.add_argument("--config", required=True, help="JSON of the workflow config (corpus + llm sections)")
+    p.add_argument(
+        "--config", required=True, help="the stage's settings (corpus + llm sections): a JSON file, or JSON text"
+    )
     p.add_argument("--cache", required=True, help="the response cache (SQLite)")
     p.add_argument(
         "--dry-run", action="store_true", help="print the estimate (requests, tokens, cost) and stop"
     )
+
+
+def load_config(value: str) -> dict:
+    """``--config``: a JSON file (what the rules pass) or JSON text (tests, one-off calls)."""
+    if value.lstrip().startswith("{"):
+        return json.loads(value)
+    try:
+        return json.loads(Path(value).read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"--config {value}: no such settings file (the workflow writes it when a run starts)") from None
 
 
 def load_studies(sections_path, studies_path) -> pd.DataFrame:
@@ -42,6 +54,12 @@ def stage_params(config: dict, stage: str) -> tuple[dict, dict]:
     stage_cfg = config["llm"][stage]
     params = {"temperature": stage_cfg.get("temperature", 0), "max_tokens": stage_cfg.get("max_tokens", 1500)}
     return cfg, params
+
+
+def stage_request(template: str, schema: dict, cfg: dict, params: dict, meta: dict, **variables) -> Request:
+    """The one way every LLM stage (and the estimate) builds a request: the stage endpoint's model and
+    adapter (the adapter is part of the key), the stage's parameters, the answer schema."""
+    return build_request(template, cfg["model"], params, schema, adapter=cfg.get("adapter"), meta=meta, **variables)
 
 
 class PendingRequestsError(RuntimeError):
@@ -127,6 +145,13 @@ def reject_reason(a: Answer) -> tuple[str, str]:
     if a.result.status == "failed":
         return "llm_failed", a.result.error or ""
     return "llm_unusable_answer", a.parse_error or ""
+
+
+def no_findings_reason(items: list[dict]) -> tuple[str, str]:
+    """Why a usable answer left a study without findings rows (a recorded outcome, not an error)."""
+    if not items:
+        return "llm_no_findings", "the model's answer lists no findings"
+    return "llm_findings_dropped", f"standardisation kept none of the {len(items)} answer items"
 
 
 def write_estimate(est: accounting.Estimate, path: str | Path | None) -> None:
