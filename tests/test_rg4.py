@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -13,7 +14,17 @@ from workflow_run import demo_corpus, prepare_workdir, run_snakemake
 from workflow.contract import IMAGES, RG4_COUNTS, RG4_RECORDS, RG4_REWRITE_STATS, SECTIONS, STUDIES
 from workflow.keyinfo.extract import label_vector
 from workflow.rg4 import build as rg4
-from workflow.rg4.rewrite import RulesRewriter, check, detect, load_rules, split_sentences
+from workflow.rg4.rewrite import (
+    RULES_PATH,
+    RewriteCorruption,
+    RulesRewriter,
+    check,
+    detect,
+    load_rules,
+    split_sentences,
+    tokens,
+    whole_words,
+)
 from workflow.tables import read_table, write_table
 
 RULES = load_rules()
@@ -269,6 +280,79 @@ def test_rewrite_categories(scenario, sentence, expected):
         assert label_vector(got) == label_vector(sentence)
 
 
+CORPUS = Path(__file__).parent / "data" / "rg4_rewrite_corpus.tsv"
+
+
+def read_corpus() -> list[tuple[str, str, str]]:
+    rows = []
+    for line in CORPUS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            scenario, sentence, expected = line.split("\t")
+            rows.append((scenario, sentence, expected))
+    return rows
+
+
+def test_rewrite_corpus_covers_every_category():
+    rows = read_corpus()
+    flagged = [(sc, s) for sc, s, _ in rows if detect(s)]
+    assert len(flagged) >= 100
+    for cat in ("pc", "pp", "comm", "view"):
+        assert sum(cat in detect(s) for _, s in flagged) >= 10, cat
+    assert {sc for sc, _ in flagged} == {"sn", "sw", "mn", "mw"}
+
+
+@pytest.mark.parametrize(("scenario", "sentence", "expected"), read_corpus())
+def test_rewrite_corpus(scenario, sentence, expected):
+    """Whole words only, the finding kept where the comparison / procedure / view goes, and nothing that
+    is not a word of the sentence or of a rule's replacement."""
+    removes = REMOVES[scenario]
+    edit = RulesRewriter(label_vector=label_vector).text(sentence, removes)
+    assert edit.foreign is None
+    if expected == "<removed>":
+        assert edit.text is None and not edit.lost_finding
+    elif expected == "<dropped>":
+        assert edit.text is None and edit.lost_finding
+    else:
+        assert edit.text == expected
+        assert not detect(edit.text, removes)
+        replacement_words = {"no", "is", "are", "present", "there", "changes", "of", "the", "frontal", "view"}
+        assert tokens(edit.text) <= tokens(sentence) | replacement_words | {"demonstrates", "shows"}
+
+
+def test_rules_match_whole_words_only():
+    pattern = re.compile(whole_words(r"\s*compared\s+to\s+prior\s+(?:exam|examination)"))
+    assert pattern.sub("", "Stable compared to prior examination.") == "Stable."
+    # a pattern that can only match inside a word does not match at all
+    assert not re.compile(whole_words("exam")).search("examination")
+    assert not re.compile(whole_words("ination")).search("examination")
+
+
+def test_a_corrupting_rule_fails_the_rule(tmp_path):
+    """A rule that glues two words ("stable" + "exam") raises, naming the study, the token and the rule."""
+    import yaml
+
+    data = yaml.safe_load(RULES_PATH.read_text())
+    data["rephrase"]["pc"].insert(0, {"kind": "sub", "find": r"\s+compared\s+to\s+prior\s+", "to": ""})
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    rows = [
+        _study(
+            5,
+            51,
+            "train",
+            datetime(2150, 1, 1),
+            "Eventration of the right hemidiaphragm is stable compared to prior exam.",
+            None,
+            images=[("x", "PA")],
+        )
+    ]
+    st, im, sec = (t.to_pandas() for t in tables(rows))
+    runner = rg4.RulesJobRunner(label_vector)
+    runner.rewriter = RulesRewriter(load_rules(str(bad)), label_vector=label_vector)
+    with pytest.raises(RewriteCorruption, match=r"study 51 \(sn\).*'stableexam'.*rephrase\.pc\[0\]"):
+        rg4.build(st, im, sec, runner)
+
+
 def test_numbered_impression_is_renumbered():
     text = "1. No change compared to the prior study. 2. Stable small left effusion. 3. Mild edema."
     assert RulesRewriter().text(text, REMOVES["sn"]).text == "1. Small left effusion. 2. Mild edema."
@@ -292,8 +376,9 @@ def test_check_catches_residue_and_label_changes():
 
 
 def test_label_check_drops_a_study_with_a_reason(tmp_path):
-    # the rules cannot rephrase "Previous left pleural effusion." and remove it, which loses the label →
-    # the study is dropped from sn/mn with a reason and kept in sw, where comparisons stay
+    # sn removes "Heart and mediastinum are stable with normal size heart." (nothing absolute is left of
+    # it), which loses the negative cardiomegaly label → s12 leaves sn with a reason, and with it sw
+    # (nested: SW ⊆ SN) although its sw target, where comparisons stay, is fine
     rows = [
         _study(1, 11, "train", datetime(2150, 1, 1), "Left pleural effusion.", None, images=[("a", "PA")]),
         _study(
@@ -301,17 +386,73 @@ def test_label_check_drops_a_study_with_a_reason(tmp_path):
             12,
             "train",
             datetime(2150, 2, 1),
-            "Previous left pleural effusion. Heart size is normal.",
+            "Heart and mediastinum are stable with normal size heart. No pneumothorax.",
             None,
             images=[("b", "PA")],
         ),
     ]
     out = run_rule(tmp_path, rows)
-    assert 12 in members(out, "sw") and 12 not in members(out, "sn")
+    assert 12 not in members(out, "sn") and 12 not in members(out, "sw")
     reasons = {(r["study_id"], r["reason"]) for r in read_table(out / "rejects.parquet").to_pylist()}
-    assert (12, "sn:labels_changed") in reasons
+    assert {(12, "sn:labels_changed"), (12, "sw:not_in_sn")} <= reasons
     counts = {(r["scenario"], r["split"]): r for r in read_table(out / "counts.parquet").to_pylist()}
     assert counts[("sn", "train")]["rejected"] == 1 and counts[("sn", "train")]["records"] == 1
+    assert counts[("sw", "train")]["rejected"] == 1 and counts[("sw", "train")]["records"] == 0
+
+
+def test_scenarios_are_nested_by_study(tmp_path):
+    """MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN, as released, also when the check drops a study from one scenario:
+    s22 names a finding sn/mn cannot keep ("Previous left pleural effusion.") and leaves all four; s23 is
+    rewritten differently per scenario and stays in every one."""
+    lateral_pa = [("f", "PA"), ("l", "LATERAL")]
+    rows = [
+        _study(2, 21, "train", datetime(2150, 1, 1), "Left pleural effusion.", None, images=lateral_pa),
+        _study(
+            2,
+            22,
+            "train",
+            datetime(2150, 2, 1),
+            "Previous left pleural effusion. Heart size is normal.",
+            "Stable mild cardiomegaly.",
+            images=[("g", "PA"), ("m", "LATERAL")],
+        ),
+        _study(
+            2,
+            23,
+            "train",
+            datetime(2150, 3, 1),
+            "Mild cardiomegaly is unchanged. PA and lateral views were obtained.",
+            "Findings were discussed with Dr. ___ at 10:15.",
+            images=[("h", "PA"), ("n", "LATERAL")],
+        ),
+    ]
+    out = run_rule(tmp_path, rows)
+    got = {s: set(members(out, s)) for s in ("sn", "sw", "mn", "mw")}
+    assert got == {"sn": {21, 23}, "sw": {23}, "mn": {21, 23}, "mw": {23}}
+    reasons = {(r["study_id"], r["reason"]) for r in read_table(out / "rejects.parquet").to_pylist()}
+    assert {(22, "sn:finding_removed"), (22, "mn:finding_removed"), (22, "sw:not_in_sn")} <= reasons
+    assert (22, "mw:not_in_sw_and_mn") in reasons
+    # s23's target differs per scenario, but the study is in each one
+    assert members(out, "sw")[23]["finding"] == "Mild cardiomegaly is unchanged."
+    assert members(out, "mn")[23]["finding"] == "Mild cardiomegaly is present. PA and lateral views were obtained."
+
+
+def test_nesting_violations_fail_the_rule(tmp_path):
+    from workflow.rg4.scenarios import nest, nesting_problems
+
+    assert nesting_problems({"sn": {1, 2}, "sw": {2}, "mn": {1}, "mw": set()}) == []
+    problems = nesting_problems({"sn": {1}, "sw": {1, 7}, "mn": set(), "mw": {1}})
+    assert problems == ["SW ⊄ SN: 1 studies (e.g. study_id 7)", "MW ⊄ SW ∩ MN: 1 studies (e.g. study_id 1)"]
+    nested, lost = nest({"sn": {1}, "sw": {1, 7}, "mn": {1, 8}, "mw": {1, 7, 8}})
+    assert nested == {"sn": {1}, "sw": {1}, "mn": {1}, "mw": {1}} and lost["mw"] == {7, 8}
+    # a table set that is not nested (here: sn emptied after the build) is refused before anything is written
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
+    result.tables["sn"] = result.tables["sn"].slice(0, 0)
+    paths = rg4.OutputPaths.in_dir(tmp_path)
+    with pytest.raises(rg4.ConsistencyError, match=r"SW ⊄ SN: 3 studies \(e\.g\. study_id 102, 104, 402\)"):
+        rg4.write_outputs(result, paths)
+    assert not paths.json["sw"].exists()
 
 
 def test_loader_json_fields_and_sentinels(built):

@@ -9,9 +9,10 @@ Outputs (``--outdir``, or each path given):
 * ``counts.parquet`` (scenario × split, ``contract.RG4_COUNTS``), ``rewrite_stats.parquet`` (share of
   sentences removed/rephrased per scenario × category, ``contract.RG4_REWRITE_STATS``), ``rejects.parquet``.
 
-Every study ends in at least one scenario table or in rejects (reasons: not eligible, or
-``<scenario>:<check failure>`` for each scenario it was dropped from). The consistency checks (MW ⊆ SW ∩
-MN, no subject in two splits, unique ids, finding/impression not both missing) raise, failing the rule.
+Every study ends in at least one scenario table or in rejects (reasons: not eligible,
+``<scenario>:<check failure>`` for each scenario its target failed in, or ``<scenario>:not_in_<parents>``
+where nesting removed it). The consistency checks (nesting by study: MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN; no
+subject in two splits, unique ids, finding/impression not both missing) raise, failing the rule.
 """
 
 from __future__ import annotations
@@ -39,8 +40,17 @@ from workflow.rg4.rewrite import (
     check_edits,
     load_rules,
     normalise_space,
+    raise_if_corrupt,
 )
-from workflow.rg4.scenarios import attach_priors, eligible_studies, relative_to_files, scenario_members
+from workflow.rg4.scenarios import (
+    PARENTS,
+    attach_priors,
+    eligible_studies,
+    nest,
+    nesting_problems,
+    relative_to_files,
+    scenario_members,
+)
 from workflow.tables import Rejects, read_table, summary, write_table
 
 log = logging.getLogger(__name__)
@@ -145,6 +155,7 @@ class RulesJobRunner:
             job = jobs[k]
             f = rw.text(job.finding, job.removes)
             i = rw.text(job.impression, job.removes)
+            raise_if_corrupt((f, i), job.study_id, job.scenario)
             reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
             removed = f.removed + i.removed if f.removed or i.removed else f.removed
             rephrased = f.rephrased + i.rephrased if f.rephrased or i.rephrased else f.rephrased
@@ -324,10 +335,8 @@ def loader_records(table: pa.Table, scenario: str, label_sections: bool = False)
 
 def consistency_problems(tables: dict[str, pa.Table]) -> list[str]:
     """Every broken invariant (empty list when the scenario tables are consistent)."""
-    problems = []
     ids = {s: set(t.column("study_id").to_pylist()) for s, t in tables.items()}
-    if not ids["mw"] <= ids["sw"] & ids["mn"]:
-        problems.append(f"MW ⊄ SW ∩ MN: {len(ids['mw'] - (ids['sw'] & ids['mn']))} studies")
+    problems = nesting_problems(ids)
     subject_splits: dict[int, set] = {}
     for scenario, t in tables.items():
         df = t.select(["split", "id", "subject_id", "finding", "impression"]).to_pandas()
@@ -400,17 +409,20 @@ def build(
         else:
             rejects.add(job.study_id, f"{scenario}:{outcome.reason}")
 
-    # MW ⊆ SW ∩ MN: a study dropped from sw or mn by its check leaves mw too
+    # nested as released (MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN): a study dropped from a scenario by its check
+    # leaves every scenario that refines it, with the reason "<scenario>:not_in_<parents>"
     kept = {s: {cols.study_id[p] for p in by_scenario[s][0]} for s in RG4_SCENARIOS}
-    allowed = kept["sw"] & kept["mn"]
-    mw_pos, mw_out = [], []
-    for pos, outcome in zip(*by_scenario["mw"], strict=True):
-        if cols.study_id[pos] in allowed:
-            mw_pos.append(pos)
-            mw_out.append(outcome)
-        else:
-            rejects.add(cols.study_id[pos], "mw:not_in_sw_and_mn")
-    by_scenario["mw"] = (mw_pos, mw_out)
+    nested, _ = nest(kept)
+    for scenario in RG4_SCENARIOS:
+        reason = f"{scenario}:not_in_{'_and_'.join(PARENTS[scenario])}"
+        positions, outs = [], []
+        for pos, outcome in zip(*by_scenario[scenario], strict=True):
+            if cols.study_id[pos] in nested[scenario]:
+                positions.append(pos)
+                outs.append(outcome)
+            else:
+                rejects.add(cols.study_id[pos], reason)
+        by_scenario[scenario] = (positions, outs)
 
     tables = {s: scenario_table(cols, pos, s, outs, runner.name) for s, (pos, outs) in by_scenario.items()}
     counts = {"scenario": [], "split": [], "records": [], "rejected": []}
@@ -476,7 +488,7 @@ def write_outputs(
 ) -> None:
     problems = consistency_problems(result.tables)
     if problems:
-        raise ConsistencyError("; ".join(problems))
+        raise ConsistencyError("the rg4 scenario tables break MIMIC-RG4's invariants: " + "; ".join(problems))
     _WRITE.update(result=result, paths=paths, label_sections=label_sections)
     try:
         if workers > 1:  # four independent files: encode and write them on forked processes
