@@ -492,8 +492,23 @@ def test_loader_json_fields_and_sentinels(built):
     assert sn[101]["indication"] == "Cough." and sn[101]["history"] == 0
     assert sn[102]["impression"] == "s" and sn[102]["history"] == "Fever."
     val = {r["study_id"]: r for r in data["sw"]["val"]}
-    assert val[402]["last_finding"] == "s" and val[402]["last_impression"] == "Low lung volumes."
+    assert val[402]["last_finding"] == "s" and val[402]["last_impression"] == "impression: Low lung volumes."
     assert isinstance(sn[101]["indication"], str) and isinstance(sn[102]["indication"], int)
+    # section labels by default, as in the released files: the loader's target and cleaner then give
+    # "finding : ... impression : ..." (reference §2.3, §4.3)
+    assert sn[104]["finding"] == "finding: Small left pleural effusion."
+    assert sn[104]["impression"] == "impression: Small left pleural effusion."
+    assert loader_target(sn[104]) == "finding : small left pleural effusion . impression : small left pleural effusion ."
+    assert loader_target(sn[102]) == "finding : mild cardiomegaly . the lungs are clear ."
+
+
+def loader_target(rec: dict) -> str:
+    """The training target LLM-RG4's loader builds from a record: sections joined, the "s" sentinel
+    skipped, then the R2Gen MIMIC cleaner."""
+    from workflow.exports.cleaners import clean_mimic
+
+    parts = [rec[k] for k in ("finding", "impression") if rec[k] != "s"]
+    return clean_mimic(" ".join(parts))
 
 
 def test_counts_and_rewrite_stats(built):
@@ -514,9 +529,11 @@ def test_counts_and_rewrite_stats(built):
 
 
 def test_label_sections_option(tmp_path):
-    out = run_rule(tmp_path, patients()[:2], extra=["--label-sections"])
+    out = run_rule(tmp_path, patients()[:2], extra=["--no-label-sections"])
     rec = json.loads((out / rg4.JSON_FILES["sn"]).read_text())["train"][0]
-    assert rec["finding"].startswith("finding: ") and rec["impression"].startswith("impression: ")
+    assert rec["finding"] == "Mild cardiomegaly." and rec["impression"] == "No acute process."
+    notes = json.loads((out / "build_notes.json").read_text())
+    assert any(line.startswith("Section prefixes (rg4.label_sections: false)") for line in notes)
 
 
 def test_consistency_checks_fail_the_rule(tmp_path):
@@ -628,3 +645,61 @@ def test_real_reports_keep_most_studies(tmp_path):
             assert not detect(
                 " ".join(t for t in (rec["finding"], rec["impression"]) if t), REMOVES[scenario]
             )
+
+
+def test_release_card_states_the_corpus_used(tmp_path):
+    """An IU-like build (one study per patient: no priors) released with the RG4 card: HF split names
+    with the original kept in `split`, only sn/mn advertised, no official-split claim, text-generation /
+    image-to-text, the build notes quoted, no absolute paths."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from workflow import cards
+
+    rows = [
+        _study(100 + k, 1000 + k, split, datetime(2150, 1, 1), "Mild cardiomegaly.", "No edema.",
+               images=[(f"f{k}", "PA")] + ([(f"l{k}", "LATERAL")] if k % 2 else []))
+        for k, split in enumerate(["train", "train", "validate", "validate", "test", "test"])
+    ]
+    out = run_rule(tmp_path, rows)
+    config = {
+        "corpus": {"format": "iu", "iu": {"reports": "/somewhere/private/indiana_reports.csv"}},
+        "rg4": {"label_sections": True},
+        "llm": {"backend": "rules"},
+        "outdir": str(tmp_path / "results"),
+    }
+    release = tmp_path / "release"
+    (release / "sn").mkdir(parents=True)
+    (release / "sn" / "val-00000-of-00001.parquet").write_bytes(b"stale")  # from an older build
+    cards.main(
+        [f"--table={s}={out / f'rg4_{s}.parquet'}" for s in ("sn", "sw", "mn", "mw")]
+        + ["--spec", "mimic_rg4", "--config-json", json.dumps(config), "--corpus-format", "iu"]
+        + ["--notes", str(out / "build_notes.json"), "--out", str(release)]
+    )
+    text = (release / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["task_categories"] == ["text-generation", "image-to-text"]
+    assert [c["config_name"] for c in header["configs"]] == ["sn", "mn"]
+    assert {d["split"] for c in header["configs"] for d in c["data_files"]} == {"train", "validation", "test"}
+    assert sorted(p.name for p in (release / "sn").iterdir()) == [
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00001.parquet",
+        "validation-00000-of-00001.parquet",
+    ]
+    assert set(pq.read_table(release / "sn" / "validation-00000-of-00001.parquet")["split"].to_pylist()) == {"val"}
+    assert 'load_dataset("<this folder>", "sw")' not in text and 'load_dataset("<this folder>", "mn")' in text
+    assert "Empty in this build, so not published: sw, mw." in text
+    assert "IU X-Ray" in text and "MIMIC-CXR 2.0.0" not in text and "official patient-level split" not in text
+    assert "Section prefixes (rg4.label_sections: true)" in text
+    assert "/somewhere" not in text and str(tmp_path) not in text and "outdir" not in text
+    assert "…/indiana_reports.csv" in text
+
+
+def test_release_card_for_mimic_states_the_official_split():
+    from workflow import cards
+
+    spec = cards.CardSpec(**__import__("yaml").safe_load((cards.CARD_SPECS / "mimic_rg4.yaml").read_text()))
+    mimic = spec.for_corpus("mimic")
+    assert "official patient-level split" in mimic.description and mimic.sources == spec.sources
+    demo = spec.for_corpus("demo")
+    assert "synthetic demo corpus" in demo.description and "MIMIC-CXR 2.0.0" not in " ".join(demo.sources)

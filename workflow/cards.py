@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,7 +24,7 @@ from workflow.tables import atomic_path
 
 log = logging.getLogger(__name__)
 
-SPLIT_ORDER = ("train", "validate", "val", "test")
+SPLIT_ORDER = ("train", "validation", "validate", "val", "test")
 CARD_SPECS = Path(__file__).parent / "release_cards"  # title, description, sources, column meanings
 
 MIMIC_LICENCE = (
@@ -49,6 +49,28 @@ class CardSpec:
     sources: list[str]
     columns: dict[str, str] = field(default_factory=dict)  # column -> meaning
     build_command: str = "snakemake --cores all"
+    task_categories: list[str] = field(default_factory=lambda: ["visual-question-answering", "image-to-text"])
+    # a split value -> its Hugging Face split name in the release (files, card); the table keeps the value
+    split_names: dict[str, str] = field(default_factory=dict)
+    # the top-level configuration keys the card quotes (None: all of them)
+    config_keys: list[str] | None = None
+    # per corpus ("mimic" / "iu" / "demo"): {sources: [...] replacing `sources`, note: a paragraph,
+    # columns: {column: meaning} overriding `columns`}; what the card says must match the corpus it was built from
+    corpus: dict[str, dict] = field(default_factory=dict)
+
+    def for_corpus(self, kind: str | None) -> CardSpec:
+        """This spec with the ``corpus[kind]`` overrides applied (the note goes into the description)."""
+        over = self.corpus.get(kind or "", {})
+        if not over:
+            return self
+        description = self.description + ("\n\n" + over["note"].strip() if over.get("note") else "")
+        return replace(
+            self,
+            description=description,
+            sources=over.get("sources", self.sources),
+            columns={**self.columns, **over.get("columns", {})},
+            corpus={},
+        )
 
 
 def licence_text(corpus_format: str, corpus_is_demo: bool) -> str:
@@ -57,17 +79,38 @@ def licence_text(corpus_format: str, corpus_is_demo: bool) -> str:
     return MIMIC_LICENCE if corpus_format == "mimic" else IU_LICENCE
 
 
-def _split_files(table: pa.Table, config_dir: Path) -> dict[str, int]:
-    """Write one Parquet file per split value; return row counts per split."""
+def portable_paths(value, cwd: Path | None = None):
+    """``value`` (a parsed configuration) with every absolute path made relative to ``cwd`` (default: the
+    working directory) or, outside it, cut to ``…/<name>``: a card must not carry one machine's paths."""
+    cwd = cwd or Path.cwd()
+    if isinstance(value, dict):
+        return {k: portable_paths(v, cwd) for k, v in value.items()}
+    if isinstance(value, list):
+        return [portable_paths(v, cwd) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        path = Path(value)
+        return str(path.relative_to(cwd)) if path.is_relative_to(cwd) else f"…/{path.name}"
+    return value
+
+
+def _split_files(table: pa.Table, config_dir: Path, split_names: dict[str, str] | None = None) -> dict[str, int]:
+    """Write one Parquet file per split value (named by its release split name); return row counts per
+    release split. Split files of an earlier build that this one does not write are removed (a stale
+    ``val-*`` next to a new ``validation-*`` would be loaded as a fourth split)."""
     config_dir.mkdir(parents=True, exist_ok=True)
+    names = split_names or {}
     splits = [s for s in pc.unique(table["split"]).to_pylist() if s is not None]
     splits.sort(key=lambda s: (SPLIT_ORDER.index(s) if s in SPLIT_ORDER else len(SPLIT_ORDER), s))
     counts = {}
     for split in splits:
         part = table.filter(pc.equal(table["split"], split))
-        with atomic_path(config_dir / f"{split}-00000-of-00001.parquet") as tmp:
+        name = names.get(split, split)
+        with atomic_path(config_dir / f"{name}-00000-of-00001.parquet") as tmp:
             pq.write_table(part, tmp, compression="zstd")
-        counts[split] = part.num_rows
+        counts[name] = part.num_rows
+    for stale in config_dir.glob("*-00000-of-00001.parquet"):
+        if stale.name.split("-00000-of-")[0] not in counts:
+            stale.unlink()
     return counts
 
 
@@ -83,11 +126,12 @@ def render_card(
     schema: pa.Schema,
     licence: str,
     config_snippet: str,
+    notes: list[str] | None = None,
 ) -> str:
     header = {
         "pretty_name": spec.title,
         "license": "other",
-        "task_categories": ["visual-question-answering", "image-to-text"],
+        "task_categories": list(spec.task_categories),
         "configs": [
             {
                 "config_name": name,
@@ -97,8 +141,11 @@ def render_card(
             if split_counts  # an empty configuration (e.g. RG4's sw/mw on IU, which has no priors) has no files
         ],
     }
-    splits = sorted({s for c in counts.values() for s in c}, key=lambda s: SPLIT_ORDER.index(s))
+    order = SPLIT_ORDER + tuple(sorted({s for c in counts.values() for s in c} - set(SPLIT_ORDER)))
+    splits = sorted({s for c in counts.values() for s in c}, key=order.index)
     count_rows = [[name] + [c.get(s, 0) for s in splits] + [sum(c.values())] for name, c in counts.items()]
+    built = [name for name, c in counts.items() if c]
+    empty = [name for name, c in counts.items() if not c]
     schema_rows = [[f"`{f.name}`", f"`{f.type}`", spec.columns.get(f.name, "")] for f in schema]
     sections = [
         "---\n" + yaml.safe_dump(header, sort_keys=False) + "---",
@@ -107,11 +154,14 @@ def render_card(
         "## Sources\n" + "\n".join(f"- {s}" for s in spec.sources),
         "## How it was built\n"
         f"Built by the chest X-ray dataset factory with `{spec.build_command}` and this configuration:\n\n"
-        f"```yaml\n{config_snippet.strip()}\n```",
+        f"```yaml\n{config_snippet.strip()}\n```"
+        + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else ""),
         "## Loading\n```python\nfrom datasets import load_dataset\n"
-        + "\n".join(f'{n} = load_dataset("<this folder>", "{n}")' for n in counts)
+        + "\n".join(f'{n} = load_dataset("<this folder>", "{n}")' for n in built)
         + "\n```",
-        "## Counts\n" + _markdown_table(["config", *splits, "total"], count_rows),
+        "## Counts\n"
+        + _markdown_table(["config", *splits, "total"], count_rows)
+        + (f"\n\nEmpty in this build, so not published: {', '.join(empty)}." if empty else ""),
         "## Schema\n" + _markdown_table(["column", "type", "meaning"], schema_rows),
         "## Licence\n" + licence,
     ]
@@ -124,17 +174,19 @@ def write_release(
     spec: CardSpec,
     licence: str,
     config_snippet: str,
+    notes: list[str] | None = None,
 ) -> dict[str, dict[str, int]]:
-    """Split each table by ``split`` into the release folder and write its card; return the counts."""
+    """Split each table by ``split`` into the release folder and write its card; return the counts.
+    ``notes``: lines on how this build was made (e.g. RG4's section prefixes), quoted in the card."""
     out_dir = Path(out_dir)
     counts, schema = {}, None
     for name, path in tables.items():
         table = pq.read_table(path)
         if "split" not in table.column_names:
             raise ValueError(f"{path}: a released table needs a `split` column")
-        counts[name] = _split_files(table, out_dir / name)
+        counts[name] = _split_files(table, out_dir / name, spec.split_names)
         schema = schema or table.schema
-    card = render_card(spec, counts, schema, licence, config_snippet)
+    card = render_card(spec, counts, schema, licence, config_snippet, notes)
     with atomic_path(out_dir / "README.md") as tmp:
         tmp.write_text(card)
     log.info("release %s: %s", out_dir, json.dumps(counts))
@@ -148,19 +200,25 @@ def main(argv=None) -> None:
     p.add_argument("--config-json", required=True, help="the run's effective configuration, quoted in the card")
     p.add_argument("--corpus-format", default="mimic")
     p.add_argument("--demo", action="store_true", help="the corpus is the synthetic demo")
+    p.add_argument("--notes", help="a JSON file with a list of lines on how the data was built")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     tables = dict(item.split("=", 1) for item in args.table)
     spec_path = Path(args.spec) if Path(args.spec).is_file() else CARD_SPECS / f"{args.spec}.yaml"
     spec = CardSpec(**yaml.safe_load(spec_path.read_text()))
+    spec = spec.for_corpus("demo" if args.demo else args.corpus_format)
     config = json.loads(args.config_json)
+    if spec.config_keys is not None:
+        config = {k: config[k] for k in spec.config_keys if k in config}
+    notes = json.loads(Path(args.notes).read_text()) if args.notes else None
     write_release(
         tables,
         args.out,
         spec,
         licence_text(args.corpus_format, args.demo),
-        yaml.safe_dump(config, sort_keys=False),
+        yaml.safe_dump(portable_paths(config), sort_keys=False, allow_unicode=True),
+        notes,
     )
 
 

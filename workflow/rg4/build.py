@@ -17,6 +17,7 @@ subject in two splits, unique ids, finding/impression not both missing) raise, f
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import logging
@@ -300,10 +301,17 @@ def scenario_table(
     return pa.Table.from_pydict(data, schema=RG4_RECORDS)
 
 
-def loader_records(table: pa.Table, scenario: str, label_sections: bool = False) -> dict[str, list[dict]]:
+# The released MIMIC-RG4 targets carry section labels (reference/mimic_rg4.md §2.2, §4.3: LLM-RG4's
+# outputs and references read "finding : ... impression : ..." after the R2Gen cleaner, and its DiscBERT
+# test path builds 'finding: ' + f + 'impression: ' + i), so the JSON files carry them by default
+# (config rg4.label_sections); the prior report (last_*) is written the same way.
+SECTION_PREFIXES = ("finding: ", "impression: ")
+
+
+def loader_records(table: pa.Table, scenario: str, label_sections: bool = True) -> dict[str, list[dict]]:
     """The LLM-RG4 JSON of one scenario: exact field names and sentinels. ``label_sections`` prefixes
-    targets with ``finding: `` / ``impression: `` (the released files appear to carry such labels)."""
-    fp, ip = ("finding: ", "impression: ") if label_sections else ("", "")
+    findings and impressions (targets and prior report) with ``SECTION_PREFIXES``."""
+    fp, ip = SECTION_PREFIXES if label_sections else ("", "")
     out: dict[str, list[dict]] = {split: [] for split in RG4_SPLITS}
     with_prior = scenario in ("sw", "mw")
     with_lateral = scenario in ("mn", "mw")
@@ -326,8 +334,9 @@ def loader_records(table: pa.Table, scenario: str, label_sections: bool = False)
         if with_lateral:
             rec["lateral_imagepath"] = c["lateral_imagepath"][k]
         if with_prior:
-            rec["last_finding"] = c["last_finding"][k] or MISSING_SECTION
-            rec["last_impression"] = c["last_impression"][k] or MISSING_SECTION
+            last_finding, last_impression = c["last_finding"][k], c["last_impression"][k]
+            rec["last_finding"] = fp + last_finding if last_finding else MISSING_SECTION
+            rec["last_impression"] = ip + last_impression if last_impression else MISSING_SECTION
             rec["last_APPA_imagepath"] = c["last_APPA_imagepath"][k]
         out[c["split"][k]].append(rec)
     return out
@@ -461,6 +470,7 @@ class OutputPaths:
     counts: Path
     stats: Path
     rejects: Path
+    notes: Path  # build_notes.json: how the files were made, one line each (quoted in the dataset card)
 
     @classmethod
     def in_dir(cls, outdir: Path) -> OutputPaths:
@@ -470,6 +480,7 @@ class OutputPaths:
             outdir / "counts.parquet",
             outdir / "rewrite_stats.parquet",
             outdir / "rejects.parquet",
+            outdir / "build_notes.json",
         )
 
 
@@ -484,7 +495,11 @@ def _write_scenario(scenario: str) -> None:
 
 
 def write_outputs(
-    result: BuildResult, paths: OutputPaths, label_sections: bool = False, workers: int = 1
+    result: BuildResult,
+    paths: OutputPaths,
+    label_sections: bool = True,
+    workers: int = 1,
+    notes: list[str] | None = None,
 ) -> None:
     problems = consistency_problems(result.tables)
     if problems:
@@ -504,6 +519,27 @@ def write_outputs(
     write_table(result.counts, paths.counts, RG4_COUNTS)
     write_table(result.stats, paths.stats, RG4_REWRITE_STATS)
     result.rejects.write(paths.rejects)
+    _write_json(notes if notes is not None else build_notes(result, label_sections), paths.notes)
+
+
+def build_notes(result: BuildResult, label_sections: bool, rewriter: str = "rules") -> list[str]:
+    """What a user of the files must know about how they were made (the dataset card quotes them)."""
+    dropped = Counter(reason.split(":", 1)[0] for reason in result.rejects.rows["reason"] if ":" in reason)
+    lines = [
+        f"Rewriter: {rewriter}"
+        + (" (libs/rg4_rules.yaml, whole-word rules, every output word checked)." if rewriter == "rules" else "."),
+        "Section prefixes (rg4.label_sections: "
+        + ("true): in the LLM-RG4 JSON files findings and impressions, of the target and of the prior report, "
+           f"start with {SECTION_PREFIXES[0]!r} / {SECTION_PREFIXES[1]!r} as in the released MIMIC-RG4; "
+           if label_sections
+           else "false): the LLM-RG4 JSON files hold findings and impressions without the "
+           f"{SECTION_PREFIXES[0]!r} / {SECTION_PREFIXES[1]!r} labels of the released MIMIC-RG4; ")
+        + "the Parquet tables hold the unlabelled text.",
+        "Nested by study (mw ⊆ sw ∩ mn, sw ⊆ sn, mn ⊆ sn); targets dropped by the check or by nesting: "
+        + ", ".join(f"{s} {dropped.get(s, 0)}" for s in RG4_SCENARIOS)
+        + " (reasons in rejects.parquet).",
+    ]
+    return lines
 
 
 def _write_json(data, path: Path) -> None:
@@ -550,6 +586,7 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--counts", type=Path)
     p.add_argument("--stats", type=Path, help="rewrite_stats.parquet")
     p.add_argument("--rejects", type=Path)
+    p.add_argument("--notes", type=Path, help="build_notes.json")
     p.add_argument("--rewriter", choices=("rules", "llm"), default="rules")
     p.add_argument("--llm-config", help="llm: JSON {corpus: {credentialed}, llm: <config llm section>}")
     p.add_argument("--llm-cache", type=Path, help="SQLite cache of the llm rewriter")
@@ -559,22 +596,26 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--max-attempts", type=int, default=3, help="llm: requests per target before dropping it")
     p.add_argument("--workers", type=int, default=1, help="rules: processes for detection and rewriting")
     p.add_argument(
-        "--label-sections", action="store_true", help='targets as "finding: ..." / "impression: ..."'
+        "--label-sections",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='JSON findings / impressions as "finding: ..." / "impression: ..." (default, as released)',
     )
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     if args.outdir:
         paths = OutputPaths.in_dir(args.outdir)
-    elif args.tables and args.json and args.counts and args.stats and args.rejects:
+    elif args.tables and args.json and args.counts and args.stats and args.rejects and args.notes:
         paths = OutputPaths(
             dict(zip(RG4_SCENARIOS, args.tables, strict=True)),
             dict(zip(RG4_SCENARIOS, args.json, strict=True)),
             args.counts,
             args.stats,
             args.rejects,
+            args.notes,
         )
     else:
-        p.error("give --outdir, or all of --tables --json --counts --stats --rejects")
+        p.error("give --outdir, or all of --tables --json --counts --stats --rejects --notes")
 
     # millions of small objects, no reference cycles worth collecting: the cyclic GC would rescan the
     # whole heap again and again (it doubled the run time at MIMIC scale)
@@ -600,7 +641,10 @@ def main(argv: list[str] | None = None) -> BuildResult:
     t1 = time.perf_counter()
     result = build(studies, images, sections, runner)
     t2 = time.perf_counter()
-    write_outputs(result, paths, args.label_sections, args.workers)
+    notes = build_notes(result, args.label_sections, runner.name)
+    for line in notes:
+        log.info("%s", line)
+    write_outputs(result, paths, args.label_sections, args.workers, notes)
     log.info(
         "rg4 timing: read %.1f s, build %.1f s, write %.1f s", t1 - t0, t2 - t1, time.perf_counter() - t2
     )
