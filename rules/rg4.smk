@@ -37,6 +37,7 @@ rule rg4:
         temperature=config["rg4"]["llm"]["temperature"],
         max_tokens=config["rg4"]["llm"]["max_tokens"],
         max_attempts=config["rg4"]["llm"]["max_attempts"],
+        scores=lambda wildcards: rg4_scores_args(),
     shell:
         "{params.py} -m workflow.rg4 --studies {input.studies:q} --images {input.images:q}"
         " --sections {input.sections:q}"
@@ -46,7 +47,7 @@ rule rg4:
         " --rewriter {params.rewriter} {params.label_sections} --llm-config {params.llm_config:q}"
         " --llm-cache {params.llm_cache:q} --llm-endpoint {params.endpoint:q}"
         " --temperature {params.temperature} --max-tokens {params.max_tokens}"
-        " --max-attempts {params.max_attempts} --workers {threads} 2> {log:q}"
+        " --max-attempts {params.max_attempts} {params.scores} --workers {threads} 2> {log:q}"
 
 
 ALL_TARGETS += rules.rg4.output

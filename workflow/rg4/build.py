@@ -5,7 +5,11 @@ Outputs (``--outdir``, or each path given):
 * ``rg4_{sn,sw,mn,mw}.parquet`` (``contract.RG4_RECORDS``) and the four JSON files the LLM-RG4 loader
   reads (``JSON_FILES``), ``{"train": [...], "val": [...], "test": [...]}`` with its field names and
   sentinels: ``finding``/``impression``/``last_*`` = ``"s"`` when missing, ``indication``/``history`` =
-  integer ``0`` when absent, ``APPA_flag``, image paths relative to ``files/``, ``new_scores`` = ``[]``;
+  integer ``0`` when absent, ``APPA_flag``, image paths relative to ``files/``; findings / impressions
+  labelled ``finding: `` / ``impression: `` (``--label-sections``, the default, as released);
+  ``new_scores`` = LLM-RG4's binary token weights with ``--scores-tokenizer`` (workflow/rg4/scores.py),
+  ``[]`` without;
+* ``build_notes.json``: one line per fact a user of the files must know (quoted in the dataset card);
 * ``counts.parquet`` (scenario × split, ``contract.RG4_COUNTS``), ``rewrite_stats.parquet`` (share of
   sentences removed/rephrased per scenario × category, ``contract.RG4_REWRITE_STATS``), ``rejects.parquet``.
 
@@ -23,7 +27,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +56,13 @@ from workflow.rg4.scenarios import (
     relative_to_files,
     scenario_members,
 )
+from workflow.rg4.scores import (
+    ScoresConfigError,
+    TokenScorer,
+    default_emphasis,
+    load_tokenizer,
+)
+from workflow.rg4.scores import note as scores_note
 from workflow.tables import Rejects, read_table, summary, write_table
 
 log = logging.getLogger(__name__)
@@ -308,9 +319,15 @@ def scenario_table(
 SECTION_PREFIXES = ("finding: ", "impression: ")
 
 
-def loader_records(table: pa.Table, scenario: str, label_sections: bool = True) -> dict[str, list[dict]]:
+def loader_records(
+    table: pa.Table,
+    scenario: str,
+    label_sections: bool = True,
+    scores: Mapping[tuple, list[int]] | None = None,
+) -> dict[str, list[dict]]:
     """The LLM-RG4 JSON of one scenario: exact field names and sentinels. ``label_sections`` prefixes
-    findings and impressions (targets and prior report) with ``SECTION_PREFIXES``."""
+    findings and impressions (targets and prior report) with ``SECTION_PREFIXES``; ``scores`` ((finding,
+    impression) as written -> the weights, see :func:`score_targets`) fills ``new_scores`` (otherwise ``[]``)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
     out: dict[str, list[dict]] = {split: [] for split in RG4_SPLITS}
     with_prior = scenario in ("sw", "mw")
@@ -329,7 +346,7 @@ def loader_records(table: pa.Table, scenario: str, label_sections: bool = True) 
             "APPA_imagepath": c["APPA_imagepath"][k],
             "indication": c["indication"][k] or MISSING_CONTEXT,
             "history": c["history"][k] or MISSING_CONTEXT,
-            "new_scores": [],
+            "new_scores": NO_SCORES,
         }
         if with_lateral:
             rec["lateral_imagepath"] = c["lateral_imagepath"][k]
@@ -339,7 +356,59 @@ def loader_records(table: pa.Table, scenario: str, label_sections: bool = True) 
             rec["last_impression"] = ip + last_impression if last_impression else MISSING_SECTION
             rec["last_APPA_imagepath"] = c["last_APPA_imagepath"][k]
         out[c["split"][k]].append(rec)
+    if scores is not None:
+        for recs in out.values():
+            for rec in recs:
+                rec["new_scores"] = scores[_target(rec)]  # records with the same target share one list
     return out
+
+
+NO_SCORES: list = []  # shared by every record without weights (json.dumps writes it as [])
+
+
+def _target(rec: dict) -> tuple[str | None, str | None]:
+    """A record's (finding, impression) as the loader reads them (None for the "s" sentinel)."""
+    return (
+        None if rec["finding"] == MISSING_SECTION else rec["finding"],
+        None if rec["impression"] == MISSING_SECTION else rec["impression"],
+    )
+
+
+
+
+def score_targets(
+    tables: dict[str, pa.Table], label_sections: bool, scorer: TokenScorer, workers: int = 1
+) -> dict[tuple, list[int]]:
+    """The weights of every distinct (finding, impression) target of all scenarios (sn and mn, sw and mw mostly share
+    targets), scored once, in chunks on ``workers`` forked processes."""
+    fp, ip = SECTION_PREFIXES if label_sections else ("", "")
+    distinct: dict[tuple, None] = {}
+    for table in tables.values():
+        for f, i in zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True):
+            distinct.setdefault((fp + f if f else None, ip + i if i else None), None)
+    raws = list(distinct)
+    size = max(SCORE_CHUNK, len(raws) // (4 * max(workers, 1)) + 1)
+    chunks = [raws[k : k + size] for k in range(0, len(raws), size)]
+    _SCORE["scorer"] = scorer
+    try:
+        if workers > 1 and len(chunks) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(workers) as pool:
+                parts = pool.map(_score_chunk, chunks, chunksize=1)
+        else:
+            parts = [_score_chunk(c) for c in chunks]
+    finally:
+        _SCORE.clear()
+    return {raw: values for chunk, part in zip(chunks, parts, strict=True) for raw, values in zip(chunk, part, strict=True)}
+
+
+_SCORE: dict = {}  # what forked scorers inherit
+SCORE_CHUNK = 512  # targets per task at least: below this, forking costs more than it saves
+
+
+def _score_chunk(targets: list[tuple]) -> list[list[int]]:
+    return _SCORE["scorer"].scores(targets)
 
 
 def consistency_problems(tables: dict[str, pa.Table]) -> list[str]:
@@ -487,11 +556,18 @@ class OutputPaths:
 _WRITE: dict = {}  # what forked writers inherit (never pickled)
 
 
-def _write_scenario(scenario: str) -> None:
+def _write_scenario(scenario: str) -> tuple[int, int]:
+    """Write one scenario's table and JSON; (emphasised, total) target positions of its weights."""
     result, paths, label_sections = _WRITE["result"], _WRITE["paths"], _WRITE["label_sections"]
+    weights = _WRITE["weights"]
     table = result.tables[scenario]
     write_table(table, paths.tables[scenario], RG4_RECORDS)
-    _write_json(loader_records(table, scenario, label_sections), paths.json[scenario])
+    records = loader_records(table, scenario, label_sections, weights)
+    _write_json(records, paths.json[scenario])
+    if weights is None:
+        return 0, 0
+    weights = [rec["new_scores"] for recs in records.values() for rec in recs]
+    return sum(map(sum, weights)), sum(map(len, weights))
 
 
 def write_outputs(
@@ -500,26 +576,38 @@ def write_outputs(
     label_sections: bool = True,
     workers: int = 1,
     notes: list[str] | None = None,
-) -> None:
+    scorer: TokenScorer | None = None,
+) -> list[str]:
+    """Check the tables, then write every output; returns the build notes written (with the weights'
+    line, which needs their totals)."""
     problems = consistency_problems(result.tables)
     if problems:
         raise ConsistencyError("the rg4 scenario tables break MIMIC-RG4's invariants: " + "; ".join(problems))
-    _WRITE.update(result=result, paths=paths, label_sections=label_sections)
+    weights = None
+    if scorer is not None:
+        t0 = time.perf_counter()
+        weights = score_targets(result.tables, label_sections, scorer, workers)
+        log.info("rg4 new_scores: %d distinct targets scored in %.1f s", len(weights), time.perf_counter() - t0)
+    _WRITE.update(result=result, paths=paths, label_sections=label_sections, weights=weights)
     try:
         if workers > 1:  # four independent files: encode and write them on forked processes
             import multiprocessing as mp
 
             with mp.get_context("fork").Pool(workers) as pool:
-                pool.map(_write_scenario, list(result.tables), chunksize=1)
+                totals = pool.map(_write_scenario, list(result.tables), chunksize=1)
         else:
-            for scenario in result.tables:
-                _write_scenario(scenario)
+            totals = [_write_scenario(scenario) for scenario in result.tables]
     finally:
         _WRITE.clear()
     write_table(result.counts, paths.counts, RG4_COUNTS)
     write_table(result.stats, paths.stats, RG4_REWRITE_STATS)
     result.rejects.write(paths.rejects)
-    _write_json(notes if notes is not None else build_notes(result, label_sections), paths.notes)
+    notes = list(notes if notes is not None else build_notes(result, label_sections))
+    line = scores_note(scorer, sum(t[0] for t in totals), sum(t[1] for t in totals))
+    log.info("%s", line)
+    notes.append(line)
+    _write_json(notes, paths.notes)
+    return notes
 
 
 def build_notes(result: BuildResult, label_sections: bool, rewriter: str = "rules") -> list[str]:
@@ -595,6 +683,8 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--max-tokens", type=int, default=800)
     p.add_argument("--max-attempts", type=int, default=3, help="llm: requests per target before dropping it")
     p.add_argument("--workers", type=int, default=1, help="rules: processes for detection and rewriting")
+    p.add_argument("--scores-tokenizer", help="rg4.scores.tokenizer: tokenizer.json (or its folder) for new_scores")
+    p.add_argument("--scores-max-length", type=int, default=100, help="rg4.scores.max_length")
     p.add_argument(
         "--label-sections",
         action=argparse.BooleanOptionalAction,
@@ -616,6 +706,18 @@ def main(argv: list[str] | None = None) -> BuildResult:
         )
     else:
         p.error("give --outdir, or all of --tables --json --counts --stats --rejects --notes")
+
+    scorer = None
+    if args.scores_tokenizer:  # checked before any work: a wrong path fails at once, naming the key
+        try:
+            scorer = TokenScorer(
+                load_tokenizer(args.scores_tokenizer),
+                default_emphasis(),
+                args.scores_max_length,
+                Path(args.scores_tokenizer).name,
+            )
+        except ScoresConfigError as exc:
+            p.error(str(exc))
 
     # millions of small objects, no reference cycles worth collecting: the cyclic GC would rescan the
     # whole heap again and again (it doubled the run time at MIMIC scale)
@@ -644,7 +746,7 @@ def main(argv: list[str] | None = None) -> BuildResult:
     notes = build_notes(result, args.label_sections, runner.name)
     for line in notes:
         log.info("%s", line)
-    write_outputs(result, paths, args.label_sections, args.workers, notes)
+    write_outputs(result, paths, args.label_sections, args.workers, notes, scorer)
     log.info(
         "rg4 timing: read %.1f s, build %.1f s, write %.1f s", t1 - t0, t2 - t1, time.perf_counter() - t2
     )
