@@ -268,7 +268,12 @@ def rewrite_sentence(
                 if not new.strip():
                     return removed()
                 body, lower = new, new.lower()
+    before_tidy = body
     body = tidy(body)
+    if foreign is None:  # tidying only deletes and re-cases; a new token means it glued two words
+        extra = tokens(body) - tokens(before_tidy)
+        if extra:
+            foreign = (min(extra), "tidy")
     if not body or not has_content(body, rules):
         return removed()
     text = prefix + body
@@ -554,7 +559,10 @@ def raise_if_corrupt(edits: tuple[TextEdit, ...], study_id: int, scenario: str) 
     for e in edits:
         if e.foreign:
             token, rule = e.foreign
+            where = (
+                "the sentence tidying (workflow/rg4/rewrite.py)" if rule == "tidy" else f"{rule} (libs/rg4_rules.yaml)"
+            )
             raise RewriteCorruption(
                 f"study {study_id} ({scenario}): the rules rewrite produced the token {token!r}, which is "
-                f"neither in the input nor in the replacement of {rule} (libs/rg4_rules.yaml)"
+                f"neither in the input nor in the replacement of {where}"
             )
