@@ -142,3 +142,4 @@ def test_parallel_scoring_gives_the_same_weights(scorer, monkeypatch):
     parallel = rg4.score_targets(result.tables, True, scorer, workers=2)
     assert parallel == serial and len(serial) > 4
     assert ("finding: Small left pleural effusion.", "impression: Small left pleural effusion.") in serial
+    assert all(len(v) == 100 and set(v) <= {0, 1} for v in serial.values())
