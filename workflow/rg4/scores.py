@@ -163,19 +163,19 @@ class TokenScorer:
             if not any(flags):
                 values.extend([0] * len(enc.ids))
             else:
-                k, last = 0, len(ends) - 1
-                for (start, end), special in zip(enc.offsets, enc.special_tokens_mask, strict=True):
-                    if special:
-                        values.append(0)
-                        continue
-                    # a token carries the space before its word ("▁the", "Ġthe"): place it by its first
-                    # visible character, so " the" after " . " belongs to the sentence it starts
-                    first = start
-                    while first < end - 1 and cleaned[first] == " ":
-                        first += 1
-                    while k < last and first >= ends[k]:  # tokens come in text order
-                        k += 1
-                    values.append(int(flags[k]))
+                # per character, the flag of its sentence; a token carries the space before its word
+                # ("▁the", "Ġthe"), so the last space of a " . " separator goes with the next sentence
+                flag = bytearray(len(cleaned))
+                last = len(ends) - 1
+                for k, emphasised in enumerate(flags):
+                    if emphasised:
+                        begin = ends[k - 1] - 1 if k else 0
+                        end = len(cleaned) if k == last else ends[k] - 1
+                        flag[begin:end] = b"\x01" * (end - begin)
+                values.extend(
+                    0 if special or start >= len(cleaned) else flag[start]
+                    for (start, _), special in zip(enc.offsets, enc.special_tokens_mask, strict=True)
+                )
             values.append(0)  # the '</s>' the loader appends (a special token: never emphasised)
             values = values[: self.max_length]
             out.append(values + [0] * (self.max_length - len(values)))
