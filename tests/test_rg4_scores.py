@@ -143,3 +143,50 @@ def test_parallel_scoring_gives_the_same_weights(scorer, monkeypatch):
     assert parallel == serial and len(serial) > 4
     assert ("finding: Small left pleural effusion.", "impression: Small left pleural effusion.") in serial
     assert all(len(v) == 100 and set(v) <= {0, 1} for v in serial.values())
+
+
+def _demo_targets():
+    from test_rg4 import patients, tables
+
+    from workflow.keyinfo.extract import label_vector
+
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
+    targets = []
+    for table in result.tables.values():
+        for f, i in zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True):
+            targets.append(("finding: " + f if f else None, "impression: " + i if i else None))
+    # and the cleaner's artefacts: an empty sentence (" .  . "), list numbers, punctuation inside words
+    targets += [
+        ("finding: Mild edema.. . Small effusion.", None),
+        (None, "impression: 1. Right-sided PICC, tip at the cavoatrial junction. 2. Possible pneumonia (RLL)."),
+        ("finding: Moderate cardiomegaly. " * 30, None),
+    ]
+    return targets
+
+
+def test_word_by_word_weights_equal_whole_text_tokenisation(scorer, monkeypatch):
+    monkeypatch.setattr("workflow.rg4.scores.VERIFY_EVERY", 1)
+    targets = _demo_targets()
+    fast = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny")
+    got = fast.scores(targets)
+    assert fast.word_by_word  # every target was verified against whole-text tokenisation
+    assert got == fast._exact([fast.prepare(f, i) for f, i in targets])
+    assert any(sum(v) for v in got) and any(not sum(v) for v in got)
+
+
+def test_a_tokenizer_merging_across_spaces_falls_back_to_whole_texts(monkeypatch):
+    """A BPE without a pre-tokenizer learns tokens across spaces: the sampled check notices and the
+    weights come from whole-text tokenisation."""
+    from tokenizers import Tokenizer, models, processors, trainers
+
+    texts = list(iter_corpus_text([DEMO_REPORTS]))
+    raw = Tokenizer(models.BPE(unk_token="<unk>"))
+    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=3000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
+    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    monkeypatch.setattr("workflow.rg4.scores.VERIFY_EVERY", 1)
+    joined = TokenScorer(raw, default_emphasis(), 100, "no-pretokenizer")
+    targets = _demo_targets()
+    got = joined.scores(targets)
+    assert not joined.word_by_word
+    assert got == joined._exact([joined.prepare(f, i) for f, i in targets])

@@ -33,6 +33,7 @@ from workflow.rg4.rewrite import _SENTENCE_END
 log = logging.getLogger(__name__)
 
 MAX_LENGTH = 100  # LLM-RG4's training max_length: the loader pads/crops scores to it
+VERIFY_EVERY = 64  # the word-by-word fast path is checked against whole-text tokenisation this often
 EOS = "</s>"  # what the loader appends to the cleaned target before tokenising
 NO_TOKENIZER_NOTE = (
     "new_scores: [] in every record (no rg4.scores.tokenizer configured): LLM-RG4's sentence-level loss "
@@ -107,9 +108,12 @@ class TokenScorer:
     emphasised: Callable[[str], bool]
     max_length: int = MAX_LENGTH
     name: str = ""
+    word_by_word: bool = True  # the fast path (see scores); switched off by a failed verification
 
     def __post_init__(self):
         self._sentence_cache: dict[str, bool] = {}
+        self._counts: dict[tuple[str, bool], int] = {}
+        self._anchor = len(self.tokenizer.encode("a", add_special_tokens=False).ids)
         self._bos = self.tokenizer.token_to_id("<s>")
         if self._bos is None or self.tokenizer.token_to_id(EOS) is None:
             raise ScoresConfigError(
@@ -135,14 +139,16 @@ class TokenScorer:
                 pos = m.end()
         return "".join(out)
 
-    def prepare(self, finding: str | None, impression: str | None) -> tuple[str, list[int], list[bool]]:
+    def prepare(
+        self, finding: str | None, impression: str | None, verify: bool = True
+    ) -> tuple[str, list[int], list[bool]]:
         """(the cleaned target the loader tokenises, where each of its sentences ends in it, whether each
-        is emphasised), for a record's JSON ``finding`` / ``impression`` (None for the "s" sentinel)."""
-        raw = loader_target(finding, impression)
+        is emphasised), for a record's JSON ``finding`` / ``impression`` (None for the "s" sentinel).
+        ``verify``: also clean the unmarked target and compare (``scores`` does so on a sample)."""
         marked = _pieces(clean_mimic(loader_target(*(self._marked(t) if t else None for t in (finding, impression)))))
         sentences = [p.replace(MARK, "") for p in marked]
         cleaned = " . ".join(sentences) + " ."
-        if cleaned != clean_mimic(raw):  # cannot happen unless the cleaner learns to touch MARK
+        if verify and cleaned != clean_mimic(loader_target(finding, impression)):  # unless the cleaner learns to touch MARK
             raise RuntimeError("rg4 scores: the marked target cleans differently from the target")
         ends, pos = [], 0
         for k, sentence in enumerate(sentences):
@@ -152,8 +158,64 @@ class TokenScorer:
         return cleaned, ends, [MARK in p for p in marked]
 
     def scores(self, targets: list[tuple[str | None, str | None]]) -> list[list[int]]:
-        """``new_scores`` of each (finding, impression) target (batch-tokenised)."""
-        prepared = [self.prepare(f, i) for f, i in targets]
+        """``new_scores`` of each (finding, impression) target.
+
+        Fast path: LLaMA's tokenizer (like byte-level BPE) never makes a token across a space, so a
+        single-spaced text tokenises word by word, and token counts per word are cached. Every
+        ``VERIFY_EVERY``-th target is also tokenised whole; one disagreement switches this scorer to
+        whole-text tokenisation for good (and says so in the log)."""
+        prepared = [self.prepare(f, i, k % VERIFY_EVERY == 0) for k, (f, i) in enumerate(targets)]
+        if not self.word_by_word:
+            return self._exact(prepared)
+        out = [self._by_words(*p) for p in prepared]
+        sample = list(range(0, len(prepared), VERIFY_EVERY))
+        exact = self._exact([prepared[k] for k in sample])
+        wrong = [k for k, values in zip(sample, exact, strict=True) if out[k] is not None and out[k] != values]
+        if wrong:
+            log.warning(
+                "rg4 scores: %s does not tokenise word by word (%d of %d sampled targets differ); "
+                "tokenising whole targets from now on",
+                self.name or "the tokenizer",
+                len(wrong),
+                len(sample),
+            )
+            self.word_by_word = False
+            return self._exact(prepared)
+        missing = [k for k, values in enumerate(out) if values is None]
+        for k, values in zip(missing, self._exact([prepared[k] for k in missing]), strict=True):
+            out[k] = values
+        return out
+
+    def _count(self, word: str, first: bool) -> int:
+        key = (word, first)
+        n = self._counts.get(key)
+        if n is None:
+            if first:
+                n = len(self.tokenizer.encode(word, add_special_tokens=False).ids)
+            else:
+                n = len(self.tokenizer.encode("a " + word, add_special_tokens=False).ids) - self._anchor
+            n = self._counts[key] = n
+        return n
+
+    def _by_words(self, cleaned: str, ends: list[int], flags: list[bool]) -> list[int] | None:
+        """The weights from cached per-word token counts; None where the text is not single-spaced
+        (the cleaner's " .  . " artefacts), which then goes the whole-text way."""
+        if "  " in cleaned or cleaned.startswith(" "):
+            return None
+        values, first = [0], True  # BOS
+        for sentence, emphasised in zip(cleaned[:-2].split(" . "), flags, strict=True):
+            flag = int(emphasised)
+            for word in (*sentence.split(" "), "."):  # a sentence's full stop goes with it
+                values.extend([flag] * self._count(word, first))
+                first = False
+            if len(values) >= self.max_length:
+                break
+        values.append(0)  # the '</s>' the loader appends
+        values = values[: self.max_length]
+        return values + [0] * (self.max_length - len(values))
+
+    def _exact(self, prepared: list[tuple[str, list[int], list[bool]]]) -> list[list[int]]:
+        """The weights from tokenising each cleaned target whole, with character offsets."""
         encodings = self.tokenizer.encode_batch([c for c, _, _ in prepared], add_special_tokens=True)
         out = []
         for (cleaned, ends, flags), enc in zip(prepared, encodings, strict=True):
