@@ -117,6 +117,14 @@ def findings_table(wildcards=None):
     return out("keyinfo", "rules", "findings.parquet")
 
 
+def rg4_scores_args():
+    """`--scores-tokenizer` / `--scores-max-length` from rg4.scores (nothing without a tokenizer)."""
+    scores = config["rg4"]["scores"]
+    if not scores["tokenizer"]:
+        return ""
+    return f"--scores-tokenizer {shlex.quote(str(scores['tokenizer']))} --scores-max-length {scores['max_length']}"
+
+
 # --- LLM layer helpers (rules/llm.smk) ---------------------------------------------------------------
 def llm_config_json(wildcards=None):
     """What the LLM modules read: the guard flag and the llm section (keys are env var NAMES only)."""

@@ -33,6 +33,7 @@ rule release_rg4:
         sw=rules.rg4.output.sw,
         mn=rules.rg4.output.mn,
         mw=rules.rg4.output.mw,
+        notes=rules.rg4.output.notes,
     output:
         card=out("release", "mimic_rg4", "README.md"),
     resources:
@@ -41,7 +42,7 @@ rule release_rg4:
     params:
         py=PY,
         spec="mimic_rg4",
-        tables=release_args,
+        tables=lambda wildcards, input: " ".join(f"--table {s}={input[s]}" for s in ("sn", "sw", "mn", "mw")),
         config=effective_config,
         format=config["corpus"]["format"],
         demo="--demo" if corpus_is_demo() else "",
@@ -52,7 +53,8 @@ rule release_rg4:
         "../envs/core.yaml"
     shell:
         "{params.py} -m workflow.cards {params.tables} --spec {params.spec} --config-json {params.config:q}"
-        " --corpus-format {params.format} {params.demo} --out {params.outdir:q} 2> {log:q}"
+        " --corpus-format {params.format} {params.demo} --notes {input.notes:q} --out {params.outdir:q}"
+        " 2> {log:q}"
 
 
 ALL_TARGETS += rules.release_vqa.output

@@ -19,6 +19,7 @@ rule rg4:
         counts=out("rg4", "counts.parquet"),
         stats=out("rg4", "rewrite_stats.parquet"),
         rejects=out("rg4", "rejects.parquet"),
+        notes=out("rg4", "build_notes.json"),
     log:
         logfile("rg4"),
     conda:
@@ -32,23 +33,24 @@ rule rg4:
     params:
         py=PY,
         rewriter=config["rg4"]["rewriter"],
-        label_sections="--label-sections" if config["rg4"]["label_sections"] else "",
+        label_sections="--label-sections" if config["rg4"]["label_sections"] else "--no-label-sections",
         llm_config=llm_config_json,
         llm_cache=llm_cache,
         endpoint=config["rg4"]["llm"]["endpoint"],
         temperature=config["rg4"]["llm"]["temperature"],
         max_tokens=config["rg4"]["llm"]["max_tokens"],
         max_attempts=config["rg4"]["llm"]["max_attempts"],
+        scores=lambda wildcards: rg4_scores_args(),
     shell:
         "{params.py} -m workflow.rg4 --studies {input.studies:q} --images {input.images:q}"
         " --sections {input.sections:q}"
         " --tables {output.sn:q} {output.sw:q} {output.mn:q} {output.mw:q}"
         " --json {output.json_sn:q} {output.json_sw:q} {output.json_mn:q} {output.json_mw:q}"
-        " --counts {output.counts:q} --stats {output.stats:q} --rejects {output.rejects:q}"
+        " --counts {output.counts:q} --stats {output.stats:q} --rejects {output.rejects:q} --notes {output.notes:q}"
         " --rewriter {params.rewriter} {params.label_sections} --llm-config {params.llm_config:q}"
         " --llm-cache {params.llm_cache:q} --llm-endpoint {params.endpoint:q}"
         " --temperature {params.temperature} --max-tokens {params.max_tokens}"
-        " --max-attempts {params.max_attempts} --workers {threads} 2> {log:q}"
+        " --max-attempts {params.max_attempts} {params.scores} --workers {threads} 2> {log:q}"
 
 
 ALL_TARGETS += rules.rg4.output

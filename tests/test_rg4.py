@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from pathlib import Path
 
@@ -13,7 +14,17 @@ from workflow_run import demo_corpus, prepare_workdir, run_snakemake
 from workflow.contract import IMAGES, RG4_COUNTS, RG4_RECORDS, RG4_REWRITE_STATS, SECTIONS, STUDIES
 from workflow.keyinfo.extract import label_vector
 from workflow.rg4 import build as rg4
-from workflow.rg4.rewrite import RulesRewriter, check, detect, load_rules, split_sentences
+from workflow.rg4.rewrite import (
+    RULES_PATH,
+    RewriteCorruption,
+    RulesRewriter,
+    check,
+    detect,
+    load_rules,
+    split_sentences,
+    tokens,
+    whole_words,
+)
 from workflow.tables import read_table, write_table
 
 RULES = load_rules()
@@ -269,6 +280,79 @@ def test_rewrite_categories(scenario, sentence, expected):
         assert label_vector(got) == label_vector(sentence)
 
 
+CORPUS = Path(__file__).parent / "data" / "rg4_rewrite_corpus.tsv"
+
+
+def read_corpus() -> list[tuple[str, str, str]]:
+    rows = []
+    for line in CORPUS.read_text().splitlines():
+        if line and not line.startswith("#"):
+            scenario, sentence, expected = line.split("\t")
+            rows.append((scenario, sentence, expected))
+    return rows
+
+
+def test_rewrite_corpus_covers_every_category():
+    rows = read_corpus()
+    flagged = [(sc, s) for sc, s, _ in rows if detect(s)]
+    assert len(flagged) >= 100
+    for cat in ("pc", "pp", "comm", "view"):
+        assert sum(cat in detect(s) for _, s in flagged) >= 10, cat
+    assert {sc for sc, _ in flagged} == {"sn", "sw", "mn", "mw"}
+
+
+@pytest.mark.parametrize(("scenario", "sentence", "expected"), read_corpus())
+def test_rewrite_corpus(scenario, sentence, expected):
+    """Whole words only, the finding kept where the comparison / procedure / view goes, and nothing that
+    is not a word of the sentence or of a rule's replacement."""
+    removes = REMOVES[scenario]
+    edit = RulesRewriter(label_vector=label_vector).text(sentence, removes)
+    assert edit.foreign is None
+    if expected == "<removed>":
+        assert edit.text is None and not edit.lost_finding
+    elif expected == "<dropped>":
+        assert edit.text is None and edit.lost_finding
+    else:
+        assert edit.text == expected
+        assert not detect(edit.text, removes)
+        replacement_words = {"no", "is", "are", "present", "there", "changes", "of", "the", "frontal", "view"}
+        assert tokens(edit.text) <= tokens(sentence) | replacement_words | {"demonstrates", "shows"}
+
+
+def test_rules_match_whole_words_only():
+    pattern = re.compile(whole_words(r"\s*compared\s+to\s+prior\s+(?:exam|examination)"))
+    assert pattern.sub("", "Stable compared to prior examination.") == "Stable."
+    # a pattern that can only match inside a word does not match at all
+    assert not re.compile(whole_words("exam")).search("examination")
+    assert not re.compile(whole_words("ination")).search("examination")
+
+
+def test_a_corrupting_rule_fails_the_rule(tmp_path):
+    """A rule that glues two words ("stable" + "exam") raises, naming the study, the token and the rule."""
+    import yaml
+
+    data = yaml.safe_load(RULES_PATH.read_text())
+    data["rephrase"]["pc"].insert(0, {"kind": "sub", "find": r"\s+compared\s+to\s+prior\s+", "to": ""})
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    rows = [
+        _study(
+            5,
+            51,
+            "train",
+            datetime(2150, 1, 1),
+            "Eventration of the right hemidiaphragm is stable compared to prior exam.",
+            None,
+            images=[("x", "PA")],
+        )
+    ]
+    st, im, sec = (t.to_pandas() for t in tables(rows))
+    runner = rg4.RulesJobRunner(label_vector)
+    runner.rewriter = RulesRewriter(load_rules(str(bad)), label_vector=label_vector)
+    with pytest.raises(RewriteCorruption, match=r"study 51 \(sn\).*'stableexam'.*rephrase\.pc\[0\]"):
+        rg4.build(st, im, sec, runner)
+
+
 def test_numbered_impression_is_renumbered():
     text = "1. No change compared to the prior study. 2. Stable small left effusion. 3. Mild edema."
     assert RulesRewriter().text(text, REMOVES["sn"]).text == "1. Small left effusion. 2. Mild edema."
@@ -292,8 +376,9 @@ def test_check_catches_residue_and_label_changes():
 
 
 def test_label_check_drops_a_study_with_a_reason(tmp_path):
-    # the rules cannot rephrase "Previous left pleural effusion." and remove it, which loses the label →
-    # the study is dropped from sn/mn with a reason and kept in sw, where comparisons stay
+    # sn removes "Heart and mediastinum are stable with normal size heart." (nothing absolute is left of
+    # it), which loses the negative cardiomegaly label → s12 leaves sn with a reason, and with it sw
+    # (nested: SW ⊆ SN) although its sw target, where comparisons stay, is fine
     rows = [
         _study(1, 11, "train", datetime(2150, 1, 1), "Left pleural effusion.", None, images=[("a", "PA")]),
         _study(
@@ -301,17 +386,73 @@ def test_label_check_drops_a_study_with_a_reason(tmp_path):
             12,
             "train",
             datetime(2150, 2, 1),
-            "Previous left pleural effusion. Heart size is normal.",
+            "Heart and mediastinum are stable with normal size heart. No pneumothorax.",
             None,
             images=[("b", "PA")],
         ),
     ]
     out = run_rule(tmp_path, rows)
-    assert 12 in members(out, "sw") and 12 not in members(out, "sn")
+    assert 12 not in members(out, "sn") and 12 not in members(out, "sw")
     reasons = {(r["study_id"], r["reason"]) for r in read_table(out / "rejects.parquet").to_pylist()}
-    assert (12, "sn:labels_changed") in reasons
+    assert {(12, "sn:labels_changed"), (12, "sw:not_in_sn")} <= reasons
     counts = {(r["scenario"], r["split"]): r for r in read_table(out / "counts.parquet").to_pylist()}
     assert counts[("sn", "train")]["rejected"] == 1 and counts[("sn", "train")]["records"] == 1
+    assert counts[("sw", "train")]["rejected"] == 1 and counts[("sw", "train")]["records"] == 0
+
+
+def test_scenarios_are_nested_by_study(tmp_path):
+    """MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN, as released, also when the check drops a study from one scenario:
+    s22 names a finding sn/mn cannot keep ("Previous left pleural effusion.") and leaves all four; s23 is
+    rewritten differently per scenario and stays in every one."""
+    lateral_pa = [("f", "PA"), ("l", "LATERAL")]
+    rows = [
+        _study(2, 21, "train", datetime(2150, 1, 1), "Left pleural effusion.", None, images=lateral_pa),
+        _study(
+            2,
+            22,
+            "train",
+            datetime(2150, 2, 1),
+            "Previous left pleural effusion. Heart size is normal.",
+            "Stable mild cardiomegaly.",
+            images=[("g", "PA"), ("m", "LATERAL")],
+        ),
+        _study(
+            2,
+            23,
+            "train",
+            datetime(2150, 3, 1),
+            "Mild cardiomegaly is unchanged. PA and lateral views were obtained.",
+            "Findings were discussed with Dr. ___ at 10:15.",
+            images=[("h", "PA"), ("n", "LATERAL")],
+        ),
+    ]
+    out = run_rule(tmp_path, rows)
+    got = {s: set(members(out, s)) for s in ("sn", "sw", "mn", "mw")}
+    assert got == {"sn": {21, 23}, "sw": {23}, "mn": {21, 23}, "mw": {23}}
+    reasons = {(r["study_id"], r["reason"]) for r in read_table(out / "rejects.parquet").to_pylist()}
+    assert {(22, "sn:finding_removed"), (22, "mn:finding_removed"), (22, "sw:not_in_sn")} <= reasons
+    assert (22, "mw:not_in_sw_and_mn") in reasons
+    # s23's target differs per scenario, but the study is in each one
+    assert members(out, "sw")[23]["finding"] == "Mild cardiomegaly is unchanged."
+    assert members(out, "mn")[23]["finding"] == "Mild cardiomegaly is present. PA and lateral views were obtained."
+
+
+def test_nesting_violations_fail_the_rule(tmp_path):
+    from workflow.rg4.scenarios import nest, nesting_problems
+
+    assert nesting_problems({"sn": {1, 2}, "sw": {2}, "mn": {1}, "mw": set()}) == []
+    problems = nesting_problems({"sn": {1}, "sw": {1, 7}, "mn": set(), "mw": {1}})
+    assert problems == ["SW ⊄ SN: 1 studies (e.g. study_id 7)", "MW ⊄ SW ∩ MN: 1 studies (e.g. study_id 1)"]
+    nested, lost = nest({"sn": {1}, "sw": {1, 7}, "mn": {1, 8}, "mw": {1, 7, 8}})
+    assert nested == {"sn": {1}, "sw": {1}, "mn": {1}, "mw": {1}} and lost["mw"] == {7, 8}
+    # a table set that is not nested (here: sn emptied after the build) is refused before anything is written
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
+    result.tables["sn"] = result.tables["sn"].slice(0, 0)
+    paths = rg4.OutputPaths.in_dir(tmp_path)
+    with pytest.raises(rg4.ConsistencyError, match=r"SW ⊄ SN: 3 studies \(e\.g\. study_id 102, 104, 402\)"):
+        rg4.write_outputs(result, paths)
+    assert not paths.json["sw"].exists()
 
 
 def test_loader_json_fields_and_sentinels(built):
@@ -351,8 +492,23 @@ def test_loader_json_fields_and_sentinels(built):
     assert sn[101]["indication"] == "Cough." and sn[101]["history"] == 0
     assert sn[102]["impression"] == "s" and sn[102]["history"] == "Fever."
     val = {r["study_id"]: r for r in data["sw"]["val"]}
-    assert val[402]["last_finding"] == "s" and val[402]["last_impression"] == "Low lung volumes."
+    assert val[402]["last_finding"] == "s" and val[402]["last_impression"] == "impression: Low lung volumes."
     assert isinstance(sn[101]["indication"], str) and isinstance(sn[102]["indication"], int)
+    # section labels by default, as in the released files: the loader's target and cleaner then give
+    # "finding : ... impression : ..." (reference §2.3, §4.3)
+    assert sn[104]["finding"] == "finding: Small left pleural effusion."
+    assert sn[104]["impression"] == "impression: Small left pleural effusion."
+    assert loader_target(sn[104]) == "finding : small left pleural effusion . impression : small left pleural effusion ."
+    assert loader_target(sn[102]) == "finding : mild cardiomegaly . the lungs are clear ."
+
+
+def loader_target(rec: dict) -> str:
+    """The training target LLM-RG4's loader builds from a record: sections joined, the "s" sentinel
+    skipped, then the R2Gen MIMIC cleaner."""
+    from workflow.exports.cleaners import clean_mimic
+
+    parts = [rec[k] for k in ("finding", "impression") if rec[k] != "s"]
+    return clean_mimic(" ".join(parts))
 
 
 def test_counts_and_rewrite_stats(built):
@@ -373,9 +529,11 @@ def test_counts_and_rewrite_stats(built):
 
 
 def test_label_sections_option(tmp_path):
-    out = run_rule(tmp_path, patients()[:2], extra=["--label-sections"])
+    out = run_rule(tmp_path, patients()[:2], extra=["--no-label-sections"])
     rec = json.loads((out / rg4.JSON_FILES["sn"]).read_text())["train"][0]
-    assert rec["finding"].startswith("finding: ") and rec["impression"].startswith("impression: ")
+    assert rec["finding"] == "Mild cardiomegaly." and rec["impression"] == "No acute process."
+    notes = json.loads((out / "build_notes.json").read_text())
+    assert any(line.startswith("Section prefixes (rg4.label_sections: false)") for line in notes)
 
 
 def test_consistency_checks_fail_the_rule(tmp_path):
@@ -487,3 +645,63 @@ def test_real_reports_keep_most_studies(tmp_path):
             assert not detect(
                 " ".join(t for t in (rec["finding"], rec["impression"]) if t), REMOVES[scenario]
             )
+
+
+def test_release_card_states_the_corpus_used(tmp_path):
+    """An IU-like build (one study per patient: no priors) released with the RG4 card: HF split names
+    with the original kept in `split`, only sn/mn advertised, no official-split claim, text-generation /
+    image-to-text, the build notes quoted, no absolute paths."""
+    import pyarrow.parquet as pq
+    import yaml
+
+    from workflow import cards
+
+    rows = [
+        _study(100 + k, 1000 + k, split, datetime(2150, 1, 1), "Mild cardiomegaly.", "No edema.",
+               images=[(f"f{k}", "PA")] + ([(f"l{k}", "LATERAL")] if k % 2 else []))
+        for k, split in enumerate(["train", "train", "validate", "validate", "test", "test"])
+    ]
+    out = run_rule(tmp_path, rows)
+    config = {
+        "corpus": {"format": "iu", "iu": {"reports": "/somewhere/private/indiana_reports.csv"}},
+        "rg4": {"label_sections": True},
+        "llm": {"backend": "rules"},
+        "outdir": str(tmp_path / "results"),
+    }
+    release = tmp_path / "release"
+    (release / "sn").mkdir(parents=True)
+    (release / "sn" / "val-00000-of-00001.parquet").write_bytes(b"stale")  # from an older build
+    cards.main(
+        [f"--table={s}={out / f'rg4_{s}.parquet'}" for s in ("sn", "sw", "mn", "mw")]
+        + ["--spec", "mimic_rg4", "--config-json", json.dumps(config), "--corpus-format", "iu"]
+        + ["--notes", str(out / "build_notes.json"), "--out", str(release)]
+    )
+    text = (release / "README.md").read_text()
+    header = yaml.safe_load(text.split("---")[1])
+    assert header["task_categories"] == ["text-generation", "image-to-text"]
+    assert [c["config_name"] for c in header["configs"]] == ["sn", "mn"]
+    assert {d["split"] for c in header["configs"] for d in c["data_files"]} == {"train", "validation", "test"}
+    assert sorted(p.name for p in (release / "sn").iterdir()) == [
+        "test-00000-of-00001.parquet",
+        "train-00000-of-00001.parquet",
+        "validation-00000-of-00001.parquet",
+    ]
+    released = pq.read_table(release / "sn" / "validation-00000-of-00001.parquet")
+    assert set(released["split"].to_pylist()) == {"validation"}  # HF names; the source's name is kept
+    assert set(released["source_split"].to_pylist()) == {"val"}
+    assert 'load_dataset("<this folder>", "sw")' not in text and 'load_dataset("<this folder>", "mn")' in text
+    assert "Empty in this build, so not published: sw, mw." in text
+    assert "IU X-Ray" in text and "MIMIC-CXR 2.0.0" not in text and "official patient-level split" not in text
+    assert "Section prefixes (rg4.label_sections: true)" in text
+    assert "/somewhere" not in text and str(tmp_path) not in text and "outdir" not in text
+    assert "…/indiana_reports.csv" in text
+
+
+def test_release_card_for_mimic_states_the_official_split():
+    from workflow import cards
+
+    spec = cards.CardSpec(**__import__("yaml").safe_load((cards.CARD_SPECS / "mimic_rg4.yaml").read_text()))
+    mimic = spec.for_corpus("mimic")
+    assert "official patient-level split" in mimic.description and mimic.sources == spec.sources
+    demo = spec.for_corpus("demo")
+    assert "synthetic demo corpus" in demo.description and "MIMIC-CXR 2.0.0" not in " ".join(demo.sources)

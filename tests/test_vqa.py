@@ -740,9 +740,9 @@ def test_release_card_and_splits(tmp_path, style):
 @pytest.mark.parametrize(
     ("override", "message"),
     [
-        ({"templates": "libs/vqa_templates_typo.yaml"}, "vqa.templates: no such template file"),
-        ({"names": "libs/findngs.csv"}, "vqa.names: no such findings lib"),
-        ({"style": "original"}, "original"),
+        ({"templates": "libs/vqa_templates_typo.yaml"}, ("vqa.templates", "libs/vqa_templates_typo.yaml")),
+        ({"names": "libs/findngs.csv"}, ("vqa.names", "libs/findngs.csv")),
+        ({"style": "original"}, ("original",)),
     ],
 )
 def test_bad_vqa_config_stops_the_run_at_start_up(tmp_path, override, message):
@@ -750,4 +750,4 @@ def test_bad_vqa_config_stops_the_run_at_start_up(tmp_path, override, message):
     workdir = prepare_workdir(tmp_path / "run", {"corpus": demo_corpus(), "vqa": override})
     run = run_snakemake(workdir, "-n", "--cores", "1", timeout=300)
     assert run.returncode != 0
-    assert message in run.stdout + run.stderr
+    assert all(part in run.stdout + run.stderr for part in message), run.stdout[-2000:]

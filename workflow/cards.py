@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pyarrow as pa
@@ -68,6 +68,18 @@ class CardSpec:
     task_categories: list[str] = field(default_factory=lambda: ["visual-question-answering", "image-to-text"])
     limitations: list[str] = field(default_factory=list)
     citation: str = ""
+    # per corpus ("mimic" / "iu" / "demo"): {note: a paragraph, sources: [...] replacing `sources`,
+    # columns: {column: meaning} overriding `columns`}; what a card says must match the corpus it was built from
+    corpus: dict[str, dict] = field(default_factory=dict)
+
+    def for_corpus(self, kind: str | None) -> CardSpec:
+        """This spec with the ``corpus[kind]`` overrides applied (the note goes into the description)."""
+        over = self.corpus.get(kind or "", {})
+        if not over:
+            return replace(self, corpus={})
+        description = self.description + ("\n\n" + over["note"].strip() if over.get("note") else "")
+        return replace(self, description=description, sources=over.get("sources", self.sources),
+                       columns={**self.columns, **over.get("columns", {})}, corpus={})  # fmt: skip
 
 
 def licence_text(corpus_format: str, corpus_is_demo: bool) -> str:
@@ -127,7 +139,7 @@ def scrub_config(config: dict, sections: list[str] | None = None) -> dict:
         if isinstance(v, list):
             return [clean(x) for x in v]
         if isinstance(v, str) and Path(v).is_absolute():
-            return f"<local>/{Path(v).name}"
+            return f"…/{Path(v).name}"
         return v
 
     picked = config if sections is None else {k: config[k] for k in sections if k in config}
@@ -230,6 +242,7 @@ def render_card(
     corpus: str = "",
     extra_sections: list[str] | None = None,
     facts: dict[str, str] | None = None,
+    notes: list[str] | None = None,
 ) -> str:
     total = sum(sum(c.values()) for c in counts.values())
     card_data = DatasetCardData(
@@ -251,6 +264,7 @@ def render_card(
         **(licence_meta or {"license": "other"}),
     )
     splits = sorted({s for c in counts.values() for s in c}, key=lambda s: SPLIT_ORDER.index(s))
+    empty = [name for name, c in counts.items() if not c]
     count_rows = [[name] + [c.get(s, 0) for s in splits] + [sum(c.values())] for name, c in counts.items()]
     schema_rows = [[f"`{f.name}`", f"`{f.type}`", spec.columns.get(f.name, "")] for f in schema]
     sections = [
@@ -261,11 +275,13 @@ def render_card(
         "## Sources\n" + "\n".join(f"- {s}" for s in spec.sources),
         "## How it was built\n"
         f"Built by the chest X-ray dataset factory with `{spec.build_command}` and this configuration:\n\n"
-        f"```yaml\n{config_snippet.strip()}\n```",
+        f"```yaml\n{config_snippet.strip()}\n```"
+        + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else ""),
         "## Loading\n```python\nfrom datasets import load_dataset\n"
-        + "\n".join(f'{n} = load_dataset("<this folder>", "{n}")' for n in counts)
+        + "\n".join(f'{n} = load_dataset("<this folder>", "{n}")' for n, c in counts.items() if c)
         + "\n```\n"
-        "Splits are `train` / `validation` / `test`; the source's split name is in `source_split`.",
+        "Splits are `train` / `validation` / `test`; the source's split name is in `source_split`."
+        + (f"\n\nEmpty in this build, so not published: {', '.join(empty)}." if empty else ""),
         "## Counts\n" + _markdown_table(["config", *splits, "total"], count_rows),
         *(extra_sections or []),
         "## Schema\n" + _markdown_table(["column", "type", "meaning"], schema_rows),
@@ -287,6 +303,7 @@ def write_release(
     licence_meta: dict | None = None,
     corpus: str = "",
     facts: dict[str, str] | None = None,
+    notes: list[str] | None = None,
 ) -> dict[str, dict[str, int]]:
     """Split each table by ``split`` into the release folder and write its card; return the counts."""
     out_dir = Path(out_dir)
@@ -314,6 +331,7 @@ def write_release(
         corpus=corpus,
         extra_sections=breakdown_sections(read, spec),
         facts=facts,
+        notes=notes,
     )
     with atomic_path(out_dir / "README.md") as tmp:
         tmp.write_text(card)
@@ -328,12 +346,14 @@ def main(argv=None) -> None:
     p.add_argument("--config-json", required=True, help="the run's effective configuration, quoted in the card")
     p.add_argument("--corpus-format", default="mimic")
     p.add_argument("--demo", action="store_true", help="the corpus is the synthetic demo")
+    p.add_argument("--notes", help="a JSON file with a list of lines on how the data was built")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     tables = dict(item.split("=", 1) for item in args.table)
     spec_path = Path(args.spec) if Path(args.spec).is_file() else CARD_SPECS / f"{args.spec}.yaml"
-    spec = CardSpec(**yaml.safe_load(spec_path.read_text()))
+    spec = CardSpec(**yaml.safe_load(spec_path.read_text())).for_corpus("demo" if args.demo else args.corpus_format)
+    notes = json.loads(Path(args.notes).read_text()) if args.notes else None
     config = json.loads(args.config_json)
     facts = {label: _dotted(config, key) for label, key in spec.config_facts.items()}
     write_release(
@@ -341,10 +361,11 @@ def main(argv=None) -> None:
         args.out,
         spec,
         licence_text(args.corpus_format, args.demo),
-        yaml.safe_dump(scrub_config(config, spec.config_sections), sort_keys=False),
+        yaml.safe_dump(scrub_config(config, spec.config_sections), sort_keys=False, allow_unicode=True),
         licence_meta=licence_metadata(args.corpus_format, args.demo),
         corpus=corpus_text(args.corpus_format, args.demo),
         facts=facts,
+        notes=notes,
     )
 
 

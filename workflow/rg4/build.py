@@ -5,23 +5,29 @@ Outputs (``--outdir``, or each path given):
 * ``rg4_{sn,sw,mn,mw}.parquet`` (``contract.RG4_RECORDS``) and the four JSON files the LLM-RG4 loader
   reads (``JSON_FILES``), ``{"train": [...], "val": [...], "test": [...]}`` with its field names and
   sentinels: ``finding``/``impression``/``last_*`` = ``"s"`` when missing, ``indication``/``history`` =
-  integer ``0`` when absent, ``APPA_flag``, image paths relative to ``files/``, ``new_scores`` = ``[]``;
+  integer ``0`` when absent, ``APPA_flag``, image paths relative to ``files/``; findings / impressions
+  labelled ``finding: `` / ``impression: `` (``--label-sections``, the default, as released);
+  ``new_scores`` = LLM-RG4's binary token weights with ``--scores-tokenizer`` (workflow/rg4/scores.py),
+  ``[]`` without;
+* ``build_notes.json``: one line per fact a user of the files must know (quoted in the dataset card);
 * ``counts.parquet`` (scenario × split, ``contract.RG4_COUNTS``), ``rewrite_stats.parquet`` (share of
   sentences removed/rephrased per scenario × category, ``contract.RG4_REWRITE_STATS``), ``rejects.parquet``.
 
-Every study ends in at least one scenario table or in rejects (reasons: not eligible, or
-``<scenario>:<check failure>`` for each scenario it was dropped from). The consistency checks (MW ⊆ SW ∩
-MN, no subject in two splits, unique ids, finding/impression not both missing) raise, failing the rule.
+Every study ends in at least one scenario table or in rejects (reasons: not eligible,
+``<scenario>:<check failure>`` for each scenario its target failed in, or ``<scenario>:not_in_<parents>``
+where nesting removed it). The consistency checks (nesting by study: MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN; no
+subject in two splits, unique ids, finding/impression not both missing) raise, failing the rule.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,8 +45,24 @@ from workflow.rg4.rewrite import (
     check_edits,
     load_rules,
     normalise_space,
+    raise_if_corrupt,
 )
-from workflow.rg4.scenarios import attach_priors, eligible_studies, relative_to_files, scenario_members
+from workflow.rg4.scenarios import (
+    PARENTS,
+    attach_priors,
+    eligible_studies,
+    nest,
+    nesting_problems,
+    relative_to_files,
+    scenario_members,
+)
+from workflow.rg4.scores import (
+    ScoresConfigError,
+    TokenScorer,
+    default_emphasis,
+    load_tokenizer,
+)
+from workflow.rg4.scores import note as scores_note
 from workflow.tables import Rejects, read_table, summary, write_table
 
 log = logging.getLogger(__name__)
@@ -145,6 +167,7 @@ class RulesJobRunner:
             job = jobs[k]
             f = rw.text(job.finding, job.removes)
             i = rw.text(job.impression, job.removes)
+            raise_if_corrupt((f, i), job.study_id, job.scenario)
             reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
             removed = f.removed + i.removed if f.removed or i.removed else f.removed
             rephrased = f.rephrased + i.rephrased if f.rephrased or i.rephrased else f.rephrased
@@ -289,10 +312,23 @@ def scenario_table(
     return pa.Table.from_pydict(data, schema=RG4_RECORDS)
 
 
-def loader_records(table: pa.Table, scenario: str, label_sections: bool = False) -> dict[str, list[dict]]:
+# The released MIMIC-RG4 targets carry section labels (reference/mimic_rg4.md §2.2, §4.3: LLM-RG4's
+# outputs and references read "finding : ... impression : ..." after the R2Gen cleaner, and its DiscBERT
+# test path builds 'finding: ' + f + 'impression: ' + i), so the JSON files carry them by default
+# (config rg4.label_sections); the prior report (last_*) is written the same way.
+SECTION_PREFIXES = ("finding: ", "impression: ")
+
+
+def loader_records(
+    table: pa.Table,
+    scenario: str,
+    label_sections: bool = True,
+    scores: Mapping[tuple, bytes] | None = None,
+) -> dict[str, list[dict]]:
     """The LLM-RG4 JSON of one scenario: exact field names and sentinels. ``label_sections`` prefixes
-    targets with ``finding: `` / ``impression: `` (the released files appear to carry such labels)."""
-    fp, ip = ("finding: ", "impression: ") if label_sections else ("", "")
+    findings and impressions (targets and prior report) with ``SECTION_PREFIXES``; ``scores`` ((finding,
+    impression) as written -> the weights, see :func:`score_targets`) fills ``new_scores`` (otherwise ``[]``)."""
+    fp, ip = SECTION_PREFIXES if label_sections else ("", "")
     out: dict[str, list[dict]] = {split: [] for split in RG4_SPLITS}
     with_prior = scenario in ("sw", "mw")
     with_lateral = scenario in ("mn", "mw")
@@ -310,24 +346,78 @@ def loader_records(table: pa.Table, scenario: str, label_sections: bool = False)
             "APPA_imagepath": c["APPA_imagepath"][k],
             "indication": c["indication"][k] or MISSING_CONTEXT,
             "history": c["history"][k] or MISSING_CONTEXT,
-            "new_scores": [],
+            "new_scores": NO_SCORES,
         }
         if with_lateral:
             rec["lateral_imagepath"] = c["lateral_imagepath"][k]
         if with_prior:
-            rec["last_finding"] = c["last_finding"][k] or MISSING_SECTION
-            rec["last_impression"] = c["last_impression"][k] or MISSING_SECTION
+            last_finding, last_impression = c["last_finding"][k], c["last_impression"][k]
+            rec["last_finding"] = fp + last_finding if last_finding else MISSING_SECTION
+            rec["last_impression"] = ip + last_impression if last_impression else MISSING_SECTION
             rec["last_APPA_imagepath"] = c["last_APPA_imagepath"][k]
         out[c["split"][k]].append(rec)
+    if scores is not None:
+        lists: dict[bytes, list[int]] = {}  # records with the same weights share one list
+        for recs in out.values():
+            for rec in recs:
+                weights = scores[_target(rec)]
+                rec["new_scores"] = lists.get(weights) or lists.setdefault(weights, list(weights))
     return out
+
+
+NO_SCORES: list = []  # shared by every record without weights (json.dumps writes it as [])
+
+
+def _target(rec: dict) -> tuple[str | None, str | None]:
+    """A record's (finding, impression) as the loader reads them (None for the "s" sentinel)."""
+    return (
+        None if rec["finding"] == MISSING_SECTION else rec["finding"],
+        None if rec["impression"] == MISSING_SECTION else rec["impression"],
+    )
+
+
+
+
+def score_targets(
+    tables: dict[str, pa.Table], label_sections: bool, scorer: TokenScorer, workers: int = 1
+) -> dict[tuple, bytes]:
+    """The weights of every distinct (finding, impression) target of all scenarios (sn and mn, sw and mw
+    mostly share targets), scored once, in chunks on ``workers`` forked processes; one byte per position
+    (a list of 100 ints costs 850 bytes: at MIMIC scale that is the difference of half a gigabyte)."""
+    fp, ip = SECTION_PREFIXES if label_sections else ("", "")
+    distinct: dict[tuple, None] = {}
+    for table in tables.values():
+        for f, i in zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True):
+            distinct.setdefault((fp + f if f else None, ip + i if i else None), None)
+    raws = list(distinct)
+    size = max(SCORE_CHUNK, len(raws) // (4 * max(workers, 1)) + 1)
+    chunks = [raws[k : k + size] for k in range(0, len(raws), size)]
+    _SCORE["scorer"] = scorer
+    try:
+        if workers > 1 and len(chunks) > 1:
+            import multiprocessing as mp
+
+            with mp.get_context("fork").Pool(workers) as pool:
+                parts = pool.map(_score_chunk, chunks, chunksize=1)
+        else:
+            parts = [_score_chunk(c) for c in chunks]
+    finally:
+        _SCORE.clear()
+    return {raw: values for chunk, part in zip(chunks, parts, strict=True) for raw, values in zip(chunk, part, strict=True)}
+
+
+_SCORE: dict = {}  # what forked scorers inherit
+SCORE_CHUNK = 512  # targets per task at least: below this, forking costs more than it saves
+
+
+def _score_chunk(targets: list[tuple]) -> list[bytes]:
+    return [bytes(values) for values in _SCORE["scorer"].scores(targets)]
 
 
 def consistency_problems(tables: dict[str, pa.Table]) -> list[str]:
     """Every broken invariant (empty list when the scenario tables are consistent)."""
-    problems = []
     ids = {s: set(t.column("study_id").to_pylist()) for s, t in tables.items()}
-    if not ids["mw"] <= ids["sw"] & ids["mn"]:
-        problems.append(f"MW ⊄ SW ∩ MN: {len(ids['mw'] - (ids['sw'] & ids['mn']))} studies")
+    problems = nesting_problems(ids)
     subject_splits: dict[int, set] = {}
     for scenario, t in tables.items():
         df = t.select(["split", "id", "subject_id", "finding", "impression"]).to_pandas()
@@ -400,17 +490,20 @@ def build(
         else:
             rejects.add(job.study_id, f"{scenario}:{outcome.reason}")
 
-    # MW ⊆ SW ∩ MN: a study dropped from sw or mn by its check leaves mw too
+    # nested as released (MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN): a study dropped from a scenario by its check
+    # leaves every scenario that refines it, with the reason "<scenario>:not_in_<parents>"
     kept = {s: {cols.study_id[p] for p in by_scenario[s][0]} for s in RG4_SCENARIOS}
-    allowed = kept["sw"] & kept["mn"]
-    mw_pos, mw_out = [], []
-    for pos, outcome in zip(*by_scenario["mw"], strict=True):
-        if cols.study_id[pos] in allowed:
-            mw_pos.append(pos)
-            mw_out.append(outcome)
-        else:
-            rejects.add(cols.study_id[pos], "mw:not_in_sw_and_mn")
-    by_scenario["mw"] = (mw_pos, mw_out)
+    nested, _ = nest(kept)
+    for scenario in RG4_SCENARIOS:
+        reason = f"{scenario}:not_in_{'_and_'.join(PARENTS[scenario])}"
+        positions, outs = [], []
+        for pos, outcome in zip(*by_scenario[scenario], strict=True):
+            if cols.study_id[pos] in nested[scenario]:
+                positions.append(pos)
+                outs.append(outcome)
+            else:
+                rejects.add(cols.study_id[pos], reason)
+        by_scenario[scenario] = (positions, outs)
 
     tables = {s: scenario_table(cols, pos, s, outs, runner.name) for s, (pos, outs) in by_scenario.items()}
     counts = {"scenario": [], "split": [], "records": [], "rejected": []}
@@ -449,6 +542,7 @@ class OutputPaths:
     counts: Path
     stats: Path
     rejects: Path
+    notes: Path  # build_notes.json: how the files were made, one line each (quoted in the dataset card)
 
     @classmethod
     def in_dir(cls, outdir: Path) -> OutputPaths:
@@ -458,40 +552,85 @@ class OutputPaths:
             outdir / "counts.parquet",
             outdir / "rewrite_stats.parquet",
             outdir / "rejects.parquet",
+            outdir / "build_notes.json",
         )
 
 
 _WRITE: dict = {}  # what forked writers inherit (never pickled)
 
 
-def _write_scenario(scenario: str) -> None:
+def _write_scenario(scenario: str) -> tuple[int, int]:
+    """Write one scenario's table and JSON; (emphasised, total) target positions of its weights."""
     result, paths, label_sections = _WRITE["result"], _WRITE["paths"], _WRITE["label_sections"]
+    weights = _WRITE["weights"]
     table = result.tables[scenario]
     write_table(table, paths.tables[scenario], RG4_RECORDS)
-    _write_json(loader_records(table, scenario, label_sections), paths.json[scenario])
+    records = loader_records(table, scenario, label_sections, weights)
+    _write_json(records, paths.json[scenario])
+    if weights is None:
+        return 0, 0
+    weights = [rec["new_scores"] for recs in records.values() for rec in recs]
+    return sum(map(sum, weights)), sum(map(len, weights))
 
 
 def write_outputs(
-    result: BuildResult, paths: OutputPaths, label_sections: bool = False, workers: int = 1
-) -> None:
+    result: BuildResult,
+    paths: OutputPaths,
+    label_sections: bool = True,
+    workers: int = 1,
+    notes: list[str] | None = None,
+    scorer: TokenScorer | None = None,
+) -> list[str]:
+    """Check the tables, then write every output; returns the build notes written (with the weights'
+    line, which needs their totals)."""
     problems = consistency_problems(result.tables)
     if problems:
-        raise ConsistencyError("; ".join(problems))
-    _WRITE.update(result=result, paths=paths, label_sections=label_sections)
+        raise ConsistencyError("the rg4 scenario tables break MIMIC-RG4's invariants: " + "; ".join(problems))
+    weights = None
+    if scorer is not None:
+        t0 = time.perf_counter()
+        weights = score_targets(result.tables, label_sections, scorer, workers)
+        log.info("rg4 new_scores: %d distinct targets scored in %.1f s", len(weights), time.perf_counter() - t0)
+    _WRITE.update(result=result, paths=paths, label_sections=label_sections, weights=weights)
     try:
         if workers > 1:  # four independent files: encode and write them on forked processes
             import multiprocessing as mp
 
             with mp.get_context("fork").Pool(workers) as pool:
-                pool.map(_write_scenario, list(result.tables), chunksize=1)
+                totals = pool.map(_write_scenario, list(result.tables), chunksize=1)
         else:
-            for scenario in result.tables:
-                _write_scenario(scenario)
+            totals = [_write_scenario(scenario) for scenario in result.tables]
     finally:
         _WRITE.clear()
     write_table(result.counts, paths.counts, RG4_COUNTS)
     write_table(result.stats, paths.stats, RG4_REWRITE_STATS)
     result.rejects.write(paths.rejects)
+    notes = list(notes if notes is not None else build_notes(result, label_sections))
+    line = scores_note(scorer, sum(t[0] for t in totals), sum(t[1] for t in totals))
+    log.info("%s", line)
+    notes.append(line)
+    _write_json(notes, paths.notes)
+    return notes
+
+
+def build_notes(result: BuildResult, label_sections: bool, rewriter: str = "rules") -> list[str]:
+    """What a user of the files must know about how they were made (the dataset card quotes them)."""
+    dropped = Counter(reason.split(":", 1)[0] for reason in result.rejects.rows["reason"] if ":" in reason)
+    lines = [
+        f"Rewriter: {rewriter}"
+        + (" (libs/rg4_rules.yaml, whole-word rules, every output word checked)." if rewriter == "rules" else "."),
+        "Section prefixes (rg4.label_sections: "
+        + ("true): in the LLM-RG4 JSON files findings and impressions, of the target and of the prior report, "
+           f"start with {SECTION_PREFIXES[0]!r} / {SECTION_PREFIXES[1]!r} as in the released MIMIC-RG4; "
+           if label_sections
+           else "false): the LLM-RG4 JSON files hold findings and impressions without the "
+           f"{SECTION_PREFIXES[0]!r} / {SECTION_PREFIXES[1]!r} labels of the released MIMIC-RG4; ")
+        + "the Parquet tables hold the unlabelled text.",
+        "Nested by study (mw ⊆ sw ∩ mn, sw ⊆ sn, mn ⊆ sn); targets dropped by the check or by nesting: "
+        + ", ".join(f"{s} {dropped.get(s, 0)}" for s in RG4_SCENARIOS)
+        + " (reasons in rejects.parquet).",
+    ]
+    return lines
 
 
 def _write_json(data, path: Path) -> None:
@@ -538,6 +677,7 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--counts", type=Path)
     p.add_argument("--stats", type=Path, help="rewrite_stats.parquet")
     p.add_argument("--rejects", type=Path)
+    p.add_argument("--notes", type=Path, help="build_notes.json")
     p.add_argument("--rewriter", choices=("rules", "llm"), default="rules")
     p.add_argument("--llm-config", help="llm: JSON {corpus: {credentialed}, llm: <config llm section>}")
     p.add_argument("--llm-cache", type=Path, help="SQLite cache of the llm rewriter")
@@ -546,23 +686,41 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--max-tokens", type=int, default=800)
     p.add_argument("--max-attempts", type=int, default=3, help="llm: requests per target before dropping it")
     p.add_argument("--workers", type=int, default=1, help="rules: processes for detection and rewriting")
+    p.add_argument("--scores-tokenizer", help="rg4.scores.tokenizer: tokenizer.json (or its folder) for new_scores")
+    p.add_argument("--scores-max-length", type=int, default=100, help="rg4.scores.max_length")
     p.add_argument(
-        "--label-sections", action="store_true", help='targets as "finding: ..." / "impression: ..."'
+        "--label-sections",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help='JSON findings / impressions as "finding: ..." / "impression: ..." (default, as released)',
     )
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     if args.outdir:
         paths = OutputPaths.in_dir(args.outdir)
-    elif args.tables and args.json and args.counts and args.stats and args.rejects:
+    elif args.tables and args.json and args.counts and args.stats and args.rejects and args.notes:
         paths = OutputPaths(
             dict(zip(RG4_SCENARIOS, args.tables, strict=True)),
             dict(zip(RG4_SCENARIOS, args.json, strict=True)),
             args.counts,
             args.stats,
             args.rejects,
+            args.notes,
         )
     else:
-        p.error("give --outdir, or all of --tables --json --counts --stats --rejects")
+        p.error("give --outdir, or all of --tables --json --counts --stats --rejects --notes")
+
+    scorer = None
+    if args.scores_tokenizer:  # checked before any work: a wrong path fails at once, naming the key
+        try:
+            scorer = TokenScorer(
+                load_tokenizer(args.scores_tokenizer),
+                default_emphasis(),
+                args.scores_max_length,
+                Path(args.scores_tokenizer).name,
+            )
+        except ScoresConfigError as exc:
+            p.error(str(exc))
 
     # millions of small objects, no reference cycles worth collecting: the cyclic GC would rescan the
     # whole heap again and again (it doubled the run time at MIMIC scale)
@@ -588,7 +746,10 @@ def main(argv: list[str] | None = None) -> BuildResult:
     t1 = time.perf_counter()
     result = build(studies, images, sections, runner)
     t2 = time.perf_counter()
-    write_outputs(result, paths, args.label_sections, args.workers)
+    notes = build_notes(result, args.label_sections, runner.name)
+    for line in notes:
+        log.info("%s", line)
+    write_outputs(result, paths, args.label_sections, args.workers, notes, scorer)
     log.info(
         "rg4 timing: read %.1f s, build %.1f s, write %.1f s", t1 - t0, t2 - t1, time.perf_counter() - t2
     )

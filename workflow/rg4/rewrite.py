@@ -52,6 +52,27 @@ class Rule:
     pattern: re.Pattern
     replacement: str = ""
     guard: re.Pattern | None = None  # the rule is tried only where this matches (cheap; speed only)
+    number: int = 0  # position in its category's list in libs/rg4_rules.yaml (for error messages)
+
+    @property
+    def name(self) -> str:
+        return f"rephrase.{self.category}[{self.number}]"
+
+
+# A match may neither start nor end inside a word: "exam" must not match the start of "examination"
+# (that left "is stableination"). Wrapping every rephrase pattern in this assertion makes the regex
+# engine backtrack to a longer alternative or give up, whatever the alternation order in the YAML.
+_NOT_MID_WORD = r"(?:(?<!\w)|(?!\w))"
+
+
+def whole_words(pattern: str) -> str:
+    """``pattern`` constrained to start and end at word boundaries (or next to non-word characters)."""
+    return f"{_NOT_MID_WORD}(?:{pattern}){_NOT_MID_WORD}"
+
+
+class RewriteCorruption(RuntimeError):
+    """A rules rewrite produced a token that is neither a word of the input nor of the rule's replacement
+    (e.g. a fragment glued to a word): a bug in libs/rg4_rules.yaml; the rule must fail."""
 
 
 @dataclass(frozen=True)
@@ -79,8 +100,15 @@ def load_rules(path: str | None = None) -> RuleSet:
     detect = {cat: _union(data["detect"][cat]) for cat in CATEGORIES}
     rules = {
         cat: tuple(
-            Rule(cat, r["kind"], re.compile(r["find"], re.IGNORECASE), r.get("to", ""), _guard(r.get("when")))
-            for r in data["rephrase"].get(cat, [])
+            Rule(
+                cat,
+                r["kind"],
+                re.compile(whole_words(r["find"]), re.IGNORECASE),
+                r.get("to", ""),
+                _guard(r.get("when")),
+                number,
+            )
+            for number, r in enumerate(data["rephrase"].get(cat, []))
         )
         for cat in CATEGORIES
     }
@@ -119,7 +147,7 @@ def detect(text: str, categories=CATEGORIES, rules: RuleSet | None = None) -> se
 
 _SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)])")
 _DOUBLE_PUNCT = re.compile(r"([,;:])\s*([,;:.])")
-_LEADING_JUNK = re.compile(r"^[\s,;:.)-]+|^(?:and|but|however|then|also)\b[\s,]*", re.IGNORECASE)
+_LEADING_JUNK = re.compile(r"^[\s,;:.)-]+|^(?:and|but|however|then|also|with)\b[\s,]*", re.IGNORECASE)
 _TRAILING_DANGLER = re.compile(
     r"(?:\s+(?:and|or|but|with|of|in|on|at|to|from|by|as|is|are|was|were|has|have|the|a|an|which|that))+\s*([.!?]?)$",
     re.IGNORECASE,
@@ -151,21 +179,45 @@ def has_content(sentence: str, rules: RuleSet | None = None) -> bool:
 # --- the rules rewriter -----------------------------------------------------------------------------------
 
 
-def _apply(rule: Rule, text: str, rules: RuleSet, names_finding: Callable[[str], bool] | None = None) -> str:
+_TOKEN = re.compile(r"\w+")
+
+
+def tokens(text: str | None) -> set[str]:
+    return set(_TOKEN.findall(text.lower())) if text else set()
+
+
+def carries_finding(phrase: str, rules: RuleSet, names_finding: Callable[[str], bool] | None = None) -> bool:
+    """Whether ``phrase`` names a finding: the extractor labels it, or it holds one of ``finding_words``
+    (findings the extractor has no label for, e.g. an eventration, still count)."""
+    return bool(rules.finding_words.search(phrase)) or bool(names_finding and names_finding(phrase))
+
+
+def _apply(
+    rule: Rule, text: str, rules: RuleSet, names_finding: Callable[[str], bool] | None = None
+) -> tuple[str, str]:
+    """(new text, the text the rule inserted); the inserted text is what the token check allows besides
+    the input's words."""
     if rule.kind == "sub":
-        return rule.pattern.sub(rule.replacement, text)
+        inserted: list[str] = []
+
+        def replace(m: re.Match) -> str:
+            new = m.expand(rule.replacement)
+            inserted.append(new)
+            return new
+
+        return rule.pattern.sub(replace, text), " ".join(inserted)
     m = rule.pattern.search(text.rstrip(".").strip())
     if not m:
-        return text
+        return text, ""
     subject = m.group("subject").strip(" ,")
     if rule.kind == "negate":
-        return f"No {subject[0].lower() + subject[1:] if subject[:2] != subject[:2].upper() else subject}."
-    # predicate: keep the subject only when it names a finding
-    if not (names_finding(subject) if names_finding else rules.finding_words.search(subject)):
-        return ""
+        return f"No {subject[0].lower() + subject[1:] if subject[:2] != subject[:2].upper() else subject}.", "no"
+    # predicate: keep the subject only when it names a finding ("Heart size is unchanged." says nothing)
+    if not carries_finding(subject, rules, names_finding):
+        return "", ""
     verb = m.group("verb").lower()
     plural = verb in ("are", "have", "remain", "appear", "look", "persist") or verb.startswith("continue ")
-    return f"{subject} {'are' if plural else 'is'} present."
+    return f"{subject} {'are' if plural else 'is'} present.", "are is present"
 
 
 @dataclass(frozen=True)
@@ -174,6 +226,8 @@ class SentenceEdit:
     categories: frozenset[str]  # removed categories the original sentence contained
     action: str  # kept / rephrased / removed
     residual: frozenset[str] = frozenset()  # every category the detector still finds in ``text``
+    foreign: tuple[str, str] | None = None  # (token, rule name): a token no input or replacement holds
+    lost_finding: bool = False  # removed although it names a finding the rules could not keep
 
 
 def rewrite_sentence(
@@ -191,25 +245,42 @@ def rewrite_sentence(
     prefix = _SENTENCE_PREFIX.match(sentence).group()
     body = sentence[len(prefix) :]
     lower = body.lower()
+    foreign = None
+
+    def removed() -> SentenceEdit:
+        # a sentence naming a finding that the rules could not rephrase: the caller drops the target
+        # rather than lose the finding silently (communication sentences carry none worth keeping)
+        lost = found != {"comm"} and carries_finding(sentence, rules, names_finding)
+        return SentenceEdit(None, found, "removed", foreign=foreign, lost_finding=lost)
+
     for cat in _RULE_ORDER:
         if cat not in found:
             continue
         for rule in rules.rules[cat]:
             if rule.guard is not None and not rule.guard.search(lower):
                 continue
-            new = _apply(rule, body, rules, names_finding)
+            new, inserted = _apply(rule, body, rules, names_finding)
             if new != body:
+                if foreign is None:
+                    extra = tokens(new) - tokens(body) - tokens(inserted)
+                    if extra:
+                        foreign = (min(extra), rule.name)
                 if not new.strip():
-                    return SentenceEdit(None, found, "removed")
+                    return removed()
                 body, lower = new, new.lower()
+    before_tidy = body
     body = tidy(body)
+    if foreign is None:  # tidying only deletes and re-cases; a new token means it glued two words
+        extra = tokens(body) - tokens(before_tidy)
+        if extra:
+            foreign = (min(extra), "tidy")
     if not body or not has_content(body, rules):
-        return SentenceEdit(None, found, "removed")
+        return removed()
     text = prefix + body
     residual = frozenset(detect(text, CATEGORIES, rules))  # the prefix too: a heading may say "lateral"
     if residual & removes:
-        return SentenceEdit(None, found, "removed")
-    return SentenceEdit(text, found, "rephrased", residual)
+        return removed()
+    return SentenceEdit(text, found, "rephrased", residual, foreign)
 
 
 def _renumber(sentences: list[str]) -> list[str]:
@@ -235,6 +306,8 @@ class TextEdit:
     rephrased: Counter
     changed: list[tuple[str, str | None]] = field(default_factory=list)  # (original, new) sentences
     residual: frozenset[str] = frozenset()  # categories the detector finds in rephrased sentences
+    foreign: tuple[str, str] | None = None  # (token, rule name) of the first corrupting edit
+    lost_finding: bool = False  # a removed sentence named a finding
 
 
 class RulesRewriter:
@@ -251,8 +324,11 @@ class RulesRewriter:
         self._labels_equal: dict[tuple[str, str | None], bool] = {}
         self._text_found: dict[str, frozenset[str]] = {}  # text -> union of its sentences' categories
         self._last_text: tuple | None = None
-        # with the findings extractor, "X is unchanged" keeps X exactly when X carries a label
-        self.names_finding = (lambda phrase: bool(label_vector(phrase))) if label_vector else None
+        # with the findings extractor, "X is unchanged" keeps X when X carries a positive or uncertain
+        # label (or a finding word: see carries_finding)
+        self.names_finding = (
+            (lambda phrase: any(v != "negative" for v in label_vector(phrase).values())) if label_vector else None
+        )
 
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
         """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
@@ -343,9 +419,12 @@ class RulesRewriter:
         if last is not None and last[0] == key:
             return last[1]
         kept, removed, rephrased, changed, residual = [], Counter(), Counter(), [], set()
+        foreign, lost = None, False
         for s in sentences:
             edit = self.sentence(s, eff)
+            foreign = foreign or edit.foreign
             if edit.action == "removed":
+                lost = lost or edit.lost_finding
                 removed.update(edit.categories)
                 changed.append((s, None))
             elif edit.action == "rephrased":
@@ -357,7 +436,14 @@ class RulesRewriter:
         if removed and any(_LIST_MARKER.match(s) for s in kept):
             kept = _renumber(kept)
         result = TextEdit(
-            " ".join(kept) or None, len(sentences), removed, rephrased, changed, frozenset(residual)
+            " ".join(kept) or None,
+            len(sentences),
+            removed,
+            rephrased,
+            changed,
+            frozenset(residual),
+            foreign,
+            lost,
         )
         self._last_text = (key, result)
         return result
@@ -443,12 +529,17 @@ def check_edits(
     """:func:`check` for rules rewrites, evaluated from the sentence edits: the residue is what the
     detector found in the rewritten sentences, and the label vectors are compared sentence by sentence
     (cached), falling back to the whole texts only when a sentence's labels differ (the extractor reads
-    sentence by sentence, so equal sentences give equal texts)."""
+    sentence by sentence, so equal sentences give equal texts). One more reason than :func:`check`:
+    ``finding_removed``, a sentence naming a finding was removed because the rules could not rephrase it.
+    A corrupting edit (:attr:`TextEdit.foreign`) is not a reason but an error: see
+    :func:`raise_if_corrupt`."""
     rewrite = (edits[0].text, edits[1].text)
     if not (edits[0].changed or edits[1].changed or edits[0].residual or edits[1].residual) and any(rewrite):
         return None  # nothing was touched
     if not any(t and t.strip() for t in rewrite):
         return "empty"
+    if edits[0].lost_finding or edits[1].lost_finding:
+        return "finding_removed"
     residual = (edits[0].residual | edits[1].residual) & removes
     if residual:
         return "residual_" + "_".join(c for c in CATEGORIES if c in residual)
@@ -460,3 +551,18 @@ def check_edits(
                     return "labels_changed"
                 return None
     return None
+
+
+def raise_if_corrupt(edits: tuple[TextEdit, ...], study_id: int, scenario: str) -> None:
+    """Fail on a rewrite token that is neither a word of the input nor of the replacement of the rule
+    that made it: such a token is a fragment glued to a word by a rule matching inside a word."""
+    for e in edits:
+        if e.foreign:
+            token, rule = e.foreign
+            where = (
+                "the sentence tidying (workflow/rg4/rewrite.py)" if rule == "tidy" else f"{rule} (libs/rg4_rules.yaml)"
+            )
+            raise RewriteCorruption(
+                f"study {study_id} ({scenario}): the rules rewrite produced the token {token!r}, which is "
+                f"neither in the input nor in the replacement of {where}"
+            )

@@ -4,6 +4,10 @@ A study is eligible when it is in an official split, has a frontal image (PA pre
 dicom_id) and a non-empty findings or impression section. Its prior is the most recent eligible study of
 the same patient with an earlier study time (same split). SN = every eligible study, SW = with a prior,
 MN = with a lateral image (LATERAL preferred, then LL; ties by dicom_id), MW = with both.
+
+The released MIMIC-RG4 is nested by study (MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN): a scenario holds a study only
+if every scenario it refines holds it (``PARENTS``), so a study whose sn target fails its check leaves all
+four scenarios.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import pandas as pd
 FRONTAL_VIEWS = ("PA", "AP")  # preference order
 LATERAL_VIEWS = ("LATERAL", "LL")
 SPLIT_NAMES = {"train": "train", "validate": "val", "val": "val", "test": "test"}
+# scenario -> the scenarios whose inputs it extends (a study it holds must be in all of them)
+PARENTS = {"sn": (), "sw": ("sn",), "mn": ("sn",), "mw": ("sw", "mn")}
 
 
 def relative_to_files(paths: pd.Series) -> pd.Series:
@@ -93,3 +99,34 @@ def scenario_members(df: pd.DataFrame) -> dict[str, pd.Series]:
         "mn": lateral,
         "mw": prior & lateral,
     }
+
+
+def nest(kept: dict[str, set]) -> tuple[dict[str, set], dict[str, set]]:
+    """(nested sets, what each scenario lost to nesting): every scenario ∩ all of its ``PARENTS``,
+    parents first (so a study dropped from sn also leaves mw through sw and mn)."""
+    nested: dict[str, set] = {}
+    lost: dict[str, set] = {}
+    for scenario, parents in PARENTS.items():
+        allowed = set(kept[scenario])
+        for parent in parents:
+            allowed &= nested[parent]
+        nested[scenario] = allowed
+        lost[scenario] = set(kept[scenario]) - allowed
+    return nested, lost
+
+
+def nesting_problems(members: dict[str, set]) -> list[str]:
+    """How ``members`` (scenario -> study ids) break MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN (empty: nested)."""
+    problems = []
+    for scenario, parents in PARENTS.items():
+        if not parents:
+            continue
+        allowed = set.intersection(*(members[p] for p in parents))
+        extra = members[scenario] - allowed
+        if extra:
+            example = sorted(extra)[:3]
+            problems.append(
+                f"{scenario.upper()} ⊄ {' ∩ '.join(p.upper() for p in parents)}: {len(extra)} studies"
+                f" (e.g. study_id {', '.join(map(str, example))})"
+            )
+    return problems

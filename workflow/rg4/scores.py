@@ -1,0 +1,257 @@
+"""LLM-RG4's token weights (``new_scores``): which target tokens its sentence-level loss emphasises.
+
+LLM-RG4's stage-2 training (``--loss_mode sentence --sentence_ratio 0.75``) adds to the cross-entropy a
+second mean over the target positions whose ``new_scores`` value is non-zero (reference/mimic_rg4.md
+§2.5). The released files store them as binary, one per position of the LLaMA-tokenised training target
+``clean(target) + '</s>'`` *including the BOS at index 0*, padded/cropped to 100 positions. The
+original marked the sentences holding a CheXbert-positive or -uncertain label (located by integrated
+gradients); ours are span-based: a sentence is emphasised when the key-information extractor finds a
+positive or uncertain finding mention (an evidence span) in it.
+
+"Target" is what the loader sees: finding and impression joined (skipping the ``"s"`` sentinel), cleaned
+with the R2Gen MIMIC cleaner (lower case, punctuation removed, sentences joined by ``" . "``). The
+extractor reads the *raw* sentences of each section (negation scopes need their punctuation), cached per
+distinct sentence; a marker put before their words survives the cleaner and tells which cleaned sentences
+they became (a cleaned sentence is emphasised when it holds words of an emphasised raw sentence).
+
+The tokenizer is the user's (config ``rg4.scores.tokenizer``: a folder with the ``tokenizer.json`` of the
+LLM they train, e.g. Vicuna-7B v1.5, or that file). Without one the files keep ``new_scores: []``,
+which the loader pads to all zeros (the emphasis term is then off).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from workflow.exports.cleaners import clean_mimic
+from workflow.rg4.rewrite import _SENTENCE_END
+
+log = logging.getLogger(__name__)
+
+MAX_LENGTH = 100  # LLM-RG4's training max_length: the loader pads/crops scores to it
+VERIFY_EVERY = 64  # the word-by-word fast path is checked against whole-text tokenisation this often
+EOS = "</s>"  # what the loader appends to the cleaned target before tokenising
+NO_TOKENIZER_NOTE = (
+    "new_scores: [] in every record (no rg4.scores.tokenizer configured): LLM-RG4's sentence-level loss "
+    "emphasis (--loss_mode sentence) is off; training reduces to plain cross-entropy."
+)
+
+
+class ScoresConfigError(ValueError):
+    """``rg4.scores`` is unusable (the message names the key and the file)."""
+
+
+# --- which cleaned sentences are emphasised ----------------------------------------------------------
+
+# A private-use character put before every word of an emphasised sentence before cleaning: no step of
+# the R2Gen cleaner touches it (its patterns hold no letters, and it is neither space nor punctuation),
+# so a cleaned sentence holds it exactly when it holds words of an emphasised sentence.
+MARK = "\ue000"
+_WORD_START = re.compile(r"(?<!\w)(?=[A-Za-z])")
+
+
+def _pieces(cleaned: str) -> list[str]:
+    """The cleaned sentences: the cleaner joins them with " . " and ends with " .", and removes every "."
+    inside them, so splitting undoes the join exactly."""
+    return cleaned[:-2].split(" . ")
+
+
+# --- the weights --------------------------------------------------------------------------------------
+
+
+def loader_target(finding: str | None, impression: str | None) -> str:
+    """The raw target LLM-RG4's loader builds from a record's ``finding`` / ``impression`` (as written in
+    the JSON, so with their section labels; None stands for the ``"s"`` sentinel)."""
+    return " ".join(t for t in (finding, impression) if t)
+
+
+def default_emphasis() -> Callable[[str], bool]:
+    """Whether a text holds a positive or uncertain finding mention of the key-information extractor."""
+    from workflow.keyinfo.extract import extract_mentions
+
+    def emphasised(text: str) -> bool:
+        return any(m.presence != "negative" for m in extract_mentions({"findings": text}))
+
+    return emphasised
+
+
+def load_tokenizer(path: str | Path):
+    """A ``tokenizers.Tokenizer`` from ``rg4.scores.tokenizer`` (a folder holding tokenizer.json, or it)."""
+    from tokenizers import Tokenizer
+
+    p = Path(path)
+    file = p / "tokenizer.json" if p.is_dir() else p
+    if not file.is_file():
+        hint = ""
+        if p.is_dir() and (p / "tokenizer.model").is_file():
+            hint = (
+                " (it has a SentencePiece tokenizer.model only: write the fast tokenizer once with "
+                "transformers' AutoTokenizer.from_pretrained(folder).save_pretrained(folder))"
+            )
+        raise ScoresConfigError(f"rg4.scores.tokenizer: no tokenizer.json at {file}{hint}")
+    try:
+        return Tokenizer.from_file(str(file))
+    except Exception as exc:  # the tokenizers library raises a bare Exception on a malformed file
+        raise ScoresConfigError(f"rg4.scores.tokenizer: {file} is not a tokenizer.json ({exc})") from exc
+
+
+@dataclass
+class TokenScorer:
+    """Binary ``new_scores`` per raw target: 1 on the tokens of emphasised sentences, 0 on BOS, EOS,
+    padding and other sentences; exactly ``max_length`` values (cropped like the loader's labels)."""
+
+    tokenizer: object  # tokenizers.Tokenizer
+    emphasised: Callable[[str], bool]
+    max_length: int = MAX_LENGTH
+    name: str = ""
+    word_by_word: bool = True  # the fast path (see scores); switched off by a failed verification
+
+    def __post_init__(self):
+        self._sentence_cache: dict[str, bool] = {}
+        self._counts: dict[tuple[str, bool], int] = {}
+        self._anchor = len(self.tokenizer.encode("a", add_special_tokens=False).ids)
+        self._bos = self.tokenizer.token_to_id("<s>")
+        if self._bos is None or self.tokenizer.token_to_id(EOS) is None:
+            raise ScoresConfigError(
+                f"rg4.scores.tokenizer: {self.name or 'the tokenizer'} has no '<s>' / '</s>' tokens; LLM-RG4's "
+                "targets are LLaMA-tokenised (e.g. Vicuna-7B v1.5)"
+            )
+
+    def _sentence_emphasised(self, raw_sentence: str) -> bool:
+        hit = self._sentence_cache.get(raw_sentence)
+        if hit is None:
+            hit = self._sentence_cache[raw_sentence] = bool(raw_sentence.strip()) and self.emphasised(raw_sentence)
+        return hit
+
+    def _marked(self, text: str) -> str:
+        """``text`` with MARK before every word of its emphasised sentences."""
+        out, pos = [], 0
+        for m in [*_SENTENCE_END.finditer(text), None]:
+            end = len(text) if m is None else m.start()
+            sentence = text[pos:end]
+            out.append(_WORD_START.sub(MARK, sentence) if self._sentence_emphasised(sentence) else sentence)
+            if m is not None:
+                out.append(m.group())
+                pos = m.end()
+        return "".join(out)
+
+    def prepare(
+        self, finding: str | None, impression: str | None, verify: bool = True
+    ) -> tuple[str, list[int], list[bool]]:
+        """(the cleaned target the loader tokenises, where each of its sentences ends in it, whether each
+        is emphasised), for a record's JSON ``finding`` / ``impression`` (None for the "s" sentinel).
+        ``verify``: also clean the unmarked target and compare (``scores`` does so on a sample)."""
+        marked = _pieces(clean_mimic(loader_target(*(self._marked(t) if t else None for t in (finding, impression)))))
+        sentences = [p.replace(MARK, "") for p in marked]
+        cleaned = " . ".join(sentences) + " ."
+        if verify and cleaned != clean_mimic(loader_target(finding, impression)):  # unless the cleaner learns to touch MARK
+            raise RuntimeError("rg4 scores: the marked target cleans differently from the target")
+        ends, pos = [], 0
+        for k, sentence in enumerate(sentences):
+            # a sentence owns its terminating " ." (the separator after it), as its full stop
+            pos += len(sentence) + (3 if k < len(sentences) - 1 else 2)
+            ends.append(pos)
+        return cleaned, ends, [MARK in p for p in marked]
+
+    def scores(self, targets: list[tuple[str | None, str | None]]) -> list[list[int]]:
+        """``new_scores`` of each (finding, impression) target.
+
+        Fast path: LLaMA's tokenizer (like byte-level BPE) never makes a token across a space, so a
+        single-spaced text tokenises word by word, and token counts per word are cached. Every
+        ``VERIFY_EVERY``-th target is also tokenised whole; one disagreement switches this scorer to
+        whole-text tokenisation for good (and says so in the log)."""
+        prepared = [self.prepare(f, i, k % VERIFY_EVERY == 0) for k, (f, i) in enumerate(targets)]
+        if not self.word_by_word:
+            return self._exact(prepared)
+        out = [self._by_words(*p) for p in prepared]
+        sample = list(range(0, len(prepared), VERIFY_EVERY))
+        exact = self._exact([prepared[k] for k in sample])
+        wrong = [k for k, values in zip(sample, exact, strict=True) if out[k] is not None and out[k] != values]
+        if wrong:
+            log.warning(
+                "rg4 scores: %s does not tokenise word by word (%d of %d sampled targets differ); "
+                "tokenising whole targets from now on",
+                self.name or "the tokenizer",
+                len(wrong),
+                len(sample),
+            )
+            self.word_by_word = False
+            return self._exact(prepared)
+        missing = [k for k, values in enumerate(out) if values is None]
+        for k, values in zip(missing, self._exact([prepared[k] for k in missing]), strict=True):
+            out[k] = values
+        return out
+
+    def _count(self, word: str, first: bool) -> int:
+        key = (word, first)
+        n = self._counts.get(key)
+        if n is None:
+            if first:
+                n = len(self.tokenizer.encode(word, add_special_tokens=False).ids)
+            else:
+                n = len(self.tokenizer.encode("a " + word, add_special_tokens=False).ids) - self._anchor
+            n = self._counts[key] = n
+        return n
+
+    def _by_words(self, cleaned: str, ends: list[int], flags: list[bool]) -> list[int] | None:
+        """The weights from cached per-word token counts; None where the text is not single-spaced
+        (the cleaner's " .  . " artefacts), which then goes the whole-text way."""
+        if "  " in cleaned or cleaned.startswith(" "):
+            return None
+        values, first = [0], True  # BOS
+        for sentence, emphasised in zip(cleaned[:-2].split(" . "), flags, strict=True):
+            flag = int(emphasised)
+            for word in (*sentence.split(" "), "."):  # a sentence's full stop goes with it
+                values.extend([flag] * self._count(word, first))
+                first = False
+            if len(values) >= self.max_length:
+                break
+        values.append(0)  # the '</s>' the loader appends
+        values = values[: self.max_length]
+        return values + [0] * (self.max_length - len(values))
+
+    def _exact(self, prepared: list[tuple[str, list[int], list[bool]]]) -> list[list[int]]:
+        """The weights from tokenising each cleaned target whole, with character offsets."""
+        encodings = self.tokenizer.encode_batch([c for c, _, _ in prepared], add_special_tokens=True)
+        out = []
+        for (cleaned, ends, flags), enc in zip(prepared, encodings, strict=True):
+            values = []
+            if enc.ids and enc.ids[0] != self._bos:
+                values.append(0)  # LLaMA's HF tokenizer adds BOS; this tokenizer.json does not: keep its slot
+            if not any(flags):
+                values.extend([0] * len(enc.ids))
+            else:
+                # per character, the flag of its sentence; a token carries the space before its word
+                # ("▁the", "Ġthe"), so the last space of a " . " separator goes with the next sentence
+                flag = bytearray(len(cleaned))
+                last = len(ends) - 1
+                for k, emphasised in enumerate(flags):
+                    if emphasised:
+                        begin = ends[k - 1] - 1 if k else 0
+                        end = len(cleaned) if k == last else ends[k] - 1
+                        flag[begin:end] = b"\x01" * (end - begin)
+                values.extend(
+                    0 if special or start >= len(cleaned) else flag[start]
+                    for (start, _), special in zip(enc.offsets, enc.special_tokens_mask, strict=True)
+                )
+            values.append(0)  # the '</s>' the loader appends (a special token: never emphasised)
+            values = values[: self.max_length]
+            out.append(values + [0] * (self.max_length - len(values)))
+        return out
+
+
+def note(scorer: TokenScorer | None, emphasised: int = 0, positions: int = 0) -> str:
+    """The one line the log and the dataset card carry about ``new_scores``."""
+    if scorer is None:
+        return NO_TOKENIZER_NOTE
+    share = f"; {100 * emphasised / positions:.1f}% of the target tokens emphasised" if positions else ""
+    return (
+        f"new_scores: binary, one per position of the {scorer.name} tokenisation of the cleaned target + "
+        f"'</s>' (BOS at 0), {scorer.max_length} values; 1 on the sentences holding a positive or uncertain "
+        "finding mention (span-based, our key-information extractor; LLM-RG4 used CheXbert + integrated "
+        f"gradients){share}."
+    )
