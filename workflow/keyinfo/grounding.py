@@ -1,6 +1,6 @@
 """Grounding: trace every LLM finding to the report text and compare it with the rules backend.
 
-Three flags (``FINDINGS.flags``, ';'-joined; one ``GROUNDING`` row each):
+Three flags (``FINDINGS.flags``, ';'-joined):
 
 * ``unsupported`` — an LLM finding with no lexical support in the findings/impression text: no surface form
   of its canonical name occurs there (negated or not), its raw name is not found either (rapidfuzz
@@ -85,33 +85,3 @@ def _supported(row: dict, names: set[str], text: str, cutoff: float) -> bool:
                 return True
     return False
 
-
-def grounding_rows(flagged: list[dict], rules_rows: list[dict] | None = None) -> list[dict]:
-    """GROUNDING table rows (one per flag) from the output of :func:`ground` for one study."""
-    rules_presence = merge_presence((r["name"], r["presence"]) for r in rules_rows or [])
-    llm_presence = merge_presence(
-        (r["name"], r["presence"]) for r in flagged if MISSED not in (r.get("flags") or "")
-    )
-    out = []
-    for r in flagged:
-        for flag in (r.get("flags") or "").split(";"):
-            if flag not in (UNSUPPORTED, DISAGREES, MISSED):
-                continue
-            detail = {UNSUPPORTED: f"no surface form of {r['name']!r} in findings/impression",
-                      DISAGREES: "report-level presence differs",
-                      MISSED: "found by the rules backend, absent from the LLM output"}[flag]  # fmt: skip
-            out.append({
-                "subject_id": r.get("subject_id"), "study_id": r.get("study_id"), "name": r["name"], "flag": flag,
-                "llm_presence": llm_presence.get(r["name"]), "rules_presence": rules_presence.get(r["name"]),
-                "detail": detail,
-            })  # fmt: skip
-    return out
-
-
-def flag_counts(flagged: list[dict]) -> dict[str, int]:
-    counts = {UNSUPPORTED: 0, DISAGREES: 0, MISSED: 0}
-    for r in flagged:
-        for flag in (r.get("flags") or "").split(";"):
-            if flag in counts:
-                counts[flag] += 1
-    return counts

@@ -15,6 +15,7 @@ import pyarrow as pa
 
 from workflow import cli
 from workflow.contract import AUDIT, FINDINGS, LLM_FOLLOWUP_STATS, LLM_REQUESTS, REJECTS, UNKNOWN_TERMS
+from workflow.keyinfo.standardise import unknown_terms
 from workflow.llm import accounting, build_request
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import (
@@ -95,15 +96,6 @@ def run_shard(args, config) -> None:
     )
 
 
-def _unknown_terms(audit: pa.Table) -> pa.Table:
-    """The unknown-terms report of the LLM's answers: what to add to libs/."""
-    try:
-        from workflow.keyinfo.standardise import unknown_terms
-    except ImportError:
-        return UNKNOWN_TERMS.empty_table()
-    return unknown_terms(audit)
-
-
 def merge(args) -> None:
     """Concatenate the shards into round 0 and record its disagreement with the rules."""
     findings = pa.concat_tables([read_table(p) for p in args.shard_findings]).cast(FINDINGS)
@@ -111,7 +103,7 @@ def merge(args) -> None:
     rejects = pa.concat_tables([read_table(p) for p in args.shard_rejects]).cast(REJECTS)
     audit = pa.concat_tables([read_table(p) for p in args.shard_audit]).cast(AUDIT)
     write_table(audit, args.audit, AUDIT)
-    write_table(_unknown_terms(audit), args.unknown_terms, UNKNOWN_TERMS)
+    write_table(unknown_terms(audit), args.unknown_terms, UNKNOWN_TERMS)  # what to add to libs/
     rules = read_table(args.rules_findings).to_pandas()
     sections = read_table(args.sections).to_pandas()
     grounded = ground_findings(findings.to_pandas(), rules, sections)
