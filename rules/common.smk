@@ -67,10 +67,14 @@ def findings_table(wildcards=None):
 
 # --- LLM layer helpers (rules/llm.smk) ---------------------------------------------------------------
 def llm_config_json(wildcards=None):
-    """What the LLM modules read: the guard flag and the llm section (keys are env var NAMES only)."""
+    """What the LLM modules read: the guard flag, the llm section (keys are env var NAMES only) and the
+    standardisation / grounding cutoffs their answers go through."""
     import json
 
-    return json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]})
+    keyinfo = {key: config["keyinfo"][key] for key in ("fuzzy_cutoff", "support_cutoff")}
+    return json.dumps(
+        {"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"], "keyinfo": keyinfo}
+    )
 
 
 def llm_cache(wildcards=None):

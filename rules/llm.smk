@@ -102,8 +102,9 @@ rule llm_keyinfo_merge:
         "../envs/core.yaml"
     params:
         py=PY,
+        config=llm_config_json,
     shell:
-        "{params.py} -m workflow.llm.keyinfo merge --shard-findings {input.findings:q}"
+        "{params.py} -m workflow.llm.keyinfo merge --config {params.config:q} --shard-findings {input.findings:q}"
         " --shard-requests {input.requests:q} --shard-rejects {input.rejects:q} --shard-audit {input.audit:q}"
         " --rules-findings {input.rules_findings:q} --sections {input.sections:q} --findings {output.findings:q}"
         " --requests {output.requests:q} --rejects {output.rejects:q} --asked {output.asked:q}"

@@ -83,7 +83,7 @@ def llm_config(server, rounds=3):
         "gold": {"endpoint": "teacher", "n": 8, "seed": 5, "exclude": None, "temperature": 0, "max_tokens": 500},
         "keyinfo": {"endpoint": "student", "shards": 2, "temperature": 0, "max_tokens": 500},
         "followup": {"endpoint": "student", "rounds": rounds, "temperature": 0, "max_tokens": 300},
-    }}
+    }, "keyinfo": {"fuzzy_cutoff": 90, "support_cutoff": 90}}
 
 
 def test_gold_sample_is_seeded_stratified_and_honours_exclusions(tmp_path):
@@ -144,7 +144,7 @@ def test_gold_keyinfo_followup_chain(tables, tmp_path):
         sent_after_keyinfo = srv.count()
         assert sent_after_keyinfo == 8 + 24  # 30 studies, 6 without text; gold's answers are not the same request
         r0 = out / "round0"
-        keyinfo.main(["merge", "--shard-findings", *(str(out / f"shard{s}" / "findings.parquet") for s in (0, 1)),
+        keyinfo.main(["merge", "--config", cfg, "--shard-findings", *(str(out / f"shard{s}" / "findings.parquet") for s in (0, 1)),
                       "--shard-requests", *(str(out / f"shard{s}" / "requests.parquet") for s in (0, 1)),
                       "--shard-rejects", *(str(out / f"shard{s}" / "rejects.parquet") for s in (0, 1)),
                       "--shard-audit", *(str(out / f"shard{s}" / "audit.parquet") for s in (0, 1)),

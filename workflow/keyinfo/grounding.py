@@ -48,10 +48,12 @@ def lexical_names(sections: dict[str, str | None]) -> tuple[set[str], str]:
     return names, " ".join(norm.split())
 
 
-def ground(llm_rows: list[dict], rules_rows: list[dict], sections: dict[str, str | None],
-           support_cutoff: float = 90.0) -> list[dict]:  # fmt: skip
+def ground(llm_rows: list[dict], rules_rows: list[dict], sections: dict[str, str | None], *,
+           support_cutoff: float) -> list[dict]:  # fmt: skip
     """LLM rows of ONE study with grounding flags, followed by the rules rows the LLM missed (flagged).
 
+    ``support_cutoff`` (config ``keyinfo.support_cutoff``) is the rapidfuzz ``partial_ratio`` a raw name or
+    evidence quote must reach against the text to count as support.
     Input rows are not modified; copies are returned.
     """
     names, text = lexical_names(sections)

@@ -69,14 +69,15 @@ def _span(evidence: str | None, sections_row: dict) -> tuple[str | None, int | N
 
 
 def standardise_answer(items: list[dict], sections_row: dict, *, source: str, round_: int,
-                       request_key: str | None, audit: list[dict] | None = None) -> list[dict]:
+                       request_key: str | None, fuzzy_cutoff: float, audit: list[dict] | None = None) -> list[dict]:
     """Rows of the ``findings`` table for one study's answer items (evidence located in the sections).
 
-    Standardisation's audit rows (what was changed, by which rule) are appended to ``audit`` if given.
+    ``fuzzy_cutoff`` is config ``keyinfo.fuzzy_cutoff``. Standardisation's audit rows (what was changed, by
+    which rule) are appended to ``audit`` if given.
     """
     record = {"study_id": int(sections_row["study_id"]), "subject_id": int(sections_row["subject_id"]),
               "findings": items}
-    result = standardise(record, "findings")
+    result = standardise(record, "findings", fuzzy_cutoff)
     rows = _as_rows(result)
     if audit is not None and isinstance(result, tuple) and len(result) > 1:
         audit += [{**a, "subject_id": record["subject_id"], "study_id": record["study_id"]} for a in result[1]]
@@ -98,9 +99,11 @@ def standardise_answer(items: list[dict], sections_row: dict, *, source: str, ro
     return out
 
 
-def ground_findings(llm: pd.DataFrame, rules: pd.DataFrame, sections: pd.DataFrame) -> pd.DataFrame:
+def ground_findings(llm: pd.DataFrame, rules: pd.DataFrame, sections: pd.DataFrame, *,
+                    support_cutoff: float) -> pd.DataFrame:  # fmt: skip
     """LLM rows with the key-information stage's grounding flags (unsupported, presence_disagrees).
 
+    ``support_cutoff`` is config ``keyinfo.support_cutoff``.
     Rules findings the LLM missed are what the follow-up rounds ask about; they are not added here.
     """
     if llm.empty:
@@ -115,7 +118,7 @@ def ground_findings(llm: pd.DataFrame, rules: pd.DataFrame, sections: pd.DataFra
             kept = [f for f in (r.get("flags") or "").split(";") if f and f not in ("unsupported", "presence_disagrees")]
             r["flags"] = ";".join(kept) or None
         sec = {k: (v if isinstance(v, str) else None) for k, v in text.loc[sid].to_dict().items()} if sid in text.index else {}
-        flagged = ground(rows, by_rules.get(sid, []), sec)
+        flagged = ground(rows, by_rules.get(sid, []), sec, support_cutoff=support_cutoff)
         out += [r for r in flagged if r.get("source") != "rules"]
     return pd.DataFrame(out, columns=FINDINGS.names)
 

@@ -135,7 +135,8 @@ def main(argv=None) -> None:
                 rejects.add(sid, *reject_reason(a))
                 continue
             rows += standardise_answer(
-                a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key
+                a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key,
+                fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"],
             )
             sft.write(
                 json.dumps(

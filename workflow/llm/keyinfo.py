@@ -81,7 +81,8 @@ def run_shard(args, config) -> None:
             rejects.add(sid, *reject_reason(a))
             continue
         rows += standardise_answer(
-            a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key, audit=audit
+            a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key,
+            fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"], audit=audit,
         )
     write_audit(audit, args.audit)
     write_table(
@@ -96,7 +97,7 @@ def run_shard(args, config) -> None:
     )
 
 
-def merge(args) -> None:
+def merge(args, config) -> None:
     """Concatenate the shards into round 0 and record its disagreement with the rules."""
     findings = pa.concat_tables([read_table(p) for p in args.shard_findings]).cast(FINDINGS)
     requests = pa.concat_tables([read_table(p) for p in args.shard_requests]).cast(LLM_REQUESTS)
@@ -106,7 +107,9 @@ def merge(args) -> None:
     write_table(unknown_terms(audit), args.unknown_terms, UNKNOWN_TERMS)  # what to add to libs/
     rules = read_table(args.rules_findings).to_pandas()
     sections = read_table(args.sections).to_pandas()
-    grounded = ground_findings(findings.to_pandas(), rules, sections)
+    grounded = ground_findings(
+        findings.to_pandas(), rules, sections, support_cutoff=config["keyinfo"]["support_cutoff"]
+    )
     findings = pa.Table.from_pandas(grounded, schema=FINDINGS, preserve_index=False)
     write_table(findings, args.findings, FINDINGS)
     write_table(requests, args.requests, LLM_REQUESTS)
@@ -145,6 +148,7 @@ def main(argv=None) -> None:
         s.add_argument(f"--{name}", required=True)
     s.add_argument("--estimate")
     m = sub.add_parser("merge")
+    m.add_argument("--config", required=True, help="JSON of the workflow config (keyinfo.support_cutoff)")
     for name in ("shard-findings", "shard-requests", "shard-rejects", "shard-audit"):
         m.add_argument(f"--{name}", nargs="+", required=True)
     m.add_argument("--rules-findings", required=True)
@@ -156,7 +160,7 @@ def main(argv=None) -> None:
     if args.command == "shard":
         run_shard(args, json.loads(args.config))
     else:
-        merge(args)
+        merge(args, json.loads(args.config))
 
 
 if __name__ == "__main__":
