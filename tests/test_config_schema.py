@@ -6,12 +6,13 @@ keep)."""
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 
 import yaml
 from snakemake.utils import validate
-from workflow_run import REPO
+from workflow_run import REPO, prepare_workdir, run_snakemake
 
 from workflow.keyinfo import standardise
 
@@ -135,3 +136,23 @@ def test_generic_readers_and_library_defaults_name_real_keys():
     for dotted, value in LIBRARY_DEFAULTS.items():
         assert dotted in paths
         assert value == lookup(defaults, dotted), f"the library default of {dotted} drifted from the schema"
+
+
+def test_keyinfo_cutoffs_reach_every_llm_stage_command(tmp_path):
+    """keyinfo.fuzzy_cutoff / support_cutoff set in a user's config are what the LLM stages are run with."""
+    override = {
+        "llm": {"backend": "llm", "endpoints": {"teacher": {"azure_endpoint": "https://example.openai.azure.com"}}},
+        "keyinfo": {"fuzzy_cutoff": 77, "support_cutoff": 66},
+    }
+    workdir = prepare_workdir(tmp_path / "wd", override)
+    run = run_snakemake(workdir, "-n", "-p", env={**os.environ, "AZURE_OPENAI_API_KEY": "unused-in-a-dry-run"})
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    commands = {
+        stage: [line for line in log.splitlines() if f"-m workflow.llm.{stage}" in line]
+        for stage in ("gold", "keyinfo shard", "keyinfo merge", "followup")
+    }
+    assert all(commands.values()), commands
+    for stage, lines in commands.items():
+        for line in lines:
+            assert '"fuzzy_cutoff": 77' in line and '"support_cutoff": 66' in line, (stage, line)
