@@ -15,6 +15,7 @@ from snakemake.utils import validate
 from workflow_run import REPO, prepare_workdir, run_snakemake
 
 from workflow.keyinfo import standardise
+from workflow.llm import run as llm_run
 
 SCHEMA_PATH = REPO / "config.schema.yaml"
 SCHEMA = yaml.safe_load(SCHEMA_PATH.read_text())
@@ -26,9 +27,12 @@ READ_GENERICALLY = {
 }
 
 # Library defaults that stand in for a config key when the code runs outside the workflow (the standalone
-# `python -m workflow.keyinfo.vqa_json import` tool); the rules always pass the configured value.
+# `python -m workflow.keyinfo.vqa_json import` tool, partial configs handed to the LLM executor); the rules
+# always pass the configured value, so these only have to agree with the schema.
 LIBRARY_DEFAULTS = {
     "keyinfo.fuzzy_cutoff": standardise.DEFAULT_FUZZY_CUTOFF,
+    **{f"llm.client.{key}": value for key, value in llm_run.CLIENT_DEFAULTS.items()},
+    **{f"llm.batch.{key}": value for key, value in llm_run.BATCH_DEFAULTS.items()},
 }
 
 
