@@ -1,5 +1,5 @@
 # The chest X-ray dataset factory. Wiring only: configuration, validation, rule modules, targets.
-# All logic lives in the `workflow/` package; see README.md and DESIGN notes in docs.
+# All logic lives in the `workflow/` package; see README.md.
 
 from pathlib import Path
 

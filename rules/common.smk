@@ -1,4 +1,5 @@
 # Helpers shared by every .smk file (functions and constants only): config validation, paths, interpreters.
+import json
 import shlex
 import sys
 from pathlib import Path
@@ -127,12 +128,19 @@ def rg4_scores_args():
 
 # --- LLM layer helpers (rules/llm.smk) ---------------------------------------------------------------
 def llm_config_json(wildcards=None):
-    """What the LLM modules read: the guard flag and the llm section (keys are env var NAMES only)."""
+    """What the LLM modules read: the guard flag, the llm section (keys are env var NAMES only) and the
+    standardisation / grounding cutoffs their answers go through."""
     import json
 
     return json.dumps(
-        {"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]}, sort_keys=True
+        {"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"], "keyinfo": keyinfo_cutoffs()},
+        sort_keys=True,
     )
+
+
+def keyinfo_cutoffs():
+    """The standardiser's and grounding's rapidfuzz cutoffs (keyinfo section), which every LLM stage reads."""
+    return {key: config["keyinfo"][key] for key in ("fuzzy_cutoff", "support_cutoff")}
 
 
 LLM_STAGES = ("gold", "keyinfo", "followup")
@@ -146,6 +154,7 @@ def llm_stage_settings(stage):
     return {
         "corpus": {"credentialed": config["corpus"]["credentialed"]},
         "llm": {**{k: llm[k] for k in shared}, stage: llm[stage], "endpoints": {name: llm["endpoints"].get(name)}},
+        "keyinfo": keyinfo_cutoffs(),
     }
 
 
@@ -178,6 +187,7 @@ def llm_stage_identity(stage):
     return json.dumps(
         {
             "stage": llm[stage],
+            "keyinfo": keyinfo_cutoffs(),  # the standardiser's and grounding's cutoffs change the rows
             "model": model,
             "adapter": endpoint.get("adapter"),
             "executor": executor,

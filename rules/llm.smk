@@ -111,8 +111,10 @@ rule llm_keyinfo_merge:
         runtime=per_attempt(60),
     params:
         py=PY,
+        settings=llm_settings_file("keyinfo"),
+        cutoffs=lambda wc: json.dumps(keyinfo_cutoffs(), sort_keys=True),  # grounding: re-run when they change
     shell:
-        "{params.py} -m workflow.llm.keyinfo merge --shard-findings {input.findings:q}"
+        "{params.py} -m workflow.llm.keyinfo merge --config {params.settings:q} --shard-findings {input.findings:q}"
         " --shard-requests {input.requests:q} --shard-rejects {input.rejects:q} --shard-audit {input.audit:q}"
         " --rules-findings {input.rules_findings:q} --sections {input.sections:q} --findings {output.findings:q}"
         " --requests {output.requests:q} --rejects {output.rejects:q} --asked {output.asked:q}"

@@ -130,6 +130,7 @@ def llm_config(
             "keyinfo": {"endpoint": "student", "shards": 1, "temperature": 0, "max_tokens": 200},
             "followup": {"endpoint": "student", "rounds": 0, "temperature": 0, "max_tokens": 100},
         },
+        "keyinfo": {"fuzzy_cutoff": 90, "support_cutoff": 90},
     }
     if tiny is not None:
         config["llm"]["vllm"] = {"command": [

@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 
-from workflow import ingest
+from workflow import ingest, sections
 from workflow.contract import IMAGES, REJECTS, STUDIES
 
 REPO = Path(__file__).resolve().parents[1]
@@ -353,7 +353,6 @@ def test_corrupt_zip_member_is_rejected_and_the_rest_survive(tmp_path, how):
 
 
 def test_synthetic_corpus_dir_equals_zip_and_rejects_exactly_the_planted_bad_inputs(tmp_path):
-    pytest.importorskip("workflow.synth")
     out = tmp_path / "synth"
     subprocess.run(
         [
@@ -612,7 +611,6 @@ def test_unreadable_zip_is_a_clear_error(tmp_path):
 @pytest.mark.skipif(not IU_DIR.is_dir(), reason="IU X-Ray reports not available")
 def test_iu_reports_section_back_to_their_fields(tmp_path):
     """The rebuilt MIMIC-style text gives each IU field back through the MIT-compatible sectioner."""
-    sections = pytest.importorskip("workflow.sections")
     out = tmp_path / "out"
     ingest.ingest_iu(
         IU_DIR / "indiana_reports.csv",

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 
 from workflow.contract import AUDIT, FINDINGS, UNKNOWN_TERMS
 from workflow.keyinfo.extract import extract_sections
-from workflow.keyinfo.grounding import ground, grounding_rows
+from workflow.keyinfo.grounding import ground
 from workflow.keyinfo.standardise import standardise, standardise_many, unknown_terms
 from workflow.keyinfo.vqa_json import export_records, import_records, study_meta
 from workflow.keyinfo.vqa_json import main as vqa_json_main
@@ -153,18 +153,25 @@ def test_grounding_flags_unsupported_disagreeing_and_missed():
         {"name": "pneumothorax", "presence": "positive"},
         {"name": "pulmonary edema", "presence": "positive", "evidence": "interstitial edema"},
     ]})  # fmt: skip
-    flagged = ground(llm, rules, sections)
+    flagged = ground(llm, rules, sections, support_cutoff=90)
     flags = {(r["name"], r.get("flags")) for r in flagged}
     assert ("pleural effusion", None) in flags
     assert ("pneumothorax", "presence_disagrees") in flags
     assert ("edema", "unsupported") in flags
     assert ("pneumonia", "missed_by_llm") in flags and ("cardiomegaly", "missed_by_llm") in flags
     assert all(r["source"] == "rules" for r in flagged if "missed_by_llm" in (r.get("flags") or ""))
-    table = grounding_rows(flagged, rules)
-    assert {(r["name"], r["flag"]) for r in table} >= {
-        ("edema", "unsupported"),
-        ("pneumonia", "missed_by_llm"),
-    }
+
+
+def test_support_cutoff_decides_whether_a_misspelt_quote_supports_a_finding():
+    """keyinfo.support_cutoff: how close an LLM's raw name must come to the report text to count as support."""
+    sections = {"findings": "There is a retrocardiac density. No pleural effusion."}
+    rules = extract_sections(sections)
+    llm = [{"name": "unknown", "raw_name": "retrocardic density", "presence": "positive", "evidence": None}]
+    lenient = ground(llm, rules, sections, support_cutoff=90)
+    strict = ground(llm, rules, sections, support_cutoff=99)
+    assert lenient[0]["name"] == strict[0]["name"] == "unknown"
+    assert "unsupported" not in (lenient[0].get("flags") or "")
+    assert "unsupported" in strict[0]["flags"]
 
 
 def test_keyinfo_json_export_then_import_round_trip(tmp_path):

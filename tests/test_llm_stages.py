@@ -83,7 +83,7 @@ def llm_config(server, rounds=3):
         "gold": {"endpoint": "teacher", "n": 8, "seed": 5, "exclude": None, "temperature": 0, "max_tokens": 500},
         "keyinfo": {"endpoint": "student", "shards": 2, "temperature": 0, "max_tokens": 500},
         "followup": {"endpoint": "student", "rounds": rounds, "temperature": 0, "max_tokens": 300},
-    }}
+    }, "keyinfo": {"fuzzy_cutoff": 90, "support_cutoff": 90}}
 
 
 def test_gold_sample_is_seeded_stratified_and_honours_exclusions(tmp_path):
@@ -138,9 +138,10 @@ def run_keyinfo(cfg: str, tables, out: Path, shards: int = 2) -> None:
             f"--{k}={d / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "audit")])
 
 
-def run_merge(tables, out: Path, shards: int = 2) -> None:
+def run_merge(tables, out: Path, shards: int = 2, cfg: str | None = None) -> None:
     r0, parts = out / "round0", range(shards)
-    keyinfo.main(["merge", "--shard-findings", *(str(out / f"shard{s}" / "findings.parquet") for s in parts),
+    cfg = cfg or json.dumps({"keyinfo": {"fuzzy_cutoff": 90, "support_cutoff": 90}})
+    keyinfo.main(["merge", "--config", cfg, "--shard-findings", *(str(out / f"shard{s}" / "findings.parquet") for s in parts),
                   "--shard-requests", *(str(out / f"shard{s}" / "requests.parquet") for s in parts),
                   "--shard-rejects", *(str(out / f"shard{s}" / "rejects.parquet") for s in parts),
                   "--shard-audit", *(str(out / f"shard{s}" / "audit.parquet") for s in parts),
@@ -340,7 +341,8 @@ def test_estimate_is_what_the_run_then_sends_request_for_request(tables, tmp_pat
         assert (tmp_path / "keys.txt").read_text().split() == [r.key for s in ("gold", "keyinfo") for r in planned[s]]
 
         # The run, as the rules call it: the config the rules pass, the cache the rules use.
-        cfg = json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"]})
+        cfg = json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"],
+                          "keyinfo": {k: config["keyinfo"][k] for k in ("fuzzy_cutoff", "support_cutoff")}})
         out = results / "llm"
         assert estimate.cache_path(config) == str(out / "cache.sqlite")  # the cache the stages use below
         run_gold(cfg, tables, out)

@@ -97,19 +97,6 @@ UNKNOWN_TERMS = pa.schema(
     ]
 )
 
-# Grounding of LLM findings against the report text and the rules backend: one row per flag.
-GROUNDING = pa.schema(
-    [
-        pa.field("subject_id", pa.int64()),
-        pa.field("study_id", pa.int64(), nullable=False),
-        pa.field("name", pa.string(), nullable=False),
-        pa.field("flag", pa.string(), nullable=False),  # unsupported / presence_disagrees / missed_by_llm
-        pa.field("llm_presence", pa.string()),
-        pa.field("rules_presence", pa.string()),
-        pa.field("detail", pa.string()),  # what was looked for (never report text)
-    ]
-)
-
 # Per finding counts of a keyinfo run (keyinfo/<backend>/stats.parquet).
 KEYINFO_STATS = pa.schema(
     [

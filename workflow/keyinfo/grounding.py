@@ -1,6 +1,6 @@
 """Grounding: trace every LLM finding to the report text and compare it with the rules backend.
 
-Three flags (``FINDINGS.flags``, ';'-joined; one ``GROUNDING`` row each):
+Three flags (``FINDINGS.flags``, ';'-joined):
 
 * ``unsupported`` — an LLM finding with no lexical support in the findings/impression text: no surface form
   of its canonical name occurs there (negated or not), its raw name is not found either (rapidfuzz
@@ -48,10 +48,12 @@ def lexical_names(sections: dict[str, str | None]) -> tuple[set[str], str]:
     return names, " ".join(norm.split())
 
 
-def ground(llm_rows: list[dict], rules_rows: list[dict], sections: dict[str, str | None],
-           support_cutoff: float = 90.0) -> list[dict]:  # fmt: skip
+def ground(llm_rows: list[dict], rules_rows: list[dict], sections: dict[str, str | None], *,
+           support_cutoff: float) -> list[dict]:  # fmt: skip
     """LLM rows of ONE study with grounding flags, followed by the rules rows the LLM missed (flagged).
 
+    ``support_cutoff`` (config ``keyinfo.support_cutoff``) is the rapidfuzz ``partial_ratio`` a raw name or
+    evidence quote must reach against the text to count as support.
     Input rows are not modified; copies are returned.
     """
     names, text = lexical_names(sections)
@@ -85,33 +87,3 @@ def _supported(row: dict, names: set[str], text: str, cutoff: float) -> bool:
                 return True
     return False
 
-
-def grounding_rows(flagged: list[dict], rules_rows: list[dict] | None = None) -> list[dict]:
-    """GROUNDING table rows (one per flag) from the output of :func:`ground` for one study."""
-    rules_presence = merge_presence((r["name"], r["presence"]) for r in rules_rows or [])
-    llm_presence = merge_presence(
-        (r["name"], r["presence"]) for r in flagged if MISSED not in (r.get("flags") or "")
-    )
-    out = []
-    for r in flagged:
-        for flag in (r.get("flags") or "").split(";"):
-            if flag not in (UNSUPPORTED, DISAGREES, MISSED):
-                continue
-            detail = {UNSUPPORTED: f"no surface form of {r['name']!r} in findings/impression",
-                      DISAGREES: "report-level presence differs",
-                      MISSED: "found by the rules backend, absent from the LLM output"}[flag]  # fmt: skip
-            out.append({
-                "subject_id": r.get("subject_id"), "study_id": r.get("study_id"), "name": r["name"], "flag": flag,
-                "llm_presence": llm_presence.get(r["name"]), "rules_presence": rules_presence.get(r["name"]),
-                "detail": detail,
-            })  # fmt: skip
-    return out
-
-
-def flag_counts(flagged: list[dict]) -> dict[str, int]:
-    counts = {UNSUPPORTED: 0, DISAGREES: 0, MISSED: 0}
-    for r in flagged:
-        for flag in (r.get("flags") or "").split(";"):
-            if flag in counts:
-                counts[flag] += 1
-    return counts

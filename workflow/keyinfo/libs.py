@@ -102,7 +102,6 @@ class Libs:
     anchor_window: int
     vocabulary: dict
     location_order: dict[str, int]
-    level_rank: dict[str, int]
     normal_statements: re.Pattern | None = None  # "no acute cardiopulmonary process", "normal chest", ...
     slot_words: dict[str, dict[str, str]] = field(
         default_factory=dict
@@ -373,7 +372,6 @@ def load_libs() -> Libs:
         anchor_window=int(anchors.get("window", 9)),
         vocabulary=vocab,
         location_order=location_order,
-        level_rank={v: i for i, v in enumerate(vocab["level"])},
         slot_words=slot_words,
         normal_statements=re.compile(
             r"\b(?:" + trie_regex(sorted({norm_phrase(p) for p in trig["normal_statements"]})) + r")\b"

@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import logging
 from collections import Counter
-from pathlib import Path
 
 import pyarrow as pa
 from rapidfuzz import fuzz, process
@@ -552,11 +551,3 @@ def standardise_many(records, fmt: str, fuzzy_cutoff: float = DEFAULT_FUZZY_CUTO
         all_audit += audit
     return rows_table(all_rows), rows_table(all_audit, AUDIT), unknown_terms(all_audit)
 
-
-def load_config_cutoff(config_path: Path | None) -> float:
-    if config_path is None or not Path(config_path).exists():
-        return DEFAULT_FUZZY_CUTOFF
-    import yaml
-
-    cfg = yaml.safe_load(Path(config_path).read_text()) or {}
-    return float((cfg.get("keyinfo") or {}).get("fuzzy_cutoff", DEFAULT_FUZZY_CUTOFF))

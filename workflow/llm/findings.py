@@ -1,29 +1,23 @@
 """From parsed LLM answers to rows of the ``findings`` table (shared by gold, keyinfo and follow-up).
 
-Standardisation onto ``libs/`` is the key-information stage's job
-(``workflow.keyinfo.standardise.standardise``); when that module is not importable we fall back to an
-exact-vocabulary mapping (unknown names kept as ``unknown`` with their raw name) so the LLM stages still
-run, and say so in the log.
+Standardisation onto ``libs/`` and grounding are the key-information stage's
+(``workflow.keyinfo.standardise.standardise``, ``workflow.keyinfo.grounding.ground``).
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import re
-from functools import lru_cache
-from pathlib import Path
 
 import pandas as pd
 import pyarrow as pa
-import yaml
 
-from workflow.contract import FINDINGS
+from workflow.contract import AUDIT, FINDINGS, UNKNOWN_TERMS
+from workflow.keyinfo.grounding import ground
+from workflow.keyinfo.standardise import standardise, unknown_terms
+from workflow.tables import write_table
 
-log = logging.getLogger(__name__)
-VOCABULARY = Path(__file__).resolve().parents[2] / "libs" / "vocabulary.yaml"
 PRESENCE_RANK = {"positive": 2, "uncertain": 1, "negative": 0}
-ANSWER_FIELDS = ("name", "presence", "location", "level", "type", "change", "evidence")
 
 
 def text_of(value) -> str:
@@ -42,48 +36,6 @@ def report_text(sections_row: dict) -> str | None:
         last = text_of(sections_row.get("last_paragraph")).strip()
         return last or None
     return "\n".join(parts)
-
-
-@lru_cache(maxsize=1)
-def _vocabulary() -> dict:
-    return yaml.safe_load(VOCABULARY.read_text())
-
-
-def _fallback_standardise(record: dict) -> list[dict]:
-    vocab = _vocabulary()
-    names = set(vocab["findings"])
-    levels = {**{v: v for v in vocab["level"]}, "small": "mild", "large": "severe", "trace": "minimal"}
-    rows = []
-    for item in record["findings"]:
-        raw = item["name"].strip().lower()
-        name = raw if raw in names else raw[:-1] if raw.endswith("s") and raw[:-1] in names else "unknown"
-        level = levels.get((item.get("level") or "").strip().lower())
-        change = (item.get("change") or "").strip().lower() or None
-        type_ = (item.get("type") or "").strip().lower() or None
-        presence = item.get("presence") if item.get("presence") in PRESENCE_RANK else "uncertain"
-        rows.append(
-            {
-                "name": name,
-                "raw_name": item["name"],
-                "presence": presence,
-                "location": (item.get("location") or "").strip().lower() or None,
-                "level": level,
-                "type": type_ if type_ in vocab["type"] else None,
-                "change": change if change in vocab["change"] else None,
-                "evidence": item.get("evidence"),
-            }
-        )
-    return rows
-
-
-@lru_cache(maxsize=1)
-def _standardiser():
-    try:
-        from workflow.keyinfo.standardise import standardise  # the key-information stage's normaliser
-    except ImportError:
-        log.warning("workflow.keyinfo.standardise not available: exact-vocabulary fallback used")
-        return None
-    return standardise
 
 
 def _as_rows(value) -> list[dict]:
@@ -117,21 +69,18 @@ def _span(evidence: str | None, sections_row: dict) -> tuple[str | None, int | N
 
 
 def standardise_answer(items: list[dict], sections_row: dict, *, source: str, round_: int,
-                       request_key: str | None, audit: list[dict] | None = None) -> list[dict]:
+                       request_key: str | None, fuzzy_cutoff: float, audit: list[dict] | None = None) -> list[dict]:
     """Rows of the ``findings`` table for one study's answer items (evidence located in the sections).
 
-    Standardisation's audit rows (what was changed, by which rule) are appended to ``audit`` if given.
+    ``fuzzy_cutoff`` is config ``keyinfo.fuzzy_cutoff``. Standardisation's audit rows (what was changed, by
+    which rule) are appended to ``audit`` if given.
     """
     record = {"study_id": int(sections_row["study_id"]), "subject_id": int(sections_row["subject_id"]),
               "findings": items}
-    standardise = _standardiser()
-    if standardise:
-        result = standardise(record, "findings")
-        rows = _as_rows(result)
-        if audit is not None and isinstance(result, tuple) and len(result) > 1:
-            audit += [{**a, "subject_id": record["subject_id"], "study_id": record["study_id"]} for a in result[1]]
-    else:
-        rows = _fallback_standardise(record)
+    result = standardise(record, "findings", fuzzy_cutoff)
+    rows = _as_rows(result)
+    if audit is not None and isinstance(result, tuple) and len(result) > 1:
+        audit += [{**a, "subject_id": record["subject_id"], "study_id": record["study_id"]} for a in result[1]]
     out = []
     for row in rows:
         evidence = row.get("evidence")
@@ -150,15 +99,13 @@ def standardise_answer(items: list[dict], sections_row: dict, *, source: str, ro
     return out
 
 
-def ground_findings(llm: pd.DataFrame, rules: pd.DataFrame, sections: pd.DataFrame) -> pd.DataFrame:
+def ground_findings(llm: pd.DataFrame, rules: pd.DataFrame, sections: pd.DataFrame, *,
+                    support_cutoff: float) -> pd.DataFrame:  # fmt: skip
     """LLM rows with the key-information stage's grounding flags (unsupported, presence_disagrees).
 
+    ``support_cutoff`` is config ``keyinfo.support_cutoff``.
     Rules findings the LLM missed are what the follow-up rounds ask about; they are not added here.
     """
-    try:
-        from workflow.keyinfo.grounding import ground
-    except ImportError:
-        return llm
     if llm.empty:
         return llm
     by_rules = {sid: [{k: (None if _missing(v) else v) for k, v in r.items()} for r in g.to_dict("records")]
@@ -171,7 +118,7 @@ def ground_findings(llm: pd.DataFrame, rules: pd.DataFrame, sections: pd.DataFra
             kept = [f for f in (r.get("flags") or "").split(";") if f and f not in ("unsupported", "presence_disagrees")]
             r["flags"] = ";".join(kept) or None
         sec = {k: (v if isinstance(v, str) else None) for k, v in text.loc[sid].to_dict().items()} if sid in text.index else {}
-        flagged = ground(rows, by_rules.get(sid, []), sec)
+        flagged = ground(rows, by_rules.get(sid, []), sec, support_cutoff=support_cutoff)
         out += [r for r in flagged if r.get("source") != "rules"]
     return pd.DataFrame(out, columns=FINDINGS.names)
 
@@ -221,16 +168,7 @@ def per_name_presence(df: pd.DataFrame) -> pd.DataFrame:
 
 def write_audit(audit: list[dict], audit_path, unknown_path=None) -> None:
     """The standardisation audit (contract.AUDIT) and, if asked, the unknown-terms report."""
-    from workflow.contract import AUDIT, UNKNOWN_TERMS
-    from workflow.tables import write_table
-
     table = pa.Table.from_pydict({f.name: [a.get(f.name) for a in audit] for f in AUDIT}, schema=AUDIT)
     write_table(table, audit_path, AUDIT)
     if unknown_path is not None:
-        try:
-            from workflow.keyinfo.standardise import unknown_terms
-        except ImportError:
-            terms = UNKNOWN_TERMS.empty_table()
-        else:
-            terms = unknown_terms(table)
-        write_table(terms, unknown_path, UNKNOWN_TERMS)
+        write_table(unknown_terms(table), unknown_path, UNKNOWN_TERMS)

@@ -167,6 +167,7 @@ def run_round(args, config) -> None:
                 source="followup",
                 round_=round_,
                 request_key=a.request.key,
+                fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"],
             )
         )
         new = new[new["name"] == name]
@@ -177,7 +178,9 @@ def run_round(args, config) -> None:
             changed += 1
         merged = pd.concat([merged[~old_mask], new], ignore_index=True)
     if answers:  # re-ground: flags follow the merged rows
-        merged = ground_findings(merged, rules, studies.reset_index(drop=True))
+        merged = ground_findings(
+            merged, rules, studies.reset_index(drop=True), support_cutoff=config["keyinfo"]["support_cutoff"]
+        )
     merged = merged.sort_values(["study_id", "round", "name"], kind="stable").reset_index(drop=True)
 
     new_asked = pd.DataFrame({"study_id": targets["study_id"], "name": targets["name"], "round": round_})

@@ -141,7 +141,8 @@ def main(argv=None) -> None:
                 rejects.add(sid, *reject_reason(a))
                 continue
             new = standardise_answer(
-                a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key
+                a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key,
+                fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"],
             )
             if not new:  # a valid answer ("nothing found") that leaves no findings row: say so
                 rejects.add(sid, *no_findings_reason(a.items))

@@ -14,6 +14,7 @@ import pyarrow as pa
 
 from workflow import cli
 from workflow.contract import AUDIT, FINDINGS, LLM_FOLLOWUP_STATS, LLM_REQUESTS, REJECTS, UNKNOWN_TERMS
+from workflow.keyinfo.standardise import unknown_terms
 from workflow.llm import accounting
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import (
@@ -73,7 +74,8 @@ def run_shard(args, config) -> None:
             rejects.add(sid, *reject_reason(a))
             continue
         new = standardise_answer(
-            a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key, audit=audit
+            a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key,
+            fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"], audit=audit,
         )
         if not new:  # answered, nothing found: recorded, so every study is in the output or in rejects
             rejects.add(sid, *no_findings_reason(a.items))
@@ -91,26 +93,19 @@ def run_shard(args, config) -> None:
     )
 
 
-def _unknown_terms(audit: pa.Table) -> pa.Table:
-    """The unknown-terms report of the LLM's answers: what to add to libs/."""
-    try:
-        from workflow.keyinfo.standardise import unknown_terms
-    except ImportError:
-        return UNKNOWN_TERMS.empty_table()
-    return unknown_terms(audit)
-
-
-def merge(args) -> None:
+def merge(args, config) -> None:
     """Concatenate the shards into round 0 and record its disagreement with the rules."""
     findings = pa.concat_tables([read_table(p) for p in args.shard_findings]).cast(FINDINGS)
     requests = pa.concat_tables([read_table(p) for p in args.shard_requests]).cast(LLM_REQUESTS)
     rejects = pa.concat_tables([read_table(p) for p in args.shard_rejects]).cast(REJECTS)
     audit = pa.concat_tables([read_table(p) for p in args.shard_audit]).cast(AUDIT)
     write_table(audit, args.audit, AUDIT)
-    write_table(_unknown_terms(audit), args.unknown_terms, UNKNOWN_TERMS)
+    write_table(unknown_terms(audit), args.unknown_terms, UNKNOWN_TERMS)  # what to add to libs/
     rules = read_table(args.rules_findings).to_pandas()
     sections = read_table(args.sections).to_pandas()
-    grounded = ground_findings(findings.to_pandas(), rules, sections)
+    grounded = ground_findings(
+        findings.to_pandas(), rules, sections, support_cutoff=config["keyinfo"]["support_cutoff"]
+    )
     findings = pa.Table.from_pandas(grounded, schema=FINDINGS, preserve_index=False)
     write_table(findings, args.findings, FINDINGS)
     write_table(requests, args.requests, LLM_REQUESTS)
@@ -150,6 +145,7 @@ def main(argv=None) -> None:
         s.add_argument(f"--{name}", required=True)
     s.add_argument("--estimate")
     m = sub.add_parser("merge")
+    m.add_argument("--config", required=True, help="JSON of the workflow config (keyinfo.support_cutoff)")
     for name in ("shard-findings", "shard-requests", "shard-rejects", "shard-audit"):
         m.add_argument(f"--{name}", nargs="+", required=True)
     m.add_argument("--rules-findings", required=True)
@@ -161,7 +157,7 @@ def main(argv=None) -> None:
     if args.command == "shard":
         run_shard(args, load_config(args.config))
     else:
-        merge(args)
+        merge(args, load_config(args.config))
 
 
 if __name__ == "__main__":
