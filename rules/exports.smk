@@ -1,5 +1,7 @@
 # Training files of the other seeds: R2GenGPT/MeGPT annotation.json, RaDialog RG/INS; logic in workflow/exports/.
 
+from workflow.exports import prompt_source
+
 
 rule exports:
     input:
@@ -8,6 +10,10 @@ rule exports:
         sections=rules.sections.output.sections,
         findings=findings_table(),
         prompts="libs/radialog_prompts.yaml",
+        # the user's RaDialog prompt files (exports.radialog.prompts_from): a change rebuilds
+        radialog_prompts=prompt_source.source_files(
+            config["exports"]["radialog"]["prompts_from"]
+        ),
     output:
         r2gen=out("exports", "r2gen", "annotation.json"),
         radialog_rg=out("exports", "radialog", "mimic_cxr_reports_stratified.json"),
@@ -22,7 +28,17 @@ rule exports:
     params:
         py=PY,
         dataset=config["corpus"]["format"],
-        report_sections=config["exports"]["report_sections"],
+        report_sections=(
+            f"--report-sections {config['exports']['report_sections']}"
+            if config["exports"]["report_sections"]
+            else ""
+        ),
+        prompts_from=(
+            f"--radialog-prompts-from {shlex.quote(config['exports']['radialog']['prompts_from'])}"
+            if config["exports"]["radialog"]["prompts_from"]
+            else ""
+        ),
+        prompt_key=config["exports"]["radialog"]["prompt_key"],
         clean="--clean" if config["exports"]["clean"] else "",
         iu_images=config["exports"]["iu_images"],
         seed=config["exports"]["seed"],
@@ -31,7 +47,8 @@ rule exports:
         " --sections {input.sections:q} --findings {input.findings:q} --r2gen {output.r2gen:q}"
         " --radialog-rg {output.radialog_rg:q} --radialog-ins {output.radialog_ins:q}"
         " --summary {output.summary:q} --rejects {output.rejects:q} --dataset {params.dataset}"
-        " --report-sections {params.report_sections} {params.clean} --iu-images {params.iu_images}"
+        " {params.report_sections} {params.clean} --iu-images {params.iu_images}"
+        " {params.prompts_from} --radialog-prompt-key {params.prompt_key:q}"
         " --seed {params.seed} --workers {threads} 2> {log:q}"
 
 

@@ -15,6 +15,9 @@ Follows RaDialog's dataset recipe (reference/sectioning_radialog.md §3) with ou
   region QA quoting the report's sentences (5); part 1 (easy language, LLM only) is not built. Each
   record is a two-turn conversation: the RG prompt → the report (for correction, an edited report),
   then the task → its answer. RG and INS records are shuffled together into the INS file.
+* Prompt source: our own paraphrases (``libs/radialog_prompts.yaml``), or with
+  ``exports.radialog.prompts_from`` RaDialog's own RG instruction and system message read from the
+  user's checkout (:mod:`workflow.exports.prompt_source`), so the files match RaDialog's evaluation.
 * Safe templating: only our own slots (``{findings}``, ``{label}``, ...) are filled, in one pass;
   report text is inserted as a value and never parsed as a template, so braces in reports are harmless.
   Fixed seed; records whose answer would be empty are not written.
@@ -32,6 +35,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from workflow.exports.prompt_source import ExternalPrompts
 from workflow.keyinfo.libs import load_libs
 from workflow.rg4.rewrite import _SENTENCE_END
 
@@ -169,12 +173,18 @@ def _norm(text: str) -> str:
 
 class Builder:
     def __init__(
-        self, images: list[Image], evidence: pd.DataFrame, seed: int = 0, prompts: dict | None = None
+        self,
+        images: list[Image],
+        evidence: pd.DataFrame,
+        seed: int = 0,
+        prompts: dict | None = None,
+        external: ExternalPrompts | None = None,
     ):
         self.images = images
         self.p = prompts or load_prompts()
         self.seed = seed
-        self.system = _norm(self.p["system"])
+        self.external = external  # RaDialog's own RG instruction and system message, used verbatim
+        self.system = external.system if external else _norm(self.p["system"])
         self.image_block = fill(
             self.p["image_block"], image_tokens=self.p["image_token"] * int(self.p["image_token_count"])
         )
@@ -195,13 +205,16 @@ class Builder:
                     offsets.append(int(start))
 
     def rg_prompt(self, img: Image, rng: random.Random) -> str:
-        k = rng.randrange(len(self.p["rg"]))
+        k = rng.randrange(len(self.p["rg"]))  # drawn with RaDialog's prompt too: the same seed, same records
         key = (k, tuple(img.labels))
         prompt = self._prompts.get(key)
         if prompt is None:
-            prompt = self._prompts[key] = fill(
-                self.p["rg"][k], image=self.image_block, findings=findings_slot(img.labels, self.p)
-            )
+            findings = findings_slot(img.labels, self.p)
+            if self.external is not None:  # RaDialog trains and evaluates on its one RG instruction
+                prompt = self.external.instruction(findings)
+            else:
+                prompt = fill(self.p["rg"][k], image=self.image_block, findings=findings)
+            self._prompts[key] = prompt
         return prompt
 
     def record(self, img: Image, turns: list[tuple[str, str | None]], output: str) -> dict:
@@ -356,12 +369,17 @@ def train_images(
 
 
 def build(
-    studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame, findings: pd.DataFrame, seed: int = 0
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    findings: pd.DataFrame,
+    seed: int = 0,
+    external: ExternalPrompts | None = None,
 ) -> tuple[list[dict], list[dict], dict[str, int]]:
     """(RG records, INS records = RG + instruct shuffled, task counts)."""
     prompts = load_prompts()
     imgs = train_images(studies, images, sections, findings, prompts)
-    builder = Builder(imgs, findings, seed, prompts)
+    builder = Builder(imgs, findings, seed, prompts, external)
     rg = builder.rg()
     ins, counts = builder.ins()
     counts["report_generation"] = len(rg)
@@ -376,7 +394,12 @@ def fuse(rg: list, instruct: list, seed: int) -> list:
 
 
 def build_encoded(
-    studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame, findings: pd.DataFrame, seed: int = 0
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    findings: pd.DataFrame,
+    seed: int = 0,
+    external: ExternalPrompts | None = None,
 ) -> tuple[list[str], list[str], dict[str, int]]:
     """:func:`build` with every record JSON-encoded once (the INS file repeats all RG records): the
     encoded records of the two files, in order (write them with :func:`write_json_list`)."""
@@ -384,7 +407,7 @@ def build_encoded(
 
     prompts = load_prompts()
     imgs = train_images(studies, images, sections, findings, prompts)
-    builder = Builder(imgs, findings, seed, prompts)
+    builder = Builder(imgs, findings, seed, prompts, external)
     encode = json.JSONEncoder(ensure_ascii=False).encode
     rg = [encode(r) for r in builder.rg()]
     ins, counts = builder.ins()
