@@ -1,6 +1,6 @@
 # Training files of the other seeds: R2GenGPT/MeGPT annotation.json, RaDialog RG/INS; logic in workflow/exports/.
 
-from workflow.exports import prompt_source
+from workflow.exports import llm_tasks, prompt_source
 
 
 rule exports:
@@ -25,6 +25,8 @@ rule exports:
     conda:
         "../envs/core.yaml"
     threads: 2
+    resources:
+        llm_endpoint=1,  # with llm.backend: llm, one LLM stage at a time talks to the endpoint
     params:
         py=PY,
         dataset=config["corpus"]["format"],
@@ -39,6 +41,7 @@ rule exports:
             else ""
         ),
         prompt_key=config["exports"]["radialog"]["prompt_key"],
+        llm=llm_tasks.rule_args(config, llm_config_json(), llm_cache()),
         clean="--clean" if config["exports"]["clean"] else "",
         iu_images=config["exports"]["iu_images"],
         seed=config["exports"]["seed"],
@@ -49,6 +52,7 @@ rule exports:
         " --summary {output.summary:q} --rejects {output.rejects:q} --dataset {params.dataset}"
         " {params.report_sections} {params.clean} --iu-images {params.iu_images}"
         " {params.prompts_from} --radialog-prompt-key {params.prompt_key:q}"
+        " {params.llm}"
         " --seed {params.seed} --workers {threads} 2> {log:q}"
 
 

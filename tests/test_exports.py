@@ -529,3 +529,17 @@ def test_radialog_prompts_from_errors_name_the_key(tmp_path):
     assert any(p.startswith(key) for p in configcheck.problems(cfg, tmp_path))
     cfg["exports"]["radialog"]["prompts_from"] = str(fake_checkout(tmp_path / "ok"))
     assert configcheck.problems(cfg, tmp_path) == []
+
+
+def test_llm_tasks_endpoint_checked_at_start_up(tmp_path):
+    from workflow import configcheck
+
+    cfg = {"llm": {"backend": "llm", "endpoints": {"student": {}}}}
+    cfg["exports"] = {"radialog": {"llm": {"endpoint": "nope"}}}
+    assert any(
+        "`exports.radialog.llm.endpoint` names the endpoint 'nope'" in p for p in configcheck.problems(cfg)
+    )
+    cfg["exports"]["radialog"]["llm"]["endpoint"] = "student"
+    assert configcheck.problems(cfg) == []
+    cfg = {"llm": {"backend": "rules"}, "exports": {"radialog": {"llm": {"endpoint": "nope"}}}}
+    assert configcheck.problems(cfg) == []  # the rules backend never asks it

@@ -54,6 +54,8 @@ def problems(config: dict, cwd: str | Path = ".") -> list[str]:
     stages = [("llm", stage, "endpoint") for stage in ("gold", "keyinfo", "followup")] if llm.get(
         "backend"
     ) == "llm" else []
+    if llm.get("backend") == "llm":
+        stages.append(("exports", "radialog", "llm", "endpoint"))
     if _get(config, ("rg4", "rewriter")) == "llm":
         stages.append(("rg4", "llm", "endpoint"))
     for path in stages:

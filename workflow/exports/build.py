@@ -23,7 +23,8 @@ import pandas as pd
 
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
-from workflow.exports import prompt_source, r2gen, radialog
+from workflow.exports import llm_tasks, prompt_source, r2gen, radialog
+from workflow.exports.llm_tasks import InstructGenerator
 from workflow.exports.prompt_source import ExternalPrompts
 from workflow.tables import Rejects, atomic_path, read_table, summary
 
@@ -79,6 +80,7 @@ def run(
     seed: int = 0,
     workers: int = 1,
     prompts: ExternalPrompts | None = None,
+    generator: InstructGenerator | None = None,
 ) -> dict:
     """Write every export; with ``workers`` > 1 the R2Gen annotation is built on a forked process while
     this one builds the RaDialog files. ``report_sections`` None: the corpus default
@@ -97,13 +99,15 @@ def run(
             with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
                 future = pool.submit(_r2gen_export)
                 rg, ins, task_counts = radialog.build_encoded(
-                    studies, images, sections, findings, seed, prompts
+                    studies, images, sections, findings, seed, prompts, generator
                 )
                 _write_radialog(rg, ins, paths)
                 r2gen_counts, exported = future.result()
         else:
             r2gen_counts, exported = _r2gen_export()
-            rg, ins, task_counts = radialog.build_encoded(studies, images, sections, findings, seed, prompts)
+            rg, ins, task_counts = radialog.build_encoded(
+                studies, images, sections, findings, seed, prompts, generator
+            )
             _write_radialog(rg, ins, paths)
     finally:
         _R2GEN.clear()
@@ -115,7 +119,10 @@ def run(
         "radialog_ins": n_rg + sum(v for k, v in task_counts.items() if k != "report_generation"),
         "radialog_tasks": task_counts,
         "radialog_prompts": prompt_info,
+        "radialog_llm_tasks": generator.stats if generator else llm_tasks.ABSENT,
     }
+    if generator is None:
+        log.info("radialog llm tasks: %s", llm_tasks.ABSENT)
     write_json(counts, paths.summary)
     return {"counts": counts, "exported": set(exported)}
 
@@ -203,6 +210,13 @@ def main(argv: list[str] | None = None) -> dict:
         help="RaDialog checkout or its vicuna_prompts.json: its RG instruction and system message",
     )
     p.add_argument("--radialog-prompt-key", default=prompt_source.DEFAULT_PROMPT_KEY)
+    p.add_argument(
+        "--llm-config", help="workflow config JSON (corpus + llm): easy-language and reasoning tasks by LLM"
+    )
+    p.add_argument("--llm-cache", type=Path, help="the LLM layer's response cache")
+    p.add_argument("--llm-endpoint", default="student", help="an entry of llm.endpoints")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--workers", type=int, default=1, help="2: build the R2Gen and RaDialog files side by side"
@@ -222,6 +236,16 @@ def main(argv: list[str] | None = None) -> dict:
         if args.radialog_prompts_from
         else None
     )
+    generator = None
+    if args.llm_config:
+        if not args.llm_cache:
+            p.error("--llm-config needs --llm-cache")
+        generator = InstructGenerator.from_config(
+            args.llm_config,
+            args.llm_cache,
+            args.llm_endpoint,
+            {"temperature": args.temperature, "max_tokens": args.max_tokens},
+        )
     studies = read_table(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
     images = read_table(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
     sections = read_table(args.sections, ["study_id", "findings", "impression"]).to_pandas()
@@ -239,6 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
         args.seed,
         args.workers,
         prompts,
+        generator,
     )
     rejects = rejects_for(studies, sections, result["exported"], args.dataset)
     rejects.write(paths.rejects)

@@ -12,7 +12,9 @@ Follows RaDialog's dataset recipe (reference/sectioning_radialog.md §3) with ou
   unused, summarisation, explanation, region QA, CheXpert QA). The parts that needed an LLM are replaced
   by tasks built deterministically from labels and key information: correction from label edits (part
   2), summarisation from the study's own impression (3), binary CheXpert QA (4a), all-findings QA (4b),
-  region QA quoting the report's sentences (5); part 1 (easy language, LLM only) is not built. Each
+  region QA quoting the report's sentences (5). Easy language (part 0) and reasoning (part 1, images with
+  a diagnosis) need language generation: with ``llm.backend: llm`` the LLM layer writes them
+  (:mod:`workflow.exports.llm_tasks`), with the rules backend they are not built. Each
   record is a two-turn conversation: the RG prompt → the report (for correction, an edited report),
   then the task → its answer. RG and INS records are shuffled together into the INS file.
 * Prompt source: our own paraphrases (``libs/radialog_prompts.yaml``), or with
@@ -235,12 +237,33 @@ class Builder:
         return [self.record(img, [(self.rg_prompt(img, rng), None)], img.text) for img in chosen]
 
     # INS -----------------------------------------------------------------------------------------------
-    def ins(self) -> tuple[list[dict], dict[str, int]]:
+    def _parts(self) -> tuple[list[list[Image]], random.Random]:
+        """The train images shuffled and cut in six equal parts, and the generator the tasks draw from."""
         rng = random.Random(f"ins:{self.seed}")
         order = list(self.images)
         rng.shuffle(order)
         n = len(order) // 6
-        parts = [order[k * n : (k + 1) * n] for k in range(6)]
+        return [order[k * n : (k + 1) * n] for k in range(6)], rng
+
+    def diagnoses(self, img: Image) -> list[str]:
+        """The image's positive diagnoses the reasoning task asks about (RaDialog: MIMIC-NLE's ten)."""
+        return [x for x in self.p["reasoning_labels"] if x in img.labels]
+
+    def llm_jobs(self) -> list[tuple[str, str, str, list[str]]]:
+        """What the LLM writes: easy language for part 0, reasoning for the images of part 1 that have a
+        diagnosis; ``(task, dicom, findings text, diagnoses)``."""
+        parts, _ = self._parts()
+        jobs = [("easy_language", img.dicom, img.text, []) for img in parts[0]]
+        for img in parts[1]:
+            diagnoses = self.diagnoses(img)
+            if diagnoses:
+                jobs.append(("reasoning", img.dicom, img.text, diagnoses))
+        return jobs
+
+    def ins(self, generated: dict[tuple[str, str], str] | None = None) -> tuple[list[dict], dict[str, int]]:
+        """Instruct records and counts per task; ``generated`` = the LLM answers of :meth:`llm_jobs`
+        (None: the rules backend, the two LLM tasks are not built)."""
+        parts, rng = self._parts()
         tasks = {"correction": parts[2], "summarise": parts[3], "region_qa": parts[5]}
         half = len(parts[4]) // 2
         tasks["binary_qa"], tasks["all_findings_qa"] = parts[4][:half], parts[4][half:]
@@ -255,6 +278,21 @@ class Builder:
                     records.append(rec)
                     made += 1
             counts[task] = made
+        if generated is not None:
+            llm_rng = random.Random(f"llm-tasks:{self.seed}")  # own draws: the rules tasks stay the same
+            for task, imgs in (("easy_language", parts[0]), ("reasoning", parts[1])):
+                made = 0
+                for img in imgs:
+                    answer = generated.get((task, img.dicom))
+                    if answer is None:
+                        continue
+                    question = llm_rng.choice(self.p[task])
+                    if task == "reasoning":
+                        names = [x.lower() for x in self.diagnoses(img)]
+                        question = fill(question, diagnoses=join_names(names))
+                    records.append(self._two_turns(img, llm_rng, question, answer))
+                    made += 1
+                counts[task] = made
         return records, counts
 
     def _two_turns(
@@ -375,13 +413,15 @@ def build(
     findings: pd.DataFrame,
     seed: int = 0,
     external: ExternalPrompts | None = None,
+    generator=None,
 ) -> tuple[list[dict], list[dict], dict[str, int]]:
-    """(RG records, INS records = RG + instruct shuffled, task counts)."""
+    """(RG records, INS records = RG + instruct shuffled, task counts). ``generator``: an
+    :class:`~workflow.exports.llm_tasks.InstructGenerator` for the easy-language and reasoning tasks."""
     prompts = load_prompts()
     imgs = train_images(studies, images, sections, findings, prompts)
     builder = Builder(imgs, findings, seed, prompts, external)
     rg = builder.rg()
-    ins, counts = builder.ins()
+    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None)
     counts["report_generation"] = len(rg)
     return rg, fuse(rg, ins, seed), counts
 
@@ -400,6 +440,7 @@ def build_encoded(
     findings: pd.DataFrame,
     seed: int = 0,
     external: ExternalPrompts | None = None,
+    generator=None,
 ) -> tuple[list[str], list[str], dict[str, int]]:
     """:func:`build` with every record JSON-encoded once (the INS file repeats all RG records): the
     encoded records of the two files, in order (write them with :func:`write_json_list`)."""
@@ -410,7 +451,7 @@ def build_encoded(
     builder = Builder(imgs, findings, seed, prompts, external)
     encode = json.JSONEncoder(ensure_ascii=False).encode
     rg = [encode(r) for r in builder.rg()]
-    ins, counts = builder.ins()
+    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None)
     counts["report_generation"] = len(rg)
     return rg, fuse(rg, [encode(r) for r in ins], seed), counts
 
