@@ -19,6 +19,7 @@ rule exports:
         radialog_rg=out("exports", "radialog", "mimic_cxr_reports_stratified.json"),
         radialog_ins=out("exports", "radialog", "mimic_cxr_instruct_stratified.json"),
         summary=out("exports", "summary.json"),
+        card=out("exports", "README.md"),
         rejects=out("exports", "rejects.parquet"),
     log:
         logfile("exports"),
@@ -49,7 +50,7 @@ rule exports:
         "{params.py} -m workflow.exports --studies {input.studies:q} --images {input.images:q}"
         " --sections {input.sections:q} --findings {input.findings:q} --r2gen {output.r2gen:q}"
         " --radialog-rg {output.radialog_rg:q} --radialog-ins {output.radialog_ins:q}"
-        " --summary {output.summary:q} --rejects {output.rejects:q} --dataset {params.dataset}"
+        " --summary {output.summary:q} --card {output.card:q} --rejects {output.rejects:q} --dataset {params.dataset}"
         " {params.report_sections} {params.clean} --iu-images {params.iu_images}"
         " {params.prompts_from} --radialog-prompt-key {params.prompt_key:q}"
         " {params.llm}"

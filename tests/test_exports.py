@@ -400,11 +400,17 @@ def test_report_sections_default_per_corpus(tmp_path):
     assert "i505" not in reports  # impression without findings: not an item (same item set as R2Gen)
     summary = json.loads((tmp_path / "mimic" / "summary.json").read_text())
     assert summary["r2gen_report_sections"] == "findings_impression"
+    card = (tmp_path / "mimic" / "README.md").read_text()
+    assert "Corpus: MIMIC-CXR" in card and "`report`: findings + impression" in card
+    assert "the default for this corpus" in card
+    assert "Easy language, reasoning: absent" in card  # rules backend
 
     exports.main(_main_args(paths, tmp_path / "iu", "--dataset", "iu"))
     ann = json.loads((tmp_path / "iu" / exports.R2GEN_FILE).read_text())
     assert [it["report"] for items in ann.values() for it in items] == [REPORTS[501][2], REPORTS[504][2]]
     assert json.loads((tmp_path / "iu" / "summary.json").read_text())["r2gen_report_sections"] == "findings"
+    card = (tmp_path / "iu" / "README.md").read_text()
+    assert "Corpus: IU X-Ray" in card and "`report`: findings only (R2Gen's convention" in card
 
     # an explicit choice wins over the corpus default
     exports.main(_main_args(paths, tmp_path / "only", "--report-sections", "findings"))
@@ -480,6 +486,10 @@ def test_radialog_prompts_from_checkout(tmp_path):
     )
     assert len(summary["sha256"]) == 64 and "PLACEHOLDER" not in json.dumps(summary)
     assert json.loads((own / "summary.json").read_text())["radialog_prompts"]["source"].startswith("ours:")
+    card = (out / "README.md").read_text()
+    assert f"Prompts: RaDialog checkout: vicuna_prompts.json[{FAKE_KEY}], system message from test.py" in card
+    assert "PLACEHOLDER" not in card and str(tmp_path) not in card  # no wording, no absolute paths
+    assert "Prompts: ours: libs/radialog_prompts.yaml" in (own / "README.md").read_text()
 
 
 def test_radialog_prompts_from_file(tmp_path):

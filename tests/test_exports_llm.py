@@ -84,6 +84,10 @@ def test_llm_tasks_against_loopback_server(tmp_path):
         # accounted: one request per distinct report, tokens counted
         assert stats["requests"] <= stats["jobs"] and stats["prompt_tokens"] > 0
         assert stats["model"] == "student" and stats["endpoint"] == "e"
+        card = (tmp_path / "a" / "README.md").read_text()
+        assert "Easy language, reasoning: written by `student` (endpoint `e`)" in card
+        assert f"{stats['accepted']:,} of {stats['jobs']:,} jobs accepted" in card
+        assert "| easy_language |" in card and "| reasoning |" in card
         # the rules tasks are the same records as without the LLM
         rules_out = tmp_path / "rules"
         exports.main(_args(paths, rules_out))

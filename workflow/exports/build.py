@@ -6,7 +6,9 @@ Writes (``--outdir``, or each path given):
   see :mod:`workflow.exports.r2gen`;
 * ``radialog/mimic_cxr_reports_stratified.json`` (RG) and ``radialog/mimic_cxr_instruct_stratified.json``
   (RG + instruct tasks), see :mod:`workflow.exports.radialog`;
-* ``summary.json`` — item counts per file/split/task;
+* ``summary.json`` — item counts per file/split/task, the R2Gen report sections, the RaDialog prompt
+  source and the LLM tasks' accounting (or why they are absent);
+* ``README.md`` — the same as a card for readers (:mod:`workflow.exports.card`);
 * ``rejects.parquet`` — studies in no export: ``no_findings`` (R2Gen and RaDialog train on findings),
   ``too_few_images`` (IU needs ``--iu-images``), ``not_in_split``.
 """
@@ -23,7 +25,7 @@ import pandas as pd
 
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
-from workflow.exports import llm_tasks, prompt_source, r2gen, radialog
+from workflow.exports import card, llm_tasks, prompt_source, r2gen, radialog
 from workflow.exports.llm_tasks import InstructGenerator
 from workflow.exports.prompt_source import ExternalPrompts
 from workflow.tables import Rejects, atomic_path, read_table, summary
@@ -55,6 +57,7 @@ class OutputPaths:
     radialog_ins: Path
     summary: Path
     rejects: Path
+    card: Path | None = None  # README.md: what the files hold and how they were made
 
     @classmethod
     def in_dir(cls, outdir: Path) -> OutputPaths:
@@ -64,6 +67,7 @@ class OutputPaths:
             outdir / RADIALOG_INS_FILE,
             outdir / "summary.json",
             outdir / "rejects.parquet",
+            outdir / "README.md",
         )
 
 
@@ -124,6 +128,8 @@ def run(
     if generator is None:
         log.info("radialog llm tasks: %s", llm_tasks.ABSENT)
     write_json(counts, paths.summary)
+    if paths.card is not None:
+        write_text(card.render(counts, dataset, clean), paths.card)
     return {"counts": counts, "exported": set(exported)}
 
 
@@ -193,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--radialog-ins", type=Path)
     p.add_argument("--summary", type=Path)
     p.add_argument("--rejects", type=Path)
+    p.add_argument("--card", type=Path, help="README.md (optional)")
     p.add_argument("--dataset", choices=("mimic", "iu"), default="mimic")
     p.add_argument(
         "--report-sections",
@@ -227,7 +234,9 @@ def main(argv: list[str] | None = None) -> dict:
     if args.outdir:
         paths = OutputPaths.in_dir(args.outdir)
     elif all((args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects)):
-        paths = OutputPaths(args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects)
+        paths = OutputPaths(
+            args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects, args.card
+        )
     else:
         p.error("give --outdir, or all of --r2gen --radialog-rg --radialog-ins --summary --rejects")
 

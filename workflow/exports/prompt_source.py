@@ -82,9 +82,10 @@ def system_from_script(path: Path) -> str | None:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     except (OSError, SyntaxError, UnicodeDecodeError):
         return None
-    for node in ast.walk(tree):
-        if not isinstance(node, ast.Call):
-            continue
+    calls = sorted(
+        (n for n in ast.walk(tree) if isinstance(n, ast.Call)), key=lambda n: (n.lineno, n.col_offset)
+    )
+    for node in calls:  # in source order: "first" means the first one written
         func = node.func
         name = func.id if isinstance(func, ast.Name) else func.attr if isinstance(func, ast.Attribute) else ""
         if name != "Conversation":
