@@ -127,3 +127,25 @@ def test_credentialed_corpus_refused_for_public_endpoint(tmp_path):
             )
         )
     assert not (tmp_path / "x" / exports.RADIALOG_INS_FILE).exists()
+
+
+def test_rule_passes_the_llm_only_with_the_llm_backend():
+    import shlex
+
+    config = {"llm": {"backend": "rules"}, "exports": {"radialog": {"llm": {"endpoint": "student"}}}}
+    assert llm_tasks.rule_args(config, "{}", "c.sqlite") == ""
+    config["llm"]["backend"] = "llm"
+    config["exports"]["radialog"]["llm"].update(temperature=0, max_tokens=300)
+    args = shlex.split(llm_tasks.rule_args(config, '{"llm": {"a b": 1}}', "out dir/cache.sqlite"))
+    assert args == [
+        "--llm-config",
+        '{"llm": {"a b": 1}}',
+        "--llm-cache",
+        "out dir/cache.sqlite",
+        "--llm-endpoint",
+        "student",
+        "--temperature",
+        "0",
+        "--max-tokens",
+        "300",
+    ]

@@ -245,6 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
         if args.radialog_prompts_from
         else None
     )
+    if prompts is not None:
+        log.info("radialog prompts read from %s", args.radialog_prompts_from)
     generator = None
     if args.llm_config:
         if not args.llm_cache:
