@@ -94,7 +94,7 @@ def system_from_script(path: Path) -> str | None:
             if kw.arg == "system":
                 try:
                     value = ast.literal_eval(kw.value)
-                except ValueError:
+                except (ValueError, TypeError, SyntaxError, RecursionError):  # not a literal: look further
                     continue
                 if isinstance(value, str) and value.strip():
                     return value
