@@ -173,6 +173,8 @@ def write_llm_settings():
         path = Path(llm_settings_file(stage))
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(llm_stage_settings(stage), sort_keys=True, indent=1))
+    # the stages outside rules/llm.smk that ask an endpoint (exports' language tasks) read the whole llm section
+    Path(llm_settings_file("all")).write_text(llm_config_json())
 
 
 def llm_stage_identity(stage):

@@ -1,5 +1,7 @@
 # Training files of the other seeds: R2GenGPT/MeGPT annotation.json, RaDialog RG/INS; logic in workflow/exports/.
 
+from workflow.exports import llm_tasks, prompt_source
+
 
 rule exports:
     input:
@@ -8,11 +10,16 @@ rule exports:
         sections=rules.sections.output.sections,
         findings=findings_table(),
         prompts=packaged("libs", "radialog_prompts.yaml"),
+        # the user's RaDialog prompt files (exports.radialog.prompts_from): a change rebuilds
+        radialog_prompts=prompt_source.source_files(
+            config["exports"]["radialog"]["prompts_from"]
+        ),
     output:
         r2gen=out("exports", "r2gen", "annotation.json"),
         radialog_rg=out("exports", "radialog", "mimic_cxr_reports_stratified.json"),
         radialog_ins=out("exports", "radialog", "mimic_cxr_instruct_stratified.json"),
         summary=out("exports", "summary.json"),
+        card=out("exports", "README.md"),
         rejects=out("exports", "rejects.parquet"),
     log:
         logfile("exports"),
@@ -22,10 +29,25 @@ rule exports:
     resources:
         mem_mb=per_attempt(4000),
         runtime=per_attempt(60),
+        # with llm.backend: llm the two language tasks talk to their endpoint
+        **llm_resources(
+            config["exports"]["radialog"]["llm"]["endpoint"] if config["llm"]["backend"] == "llm" else None
+        ),
     params:
         py=PY,
         dataset=config["corpus"]["format"],
-        report_sections=config["exports"]["report_sections"],
+        report_sections=(
+            f"--report-sections {config['exports']['report_sections']}"
+            if config["exports"]["report_sections"]
+            else ""
+        ),
+        prompts_from=(
+            f"--radialog-prompts-from {shlex.quote(config['exports']['radialog']['prompts_from'])}"
+            if config["exports"]["radialog"]["prompts_from"]
+            else ""
+        ),
+        prompt_key=config["exports"]["radialog"]["prompt_key"],
+        llm=llm_tasks.rule_args(config, llm_settings_file("all"), llm_cache()),
         clean="--clean" if config["exports"]["clean"] else "",
         iu_images=config["exports"]["iu_images"],
         seed=config["exports"]["seed"],
@@ -33,8 +55,10 @@ rule exports:
         "{params.py} -m workflow.exports --studies {input.studies:q} --images {input.images:q}"
         " --sections {input.sections:q} --findings {input.findings:q} --r2gen {output.r2gen:q}"
         " --radialog-rg {output.radialog_rg:q} --radialog-ins {output.radialog_ins:q}"
-        " --summary {output.summary:q} --rejects {output.rejects:q} --dataset {params.dataset}"
-        " --report-sections {params.report_sections} {params.clean} --iu-images {params.iu_images}"
+        " --summary {output.summary:q} --card {output.card:q} --rejects {output.rejects:q} --dataset {params.dataset}"
+        " {params.report_sections} {params.clean} --iu-images {params.iu_images}"
+        " {params.prompts_from} --radialog-prompt-key {params.prompt_key:q}"
+        " {params.llm}"
         " --seed {params.seed} --workers {threads} 2> {log:q}"
 
 

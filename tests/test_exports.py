@@ -380,3 +380,176 @@ def test_region_qa_without_evidence_spans():
     assert "Yes, there is cardiomegaly." in answers
     assert "No, the lungs appear clear." in answers
     assert not any(a.startswith("No, the heart") for a in answers)
+
+
+# --- R2Gen report sections: the default per corpus --------------------------------------------------------
+
+
+def _main_args(paths, out, *extra):
+    return [*(x for k, p in paths.items() for x in (f"--{k}", str(p))), "--outdir", str(out), *extra]
+
+
+def test_report_sections_default_per_corpus(tmp_path):
+    """MIMIC: findings + impression (R2GenGPT's own MIMIC file); IU X-Ray: findings only (R2Gen's)."""
+    paths = write_inputs(tmp_path)
+    exports.main(_main_args(paths, tmp_path / "mimic"))
+    ann = json.loads((tmp_path / "mimic" / exports.R2GEN_FILE).read_text())
+    reports = {it["id"]: it["report"] for items in ann.values() for it in items}
+    assert reports["i501a"] == REPORTS[501][2] + " " + REPORTS[501][3]
+    assert reports["i502"] == REPORTS[502][2]  # no impression: the findings alone
+    assert "i505" not in reports  # impression without findings: not an item (same item set as R2Gen)
+    summary = json.loads((tmp_path / "mimic" / "summary.json").read_text())
+    assert summary["r2gen_report_sections"] == "findings_impression"
+    card = (tmp_path / "mimic" / "README.md").read_text()
+    assert "Corpus: MIMIC-CXR" in card and "`report`: findings + impression" in card
+    assert "the default for this corpus" in card
+    assert "Easy language, reasoning: absent" in card  # rules backend
+
+    exports.main(_main_args(paths, tmp_path / "iu", "--dataset", "iu"))
+    ann = json.loads((tmp_path / "iu" / exports.R2GEN_FILE).read_text())
+    assert [it["report"] for items in ann.values() for it in items] == [REPORTS[501][2], REPORTS[504][2]]
+    assert json.loads((tmp_path / "iu" / "summary.json").read_text())["r2gen_report_sections"] == "findings"
+    card = (tmp_path / "iu" / "README.md").read_text()
+    assert "Corpus: IU X-Ray" in card and "`report`: findings only (R2Gen's convention" in card
+
+    # an explicit choice wins over the corpus default
+    exports.main(_main_args(paths, tmp_path / "only", "--report-sections", "findings"))
+    ann = json.loads((tmp_path / "only" / exports.R2GEN_FILE).read_text())
+    assert next(it for it in ann["train"] if it["id"] == "i501a")["report"] == REPORTS[501][2]
+    assert (
+        r2gen.report_sections("mimic") == "findings_impression" and r2gen.report_sections("iu") == "findings"
+    )
+
+
+# --- RaDialog prompts from the user's checkout ------------------------------------------------------------
+
+# Placeholders of our own: the test only needs strings the build must carry over verbatim.
+FAKE_KEY = "img_matching_examples_ig2_noexamples_IMG_findings"
+FAKE_INSTRUCTION = (
+    "Picture: " + "<IMG>" * 32 + ". Labels seen: {findings}. PLACEHOLDER-RG-INSTRUCTION, one paragraph."
+)
+FAKE_SYSTEM = "PLACEHOLDER-SYSTEM for the evaluation.  Two spaces kept."
+
+
+def fake_checkout(root: Path, system_in_json: bool = False, scripts: bool = True) -> Path:
+    """A folder shaped like a RaDialog checkout: vicuna_prompts.json (RG prompt keys, each a format string
+    with a {findings} slot) at the top, test.py / demo.py building a Conversation(system=...)."""
+    root.mkdir(parents=True, exist_ok=True)
+    prompts = {
+        FAKE_KEY: FAKE_INSTRUCTION,
+        FAKE_KEY.replace("matching_examples", "neg_matching_examples"): "PLACEHOLDER-NEG {findings}",
+        "img_matching_examples_ig2_noexamples": "PLACEHOLDER-TEXT-ONLY {findings}",
+    }
+    if system_in_json:
+        prompts["system"] = FAKE_SYSTEM + " (from json)"
+    (root / "vicuna_prompts.json").write_text(json.dumps(prompts, indent=2))
+    if scripts:
+        (root / "test.py").write_text(
+            "import json\n\n\nclass Conversation:\n    def __init__(self, **kw):\n        self.kw = kw\n\n\n"
+            "def item(text):\n    conv = Conversation(\n"
+            f"        system={FAKE_SYSTEM[:20]!r}\n               {FAKE_SYSTEM[20:]!r},\n"
+            "        roles=['USER', 'ASSISTANT'], messages=[], offset=0, sep=' ', sep2='</s>',\n    )\n"
+            "    return conv\n"
+        )
+        (root / "demo.py").write_text("conv = Conversation(system='PLACEHOLDER-DEMO-SYSTEM', roles=[])\n")
+    (root / "data").mkdir(exist_ok=True)
+    (root / "README.md").write_text("placeholder checkout\n")
+    return root
+
+
+def test_radialog_prompts_from_checkout(tmp_path):
+    checkout = fake_checkout(tmp_path / "RaDialog")
+    paths = write_inputs(tmp_path, big_corpus())
+    out = tmp_path / "exports"
+    exports.main(_main_args(paths, out, "--radialog-prompts-from", str(checkout)))
+    rg = json.loads((out / exports.RADIALOG_RG_FILE).read_text())
+    ins = json.loads((out / exports.RADIALOG_INS_FILE).read_text())
+    before, after = FAKE_INSTRUCTION.split("{findings}")
+    for rec in rg + ins:
+        # RaDialog's rendering: system, " USER: ", its instruction with the findings filled in, " ASSISTANT:"
+        assert rec["instruction"].startswith(FAKE_SYSTEM + " USER: " + before)
+        assert after + " ASSISTANT:" in rec["instruction"]
+        assert "A conversation between" not in rec["instruction"]  # none of our paraphrases
+        assert rec["instruction"].count("<IMG>") == 32  # the checkout's image block, not ours on top
+    filled = {r["instruction"].split(before, 1)[1].split(after, 1)[0] for r in rg}
+    assert "cardiomegaly, pleural effusion" in filled and "no finding" in filled
+    # the same records as with our prompts, only the wording differs
+    own = tmp_path / "own"
+    exports.main(_main_args(paths, own))
+    own_rg = json.loads((own / exports.RADIALOG_RG_FILE).read_text())
+    assert [(r["dicom"], r["output"]) for r in own_rg] == [(r["dicom"], r["output"]) for r in rg]
+    # summary.json says which source, by file and key, never the text
+    summary = json.loads((out / "summary.json").read_text())["radialog_prompts"]
+    assert (
+        summary["source"]
+        == f"RaDialog checkout: vicuna_prompts.json[{FAKE_KEY}], system message from test.py"
+    )
+    assert len(summary["sha256"]) == 64 and "PLACEHOLDER" not in json.dumps(summary)
+    assert json.loads((own / "summary.json").read_text())["radialog_prompts"]["source"].startswith("ours:")
+    card = (out / "README.md").read_text()
+    assert f"Prompts: RaDialog checkout: vicuna_prompts.json[{FAKE_KEY}], system message from test.py" in card
+    assert "PLACEHOLDER" not in card and str(tmp_path) not in card  # no wording, no absolute paths
+    assert "Prompts: ours: libs/radialog_prompts.yaml" in (own / "README.md").read_text()
+
+
+def test_radialog_prompts_from_file(tmp_path):
+    from workflow.exports import prompt_source
+
+    # the file itself may carry the system message
+    src = fake_checkout(tmp_path / "a", system_in_json=True) / "vicuna_prompts.json"
+    loaded = prompt_source.load(src)
+    assert loaded.system == FAKE_SYSTEM + " (from json)"
+    assert loaded.instruction("edema") == FAKE_INSTRUCTION.replace("{findings}", "edema")
+    # a bare file: the system message comes from test.py next to it, else demo.py
+    checkout = fake_checkout(tmp_path / "b")
+    assert prompt_source.load(checkout / "vicuna_prompts.json").system == FAKE_SYSTEM
+    (checkout / "test.py").unlink()
+    assert prompt_source.load(checkout).system == "PLACEHOLDER-DEMO-SYSTEM"
+    # another key of the file (test.py --prompt)
+    other = prompt_source.load(checkout, "img_matching_examples_ig2_noexamples")
+    assert other.instruction("x") == "PLACEHOLDER-TEXT-ONLY x"
+
+
+def test_radialog_prompts_from_errors_name_the_key(tmp_path):
+    from workflow import configcheck
+    from workflow.exports import prompt_source
+
+    key = "`exports.radialog.prompts_from`"
+    with pytest.raises(prompt_source.PromptSourceError, match=f"{re.escape(key)}.*does not exist"):
+        prompt_source.load(tmp_path / "nowhere")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(prompt_source.PromptSourceError, match="without vicuna_prompts.json"):
+        prompt_source.load(tmp_path / "empty")
+    checkout = fake_checkout(tmp_path / "c")
+    with pytest.raises(
+        prompt_source.PromptSourceError, match=f"{re.escape(key)}.*lacks the prompt keys no_such_key"
+    ):
+        prompt_source.load(checkout, "no_such_key")
+    bare = fake_checkout(tmp_path / "d", scripts=False)
+    with pytest.raises(prompt_source.PromptSourceError, match="no system message.*lacks the key 'system'"):
+        prompt_source.load(bare)
+    (checkout / "vicuna_prompts.json").write_text(json.dumps({FAKE_KEY: "no slot here"}))
+    with pytest.raises(prompt_source.PromptSourceError, match=r"no \{findings\} slot"):
+        prompt_source.load(checkout)
+    (checkout / "vicuna_prompts.json").write_text(json.dumps({FAKE_KEY: "{findings} and {label}"}))
+    with pytest.raises(prompt_source.PromptSourceError, match=r"slot \{label\}"):
+        prompt_source.load(checkout)
+    # validated at start-up, with the rest of the configuration
+    cfg = {"exports": {"radialog": {"prompts_from": "c", "prompt_key": FAKE_KEY}}}
+    assert any(p.startswith(key) for p in configcheck.problems(cfg, tmp_path))
+    cfg["exports"]["radialog"]["prompts_from"] = str(fake_checkout(tmp_path / "ok"))
+    assert configcheck.problems(cfg, tmp_path) == []
+
+
+def test_llm_tasks_endpoint_checked_at_start_up(tmp_path):
+    from workflow import configcheck
+
+    cfg = {"llm": {"backend": "llm", "endpoints": {"student": {}}}}
+    cfg["exports"] = {"radialog": {"llm": {"endpoint": "nope"}}}
+    assert any(
+        "`exports.radialog.llm.endpoint` names the endpoint 'nope'" in p for p in configcheck.problems(cfg)
+    )
+    cfg["exports"]["radialog"]["llm"]["endpoint"] = "student"
+    assert configcheck.problems(cfg) == []
+    cfg = {"llm": {"backend": "rules"}, "exports": {"radialog": {"llm": {"endpoint": "nope"}}}}
+    assert configcheck.problems(cfg) == []  # the rules backend never asks it

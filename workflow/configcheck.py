@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from workflow.exports import prompt_source
+
 # (key path, what the file is) of configured files that must exist when set (null = not used).
 FILE_KEYS = (
     (("vqa", "names"), "the findings lib with name,vqa_name columns"),
@@ -49,11 +51,14 @@ def problems(config: dict, cwd: str | Path = ".", shipped: str | Path | None = N
             f"`outdir` is {outdir!r}, the working directory itself: stage folders would land next to the "
             "Snakefile; name a folder (default: results)"
         )
+    found.extend(prompt_source.config_problems(config, cwd))
     llm = config.get("llm") or {}
     endpoints = llm.get("endpoints") or {}
     stages = [("llm", stage, "endpoint") for stage in ("gold", "keyinfo", "followup")] if llm.get(
         "backend"
     ) == "llm" else []
+    if llm.get("backend") == "llm":
+        stages.append(("exports", "radialog", "llm", "endpoint"))
     if _get(config, ("rg4", "rewriter")) == "llm":
         stages.append(("rg4", "llm", "endpoint"))
     for path in stages:

@@ -6,7 +6,9 @@ Writes (``--outdir``, or each path given):
   see :mod:`workflow.exports.r2gen`;
 * ``radialog/mimic_cxr_reports_stratified.json`` (RG) and ``radialog/mimic_cxr_instruct_stratified.json``
   (RG + instruct tasks), see :mod:`workflow.exports.radialog`;
-* ``summary.json`` — item counts per file/split/task;
+* ``summary.json`` — item counts per file/split/task, the R2Gen report sections, the RaDialog prompt
+  source and the LLM tasks' accounting (or why they are absent);
+* ``README.md`` — the same as a card for readers (:mod:`workflow.exports.card`);
 * ``rejects.parquet`` — studies in no export: ``no_findings`` (R2Gen and RaDialog train on findings),
   ``too_few_images`` (IU needs ``--iu-images``), ``not_in_split``.
 """
@@ -23,7 +25,9 @@ import pandas as pd
 
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
-from workflow.exports import r2gen, radialog
+from workflow.exports import card, llm_tasks, prompt_source, r2gen, radialog
+from workflow.exports.llm_tasks import InstructGenerator
+from workflow.exports.prompt_source import ExternalPrompts
 from workflow.tables import Rejects, atomic_path, read_table, summary
 
 log = logging.getLogger(__name__)
@@ -31,6 +35,9 @@ STAGE = "exports"
 R2GEN_FILE = Path("r2gen") / "annotation.json"
 RADIALOG_RG_FILE = Path("radialog") / "mimic_cxr_reports_stratified.json"
 RADIALOG_INS_FILE = Path("radialog") / "mimic_cxr_instruct_stratified.json"
+OWN_PROMPTS = (
+    "ours: libs/radialog_prompts.yaml (paraphrases; RaDialog's wording needs exports.radialog.prompts_from)"
+)
 
 
 def write_json(data, path: Path) -> None:
@@ -50,6 +57,7 @@ class OutputPaths:
     radialog_ins: Path
     summary: Path
     rejects: Path
+    card: Path | None = None  # README.md: what the files hold and how they were made
 
     @classmethod
     def in_dir(cls, outdir: Path) -> OutputPaths:
@@ -59,6 +67,7 @@ class OutputPaths:
             outdir / RADIALOG_INS_FILE,
             outdir / "summary.json",
             outdir / "rejects.parquet",
+            outdir / "README.md",
         )
 
 
@@ -69,14 +78,22 @@ def run(
     findings: pd.DataFrame,
     paths: OutputPaths,
     dataset: str = "mimic",
-    report_sections: str = "findings",
+    report_sections: str | None = None,
     clean: bool = False,
     iu_images: int = 2,
     seed: int = 0,
     workers: int = 1,
+    prompts: ExternalPrompts | None = None,
+    generator: InstructGenerator | None = None,
 ) -> dict:
     """Write every export; with ``workers`` > 1 the R2Gen annotation is built on a forked process while
-    this one builds the RaDialog files."""
+    this one builds the RaDialog files. ``report_sections`` None: the corpus default
+    (:func:`workflow.exports.r2gen.report_sections`); ``prompts``: RaDialog's own RG instruction and
+    system message (:func:`workflow.exports.prompt_source.load`), else our paraphrases."""
+    report_sections = r2gen.report_sections(dataset, report_sections)
+    log.info("r2gen annotation: report = %s", report_sections.replace("_", " + "))
+    prompt_info = prompt_summary(prompts)
+    log.info("radialog prompts: %s", prompt_info["source"])
     _R2GEN.update(args=(studies, images, sections, paths, dataset, report_sections, clean, iu_images))
     try:
         if workers > 1:
@@ -85,24 +102,43 @@ def run(
 
             with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
                 future = pool.submit(_r2gen_export)
-                rg, ins, task_counts = radialog.build_encoded(studies, images, sections, findings, seed)
+                rg, ins, task_counts = radialog.build_encoded(
+                    studies, images, sections, findings, seed, prompts, generator
+                )
                 _write_radialog(rg, ins, paths)
                 r2gen_counts, exported = future.result()
         else:
             r2gen_counts, exported = _r2gen_export()
-            rg, ins, task_counts = radialog.build_encoded(studies, images, sections, findings, seed)
+            rg, ins, task_counts = radialog.build_encoded(
+                studies, images, sections, findings, seed, prompts, generator
+            )
             _write_radialog(rg, ins, paths)
     finally:
         _R2GEN.clear()
     n_rg = task_counts["report_generation"]
     counts = {
         "r2gen": r2gen_counts,
+        "r2gen_report_sections": report_sections,
         "radialog_rg": n_rg,
         "radialog_ins": n_rg + sum(v for k, v in task_counts.items() if k != "report_generation"),
         "radialog_tasks": task_counts,
+        "radialog_prompts": prompt_info,
+        "radialog_llm_tasks": generator.stats if generator else llm_tasks.ABSENT,
     }
+    if generator is None:
+        log.info("radialog llm tasks: %s", llm_tasks.ABSENT)
     write_json(counts, paths.summary)
+    if paths.card is not None:
+        write_text(card.render(counts, dataset, clean), paths.card)
     return {"counts": counts, "exported": set(exported)}
+
+
+def prompt_summary(prompts: ExternalPrompts | None) -> dict:
+    """Which prompt source a build used (summary.json, the log): files and key, and a digest of the
+    wording, never RaDialog's text itself."""
+    if prompts is None:
+        return {"source": OWN_PROMPTS, "sha256": None}
+    return {"source": prompts.description, "sha256": prompts.digest()}
 
 
 _R2GEN: dict = {}  # what the forked R2Gen writer inherits (never pickled)
@@ -163,12 +199,31 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--radialog-ins", type=Path)
     p.add_argument("--summary", type=Path)
     p.add_argument("--rejects", type=Path)
+    p.add_argument("--card", type=Path, help="README.md (optional)")
     p.add_argument("--dataset", choices=("mimic", "iu"), default="mimic")
-    p.add_argument("--report-sections", choices=("findings", "findings_impression"), default="findings")
+    p.add_argument(
+        "--report-sections",
+        choices=r2gen.SECTION_CHOICES,
+        default=None,
+        help="R2Gen report (default per corpus: mimic findings_impression as R2GenGPT, iu findings as R2Gen)",
+    )
     p.add_argument("--clean", action="store_true", help="apply the R2Gen cleaner of the dataset to reports")
     p.add_argument(
         "--iu-images", type=int, default=2, help="IU: images per item (items with fewer are skipped)"
     )
+    p.add_argument(
+        "--radialog-prompts-from",
+        type=Path,
+        help="RaDialog checkout or its vicuna_prompts.json: its RG instruction and system message",
+    )
+    p.add_argument("--radialog-prompt-key", default=prompt_source.DEFAULT_PROMPT_KEY)
+    p.add_argument(
+        "--llm-config", help="workflow config JSON (corpus + llm): easy-language and reasoning tasks by LLM"
+    )
+    p.add_argument("--llm-cache", type=Path, help="the LLM layer's response cache")
+    p.add_argument("--llm-endpoint", default="student", help="an entry of llm.endpoints")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--max-tokens", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--workers", type=int, default=1, help="2: build the R2Gen and RaDialog files side by side"
@@ -179,10 +234,29 @@ def main(argv: list[str] | None = None) -> dict:
     if args.outdir:
         paths = OutputPaths.in_dir(args.outdir)
     elif all((args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects)):
-        paths = OutputPaths(args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects)
+        paths = OutputPaths(
+            args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects, args.card
+        )
     else:
         p.error("give --outdir, or all of --r2gen --radialog-rg --radialog-ins --summary --rejects")
 
+    prompts = (
+        prompt_source.load(args.radialog_prompts_from, args.radialog_prompt_key)
+        if args.radialog_prompts_from
+        else None
+    )
+    if prompts is not None:
+        log.info("radialog prompts read from %s", args.radialog_prompts_from)
+    generator = None
+    if args.llm_config:
+        if not args.llm_cache:
+            p.error("--llm-config needs --llm-cache")
+        generator = InstructGenerator.from_config(
+            args.llm_config,
+            args.llm_cache,
+            args.llm_endpoint,
+            {"temperature": args.temperature, "max_tokens": args.max_tokens},
+        )
     studies = read_table(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
     images = read_table(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
     sections = read_table(args.sections, ["study_id", "findings", "impression"]).to_pandas()
@@ -199,6 +273,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.iu_images,
         args.seed,
         args.workers,
+        prompts,
+        generator,
     )
     rejects = rejects_for(studies, sections, result["exported"], args.dataset)
     rejects.write(paths.rejects)

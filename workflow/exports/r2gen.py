@@ -10,8 +10,10 @@ list, relative to the loader's ``--base_dir``) and ``split``:
   embeddings per batch, so every item must have the same count. ``id`` = ``CXR`` + the image file stem
   up to its series number (``1_IM-0001-4001.dcm.png`` → ``CXR1_IM-0001``), as in R2Gen.
 
-``report`` = the findings section (``sections="findings_impression"`` appends the impression, as
-R2GenGPT's own MIMIC file does), whitespace-normalised; ``clean=True`` applies the R2Gen cleaner of
+``report`` = the findings section, and with ``sections="findings_impression"`` the impression appended
+(items still need findings, so the item set is the same), whitespace-normalised. The default follows
+each corpus's reference file (:data:`DEFAULT_SECTIONS`): R2GenGPT's own MIMIC annotation holds findings +
+impression (its maintainers, R2GenGPT issue #7), R2Gen's IU X-Ray annotation the findings only; ``clean=True`` applies the R2Gen cleaner of
 the dataset (the loaders clean again at read time; cleaning is idempotent enough for scoring but the
 default leaves text as written).
 """
@@ -26,6 +28,20 @@ from workflow.exports.cleaners import CLEANERS
 from workflow.rg4.scenarios import SPLIT_NAMES
 
 SPLITS = ("train", "val", "test")
+SECTION_CHOICES = ("findings", "findings_impression")
+# the report of each corpus's reference annotation: R2GenGPT's MIMIC file / R2Gen's IU X-Ray file
+DEFAULT_SECTIONS = {"mimic": "findings_impression", "iu": "findings"}
+
+
+def report_sections(dataset: str, configured: str | None = None) -> str:
+    """What the annotation's ``report`` holds: the configured choice, else the corpus default."""
+    if configured is None:
+        return DEFAULT_SECTIONS[dataset]
+    if configured not in SECTION_CHOICES:
+        raise ValueError(
+            f"exports.report_sections: {configured!r} is not one of {', '.join(SECTION_CHOICES)}"
+        )
+    return configured
 
 
 def _norm(series: pd.Series) -> pd.Series:

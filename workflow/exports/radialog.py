@@ -12,9 +12,14 @@ Follows RaDialog's dataset recipe (reference/sectioning_radialog.md §3) with ou
   unused, summarisation, explanation, region QA, CheXpert QA). The parts that needed an LLM are replaced
   by tasks built deterministically from labels and key information: correction from label edits (part
   2), summarisation from the study's own impression (3), binary CheXpert QA (4a), all-findings QA (4b),
-  region QA quoting the report's sentences (5); part 1 (easy language, LLM only) is not built. Each
+  region QA quoting the report's sentences (5). Easy language (part 0) and reasoning (part 1, images with
+  a diagnosis) need language generation: with ``llm.backend: llm`` the LLM layer writes them
+  (:mod:`workflow.exports.llm_tasks`), with the rules backend they are not built. Each
   record is a two-turn conversation: the RG prompt → the report (for correction, an edited report),
   then the task → its answer. RG and INS records are shuffled together into the INS file.
+* Prompt source: our own paraphrases (``libs/radialog_prompts.yaml``), or with
+  ``exports.radialog.prompts_from`` RaDialog's own RG instruction and system message read from the
+  user's checkout (:mod:`workflow.exports.prompt_source`), so the files match RaDialog's evaluation.
 * Safe templating: only our own slots (``{findings}``, ``{label}``, ...) are filled, in one pass;
   report text is inserted as a value and never parsed as a template, so braces in reports are harmless.
   Fixed seed; records whose answer would be empty are not written.
@@ -32,6 +37,7 @@ from pathlib import Path
 import pandas as pd
 import yaml
 
+from workflow.exports.prompt_source import ExternalPrompts
 from workflow.keyinfo.libs import load_libs
 from workflow.rg4.rewrite import _SENTENCE_END
 
@@ -169,12 +175,18 @@ def _norm(text: str) -> str:
 
 class Builder:
     def __init__(
-        self, images: list[Image], evidence: pd.DataFrame, seed: int = 0, prompts: dict | None = None
+        self,
+        images: list[Image],
+        evidence: pd.DataFrame,
+        seed: int = 0,
+        prompts: dict | None = None,
+        external: ExternalPrompts | None = None,
     ):
         self.images = images
         self.p = prompts or load_prompts()
         self.seed = seed
-        self.system = _norm(self.p["system"])
+        self.external = external  # RaDialog's own RG instruction and system message, used verbatim
+        self.system = external.system if external else _norm(self.p["system"])
         self.image_block = fill(
             self.p["image_block"], image_tokens=self.p["image_token"] * int(self.p["image_token_count"])
         )
@@ -195,13 +207,16 @@ class Builder:
                     offsets.append(int(start))
 
     def rg_prompt(self, img: Image, rng: random.Random) -> str:
-        k = rng.randrange(len(self.p["rg"]))
+        k = rng.randrange(len(self.p["rg"]))  # drawn with RaDialog's prompt too: the same seed, same records
         key = (k, tuple(img.labels))
         prompt = self._prompts.get(key)
         if prompt is None:
-            prompt = self._prompts[key] = fill(
-                self.p["rg"][k], image=self.image_block, findings=findings_slot(img.labels, self.p)
-            )
+            findings = findings_slot(img.labels, self.p)
+            if self.external is not None:  # RaDialog trains and evaluates on its one RG instruction
+                prompt = self.external.instruction(findings)
+            else:
+                prompt = fill(self.p["rg"][k], image=self.image_block, findings=findings)
+            self._prompts[key] = prompt
         return prompt
 
     def record(self, img: Image, turns: list[tuple[str, str | None]], output: str) -> dict:
@@ -222,12 +237,33 @@ class Builder:
         return [self.record(img, [(self.rg_prompt(img, rng), None)], img.text) for img in chosen]
 
     # INS -----------------------------------------------------------------------------------------------
-    def ins(self) -> tuple[list[dict], dict[str, int]]:
+    def _parts(self) -> tuple[list[list[Image]], random.Random]:
+        """The train images shuffled and cut in six equal parts, and the generator the tasks draw from."""
         rng = random.Random(f"ins:{self.seed}")
         order = list(self.images)
         rng.shuffle(order)
         n = len(order) // 6
-        parts = [order[k * n : (k + 1) * n] for k in range(6)]
+        return [order[k * n : (k + 1) * n] for k in range(6)], rng
+
+    def diagnoses(self, img: Image) -> list[str]:
+        """The image's positive diagnoses the reasoning task asks about (RaDialog: MIMIC-NLE's ten)."""
+        return [x for x in self.p["reasoning_labels"] if x in img.labels]
+
+    def llm_jobs(self) -> list[tuple[str, str, str, list[str]]]:
+        """What the LLM writes: easy language for part 0, reasoning for the images of part 1 that have a
+        diagnosis; ``(task, dicom, findings text, diagnoses)``."""
+        parts, _ = self._parts()
+        jobs = [("easy_language", img.dicom, img.text, []) for img in parts[0]]
+        for img in parts[1]:
+            diagnoses = self.diagnoses(img)
+            if diagnoses:
+                jobs.append(("reasoning", img.dicom, img.text, diagnoses))
+        return jobs
+
+    def ins(self, generated: dict[tuple[str, str], str] | None = None) -> tuple[list[dict], dict[str, int]]:
+        """Instruct records and counts per task; ``generated`` = the LLM answers of :meth:`llm_jobs`
+        (None: the rules backend, the two LLM tasks are not built)."""
+        parts, rng = self._parts()
         tasks = {"correction": parts[2], "summarise": parts[3], "region_qa": parts[5]}
         half = len(parts[4]) // 2
         tasks["binary_qa"], tasks["all_findings_qa"] = parts[4][:half], parts[4][half:]
@@ -242,6 +278,21 @@ class Builder:
                     records.append(rec)
                     made += 1
             counts[task] = made
+        if generated is not None:
+            llm_rng = random.Random(f"llm-tasks:{self.seed}")  # own draws: the rules tasks stay the same
+            for task, imgs in (("easy_language", parts[0]), ("reasoning", parts[1])):
+                made = 0
+                for img in imgs:
+                    answer = generated.get((task, img.dicom))
+                    if answer is None:
+                        continue
+                    question = llm_rng.choice(self.p[task])
+                    if task == "reasoning":
+                        names = [x.lower() for x in self.diagnoses(img)]
+                        question = fill(question, diagnoses=join_names(names))
+                    records.append(self._two_turns(img, llm_rng, question, answer))
+                    made += 1
+                counts[task] = made
         return records, counts
 
     def _two_turns(
@@ -356,14 +407,21 @@ def train_images(
 
 
 def build(
-    studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame, findings: pd.DataFrame, seed: int = 0
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    findings: pd.DataFrame,
+    seed: int = 0,
+    external: ExternalPrompts | None = None,
+    generator=None,
 ) -> tuple[list[dict], list[dict], dict[str, int]]:
-    """(RG records, INS records = RG + instruct shuffled, task counts)."""
+    """(RG records, INS records = RG + instruct shuffled, task counts). ``generator``: an
+    :class:`~workflow.exports.llm_tasks.InstructGenerator` for the easy-language and reasoning tasks."""
     prompts = load_prompts()
     imgs = train_images(studies, images, sections, findings, prompts)
-    builder = Builder(imgs, findings, seed, prompts)
+    builder = Builder(imgs, findings, seed, prompts, external)
     rg = builder.rg()
-    ins, counts = builder.ins()
+    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None)
     counts["report_generation"] = len(rg)
     return rg, fuse(rg, ins, seed), counts
 
@@ -376,7 +434,13 @@ def fuse(rg: list, instruct: list, seed: int) -> list:
 
 
 def build_encoded(
-    studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame, findings: pd.DataFrame, seed: int = 0
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    findings: pd.DataFrame,
+    seed: int = 0,
+    external: ExternalPrompts | None = None,
+    generator=None,
 ) -> tuple[list[str], list[str], dict[str, int]]:
     """:func:`build` with every record JSON-encoded once (the INS file repeats all RG records): the
     encoded records of the two files, in order (write them with :func:`write_json_list`)."""
@@ -384,10 +448,10 @@ def build_encoded(
 
     prompts = load_prompts()
     imgs = train_images(studies, images, sections, findings, prompts)
-    builder = Builder(imgs, findings, seed, prompts)
+    builder = Builder(imgs, findings, seed, prompts, external)
     encode = json.JSONEncoder(ensure_ascii=False).encode
     rg = [encode(r) for r in builder.rg()]
-    ins, counts = builder.ins()
+    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None)
     counts["report_generation"] = len(rg)
     return rg, fuse(rg, [encode(r) for r in ins], seed), counts
 
