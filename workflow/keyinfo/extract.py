@@ -27,7 +27,7 @@ ABBREVIATIONS = ("vs", "dr", "e.g", "i.e", "approx", "no", "st", "mr", "mrs", "f
 
 _COMMA = Tok(",")
 _SLASH = Tok("/")
-_SLASH.alt = True  # "atelectasis/scarring" reads as "atelectasis or scarring"
+_SLASH.alt = _SLASH.scoped = True  # "atelectasis/scarring" reads as "atelectasis or scarring"
 _DEID = re.compile(r"x{3,}|_{2,}|\[\*\*[^\]]*\*\*\]")
 _TRANSLATE = str.maketrans({"-": " ", "\n": " ", "\t": " ", "\r": " ", "_": " "})
 _RULE_OUT = re.compile(r"\br/o\b")
@@ -420,7 +420,8 @@ def _clause_mentions(
 ) -> list[Mention]:
     if not any(tok.finding or tok.anchors for _, _, tok in clause):
         return []
-    scope = Scope(clause, norm)
+    # a clause without any trigger, breaker or list word ("Small left pleural effusion") is positive throughout
+    scope = Scope(clause, norm) if any(tok.scoped for _, _, tok in clause) else None
     mentions: list[Mention] = []
     heads: list[int] = []  # clause index of each mention
     claimed = [False] * len(clause)
@@ -435,7 +436,7 @@ def _clause_mentions(
                 m.structs.extend(tok.implied["structs"])
                 m.level = tok.implied["level"]
                 m.type = tok.implied["type"]
-            m.presence = scope.presence(i, conv)
+            m.presence = scope.presence(i, conv) if scope else POS
             mentions.append(m)
             heads.append(i)
             claimed[i] = True
@@ -448,7 +449,7 @@ def _clause_mentions(
                 lo, hi = min(i, j), max(i, j)
                 m = Mention(group, text[clause[lo][0] : clause[hi][1]], clause[lo][0], clause[hi][1], section)
                 m.from_anchor = True
-                context = scope.presence(i, conv)
+                context = scope.presence(i, conv) if scope else POS
                 if negated:  # "the heart is not significantly enlarged"
                     m.presence = NEG
                 elif context == ABSENT:
@@ -710,27 +711,78 @@ def extract_mentions(
     return out
 
 
+def mention_row(m: Mention, libs: Libs, shift: int = 0) -> dict:
+    """A mention as a findings row (offsets moved by ``shift``)."""
+    return {
+        "name": m.name,
+        "raw_name": m.raw,
+        "presence": m.presence,
+        "location": m.location(libs),
+        "level": m.level,
+        "type": m.type,
+        "change": m.change,
+        "section": m.section,
+        # the evidence span: the finding's noun phrase with the attribute words it took
+        "start": m.ev_start - shift,
+        "end": m.ev_end - shift,
+        "evidence": m.evidence or m.raw,
+    }
+
+
 def merge_mentions(mentions: list[Mention], libs: Libs | None = None) -> list[dict]:
     """Report-level instances of rule mentions (see :func:`merge_rows`)."""
     libs = libs or load_libs()
-    rows = [
-        {
-            "name": m.name,
-            "raw_name": m.raw,
-            "presence": m.presence,
-            "location": m.location(libs),
-            "level": m.level,
-            "type": m.type,
-            "change": m.change,
-            "section": m.section,
-            # the evidence span: the finding's noun phrase with the attribute words it took
-            "start": m.ev_start,
-            "end": m.ev_end,
-            "evidence": m.evidence or m.raw,
-        }
-        for m in mentions
-    ]
-    return merge_rows(rows)
+    return merge_rows([mention_row(m, libs) for m in mentions])
+
+
+# Sentence text -> its mention rows (offsets from the sentence start). What a sentence says depends on its
+# own words only (clauses never cross a sentence end), and reports repeat sentences ("The lungs are clear.",
+# "No pneumothorax.") across a corpus, so each distinct sentence is read once per process. Bounded.
+_SENTENCE_ROWS: dict[tuple, tuple[dict, ...]] = {}
+_SENTENCE_ROWS_MAX = 200_000
+_PERIOD = re.compile(r"\.(?=\s)")
+
+
+def sentence_bounds(norm: str) -> list[tuple[int, int]]:
+    """[start, end) of the sentences of a normalised section, cut exactly where :func:`_scan` ends a
+    sentence at a period (a period before white space, after a word that is no abbreviation)."""
+    bounds, start = [], 0
+    for m in _PERIOD.finditer(norm):
+        p = m.start()
+        if norm[max(0, p - 6) : p].rsplit(" ", 1)[-1] in ABBREVIATIONS:
+            continue
+        bounds.append((start, p + 1))
+        start = p + 1
+    if start < len(norm):
+        bounds.append((start, len(norm)))
+    return bounds
+
+
+def _sentence_rows(norm: str, text: str, section: str, libs: Libs, conv: Conventions) -> tuple[dict, ...]:
+    rows = []
+    for clause in _scan(norm, libs):
+        rows.extend(mention_row(m, libs) for m in _clause_mentions(clause, norm, text, section, libs, conv))
+    return tuple(rows)
+
+
+def _section_rows(text: str, section: str, libs: Libs, conv: Conventions) -> list[dict]:
+    norm = normalise(text)
+    rows: list[dict] = []
+    cache = _SENTENCE_ROWS
+    for a, b in sentence_bounds(norm):
+        key = (text[a:b], section, conv)
+        cached = cache.get(key)
+        if cached is None:
+            cached = _sentence_rows(norm[a:b], text[a:b], section, libs, conv)
+            if len(cache) >= _SENTENCE_ROWS_MAX:
+                cache.clear()
+            cache[key] = cached
+        for r in cached:
+            row = dict(r)
+            row["start"] += a
+            row["end"] += a
+            rows.append(row)
+    return rows
 
 
 LATERALITY = ("left", "right", "bilateral")
@@ -798,7 +850,14 @@ def extract_sections(sections: dict[str, str | None], conventions: Conventions |
     Reads only ``findings`` and ``impression``.
     """
     libs = load_libs()
-    return merge_mentions(extract_mentions(sections, libs, conventions), libs)
+    conv = conventions or DEFAULT_CONVENTIONS
+    read = READ_SECTIONS if any(sections.get(s) for s in READ_SECTIONS) else (FALLBACK_SECTION,)
+    rows: list[dict] = []
+    for section in read:
+        text = sections.get(section)
+        if text:
+            rows.extend(_section_rows(text, section, libs, conv))
+    return merge_rows(rows)
 
 
 # A header in any case at a line start ("Findings:", "IMPRESSION :"): MIT-LCP's parser knows upper case only.

@@ -57,6 +57,7 @@ class Tok:
         "causal",
         "request",
         "mimic",
+        "scoped",
     )
 
     def __init__(self, phrase: str):
@@ -80,6 +81,7 @@ class Tok:
         self.causal = False  # a scope breaker that a hedge reaches through ("may be secondary to")
         self.request = False  # "evaluation for", "correlate clinically for": what follows is not a finding
         self.mimic = False  # "nipple shadow", "artifact": explains a finding written before it away
+        self.scoped = False  # any role the presence scopes read (set once all roles are known)
 
     @property
     def is_attr(self) -> bool:
@@ -352,6 +354,8 @@ def load_libs() -> Libs:
     for tok in tokens.values():
         if tok.finding is not None and tok.anchors:
             tok.anchors = ()  # a finding phrase is never also an anchor
+    for tok in tokens.values():
+        tok.scoped = any((tok.neg_pre, tok.neg_post, tok.unc_pre, tok.unc_post, tok.request, tok.soft, tok.alt))
     _mark_hiding(tokens, blockers)
     pattern = r"(?P<w>\b(?:" + trie_regex(sorted(tokens)) + r")\b)|(?P<p>[.;:!?,/])"
     matcher = re.compile(pattern)

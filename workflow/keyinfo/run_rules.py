@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections import Counter, deque
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow as pa
@@ -24,8 +25,8 @@ from tqdm import tqdm
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.contract import FINDINGS, KEYINFO_STATS
-from workflow.keyinfo.extract import Conventions, extract_sections
-from workflow.keyinfo.studies import TEXT_COLUMNS, section_batches
+from workflow.keyinfo.extract import Conventions, extract_sections, sections_for_reading
+from workflow.keyinfo.studies import TEXT_COLUMNS, reports_for, strict_silent
 from workflow.tables import Rejects, TableWriter, summary, write_table
 
 log = logging.getLogger(__name__)
@@ -34,14 +35,13 @@ STAGE = "keyinfo_rules"
 
 def findings_rows_to_table(rows: list[dict]) -> pa.Table:
     """A FINDINGS table from row dicts; columns a row does not carry are null."""
-    cols = {f.name: [r.get(f.name) for r in rows] for f in FINDINGS}
-    return pa.Table.from_pydict(cols, schema=FINDINGS)
+    return pa.Table.from_pylist(rows, schema=FINDINGS)
 
 
 def extract_batch(
     batch: tuple[list[int], list[int], list[dict]], conventions: Conventions | None = None
-) -> tuple[list[dict], list[int], int]:
-    """(findings rows, study ids without any text, studies) of one batch of (subject ids, study ids, sections)."""
+) -> tuple[pa.Table, list[int], int]:
+    """(findings table, study ids without any text, studies) of one batch of (subject ids, study ids, sections)."""
     subjects, studies, sections_of = batch
     rows: list[dict] = []
     empty: list[int] = []
@@ -54,7 +54,44 @@ def extract_batch(
             r["study_id"] = study
             r["source"] = "rules"
             rows.append(r)
-    return rows, empty, len(studies)
+    return findings_rows_to_table(rows), empty, len(studies)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows [start, stop) of the sections table, read by the process that extracts them (the parent never
+    decodes or ships report text); ``lenient`` holds the report text of the few studies in the slice that
+    the lenient section reading needs."""
+
+    path: str
+    start: int
+    stop: int
+    lenient: dict[int, str]
+
+
+_TABLES: dict[str, pa.Table] = {}  # per process: the sections table, read once
+
+
+def _sections_table(path: str) -> pa.Table:
+    if path not in _TABLES:
+        pf = pq.ParquetFile(path)
+        cols = [c for c in ("subject_id", "study_id", *TEXT_COLUMNS) if c in pf.schema_arrow.names]
+        _TABLES.clear()
+        _TABLES[path] = pf.read(columns=cols)
+    return _TABLES[path]
+
+
+def extract_slice(part: Slice, conventions: Conventions | None = None) -> tuple[pa.Table, list[int], int]:
+    """:func:`extract_batch` of one slice of the sections table."""
+    d = _sections_table(part.path).slice(part.start, part.stop - part.start).to_pydict()
+    n = part.stop - part.start
+    cols = {name: d.get(name, [None] * n) for name in TEXT_COLUMNS}
+    rows = []
+    for k, sid in enumerate(d["study_id"]):
+        strict = {name: cols[name][k] for name in TEXT_COLUMNS}
+        text = part.lenient.get(sid)
+        rows.append(sections_for_reading(strict, text) if text is not None else strict)
+    return extract_batch((d["subject_id"], d["study_id"], rows), conventions)
 
 
 def _in_order(pool: ProcessPoolExecutor, fn, items, window: int):
@@ -69,48 +106,62 @@ def _in_order(pool: ProcessPoolExecutor, fn, items, window: int):
         yield pending.popleft().result()
 
 
-def stats_table(counts: Counter, studies: dict[str, set]) -> pa.Table:
-    names = sorted(studies)
+def stats_table(findings: Path) -> pa.Table:
+    """Per finding name: rows by presence and studies (vectorised over the written findings table)."""
+    t = pq.read_table(findings, columns=["study_id", "name", "presence"])
+    by_presence = t.group_by(["name", "presence"]).aggregate([([], "count_all")]).to_pylist()
+    studies = t.group_by("name").aggregate([("study_id", "count_distinct")]).to_pylist()
+    counts = {(r["name"], r["presence"]): r["count_all"] for r in by_presence}
+    names = sorted(r["name"] for r in studies)
+    n_studies = {r["name"]: r["study_id_count_distinct"] for r in studies}
     return pa.Table.from_pydict(
         {
             "name": names,
-            "n_positive": [counts[(n, "positive")] for n in names],
-            "n_uncertain": [counts[(n, "uncertain")] for n in names],
-            "n_negative": [counts[(n, "negative")] for n in names],
-            "n_studies": [len(studies[n]) for n in names],
+            "n_positive": [counts.get((n, "positive"), 0) for n in names],
+            "n_uncertain": [counts.get((n, "uncertain"), 0) for n in names],
+            "n_negative": [counts.get((n, "negative"), 0) for n in names],
+            "n_studies": [n_studies[n] for n in names],
         },
         schema=KEYINFO_STATS,
     )
 
 
+def plan_slices(sections: Path, reports: Path | None, lenient: bool, batch_size: int) -> list[Slice]:
+    total = pq.ParquetFile(sections).metadata.num_rows
+    texts = reports_for(reports, strict_silent(sections)) if lenient else {}
+    ids = pq.read_table(sections, columns=["study_id"])["study_id"].to_pylist() if texts else []
+    out = []
+    for start in range(0, total, batch_size):
+        stop = min(start + batch_size, total)
+        part = {sid: texts[sid] for sid in ids[start:stop] if sid in texts} if texts else {}
+        out.append(Slice(str(sections), start, stop, part))
+    return out
+
+
 def run(sections: Path, findings: Path, stats: Path, rejects: Path, batch_size: int = 8192, workers: int = 1,
         reports: Path | None = None, conventions: Conventions | None = None, lenient: bool = True):  # fmt: skip
-    counts: Counter = Counter()
-    studies_of: dict[str, set] = {}
     rej = Rejects(STAGE)
     total = pq.ParquetFile(sections).metadata.num_rows
+    slices = plan_slices(sections, reports, lenient, batch_size)
     with TableWriter(findings, FINDINGS) as writer, tqdm(total=total, unit="study", desc=STAGE) as bar:
         pool = ProcessPoolExecutor(workers) if workers > 1 else None
         try:
-            batches = section_batches(sections, reports, lenient, batch_size)
-            work = functools.partial(extract_batch, conventions=conventions)
-            results = _in_order(pool, work, batches, 2 * workers) if pool else map(work, batches)
-            for rows, empty, n_batch in results:
+            work = functools.partial(extract_slice, conventions=conventions)
+            results = _in_order(pool, work, slices, 2 * workers) if pool else map(work, slices)
+            for table, empty, n_batch in results:
                 for sid in empty:
                     rej.add(sid, "no_report_text", "no findings, impression or last paragraph")
-                for r in rows:
-                    counts[(r["name"], r["presence"])] += 1
-                    studies_of.setdefault(r["name"], set()).add(r["study_id"])
-                writer.write(findings_rows_to_table(rows))
+                writer.write(table)
                 bar.update(n_batch)
         finally:
             if pool:
                 pool.shutdown()
     n_in = total
-    write_table(stats_table(counts, studies_of), stats, KEYINFO_STATS)
+    table = stats_table(findings)
+    write_table(table, stats, KEYINFO_STATS)
     rej.write(rejects)
     summary(STAGE, n_in, n_in - len(rej), len(rej))
-    log.info("%s: %d finding rows (%d names)", STAGE, writer.rows, len(studies_of))
+    log.info("%s: %d finding rows (%d names)", STAGE, writer.rows, table.num_rows)
 
 
 def main(argv: list[str] | None = None) -> None:
