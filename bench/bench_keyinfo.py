@@ -17,7 +17,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -91,12 +90,13 @@ def time_rule(reports: list[dict]) -> dict:
     cmd = [sys.executable, "-m", "workflow.keyinfo.run_rules", "--sections", str(path),
            "--findings", str(WORK / "findings.parquet"), "--stats", str(WORK / "stats.parquet"),
            "--rejects", str(WORK / "rejects.parquet"), "--workers", "2"]  # fmt: skip
-    before = os.times()
+    # a fresh wrapper process, so the peak RSS is that of the rule's own processes (not of this bench's)
+    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stderr=subprocess.DEVNULL);"
+             " u = resource.getrusage(resource.RUSAGE_CHILDREN); print(u.ru_maxrss, u.ru_utime + u.ru_stime)")
     wall0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO, stderr=subprocess.DEVNULL)
-    after = os.times()
-    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # MB: the largest process of the run
+    done = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, cwd=REPO, capture_output=True, text=True)
+    maxrss_kb, cpu = done.stdout.split()
+    rss, cpu = int(maxrss_kb) / 1024, float(cpu)  # MB: the largest process of the run
     return {"wall_s": time.perf_counter() - wall0, "cpu_s": cpu, "reports": len(reports), "rss_mb": rss}
 
 

@@ -357,6 +357,7 @@ def report_inputs(wildcards=None):
     files.update(
         findings=findings_table(),
         questions=rules.vqa.output.questions,
+        vqa_stats=rules.vqa.output.stats,
         rg4_counts=rules.rg4.output.counts,
         rg4_stats=rules.rg4.output.stats,
     )

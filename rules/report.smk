@@ -35,6 +35,12 @@ rule report_figures:
             caption="../workflow/report_captions/questions.rst",
             category="3. Medical-CXR-VQA",
         ),
+        type_mix=report(
+            out("report", "vqa_type_mix.png"),
+            caption="../workflow/report_captions/vqa_type_mix.rst",
+            category="3. Medical-CXR-VQA",
+        ),
+        type_mix_table=out("report", "vqa_type_mix.csv"),
         rg4=report(
             out("report", "rg4.png"),
             caption="../workflow/report_captions/rg4.rst",
@@ -53,7 +59,7 @@ rule report_figures:
         "../envs/core.yaml"
     shell:
         "{params.py} -m workflow.report {params.stages} --findings {input.findings:q}"
-        " --questions {input.questions:q} --rg4-counts {input.rg4_counts:q} --rg4-stats {input.rg4_stats:q}"
+        " --questions {input.questions:q} --vqa-stats {input.vqa_stats:q} --rg4-counts {input.rg4_counts:q} --rg4-stats {input.rg4_stats:q}"
         " --outdir {params.outdir:q} 2> {log:q}"
 
 

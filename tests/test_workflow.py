@@ -117,8 +117,19 @@ def test_html_report_shows_the_figures(demo_run):
     run = run_snakemake(demo_run, "--report", "report.html")
     assert run.returncode == 0, run.stderr[-2000:]
     html = (demo_run / "report.html").read_text(errors="replace")
-    for name in ("stage_counts.png", "label_prevalence.png", "questions.png", "rg4.png", "rejects_by_reason.csv"):
+    for name in ("stage_counts.png", "label_prevalence.png", "questions.png", "vqa_type_mix.png", "rg4.png",
+                 "rejects_by_reason.csv"):  # fmt: skip
         assert name in html, name
+
+
+def test_report_type_mix_counts_the_questions_and_quotes_the_released_dataset(demo_run):
+    mix = list(csv.DictReader((demo_run / "results/report/vqa_type_mix.csv").read_text().splitlines()))
+    questions = pq.read_table(demo_run / "results/vqa/questions.parquet", columns=["question_type"]).to_pandas()
+    counted = questions["question_type"].value_counts().to_dict()  # an independent count
+    assert {r["question_type"]: int(r["ours_n"]) for r in mix} == counted
+    assert abs(sum(float(r["ours_share"]) for r in mix) - 1) < 1e-9
+    released = {r["question_type"]: int(float(r["released_n"])) for r in mix}
+    assert sum(released.values()) == 780_014 and released["presence"] > released["type"]
 
 
 def test_slurm_profile_plans_the_gpu_branch(tmp_path):

@@ -133,6 +133,29 @@ def plot_questions(questions_path: str | Path, png: str | Path, top: int = 8) ->
     return per_split.reset_index()
 
 
+def type_mix(stats_path: str | Path) -> pd.DataFrame:
+    """Per question type: our count and share next to the released Medical-CXR-VQA's (vqa/stats.parquet)."""
+    stats = pq.read_table(stats_path).to_pandas()
+    mix = stats.loc[stats["split"] == "all", ["question_type", "n_questions", "share", "released_n", "released_share"]]
+    mix = mix.rename(columns={"n_questions": "ours_n", "share": "ours_share"}).reset_index(drop=True)
+    mix["released_n"] = mix["released_n"].astype("Int64")
+    mix["ours_vs_released"] = mix["ours_n"] / mix["released_n"]
+    return mix
+
+
+def plot_type_mix(mix: pd.DataFrame, png: str | Path) -> None:
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    x = range(len(mix))
+    ax.bar([i - 0.2 for i in x], mix["ours_share"] * 100, width=0.4, label="this build", color="#2c7fb8")
+    ax.bar([i + 0.2 for i in x], mix["released_share"] * 100, width=0.4, label="released (780,014 pairs)",
+           color="#bdbdbd")  # fmt: skip
+    ax.set_xticks(list(x), mix["question_type"], rotation=20)
+    ax.set_ylabel("share of questions (%)")
+    ax.set_title("Question-type mix against the released Medical-CXR-VQA")
+    ax.legend(frameon=False)
+    _save(fig, png)
+
+
 def plot_rg4(counts_path: str | Path, stats_path: str | Path, png: str | Path) -> None:
     """Scenario sizes per split (RG4_COUNTS), and the share of sentences each rewrite category touched."""
     counts = pq.read_table(counts_path).to_pandas()
@@ -216,6 +239,7 @@ def main(argv=None) -> None:
     )
     p.add_argument("--findings")
     p.add_argument("--questions")
+    p.add_argument("--vqa-stats", help="vqa/stats.parquet: the type mix next to the released dataset's")
     p.add_argument("--rg4-counts")
     p.add_argument("--rg4-stats")
     p.add_argument("--llm-requests", nargs="*", default=[])
@@ -240,6 +264,10 @@ def main(argv=None) -> None:
         plot_label_prevalence(prevalence, out / "label_prevalence.png")
     if args.questions:
         plot_questions(args.questions, out / "questions.png")
+    if args.vqa_stats:
+        mix = type_mix(args.vqa_stats)
+        _save_csv(mix, out / "vqa_type_mix.csv")
+        plot_type_mix(mix, out / "vqa_type_mix.png")
     if args.rg4_counts:
         plot_rg4(args.rg4_counts, args.rg4_stats, out / "rg4.png")
     if args.llm_requests:
