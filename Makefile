@@ -61,15 +61,18 @@ $(CHROMEDRIVER):
 	$(SUDO) apt-get update && $(SUDO) DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver
 
 run: setup
-	$(BIN)/snakemake --cores all
+	$(BIN)/snakemake --cores all $(if $(CONFIG),--configfile $(CONFIG))
 
 test: setup $(LF_STAMP) $(VLLM_STAMP) $(CHROMEDRIVER)
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/snakefmt --check Snakefile rules/
 	$(BIN)/snakemake --lint
-	$(BIN)/pytest tests
+	$(BIN)/pytest tests --durations=20
 
+# `make report CONFIG=cluster.yaml`: the report must be told the configuration the run used.
 report: run
-	$(BIN)/snakemake --report report.html
+	$(BIN)/snakemake --report report.html $(if $(CONFIG),--configfile $(CONFIG))
 
 bench: setup
 	$(BIN)/python -m bench.run

@@ -91,10 +91,14 @@ def time_rule(reports: list[dict]) -> dict:
            "--findings", str(WORK / "findings.parquet"), "--stats", str(WORK / "stats.parquet"),
            "--rejects", str(WORK / "rejects.parquet"), "--workers", "2"]  # fmt: skip
     # a fresh wrapper process, so the peak RSS is that of the rule's own processes (not of this bench's)
-    probe = ("import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stderr=subprocess.DEVNULL);"
-             " u = resource.getrusage(resource.RUSAGE_CHILDREN); print(u.ru_maxrss, u.ru_utime + u.ru_stime)")
+    probe = (
+        "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stderr=subprocess.DEVNULL);"
+        " u = resource.getrusage(resource.RUSAGE_CHILDREN); print(u.ru_maxrss, u.ru_utime + u.ru_stime)"
+    )
     wall0 = time.perf_counter()
-    done = subprocess.run([sys.executable, "-c", probe, *cmd], check=True, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(
+        [sys.executable, "-c", probe, *cmd], check=True, cwd=REPO, capture_output=True, text=True
+    )
     maxrss_kb, cpu = done.stdout.split()
     rss, cpu = int(maxrss_kb) / 1024, float(cpu)  # MB: the largest process of the run
     return {"wall_s": time.perf_counter() - wall0, "cpu_s": cpu, "reports": len(reports), "rss_mb": rss}

@@ -32,12 +32,18 @@ HEADING = "## LLM layer"
 sys.path.insert(0, str(REPO / "tests"))
 
 SENTENCES = [
-    "There is a small left pleural effusion with adjacent atelectasis.", "No pneumothorax is seen.",
-    "The cardiac silhouette is moderately enlarged.", "Mild pulmonary vascular congestion.",
-    "Patchy opacity in the right lower lobe may reflect pneumonia.", "The lungs are otherwise clear.",
-    "Right internal jugular catheter terminates in the mid SVC.", "No focal consolidation.",
-    "Degenerative changes of the thoracic spine.", "Stable mild cardiomegaly.",
-    "Interval improvement of bilateral layering effusions.", "Healed left rib fractures.",
+    "There is a small left pleural effusion with adjacent atelectasis.",
+    "No pneumothorax is seen.",
+    "The cardiac silhouette is moderately enlarged.",
+    "Mild pulmonary vascular congestion.",
+    "Patchy opacity in the right lower lobe may reflect pneumonia.",
+    "The lungs are otherwise clear.",
+    "Right internal jugular catheter terminates in the mid SVC.",
+    "No focal consolidation.",
+    "Degenerative changes of the thoracic spine.",
+    "Stable mild cardiomegaly.",
+    "Interval improvement of bilateral layering effusions.",
+    "Healed left rib fractures.",
 ]
 
 
@@ -51,15 +57,35 @@ def requests_for(n: int):
     from workflow.llm import build_request
     from workflow.llm.answers import FINDINGS_SCHEMA
 
-    return [build_request("keyinfo.j2", "student", {"temperature": 0, "max_tokens": 800}, FINDINGS_SCHEMA,
-                          meta={"study_id": i}, report=report(i)) for i in range(n)]
+    return [
+        build_request(
+            "keyinfo.j2",
+            "student",
+            {"temperature": 0, "max_tokens": 800},
+            FINDINGS_SCHEMA,
+            meta={"study_id": i},
+            report=report(i),
+        )
+        for i in range(n)
+    ]
 
 
 def start_server(latency: float) -> tuple[subprocess.Popen, str]:
     tmp = Path(tempfile.mkdtemp())
     port_file = tmp / "port"
-    proc = subprocess.Popen([sys.executable, str(REPO / "tests" / "openai_server.py"), "--port-file", str(port_file),
-                             "--latency", str(latency), "--lifetime", "900"], stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "openai_server.py"),
+            "--port-file",
+            str(port_file),
+            "--latency",
+            str(latency),
+            "--lifetime",
+            "900",
+        ],
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.monotonic() + 30
     while not port_file.exists() or not port_file.read_text():
         if time.monotonic() > deadline:
@@ -72,10 +98,20 @@ def start_server(latency: float) -> tuple[subprocess.Popen, str]:
 def executor(base_url: str, concurrency: int) -> dict:
     from workflow.llm.run import load_executor_config
 
-    return load_executor_config({"corpus": {"credentialed": True}, "llm": {
-        "endpoints": {"s": {"kind": "openai", "base_url": base_url, "model": "student", "executor": "openai"}},
-        "client": {"concurrency": concurrency, "max_retries": 3, "timeout_s": 30},
-        "prices": {"student": {"input": 0.1, "output": 0.4}}, "keyinfo": {"endpoint": "s"}}}, "keyinfo")
+    return load_executor_config(
+        {
+            "corpus": {"credentialed": True},
+            "llm": {
+                "endpoints": {
+                    "s": {"kind": "openai", "base_url": base_url, "model": "student", "executor": "openai"}
+                },
+                "client": {"concurrency": concurrency, "max_retries": 3, "timeout_s": 30},
+                "prices": {"student": {"input": 0.1, "output": 0.4}},
+                "keyinfo": {"endpoint": "s"},
+            },
+        },
+        "keyinfo",
+    )
 
 
 def child(n: int, base_url: str, concurrency: int) -> dict:
@@ -99,11 +135,20 @@ def child(n: int, base_url: str, concurrency: int) -> dict:
     run_requests(reqs, cfg, cache, return_results=False)
     cached_s = time.perf_counter() - t
     del results
-    return {"n": n, "build_us": build_s / n * 1e6, "online_s": online_s, "rps": n / online_s,
-            "cpu_ms": cpu_s / n * 1e3,
-            "completed": stats.completed, "failed": stats.failed, "cached_s": cached_s,
-            "rss_start_mb": rss0 / 1024, "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "prompt_tokens": stats.prompt_tokens / max(1, stats.completed), "cache": str(cache)}
+    return {
+        "n": n,
+        "build_us": build_s / n * 1e6,
+        "online_s": online_s,
+        "rps": n / online_s,
+        "cpu_ms": cpu_s / n * 1e3,
+        "completed": stats.completed,
+        "failed": stats.failed,
+        "cached_s": cached_s,
+        "rss_start_mb": rss0 / 1024,
+        "rss_peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "prompt_tokens": stats.prompt_tokens / max(1, stats.completed),
+        "cache": str(cache),
+    }
 
 
 def overheads(n: int, cache_path: str) -> dict:
@@ -158,9 +203,23 @@ def main(argv=None) -> None:
     try:
         runs = []
         for n in (args.small, args.requests):
-            out = subprocess.run([sys.executable, "-m", "bench.bench_llm", "--child", str(n), "--base-url", base_url,
-                                  "--concurrency", str(args.concurrency)], cwd=REPO, capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.bench_llm",
+                    "--child",
+                    str(n),
+                    "--base-url",
+                    base_url,
+                    "--concurrency",
+                    str(args.concurrency),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
             print(runs[-1], flush=True)
     finally:
@@ -170,36 +229,43 @@ def main(argv=None) -> None:
     shape = prompt_shape()
     big, small = runs[-1], runs[0]
     rss_per_req_kb = (big["rss_peak_mb"] - small["rss_peak_mb"]) * 1024 / (big["n"] - small["n"])
-    block = "\n".join([
-        HEADING,
-        "",
-        f"`python -m bench.bench_llm` on {platform.node() or 'this machine'} (2 cores, shared with the loopback server "
-        f"process; load average {load_before:.1f} when it started): AsyncOpenAI client, concurrency {args.concurrency}, server latency {args.latency * 1000:.0f} ms, "
-        "keyinfo prompts (system + 2 few-shot turns + report), every answer committed to the SQLite cache as it arrives.",
-        "",
-        "| run | requests | wall | requests/s | client CPU / request | failed | peak RSS |",
-        "|---|---:|---:|---:|---:|---:|---:|",
-        *(f"| online | {r['n']:,} | {r['online_s']:.1f} s | **{r['rps']:.0f}** | {r['cpu_ms']:.2f} ms | {r['failed']} | "
-          f"{r['rss_peak_mb']:.0f} MB |" for r in runs),
-        *(f"| re-run (all cached, 0 sent) | {r['n']:,} | {r['cached_s']:.2f} s | {r['n'] / r['cached_s']:,.0f} | | 0 | |"
-          for r in runs[-1:]),
-        "",
-        f"Client CPU per request (SDK + HTTP + cache commit + accounting) bounds one core at "
-        f"~{1000 / big['cpu_ms']:.0f} requests/s; the wall-clock rate also depends on what else the 2 cores run.",
-        "",
-        f"- Memory: peak RSS grows {rss_per_req_kb:.1f} KB per request between the {small['n']:,} and "
-        f"{big['n']:,} runs (requests and results held by the caller; the fixed prompt prefix is one shared string; "
-        f"in-flight work is bounded by the worker pool and a queue of 4 x concurrency). Stages run in shards, which "
-        "bounds it per process.",
-        f"- Per-request overhead: cache write {over['put_us']:.0f} µs (one WAL transaction), cache read "
-        f"{over['get_us']:.0f} µs, JSON parse + validation {over['parse_us']:.0f} µs; rendering a request "
-        f"(jinja2 + sha256 key) {big['build_us']:.0f} µs.",
-        f"- Prompt size per report: {shape['prompt_chars']:,.0f} characters, ~{shape['est_tokens']:,.0f} tokens "
-        f"(estimate; the server counted {big['prompt_tokens']:,.0f}); the shared prefix is "
-        f"{shape['prefix_chars']:,} characters = {shape['prefix_share']:.0%} of the prompt, so prefix caching "
-        "(vLLM `enable_prefix_caching`, Azure/OpenAI prompt caching) computes most of every prompt once.",
-        "",
-    ])
+    block = "\n".join(
+        [
+            HEADING,
+            "",
+            f"`python -m bench.bench_llm` on {platform.node() or 'this machine'} (2 cores, shared with the loopback server "
+            f"process; load average {load_before:.1f} when it started): AsyncOpenAI client, concurrency {args.concurrency}, server latency {args.latency * 1000:.0f} ms, "
+            "keyinfo prompts (system + 2 few-shot turns + report), every answer committed to the SQLite cache as it arrives.",
+            "",
+            "| run | requests | wall | requests/s | client CPU / request | failed | peak RSS |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+            *(
+                f"| online | {r['n']:,} | {r['online_s']:.1f} s | **{r['rps']:.0f}** | {r['cpu_ms']:.2f} ms | {r['failed']} | "
+                f"{r['rss_peak_mb']:.0f} MB |"
+                for r in runs
+            ),
+            *(
+                f"| re-run (all cached, 0 sent) | {r['n']:,} | {r['cached_s']:.2f} s | {r['n'] / r['cached_s']:,.0f} | | 0 | |"
+                for r in runs[-1:]
+            ),
+            "",
+            f"Client CPU per request (SDK + HTTP + cache commit + accounting) bounds one core at "
+            f"~{1000 / big['cpu_ms']:.0f} requests/s; the wall-clock rate also depends on what else the 2 cores run.",
+            "",
+            f"- Memory: peak RSS grows {rss_per_req_kb:.1f} KB per request between the {small['n']:,} and "
+            f"{big['n']:,} runs (requests and results held by the caller; the fixed prompt prefix is one shared string; "
+            f"in-flight work is bounded by the worker pool and a queue of 4 x concurrency). Stages run in shards, which "
+            "bounds it per process.",
+            f"- Per-request overhead: cache write {over['put_us']:.0f} µs (one WAL transaction), cache read "
+            f"{over['get_us']:.0f} µs, JSON parse + validation {over['parse_us']:.0f} µs; rendering a request "
+            f"(jinja2 + sha256 key) {big['build_us']:.0f} µs.",
+            f"- Prompt size per report: {shape['prompt_chars']:,.0f} characters, ~{shape['est_tokens']:,.0f} tokens "
+            f"(estimate; the server counted {big['prompt_tokens']:,.0f}); the shared prefix is "
+            f"{shape['prefix_chars']:,} characters = {shape['prefix_share']:.0%} of the prompt, so prefix caching "
+            "(vLLM `enable_prefix_caching`, Azure/OpenAI prompt caching) computes most of every prompt once.",
+            "",
+        ]
+    )
     print(block)
     if not args.no_write:
         write_section(HEADING, block)

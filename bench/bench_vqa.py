@@ -258,7 +258,9 @@ def keyinfo_status(findings: pd.DataFrame, studies: pd.DataFrame, unread_rate: f
     status = np.where(studies["study_id"].isin(sick), "abnormal", "normal").astype(object)
     status[rng.random(len(studies)) < unread_rate] = "unknown"
     n = f.groupby(["study_id", "presence"]).size().unstack(fill_value=0)
-    n = n.reindex(columns=["positive", "uncertain", "negative"], fill_value=0).reindex(studies["study_id"], fill_value=0)
+    n = n.reindex(columns=["positive", "uncertain", "negative"], fill_value=0).reindex(
+        studies["study_id"], fill_value=0
+    )
     return pd.DataFrame(
         {
             "subject_id": studies["subject_id"].to_numpy(),
@@ -309,7 +311,10 @@ def main() -> None:
     out = Path(args.out)
     t0 = time.perf_counter()
     if args.reuse_inputs and (out / "in" / "keyinfo_studies.parquet").exists():
-        paths = {k: out / "in" / f"{k.replace('-', '_')}.parquet" for k in ("findings", "images", "studies", "keyinfo-studies")}
+        paths = {
+            k: out / "in" / f"{k.replace('-', '_')}.parquet"
+            for k in ("findings", "images", "studies", "keyinfo-studies")
+        }
     else:
         paths = write_inputs(out / "in", args.studies, args.seed)
     print(

@@ -7,7 +7,6 @@ from pathlib import Path
 from snakemake.utils import validate
 from snakemake_interface_executor_plugins.settings import DeploymentMethod
 
-
 validate(config, "../config.schema.yaml")
 
 # The folder this workflow ships from (Snakefile, libs/, prompts/, envs/, data/demo/, the `workflow`
@@ -60,6 +59,8 @@ def per_attempt(base):
     bench/RESULTS.md), so a cluster job fits the first time; `retries:` in profiles/slurm doubles them.
     """
     return lambda wildcards, attempt: base * attempt
+
+
 # Every module appends its final outputs here; `rule all` asks for them.
 ALL_TARGETS = []
 
@@ -88,17 +89,25 @@ def config_path(value):
 def require_path(key, value):
     """A configured input path that must exist; a clear error names the config key."""
     if not value:
-        raise ValueError(f"config: `{key}` must be set for corpus.format={config['corpus']['format']}")
+        raise ValueError(
+            f"config: `{key}` must be set for corpus.format={config['corpus']['format']}"
+        )
     path = config_path(value)
     if not Path(path).exists():
-        raise FileNotFoundError(f"config: `{key}` points to {value!r}, which does not exist")
+        raise FileNotFoundError(
+            f"config: `{key}` points to {value!r}, which does not exist"
+        )
     return path
 
 
 def ingest_inputs(wildcards=None):
     corpus = config["corpus"]
     fmt = corpus["format"]
-    keys = ("reports", "split", "metadata") if fmt == "mimic" else ("reports", "projections")
+    keys = (
+        ("reports", "split", "metadata")
+        if fmt == "mimic"
+        else ("reports", "projections")
+    )
     return {k: require_path(f"corpus.{fmt}.{k}", corpus[fmt][k]) for k in keys}
 
 
@@ -114,7 +123,12 @@ def findings_table(wildcards=None):
     (round 0 is the bulk LLM extraction; see rules/llm.smk).
     """
     if config["llm"]["backend"] == "llm":
-        return out("llm", "followup", f"round{config['llm']['followup']['rounds']}", "findings.parquet")
+        return out(
+            "llm",
+            "followup",
+            f"round{config['llm']['followup']['rounds']}",
+            "findings.parquet",
+        )
     return out("keyinfo", "rules", "findings.parquet")
 
 
@@ -133,7 +147,11 @@ def llm_config_json(wildcards=None):
     import json
 
     return json.dumps(
-        {"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"], "keyinfo": keyinfo_cutoffs()},
+        {
+            "corpus": {"credentialed": config["corpus"]["credentialed"]},
+            "llm": config["llm"],
+            "keyinfo": keyinfo_cutoffs(),
+        },
         sort_keys=True,
     )
 
@@ -150,10 +168,22 @@ def llm_stage_settings(stage):
     """Everything one LLM stage reads (its section, its endpoint, client, batch, prices, guard flags)."""
     llm = config["llm"]
     name = llm[stage]["endpoint"]
-    shared = ("allow_public_endpoint", "max_cost_usd", "client", "batch", "vllm", "prices", "cache")
+    shared = (
+        "allow_public_endpoint",
+        "max_cost_usd",
+        "client",
+        "batch",
+        "vllm",
+        "prices",
+        "cache",
+    )
     return {
         "corpus": {"credentialed": config["corpus"]["credentialed"]},
-        "llm": {**{k: llm[k] for k in shared}, stage: llm[stage], "endpoints": {name: llm["endpoints"].get(name)}},
+        "llm": {
+            **{k: llm[k] for k in shared},
+            stage: llm[stage],
+            "endpoints": {name: llm["endpoints"].get(name)},
+        },
         "keyinfo": keyinfo_cutoffs(),
     }
 
@@ -179,7 +209,8 @@ def write_llm_settings():
 
 def llm_stage_identity(stage):
     """What changes a stage's outputs, in canonical form: the rule's re-run trigger. URLs, keys, client
-    limits and the budget change how requests travel, not what comes back: they re-run nothing."""
+    limits and the budget change how requests travel, not what comes back: they re-run nothing.
+    """
     import json
 
     llm = config["llm"]
@@ -226,9 +257,17 @@ def llm_cache(wildcards=None):
 def _llm_endpoint_envvars():
     if config["llm"]["backend"] != "llm":
         return []
-    used = {config["llm"][stage]["endpoint"] for stage in ("gold", "keyinfo", "followup")}
+    used = {
+        config["llm"][stage]["endpoint"] for stage in ("gold", "keyinfo", "followup")
+    }
     endpoints = config["llm"]["endpoints"]
-    return sorted({endpoints[e]["api_key_env"] for e in used if e in endpoints and endpoints[e].get("api_key_env")})
+    return sorted(
+        {
+            endpoints[e]["api_key_env"]
+            for e in used
+            if e in endpoints and endpoints[e].get("api_key_env")
+        }
+    )
 
 
 # API keys the LLM stages need: declared with `envvars:` so Snakemake checks them before running.
@@ -243,8 +282,11 @@ def llm_resources(*endpoints):
     server (each job runs its own engine), so it takes no resource."""
     import re
 
-    served = [e for e in sorted({e for e in endpoints if e})
-              if config["llm"]["endpoints"].get(e, {}).get("executor", "openai") != "vllm"]
+    served = [
+        e
+        for e in sorted({e for e in endpoints if e})
+        if config["llm"]["endpoints"].get(e, {}).get("executor", "openai") != "vllm"
+    ]
     return {"llm_{}".format(re.sub(r"\W", "_", e)): 1 for e in served}
 
 
@@ -283,7 +325,10 @@ def student_needed():
     ft = config["finetune"]
     if not ft["enabled"] or config["llm"]["backend"] != "llm":
         return False
-    return any(config["llm"][stage]["endpoint"] == ft["endpoint"] for stage in ("keyinfo", "followup"))
+    return any(
+        config["llm"][stage]["endpoint"] == ft["endpoint"]
+        for stage in ("keyinfo", "followup")
+    )
 
 
 def student_inputs(wildcards=None):
@@ -323,7 +368,10 @@ def finetune_targets():
     """Final fine-tuning outputs for `rule all` (none unless an LLM stage asks the student)."""
     if not student_needed():
         return []
-    targets = [out("finetune", "adapter", "adapter_config.json"), out("finetune", "eval.parquet")]
+    targets = [
+        out("finetune", "adapter", "adapter_config.json"),
+        out("finetune", "eval.parquet"),
+    ]
     if config["finetune"]["merge"]:
         targets.append(out("finetune", "merged", "config.json"))
     return targets
@@ -333,11 +381,17 @@ def finetune_targets():
 def report_stages():
     """(stage, input table, output table, rejects table) of each stage, for the report's counts.
 
-    Paths come from the stages' own rules (called at DAG time, when every rule module is loaded)."""
+    Paths come from the stages' own rules (called at DAG time, when every rule module is loaded).
+    """
     studies, sections = rules.ingest.output.studies, rules.sections.output.sections
     keyinfo = (
         # the last round's rejects go with its findings: every study is in exactly one of them
-        ("keyinfo (llm)", sections, findings_table(), llm_round_dir(config["llm"]["followup"]["rounds"], "rejects.parquet"))
+        (
+            "keyinfo (llm)",
+            sections,
+            findings_table(),
+            llm_round_dir(config["llm"]["followup"]["rounds"], "rejects.parquet"),
+        )
         if config["llm"]["backend"] == "llm"
         else ("keyinfo (rules)", sections, None, rules.keyinfo_rules.output.rejects)
     )
@@ -352,8 +406,12 @@ def report_stages():
 
 
 def report_inputs(wildcards=None):
-    files = {f"{i}_{kind}": path for i, stage in enumerate(report_stages())
-             for kind, path in zip(("in", "out", "rejects"), stage[1:]) if path}
+    files = {
+        f"{i}_{kind}": path
+        for i, stage in enumerate(report_stages())
+        for kind, path in zip(("in", "out", "rejects"), stage[1:])
+        if path
+    }
     files.update(
         findings=findings_table(),
         questions=rules.vqa.output.questions,
@@ -378,7 +436,10 @@ def report_stage_args(wildcards, input):
 def llm_report_requests():
     """Every LLM_REQUESTS table of the run (LLM backend only)."""
     rounds = range(config["llm"]["followup"]["rounds"] + 1)
-    return [out("llm", "gold", "requests.parquet"), *(llm_round_dir(r, "requests.parquet") for r in rounds)]
+    return [
+        out("llm", "gold", "requests.parquet"),
+        *(llm_round_dir(r, "requests.parquet") for r in rounds),
+    ]
 
 
 # --- release folders with dataset cards (rules/release.smk) ------------------------------------------
@@ -399,7 +460,9 @@ def effective_config(wildcards=None):
     """The run's configuration after defaults and overrides, as JSON (quoted in dataset cards)."""
     import json
 
-    return json.dumps(config, sort_keys=True)  # canonical: key order of the override files re-runs nothing
+    return json.dumps(
+        config, sort_keys=True
+    )  # canonical: key order of the override files re-runs nothing
 
 
 # --- vqa helpers (rules/vqa.smk) ---------------------------------------------------------------------
@@ -407,7 +470,9 @@ def vqa_templates_path():
     """`vqa.templates` (null: the style's own file), checked at start-up: a bad file stops the run here."""
     from workflow import vqa
 
-    path = config_path(config["vqa"]["templates"]) or str(vqa.STYLE_TEMPLATES[config["vqa"]["style"]])
+    path = config_path(config["vqa"]["templates"]) or str(
+        vqa.STYLE_TEMPLATES[config["vqa"]["style"]]
+    )
     vqa.load_templates(path, key="vqa.templates")
     return path
 
@@ -430,9 +495,14 @@ def review_inputs(wildcards=None):
         "images": rules.ingest.output.images,
         "findings": findings_table(),
         "questions": rules.vqa.output.questions,
-        **{scenario: getattr(rules.rg4.output, scenario) for scenario in ("sn", "sw", "mn", "mw")},
+        **{
+            scenario: getattr(rules.rg4.output, scenario)
+            for scenario in ("sn", "sw", "mn", "mw")
+        },
     }
-    if config["llm"]["backend"] == "llm":  # the teacher's and the rules' readings side by side
+    if (
+        config["llm"]["backend"] == "llm"
+    ):  # the teacher's and the rules' readings side by side
         files["rules_findings"] = rules.keyinfo_rules.output.findings
     if config["review"]["exclude"]:
         files["exclude"] = require_path("review.exclude", config["review"]["exclude"])
@@ -441,10 +511,15 @@ def review_inputs(wildcards=None):
 
 def review_args(wildcards, input):
     """Arguments of workflow.review.build besides the fixed tables: RG4 tables, optional files, corpus."""
-    args = [f"--rg4 {s}={shlex.quote(str(getattr(input, s)))}" for s in ("sn", "sw", "mn", "mw")]
+    args = [
+        f"--rg4 {s}={shlex.quote(str(getattr(input, s)))}"
+        for s in ("sn", "sw", "mn", "mw")
+    ]
     for key in ("rules_findings", "exclude"):
         if key in input.keys():
-            args.append(f"--{key.replace('_', '-')} {shlex.quote(str(getattr(input, key)))}")
+            args.append(
+                f"--{key.replace('_', '-')} {shlex.quote(str(getattr(input, key)))}"
+            )
     corpus = config["corpus"]
     reports = corpus[corpus["format"]]["reports"]
     args.append(f"--corpus-format {corpus['format']}")
@@ -459,5 +534,7 @@ def review_verdicts(wildcards=None):
     """The verdicts.csv files `review_score` reads (config `review.verdicts`), checked only when asked for."""
     paths = config["review"]["verdicts"]
     if not paths:
-        raise ValueError("config: `review.verdicts` must list the verdicts.csv files to score")
+        raise ValueError(
+            "config: `review.verdicts` must list the verdicts.csv files to score"
+        )
     return [require_path("review.verdicts", p) for p in paths]

@@ -27,12 +27,14 @@ rule exports:
         "../envs/core.yaml"
     threads: 2
     resources:
+        **llm_resources(
+            config["exports"]["radialog"]["llm"]["endpoint"]
+            if config["llm"]["backend"] == "llm"
+            else None
+        ),
         mem_mb=per_attempt(4000),
         runtime=per_attempt(60),
         # with llm.backend: llm the two language tasks talk to their endpoint
-        **llm_resources(
-            config["exports"]["radialog"]["llm"]["endpoint"] if config["llm"]["backend"] == "llm" else None
-        ),
     params:
         py=PY,
         dataset=config["corpus"]["format"],

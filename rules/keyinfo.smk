@@ -19,9 +19,9 @@ rule keyinfo_rules:
         rejects=out("keyinfo", "rules", "rejects.parquet"),
     log:
         logfile("keyinfo_rules"),
-    threads: 2
     conda:
         "../envs/core.yaml"
+    threads: 2
     resources:
         mem_mb=per_attempt(4000),
         runtime=per_attempt(60),
@@ -51,14 +51,16 @@ rule keyinfo_studies:
         studies=out("keyinfo", "studies.parquet"),
     log:
         logfile("keyinfo_studies"),
+    conda:
+        "../envs/core.yaml"
     resources:
         mem_mb=per_attempt(2000),
         runtime=per_attempt(30),
-    conda:
-        "../envs/core.yaml"
     params:
         py=PY,
-        lenient=lambda wc: "" if config["keyinfo"]["lenient_sections"] else "--no-lenient",
+        lenient=lambda wc: (
+            "" if config["keyinfo"]["lenient_sections"] else "--no-lenient"
+        ),
     shell:
         "{params.py} -m workflow.keyinfo.studies --sections {input.sections:q} --reports {input.reports:q}"
         " --findings {input.findings:q} --out {output.studies:q} {params.lenient} 2> {log:q}"

@@ -7,6 +7,10 @@ rule release_vqa:
         default=rules.vqa.output.questions,
     output:
         card=out("release", "medical_cxr_vqa", "README.md"),
+    log:
+        logfile("release_vqa"),
+    conda:
+        "../envs/core.yaml"
     resources:
         mem_mb=per_attempt(2000),
         runtime=per_attempt(30),
@@ -18,10 +22,6 @@ rule release_vqa:
         format=config["corpus"]["format"],
         demo="--demo" if corpus_is_demo() else "",
         outdir=first_output_dir,
-    log:
-        logfile("release_vqa"),
-    conda:
-        "../envs/core.yaml"
     shell:
         "{params.py} -m workflow.cards {params.tables} --spec {params.spec} --config-json {params.config:q}"
         " --corpus-format {params.format} {params.demo} --out {params.outdir:q} 2> {log:q}"
@@ -36,21 +36,23 @@ rule release_rg4:
         notes=rules.rg4.output.notes,
     output:
         card=out("release", "mimic_rg4", "README.md"),
+    log:
+        logfile("release_rg4"),
+    conda:
+        "../envs/core.yaml"
     resources:
         mem_mb=per_attempt(2000),
         runtime=per_attempt(30),
     params:
         py=PY,
         spec="mimic_rg4",
-        tables=lambda wildcards, input: " ".join(f"--table {s}={input[s]}" for s in ("sn", "sw", "mn", "mw")),
+        tables=lambda wildcards, input: " ".join(
+            f"--table {s}={input[s]}" for s in ("sn", "sw", "mn", "mw")
+        ),
         config=effective_config,
         format=config["corpus"]["format"],
         demo="--demo" if corpus_is_demo() else "",
         outdir=first_output_dir,
-    log:
-        logfile("release_rg4"),
-    conda:
-        "../envs/core.yaml"
     shell:
         "{params.py} -m workflow.cards {params.tables} --spec {params.spec} --config-json {params.config:q}"
         " --corpus-format {params.format} {params.demo} --notes {input.notes:q} --out {params.outdir:q}"

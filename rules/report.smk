@@ -46,6 +46,10 @@ rule report_figures:
             caption="../workflow/report_captions/rg4.rst",
             category="4. MIMIC-RG4",
         ),
+    log:
+        logfile("report_figures"),
+    conda:
+        "../envs/core.yaml"
     resources:
         mem_mb=per_attempt(2000),
         runtime=per_attempt(30),
@@ -53,10 +57,6 @@ rule report_figures:
         py=PY,
         stages=report_stage_args,
         outdir=first_output_dir,
-    log:
-        logfile("report_figures"),
-    conda:
-        "../envs/core.yaml"
     shell:
         "{params.py} -m workflow.report {params.stages} --findings {input.findings:q}"
         " --questions {input.questions:q} --vqa-stats {input.vqa_stats:q} --rg4-counts {input.rg4_counts:q} --rg4-stats {input.rg4_stats:q}"
@@ -88,16 +88,16 @@ if config["llm"]["backend"] == "llm":
                 caption="../workflow/report_captions/llm.rst",
                 category="5. LLM usage",
             ),
+        log:
+            logfile("report_llm"),
+        conda:
+            "../envs/core.yaml"
         resources:
             mem_mb=per_attempt(2000),
             runtime=per_attempt(30),
         params:
             py=PY,
             outdir=first_output_dir,
-        log:
-            logfile("report_llm"),
-        conda:
-            "../envs/core.yaml"
         shell:
             "{params.py} -m workflow.report --llm-requests {input.requests:q}"
             " --followup-stats {input.followup:q} --outdir {params.outdir:q} 2> {log:q}"

@@ -26,14 +26,22 @@ rule rg4:
         rg4_conda_env()
     threads: 2
     resources:
+        **llm_resources(
+            config["rg4"]["llm"]["endpoint"]
+            if config["rg4"]["rewriter"] == "llm"
+            else None
+        ),
         mem_mb=per_attempt(4000),
         runtime=per_attempt(60),
         # the rules rewriter asks no LLM: no endpoint resource, rg4 runs beside the LLM stages
-        **llm_resources(config["rg4"]["llm"]["endpoint"] if config["rg4"]["rewriter"] == "llm" else None),
     params:
         py=PY,
         rewriter=config["rg4"]["rewriter"],
-        label_sections="--label-sections" if config["rg4"]["label_sections"] else "--no-label-sections",
+        label_sections=(
+            "--label-sections"
+            if config["rg4"]["label_sections"]
+            else "--no-label-sections"
+        ),
         llm_config=llm_config_json,
         llm_cache=llm_cache,
         endpoint=config["rg4"]["llm"]["endpoint"],

@@ -35,9 +35,16 @@ import yaml
 from aiohttp import web
 
 VOCAB = yaml.safe_load((Path(__file__).resolve().parents[1] / "libs" / "vocabulary.yaml").read_text())
-SYNONYMS = {"effusion": "pleural effusion", "effusions": "pleural effusion", "enlarged heart": "cardiomegaly",
-            "heart is enlarged": "cardiomegaly", "collapse": "atelectasis", "opacities": "lung opacity",
-            "opacity": "lung opacity", "pulmonary edema": "edema"}
+SYNONYMS = {
+    "effusion": "pleural effusion",
+    "effusions": "pleural effusion",
+    "enlarged heart": "cardiomegaly",
+    "heart is enlarged": "cardiomegaly",
+    "collapse": "atelectasis",
+    "opacities": "lung opacity",
+    "opacity": "lung opacity",
+    "pulmonary edema": "edema",
+}
 TERMS = sorted({**{n: n for n in VOCAB["findings"]}, **SYNONYMS}.items(), key=lambda kv: -len(kv[0]))
 NEG = re.compile(r"\b(no|without|negative for|free of|resolved)\b")
 UNC = re.compile(r"\b(may|possible|possibly|cannot be excluded|could|questionable|suspected)\b")
@@ -62,14 +69,21 @@ def derive_findings(report: str, only: str | None = None) -> list[dict]:
                 continue
             taken = taken[:pos] + " " * len(term) + taken[pos + len(term) :]
             before = sentence[:pos]
-            presence = "negative" if NEG.search(before) else "uncertain" if UNC.search(sentence) else "positive"
+            presence = (
+                "negative" if NEG.search(before) else "uncertain" if UNC.search(sentence) else "positive"
+            )
             loc = LOC.search(sentence)
             level = LEVEL.search(before)
             item = {
-                "name": name, "presence": presence,
-                "location": " ".join(g for g in loc.groups() if g) if loc and presence != "negative" else None,
+                "name": name,
+                "presence": presence,
+                "location": " ".join(g for g in loc.groups() if g)
+                if loc and presence != "negative"
+                else None,
                 "level": level.group(1) if level and presence != "negative" else None,
-                "type": None, "change": None, "evidence": sentence.strip()[:120],
+                "type": None,
+                "change": None,
+                "evidence": sentence.strip()[:120],
             }
             found.setdefault((name, item["location"]), item)
     return list(found.values())
@@ -89,11 +103,25 @@ def _report_of(messages: list[dict]) -> tuple[str, str | None]:
 
 
 class LoopbackOpenAI:
-    def __init__(self, *, latency: float = 0.0, faults: dict | None = None, seed: int = 0, slow_s: float = 3.0,
-                 retry_after: float = 0.05, max_requests: int = 1_000_000, lifetime_s: float = 600.0,
-                 api_key: str | None = None):
+    def __init__(
+        self,
+        *,
+        latency: float = 0.0,
+        faults: dict | None = None,
+        seed: int = 0,
+        slow_s: float = 3.0,
+        retry_after: float = 0.05,
+        max_requests: int = 1_000_000,
+        lifetime_s: float = 600.0,
+        api_key: str | None = None,
+    ):
         self.latency, self.faults, self.seed = latency, dict(faults or {}), seed
-        self.slow_s, self.retry_after, self.max_requests, self.lifetime_s = slow_s, retry_after, max_requests, lifetime_s
+        self.slow_s, self.retry_after, self.max_requests, self.lifetime_s = (
+            slow_s,
+            retry_after,
+            max_requests,
+            lifetime_s,
+        )
         self.api_key = api_key
         self.events: list[tuple[str, str]] = []  # (messages hash, outcome) of every request, in order
         self.usage: defaultdict = defaultdict(Counter)  # model -> prompt/completion tokens answered
@@ -173,9 +201,20 @@ class LoopbackOpenAI:
         if fault == "bad_body":
             return 200, b'{"id": "chatcmpl-x", "object": "chat.completion", "choices": [{"ind', "bad_body"
         if fault == "content_filter":
-            return 400, {"error": {"message": "The response was filtered due to the prompt triggering Azure OpenAI's "
-                                   "content management policy.", "type": None, "param": "prompt",
-                                   "code": "content_filter", "status": 400}}, "content_filter"
+            return (
+                400,
+                {
+                    "error": {
+                        "message": "The response was filtered due to the prompt triggering Azure OpenAI's "
+                        "content management policy.",
+                        "type": None,
+                        "param": "prompt",
+                        "code": "content_filter",
+                        "status": 400,
+                    }
+                },
+                "content_filter",
+            )
         report, finding = _report_of(messages)
         content = json.dumps({"findings": derive_findings(report, only=finding)})
         finish = "stop"
@@ -185,11 +224,18 @@ class LoopbackOpenAI:
             content, finish = None, "content_filter"
         prompt_chars = sum(len(m.get("content") or "") for m in messages)
         body_out = {
-            "id": f"chatcmpl-{h}-{attempt}", "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "finish_reason": finish,
-                         "message": {"role": "assistant", "content": content}}],
-            "usage": {"prompt_tokens": prompt_chars // 4, "completion_tokens": len(content or "") // 4,
-                      "total_tokens": prompt_chars // 4 + len(content or "") // 4},
+            "id": f"chatcmpl-{h}-{attempt}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {"index": 0, "finish_reason": finish, "message": {"role": "assistant", "content": content}}
+            ],
+            "usage": {
+                "prompt_tokens": prompt_chars // 4,
+                "completion_tokens": len(content or "") // 4,
+                "total_tokens": prompt_chars // 4 + len(content or "") // 4,
+            },
         }
         return 200, body_out, fault or "ok"
 
@@ -197,7 +243,9 @@ class LoopbackOpenAI:
     def _check_key(self, request) -> web.Response | None:
         if self.api_key is None:
             return None
-        got = request.headers.get("api-key") or request.headers.get("Authorization", "").removeprefix("Bearer ")
+        got = request.headers.get("api-key") or request.headers.get("Authorization", "").removeprefix(
+            "Bearer "
+        )
         if got != self.api_key:
             return web.json_response({"error": {"message": "bad key", "code": "invalid_api_key"}}, status=401)
         return None
@@ -208,7 +256,9 @@ class LoopbackOpenAI:
         with self.lock:
             over = len(self.events) >= self.max_requests
         if over:
-            return web.json_response({"error": {"message": "request budget of the test server used up"}}, status=503)
+            return web.json_response(
+                {"error": {"message": "request budget of the test server used up"}}, status=503
+            )
         body = await request.json()
         status, payload, outcome = self.completion(body, model_override or body.get("model", "loopback"))
         with self.lock:
@@ -232,8 +282,13 @@ class LoopbackOpenAI:
             return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
         deployment = request.match_info["deployment"]
         with self.lock:
-            self.azure_calls.append({"deployment": deployment, "api_version": request.query["api-version"],
-                                     "has_api_key_header": "api-key" in request.headers})
+            self.azure_calls.append(
+                {
+                    "deployment": deployment,
+                    "api_version": request.query["api-version"],
+                    "has_api_key_header": "api-key" in request.headers,
+                }
+            )
         return await self._chat(request, model_override=deployment)
 
     async def file_create(self, request):
@@ -241,9 +296,17 @@ class LoopbackOpenAI:
         data = form["file"].file.read()
         file_id = f"file-{len(self.files) + 1}"
         self.files[file_id] = data
-        return web.json_response({"id": file_id, "object": "file", "bytes": len(data), "created_at": int(time.time()),
-                                  "filename": form["file"].filename, "purpose": form.get("purpose", "batch"),
-                                  "status": "processed"})
+        return web.json_response(
+            {
+                "id": file_id,
+                "object": "file",
+                "bytes": len(data),
+                "created_at": int(time.time()),
+                "filename": form["file"].filename,
+                "purpose": form.get("purpose", "batch"),
+                "status": "processed",
+            }
+        )
 
     async def file_content(self, request):
         data = self.files.get(request.match_info["file_id"])
@@ -257,10 +320,19 @@ class LoopbackOpenAI:
     async def batch_create(self, request):
         body = await request.json()
         batch_id = f"batch-{len(self.batches) + 1}"
-        b = {"id": batch_id, "object": "batch", "endpoint": body["endpoint"], "input_file_id": body["input_file_id"],
-             "completion_window": body.get("completion_window", "24h"), "status": "in_progress",
-             "created_at": int(time.time()), "metadata": body.get("metadata"), "output_file_id": None,
-             "error_file_id": None, "_polls": 0}
+        b = {
+            "id": batch_id,
+            "object": "batch",
+            "endpoint": body["endpoint"],
+            "input_file_id": body["input_file_id"],
+            "completion_window": body.get("completion_window", "24h"),
+            "status": "in_progress",
+            "created_at": int(time.time()),
+            "metadata": body.get("metadata"),
+            "output_file_id": None,
+            "error_file_id": None,
+            "_polls": 0,
+        }
         self.batches[batch_id] = b
         return web.json_response(self._batch_object(b))
 
@@ -284,20 +356,45 @@ class LoopbackOpenAI:
             if self._draw(f"{h}:batch:{n}").random() < self.faults.get("batch_line_fail", 0.0):
                 with self.lock:
                     self.events.append((h, "batch_500"))
-                err.append({"id": f"r-{h}", "custom_id": line["custom_id"], "response": {"status_code": 500, "body": {
-                    "error": {"message": "server error", "code": "server_error"}}}, "error": None})
+                err.append(
+                    {
+                        "id": f"r-{h}",
+                        "custom_id": line["custom_id"],
+                        "response": {
+                            "status_code": 500,
+                            "body": {"error": {"message": "server error", "code": "server_error"}},
+                        },
+                        "error": None,
+                    }
+                )
                 continue
             status, payload, outcome = self.completion(
-                {**line["body"], "messages": line["body"]["messages"]}, line["body"].get("model", "loopback"))
+                {**line["body"], "messages": line["body"]["messages"]}, line["body"].get("model", "loopback")
+            )
             with self.lock:
                 self.events.append((h, f"batch_{outcome}"))
             if status != 200 or isinstance(payload, bytes):
-                err.append({"id": f"r-{h}", "custom_id": line["custom_id"], "response": {"status_code": status,
-                            "body": payload if isinstance(payload, dict) else {}}, "error": None})
+                err.append(
+                    {
+                        "id": f"r-{h}",
+                        "custom_id": line["custom_id"],
+                        "response": {
+                            "status_code": status,
+                            "body": payload if isinstance(payload, dict) else {},
+                        },
+                        "error": None,
+                    }
+                )
             else:
                 self._record_usage(payload)
-                out.append({"id": f"r-{h}", "custom_id": line["custom_id"],
-                            "response": {"status_code": 200, "request_id": h, "body": payload}, "error": None})
+                out.append(
+                    {
+                        "id": f"r-{h}",
+                        "custom_id": line["custom_id"],
+                        "response": {"status_code": 200, "request_id": h, "body": payload},
+                        "error": None,
+                    }
+                )
         for kind, lines in (("output_file_id", out), ("error_file_id", err)):
             if lines:
                 fid = f"file-{len(self.files) + 1}"
@@ -314,8 +411,12 @@ class LoopbackOpenAI:
             return web.json_response({"error": {"code": "404", "message": "Resource not found"}}, status=404)
         with self.lock:
             self.model_listings += 1
-        return web.json_response({"object": "list", "data": [{"id": "loopback", "object": "model", "created": 0,
-                                                              "owned_by": "loopback"}]})
+        return web.json_response(
+            {
+                "object": "list",
+                "data": [{"id": "loopback", "object": "model", "created": 0, "owned_by": "loopback"}],
+            }
+        )
 
     async def stats(self, request):
         return web.json_response({"requests": self.count(), "by_hash": self.by_hash()})
@@ -379,8 +480,12 @@ def main(argv=None) -> None:
     p.add_argument("--faults", default="{}", help="JSON dict of fault rates")
     p.add_argument("--max-requests", type=int, default=2_000_000)
     args = p.parse_args(argv)
-    server = LoopbackOpenAI(latency=args.latency, faults=json.loads(args.faults), lifetime_s=args.lifetime,
-                            max_requests=args.max_requests)
+    server = LoopbackOpenAI(
+        latency=args.latency,
+        faults=json.loads(args.faults),
+        lifetime_s=args.lifetime,
+        max_requests=args.max_requests,
+    )
     server.start()
     Path(args.port_file).write_text(str(server.port))
     deadline = time.monotonic() + args.lifetime

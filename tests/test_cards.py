@@ -71,7 +71,9 @@ def test_empty_configuration_is_counted_but_not_declared(tmp_path):
     pq.write_table(_table(0, ["train"]), tmp_path / "sw.parquet")
     spec = CardSpec(title="IU", description="No priors.", sources=["IU X-Ray"])
     paths = {"sn": tmp_path / "sn.parquet", "sw": tmp_path / "sw.parquet"}
-    counts = write_release(paths, tmp_path / "out", spec, licence_text("iu", False), "corpus:\n  format: iu\n")
+    counts = write_release(
+        paths, tmp_path / "out", spec, licence_text("iu", False), "corpus:\n  format: iu\n"
+    )
     assert counts["sw"] == {}
     text = (tmp_path / "out" / "README.md").read_text()
     assert [c["config_name"] for c in yaml.safe_load(text.split("---")[1])["configs"]] == ["sn"]

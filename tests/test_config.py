@@ -48,7 +48,10 @@ SCHEMA_CASES = {
         "api_key_env",
     ),
     "ingest cap": (lambda c: c.update(ingest={"max_report_bytes": 0}), "max_report_bytes"),
-    "ingest unknown key": (lambda c: c.update(ingest={"max_report_byte": 10}), "'max_report_byte' was unexpected"),
+    "ingest unknown key": (
+        lambda c: c.update(ingest={"max_report_byte": 10}),
+        "'max_report_byte' was unexpected",
+    ),
 }
 
 
@@ -99,7 +102,10 @@ def test_vqa_names_null_means_canonical_names_and_is_fine(config):
     [
         ({"vqa": {"names": "libs/missing.csv"}}, "`vqa.names` points to 'libs/missing.csv'"),
         ({"outdir": ""}, "outdir"),
-        ({"llm": {"endpoints": {"student": {"kind": "openai", "model": "s", "client": {"rmp": 5}}}}}, "'rmp'"),
+        (
+            {"llm": {"endpoints": {"student": {"kind": "openai", "model": "s", "client": {"rmp": 5}}}}},
+            "'rmp'",
+        ),
     ],
 )
 def test_snakemake_stops_at_start_up_naming_the_key(tmp_path, override, fragment):

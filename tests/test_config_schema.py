@@ -114,7 +114,11 @@ def test_the_differences_helper_names_a_drifted_key():
 
 
 def _workflow_sources() -> dict[Path, str]:
-    files = [REPO / "Snakefile", *sorted((REPO / "rules").glob("*.smk")), *sorted((REPO / "workflow").rglob("*.py"))]
+    files = [
+        REPO / "Snakefile",
+        *sorted((REPO / "rules").glob("*.smk")),
+        *sorted((REPO / "workflow").rglob("*.py")),
+    ]
     return {path.relative_to(REPO): path.read_text(encoding="utf-8") for path in files}
 
 
@@ -146,7 +150,10 @@ def test_generic_readers_and_library_defaults_name_real_keys():
 def test_keyinfo_cutoffs_reach_every_llm_stage_command(tmp_path):
     """keyinfo.fuzzy_cutoff / support_cutoff set in a user's config are what the LLM stages are run with."""
     override = {
-        "llm": {"backend": "llm", "endpoints": {"teacher": {"azure_endpoint": "https://example.openai.azure.com"}}},
+        "llm": {
+            "backend": "llm",
+            "endpoints": {"teacher": {"azure_endpoint": "https://example.openai.azure.com"}},
+        },
         "keyinfo": {"fuzzy_cutoff": 77, "support_cutoff": 66},
     }
     workdir = prepare_workdir(tmp_path / "wd", override)
@@ -166,5 +173,8 @@ def test_keyinfo_cutoffs_reach_every_llm_stage_command(tmp_path):
         name = stage.split()[-1] if stage != "keyinfo shard" else "keyinfo"
         name = "keyinfo" if name == "merge" else name
         settings = workdir / "results" / "llm" / "settings" / f"{name}.json"
-        assert all(str(settings.relative_to(workdir)) in line or str(settings) in line for line in lines), (stage, lines)
+        assert all(str(settings.relative_to(workdir)) in line or str(settings) in line for line in lines), (
+            stage,
+            lines,
+        )
         assert json.loads(settings.read_text())["keyinfo"] == {"fuzzy_cutoff": 77, "support_cutoff": 66}

@@ -20,8 +20,15 @@ from workflow.llm.guard import GuardError, check, classify, proxy_for
 from workflow.llm.request import build_request
 from workflow.llm.run import load_executor_config, run_requests
 
-PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY", "REQUEST_METHOD", "OPENAI_BASE_URL",
-              "AZURE_OPENAI_ENDPOINT")
+PROXY_VARS = (
+    "HTTP_PROXY",
+    "HTTPS_PROXY",
+    "ALL_PROXY",
+    "NO_PROXY",
+    "REQUEST_METHOD",
+    "OPENAI_BASE_URL",
+    "AZURE_OPENAI_ENDPOINT",
+)
 
 # 104.18.33.64 is a public address; 127.0.0.1 loopback. Each written in the forms a resolver accepts.
 PUBLIC = [
@@ -60,7 +67,11 @@ LOCAL = [
     "http://192.168.1.1/v1",
     "http://[fd12:3456::1]/v1",
 ]
-AZURE = ["https://myres.openai.azure.com", "https://x.cognitiveservices.azure.com/", "https://y.services.ai.azure.com"]
+AZURE = [
+    "https://myres.openai.azure.com",
+    "https://x.cognitiveservices.azure.com/",
+    "https://y.services.ai.azure.com",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -113,7 +124,10 @@ PROXY_CASES = [
     ({"ALL_PROXY": "http://proxy.example:3128"}, {"http", "https"}),
     ({"ALL_PROXY": "http://proxy.example:3128", "NO_PROXY": "*"}, set()),
     ({"ALL_PROXY": "http://proxy.example:3128", "NO_PROXY": "127.0.0.1,localhost,::1"}, {"except-no-proxy"}),
-    ({"ALL_PROXY": "http://proxy.example:3128", "NO_PROXY": ".openai.azure.com,10.0.0.0/8"}, {"except-no-proxy"}),
+    (
+        {"ALL_PROXY": "http://proxy.example:3128", "NO_PROXY": ".openai.azure.com,10.0.0.0/8"},
+        {"except-no-proxy"},
+    ),
 ]
 TARGETS = {
     "http://127.0.0.1:8000/v1": ("http", {"127.0.0.1"}),
@@ -149,7 +163,10 @@ def test_a_proxy_the_client_would_use_is_refused_for_a_credentialed_corpus(monke
             check(ep, "openai", credentialed=True, allow_public=False)
         assert "secret" not in str(err.value)  # proxy credentials never reach a message
         assert ("cleartext" in str(err.value)) == url.startswith("http:")
-        assert check(ep, "openai", credentialed=True, allow_public=False, allow_proxy=True) in ("local", "azure")
+        assert check(ep, "openai", credentialed=True, allow_public=False, allow_proxy=True) in (
+            "local",
+            "azure",
+        )
     else:
         assert check(ep, "openai", credentialed=True, allow_public=False) in ("local", "azure")
     # An open corpus is not held back by a proxy.
@@ -178,26 +195,56 @@ def test_an_unset_url_is_judged_by_what_the_sdk_uses_instead(monkeypatch):
 
 def test_run_requests_refuses_before_sending_and_the_config_key_opts_in(monkeypatch, tmp_path):
     monkeypatch.setenv("HTTP_PROXY", "http://proxy.example:3128")
-    reqs = [build_request("keyinfo.j2", "student", {"temperature": 0, "max_tokens": 50}, FINDINGS_SCHEMA,
-                          meta={"study_id": 1}, report="No pneumothorax.")]
+    reqs = [
+        build_request(
+            "keyinfo.j2",
+            "student",
+            {"temperature": 0, "max_tokens": 50},
+            FINDINGS_SCHEMA,
+            meta={"study_id": 1},
+            report="No pneumothorax.",
+        )
+    ]
     cfg = {
         "corpus": {"credentialed": True},
-        "llm": {"endpoints": {"e": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "student"}},
-                "keyinfo": {"endpoint": "e"}, "prices": {}},
+        "llm": {
+            "endpoints": {"e": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "student"}},
+            "keyinfo": {"endpoint": "e"},
+            "prices": {},
+        },
     }
     with pytest.raises(GuardError, match="NO_PROXY"):
         run_requests(reqs, load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite", dry_run=True)
     cfg["llm"]["allow_proxy"] = True
-    assert run_requests(reqs, load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite", dry_run=True).to_send == 1
+    assert (
+        run_requests(reqs, load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite", dry_run=True).to_send
+        == 1
+    )
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     cfg["llm"]["allow_proxy"] = False
-    assert run_requests(reqs, load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite", dry_run=True).to_send == 1
+    assert (
+        run_requests(reqs, load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite", dry_run=True).to_send
+        == 1
+    )
 
 
 LOCAL_COMMANDS = [
     None,
-    [".venv-vllm/bin/python", "-m", "workflow.llm.vllm_offline", "--requests", "{input}", "--output", "{output}",
-     "--model", "/models/base", "--lora", "{model}=results/finetune/adapter", "--tensor-parallel-size", "4"],
+    [
+        ".venv-vllm/bin/python",
+        "-m",
+        "workflow.llm.vllm_offline",
+        "--requests",
+        "{input}",
+        "--output",
+        "{output}",
+        "--model",
+        "/models/base",
+        "--lora",
+        "{model}=results/finetune/adapter",
+        "--tensor-parallel-size",
+        "4",
+    ],
     ["nice", "-n", "5", "python", "-m", "workflow.llm.vllm_offline", "--requests", "{input}"],
     ["python", "runner.py", "--host", "127.0.0.1"],
     ["bash", "-c", "python -m workflow.llm.vllm_offline --requests {input} --output {output}"],
@@ -227,9 +274,14 @@ def test_a_vllm_command_naming_a_remote_host_is_refused(command):
     assert check({}, "vllm", credentialed=False, allow_public=False, vllm_command=command) == "local"
     assert check({}, "vllm", credentialed=True, allow_public=True, vllm_command=command) == "local"
     cfg = load_executor_config(
-        {"corpus": {"credentialed": True},
-         "llm": {"endpoints": {"e": {"kind": "openai", "model": "m", "executor": "vllm"}},
-                 "vllm": {"command": command}, "keyinfo": {"endpoint": "e"}}},
+        {
+            "corpus": {"credentialed": True},
+            "llm": {
+                "endpoints": {"e": {"kind": "openai", "model": "m", "executor": "vllm"}},
+                "vllm": {"command": command},
+                "keyinfo": {"endpoint": "e"},
+            },
+        },
         "keyinfo",
     )
     with pytest.raises(GuardError):
@@ -272,13 +324,26 @@ def test_a_mimic_layout_corpus_marked_not_credentialed_needs_a_confirmation(tmp_
 
 def test_mimic_ids_in_iu_layout_are_recognised_and_iu_ids_are_not(tmp_path):
     header = ["uid", "MeSH", "Problems", "image", "indication", "comparison", "findings", "impression"]
-    iu = {"reports": write_csv(tmp_path / "indiana_reports.csv", header,
-                               [[i, "", "", "", "", "", "clear", "normal"] for i in range(1, 50)]),
-          "projections": write_csv(tmp_path / "indiana_projections.csv", ["uid", "filename", "projection"],
-                                   [[i, f"{i}_IM-0001-1001.dcm.png", "Frontal"] for i in range(1, 50)])}
+    iu = {
+        "reports": write_csv(
+            tmp_path / "indiana_reports.csv",
+            header,
+            [[i, "", "", "", "", "", "clear", "normal"] for i in range(1, 50)],
+        ),
+        "projections": write_csv(
+            tmp_path / "indiana_projections.csv",
+            ["uid", "filename", "projection"],
+            [[i, f"{i}_IM-0001-1001.dcm.png", "Frontal"] for i in range(1, 50)],
+        ),
+    }
     assert guard.check_corpus({"format": "iu", "credentialed": False, "iu": iu}) == []
-    disguised = {"reports": write_csv(tmp_path / "reports.csv", header,
-                                      [[50000000 + i, "", "", "", "", "", "clear", "normal"] for i in range(50)]),
-                 "projections": iu["projections"]}
+    disguised = {
+        "reports": write_csv(
+            tmp_path / "reports.csv",
+            header,
+            [[50000000 + i, "", "", "", "", "", "clear", "normal"] for i in range(50)],
+        ),
+        "projections": iu["projections"],
+    }
     with pytest.raises(GuardError, match="corpus.iu.reports holds ids in MIMIC-CXR's ranges"):
         guard.check_corpus({"format": "iu", "credentialed": False, "iu": disguised})

@@ -251,7 +251,9 @@ def test_a_patient_in_two_splits_has_every_study_rejected(tmp_path):
         _, tables = run(tmp_path, corpus, reports, reports.name)
         assert tables["studies"]["study_id"].to_pylist() == [50000004, 50000005]
         assert rejected(tables, "split_conflict") == {50000001, 50000002, 50000003}
-        assert all("patient p10000001 has studies in 2 splits" in d for d in details(tables, "split_conflict"))
+        assert all(
+            "patient p10000001 has studies in 2 splits" in d for d in details(tables, "split_conflict")
+        )
         assert set(tables["images"]["study_id"].to_pylist()) == {50000004, 50000005}
         # What is written is patient-disjoint.
         rows = tables["studies"].to_pylist()

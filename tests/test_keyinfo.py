@@ -196,7 +196,9 @@ def test_only_findings_and_impression_are_read_and_spans_index_the_section_text(
         ("pneumonia", "uncertain", "impression")}  # fmt: skip
     eff = next(r for r in rows if r["name"] == "pleural effusion")
     # the evidence span: the finding's noun phrase with its attribute words, as written
-    assert sections["findings"][eff["start"] : eff["end"]] == "Small right\n pleural effusion" == eff["evidence"]
+    assert (
+        sections["findings"][eff["start"] : eff["end"]] == "Small right\n pleural effusion" == eff["evidence"]
+    )
     assert eff["raw_name"] == "pleural effusion"
     assert eff["location"] == "right" and eff["level"] == "mild"
     # no findings/impression: the last paragraph is read (MIT-LCP's fallback)
@@ -237,7 +239,9 @@ def test_run_rules_cli_writes_the_contract_tables(tmp_path):
 @pytest.mark.slow
 def test_keyinfo_rule_through_snakemake(tmp_path):
     """ingest -> sections -> keyinfo_rules on the demo corpus, through the repository's Snakefile."""
-    workdir = prepare_workdir(tmp_path / "run", {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus()})
+    workdir = prepare_workdir(
+        tmp_path / "run", {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus()}
+    )
     target = workdir / "results" / "keyinfo" / "rules" / "findings.parquet"
     run = run_snakemake(workdir, "--cores", "2", "--nolock", str(target), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]

@@ -56,7 +56,9 @@ def test_every_label_row_is_a_class_of_the_guideline():
 
     from workflow.keyinfo.evaluate import CHEXPERT14, CXR14, GOLD_NAME
 
-    allowed = set(CHEXPERT14) | {k for k in CXR14 if k not in GOLD_NAME["cxr14"].values()} | set(GOLD_NAME["cxr14"])
+    allowed = (
+        set(CHEXPERT14) | {k for k in CXR14 if k not in GOLD_NAME["cxr14"].values()} | set(GOLD_NAME["cxr14"])
+    )
     with open(LABELS, newline="", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert {r["finding"] for r in rows} <= allowed

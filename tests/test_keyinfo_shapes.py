@@ -172,7 +172,10 @@ def test_strict_sections_are_kept_when_the_parser_found_them():
         ("No acute cardiopulmonary process.", "No acute cardiopulmonary process"),
         ("Normal chest x-XXXX.", "Normal chest"),
         ("1. No acute cardiopulmonary abnormality identified.", "No acute cardiopulmonary abnormality"),
-        ("Hypoinflation with no visible active cardiopulmonary disease.", "no visible active cardiopulmonary disease"),
+        (
+            "Hypoinflation with no visible active cardiopulmonary disease.",
+            "no visible active cardiopulmonary disease",
+        ),
         ("Small left effusion.", None),
     ],
 )
@@ -212,7 +215,12 @@ def test_study_status_tells_normal_from_silent_and_abnormal(tmp_path):
     pq.write_table(pa.Table.from_pydict(studies, schema=STUDIES), tmp_path / "studies.parquet")
     run_rules(tmp_path / "sections.parquet", tmp_path / "f.parquet", tmp_path / "s.parquet", tmp_path / "r.parquet",
               reports=tmp_path / "studies.parquet")  # fmt: skip
-    run_studies(tmp_path / "sections.parquet", tmp_path / "f.parquet", tmp_path / "k.parquet", tmp_path / "studies.parquet")
+    run_studies(
+        tmp_path / "sections.parquet",
+        tmp_path / "f.parquet",
+        tmp_path / "k.parquet",
+        tmp_path / "studies.parquet",
+    )
     got = {r["study_id"]: r["status"] for r in pq.read_table(tmp_path / "k.parquet").to_pylist()}
     assert got == {1: "normal", 2: "normal", 3: "abnormal", 4: "unknown", 6: "normal"}
     findings = pq.read_table(tmp_path / "f.parquet").to_pylist()

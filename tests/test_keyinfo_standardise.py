@@ -262,7 +262,9 @@ def test_keyinfo_json_export_writes_the_side_files_question_gen_reads(tmp_path):
     assert "pericardial effusion" in records[0]["entity"] and "pleural effusion" in records[0]["entity"]
     assert entity_fre["pleural effusion"] == 1
     level_fre = json.loads((out / "libs/level_dict.json").read_text())
-    assert set(level_fre) >= {rec["entity"]["cardiomegaly"]["level"] for rec in records if "cardiomegaly" in rec["entity"]}
+    assert set(level_fre) >= {
+        rec["entity"]["cardiomegaly"]["level"] for rec in records if "cardiomegaly" in rec["entity"]
+    }
     assert json.loads((out / "libs/location_dict.json").read_text())
     for rel, header in (("libs/level_lib.csv", ["level"]), ("libs/location_lib.csv", ["location"]),
                         ("data/type_lib.csv", ["type"]), ("libs/postlocation_lib.csv", ["post_location", "relate_keyword"]),

@@ -40,8 +40,9 @@ def reports(n: int) -> list[str]:
     return [f"{REPORTS[i % len(REPORTS)]} Study {i}." for i in range(n)]
 
 
-def config(base_url: str, *, kind: str = "openai", executor: str = "openai", credentialed: bool = True,
-           **client) -> dict:
+def config(
+    base_url: str, *, kind: str = "openai", executor: str = "openai", credentialed: bool = True, **client
+) -> dict:
     endpoint = {"kind": kind, "model": "student", "executor": executor, "api_key_env": None}
     if kind == "azure":
         endpoint.update(azure_endpoint=base_url, api_version="2024-10-21", model="gpt-4o-deploy")
@@ -51,8 +52,14 @@ def config(base_url: str, *, kind: str = "openai", executor: str = "openai", cre
         "corpus": {"credentialed": credentialed},
         "llm": {
             "endpoints": {"e": endpoint},
-            "client": {"concurrency": 16, "max_retries": 8, "timeout_s": 1.0, "backoff_initial_s": 0.01,
-                       "backoff_max_s": 0.1, **client},
+            "client": {
+                "concurrency": 16,
+                "max_retries": 8,
+                "timeout_s": 1.0,
+                "backoff_initial_s": 0.01,
+                "backoff_max_s": 0.1,
+                **client,
+            },
             "batch": {"poll_interval_s": 0.01, "max_requests_per_file": 40, "max_rounds": 6},
             "prices": {"student": {"input": 1.0, "output": 4.0}, "gpt-4o": {"input": 2.5, "output": 10.0}},
             "keyinfo": {"endpoint": "e"},
@@ -61,8 +68,17 @@ def config(base_url: str, *, kind: str = "openai", executor: str = "openai", cre
 
 
 def make_requests(texts, model="student"):
-    return [build_request("keyinfo.j2", model, {"temperature": 0, "max_tokens": 300}, FINDINGS_SCHEMA,
-                          meta={"study_id": i}, report=t) for i, t in enumerate(texts)]
+    return [
+        build_request(
+            "keyinfo.j2",
+            model,
+            {"temperature": 0, "max_tokens": 300},
+            FINDINGS_SCHEMA,
+            meta={"study_id": i},
+            report=t,
+        )
+        for i, t in enumerate(texts)
+    ]
 
 
 @pytest.fixture
@@ -74,8 +90,12 @@ def server():
 
 # -- requests -------------------------------------------------------------------------------------
 def test_request_key_depends_on_exactly_the_request(tmp_path):
-    a = build_request("keyinfo.j2", "m", {"temperature": 0}, FINDINGS_SCHEMA, meta={"study_id": 1}, report="X")
-    same = build_request("keyinfo.j2", "m", {"temperature": 0}, FINDINGS_SCHEMA, meta={"study_id": 2}, report="X")
+    a = build_request(
+        "keyinfo.j2", "m", {"temperature": 0}, FINDINGS_SCHEMA, meta={"study_id": 1}, report="X"
+    )
+    same = build_request(
+        "keyinfo.j2", "m", {"temperature": 0}, FINDINGS_SCHEMA, meta={"study_id": 2}, report="X"
+    )
     assert a.key == same.key and len(a.key) == 64  # meta travels along but is not part of the key
     variants = [
         build_request("keyinfo.j2", "m", {"temperature": 0}, FINDINGS_SCHEMA, report="Y"),
@@ -89,7 +109,9 @@ def test_request_key_depends_on_exactly_the_request(tmp_path):
     for name in ("keyinfo.j2", "keyinfo_prefix.j2"):
         (tmp_path / name).write_text((ROOT / "prompts" / name).read_text())
     before = build_request("keyinfo.j2", "m", {}, None, prompts_dir=tmp_path, report="X")
-    (tmp_path / "keyinfo_prefix.j2").write_text((tmp_path / "keyinfo_prefix.j2").read_text().replace("radiologist", "doctor"))
+    (tmp_path / "keyinfo_prefix.j2").write_text(
+        (tmp_path / "keyinfo_prefix.j2").read_text().replace("radiologist", "doctor")
+    )
     from workflow.llm import request as request_mod
 
     request_mod._prompt_hash.cache_clear()
@@ -117,15 +139,23 @@ def test_answer_parsing_is_tolerant_but_honest():
     assert extract_json('Here you go: {"findings": []} Done.')[0] == {"findings": []}
     assert extract_json('{"findings": [{"name": "ede')[1].startswith(("invalid_json", "no_json"))
     assert extract_json("")[1] == "empty_answer"
-    items, problems = findings_of({"findings": [{"name": "Edema", "presence": "Positive", "level": ["mild"]},
-                                                {"presence": "negative"}]})
+    items, problems = findings_of(
+        {"findings": [{"name": "Edema", "presence": "Positive", "level": ["mild"]}, {"presence": "negative"}]}
+    )
     assert items[0]["presence"] == "positive" and items[0]["level"] == "mild" and items[0]["change"] is None
     assert problems == ["item_1_without_name"]
 
 
 # -- executor: faults, cache, resume --------------------------------------------------------------
-FAULTS = {"429": 0.08, "500": 0.06, "slow": 0.02, "bad_body": 0.04, "content_filter": 0.03,
-          "filter_finish": 0.01, "bad_content": 0.02}
+FAULTS = {
+    "429": 0.08,
+    "500": 0.06,
+    "slow": 0.02,
+    "bad_body": 0.04,
+    "content_filter": 0.03,
+    "filter_finish": 0.01,
+    "bad_content": 0.02,
+}
 
 
 def test_every_request_ends_completed_or_failed_with_reason_under_faults(tmp_path):
@@ -155,7 +185,9 @@ def test_every_request_ends_completed_or_failed_with_reason_under_faults(tmp_pat
     done = [r for r in results.values() if r.status == "completed"]
     assert all(r.prompt_tokens > 0 for r in done)
     assert stats.cost_usd == pytest.approx(sum(r.cost for r in results.values()))  # refusals are billed too
-    assert done[0].cost == pytest.approx((done[0].prompt_tokens * 1.0 + done[0].completion_tokens * 4.0) / 1e6)
+    assert done[0].cost == pytest.approx(
+        (done[0].prompt_tokens * 1.0 + done[0].completion_tokens * 4.0) / 1e6
+    )
 
 
 def test_second_run_sends_zero_requests(server, tmp_path):
@@ -177,8 +209,19 @@ def test_kill_9_then_resume_never_resends_a_completed_request(tmp_path):
     cache_path = tmp_path / "c.sqlite"
     with LoopbackOpenAI(latency=0.05) as srv:
         cfg = config(srv.base_url, concurrency=4)
-        argv = [sys.executable, "-m", "workflow.llm.run", "--requests", str(tmp_path / "requests.jsonl"),
-                "--config", json.dumps(cfg), "--stage", "keyinfo", "--cache", str(cache_path)]
+        argv = [
+            sys.executable,
+            "-m",
+            "workflow.llm.run",
+            "--requests",
+            str(tmp_path / "requests.jsonl"),
+            "--config",
+            json.dumps(cfg),
+            "--stage",
+            "keyinfo",
+            "--cache",
+            str(cache_path),
+        ]
         proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         done_before = 0
@@ -186,7 +229,9 @@ def test_kill_9_then_resume_never_resends_a_completed_request(tmp_path):
             time.sleep(0.1)
             if cache_path.exists():
                 with sqlite3.connect(cache_path) as db, contextlib.suppress(sqlite3.OperationalError):
-                    done_before = db.execute("SELECT count(*) FROM responses WHERE status='completed'").fetchone()[0]
+                    done_before = db.execute(
+                        "SELECT count(*) FROM responses WHERE status='completed'"
+                    ).fetchone()[0]
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(10)
         with Cache(cache_path) as cache:
@@ -208,7 +253,9 @@ def test_wrong_key_fails_in_seconds_naming_the_variable_not_its_value(tmp_path, 
             cfg = config(url, kind=kind)
             cfg["llm"]["endpoints"]["e"]["api_key_env"] = "CXR_TEST_WRONG_KEY"
             with pytest.raises(EndpointProbeError) as err:
-                run_requests(make_requests(reports(50)), load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite")
+                run_requests(
+                    make_requests(reports(50)), load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite"
+                )
             message = str(err.value)
             assert "HTTP 401" in message and "$CXR_TEST_WRONG_KEY" in message and url in message
             assert "llm.endpoints.e.api_key_env" in message and "wrong-secret-value" not in message
@@ -225,7 +272,9 @@ def test_nothing_listening_fails_at_once_naming_the_url_key(tmp_path):
         port = s.getsockname()[1]
     url = f"http://127.0.0.1:{port}/v1"
     cfg = config(url, max_retries=8, timeout_s=120)  # without the probe: minutes of retries
-    with pytest.raises(EndpointProbeError, match=rf"nothing answers at .*:{port}/v1/models.*llm\.endpoints\.e\.base_url"):
+    with pytest.raises(
+        EndpointProbeError, match=rf"nothing answers at .*:{port}/v1/models.*llm\.endpoints\.e\.base_url"
+    ):
         run_requests(make_requests(reports(20)), load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite")
 
 
@@ -253,7 +302,9 @@ def test_progress_lines_on_the_terminal_and_plain_lines_in_the_log(server, tmp_p
     assert lines[0] == "llm keyinfo: 20 requests to send (10 answered from the cache)"
     assert "llm keyinfo: 20/20 (100%), 0 failed, 0 refused, 0 retries;" in lines[-1] and "$" in lines[-1]
     assert len(lines) == 1 + 20 + 1  # progress_s: 0 = a line per answer, then the closing line
-    assert "\r" not in terminal.out + terminal.err + caplog.text  # no animation frames, in the log least of all
+    assert (
+        "\r" not in terminal.out + terminal.err + caplog.text
+    )  # no animation frames, in the log least of all
     assert "llm keyinfo: 20/20 (100%)" in caplog.text
 
 
@@ -278,12 +329,19 @@ def test_report_text_never_reaches_the_logs(server, tmp_path, caplog):
 def test_azure_deployment_url_shape(server, tmp_path, monkeypatch):
     import openai
 
-    client = openai.AzureOpenAI(azure_endpoint=server.root_url, api_version="2024-10-21", api_key="k", max_retries=0)
-    reply = client.chat.completions.create(model="gpt-4o-deploy", messages=[
-        {"role": "user", "content": "<report>FINDINGS: Small right pleural effusion.</report>"}])
+    client = openai.AzureOpenAI(
+        azure_endpoint=server.root_url, api_version="2024-10-21", api_key="k", max_retries=0
+    )
+    reply = client.chat.completions.create(
+        model="gpt-4o-deploy",
+        messages=[{"role": "user", "content": "<report>FINDINGS: Small right pleural effusion.</report>"}],
+    )
     assert json.loads(reply.choices[0].message.content)["findings"][0]["name"] == "pleural effusion"
-    assert server.azure_calls[-1] == {"deployment": "gpt-4o-deploy", "api_version": "2024-10-21",
-                                      "has_api_key_header": True}
+    assert server.azure_calls[-1] == {
+        "deployment": "gpt-4o-deploy",
+        "api_version": "2024-10-21",
+        "has_api_key_header": True,
+    }
     monkeypatch.setenv("CXR_TEST_AZURE_KEY", "k")
     cfg = config(server.root_url, kind="azure")
     cfg["llm"]["endpoints"]["e"]["api_key_env"] = "CXR_TEST_AZURE_KEY"
@@ -367,8 +425,10 @@ def test_vllm_executor_boundary_is_batch_jsonl(tmp_path):
     script = tmp_path / "fake_vllm.py"
     script.write_text(FAKE_VLLM.format(tests=str(Path(__file__).parent)))
     cfg = config("http://unused", executor="vllm")
-    cfg["llm"]["vllm"] = {"command": [sys.executable, str(script), "{input}", "{output}", "{model}"],
-                          "workdir": str(tmp_path / "vllm")}
+    cfg["llm"]["vllm"] = {
+        "command": [sys.executable, str(script), "{input}", "{output}", "{model}"],
+        "workdir": str(tmp_path / "vllm"),
+    }
     reqs = make_requests(reports(12))
     results = run_requests(reqs, load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite")
     statuses = Counter(r.status for r in results.values())
@@ -378,7 +438,10 @@ def test_vllm_executor_boundary_is_batch_jsonl(tmp_path):
     parsed = [extract_json(r.content)[0] for r in results.values() if r.status == "completed"]
     assert all(findings_of(p)[0] for p in parsed)
     results = run_requests(reqs, load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite")
-    assert Counter(r.status for r in results.values()) == {"completed": 11, "failed": 1}  # the runner fails line 0 again
+    assert Counter(r.status for r in results.values()) == {
+        "completed": 11,
+        "failed": 1,
+    }  # the runner fails line 0 again
 
 
 # -- guard and accounting -------------------------------------------------------------------------
@@ -391,11 +454,15 @@ def test_guard_refuses_credentialed_corpus_on_public_endpoint(tmp_path):
     est = run_requests(reqs, load_executor_config(public, "keyinfo"), tmp_path / "c.sqlite", dry_run=True)
     assert est.to_send == 3
     open_corpus = config("https://api.openai.com/v1", credentialed=False)
-    assert run_requests(reqs, load_executor_config(open_corpus, "keyinfo"), tmp_path / "c.sqlite", dry_run=True)
+    assert run_requests(
+        reqs, load_executor_config(open_corpus, "keyinfo"), tmp_path / "c.sqlite", dry_run=True
+    )
     azure = config("https://myres.openai.azure.com", kind="azure")
     assert run_requests(reqs, load_executor_config(azure, "keyinfo"), tmp_path / "c.sqlite", dry_run=True)
     assert classify("http://127.0.0.1:8000/v1") == classify("http://localhost:1/v1") == "local"
-    assert classify("http://10.1.2.3:8000/v1") == "local" and classify("https://api.together.xyz/v1") == "public"
+    assert (
+        classify("http://10.1.2.3:8000/v1") == "local" and classify("https://api.together.xyz/v1") == "public"
+    )
 
 
 def test_dry_run_estimates_without_sending(server, tmp_path):
@@ -479,5 +546,7 @@ def test_circuit_breaker_stops_a_run_against_a_dead_endpoint(tmp_path):
             run_requests(reqs, load_executor_config(cfg, "keyinfo"), tmp_path / "c.sqlite")
         assert dead.count() < 2 * 60  # stopped after ~20 failures (x2 attempts), not 300 x 2
     with LoopbackOpenAI() as alive:  # the failures are re-sent once the endpoint is back
-        results = run_requests(reqs, load_executor_config(config(alive.base_url), "keyinfo"), tmp_path / "c.sqlite")
+        results = run_requests(
+            reqs, load_executor_config(config(alive.base_url), "keyinfo"), tmp_path / "c.sqlite"
+        )
         assert all(r.status == "completed" for r in results.values()) and alive.count() == 300

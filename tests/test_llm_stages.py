@@ -35,11 +35,29 @@ def corpus(n: int):
         sid, subj = 50_000_000 + i, 10_000_000 + i // 2
         text = FINDINGS_TEXT[i % len(FINDINGS_TEXT)]
         text = f"{text} Exam {i}." if text else text  # distinct reports: identical ones share one request
-        rows.append({"subject_id": subj, "study_id": sid, "indication": "Cough.", "history": None,
-                     "comparison": None, "technique": None, "findings": text or None,
-                     "impression": "No acute process." if i % 3 == 0 and text else None, "last_paragraph": None})
-        studies.append({"subject_id": subj, "study_id": sid, "split": ["train", "validate", "test"][i % 3],
-                        "study_datetime": None, "report": "x", "source_path": f"s{sid}.txt"})
+        rows.append(
+            {
+                "subject_id": subj,
+                "study_id": sid,
+                "indication": "Cough.",
+                "history": None,
+                "comparison": None,
+                "technique": None,
+                "findings": text or None,
+                "impression": "No acute process." if i % 3 == 0 and text else None,
+                "last_paragraph": None,
+            }
+        )
+        studies.append(
+            {
+                "subject_id": subj,
+                "study_id": sid,
+                "split": ["train", "validate", "test"][i % 3],
+                "study_datetime": None,
+                "report": "x",
+                "source_path": f"s{sid}.txt",
+            }
+        )
     return pd.DataFrame(rows), pd.DataFrame(studies)
 
 
@@ -50,10 +68,26 @@ def rules_rows(sections: pd.DataFrame) -> pd.DataFrame:
         text = r.findings.lower() if isinstance(r.findings, str) else ""
 
         def add(name, presence, r=r):
-            out.append({"subject_id": r.subject_id, "study_id": r.study_id, "name": name, "raw_name": name,
-                        "presence": presence, "location": None, "level": None, "type": None, "change": None,
-                        "section": "findings", "start": 0, "end": 1, "source": "rules", "round": 0,
-                        "request_hash": None})
+            out.append(
+                {
+                    "subject_id": r.subject_id,
+                    "study_id": r.study_id,
+                    "name": name,
+                    "raw_name": name,
+                    "presence": presence,
+                    "location": None,
+                    "level": None,
+                    "type": None,
+                    "change": None,
+                    "section": "findings",
+                    "start": 0,
+                    "end": 1,
+                    "source": "rules",
+                    "round": 0,
+                    "request_hash": None,
+                }
+            )
+
         if "effusion" in text:
             add("pleural effusion", "positive")
         if "cardiomegaly" in text:
@@ -68,22 +102,47 @@ def rules_rows(sections: pd.DataFrame) -> pd.DataFrame:
 def tables(tmp_path):
     sections, studies = corpus(30)
     paths = {k: tmp_path / f"{k}.parquet" for k in ("sections", "studies", "rules")}
-    write_table(pa.Table.from_pandas(sections, schema=SECTIONS, preserve_index=False), paths["sections"], SECTIONS)
-    write_table(pa.Table.from_pandas(studies, schema=STUDIES, preserve_index=False), paths["studies"], STUDIES)
-    write_table(pa.Table.from_pandas(rules_rows(sections), schema=FINDINGS, preserve_index=False), paths["rules"], FINDINGS)
+    write_table(
+        pa.Table.from_pandas(sections, schema=SECTIONS, preserve_index=False), paths["sections"], SECTIONS
+    )
+    write_table(
+        pa.Table.from_pandas(studies, schema=STUDIES, preserve_index=False), paths["studies"], STUDIES
+    )
+    write_table(
+        pa.Table.from_pandas(rules_rows(sections), schema=FINDINGS, preserve_index=False),
+        paths["rules"],
+        FINDINGS,
+    )
     return paths
 
 
 def llm_config(server, rounds=3):
-    ep = {"kind": "openai", "base_url": server.base_url, "model": "student", "executor": "openai", "api_key_env": None}
-    return {"corpus": {"credentialed": True}, "llm": {
-        "endpoints": {"teacher": {**ep, "model": "teacher"}, "student": ep},
-        "client": {"concurrency": 8, "timeout_s": 5, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
-        "prices": {"teacher": {"input": 2.0, "output": 8.0}},
-        "gold": {"endpoint": "teacher", "n": 8, "seed": 5, "exclude": None, "temperature": 0, "max_tokens": 500},
-        "keyinfo": {"endpoint": "student", "shards": 2, "temperature": 0, "max_tokens": 500},
-        "followup": {"endpoint": "student", "rounds": rounds, "temperature": 0, "max_tokens": 300},
-    }, "keyinfo": {"fuzzy_cutoff": 90, "support_cutoff": 90}}
+    ep = {
+        "kind": "openai",
+        "base_url": server.base_url,
+        "model": "student",
+        "executor": "openai",
+        "api_key_env": None,
+    }
+    return {
+        "corpus": {"credentialed": True},
+        "llm": {
+            "endpoints": {"teacher": {**ep, "model": "teacher"}, "student": ep},
+            "client": {"concurrency": 8, "timeout_s": 5, "backoff_initial_s": 0.01, "backoff_max_s": 0.05},
+            "prices": {"teacher": {"input": 2.0, "output": 8.0}},
+            "gold": {
+                "endpoint": "teacher",
+                "n": 8,
+                "seed": 5,
+                "exclude": None,
+                "temperature": 0,
+                "max_tokens": 500,
+            },
+            "keyinfo": {"endpoint": "student", "shards": 2, "temperature": 0, "max_tokens": 500},
+            "followup": {"endpoint": "student", "rounds": rounds, "temperature": 0, "max_tokens": 300},
+        },
+        "keyinfo": {"fuzzy_cutoff": 90, "support_cutoff": 90},
+    }
 
 
 def test_gold_sample_is_seeded_stratified_and_honours_exclusions(tmp_path):
@@ -109,57 +168,131 @@ def test_gold_sample_is_seeded_stratified_and_honours_exclusions(tmp_path):
 
 
 def test_followup_targets_are_missed_and_disagreeing_findings_not_yet_asked():
-    llm = pd.DataFrame({"study_id": [1, 1, 2], "name": ["pleural effusion", "pneumothorax", "edema"],
-                        "presence": ["positive", "negative", "positive"]})
-    rules = pd.DataFrame({"study_id": [1, 1, 1, 2, 3], "name": ["pleural effusion", "pneumothorax", "edema",
-                                                                 "unknown", "nodule"],
-                          "presence": ["positive", "positive", "negative", "positive", "positive"]})
+    llm = pd.DataFrame(
+        {
+            "study_id": [1, 1, 2],
+            "name": ["pleural effusion", "pneumothorax", "edema"],
+            "presence": ["positive", "negative", "positive"],
+        }
+    )
+    rules = pd.DataFrame(
+        {
+            "study_id": [1, 1, 1, 2, 3],
+            "name": ["pleural effusion", "pneumothorax", "edema", "unknown", "nodule"],
+            "presence": ["positive", "positive", "negative", "positive", "positive"],
+        }
+    )
     t = followup_targets(llm, rules, {1, 2}, pd.DataFrame(columns=["study_id", "name", "round"]))
-    assert t.to_dict("records") == [{"study_id": 1, "name": "edema", "reason": "missed"},
-                                    {"study_id": 1, "name": "pneumothorax", "reason": "disagreement"}]
+    assert t.to_dict("records") == [
+        {"study_id": 1, "name": "edema", "reason": "missed"},
+        {"study_id": 1, "name": "pneumothorax", "reason": "disagreement"},
+    ]
     asked = pd.DataFrame({"study_id": [1], "name": ["edema"], "round": [1]})
     assert followup_targets(llm, rules, {1, 2}, asked)["name"].tolist() == ["pneumothorax"]
 
 
 def run_gold(cfg: str, tables, out: Path) -> None:
-    gold.main(["--config", cfg, "--cache", str(out / "cache.sqlite"), "--sections", str(tables["sections"]),
-               "--studies", str(tables["studies"]), "--rules-findings", str(tables["rules"])] + [
-        f"--{k}={out / 'gold' / f}" for k, f in (("sample", "sample.parquet"), ("findings", "findings.parquet"),
-                                                 ("requests", "requests.parquet"), ("sft", "sft.jsonl"),
-                                                 ("rejects", "rejects.parquet"))])
+    gold.main(
+        [
+            "--config",
+            cfg,
+            "--cache",
+            str(out / "cache.sqlite"),
+            "--sections",
+            str(tables["sections"]),
+            "--studies",
+            str(tables["studies"]),
+            "--rules-findings",
+            str(tables["rules"]),
+        ]
+        + [
+            f"--{k}={out / 'gold' / f}"
+            for k, f in (
+                ("sample", "sample.parquet"),
+                ("findings", "findings.parquet"),
+                ("requests", "requests.parquet"),
+                ("sft", "sft.jsonl"),
+                ("rejects", "rejects.parquet"),
+            )
+        ]
+    )
 
 
 def run_keyinfo(cfg: str, tables, out: Path, shards: int = 2) -> None:
-    common = ["--config", cfg, "--cache", str(out / "cache.sqlite"), "--sections", str(tables["sections"]),
-              "--studies", str(tables["studies"])]
+    common = [
+        "--config",
+        cfg,
+        "--cache",
+        str(out / "cache.sqlite"),
+        "--sections",
+        str(tables["sections"]),
+        "--studies",
+        str(tables["studies"]),
+    ]
     for shard in range(shards):
         d = out / f"shard{shard}"
-        keyinfo.main(["shard"] + common + ["--shard", str(shard), "--shards", str(shards)] + [
-            f"--{k}={d / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "audit")])
+        keyinfo.main(
+            ["shard"]
+            + common
+            + ["--shard", str(shard), "--shards", str(shards)]
+            + [f"--{k}={d / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "audit")]
+        )
 
 
 def run_merge(tables, out: Path, shards: int = 2, cfg: str | None = None) -> None:
     r0, parts = out / "round0", range(shards)
     cfg = cfg or json.dumps({"keyinfo": {"fuzzy_cutoff": 90, "support_cutoff": 90}})
-    keyinfo.main(["merge", "--config", cfg, "--shard-findings", *(str(out / f"shard{s}" / "findings.parquet") for s in parts),
-                  "--shard-requests", *(str(out / f"shard{s}" / "requests.parquet") for s in parts),
-                  "--shard-rejects", *(str(out / f"shard{s}" / "rejects.parquet") for s in parts),
-                  "--shard-audit", *(str(out / f"shard{s}" / "audit.parquet") for s in parts),
-                  "--rules-findings", str(tables["rules"]), "--sections", str(tables["sections"])] + [
-        f"--{k}={r0 / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "asked", "stats", "audit")]
-                 + [f"--unknown-terms={r0 / 'unknown_terms.parquet'}"])
+    keyinfo.main(
+        [
+            "merge",
+            "--config",
+            cfg,
+            "--shard-findings",
+            *(str(out / f"shard{s}" / "findings.parquet") for s in parts),
+            "--shard-requests",
+            *(str(out / f"shard{s}" / "requests.parquet") for s in parts),
+            "--shard-rejects",
+            *(str(out / f"shard{s}" / "rejects.parquet") for s in parts),
+            "--shard-audit",
+            *(str(out / f"shard{s}" / "audit.parquet") for s in parts),
+            "--rules-findings",
+            str(tables["rules"]),
+            "--sections",
+            str(tables["sections"]),
+        ]
+        + [
+            f"--{k}={r0 / f'{k}.parquet'}"
+            for k in ("findings", "requests", "rejects", "asked", "stats", "audit")
+        ]
+        + [f"--unknown-terms={r0 / 'unknown_terms.parquet'}"]
+    )
 
 
 def run_followup(cfg: str, tables, out: Path, rnd: int) -> None:
     prev, cur = out / f"round{rnd - 1}", out / f"round{rnd}"
-    followup_mod.main(["--config", cfg, "--cache", str(out / "cache.sqlite"), "--round", str(rnd),
-                       "--sections", str(tables["sections"]), "--studies", str(tables["studies"]),
-                       "--rules-findings", str(tables["rules"]),
-                       f"--keyinfo-requests={out / 'round0' / 'requests.parquet'}",
-                       f"--previous-rejects={prev / 'rejects.parquet'}"] +
-                      [f"--previous{'-' + k if k != 'findings' else ''}={prev / f'{k}.parquet'}"
-                       for k in ("findings", "asked", "stats")] +
-                      [f"--{k}={cur / f'{k}.parquet'}" for k in ("findings", "asked", "stats", "requests", "rejects")])
+    followup_mod.main(
+        [
+            "--config",
+            cfg,
+            "--cache",
+            str(out / "cache.sqlite"),
+            "--round",
+            str(rnd),
+            "--sections",
+            str(tables["sections"]),
+            "--studies",
+            str(tables["studies"]),
+            "--rules-findings",
+            str(tables["rules"]),
+            f"--keyinfo-requests={out / 'round0' / 'requests.parquet'}",
+            f"--previous-rejects={prev / 'rejects.parquet'}",
+        ]
+        + [
+            f"--previous{'-' + k if k != 'findings' else ''}={prev / f'{k}.parquet'}"
+            for k in ("findings", "asked", "stats")
+        ]
+        + [f"--{k}={cur / f'{k}.parquet'}" for k in ("findings", "asked", "stats", "requests", "rejects")]
+    )
 
 
 def test_gold_keyinfo_followup_chain(tables, tmp_path):
@@ -171,11 +304,17 @@ def test_gold_keyinfo_followup_chain(tables, tmp_path):
         sft = [json.loads(line) for line in (out / "gold" / "sft.jsonl").read_text().splitlines()]
         assert len(sft) == 8 and sft[0]["messages"][-1]["role"] == "assistant"
         req = read_table(out / "gold" / "requests.parquet").to_pandas()
-        assert (req["model"] == "teacher").all() and req["cost_usd"].gt(0).all() and req["prompt_hash"].notna().all()
+        assert (
+            (req["model"] == "teacher").all()
+            and req["cost_usd"].gt(0).all()
+            and req["prompt_hash"].notna().all()
+        )
 
         run_keyinfo(cfg, tables, out)
         sent_after_keyinfo = srv.count()
-        assert sent_after_keyinfo == 8 + 24  # 30 studies, 6 without text; gold's answers are not the same request
+        assert (
+            sent_after_keyinfo == 8 + 24
+        )  # 30 studies, 6 without text; gold's answers are not the same request
         run_merge(tables, out)
         r0 = out / "round0"
         assert read_table(r0 / "audit.parquet").num_rows > 0  # standardisation's trail of the LLM answers
@@ -206,10 +345,17 @@ def test_gold_keyinfo_followup_chain(tables, tmp_path):
 
 def write_tables(tmp_path, sections, studies) -> dict:
     paths = {k: tmp_path / f"{k}.parquet" for k in ("sections", "studies", "rules")}
-    write_table(pa.Table.from_pandas(sections, schema=SECTIONS, preserve_index=False), paths["sections"], SECTIONS)
-    write_table(pa.Table.from_pandas(studies, schema=STUDIES, preserve_index=False), paths["studies"], STUDIES)
-    write_table(pa.Table.from_pandas(rules_rows(sections), schema=FINDINGS, preserve_index=False), paths["rules"],
-                FINDINGS)
+    write_table(
+        pa.Table.from_pandas(sections, schema=SECTIONS, preserve_index=False), paths["sections"], SECTIONS
+    )
+    write_table(
+        pa.Table.from_pandas(studies, schema=STUDIES, preserve_index=False), paths["studies"], STUDIES
+    )
+    write_table(
+        pa.Table.from_pandas(rules_rows(sections), schema=FINDINGS, preserve_index=False),
+        paths["rules"],
+        FINDINGS,
+    )
     return paths
 
 
@@ -238,23 +384,37 @@ def test_report_counts_every_request_once_and_every_study_ends_somewhere(tmp_pat
         refused = srv.count("content_filter")
     paths = [out / "gold" / "requests.parquet", *(out / f"round{r}" / "requests.parquet" for r in (0, 1, 2))]
     usage = llm_usage(paths).set_index("stage")
-    assert list(usage.index) == ["gold r0", "keyinfo r0", "followup r1"]  # round 2 is a fixpoint: asks nothing
+    assert list(usage.index) == [
+        "gold r0",
+        "keyinfo r0",
+        "followup r1",
+    ]  # round 2 is a fixpoint: asks nothing
     assert usage["requests"].sum() == received > 0
     assert usage["failed_or_refused"].sum() == refused > 0
     assert usage["prompt_tokens"].sum() == sum(u["prompt_tokens"] for u in usage_returned.values())
     assert usage["completion_tokens"].sum() == sum(u["completion_tokens"] for u in usage_returned.values())
     prices = config["llm"]["prices"]
-    billed = sum((u["prompt_tokens"] * prices[m]["input"] + u["completion_tokens"] * prices[m]["output"]) / 1e6
-                 for m, u in usage_returned.items())
+    billed = sum(
+        (u["prompt_tokens"] * prices[m]["input"] + u["completion_tokens"] * prices[m]["output"]) / 1e6
+        for m, u in usage_returned.items()
+    )
     assert usage["cost_usd"].sum() == pytest.approx(billed, abs=1e-5)
     assert usage.loc["followup r1", "requests"] > 0
     # The report's readable table says the same, with the total.
     from workflow import report
 
-    report.main(["--llm-requests", *map(str, paths), "--followup-stats", str(out / "round2" / "stats.parquet"),
-                 "--outdir", str(tmp_path / "report")])
+    report.main(
+        [
+            "--llm-requests",
+            *map(str, paths),
+            "--followup-stats",
+            str(out / "round2" / "stats.parquet"),
+            "--outdir",
+            str(tmp_path / "report"),
+        ]
+    )
     html = (tmp_path / "report" / "llm_usage.html").read_text()
-    total_row = html[html.index("<td>total</td>"):]
+    total_row = html[html.index("<td>total</td>") :]
     assert f"<td>{received:,}</td>" in total_row and f"${billed:,.4f}" in total_row
 
     # Every study ends in the findings or in the rejects (with a reason), never both, at every stage.
@@ -269,10 +429,15 @@ def test_report_counts_every_request_once_and_every_study_ends_somewhere(tmp_pat
     accounted(out / "gold" / "findings.parquet", out / "gold" / "rejects.parquet", sample)
     every = set(sections["study_id"])
     for shard in (0, 1):
-        accounted(out / f"shard{shard}" / "findings.parquet", out / f"shard{shard}" / "rejects.parquet",
-                  {s for s in every if s % 2 == shard})
+        accounted(
+            out / f"shard{shard}" / "findings.parquet",
+            out / f"shard{shard}" / "rejects.parquet",
+            {s for s in every if s % 2 == shard},
+        )
     for rnd in (0, 1, 2):
-        rej = accounted(out / f"round{rnd}" / "findings.parquet", out / f"round{rnd}" / "rejects.parquet", every)
+        rej = accounted(
+            out / f"round{rnd}" / "findings.parquet", out / f"round{rnd}" / "rejects.parquet", every
+        )
         no_findings = set(rej.loc[rej["reason"] == "llm_no_findings", "study_id"])
         assert no_findings == set(sections.loc[[2, 7, 12], "study_id"])
         assert (rej["reason"] == "no_findings_or_impression").sum() == 8
@@ -283,21 +448,37 @@ def test_estimate_prices_every_stage_before_sending(tables, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     override = tmp_path / "override.yaml"
-    override.write_text(json.dumps({  # JSON is YAML
-        "outdir": str(tmp_path / "results"),
-        "llm": {"endpoints": {"teacher": {"kind": "azure", "azure_endpoint": "https://r.openai.azure.com",
-                                          "model": "gpt-4o", "executor": "batch"},
-                              "student": {"kind": "openai", "base_url": "https://api.openai.com/v1",
-                                          "model": "gpt-4o-mini"}},
-                "gold": {"n": 10}},
-    }))
+    override.write_text(
+        json.dumps(
+            {  # JSON is YAML
+                "outdir": str(tmp_path / "results"),
+                "llm": {
+                    "endpoints": {
+                        "teacher": {
+                            "kind": "azure",
+                            "azure_endpoint": "https://r.openai.azure.com",
+                            "model": "gpt-4o",
+                            "executor": "batch",
+                        },
+                        "student": {
+                            "kind": "openai",
+                            "base_url": "https://api.openai.com/v1",
+                            "model": "gpt-4o-mini",
+                        },
+                    },
+                    "gold": {"n": 10},
+                },
+            }
+        )
+    )
     config = load_config([str(root / "config.yaml"), str(override)])
     rows = dict(estimates(config, tables["sections"], tables["studies"], tables["rules"]))
     gold, bulk = rows["gold"], rows["keyinfo"]
     assert (gold.requests, gold.to_send) == (10, 10)
     prices = config["llm"]["prices"]["gpt-4o"]
-    assert gold.cost_usd == pytest.approx(0.5 * (gold.prompt_tokens * prices["input"]
-                                                 + gold.completion_tokens * prices["output"]) / 1e6)  # batch: half
+    assert gold.cost_usd == pytest.approx(
+        0.5 * (gold.prompt_tokens * prices["input"] + gold.completion_tokens * prices["output"]) / 1e6
+    )  # batch: half
     assert isinstance(bulk, str) and bulk.startswith("REFUSED")  # MIMIC on the public OpenAI API
     assert rows["followup (per 1,000)"].startswith("REFUSED")  # same endpoint, same guard
 
@@ -315,11 +496,21 @@ def test_estimate_is_what_the_run_then_sends_request_for_request(tables, tmp_pat
     results = tmp_path / "results"
     with LoopbackOpenAI() as srv:
         ep = {"kind": "openai", "base_url": srv.base_url, "api_key_env": None, "executor": "openai"}
-        (workdir / "mine.yaml").write_text(json.dumps({
-            "outdir": str(results),
-            "llm": {"backend": "llm", "endpoints": {"teacher": {**ep, "model": "gpt-4o"},
-                                                    "student": {**ep, "model": "student", "adapter": "lora-v1"}},
-                    "gold": {"n": 8}}}))
+        (workdir / "mine.yaml").write_text(
+            json.dumps(
+                {
+                    "outdir": str(results),
+                    "llm": {
+                        "backend": "llm",
+                        "endpoints": {
+                            "teacher": {**ep, "model": "gpt-4o"},
+                            "student": {**ep, "model": "student", "adapter": "lora-v1"},
+                        },
+                        "gold": {"n": 8},
+                    },
+                }
+            )
+        )
         # Nothing built yet: the estimate names what to build first instead of a traceback.
         with pytest.raises(SystemExit):
             estimate.main(["--configfile", "mine.yaml"])
@@ -335,14 +526,33 @@ def test_estimate_is_what_the_run_then_sends_request_for_request(tables, tmp_pat
         assert config["llm"]["prices"]["gpt-4o"]["input"] == 2.5 and config["llm"]["keyinfo"]["shards"] == 2
         estimate.main(["--configfile", "mine.yaml", "--keys", str(tmp_path / "keys.txt")])
         printed = capsys.readouterr().out
-        assert "[gpt-4o] estimate: 8 requests, 0 cached, 8 to send" in printed and "~$0.00" not in printed.split("\n")[0]
-        planned = estimate.planned_requests(config, *(results / p for p in (
-            "sections/sections.parquet", "ingest/studies.parquet", "keyinfo/rules/findings.parquet")))
-        assert (tmp_path / "keys.txt").read_text().split() == [r.key for s in ("gold", "keyinfo") for r in planned[s]]
+        assert (
+            "[gpt-4o] estimate: 8 requests, 0 cached, 8 to send" in printed
+            and "~$0.00" not in printed.split("\n")[0]
+        )
+        planned = estimate.planned_requests(
+            config,
+            *(
+                results / p
+                for p in (
+                    "sections/sections.parquet",
+                    "ingest/studies.parquet",
+                    "keyinfo/rules/findings.parquet",
+                )
+            ),
+        )
+        assert (tmp_path / "keys.txt").read_text().split() == [
+            r.key for s in ("gold", "keyinfo") for r in planned[s]
+        ]
 
         # The run, as the rules call it: the config the rules pass, the cache the rules use.
-        cfg = json.dumps({"corpus": {"credentialed": config["corpus"]["credentialed"]}, "llm": config["llm"],
-                          "keyinfo": {k: config["keyinfo"][k] for k in ("fuzzy_cutoff", "support_cutoff")}})
+        cfg = json.dumps(
+            {
+                "corpus": {"credentialed": config["corpus"]["credentialed"]},
+                "llm": config["llm"],
+                "keyinfo": {k: config["keyinfo"][k] for k in ("fuzzy_cutoff", "support_cutoff")},
+            }
+        )
         out = results / "llm"
         assert estimate.cache_path(config) == str(out / "cache.sqlite")  # the cache the stages use below
         run_gold(cfg, tables, out)

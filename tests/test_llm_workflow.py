@@ -27,9 +27,17 @@ SNAKEMAKE = Path(sys.executable).with_name("snakemake")
 RULE_FILES = ("common", "ingest", "sections", "keyinfo", "llm")
 
 
-SENTENCES = ["Small left pleural effusion.", "No pneumothorax.", "Moderate cardiomegaly.", "Mild pulmonary edema.",
-             "Right lower lobe consolidation.", "The lungs are clear.", "Possible right basal atelectasis.",
-             "No focal consolidation.", "Heart size is normal."]
+SENTENCES = [
+    "Small left pleural effusion.",
+    "No pneumothorax.",
+    "Moderate cardiomegaly.",
+    "Mild pulmonary edema.",
+    "Right lower lobe consolidation.",
+    "The lungs are clear.",
+    "Possible right basal atelectasis.",
+    "No focal consolidation.",
+    "Heart size is normal.",
+]
 
 
 def tiny_mimic(out: Path, n: int = 40) -> Path:
@@ -45,13 +53,42 @@ def tiny_mimic(out: Path, n: int = 40) -> Path:
             zf.writestr(f"files/p{str(subject)[:2]}/p{subject}/s{study}.txt", text)
             dicom = f"{study:08x}-00000000-0000aaaa-1111bbbb-2222cccc"
             split_rows.append([dicom, study, subject, ("train", "validate", "test")[i % 3]])
-            meta_rows.append([dicom, subject, study, "CHEST (PA)", "PA", 3056, 2544, "21800506", "213014.531",
-                              "CHEST (PA)", "postero-anterior", "Erect"])
+            meta_rows.append(
+                [
+                    dicom,
+                    subject,
+                    study,
+                    "CHEST (PA)",
+                    "PA",
+                    3056,
+                    2544,
+                    "21800506",
+                    "213014.531",
+                    "CHEST (PA)",
+                    "postero-anterior",
+                    "Erect",
+                ]
+            )
     for name, header, rows in (
         ("split", ["dicom_id", "study_id", "subject_id", "split"], split_rows),
-        ("metadata", ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
-                      "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-                      "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"], meta_rows),
+        (
+            "metadata",
+            [
+                "dicom_id",
+                "subject_id",
+                "study_id",
+                "PerformedProcedureStepDescription",
+                "ViewPosition",
+                "Rows",
+                "Columns",
+                "StudyDate",
+                "StudyTime",
+                "ProcedureCodeSequence_CodeMeaning",
+                "ViewCodeSequence_CodeMeaning",
+                "PatientOrientationCodeSequence_CodeMeaning",
+            ],
+            meta_rows,
+        ),
     ):
         with gzip.open(out / f"mimic-cxr-2.0.0-{name}.csv.gz", "wt", newline="") as fh:
             csv.writer(fh).writerows([header, *rows])
@@ -80,8 +117,10 @@ def snakefile(tmp_path: Path) -> Path:
         pytest.skip(f"rule files not present yet: {missing}")
     wrapper = tmp_path / "Snakefile"
     includes = "\n".join(f'include: "{ROOT / "rules" / n}.smk"' for n in RULE_FILES)
-    wrapper.write_text(f'configfile: "config.yaml"\n\n{includes}\n\n\nrule all:\n    default_target: True\n'
-                       "    input:\n        ALL_TARGETS,\n")
+    wrapper.write_text(
+        f'configfile: "config.yaml"\n\n{includes}\n\n\nrule all:\n    default_target: True\n'
+        "    input:\n        ALL_TARGETS,\n"
+    )
     return wrapper
 
 
@@ -96,19 +135,41 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
             (workdir / shared).symlink_to(ROOT / shared)
     with LoopbackOpenAI(faults={"429": 0.05, "500": 0.05}, retry_after=0.01) as srv:
         override = {
-            "corpus": {"format": "mimic", "credentialed": True, "mimic": {
-                "reports": str(demo / "mimic-cxr-reports.zip"), "split": str(demo / "mimic-cxr-2.0.0-split.csv.gz"),
-                "metadata": str(demo / "mimic-cxr-2.0.0-metadata.csv.gz")}},
+            "corpus": {
+                "format": "mimic",
+                "credentialed": True,
+                "mimic": {
+                    "reports": str(demo / "mimic-cxr-reports.zip"),
+                    "split": str(demo / "mimic-cxr-2.0.0-split.csv.gz"),
+                    "metadata": str(demo / "mimic-cxr-2.0.0-metadata.csv.gz"),
+                },
+            },
             "outdir": str(workdir / "results"),
             "llm": {
                 "backend": "llm",
                 "endpoints": {
-                    "teacher": {"kind": "azure", "azure_endpoint": srv.root_url, "api_version": "2024-10-21",
-                                "model": "gpt-4o", "api_key_env": "CXR_TEST_AZURE_KEY", "executor": "openai"},
-                    "student": {"kind": "openai", "base_url": srv.base_url, "model": "student",
-                                "api_key_env": None, "executor": "openai"},
+                    "teacher": {
+                        "kind": "azure",
+                        "azure_endpoint": srv.root_url,
+                        "api_version": "2024-10-21",
+                        "model": "gpt-4o",
+                        "api_key_env": "CXR_TEST_AZURE_KEY",
+                        "executor": "openai",
+                    },
+                    "student": {
+                        "kind": "openai",
+                        "base_url": srv.base_url,
+                        "model": "student",
+                        "api_key_env": None,
+                        "executor": "openai",
+                    },
                 },
-                "client": {"concurrency": 8, "timeout_s": 10, "backoff_initial_s": 0.01, "backoff_max_s": 0.1},
+                "client": {
+                    "concurrency": 8,
+                    "timeout_s": 10,
+                    "backoff_initial_s": 0.01,
+                    "backoff_max_s": 0.1,
+                },
                 "gold": {"n": 12, "seed": 7},
                 "keyinfo": {"shards": 2},
                 "followup": {"rounds": 2},
@@ -117,16 +178,36 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
         if "finetune:" in (ROOT / "config.yaml").read_text():
             override["finetune"] = {"enabled": False}  # the student is the loopback server: nothing to train
         (workdir / "override.yaml").write_text(yaml.safe_dump(override))
-        targets = [str(workdir / "results" / "llm" / p) for p in
-                   ("gold/findings.parquet", "gold/sft.jsonl", "followup/round2/findings.parquet",
-                    "followup/round2/stats.parquet")]
-        argv = [str(SNAKEMAKE), "-s", str(snakefile(tmp_path)), "--directory", str(workdir), "--cores", "2",
-                "--configfile", "config.yaml", "override.yaml", "--nolock", *targets]
+        targets = [
+            str(workdir / "results" / "llm" / p)
+            for p in (
+                "gold/findings.parquet",
+                "gold/sft.jsonl",
+                "followup/round2/findings.parquet",
+                "followup/round2/stats.parquet",
+            )
+        ]
+        argv = [
+            str(SNAKEMAKE),
+            "-s",
+            str(snakefile(tmp_path)),
+            "--directory",
+            str(workdir),
+            "--cores",
+            "2",
+            "--configfile",
+            "config.yaml",
+            "override.yaml",
+            "--nolock",
+            *targets,
+        ]
         env = {**os.environ, "CXR_TEST_AZURE_KEY": "test-key"}
         run = subprocess.run(argv, cwd=workdir, env=env, capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr[-4000:]
         # Progress on the terminal, one line per stage (not only in the logs)
-        assert re.search(r"llm keyinfo: \d+/\d+ \(100%\), \d+ failed", run.stdout + run.stderr), run.stdout[-3000:]
+        assert re.search(r"llm keyinfo: \d+/\d+ \(100%\), \d+ failed", run.stdout + run.stderr), run.stdout[
+            -3000:
+        ]
         sent = srv.count()
         azure_calls = len(srv.azure_calls)
 
@@ -135,8 +216,14 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
         assert again.returncode == 0, again.stderr[-4000:]
         assert srv.count() == sent, again.stderr[-6000:]
         # Forcing the LLM rules to run again re-reads the cache: still zero requests.
-        forced = subprocess.run(argv + ["--forcerun", "llm_gold", "llm_keyinfo_shard", "llm_followup"], cwd=workdir,
-                                env=env, capture_output=True, text=True, timeout=600)
+        forced = subprocess.run(
+            argv + ["--forcerun", "llm_gold", "llm_keyinfo_shard", "llm_followup"],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert forced.returncode == 0, forced.stderr[-4000:]
         assert srv.count() == sent
 
@@ -150,8 +237,14 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
         same["llm"] = {k: same["llm"][k] for k in reversed(list(same["llm"]))}
         same["llm"]["client"] = {**same["llm"]["client"], "concurrency": 3}
         same["llm"]["keyinfo"] = {**same["llm"]["keyinfo"], "temperature": 0}  # the default, repeated
-        dry = subprocess.run(with_override("same.yaml", same) + ["-n"], cwd=workdir, env=env, capture_output=True,
-                             text=True, timeout=600)
+        dry = subprocess.run(
+            with_override("same.yaml", same) + ["-n"],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert dry.returncode == 0 and "Nothing to be done" in dry.stdout + dry.stderr, dry.stdout[-3000:]
 
         # A change of what the follow-ups send re-runs the follow-ups only; with nothing listening at the
@@ -164,11 +257,25 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
         changed = yaml.safe_load(yaml.safe_dump(override))
         changed["llm"]["followup"]["max_tokens"] = 333
         changed["llm"]["endpoints"]["student"]["base_url"] = f"http://127.0.0.1:{closed}/v1"
-        dry = subprocess.run(with_override("changed.yaml", changed) + ["-n"], cwd=workdir, env=env,
-                             capture_output=True, text=True, timeout=600)
-        assert "llm_followup" in dry.stdout and "llm_gold" not in dry.stdout and "llm_keyinfo" not in dry.stdout
-        dead = subprocess.run(with_override("changed.yaml", changed), cwd=workdir, env=env, capture_output=True,
-                              text=True, timeout=600)
+        dry = subprocess.run(
+            with_override("changed.yaml", changed) + ["-n"],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        assert (
+            "llm_followup" in dry.stdout and "llm_gold" not in dry.stdout and "llm_keyinfo" not in dry.stdout
+        )
+        dead = subprocess.run(
+            with_override("changed.yaml", changed),
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         shown = dead.stdout + dead.stderr
         assert dead.returncode != 0 and f"127.0.0.1:{closed}/v1/models" in shown, shown[-4000:]
         assert "llm.endpoints.student.base_url" in shown
@@ -194,7 +301,9 @@ def test_gold_keyinfo_followup_through_snakemake(tmp_path):
     assert requests["prompt_hash"].notna().all() and requests["executor"].eq("openai").all()
     findings = read_table(res / "followup" / "round2" / "findings.parquet").to_pandas()
     assert len(findings) and set(findings["request_hash"]) <= set(requests["request_key"])
-    studies = set(read_table(workdir / "results" / "ingest" / "studies.parquet").column("study_id").to_pylist())
+    studies = set(
+        read_table(workdir / "results" / "ingest" / "studies.parquet").column("study_id").to_pylist()
+    )
     rejects = read_table(res / "followup" / "round2" / "rejects.parquet").to_pandas()
     # every study answered or rejected with a reason, never both
     assert set(findings["study_id"]) | set(rejects["study_id"]) == studies
@@ -223,26 +332,60 @@ def job_resources(stdout: str) -> dict[str, set[str]]:
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
-        ({}, {"llm_gold": {"llm_teacher"}, "llm_keyinfo_shard": {"llm_student"}, "llm_followup": {"llm_student"},
-              "llm_keyinfo_merge": set(), "rg4": set(), "ingest": set()}),
+        (
+            {},
+            {
+                "llm_gold": {"llm_teacher"},
+                "llm_keyinfo_shard": {"llm_student"},
+                "llm_followup": {"llm_student"},
+                "llm_keyinfo_merge": set(),
+                "rg4": set(),
+                "ingest": set(),
+            },
+        ),
         ({"rg4": {"rewriter": "llm", "llm": {"endpoint": "teacher"}}}, {"rg4": {"llm_teacher"}}),
         # an offline vLLM student is no shared server: its shards take nothing and run side by side
-        ({"llm": {"endpoints": {"student": {"kind": "openai", "model": "student", "executor": "vllm"}},
-                  "vllm": {"command": ["true"]}}},
-         {"llm_keyinfo_shard": set(), "llm_followup": set(), "llm_gold": {"llm_teacher"}}),
+        (
+            {
+                "llm": {
+                    "endpoints": {"student": {"kind": "openai", "model": "student", "executor": "vllm"}},
+                    "vllm": {"command": ["true"]},
+                }
+            },
+            {"llm_keyinfo_shard": set(), "llm_followup": set(), "llm_gold": {"llm_teacher"}},
+        ),
     ],
 )
 def test_each_llm_job_takes_only_its_endpoints_resource(tmp_path, override, expected):
     from workflow_run import demo_corpus as demo_section
     from workflow_run import prepare_workdir, run_snakemake
 
-    base = {"corpus": demo_section(demo_corpus(tmp_path)), "outdir": "results", "finetune": {"enabled": False},
-            "llm": {"backend": "llm", "endpoints": {"teacher": {
-                "kind": "azure", "azure_endpoint": "https://r.openai.azure.com", "model": "gpt-4o",
-                "api_key_env": "CXR_TEST_AZURE_KEY"}}}}
+    base = {
+        "corpus": demo_section(demo_corpus(tmp_path)),
+        "outdir": "results",
+        "finetune": {"enabled": False},
+        "llm": {
+            "backend": "llm",
+            "endpoints": {
+                "teacher": {
+                    "kind": "azure",
+                    "azure_endpoint": "https://r.openai.azure.com",
+                    "model": "gpt-4o",
+                    "api_key_env": "CXR_TEST_AZURE_KEY",
+                }
+            },
+        },
+    }
     for key, value in override.items():
-        base[key] = {**base.get(key, {}), **value} if key != "llm" else {
-            **base["llm"], **value, "endpoints": {**base["llm"]["endpoints"], **value.get("endpoints", {})}}
+        base[key] = (
+            {**base.get(key, {}), **value}
+            if key != "llm"
+            else {
+                **base["llm"],
+                **value,
+                "endpoints": {**base["llm"]["endpoints"], **value.get("endpoints", {})},
+            }
+        )
     workdir = prepare_workdir(tmp_path / "run", base)
     run = run_snakemake(workdir, "-n", "--cores", "2", env={**os.environ, "CXR_TEST_AZURE_KEY": "k"})
     assert run.returncode == 0, run.stderr[-3000:]

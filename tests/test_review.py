@@ -107,7 +107,9 @@ def test_exclusion_files(tmp_path):
 
 
 def test_strata_from_tables():
-    findings = pa.table({"study_id": [1, 1, 2, 1], "presence": ["positive", "negative", "uncertain", "positive"]})
+    findings = pa.table(
+        {"study_id": [1, 1, 2, 1], "presence": ["positive", "negative", "uncertain", "positive"]}
+    )
     questions = pa.table({"study_id": [2, 3], "question_type": ["view", "level"]})
     rg4 = {"sn": pa.table({"study_id": [1, 3]}), "mw": pa.table({"study_id": [3]})}
     assert study_strata(findings, questions, rg4) == {
@@ -138,13 +140,27 @@ def test_finding_without_offsets_is_found_by_its_quote():
 
 
 def test_rg4_items_mark_removed_words_and_share_identical_rewrites():
-    original = "Compared to the prior study, there is a small left effusion. Findings were discussed with Dr. ___."
-    def record(finding):
-        return pd.Series({"finding": finding, "impression": None, "original_finding": original,
-                          "original_impression": None, "rewriter": "rules", "last_study_id": None})
+    original = (
+        "Compared to the prior study, there is a small left effusion. Findings were discussed with Dr. ___."
+    )
 
-    records = {"sn": record("There is a small left effusion."), "mn": record("There is a small left effusion."),
-               "mw": record("Compared to the prior study, there is a small left effusion.")}
+    def record(finding):
+        return pd.Series(
+            {
+                "finding": finding,
+                "impression": None,
+                "original_finding": original,
+                "original_impression": None,
+                "rewriter": "rules",
+                "last_study_id": None,
+            }
+        )
+
+    records = {
+        "sn": record("There is a small left effusion."),
+        "mn": record("There is a small left effusion."),
+        "mw": record("Compared to the prior study, there is a small left effusion."),
+    }
     items = review_items.rg4_items(7, records)
     by_id = {it["id"]: it for it in items}
     assert set(by_id) == {"rg4:7:sn+mn", "rg4:7:mw"}
@@ -181,9 +197,23 @@ def _write_verdicts(path: Path, reviewer: str, rows: list[tuple]) -> Path:
         w = csv.DictWriter(fh, fieldnames=REVIEW_VERDICT_COLUMNS)
         w.writeheader()
         for item_id, kind, verdict, finding, presence, qtype, category in rows:
-            w.writerow({"item_id": item_id, "kind": kind, "study_id": "1", "verdict": verdict, "comment": "",
-                        "reviewer": reviewer, "build": "b1", "corpus": "demo", "finding": finding,
-                        "presence": presence, "question_type": qtype, "rg4_category": category, "scenarios": ""})
+            w.writerow(
+                {
+                    "item_id": item_id,
+                    "kind": kind,
+                    "study_id": "1",
+                    "verdict": verdict,
+                    "comment": "",
+                    "reviewer": reviewer,
+                    "build": "b1",
+                    "corpus": "demo",
+                    "finding": finding,
+                    "presence": presence,
+                    "question_type": qtype,
+                    "rg4_category": category,
+                    "scenarios": "",
+                }
+            )
     return path
 
 
@@ -229,20 +259,33 @@ def test_precision_per_group_from_two_reviewers(tmp_path):
 
 def test_majority_of_three_reviewers_decides(tmp_path):
     row = ("q:9", "question", None, "", "", "level", "")
-    files = [_write_verdicts(tmp_path / f"{r}.csv", r, [(*row[:2], v, *row[3:])])
-             for r, v in (("AA", "wrong"), ("BB", "correct"), ("CC", "wrong"))]
+    files = [
+        _write_verdicts(tmp_path / f"{r}.csv", r, [(*row[:2], v, *row[3:])])
+        for r, v in (("AA", "wrong"), ("BB", "correct"), ("CC", "wrong"))
+    ]
     items = consensus(read_verdicts(files))
     assert items.set_index("item_id").loc["q:9", "verdict"] == "wrong"
     pairs = agreement_table(read_verdicts(files))
     assert sorted(zip(pairs["reviewer_a"], pairs["reviewer_b"], pairs["kind"], strict=True)) == [
-        ("AA", "BB", "all"), ("AA", "BB", "question"), ("AA", "CC", "all"), ("AA", "CC", "question"),
-        ("BB", "CC", "all"), ("BB", "CC", "question")]
+        ("AA", "BB", "all"),
+        ("AA", "BB", "question"),
+        ("AA", "CC", "all"),
+        ("AA", "CC", "question"),
+        ("BB", "CC", "all"),
+        ("BB", "CC", "question"),
+    ]
 
 
 def test_verdict_files_are_checked(tmp_path, caplog):
-    good = _write_verdicts(tmp_path / "v.csv", "AB", [("q:1", "question", "correct", "", "", "view", ""),
-                                                     ("q:2", "question", "maybe", "", "", "view", ""),
-                                                     ("q:1", "question", "wrong", "", "", "view", "")])
+    good = _write_verdicts(
+        tmp_path / "v.csv",
+        "AB",
+        [
+            ("q:1", "question", "correct", "", "", "view", ""),
+            ("q:2", "question", "maybe", "", "", "view", ""),
+            ("q:1", "question", "wrong", "", "", "view", ""),
+        ],
+    )
     verdicts = read_verdicts([good])
     assert verdicts[["item_id", "verdict"]].values.tolist() == [["q:1", "wrong"]]  # last export wins
     assert "maybe" in caplog.text
@@ -258,9 +301,14 @@ def test_verdict_files_are_checked(tmp_path, caplog):
 
 
 def test_page_escapes_report_text():
-    study = {"study_id": 1, "subject_id": 1, "split": "train", "strata": [],
-             "sections": [{"name": "findings", "segments": [["</script><script>alert(1)</script>", [], []]]}],
-             "items": []}
+    study = {
+        "study_id": 1,
+        "subject_id": 1,
+        "split": "train",
+        "strata": [],
+        "sections": [{"name": "findings", "segments": [["</script><script>alert(1)</script>", [], []]]}],
+        "items": [],
+    }
     html = render([study], {"corpus": "c", "notice": "n", "seed": 0})
     assert html.count("<script") == 2  # the data block and the page's own script, nothing injected
     data = re.search(r'<script type="application/json" id="review-data">(.*?)</script>', html, re.S).group(1)
@@ -271,30 +319,84 @@ def test_build_with_llm_findings_locates_quotes_and_shows_the_rules_reading():
     from workflow.contract import FINDINGS, QUESTIONS, SECTIONS
 
     text = "Small right pleural effusion.  No pneumothorax."
-    sections = pa.Table.from_pylist([{"subject_id": 10, "study_id": 1, "indication": "dyspnea",
-                                      "findings": text, "impression": "Effusion."}], schema=SECTIONS)
+    sections = pa.Table.from_pylist(
+        [
+            {
+                "subject_id": 10,
+                "study_id": 1,
+                "indication": "dyspnea",
+                "findings": text,
+                "impression": "Effusion.",
+            }
+        ],
+        schema=SECTIONS,
+    )
 
     def finding(name, presence, source, evidence, start=None, end=None, flags=None):
         row = dict.fromkeys(FINDINGS.names)
-        row.update(subject_id=10, study_id=1, name=name, raw_name=name, presence=presence, section="findings",
-                   start=start, end=end, source=source, evidence=evidence, flags=flags)
+        row.update(
+            subject_id=10,
+            study_id=1,
+            name=name,
+            raw_name=name,
+            presence=presence,
+            section="findings",
+            start=start,
+            end=end,
+            source=source,
+            evidence=evidence,
+            flags=flags,
+        )
         return row
 
-    llm = pa.Table.from_pylist([finding("pleural effusion", "positive", "llm", "small right pleural effusion"),
-                                finding("pneumothorax", "uncertain", "followup", "No pneumothorax",
-                                        flags="presence_disagrees")], schema=FINDINGS)
-    rules = pa.Table.from_pylist([finding("pleural effusion", "positive", "rules", "pleural effusion", 12, 28),
-                                  finding("pneumothorax", "negative", "rules", "pneumothorax", 35, 47)],
-                                 schema=FINDINGS)
+    llm = pa.Table.from_pylist(
+        [
+            finding("pleural effusion", "positive", "llm", "small right pleural effusion"),
+            finding("pneumothorax", "uncertain", "followup", "No pneumothorax", flags="presence_disagrees"),
+        ],
+        schema=FINDINGS,
+    )
+    rules = pa.Table.from_pylist(
+        [
+            finding("pleural effusion", "positive", "rules", "pleural effusion", 12, 28),
+            finding("pneumothorax", "negative", "rules", "pneumothorax", 35, 47),
+        ],
+        schema=FINDINGS,
+    )
     question = dict.fromkeys(QUESTIONS.names)
-    question.update(qa_id=5, subject_id=10, study_id=1, dicom_id="d1", image_path="files/x.jpg", split="train",
-                    question_type="presence", question="is there an effusion?", answer="yes", template_id="t")
+    question.update(
+        qa_id=5,
+        subject_id=10,
+        study_id=1,
+        dicom_id="d1",
+        image_path="files/x.jpg",
+        split="train",
+        question_type="presence",
+        question="is there an effusion?",
+        answer="yes",
+        template_id="t",
+    )
     images = pa.table({"study_id": [1], "dicom_id": ["d1"], "view_position": ["PA"]})
-    html, sample = build_page(sections, images, llm, pa.Table.from_pylist([question], schema=QUESTIONS), {},
-                              n=5, seed=0, rules_findings=rules, meta={"corpus": "test", "notice": "n"})
+    html, sample = build_page(
+        sections,
+        images,
+        llm,
+        pa.Table.from_pylist([question], schema=QUESTIONS),
+        {},
+        n=5,
+        seed=0,
+        rules_findings=rules,
+        meta={"corpus": "test", "notice": "n"},
+    )
     study = _page_data_of(html)["studies"][0]
-    assert sample.to_pylist() == [{"study_id": 1, "subject_id": 10, "strata": "presence:positive;"
-                                   "presence:uncertain;question:presence", "items": 3}]
+    assert sample.to_pylist() == [
+        {
+            "study_id": 1,
+            "subject_id": 10,
+            "strata": "presence:positive;presence:uncertain;question:presence",
+            "items": 3,
+        }
+    ]
     effusion, pneumothorax, qa = study["items"]
     assert (effusion["located"], effusion["section"], effusion["n"]) == (True, "findings", 1)
     marked = "".join(seg[0] for seg in study["sections"][1]["segments"] if 1 in seg[1])
@@ -310,6 +412,7 @@ def _page_data_of(html: str) -> dict:
 
 
 # --- the demo run: page, sample, exclusions, scoring ---------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def review_run(tmp_path_factory):
@@ -335,7 +438,9 @@ def test_page_is_self_contained_and_says_where_it_came_from(review_run):
     assert "default-src 'none'" in html
     data = _page_data(page)
     meta = data["meta"]
-    assert meta["corpus"] == "synthetic demo (MIMIC-CXR layout)" and re.fullmatch(r"[0-9a-f]{12}", meta["build"])
+    assert meta["corpus"] == "synthetic demo (MIMIC-CXR layout)" and re.fullmatch(
+        r"[0-9a-f]{12}", meta["build"]
+    )
     assert meta["build"] in html and "PhysioNet Credentialed Health Data License" in html
     assert meta["n_studies"] == len(data["studies"]) == 100
 
@@ -350,8 +455,16 @@ def test_page_items_carry_the_tables(review_run):
     ids = [it["id"] for s in studies for it in s["items"]]
     assert len(ids) == len(set(ids))
     strata = Counter(label for s in studies for label in s["strata"])
-    for label in ("presence:positive", "presence:negative", "presence:uncertain", "rg4:sn", "rg4:sw",
-                  "rg4:mn", "rg4:mw", *(f"question:{t}" for t in questions["question_type"].unique())):
+    for label in (
+        "presence:positive",
+        "presence:negative",
+        "presence:uncertain",
+        "rg4:sn",
+        "rg4:sw",
+        "rg4:mn",
+        "rg4:mw",
+        *(f"question:{t}" for t in questions["question_type"].unique()),
+    ):
         assert strata[label] > 0, label
     # every question of a sampled study is on the page, with its answer
     page_q = {it["id"]: it["answer"] for s in studies for it in s["items"] if it["kind"] == "question"}
@@ -366,7 +479,9 @@ def test_page_items_carry_the_tables(review_run):
             marked = "".join(seg[0] for seg in section["segments"] if it["n"] in seg[1])
             assert marked == it["evidence"], it["id"]
             checked += 1
-    n_rows = findings[findings["study_id"].isin(chosen)].drop_duplicates(["study_id", "name", "section", "start"])
+    n_rows = findings[findings["study_id"].isin(chosen)].drop_duplicates(
+        ["study_id", "name", "section", "start"]
+    )
     assert checked == len(n_rows)
 
 
@@ -394,14 +509,29 @@ def test_exclusions_and_scoring_without_verdicts(review_run, tmp_path):
 
 @pytest.mark.slow
 def test_llm_backend_review_reads_the_last_round_and_the_rules(tmp_path):
-    workdir = prepare_workdir(tmp_path / "w", {
-        "llm": {"backend": "llm", "endpoints": {
-            "teacher": {"kind": "azure", "azure_endpoint": "https://example.openai.azure.com", "model": "gpt-4o",
-                        "api_key_env": "CXR_TEST_AZURE_KEY"},
-            "student": {"kind": "openai", "base_url": "http://127.0.0.1:9/v1", "model": "student",
-                        "api_key_env": None}}},
-        "finetune": {"enabled": False},
-    })
+    workdir = prepare_workdir(
+        tmp_path / "w",
+        {
+            "llm": {
+                "backend": "llm",
+                "endpoints": {
+                    "teacher": {
+                        "kind": "azure",
+                        "azure_endpoint": "https://example.openai.azure.com",
+                        "model": "gpt-4o",
+                        "api_key_env": "CXR_TEST_AZURE_KEY",
+                    },
+                    "student": {
+                        "kind": "openai",
+                        "base_url": "http://127.0.0.1:9/v1",
+                        "model": "student",
+                        "api_key_env": None,
+                    },
+                },
+            },
+            "finetune": {"enabled": False},
+        },
+    )
     run = run_snakemake(workdir, "-n", "-p", "review", env={**os.environ, "CXR_TEST_AZURE_KEY": "x"})
     assert run.returncode == 0, run.stderr[-3000:]
     command = next(line for line in run.stdout.splitlines() if "workflow.review.build" in line)
@@ -418,22 +548,34 @@ def _chrome(download_dir: Path):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = str(CHROMIUM)
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1366,860"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1366,860",
+    ):
         opts.add_argument(flag)
     opts.add_argument(f"--user-data-dir={tempfile.mkdtemp(prefix='review-chrome-')}")
     opts.add_experimental_option(
         "prefs", {"download.default_directory": str(download_dir), "download.prompt_for_download": False}
     )
     driver = webdriver.Chrome(service=Service(str(CHROMEDRIVER)), options=opts)
-    driver.execute_cdp_cmd("Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)})
+    driver.execute_cdp_cmd(
+        "Page.setDownloadBehavior", {"behavior": "allow", "downloadPath": str(download_dir)}
+    )
     return driver
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-                    reason="Debian chromium + chromium-driver not installed (make browser)")
+@pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="Debian chromium + chromium-driver not installed (make browser)",
+)
 def test_review_in_headless_chromium(review_run, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
@@ -483,7 +625,10 @@ def test_review_in_headless_chromium(review_run, tmp_path):
         assert "item 7" in progress()
         # n moves to the next study: its report and items replace the first study's
         body.send_keys("n", "1")
-        assert driver.find_element(By.CSS_SELECTOR, ".study-head h2").text == f"Study {data['studies'][1]['study_id']}"
+        assert (
+            driver.find_element(By.CSS_SELECTOR, ".study-head h2").text
+            == f"Study {data['studies'][1]['study_id']}"
+        )
 
         driver.find_element(By.ID, "export").click()
         target = downloads / "verdicts.csv"
@@ -493,7 +638,9 @@ def test_review_in_headless_chromium(review_run, tmp_path):
         body.send_keys("p", "p", "j", "j", "j")  # back into the first study for the screenshot
         shot = tmp_path / "review_page.png"
         driver.save_screenshot(str(shot))
-        if os.environ.get("REVIEW_SCREENSHOT"):  # the README's picture: REVIEW_SCREENSHOT=docs/review_page.png
+        if os.environ.get(
+            "REVIEW_SCREENSHOT"
+        ):  # the README's picture: REVIEW_SCREENSHOT=docs/review_page.png
             shutil.copy(shot, os.environ["REVIEW_SCREENSHOT"])
         assert shot.stat().st_size > 10_000
     finally:
@@ -514,7 +661,9 @@ def test_review_in_headless_chromium(review_run, tmp_path):
 
     # the exported file is what the scorer reads
     workdir = review_run
-    run = run_snakemake(workdir, "--cores", "1", "review_score", "--config", f"review={{'verdicts': ['{target}']}}")
+    run = run_snakemake(
+        workdir, "--cores", "1", "review_score", "--config", f"review={{'verdicts': ['{target}']}}"
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     precision = pd.read_csv(workdir / "results/review/precision.csv")
     kinds = precision[precision["group"] == "all"].set_index("kind")
@@ -528,10 +677,16 @@ def test_review_in_headless_chromium(review_run, tmp_path):
 
 
 def test_llm_and_rules_readings_side_by_side():
-    llm = [{"name": "effusion", "presence": "positive"}, {"name": "edema", "presence": "negative"},
-           {"name": "nodule", "presence": "uncertain"}]
-    rules = [{"name": "effusion", "presence": "positive"}, {"name": "edema", "presence": "positive"},
-             {"name": "pneumothorax", "presence": "negative"}]
+    llm = [
+        {"name": "effusion", "presence": "positive"},
+        {"name": "edema", "presence": "negative"},
+        {"name": "nodule", "presence": "uncertain"},
+    ]
+    rules = [
+        {"name": "effusion", "presence": "positive"},
+        {"name": "edema", "presence": "positive"},
+        {"name": "pneumothorax", "presence": "negative"},
+    ]
     assert review_items.disagreements(llm, rules) == [
         {"name": "edema", "llm": "negative", "rules": "positive"},
         {"name": "nodule", "llm": "uncertain", "rules": None},

@@ -434,7 +434,10 @@ def test_scenarios_are_nested_by_study(tmp_path):
     assert (22, "mw:not_in_sw_and_mn") in reasons
     # s23's target differs per scenario, but the study is in each one
     assert members(out, "sw")[23]["finding"] == "Mild cardiomegaly is unchanged."
-    assert members(out, "mn")[23]["finding"] == "Mild cardiomegaly is present. PA and lateral views were obtained."
+    assert (
+        members(out, "mn")[23]["finding"]
+        == "Mild cardiomegaly is present. PA and lateral views were obtained."
+    )
 
 
 def test_nesting_violations_fail_the_rule(tmp_path):
@@ -498,7 +501,10 @@ def test_loader_json_fields_and_sentinels(built):
     # "finding : ... impression : ..." (reference §2.3, §4.3)
     assert sn[104]["finding"] == "finding: Small left pleural effusion."
     assert sn[104]["impression"] == "impression: Small left pleural effusion."
-    assert loader_target(sn[104]) == "finding : small left pleural effusion . impression : small left pleural effusion ."
+    assert (
+        loader_target(sn[104])
+        == "finding : small left pleural effusion . impression : small left pleural effusion ."
+    )
     assert loader_target(sn[102]) == "finding : mild cardiomegaly . the lungs are clear ."
 
 
@@ -657,8 +663,15 @@ def test_release_card_states_the_corpus_used(tmp_path):
     from workflow import cards
 
     rows = [
-        _study(100 + k, 1000 + k, split, datetime(2150, 1, 1), "Mild cardiomegaly.", "No edema.",
-               images=[(f"f{k}", "PA")] + ([(f"l{k}", "LATERAL")] if k % 2 else []))
+        _study(
+            100 + k,
+            1000 + k,
+            split,
+            datetime(2150, 1, 1),
+            "Mild cardiomegaly.",
+            "No edema.",
+            images=[(f"f{k}", "PA")] + ([(f"l{k}", "LATERAL")] if k % 2 else []),
+        )
         for k, split in enumerate(["train", "train", "validate", "validate", "test", "test"])
     ]
     out = run_rule(tmp_path, rows)

@@ -41,7 +41,10 @@ def scorer(tokenizer_dir):
     ("finding", "impression"),
     [
         ("finding: Small left pleural effusion. The heart size is normal.", "impression: No pneumothorax."),
-        ("FINDINGS:\n 1. Mild edema.  2. No effusion... 3. Tube at the __ level: 4.5 cm above the carina.", None),
+        (
+            "FINDINGS:\n 1. Mild edema.  2. No effusion... 3. Tube at the __ level: 4.5 cm above the carina.",
+            None,
+        ),
         (None, "Discussed with Dr. ___ at 10 a.m. Possible pneumonia. Lungs clear."),
         ("İnterval change? None. Pneumothorax, x-ray: small.", "1. Atelectasis. 2. Edema."),
     ],
@@ -57,11 +60,16 @@ def _weighted_text(scorer, target, values, want):
     cleaned = clean_mimic(" ".join(t for t in target if t))
     enc = scorer.tokenizer.encode(cleaned + "</s>")
     assert enc.ids[0] == scorer.tokenizer.token_to_id("<s>")
-    return "".join(cleaned[a:b] for (a, b), v in zip(enc.offsets, values, strict=False) if v == want and b > a)
+    return "".join(
+        cleaned[a:b] for (a, b), v in zip(enc.offsets, values, strict=False) if v == want and b > a
+    )
 
 
 def test_weights_mark_the_sentences_with_a_finding(scorer):
-    target = ("finding: Small left pleural effusion. The heart size is normal.", "impression: No pneumothorax.")
+    target = (
+        "finding: Small left pleural effusion. The heart size is normal.",
+        "impression: No pneumothorax.",
+    )
     values = scorer.scores([target])[0]
     enc = scorer.tokenizer.encode(clean_mimic(" ".join(target)) + "</s>")  # what the loader tokenises
     n = len(enc.ids)
@@ -74,15 +82,18 @@ def test_weights_mark_the_sentences_with_a_finding(scorer):
 
 
 def test_a_report_without_findings_has_no_emphasis(scorer):
-    target = ("finding: The lungs are clear. No pleural effusion or pneumothorax.", "impression: No acute process.")
+    target = (
+        "finding: The lungs are clear. No pleural effusion or pneumothorax.",
+        "impression: No acute process.",
+    )
     assert sum(scorer.scores([target])[0]) == 0
 
 
 def test_uncertain_findings_are_emphasised_and_long_targets_cropped(scorer):
     values = scorer.scores([(None, "impression: Possible right lower lobe pneumonia.")])[0]
-    assert _weighted_text(scorer, (None, "impression: Possible right lower lobe pneumonia."), values, 1).strip() == (
-        "impression : possible right lower lobe pneumonia ."
-    )
+    assert _weighted_text(
+        scorer, (None, "impression: Possible right lower lobe pneumonia."), values, 1
+    ).strip() == ("impression : possible right lower lobe pneumonia .")
     long = " ".join(["No pneumothorax."] * 40 + ["Moderate cardiomegaly."])
     values = scorer.scores([(long, None)])[0]
     assert len(values) == 100 and sum(values) == 0  # the finding sentence lies beyond position 100
@@ -91,10 +102,24 @@ def test_uncertain_findings_are_emphasised_and_long_targets_cropped(scorer):
 
 
 ROWS = [
-    _study(1, 11, "train", datetime(2150, 1, 1), "Small left pleural effusion.", "No pneumothorax.",
-           images=[("a", "PA")]),
-    _study(1, 12, "train", datetime(2150, 2, 1), "The lungs are clear.", "Stable mild cardiomegaly.",
-           images=[("b", "PA"), ("c", "LATERAL")]),
+    _study(
+        1,
+        11,
+        "train",
+        datetime(2150, 1, 1),
+        "Small left pleural effusion.",
+        "No pneumothorax.",
+        images=[("a", "PA")],
+    ),
+    _study(
+        1,
+        12,
+        "train",
+        datetime(2150, 2, 1),
+        "The lungs are clear.",
+        "Stable mild cardiomegaly.",
+        images=[("b", "PA"), ("c", "LATERAL")],
+    ),
 ]
 
 
@@ -154,12 +179,17 @@ def _demo_targets():
     result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
     targets = []
     for table in result.tables.values():
-        for f, i in zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True):
+        for f, i in zip(
+            table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True
+        ):
             targets.append(("finding: " + f if f else None, "impression: " + i if i else None))
     # and the cleaner's artefacts: an empty sentence (" .  . "), list numbers, punctuation inside words
     targets += [
         ("finding: Mild edema.. . Small effusion.", None),
-        (None, "impression: 1. Right-sided PICC, tip at the cavoatrial junction. 2. Possible pneumonia (RLL)."),
+        (
+            None,
+            "impression: 1. Right-sided PICC, tip at the cavoatrial junction. 2. Possible pneumonia (RLL).",
+        ),
         ("finding: Moderate cardiomegaly. " * 30, None),
     ]
     return targets
@@ -182,8 +212,13 @@ def test_a_tokenizer_merging_across_spaces_falls_back_to_whole_texts(monkeypatch
 
     texts = list(iter_corpus_text([DEMO_REPORTS]))
     raw = Tokenizer(models.BPE(unk_token="<unk>"))
-    raw.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=3000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False))
-    raw.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))])
+    raw.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=3000, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False),
+    )
+    raw.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", raw.token_to_id("<s>"))]
+    )
     monkeypatch.setattr("workflow.rg4.scores.VERIFY_EVERY", 1)
     joined = TokenScorer(raw, default_emphasis(), 100, "no-pretokenizer")
     targets = _demo_targets()

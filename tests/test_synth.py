@@ -77,9 +77,15 @@ def _content(root: Path, name: str):
 
 def test_committed_demo_is_what_the_generator_writes(tmp_path):
     fresh = _make(tmp_path / "demo", **DEMO_ARGS)
-    for name in ("mimic-cxr-reports.zip", "mimic-cxr-2.0.0-split.csv.gz", "mimic-cxr-2.0.0-metadata.csv.gz",
-                 "mimic-cxr-2.0.0-chexpert.csv.gz", "cxr-study-list.csv.gz", "truth.parquet",
-                 "truth_studies.parquet"):
+    for name in (
+        "mimic-cxr-reports.zip",
+        "mimic-cxr-2.0.0-split.csv.gz",
+        "mimic-cxr-2.0.0-metadata.csv.gz",
+        "mimic-cxr-2.0.0-chexpert.csv.gz",
+        "cxr-study-list.csv.gz",
+        "truth.parquet",
+        "truth_studies.parquet",
+    ):
         assert _content(DEMO, name) == _content(fresh, name), f"data/demo/{name} is stale: run `make demo`"
     assert _reports(DEMO) == _reports(fresh), "data/demo/files is stale: run `make demo`"
 
@@ -148,7 +154,8 @@ def test_truth_uses_only_the_canonical_vocabulary(corpus):
     assert set(truth.section) <= {"findings", "impression", "last_paragraph"}
     loc = vocab["location"]
     tokens = re.compile(
-        rf"^(?:({'|'.join(loc['laterality'])}) ?)?(?:({'|'.join(loc['zone'])}) ?)?({'|'.join(loc['structure'])})?$")
+        rf"^(?:({'|'.join(loc['laterality'])}) ?)?(?:({'|'.join(loc['zone'])}) ?)?({'|'.join(loc['structure'])})?$"
+    )
     for value in truth.location.dropna().unique():
         assert tokens.match(value) and value.strip() == value, value
 
@@ -162,7 +169,9 @@ def test_truth_sentences_sit_in_their_parsed_section_and_state_their_attributes(
         assert " ".join(row.sentence.split()) in " ".join(sections[row.section].split())
         s = row.sentence.lower()
         if isinstance(row.level, str) and row.name != "tortuous aorta":
-            words = synth.LEVEL_WORDS["size"].get(row.level, []) + synth.LEVEL_WORDS["severity"].get(row.level, [])
+            words = synth.LEVEL_WORDS["size"].get(row.level, []) + synth.LEVEL_WORDS["severity"].get(
+                row.level, []
+            )
             assert any(w in s for w in words) or synth.LEVEL_ADVERBS.get(row.level, "#") in s, row
         if isinstance(row.location, str) and row.name != "support device":
             pre, post = synth.LOCATION_WORDS.get(row.location, ([], []))
@@ -191,7 +200,9 @@ def test_chexpert_labels_follow_the_truth_of_the_conclusion(corpus):
                 expect[label] = value[r.presence]
         if not any(v != 0.0 for k, v in expect.items() if k != "Support Devices"):
             expect["No Finding"] = 1.0
-        got = {k: float(v) for k, v in labels[st.study_id].items() if k not in ("subject_id", "study_id") and v}
+        got = {
+            k: float(v) for k, v in labels[st.study_id].items() if k not in ("subject_id", "study_id") and v
+        }
         assert got == expect, st.study_id
         seen.update(got.values())
     assert seen == {1.0, 0.0, -1.0}
@@ -206,7 +217,12 @@ def test_every_section_parser_branch_is_in_the_demo():
     wanted += synth.HEADER_WHOLE_STUDY + synth.HEADER_UNMAPPED + ["NDICATION", "CHEST, PA LATERAL", "NOTE"]
     assert set(wanted) - headers == set()
     assert set(studies.report_type) == set("ABCDEFG")
-    assert set(studies.conclusion_section.dropna()) == {"impression", "findings", "last_paragraph", "comparison"}
+    assert set(studies.conclusion_section.dropna()) == {
+        "impression",
+        "findings",
+        "last_paragraph",
+        "comparison",
+    }
     assert studies.conclusion_section.isna().any()
 
     def one(feature: str) -> str:
@@ -282,7 +298,12 @@ def test_cli_writes_without_tree_or_zip(tmp_path):
 
 def test_worker_processes_write_the_same_corpus(corpus, tmp_path):
     pooled = _make(tmp_path / "pooled", jobs=2)
-    for name in ("mimic-cxr-reports.zip", "mimic-cxr-2.0.0-metadata.csv.gz", "truth.parquet", "truth_studies.parquet"):
+    for name in (
+        "mimic-cxr-reports.zip",
+        "mimic-cxr-2.0.0-metadata.csv.gz",
+        "truth.parquet",
+        "truth_studies.parquet",
+    ):
         assert (pooled / name).read_bytes() == (corpus / name).read_bytes(), name
     assert _reports(pooled) == _reports(corpus)
 
@@ -303,5 +324,9 @@ def test_no_accidental_headers_in_wrapped_text(corpus):
     studies = pq.read_table(corpus / "truth_studies.parquet").to_pandas()
     known = {h for hs in synth.HEADER_ALIASES.values() for h in hs}
     known |= {h for hs in synth.HEADER_SUBSTRING.values() for h in hs}
-    known |= set(synth.HEADER_WHOLE_STUDY) | set(synth.HEADER_UNMAPPED) | {"NDICATION", "CHEST, PA LATERAL", "NOTE"}
+    known |= (
+        set(synth.HEADER_WHOLE_STUDY)
+        | set(synth.HEADER_UNMAPPED)
+        | {"NDICATION", "CHEST, PA LATERAL", "NOTE"}
+    )
     assert {h for hs in studies.headers for h in hs} <= known

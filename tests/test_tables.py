@@ -33,7 +33,9 @@ WRITER = textwrap.dedent(
 def killed_writer(path: Path) -> int:
     """A process killed (SIGKILL) in the middle of writing ``path``; returns its pid."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", WRITER, str(path)], stdout=subprocess.PIPE, text=True, env=env
+    )
     assert proc.stdout.readline().strip() == "writing"
     proc.send_signal(signal.SIGKILL)
     proc.wait()
@@ -55,7 +57,8 @@ def test_a_killed_writers_temporary_is_removed_when_the_stage_starts_again(tmp_p
         (out / ".cache.tmp").write_text("x")
         tables._cleaned.discard(out.resolve())  # a new stage process has cleaned nothing yet
         tables.write_table(
-            pa.table({"study_id": [2], "stage": ["x"], "reason": ["r"], "detail": ["d"]}), out / "rejects.parquet",
+            pa.table({"study_id": [2], "stage": ["x"], "reason": ["r"], "detail": ["d"]}),
+            out / "rejects.parquet",
             REJECTS,
         )
         assert not stale.exists()

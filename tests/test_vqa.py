@@ -368,9 +368,7 @@ def test_split_comes_from_the_studies_table():
         {"subject_id": 13, "study_id": 3, "split": None},  # no study split: the image's
     ]
     findings, images, studies = _frames(rows, images, studies)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(view_balance=False))[
-        0
-    ].to_pandas()
+    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(view_balance=False))[0].to_pandas()
     assert dict(zip(q["study_id"], q["split"], strict=False)) == {1: "validate", 2: "test", 3: "test"}
     assert (q.groupby("study_id")["subject_id"].first() == pd.Series({1: 11, 2: 12, 3: 13})).all()
 
@@ -495,7 +493,8 @@ def test_cli_writes_questions_csv_stats(tmp_path):
 def test_vqa_rule_through_snakemake(tmp_path):
     """ingest -> sections -> keyinfo (rules) -> vqa on the demo corpus, through the repository's Snakefile."""
     workdir = prepare_workdir(
-        tmp_path / "run", {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "vqa": {"seed": 11}}
+        tmp_path / "run",
+        {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "vqa": {"seed": 11}},
     )
     target = workdir / "results" / "vqa" / "questions.parquet"
     run = run_snakemake(workdir, "--cores", "2", "--nolock", str(target), timeout=600)
@@ -570,7 +569,11 @@ def test_compatible_style_uses_the_original_wordings_only():
     slots = _parse(q, COMPAT_TEMPLATES)
     assert slots["view"].dropna().isin(["PA", "AP"]).all()
     views = q[q["question_type"] == "view"]
-    assert set(views["question"]) == {"which view is this image taken?", "is this PA view?", "is this AP view?"}
+    assert set(views["question"]) == {
+        "which view is this image taken?",
+        "is this PA view?",
+        "is this AP view?",
+    }
     # yes/no twins: every yes/no question text is answered yes as often as no
     yn = q[q["answer"].isin(["yes", "no"])]
     per_q = yn.groupby(["question_type", "question"])["answer"].value_counts().unstack(fill_value=0)
@@ -605,7 +608,10 @@ def test_compatible_style_answer_forms_on_constructed_studies():
     assert all(own[r.name] == r.answer for r in where.itertuples())
     for r in side.itertuples():  # only one-sided findings; the multi-site atelectasis never
         assert r.name != "atelectasis"
-        assert r.answer == {"pleural effusion": "right side", "pneumothorax": "left side", "edema": "left side"}[r.name]
+        assert (
+            r.answer
+            == {"pleural effusion": "right side", "pneumothorax": "left side", "edema": "left side"}[r.name]
+        )
 
     # levels: the report's words, not the ordinal scale
     level = dict(zip(by["level"]["name"], by["level"]["answer"], strict=False))
@@ -628,9 +634,9 @@ def test_compatible_style_answer_forms_on_constructed_studies():
 def test_unknown_status_is_never_called_normal():
     findings, images, studies, status = _constructed_corpus(40)
     status.loc[status["status"] == "normal", "status"] = "unknown"
-    q = vqa.generate(findings, images, studies, COMPAT_TEMPLATES, NAMES, vqa.VqaConfig(), keyinfo_studies=status)[
-        0
-    ].to_pandas()
+    q = vqa.generate(
+        findings, images, studies, COMPAT_TEMPLATES, NAMES, vqa.VqaConfig(), keyinfo_studies=status
+    )[0].to_pandas()
     silent = q[(q["study_id"] - 60_000_000) % 4 == 3]
     assert len(silent) and set(silent["question_type"]) == {"view"}  # neither "no abnormality" nor "no X"
     normal_abn = q[(q["question_type"] == "abnormality") & (q["answer"] == "no")]
@@ -708,7 +714,11 @@ def test_release_card_and_splits(tmp_path, style):
             "--config-json", __import__("json").dumps(config), "--corpus-format", "mimic", "--out", str(out),
         ]
     )  # fmt: skip
-    assert sorted(p.name.split("-")[0] for p in (out / "default").iterdir()) == ["test", "train", "validation"]
+    assert sorted(p.name.split("-")[0] for p in (out / "default").iterdir()) == [
+        "test",
+        "train",
+        "validation",
+    ]
     cache = str(tmp_path / "hf")
     by_card = datasets.load_dataset(str(out), "default", cache_dir=cache)
     by_dir = datasets.load_dataset("parquet", data_dir=str(out / "default"), cache_dir=cache)

@@ -99,7 +99,9 @@ def test_every_read_study_has_a_status_and_the_status_agrees_with_the_findings(d
     normal = status[status["status"] == "normal"]
     assert len(normal) > 0
     denied = set(findings.loc[findings["presence"] == "negative", "study_id"])
-    assert all(sid in denied or ev for sid, ev in zip(normal["study_id"], normal["normal_evidence"], strict=True))
+    assert all(
+        sid in denied or ev for sid, ev in zip(normal["study_id"], normal["normal_evidence"], strict=True)
+    )
 
 
 def test_mit_csv_has_its_header_and_line_ends(demo_run):
@@ -124,7 +126,9 @@ def test_html_report_shows_the_figures(demo_run):
 
 def test_report_type_mix_counts_the_questions_and_quotes_the_released_dataset(demo_run):
     mix = list(csv.DictReader((demo_run / "results/report/vqa_type_mix.csv").read_text().splitlines()))
-    questions = pq.read_table(demo_run / "results/vqa/questions.parquet", columns=["question_type"]).to_pandas()
+    questions = pq.read_table(
+        demo_run / "results/vqa/questions.parquet", columns=["question_type"]
+    ).to_pandas()
     counted = questions["question_type"].value_counts().to_dict()  # an independent count
     assert {r["question_type"]: int(r["ours_n"]) for r in mix} == counted
     assert abs(sum(float(r["ours_share"]) for r in mix) - 1) < 1e-9
@@ -135,7 +139,10 @@ def test_report_type_mix_counts_the_questions_and_quotes_the_released_dataset(de
 def test_slurm_profile_plans_the_gpu_branch(tmp_path):
     """The cluster recipe: LLM backend with a fine-tuned student; the dry run asks SLURM for the GPUs."""
     override = {
-        "llm": {"backend": "llm", "endpoints": {"teacher": {"azure_endpoint": "https://example.openai.azure.com"}}},
+        "llm": {
+            "backend": "llm",
+            "endpoints": {"teacher": {"azure_endpoint": "https://example.openai.azure.com"}},
+        },
         "finetune": {"base_model": "/models/Llama-2-70b-hf", "gpus": 6, "gpu_model": "a100"},
     }
     prepare_workdir(tmp_path, override)
@@ -162,12 +169,19 @@ def test_release_folders_load_with_datasets(demo_run, tmp_path):
 
     from workflow import cards
 
-    cache = str(tmp_path / "hf")  # a fresh cache: datasets may otherwise serve an older build of the same path
+    cache = str(
+        tmp_path / "hf"
+    )  # a fresh cache: datasets may otherwise serve an older build of the same path
     vqa = datasets.load_dataset(str(demo_run / "results/release/medical_cxr_vqa"), "default", cache_dir=cache)
     questions = pq.read_table(demo_run / "results/vqa/questions.parquet")
     assert sum(part.num_rows for part in vqa.values()) == questions.num_rows
     assert set(vqa) == {cards.hf_split(s) for s in questions["split"].to_pylist()}  # validate -> validation
     rg4 = datasets.load_dataset(str(demo_run / "results/release/mimic_rg4"), "mw", cache_dir=cache)
-    assert sum(part.num_rows for part in rg4.values()) == pq.read_table(demo_run / "results/rg4/rg4_mw.parquet").num_rows
+    assert (
+        sum(part.num_rows for part in rg4.values())
+        == pq.read_table(demo_run / "results/rg4/rg4_mw.parquet").num_rows
+    )
     card = (demo_run / "results/release/mimic_rg4/README.md").read_text()
-    assert "synthetic demo corpus" in card and "| `last_study_id` | `int64` | the prior study (sw, mw) |" in card
+    assert (
+        "synthetic demo corpus" in card and "| `last_study_id` | `int64` | the prior study (sw, mw) |" in card
+    )

@@ -32,7 +32,13 @@ log = logging.getLogger(__name__)
 
 SPLIT_ORDER = ("train", "validation", "test")
 # source split name -> Hugging Face split name
-HF_SPLITS = {"train": "train", "validate": "validation", "val": "validation", "valid": "validation", "test": "test"}
+HF_SPLITS = {
+    "train": "train",
+    "validate": "validation",
+    "val": "validation",
+    "valid": "validation",
+    "test": "test",
+}
 SOURCE_SPLIT_COLUMN = "source_split"
 CARD_SPECS = Path(__file__).parent / "release_cards"  # title, description, sources, column meanings
 
@@ -124,7 +130,12 @@ def corpus_text(corpus_format: str, corpus_is_demo: bool) -> str:
 
 
 def _size_category(n: int) -> str:
-    for limit, name in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
+    for limit, name in (
+        (1_000, "n<1K"),
+        (10_000, "1K<n<10K"),
+        (100_000, "10K<n<100K"),
+        (1_000_000, "100K<n<1M"),
+    ):
         if n < limit:
             return name
     return "1M<n<10M" if n < 10_000_000 else "n>10M"
@@ -200,7 +211,9 @@ def breakdown_sections(tables: dict[str, pa.Table], spec: CardSpec) -> list[str]
         df = table.select([c for c in (col, "split", answers) if c]).to_pandas()
         df["split"] = df["split"].map(hf_split)
         counts = df.groupby([col, "split"]).size().unstack(fill_value=0)
-        splits = [s for s in SPLIT_ORDER if s in counts.columns] + sorted(set(counts.columns) - set(SPLIT_ORDER))
+        splits = [s for s in SPLIT_ORDER if s in counts.columns] + sorted(
+            set(counts.columns) - set(SPLIT_ORDER)
+        )
         order = [v for v in reference if v in counts.index] + sorted(set(counts.index) - set(reference))
         total = int(counts.to_numpy().sum())
         ref_total = sum(reference.values())
@@ -290,7 +303,9 @@ def render_card(
         "## Licence\n" + licence,
     ]
     body = "\n\n".join(sections) + "\n"
-    card = DatasetCard.from_template(card_data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body=body)
+    card = DatasetCard.from_template(
+        card_data, template_str="---\n{{ card_data }}\n---\n\n{{ body }}", body=body
+    )
     return str(card.content)
 
 
@@ -343,7 +358,9 @@ def main(argv=None) -> None:
     p: argparse.ArgumentParser = parser("Write a release folder with a dataset card")
     p.add_argument("--table", action="append", required=True, metavar="CONFIG=PATH")
     p.add_argument("--spec", required=True, help=f"a card spec in {CARD_SPECS}/ (by name) or a YAML file")
-    p.add_argument("--config-json", required=True, help="the run's effective configuration, quoted in the card")
+    p.add_argument(
+        "--config-json", required=True, help="the run's effective configuration, quoted in the card"
+    )
     p.add_argument("--corpus-format", default="mimic")
     p.add_argument("--demo", action="store_true", help="the corpus is the synthetic demo")
     p.add_argument("--notes", help="a JSON file with a list of lines on how the data was built")
@@ -352,7 +369,9 @@ def main(argv=None) -> None:
     setup_logging(args.verbose)
     tables = dict(item.split("=", 1) for item in args.table)
     spec_path = Path(args.spec) if Path(args.spec).is_file() else CARD_SPECS / f"{args.spec}.yaml"
-    spec = CardSpec(**yaml.safe_load(spec_path.read_text())).for_corpus("demo" if args.demo else args.corpus_format)
+    spec = CardSpec(**yaml.safe_load(spec_path.read_text())).for_corpus(
+        "demo" if args.demo else args.corpus_format
+    )
     notes = json.loads(Path(args.notes).read_text()) if args.notes else None
     config = json.loads(args.config_json)
     facts = {label: _dotted(config, key) for label, key in spec.config_facts.items()}

@@ -42,7 +42,9 @@ def problems(config: dict, cwd: str | Path = ".", shipped: str | Path | None = N
     found = []
     for path, what in FILE_KEYS:
         value = _get(config, path)
-        exists = value is not None and ((cwd / value).is_file() or (shipped is not None and (Path(shipped) / value).is_file()))
+        exists = value is not None and (
+            (cwd / value).is_file() or (shipped is not None and (Path(shipped) / value).is_file())
+        )
         if value is not None and not exists:
             found.append(f"`{'.'.join(path)}` points to {value!r} ({what}), which is not a file")
     outdir = config.get("outdir")
@@ -54,9 +56,11 @@ def problems(config: dict, cwd: str | Path = ".", shipped: str | Path | None = N
     found.extend(prompt_source.config_problems(config, cwd))
     llm = config.get("llm") or {}
     endpoints = llm.get("endpoints") or {}
-    stages = [("llm", stage, "endpoint") for stage in ("gold", "keyinfo", "followup")] if llm.get(
-        "backend"
-    ) == "llm" else []
+    stages = (
+        [("llm", stage, "endpoint") for stage in ("gold", "keyinfo", "followup")]
+        if llm.get("backend") == "llm"
+        else []
+    )
     if llm.get("backend") == "llm":
         stages.append(("exports", "radialog", "llm", "endpoint"))
     if _get(config, ("rg4", "rewriter")) == "llm":
@@ -64,8 +68,10 @@ def problems(config: dict, cwd: str | Path = ".", shipped: str | Path | None = N
     for path in stages:
         name = _get(config, path)
         if name is not None and name not in endpoints:
-            found.append(f"`{'.'.join(path)}` names the endpoint {name!r}, which is not in llm.endpoints "
-                         f"({', '.join(sorted(endpoints)) or 'none configured'})")
+            found.append(
+                f"`{'.'.join(path)}` names the endpoint {name!r}, which is not in llm.endpoints "
+                f"({', '.join(sorted(endpoints)) or 'none configured'})"
+            )
     return found
 
 

@@ -69,7 +69,9 @@ FINDINGS = pa.schema(
         pa.field("round", pa.int16()),
         pa.field("request_hash", pa.string()),  # sha256 of the LLM request; null for rules
         pa.field("evidence", pa.string()),  # the supporting text (rules: the matched words; llm: its quote)
-        pa.field("flags", pa.string()),  # ';'-joined: unknown_name, unsupported, presence_disagrees, missed_by_llm
+        pa.field(
+            "flags", pa.string()
+        ),  # ';'-joined: unknown_name, unsupported, presence_disagrees, missed_by_llm
     ]
 )
 
@@ -78,10 +80,14 @@ AUDIT = pa.schema(
     [
         pa.field("subject_id", pa.int64()),
         pa.field("study_id", pa.int64()),
-        pa.field("field", pa.string(), nullable=False),  # name / presence / location / level / type / change / shape
+        pa.field(
+            "field", pa.string(), nullable=False
+        ),  # name / presence / location / level / type / change / shape
         pa.field("before", pa.string()),
         pa.field("after", pa.string()),
-        pa.field("rule", pa.string(), nullable=False),  # exact / synonym / contained / fuzzy:<score> / moved / ...
+        pa.field(
+            "rule", pa.string(), nullable=False
+        ),  # exact / synonym / contained / fuzzy:<score> / moved / ...
     ]
 )
 
@@ -346,7 +352,9 @@ REVIEW_SAMPLE = pa.schema(
     [
         pa.field("study_id", pa.int64(), nullable=False),
         pa.field("subject_id", pa.int64(), nullable=False),
-        pa.field("strata", pa.string(), nullable=False),  # ';'-joined presence:<p> / question:<type> / rg4:<s>
+        pa.field(
+            "strata", pa.string(), nullable=False
+        ),  # ';'-joined presence:<p> / question:<type> / rg4:<s>
         pa.field("items", pa.int64(), nullable=False),
     ]
 )
@@ -355,7 +363,9 @@ REVIEW_SAMPLE = pa.schema(
 REVIEW_PRECISION = pa.schema(
     [
         pa.field("kind", pa.string(), nullable=False),  # finding / question / rg4
-        pa.field("group", pa.string(), nullable=False),  # all / finding / presence / question_type / rg4_category
+        pa.field(
+            "group", pa.string(), nullable=False
+        ),  # all / finding / presence / question_type / rg4_category
         pa.field("value", pa.string(), nullable=False),  # the group's value (all: 'all')
         pa.field("items", pa.int64(), nullable=False),  # distinct items judged
         pa.field("correct", pa.int64(), nullable=False),

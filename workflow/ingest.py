@@ -222,9 +222,25 @@ def _central_directory(path: str) -> tuple[list[str], np.ndarray]:
     pos = 0
     unpack = _CENTRAL.unpack_from
     for i in range(n_entries):
-        (sig, made_by, _, flags, method, _, _, crc, csize, usize, n_name, n_extra, n_comment, _, _, ext, offset) = (
-            unpack(cd, pos)
-        )
+        (
+            sig,
+            made_by,
+            _,
+            flags,
+            method,
+            _,
+            _,
+            crc,
+            csize,
+            usize,
+            n_name,
+            n_extra,
+            n_comment,
+            _,
+            _,
+            ext,
+            offset,
+        ) = unpack(cd, pos)
         if made_by >> 8 == 3 and stat.S_ISLNK(ext >> 16):  # a Unix symlink entry: its data is a path
             flags |= SYMLINK_FLAG
         if sig != b"PK\x01\x02":
@@ -261,6 +277,7 @@ def _zipfile_directory(path: str) -> tuple[list[str], np.ndarray]:
     """The same as ``_central_directory`` through the standard library (the fallback for odd archives)."""
     with zipfile.ZipFile(path) as zf:
         infos = zf.infolist()
+
     def flags(i: zipfile.ZipInfo) -> int:
         link = i.create_system == 3 and stat.S_ISLNK(i.external_attr >> 16)
         return i.flag_bits | (SYMLINK_FLAG if link else 0)
@@ -815,7 +832,9 @@ def _catalog(source, rejects: Rejects) -> pa.Table:
             rejects.add(study_id if study_id is None or study_id <= INT64_MAX else None, "bad_filename", name)
     # Ids beyond int64 cannot be a MIMIC id (nor fit the contract): the file is rejected, the run goes on.
     for field in ("subject", "study"):
-        long_ids = np.flatnonzero(good & (pc.utf8_length(pc.fill_null(parts.field(field), "")).to_numpy() >= 19))
+        long_ids = np.flatnonzero(
+            good & (pc.utf8_length(pc.fill_null(parts.field(field), "")).to_numpy() >= 19)
+        )
         for i in long_ids.tolist():
             if int(parts.field(field)[i].as_py()) > INT64_MAX:
                 good[i] = False
@@ -981,9 +1000,7 @@ def ingest_mimic(
             n_out = writer.rows
 
         # Studies of the tables without any report file (rejected copies still count as having one).
-        has_file = pa.concat_arrays(
-            [*catalog["study_id"].chunks, pa.array(linked, pa.int64())]
-        )
+        has_file = pa.concat_arrays([*catalog["study_id"].chunks, pa.array(linked, pa.int64())])
         no_report = facts.filter(pc.invert(pc.is_in(facts["study_id"], has_file)))["study_id"]
         for study_id in pc.sort_indices(no_report).to_numpy():
             rejects.add(

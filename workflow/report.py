@@ -67,7 +67,9 @@ def stage_counts(stages: list[tuple[str, str | None, str | None, str]]) -> tuple
             by.insert(0, "stage", stage)
             reasons.append(by)
     reasons_frame = (
-        pd.concat(reasons, ignore_index=True) if reasons else pd.DataFrame(columns=["stage", "reason", "rows"])
+        pd.concat(reasons, ignore_index=True)
+        if reasons
+        else pd.DataFrame(columns=["stage", "reason", "rows"])
     )
     return pd.DataFrame(rows), reasons_frame
 
@@ -136,7 +138,9 @@ def plot_questions(questions_path: str | Path, png: str | Path, top: int = 8) ->
 def type_mix(stats_path: str | Path) -> pd.DataFrame:
     """Per question type: our count and share next to the released Medical-CXR-VQA's (vqa/stats.parquet)."""
     stats = pq.read_table(stats_path).to_pandas()
-    mix = stats.loc[stats["split"] == "all", ["question_type", "n_questions", "share", "released_n", "released_share"]]
+    mix = stats.loc[
+        stats["split"] == "all", ["question_type", "n_questions", "share", "released_n", "released_share"]
+    ]
     mix = mix.rename(columns={"n_questions": "ours_n", "share": "ours_share"}).reset_index(drop=True)
     mix["released_n"] = mix["released_n"].astype("Int64")
     mix["ours_vs_released"] = mix["ours_n"] / mix["released_n"]
@@ -206,14 +210,18 @@ def llm_usage_html(usage: pd.DataFrame, path: str | Path) -> None:
     table[counts] = table[counts].astype(int)
     formatters = {c: "{:,}".format for c in counts} | {"cost_usd": "${:,.4f}".format}
     body = table.to_html(index=False, formatters=formatters, border=0, classes="usage")
-    style = ("body{font-family:sans-serif;font-size:14px} table.usage{border-collapse:collapse}"
-             " .usage th,.usage td{padding:4px 10px;text-align:right;border-bottom:1px solid #ddd}"
-             " .usage td:first-child,.usage th:first-child{text-align:left}"
-             " .usage tr:last-child td{font-weight:bold}")
-    html = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>LLM usage</title><style>{style}</style>"
-            f"</head><body><h3>LLM requests, tokens and cost per stage</h3>{body}"
-            "<p>One row per request sent, at the first stage that sent it; tokens as the endpoint's "
-            "<code>usage</code> returned them; cost from <code>llm.prices</code>.</p></body></html>")
+    style = (
+        "body{font-family:sans-serif;font-size:14px} table.usage{border-collapse:collapse}"
+        " .usage th,.usage td{padding:4px 10px;text-align:right;border-bottom:1px solid #ddd}"
+        " .usage td:first-child,.usage th:first-child{text-align:left}"
+        " .usage tr:last-child td{font-weight:bold}"
+    )
+    html = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>LLM usage</title><style>{style}</style>"
+        f"</head><body><h3>LLM requests, tokens and cost per stage</h3>{body}"
+        "<p>One row per request sent, at the first stage that sent it; tokens as the endpoint's "
+        "<code>usage</code> returned them; cost from <code>llm.prices</code>.</p></body></html>"
+    )
     with atomic_path(path) as tmp:
         Path(tmp).write_text(html, encoding="utf-8")
 

@@ -90,8 +90,13 @@ log = logging.getLogger(__name__)
 # Canonical level -> surface words. "size" findings (collections, air, lumps) use size words, the others
 # severity words. "small" -> mild and "large" -> severe (libs/vocabulary.yaml); "trace" -> minimal.
 LEVEL_WORDS = {
-    "size": {"minimal": ["trace", "tiny"], "mild": ["small"], "moderate": ["moderate"], "severe": ["large"],
-             "massive": ["massive"]},
+    "size": {
+        "minimal": ["trace", "tiny"],
+        "mild": ["small"],
+        "moderate": ["moderate"],
+        "severe": ["large"],
+        "massive": ["massive"],
+    },
     "severity": {"minimal": ["minimal"], "mild": ["mild"], "moderate": ["moderate"], "severe": ["severe"]},
 }
 # "The heart is moderately enlarged."
@@ -159,94 +164,211 @@ class Form:
 
 
 FINDING_FORMS: dict[str, Form] = {
-    "pleural effusion": Form((("pleural effusion", "pleural effusions"), ("effusion", "effusions"),
-                              ("pleural fluid", None, "mt")), "size",
-                             ("minimal", "mild", "moderate", "severe"), (None, "left", "right", "bilateral"),
-                             (None, None, "layering", "loculated")),
-    "pneumothorax": Form((("pneumothorax", None),), "size", ("minimal", "mild", "moderate", "severe"),
-                         ("left", "right", "left apical", "right apical", "right basal")),
-    "atelectasis": Form((("atelectasis", None), ("volume loss", None, "t")), "severity", ("minimal", "mild"),
-                        (None, *BASES, "left lower lobe", "right lower lobe", "right middle lobe", "retrocardiac",
-                         "lingula"),
-                        (None, None, "plate-like", "linear", "subsegmental", "patchy", "streaky", "compressive"),
-                        countable=False),
-    "consolidation": Form((("consolidation", None),), "severity", ("mild", "moderate"),
-                          (*LOBES, "retrocardiac", "left basal", "right basal", "lingula"),
-                          (None, None, "patchy", "focal", "confluent", "multifocal"), countable=False),
-    "pneumonia": Form((("pneumonia", None),), None, (), (None, *LOBES, "lingula", "right basal", "left basal"),
-                      (None, None, "multifocal"), countable=False),
+    "pleural effusion": Form(
+        (("pleural effusion", "pleural effusions"), ("effusion", "effusions"), ("pleural fluid", None, "mt")),
+        "size",
+        ("minimal", "mild", "moderate", "severe"),
+        (None, "left", "right", "bilateral"),
+        (None, None, "layering", "loculated"),
+    ),
+    "pneumothorax": Form(
+        (("pneumothorax", None),),
+        "size",
+        ("minimal", "mild", "moderate", "severe"),
+        ("left", "right", "left apical", "right apical", "right basal"),
+    ),
+    "atelectasis": Form(
+        (("atelectasis", None), ("volume loss", None, "t")),
+        "severity",
+        ("minimal", "mild"),
+        (None, *BASES, "left lower lobe", "right lower lobe", "right middle lobe", "retrocardiac", "lingula"),
+        (None, None, "plate-like", "linear", "subsegmental", "patchy", "streaky", "compressive"),
+        countable=False,
+    ),
+    "consolidation": Form(
+        (("consolidation", None),),
+        "severity",
+        ("mild", "moderate"),
+        (*LOBES, "retrocardiac", "left basal", "right basal", "lingula"),
+        (None, None, "patchy", "focal", "confluent", "multifocal"),
+        countable=False,
+    ),
+    "pneumonia": Form(
+        (("pneumonia", None),),
+        None,
+        (),
+        (None, *LOBES, "lingula", "right basal", "left basal"),
+        (None, None, "multifocal"),
+        countable=False,
+    ),
     # no "airspace disease": "airspace" is also a type word, so its type would be ambiguous
-    "lung opacity": Form((("opacity", "opacities"), ("opacification", None)),
-                         "severity", ("mild",),
-                         (None, *LOBES, *BASES, "retrocardiac", "left apical", "right perihilar", "lingula"),
-                         (None, "patchy", "hazy", "ground-glass", "streaky", "linear", "confluent")),
+    "lung opacity": Form(
+        (("opacity", "opacities"), ("opacification", None)),
+        "severity",
+        ("mild",),
+        (None, *LOBES, *BASES, "retrocardiac", "left apical", "right perihilar", "lingula"),
+        (None, "patchy", "hazy", "ground-glass", "streaky", "linear", "confluent"),
+    ),
     # its own finding (ChestX-ray14's Infiltration); CheXpert folds it into Lung Opacity (libs/findings.csv)
-    "infiltrate": Form((("infiltrate", "infiltrates"),), "severity", ("mild",),
-                       (None, *LOBES, *BASES, "retrocardiac", "right perihilar"), (None, "patchy", "interstitial")),
-    "edema": Form((("pulmonary edema", None), ("edema", None)), "severity", ("mild", "moderate", "severe"),
-                  (None, None, None, "perihilar", "bilateral"), (None, None, "interstitial", "alveolar"),
-                  countable=False),
-    "vascular congestion": Form((("pulmonary vascular congestion", None), ("vascular congestion", None),
-                                 ("pulmonary venous congestion", None), ("vascular engorgement", None)),
-                                "severity", ("mild", "moderate"), countable=False),
-    "cardiomegaly": Form((("cardiomegaly", None), ("cardiac enlargement", None)), "severity",
-                         ("mild", "moderate", "severe"), countable=False),
-    "enlarged cardiomediastinum": Form((("enlargement of the cardiomediastinal silhouette", None),
-                                        ("widening of the mediastinum", None)), "severity", ("mild",),
-                                       countable=False),
-    "nodule": Form((("nodule", "nodules"), ("pulmonary nodule", "pulmonary nodules")), "size", ("mild",),
-                   (None, *LOBES, "lingula")),
-    "mass": Form((("mass", None),), "size", ("mild", "severe"),
-                 ("right upper lobe", "left upper lobe", "right hilum", "left hilum", "right lung")),
-    "granuloma": Form((("granuloma", "granulomas"),), "size", ("mild",), (None, *LOBES),
-                      (None, "calcified")),
+    "infiltrate": Form(
+        (("infiltrate", "infiltrates"),),
+        "severity",
+        ("mild",),
+        (None, *LOBES, *BASES, "retrocardiac", "right perihilar"),
+        (None, "patchy", "interstitial"),
+    ),
+    "edema": Form(
+        (("pulmonary edema", None), ("edema", None)),
+        "severity",
+        ("mild", "moderate", "severe"),
+        (None, None, None, "perihilar", "bilateral"),
+        (None, None, "interstitial", "alveolar"),
+        countable=False,
+    ),
+    "vascular congestion": Form(
+        (
+            ("pulmonary vascular congestion", None),
+            ("vascular congestion", None),
+            ("pulmonary venous congestion", None),
+            ("vascular engorgement", None),
+        ),
+        "severity",
+        ("mild", "moderate"),
+        countable=False,
+    ),
+    "cardiomegaly": Form(
+        (("cardiomegaly", None), ("cardiac enlargement", None)),
+        "severity",
+        ("mild", "moderate", "severe"),
+        countable=False,
+    ),
+    "enlarged cardiomediastinum": Form(
+        (("enlargement of the cardiomediastinal silhouette", None), ("widening of the mediastinum", None)),
+        "severity",
+        ("mild",),
+        countable=False,
+    ),
+    "nodule": Form(
+        (("nodule", "nodules"), ("pulmonary nodule", "pulmonary nodules")),
+        "size",
+        ("mild",),
+        (None, *LOBES, "lingula"),
+    ),
+    "mass": Form(
+        (("mass", None),),
+        "size",
+        ("mild", "severe"),
+        ("right upper lobe", "left upper lobe", "right hilum", "left hilum", "right lung"),
+    ),
+    "granuloma": Form((("granuloma", "granulomas"),), "size", ("mild",), (None, *LOBES), (None, "calcified")),
     "emphysema": Form((("emphysema", None),), "severity", ("mild", "moderate", "severe"), countable=False),
     "hyperinflation": Form((("hyperinflation", None),), "severity", ("mild",), countable=False),
-    "fibrosis": Form((("pulmonary fibrosis", None), ("fibrosis", None)), "severity", ("mild", "moderate"),
-                     (None, "bilateral basal", "bilateral apical"), countable=False),
-    "scarring": Form((("scarring", None),), "severity", ("minimal", "mild"),
-                     ("left apical", "right apical", "bilateral apical", "left basal", "right basal"),
-                     (None, "linear"), countable=False),
-    "pleural thickening": Form((("pleural thickening", None),), "severity", ("mild",),
-                               ("left apical", "right apical", "bilateral apical", "left", "right"),
-                               countable=False),
+    "fibrosis": Form(
+        (("pulmonary fibrosis", None), ("fibrosis", None)),
+        "severity",
+        ("mild", "moderate"),
+        (None, "bilateral basal", "bilateral apical"),
+        countable=False,
+    ),
+    "scarring": Form(
+        (("scarring", None),),
+        "severity",
+        ("minimal", "mild"),
+        ("left apical", "right apical", "bilateral apical", "left basal", "right basal"),
+        (None, "linear"),
+        countable=False,
+    ),
+    "pleural thickening": Form(
+        (("pleural thickening", None),),
+        "severity",
+        ("mild",),
+        ("left apical", "right apical", "bilateral apical", "left", "right"),
+        countable=False,
+    ),
     "blunting of the costophrenic angle": Form(
-        (("blunting of the {lat}costophrenic angle", "blunting of {lat}costophrenic angles"),), "severity",
-        ("mild",), ("left", "right", "bilateral"), countable=False),
-    "interstitial markings": Form(((None, "interstitial markings"),), "severity", ("mild",),
-                                  (None, "bilateral basal"), (None, "chronic")),
-    "fracture": Form((("fracture", "fractures"),), None, (),
-                     ("left rib", "right rib", "left clavicle", "right clavicle"),
-                     (None, "healed", "healed", "displaced", "nondisplaced", "acute")),
-    "hiatal hernia": Form((("hiatal hernia", None), ("hiatus hernia", None)), "size", ("mild", "moderate", "severe")),
-    "calcification": Form((("calcification", "calcifications"),), None, (),
-                          ("right hilum", "left hilum", "mediastinum")),
+        (("blunting of the {lat}costophrenic angle", "blunting of {lat}costophrenic angles"),),
+        "severity",
+        ("mild",),
+        ("left", "right", "bilateral"),
+        countable=False,
+    ),
+    "interstitial markings": Form(
+        ((None, "interstitial markings"),),
+        "severity",
+        ("mild",),
+        (None, "bilateral basal"),
+        (None, "chronic"),
+    ),
+    "fracture": Form(
+        (("fracture", "fractures"),),
+        None,
+        (),
+        ("left rib", "right rib", "left clavicle", "right clavicle"),
+        (None, "healed", "healed", "displaced", "nondisplaced", "acute"),
+    ),
+    "hiatal hernia": Form(
+        (("hiatal hernia", None), ("hiatus hernia", None)), "size", ("mild", "moderate", "severe")
+    ),
+    "calcification": Form(
+        (("calcification", "calcifications"),), None, (), ("right hilum", "left hilum", "mediastinum")
+    ),
     "pneumomediastinum": Form((("pneumomediastinum", None),), "size", ("mild",), countable=False),
-    "subcutaneous emphysema": Form((("subcutaneous emphysema", None), ("subcutaneous air", None)), "severity",
-                                   ("mild", "moderate"),
-                                   (None, "left chest wall", "right chest wall"), countable=False),
+    "subcutaneous emphysema": Form(
+        (("subcutaneous emphysema", None), ("subcutaneous air", None)),
+        "severity",
+        ("mild", "moderate"),
+        (None, "left chest wall", "right chest wall"),
+        countable=False,
+    ),
     "pneumoperitoneum": Form((("pneumoperitoneum", None),), "size", ("mild",), countable=False),
     "pericardial effusion": Form((("pericardial effusion", None),), "size", ("mild", "moderate")),
-    "tortuous aorta": Form((("tortuous aorta", None), ("unfolded aorta", None))),  # level only as "mildly tortuous" (TORTUOUS_TEMPLATES)
-    "aortic calcification": Form((("aortic calcification", "aortic calcifications"),
-                                  ("calcification of the aortic knob", None),
-                                  ("atherosclerotic calcification", None)), "severity", ("mild",),
-                                 countable=False),
+    "tortuous aorta": Form(
+        (("tortuous aorta", None), ("unfolded aorta", None))
+    ),  # level only as "mildly tortuous" (TORTUOUS_TEMPLATES)
+    "aortic calcification": Form(
+        (
+            ("aortic calcification", "aortic calcifications"),
+            ("calcification of the aortic knob", None),
+            ("atherosclerotic calcification", None),
+        ),
+        "severity",
+        ("mild",),
+        countable=False,
+    ),
     "scoliosis": Form((("scoliosis", None),), "severity", ("mild", "moderate", "severe"), countable=False),
-    "degenerative changes": Form(((None, "degenerative changes"),), "severity", ("mild", "moderate"),
-                                 (None, "spine")),
-    "elevated hemidiaphragm": Form((("elevation of the {lat}hemidiaphragm", None),
-                                    ("elevated {lat}hemidiaphragm", None)), "severity", ("mild", "moderate"),
-                                   ("left", "right")),
-    "bronchiectasis": Form((("bronchiectasis", None),), "severity", ("mild",),
-                           (None, "bilateral basal", "right lower lobe"), countable=False),
-    "lymphadenopathy": Form((("lymphadenopathy", None),), None, (),
-                            ("right hilum", "left hilum", "bilateral hilum", "mediastinum"), countable=False),
-    "aspiration": Form((("aspiration", None),), None, (), (None, "right lower lobe", "bilateral basal"),
-                       countable=False),
+    "degenerative changes": Form(
+        ((None, "degenerative changes"),), "severity", ("mild", "moderate"), (None, "spine")
+    ),
+    "elevated hemidiaphragm": Form(
+        (("elevation of the {lat}hemidiaphragm", None), ("elevated {lat}hemidiaphragm", None)),
+        "severity",
+        ("mild", "moderate"),
+        ("left", "right"),
+    ),
+    "bronchiectasis": Form(
+        (("bronchiectasis", None),),
+        "severity",
+        ("mild",),
+        (None, "bilateral basal", "right lower lobe"),
+        countable=False,
+    ),
+    "lymphadenopathy": Form(
+        (("lymphadenopathy", None),),
+        None,
+        (),
+        ("right hilum", "left hilum", "bilateral hilum", "mediastinum"),
+        countable=False,
+    ),
+    "aspiration": Form(
+        (("aspiration", None),), None, (), (None, "right lower lobe", "bilateral basal"), countable=False
+    ),
     "hilar congestion": Form((("hilar congestion", None),), "severity", ("mild",), countable=False),
-    "heart failure": Form((("congestive heart failure", None), ("heart failure", None)), "severity",
-                          ("mild", "moderate"), countable=False),
+    "heart failure": Form(
+        (("congestive heart failure", None), ("heart failure", None)),
+        "severity",
+        ("mild", "moderate"),
+        countable=False,
+    ),
     "lesion": Form((("lesion", None),), None, (), ("right upper lobe", "left lower lobe", "right lung")),
     "hematoma": Form((("hematoma", None),), "size", ("mild",), ("left chest wall", "right chest wall")),
 }
@@ -255,49 +377,93 @@ FINDING_FORMS: dict[str, Form] = {
 # [location]), {The} = optional "The "; {be}/{have} agree with the noun phrase. The flag says whether the
 # noun phrase may state the level (for improved/worsened a level would be ambiguous: before or now?).
 POSITIVE_TEMPLATES: dict[str | None, list[tuple[str, bool]]] = {
-    None: [("{NP}.", True), ("There {be} {a}{NP}.", True), ("{The}{NP} {be} present.", True),
-           ("{The}{NP} {be} noted.", True), ("{The}{NP} {be} seen.", True)],
-    "new": [("New {NP}.", True), ("There {be} {a}new {NP}.", True),
-            ("There {be} {a}{NP}, new since the prior study.", True),
-            ("{NP} {be} new compared to the prior radiograph.", True),
-            ("Interval development of {a}{NP}.", True)],
-    "unchanged": [("{The}{NP} {be} unchanged.", True), ("{The}{NP} {be} stable.", True),
-                  ("Again seen {be} {a}{NP}.", True),
-                  ("{The}{NP} {be} again seen.", True), ("Persistent {NP}.", True), ("Stable {NP}.", True),
-                  ("No change in the {NP}.", True), ("No significant interval change in the {NP}.", True),
-                  ("There has been no change in the {NP}.", True), ("Unchanged {NP}.", True),
-                  ("{The}{NP} {be} not significantly changed.", True)],
-    "improved": [("{The}{NP} {have} improved.", False), ("{The}{NP} {have} decreased.", False),
-                 ("Interval improvement in the {NP}.", False), ("Improving {NP}.", False),
-                 ("Decreased {NP}.", False), ("There {be} {a}{NP}, improved since the prior study.", True)],
-    "worsened": [("{The}{NP} {have} increased.", False), ("{The}{NP} {have} worsened.", False),
-                 ("Interval increase in the {NP}.", False), ("Worsening {NP}.", False),
-                 ("Increased {NP}.", False), ("There {be} {a}{NP}, increased since the prior study.", True)],
+    None: [
+        ("{NP}.", True),
+        ("There {be} {a}{NP}.", True),
+        ("{The}{NP} {be} present.", True),
+        ("{The}{NP} {be} noted.", True),
+        ("{The}{NP} {be} seen.", True),
+    ],
+    "new": [
+        ("New {NP}.", True),
+        ("There {be} {a}new {NP}.", True),
+        ("There {be} {a}{NP}, new since the prior study.", True),
+        ("{NP} {be} new compared to the prior radiograph.", True),
+        ("Interval development of {a}{NP}.", True),
+    ],
+    "unchanged": [
+        ("{The}{NP} {be} unchanged.", True),
+        ("{The}{NP} {be} stable.", True),
+        ("Again seen {be} {a}{NP}.", True),
+        ("{The}{NP} {be} again seen.", True),
+        ("Persistent {NP}.", True),
+        ("Stable {NP}.", True),
+        ("No change in the {NP}.", True),
+        ("No significant interval change in the {NP}.", True),
+        ("There has been no change in the {NP}.", True),
+        ("Unchanged {NP}.", True),
+        ("{The}{NP} {be} not significantly changed.", True),
+    ],
+    "improved": [
+        ("{The}{NP} {have} improved.", False),
+        ("{The}{NP} {have} decreased.", False),
+        ("Interval improvement in the {NP}.", False),
+        ("Improving {NP}.", False),
+        ("Decreased {NP}.", False),
+        ("There {be} {a}{NP}, improved since the prior study.", True),
+    ],
+    "worsened": [
+        ("{The}{NP} {have} increased.", False),
+        ("{The}{NP} {have} worsened.", False),
+        ("Interval increase in the {NP}.", False),
+        ("Worsening {NP}.", False),
+        ("Increased {NP}.", False),
+        ("There {be} {a}{NP}, increased since the prior study.", True),
+    ],
 }
 # Two instances of one finding with different laterality in one sentence (one row each).
-PAIR_TEMPLATES = ["{L1} left and {L2} right {PLURAL}.", "{L1} right and {L2} left {PLURAL}.",
-                  "There are {L1} left and {L2} right {PLURAL}."]
+PAIR_TEMPLATES = [
+    "{L1} left and {L2} right {PLURAL}.",
+    "{L1} right and {L2} left {PLURAL}.",
+    "There are {L1} left and {L2} right {PLURAL}.",
+]
 # Two positive mentions in one sentence (one row each).
 POSITIVE_PAIR_TEMPLATES = ["{NP1} and {NP2}.", "There {be1} {a1}{NP1} and {a2}{NP2}.", "{NP1} with {NP2}."]
 # A positive resolved mention is written as a negative with change 'resolved'.
-RESOLVED_TEMPLATES = ["Interval resolution of the {NP}.", "{The}{NP} {have} resolved.",
-                      "The previously seen {NP} {have} resolved.", "{The}{NP} {be} no longer seen."]
+RESOLVED_TEMPLATES = [
+    "Interval resolution of the {NP}.",
+    "{The}{NP} {have} resolved.",
+    "The previously seen {NP} {have} resolved.",
+    "{The}{NP} {be} no longer seen.",
+]
 
 # Negatives: surface -> (name, type, location) as literally stated.
 NEGATIVE_FORMS: dict[str, list[tuple[str, str | None, str | None]]] = {
-    "pleural effusion": [("pleural effusion", None, None), ("pleural effusions", None, None),
-                         ("effusion", None, None)],
+    "pleural effusion": [
+        ("pleural effusion", None, None),
+        ("pleural effusions", None, None),
+        ("effusion", None, None),
+    ],
     "pneumothorax": [("pneumothorax", None, None)],
-    "consolidation": [("focal consolidation", "focal", None), ("consolidation", None, None),
-                      ("confluent consolidation", "confluent", None)],
+    "consolidation": [
+        ("focal consolidation", "focal", None),
+        ("consolidation", None, None),
+        ("confluent consolidation", "confluent", None),
+    ],
     "edema": [("pulmonary edema", None, None), ("edema", None, None)],
     "pneumonia": [("pneumonia", None, None)],
-    "vascular congestion": [("pulmonary vascular congestion", None, None), ("vascular congestion", None, None)],
+    "vascular congestion": [
+        ("pulmonary vascular congestion", None, None),
+        ("vascular congestion", None, None),
+    ],
     "cardiomegaly": [("cardiomegaly", None, None)],
     "lung opacity": [("focal opacity", "focal", None), ("opacity", None, None)],
     "atelectasis": [("atelectasis", None, None)],
-    "fracture": [("displaced fracture", "displaced", None), ("displaced rib fracture", "displaced", "rib"),
-                 ("fracture", None, None)],
+    "fracture": [
+        ("displaced fracture", "displaced", None),
+        ("displaced rib fracture", "displaced", "rib"),
+        ("fracture", None, None),
+    ],
     "pneumomediastinum": [("pneumomediastinum", None, None)],
     "nodule": [("pulmonary nodules", None, None)],
     "mass": [("mass", None, None)],
@@ -307,26 +473,54 @@ NEGATIVE_FORMS: dict[str, list[tuple[str, str | None, str | None]]] = {
     "subcutaneous emphysema": [("subcutaneous emphysema", None, None)],
 }
 NEGATIVE_TEMPLATES = {
-    1: ["No {0}.", "There is no {0}.", "No evidence of {0}.", "No {0} is seen.", "There is no evidence of {0}.",
-        "No new {0}.", "No {0} is identified."],
-    2: ["No {0} or {1}.", "There is no {0} or {1}.", "No {0} or {1} is seen.", "No evidence of {0} or {1}.",
-        "No {0} or {1} is identified."],
-    3: ["No {0}, {1}, or {2}.", "There is no {0}, {1} or {2}.", "No {0}, {1} or {2} is seen.",
-        "There is no evidence of {0}, {1}, or {2}."],
+    1: [
+        "No {0}.",
+        "There is no {0}.",
+        "No evidence of {0}.",
+        "No {0} is seen.",
+        "There is no evidence of {0}.",
+        "No new {0}.",
+        "No {0} is identified.",
+    ],
+    2: [
+        "No {0} or {1}.",
+        "There is no {0} or {1}.",
+        "No {0} or {1} is seen.",
+        "No evidence of {0} or {1}.",
+        "No {0} or {1} is identified.",
+    ],
+    3: [
+        "No {0}, {1}, or {2}.",
+        "There is no {0}, {1} or {2}.",
+        "No {0}, {1} or {2} is seen.",
+        "There is no evidence of {0}, {1}, or {2}.",
+    ],
 }
 # A negative tail appended to a positive or normal sentence: "Moderate left effusion, without pneumothorax."
-WITHOUT_TEMPLATES = {1: [", without {0}.", " without {0}.", " without evidence of {0}."],
-                     2: [", without {0} or {1}.", " without {0} or {1}."]}
+WITHOUT_TEMPLATES = {
+    1: [", without {0}.", " without {0}.", " without evidence of {0}."],
+    2: [", without {0} or {1}.", " without {0} or {1}."],
+}
 
 # Uncertain mentions (hedged). "early" and "superimposed" carry no attribute.
-UNCERTAIN_TEMPLATES = ["{NP} cannot be excluded.", "Cannot exclude {NP}.", "Possible {NP}.",
-                       "{NP} {be} not excluded.", "Superimposed {NP} cannot be excluded.",
-                       "Questionable {NP}.", "{NP} may be present."]
+UNCERTAIN_TEMPLATES = [
+    "{NP} cannot be excluded.",
+    "Cannot exclude {NP}.",
+    "Possible {NP}.",
+    "{NP} {be} not excluded.",
+    "Superimposed {NP} cannot be excluded.",
+    "Questionable {NP}.",
+    "{NP} may be present.",
+]
 UNCERTAIN_EARLY = ["Early {NP} cannot be excluded.", "Cannot exclude early {NP}."]
 # A positive opacity with hedged causes: the opacity is positive with its attributes, the causes are
 # uncertain without attributes.
-OPACITY_CAUSE_TEMPLATES = ["{OP} may represent {0} or {1}.", "{OP}, which may reflect {0} or {1}.",
-                           "{OP} could reflect {0}, though {1} cannot be excluded.", "{OP} may represent {0}."]
+OPACITY_CAUSE_TEMPLATES = [
+    "{OP} may represent {0} or {1}.",
+    "{OP}, which may reflect {0} or {1}.",
+    "{OP} could reflect {0}, though {1} cannot be excluded.",
+    "{OP} may represent {0}.",
+]
 OPACITY_CAUSES = ["atelectasis", "pneumonia", "aspiration"]
 
 # Normal statements: the negatives they imply (name, location).
@@ -342,107 +536,195 @@ NORMAL_STATEMENTS: dict[str, list[str]] = {
     "Pulmonary vascularity is normal.": ["vascular congestion"],
 }
 LUNG_NORMALS = ["The lungs are clear.", "Lungs are clear."]
-HEART_NORMALS = ["Heart size is normal.", "The heart is normal in size.", "Normal heart size.",
-                 "The cardiomediastinal silhouette is normal.", "Normal cardiomediastinal silhouette.",
-                 "Heart size and mediastinal contours are normal."]
+HEART_NORMALS = [
+    "Heart size is normal.",
+    "The heart is normal in size.",
+    "Normal heart size.",
+    "The cardiomediastinal silhouette is normal.",
+    "Normal cardiomediastinal silhouette.",
+    "Heart size and mediastinal contours are normal.",
+]
 # Sentences that state nothing a finding row records.
-NEUTRAL_SENTENCES = ["No acute osseous abnormality.", "The visualized osseous structures are unremarkable.",
-                     "Hilar contours are unremarkable.", "Bony structures are intact.",
-                     "There is no acute bony abnormality."]
+NEUTRAL_SENTENCES = [
+    "No acute osseous abnormality.",
+    "The visualized osseous structures are unremarkable.",
+    "Hilar contours are unremarkable.",
+    "Bony structures are intact.",
+    "There is no acute bony abnormality.",
+]
 # Neutral technique sentences that may open a findings section.
-FINDINGS_OPENERS = ["PA and lateral views of the chest were obtained.", "Single portable view of the chest.",
-                    "AP upright and lateral views of the chest were provided."]
+FINDINGS_OPENERS = [
+    "PA and lateral views of the chest were obtained.",
+    "Single portable view of the chest.",
+    "AP upright and lateral views of the chest were provided.",
+]
 # Look-alikes that name no finding (a careful reader extracts nothing): shadows, lines, skin folds.
-LOOKALIKE_SENTENCES = ["Bilateral nipple shadows are noted.", "A skin fold projects over the right hemithorax.",
-                       "Overlying breast shadows limit evaluation of the lung bases.",
-                       "The paratracheal stripe is normal.", "The azygoesophageal line is preserved.",
-                       "Soft tissue density over the left base likely reflects overlying breast tissue."]
-NO_ACUTE = ["No acute cardiopulmonary process.", "No acute intrathoracic process.",
-            "No acute cardiopulmonary abnormality.", "No radiographic evidence of acute disease."]
+LOOKALIKE_SENTENCES = [
+    "Bilateral nipple shadows are noted.",
+    "A skin fold projects over the right hemithorax.",
+    "Overlying breast shadows limit evaluation of the lung bases.",
+    "The paratracheal stripe is normal.",
+    "The azygoesophageal line is preserved.",
+    "Soft tissue density over the left base likely reflects overlying breast tissue.",
+]
+NO_ACUTE = [
+    "No acute cardiopulmonary process.",
+    "No acute intrathoracic process.",
+    "No acute cardiopulmonary abnormality.",
+    "No radiographic evidence of acute disease.",
+]
 # Follow-up impressions: a change statement without a finding (no row).
-NO_INTERVAL_CHANGE = ["No significant interval change.", "Little change from the prior study.",
-                      "Overall, no substantial change since the prior radiograph."]
+NO_INTERVAL_CHANGE = [
+    "No significant interval change.",
+    "Little change from the prior study.",
+    "Overall, no substantial change since the prior radiograph.",
+]
 # Cardiomegaly stated as an enlarged heart: "The heart is moderately enlarged." (positive, level).
-CARDIOMEGALY_TEMPLATES = ["The heart is {adv} enlarged.", "Heart size is {adv} enlarged.",
-                          "The heart is {adv} enlarged, unchanged.", "{Level} enlargement of the cardiac silhouette."]
+CARDIOMEGALY_TEMPLATES = [
+    "The heart is {adv} enlarged.",
+    "Heart size is {adv} enlarged.",
+    "The heart is {adv} enlarged, unchanged.",
+    "{Level} enlargement of the cardiac silhouette.",
+]
 HYPERINFLATION_TEMPLATES = ["The lungs are hyperinflated.", "The lungs are hyperinflated, unchanged."]
 TORTUOUS_TEMPLATES = ["The thoracic aorta is tortuous.", "The aorta is {adv} tortuous."]
 
 # Support devices: raw name -> sentences by change (location is never recorded for devices).
 DEVICES: dict[str, dict[str | None, list[str]]] = {
     "endotracheal tube": {
-        None: ["An endotracheal tube terminates {n} cm above the carina.",
-               "The endotracheal tube is in standard position."],
+        None: [
+            "An endotracheal tube terminates {n} cm above the carina.",
+            "The endotracheal tube is in standard position.",
+        ],
         "unchanged": ["The endotracheal tube is in unchanged position, {n} cm above the carina."],
-        "new": ["A new endotracheal tube terminates {n} cm above the carina."]},
+        "new": ["A new endotracheal tube terminates {n} cm above the carina."],
+    },
     "nasogastric tube": {
-        None: ["A nasogastric tube courses below the diaphragm with the tip in the stomach.",
-               "The nasogastric tube tip is in the stomach."],
+        None: [
+            "A nasogastric tube courses below the diaphragm with the tip in the stomach.",
+            "The nasogastric tube tip is in the stomach.",
+        ],
         "unchanged": ["The nasogastric tube is unchanged in position."],
-        "new": ["A new nasogastric tube extends into the stomach."]},
+        "new": ["A new nasogastric tube extends into the stomach."],
+    },
     "central venous catheter": {
-        None: ["A right internal jugular central venous catheter terminates in the mid SVC.",
-               "A left subclavian central venous catheter ends in the low SVC."],
+        None: [
+            "A right internal jugular central venous catheter terminates in the mid SVC.",
+            "A left subclavian central venous catheter ends in the low SVC.",
+        ],
         "unchanged": ["The right internal jugular catheter is unchanged, terminating in the mid SVC."],
-        "new": ["A new right internal jugular central venous catheter terminates at the cavoatrial junction."]},
+        "new": [
+            "A new right internal jugular central venous catheter terminates at the cavoatrial junction."
+        ],
+    },
     "PICC line": {
         None: ["A left-sided PICC line terminates in the low SVC.", "A right PICC line ends in the mid SVC."],
         "unchanged": ["The PICC line is in unchanged position."],
-        "new": ["A new right PICC line terminates in the low SVC."]},
+        "new": ["A new right PICC line terminates in the low SVC."],
+    },
     "pacemaker": {
-        None: ["A left-sided pacemaker is noted with leads terminating in the right atrium and right ventricle.",
-               "Dual-lead pacemaker device is in place."],
-        "unchanged": ["The pacemaker leads are unchanged in position."]},
+        None: [
+            "A left-sided pacemaker is noted with leads terminating in the right atrium and right ventricle.",
+            "Dual-lead pacemaker device is in place.",
+        ],
+        "unchanged": ["The pacemaker leads are unchanged in position."],
+    },
     "sternotomy wires": {
         None: ["Median sternotomy wires are intact.", "The patient is status post median sternotomy."],
-        "unchanged": ["Sternotomy wires are unchanged."]},
+        "unchanged": ["Sternotomy wires are unchanged."],
+    },
     "chest tube": {
         None: ["A right-sided chest tube is in place.", "A left basilar chest tube is present."],
         "unchanged": ["The chest tube is unchanged in position."],
-        "new": ["A new right chest tube has been placed."]},
+        "new": ["A new right chest tube has been placed."],
+    },
     "Swan-Ganz catheter": {
         None: ["A Swan-Ganz catheter terminates in the right pulmonary artery."],
-        "unchanged": ["The Swan-Ganz catheter is unchanged in position."]},
+        "unchanged": ["The Swan-Ganz catheter is unchanged in position."],
+    },
 }
-ICU_DEVICES = ["endotracheal tube", "nasogastric tube", "central venous catheter", "PICC line", "chest tube",
-               "Swan-Ganz catheter"]
+ICU_DEVICES = [
+    "endotracheal tube",
+    "nasogastric tube",
+    "central venous catheter",
+    "PICC line",
+    "chest tube",
+    "Swan-Ganz catheter",
+]
 CHRONIC_DEVICES = ["pacemaker", "sternotomy wires"]
 # Per portable study of an ICU-ish patient (chronic devices: per patient).
-DEVICE_INCIDENCE = {"endotracheal tube": 0.35, "nasogastric tube": 0.3, "central venous catheter": 0.2,
-                    "PICC line": 0.15, "chest tube": 0.08, "Swan-Ganz catheter": 0.04, "pacemaker": 0.07,
-                    "sternotomy wires": 0.09}
+DEVICE_INCIDENCE = {
+    "endotracheal tube": 0.35,
+    "nasogastric tube": 0.3,
+    "central venous catheter": 0.2,
+    "PICC line": 0.15,
+    "chest tube": 0.08,
+    "Swan-Ganz catheter": 0.04,
+    "pacemaker": 0.07,
+    "sternotomy wires": 0.09,
+}
 
 # Text around the findings (never in the truth).
-INDICATIONS = ["___ year old {sex} with ?pneumonia", "___ year old {sex} with shortness of breath  // ?effusion",
-               "___ year old {sex} with fever and cough  // r/o pna", "___ year old {sex} intubated  // ETT placement",
-               "___ year old {sex} with chest pain", "___ year old {sex} with CHF exacerbation  // ?edema",
-               "___ year old {sex} s/p chest tube placement  // ?pneumothorax", "Preoperative evaluation.",
-               "___ year old {sex} with hypoxia  // eval for consolidation", "___ with cough, ?infiltrate",
-               "___ year old {sex} with new central line  // line placement", "History: ___ with dyspnea"]
-TECHNIQUES = {"pa": ["Chest PA and lateral", "PA and lateral views of the chest.", "Frontal and lateral views"],
-              "ap": ["Portable AP chest radiograph.", "Single frontal view of the chest.", "AP portable upright"],
-              "other": ["Chest radiograph, single view."]}
+INDICATIONS = [
+    "___ year old {sex} with ?pneumonia",
+    "___ year old {sex} with shortness of breath  // ?effusion",
+    "___ year old {sex} with fever and cough  // r/o pna",
+    "___ year old {sex} intubated  // ETT placement",
+    "___ year old {sex} with chest pain",
+    "___ year old {sex} with CHF exacerbation  // ?edema",
+    "___ year old {sex} s/p chest tube placement  // ?pneumothorax",
+    "Preoperative evaluation.",
+    "___ year old {sex} with hypoxia  // eval for consolidation",
+    "___ with cough, ?infiltrate",
+    "___ year old {sex} with new central line  // line placement",
+    "History: ___ with dyspnea",
+]
+TECHNIQUES = {
+    "pa": ["Chest PA and lateral", "PA and lateral views of the chest.", "Frontal and lateral views"],
+    "ap": ["Portable AP chest radiograph.", "Single frontal view of the chest.", "AP portable upright"],
+    "other": ["Chest radiograph, single view."],
+}
 COMPARISONS_FIRST = ["None.", "None available.", "No prior studies."]
-COMPARISONS = ["___", "___.", "Chest radiograph ___.", "Prior chest radiographs ___ and ___.",
-               "Multiple prior studies, most recently ___."]
-COMPARISON_LEADS = ["In comparison with the study of ___, ", "Compared to the prior study, ",
-                    "As compared to the previous radiograph, "]
-COMMUNICATIONS = ["The findings were discussed with Dr. ___ by Dr. ___ by telephone at 10:30 AM on ___, "
-                  "___ minutes after discovery.",
-                  "Findings were communicated to Dr. ___ at 4:15 PM on ___ by phone.",
-                  "Dr. ___ was notified of the findings at 11:05 PM."]
-NOTIFICATIONS = ["The findings were discussed with Dr. ___ by ___ on the telephone on ___ at 9:42 AM, "
-                 "___ minutes after discovery of the findings.",
-                 "Findings discussed with Dr. ___ at 2:20 PM on ___."]
-RECOMMENDATIONS = ["Follow-up chest radiograph is recommended after treatment.",
-                   "Recommend dedicated chest CT for further characterization."]
-ADDENDA = ["Dr. ___ was paged with these results at 8:10 PM.",
-           "The study was reviewed with the referring clinician at 3:30 PM on ___."]
-NOTES = ["NOTE: Dr. ___ was informed of these results at 10:45 AM.",
-         "NOTE: The patient is rotated, limiting evaluation."]
-NONDIAGNOSTIC = ["This study was ordered in error and was not performed.",
-                 "Please refer to the dedicated CT of the same day for the interpretation.",
-                 "The images were reviewed; see separate report for interpretation."]
+COMPARISONS = [
+    "___",
+    "___.",
+    "Chest radiograph ___.",
+    "Prior chest radiographs ___ and ___.",
+    "Multiple prior studies, most recently ___.",
+]
+COMPARISON_LEADS = [
+    "In comparison with the study of ___, ",
+    "Compared to the prior study, ",
+    "As compared to the previous radiograph, ",
+]
+COMMUNICATIONS = [
+    "The findings were discussed with Dr. ___ by Dr. ___ by telephone at 10:30 AM on ___, "
+    "___ minutes after discovery.",
+    "Findings were communicated to Dr. ___ at 4:15 PM on ___ by phone.",
+    "Dr. ___ was notified of the findings at 11:05 PM.",
+]
+NOTIFICATIONS = [
+    "The findings were discussed with Dr. ___ by ___ on the telephone on ___ at 9:42 AM, "
+    "___ minutes after discovery of the findings.",
+    "Findings discussed with Dr. ___ at 2:20 PM on ___.",
+]
+RECOMMENDATIONS = [
+    "Follow-up chest radiograph is recommended after treatment.",
+    "Recommend dedicated chest CT for further characterization.",
+]
+ADDENDA = [
+    "Dr. ___ was paged with these results at 8:10 PM.",
+    "The study was reviewed with the referring clinician at 3:30 PM on ___.",
+]
+NOTES = [
+    "NOTE: Dr. ___ was informed of these results at 10:45 AM.",
+    "NOTE: The patient is rotated, limiting evaluation.",
+]
+NONDIAGNOSTIC = [
+    "This study was ordered in error and was not performed.",
+    "Please refer to the dedicated CT of the same day for the interpretation.",
+    "The images were reviewed; see separate report for interpretation.",
+]
 BANNER = " " * 33 + "FINAL REPORT"
 UNDERSCORES = " " + "_" * 78
 
@@ -450,14 +732,52 @@ UNDERSCORES = " " + "_" * 78
 # Section headers (reference/sectioning_radialog.md §1.3): every alias, substring, regex and unmapped case.
 # =========================================================================================================
 HEADER_ALIASES = {
-    "impression": ["IMPRESSION", "CONCLUSION", "FINDINGS AND IMPRESSION", "FINDINGS/IMPRESSION",
-                   "FINDINGS/ IMPRESSION", "IMPRESSON", "IMPRRESSION", "IMORESSION", "IMPRESSOIN", "IMPRSSION",
-                   "IMPRESION", "IMPERSSION", "MPRESSION", "IMPESSION"],
-    "findings": ["FINDINGS", "CHEST, TWO VIEWS", "FINDING", "FINDINS", "FINDINDGS", "FINDGINGS", "FINDNGS",
-                 "FINDNINGS", "FINIDNGS", "REFERENCE FINDINGS"],
-    "comparison": ["COMPARISON", "COMPARISONS", "REFERENCE EXAM", "COMPARISON EXAM", "COMPARISON FILM",
-                   "COMPARISION", "COMPARSION", "COMPARRISON", "COMPARISIONS"],
-    "indication": ["INDICATION", "REASON FOR EXAMINATION", "REASON FOR EXAM", "CLINICAL INDICATION", "IDICATION"],
+    "impression": [
+        "IMPRESSION",
+        "CONCLUSION",
+        "FINDINGS AND IMPRESSION",
+        "FINDINGS/IMPRESSION",
+        "FINDINGS/ IMPRESSION",
+        "IMPRESSON",
+        "IMPRRESSION",
+        "IMORESSION",
+        "IMPRESSOIN",
+        "IMPRSSION",
+        "IMPRESION",
+        "IMPERSSION",
+        "MPRESSION",
+        "IMPESSION",
+    ],
+    "findings": [
+        "FINDINGS",
+        "CHEST, TWO VIEWS",
+        "FINDING",
+        "FINDINS",
+        "FINDINDGS",
+        "FINDGINGS",
+        "FINDNGS",
+        "FINDNINGS",
+        "FINIDNGS",
+        "REFERENCE FINDINGS",
+    ],
+    "comparison": [
+        "COMPARISON",
+        "COMPARISONS",
+        "REFERENCE EXAM",
+        "COMPARISON EXAM",
+        "COMPARISON FILM",
+        "COMPARISION",
+        "COMPARSION",
+        "COMPARRISON",
+        "COMPARISIONS",
+    ],
+    "indication": [
+        "INDICATION",
+        "REASON FOR EXAMINATION",
+        "REASON FOR EXAM",
+        "CLINICAL INDICATION",
+        "IDICATION",
+    ],
     "examination": ["EXAMINATION", "EXAM", "TYPE OF EXAMINATION"],
     "technique": ["TECHNIQUE"],
     "history": ["HISTORY", "CLINICAL HISTORY", "CLINICAL INFORMATION", "PATIENT HISTORY", "PFI"],
@@ -468,14 +788,34 @@ HEADER_ALIASES = {
     "comment": ["COMMENT"],
     "wet read": ["WET READ", "WETREAD"],
 }
-HEADER_SUBSTRING = {"impression": ["IMPRESSION AND RECOMMENDATIONS"], "findings": ["PERTINENT FINDINGS"],
-                    "history": ["HISTORY OF PRESENT ILLNESS"], "comparison": ["COMPARISON STUDY"],
-                    "addendum": ["ADDENDUM TO REPORT"]}
+HEADER_SUBSTRING = {
+    "impression": ["IMPRESSION AND RECOMMENDATIONS"],
+    "findings": ["PERTINENT FINDINGS"],
+    "history": ["HISTORY OF PRESENT ILLNESS"],
+    "comparison": ["COMPARISON STUDY"],
+    "addendum": ["ADDENDUM TO REPORT"],
+}
 # MIT's "describes the whole study" regex (-> findings): one header per alternative.
-HEADER_WHOLE_STUDY = ["PORTABLE CHEST", "CHEST (PA AND LAT)", "PA AND LATERAL VIEWS", "LATERAL AND PA VIEWS",
-                      "AP AND LATERAL VIEWS", "LATERAL AND AP VIEWS", "FRONTAL AND LATERAL VIEWS",
-                      "TWO VIEWS", "FRONTAL VIEW", "PA VIEW", "AP VIEW", "ONE VIEW", "LATERAL VIEW",
-                      "BONE WINDOW", "FRONTAL UPRIGHT", "FRONTAL SEMI-UPRIGHT", "RIBS", "PA AND LAT"]
+HEADER_WHOLE_STUDY = [
+    "PORTABLE CHEST",
+    "CHEST (PA AND LAT)",
+    "PA AND LATERAL VIEWS",
+    "LATERAL AND PA VIEWS",
+    "AP AND LATERAL VIEWS",
+    "LATERAL AND AP VIEWS",
+    "FRONTAL AND LATERAL VIEWS",
+    "TWO VIEWS",
+    "FRONTAL VIEW",
+    "PA VIEW",
+    "AP VIEW",
+    "ONE VIEW",
+    "LATERAL VIEW",
+    "BONE WINDOW",
+    "FRONTAL UPRIGHT",
+    "FRONTAL SEMI-UPRIGHT",
+    "RIBS",
+    "PA AND LAT",
+]
 HEADER_UNMAPPED = ["PROVIDER", "REASON", "PROCEDURE", "CLINICAL QUESTION"]
 
 # Report types and their share of studies (reference §2.5).
@@ -489,13 +829,16 @@ REPORT_TYPES = {
     "G": 0.01,  # comparison is the only conclusion
 }
 
+
 # Forced features: every parser branch appears at least once in any corpus with enough studies.
 # Each entry is (feature, report types it can live in).
 def _forced_features() -> list[tuple[str, str]]:
     forced: list[tuple[str, str]] = [(f"type:{t}", t) for t in REPORT_TYPES]
     for canon, headers in HEADER_ALIASES.items():
         for h in headers:
-            forced.append((f"alias:{h}", "AB" if canon == "impression" else "AC" if canon == "findings" else "A"))
+            forced.append(
+                (f"alias:{h}", "AB" if canon == "impression" else "AC" if canon == "findings" else "A")
+            )
     for canon, headers in HEADER_SUBSTRING.items():
         for h in headers:
             forced.append((f"substring:{h}", "A" if canon != "findings" else "AC"))
@@ -503,12 +846,27 @@ def _forced_features() -> list[tuple[str, str]]:
         forced.append((f"regex:{h}", "AC"))
     for h in HEADER_UNMAPPED:
         forced.append((f"unmapped:{h}", "A"))
-    forced += [("ndication", "A"), ("empty_title", "A"), ("dup_findings_empty", "A"), ("dup_impression", "A"),
-               ("swallow", "A"), ("note_false_header", "A"), ("no_leading_space", "A"),
-               ("lowercase_header", "A"), ("digit_header", "A"), ("wet_read", "A"), ("addendum", "A"),
-               ("numbered_impression", "AB"), ("notification", "A"), ("recommendations", "A"),
-               ("comparison_lead", "AB"), ("communication", "AB"), ("pair_laterality", "AC"),
-               ("type:F:notification", "F"), ("type:D:history", "D")]
+    forced += [
+        ("ndication", "A"),
+        ("empty_title", "A"),
+        ("dup_findings_empty", "A"),
+        ("dup_impression", "A"),
+        ("swallow", "A"),
+        ("note_false_header", "A"),
+        ("no_leading_space", "A"),
+        ("lowercase_header", "A"),
+        ("digit_header", "A"),
+        ("wet_read", "A"),
+        ("addendum", "A"),
+        ("numbered_impression", "AB"),
+        ("notification", "A"),
+        ("recommendations", "A"),
+        ("comparison_lead", "AB"),
+        ("communication", "AB"),
+        ("pair_laterality", "AC"),
+        ("type:F:notification", "F"),
+        ("type:D:history", "D"),
+    ]
     return forced
 
 
@@ -527,25 +885,72 @@ SPECIAL_STUDIES = [
     (58235663, None, "custom_indices:0:0", None),
 ]
 
-CHEXPERT_LABELS = ["Atelectasis", "Cardiomegaly", "Consolidation", "Edema", "Enlarged Cardiomediastinum",
-                   "Fracture", "Lung Lesion", "Lung Opacity", "No Finding", "Pleural Effusion", "Pleural Other",
-                   "Pneumonia", "Pneumothorax", "Support Devices"]
+CHEXPERT_LABELS = [
+    "Atelectasis",
+    "Cardiomegaly",
+    "Consolidation",
+    "Edema",
+    "Enlarged Cardiomediastinum",
+    "Fracture",
+    "Lung Lesion",
+    "Lung Opacity",
+    "No Finding",
+    "Pleural Effusion",
+    "Pleural Other",
+    "Pneumonia",
+    "Pneumothorax",
+    "Support Devices",
+]
 # Canonical name -> CheXpert label: libs/findings.csv, the one mapping every stage reads.
 CHEXPERT_OF = {name: cls for name, cls in load_libs().chexpert.items() if cls}
 
-METADATA_COLUMNS = ["dicom_id", "subject_id", "study_id", "PerformedProcedureStepDescription", "ViewPosition",
-                    "Rows", "Columns", "StudyDate", "StudyTime", "ProcedureCodeSequence_CodeMeaning",
-                    "ViewCodeSequence_CodeMeaning", "PatientOrientationCodeSequence_CodeMeaning"]
-VIEW_MEANING = {"PA": "postero-anterior", "AP": "antero-posterior", "LATERAL": "lateral", "LL": "left lateral",
-                "AP AXIAL": "antero-posterior", "AP LLD": "left lateral decubitus", "XTABLE LATERAL": "lateral",
-                "RAO": "right anterior oblique", "SWIMMERS": "lateral", "": ""}
+METADATA_COLUMNS = [
+    "dicom_id",
+    "subject_id",
+    "study_id",
+    "PerformedProcedureStepDescription",
+    "ViewPosition",
+    "Rows",
+    "Columns",
+    "StudyDate",
+    "StudyTime",
+    "ProcedureCodeSequence_CodeMeaning",
+    "ViewCodeSequence_CodeMeaning",
+    "PatientOrientationCodeSequence_CodeMeaning",
+]
+VIEW_MEANING = {
+    "PA": "postero-anterior",
+    "AP": "antero-posterior",
+    "LATERAL": "lateral",
+    "LL": "left lateral",
+    "AP AXIAL": "antero-posterior",
+    "AP LLD": "left lateral decubitus",
+    "XTABLE LATERAL": "lateral",
+    "RAO": "right anterior oblique",
+    "SWIMMERS": "lateral",
+    "": "",
+}
 # Study kinds: (procedure, share, [(views, weight)]).
 STUDY_KINDS = [
-    ("CHEST (PA AND LAT)", 0.55, [(("PA", "LATERAL"), 0.80), (("PA", "LL"), 0.04), (("PA",), 0.03),
-                                  (("LATERAL",), 0.02), (("PA", "PA", "LATERAL"), 0.04),
-                                  (("PA", "LATERAL", "LATERAL"), 0.04), (("", "LATERAL"), 0.02),
-                                  (("AP", "LATERAL"), 0.02)]),
-    ("CHEST (PORTABLE AP)", 0.40, [(("AP",), 0.83), (("AP", "AP"), 0.10), (("",), 0.03), (("AP", "LATERAL"), 0.04)]),
+    (
+        "CHEST (PA AND LAT)",
+        0.55,
+        [
+            (("PA", "LATERAL"), 0.80),
+            (("PA", "LL"), 0.04),
+            (("PA",), 0.03),
+            (("LATERAL",), 0.02),
+            (("PA", "PA", "LATERAL"), 0.04),
+            (("PA", "LATERAL", "LATERAL"), 0.04),
+            (("", "LATERAL"), 0.02),
+            (("AP", "LATERAL"), 0.02),
+        ],
+    ),
+    (
+        "CHEST (PORTABLE AP)",
+        0.40,
+        [(("AP",), 0.83), (("AP", "AP"), 0.10), (("",), 0.03), (("AP", "LATERAL"), 0.04)],
+    ),
     ("CHEST (PRE-OP PA & LAT)", 0.02, [(("PA", "LATERAL"), 1.0)]),
     ("CHEST (SINGLE VIEW)", 0.015, [(("PA",), 0.5), (("AP",), 0.5)]),
     ("RIB BILAT, W/AP CHEST", 0.005, [(("AP", "AP AXIAL", "RAO"), 1.0)]),
@@ -561,31 +966,71 @@ STUDY_KINDS = [
 # =========================================================================================================
 _HEADER = re.compile(r"\n ([A-Z ()/,-]+):\s")
 _EXACT = {
-    "preamble": "preamble", "impression": "impression", "conclusion": "impression",
-    "findings and impression": "impression", "findings/impression": "impression",
-    "findings/ impression": "impression", "impresson": "impression", "imprression": "impression",
-    "imoression": "impression", "impressoin": "impression", "imprssion": "impression",
-    "impresion": "impression", "imperssion": "impression", "mpression": "impression",
-    "impession": "impression", "ndication": "impression",
-    "findings": "findings", "chest, two views": "findings", "finding": "findings", "findins": "findings",
-    "findindgs": "findings", "findgings": "findings", "findngs": "findings", "findnings": "findings",
-    "finidngs": "findings", "reference findings": "findings",
-    "comparison": "comparison", "comparisons": "comparison", "reference exam": "comparison",
-    "comparison exam": "comparison", "comparison film": "comparison", "comparision": "comparison",
-    "comparsion": "comparison", "comparrison": "comparison", "comparisions": "comparison",
-    "indication": "indication", "reason for examination": "indication", "reason for exam": "indication",
-    "clinical indication": "indication", "idication": "indication",
-    "examination": "examination", "exam": "examination", "type of examination": "examination",
-    "technique": "technique", "history": "history", "clinical history": "history",
-    "clinical information": "history", "patient history": "history", "pfi": "history",
-    "notification": "notification", "recommendation(s)": "recommendations",
-    "recommendations": "recommendations", "recommendation": "recommendations", "addendum": "addendum",
-    "date": "date", "comment": "comment", "wet read": "wet read", "wetread": "wet read",
+    "preamble": "preamble",
+    "impression": "impression",
+    "conclusion": "impression",
+    "findings and impression": "impression",
+    "findings/impression": "impression",
+    "findings/ impression": "impression",
+    "impresson": "impression",
+    "imprression": "impression",
+    "imoression": "impression",
+    "impressoin": "impression",
+    "imprssion": "impression",
+    "impresion": "impression",
+    "imperssion": "impression",
+    "mpression": "impression",
+    "impession": "impression",
+    "ndication": "impression",
+    "findings": "findings",
+    "chest, two views": "findings",
+    "finding": "findings",
+    "findins": "findings",
+    "findindgs": "findings",
+    "findgings": "findings",
+    "findngs": "findings",
+    "findnings": "findings",
+    "finidngs": "findings",
+    "reference findings": "findings",
+    "comparison": "comparison",
+    "comparisons": "comparison",
+    "reference exam": "comparison",
+    "comparison exam": "comparison",
+    "comparison film": "comparison",
+    "comparision": "comparison",
+    "comparsion": "comparison",
+    "comparrison": "comparison",
+    "comparisions": "comparison",
+    "indication": "indication",
+    "reason for examination": "indication",
+    "reason for exam": "indication",
+    "clinical indication": "indication",
+    "idication": "indication",
+    "examination": "examination",
+    "exam": "examination",
+    "type of examination": "examination",
+    "technique": "technique",
+    "history": "history",
+    "clinical history": "history",
+    "clinical information": "history",
+    "patient history": "history",
+    "pfi": "history",
+    "notification": "notification",
+    "recommendation(s)": "recommendations",
+    "recommendations": "recommendations",
+    "recommendation": "recommendations",
+    "addendum": "addendum",
+    "date": "date",
+    "comment": "comment",
+    "wet read": "wet read",
+    "wetread": "wet read",
 }
 _SUBSTRINGS = ("impression", "findings", "history", "comparison", "addendum")
-_WHOLE = re.compile(r"chest|portable|pa and lateral|lateral and pa|ap and lateral|lateral and ap|frontal and|"
-                    r"two views|frontal view|pa view|ap view|one view|lateral view|bone window|frontal upright|"
-                    r"frontal semi-upright|ribs|pa and lat")
+_WHOLE = re.compile(
+    r"chest|portable|pa and lateral|lateral and pa|ap and lateral|lateral and ap|frontal and|"
+    r"two views|frontal view|pa view|ap view|one view|lateral view|bone window|frontal upright|"
+    r"frontal semi-upright|ribs|pa and lat"
+)
 
 
 def _normalize(name: str) -> str:
@@ -611,8 +1056,10 @@ def mit_sections(text: str) -> tuple[list[str], list[str]]:
         for i, m in enumerate(matches):
             end = matches[i + 1].start() if i + 1 < len(matches) else len(text)
             names.append(_normalize(m.group(1)))
-            texts.append(text[m.end(): end])
-    keep = [i for i in range(len(names)) if not (names[i] in ("impression", "findings") and not texts[i].strip())]
+            texts.append(text[m.end() : end])
+    keep = [
+        i for i in range(len(names)) if not (names[i] in ("impression", "findings") and not texts[i].strip())
+    ]
     names, texts = [names[i] for i in keep], [texts[i] for i in keep]
     if "impression" not in names and "findings" not in names and "\n \n" in texts[-1]:
         first, *rest = texts[-1].split("\n \n")
@@ -673,8 +1120,8 @@ def _resolve_articles(text: str, article_ok: dict[str, bool]) -> str:
         token = "{" + slot + "}"
         while token in text:
             i = text.index(token)
-            nxt = text[i + len(token):].split(" ", 1)[0]
-            text = text[:i] + (_article(nxt) if ok else "") + text[i + len(token):]
+            nxt = text[i + len(token) :].split(" ", 1)[0]
+            text = text[:i] + (_article(nxt) if ok else "") + text[i + len(token) :]
     return text
 
 
@@ -746,7 +1193,9 @@ class Writer:
             return Sentence(text, [Mention("cardiomegaly", "positive", level=m.level, change=change)])
         if m.name == "hyperinflation" and rng.random() < 0.6:
             t = rng.choice(HYPERINFLATION_TEMPLATES)
-            return Sentence(t, [Mention("hyperinflation", "positive", change="unchanged" if "unch" in t else None)])
+            return Sentence(
+                t, [Mention("hyperinflation", "positive", change="unchanged" if "unch" in t else None)]
+            )
         if m.name == "tortuous aorta" and rng.random() < 0.5:
             t = rng.choice(TORTUOUS_TEMPLATES)
             lvl = "mild" if "{adv}" in t else None
@@ -770,8 +1219,9 @@ class Writer:
         t = self.rng.choice(PAIR_TEMPLATES)
         first, second = (left, right) if "{L1} left" in t else (right, left)
         plural = next(f[1] for f in form.forms if f[1])
-        text = t.format(L1=self.rng.choice(words[first.level]), L2=self.rng.choice(words[second.level]),
-                        PLURAL=plural)
+        text = t.format(
+            L1=self.rng.choice(words[first.level]), L2=self.rng.choice(words[second.level]), PLURAL=plural
+        )
         rows = [Mention(x.name, "positive", x.location, x.level) for x in (first, second)]
         return Sentence(_cap(text), rows)
 
@@ -786,7 +1236,9 @@ class Writer:
         rng = self.rng
         picked = [rng.choice(NEGATIVE_FORMS[n]) for n in names]
         surfaces = [p[0] for p in picked]
-        rows = [Mention(n, "negative", loc, None, typ) for n, (_surf, typ, loc) in zip(names, picked, strict=True)]
+        rows = [
+            Mention(n, "negative", loc, None, typ) for n, (_surf, typ, loc) in zip(names, picked, strict=True)
+        ]
         if tail_of is not None:
             tail = rng.choice(WITHOUT_TEMPLATES[len(names)]).format(*surfaces)
             return Sentence(tail_of.text.rstrip(".") + tail, tail_of.rows + rows)
@@ -833,25 +1285,85 @@ def join_sentences(rng: random.Random, sentences: list[Sentence]) -> str:
 # Patients, studies, clinical course
 # =========================================================================================================
 # (name, per-study incidence, levels, is_chronic)
-ACUTE = [("pleural effusion", 0.15), ("atelectasis", 0.15), ("lung opacity", 0.12), ("consolidation", 0.05),
-         ("pneumonia", 0.06), ("edema", 0.045), ("vascular congestion", 0.03), ("pneumothorax", 0.03),
-         ("enlarged cardiomediastinum", 0.02), ("subcutaneous emphysema", 0.008), ("pneumomediastinum", 0.004),
-         ("pericardial effusion", 0.006), ("heart failure", 0.01), ("hilar congestion", 0.006),
-         ("lymphadenopathy", 0.005), ("mass", 0.004), ("lesion", 0.003), ("hematoma", 0.003),
-         ("blunting of the costophrenic angle", 0.015), ("pneumoperitoneum", 0.002), ("fracture", 0.006),
-         ("aspiration", 0.004), ("calcification", 0.006), ("infiltrate", 0.02)]
-CHRONIC = [("cardiomegaly", 0.28), ("emphysema", 0.06), ("hyperinflation", 0.05), ("scoliosis", 0.05),
-           ("degenerative changes", 0.07), ("granuloma", 0.05), ("tortuous aorta", 0.08),
-           ("aortic calcification", 0.06), ("hiatal hernia", 0.04), ("fracture", 0.03), ("scarring", 0.04),
-           ("pleural thickening", 0.03), ("elevated hemidiaphragm", 0.04), ("nodule", 0.03), ("fibrosis", 0.015),
-           ("bronchiectasis", 0.015), ("interstitial markings", 0.03)]
+ACUTE = [
+    ("pleural effusion", 0.15),
+    ("atelectasis", 0.15),
+    ("lung opacity", 0.12),
+    ("consolidation", 0.05),
+    ("pneumonia", 0.06),
+    ("edema", 0.045),
+    ("vascular congestion", 0.03),
+    ("pneumothorax", 0.03),
+    ("enlarged cardiomediastinum", 0.02),
+    ("subcutaneous emphysema", 0.008),
+    ("pneumomediastinum", 0.004),
+    ("pericardial effusion", 0.006),
+    ("heart failure", 0.01),
+    ("hilar congestion", 0.006),
+    ("lymphadenopathy", 0.005),
+    ("mass", 0.004),
+    ("lesion", 0.003),
+    ("hematoma", 0.003),
+    ("blunting of the costophrenic angle", 0.015),
+    ("pneumoperitoneum", 0.002),
+    ("fracture", 0.006),
+    ("aspiration", 0.004),
+    ("calcification", 0.006),
+    ("infiltrate", 0.02),
+]
+CHRONIC = [
+    ("cardiomegaly", 0.28),
+    ("emphysema", 0.06),
+    ("hyperinflation", 0.05),
+    ("scoliosis", 0.05),
+    ("degenerative changes", 0.07),
+    ("granuloma", 0.05),
+    ("tortuous aorta", 0.08),
+    ("aortic calcification", 0.06),
+    ("hiatal hernia", 0.04),
+    ("fracture", 0.03),
+    ("scarring", 0.04),
+    ("pleural thickening", 0.03),
+    ("elevated hemidiaphragm", 0.04),
+    ("nodule", 0.03),
+    ("fibrosis", 0.015),
+    ("bronchiectasis", 0.015),
+    ("interstitial markings", 0.03),
+]
 ACUTE_NAMES = {n for n, _p in ACUTE}
-PARENCHYMAL = {"lung opacity", "infiltrate", "consolidation", "atelectasis", "pneumonia", "edema", "nodule", "mass", "granuloma",
-               "fibrosis", "scarring", "interstitial markings", "aspiration", "lesion", "bronchiectasis", "emphysema",
-               "vascular congestion", "hyperinflation"}
+PARENCHYMAL = {
+    "lung opacity",
+    "infiltrate",
+    "consolidation",
+    "atelectasis",
+    "pneumonia",
+    "edema",
+    "nodule",
+    "mass",
+    "granuloma",
+    "fibrosis",
+    "scarring",
+    "interstitial markings",
+    "aspiration",
+    "lesion",
+    "bronchiectasis",
+    "emphysema",
+    "vascular congestion",
+    "hyperinflation",
+}
 HEART = {"cardiomegaly", "enlarged cardiomediastinum", "heart failure", "pericardial effusion"}
-COMMON_NEGATIVES = ["pleural effusion", "pneumothorax", "consolidation", "edema", "pneumonia",
-                    "vascular congestion", "lung opacity", "atelectasis", "fracture", "pneumomediastinum"]
+COMMON_NEGATIVES = [
+    "pleural effusion",
+    "pneumothorax",
+    "consolidation",
+    "edema",
+    "pneumonia",
+    "vascular congestion",
+    "lung opacity",
+    "atelectasis",
+    "fracture",
+    "pneumomediastinum",
+]
 NEG_WEIGHTS = [10, 10, 8, 4, 2, 2, 2, 1, 1, 0.5]
 
 
@@ -860,8 +1372,11 @@ def _draw(rng: random.Random, name: str, *, acute: bool) -> Mention:
     loc = rng.choice(form.locations)
     typ = rng.choice(form.types)
     if name == "fracture":
-        typ = rng.choice([None, "healed", "healed"]) if not acute else rng.choice([None, "acute", "displaced",
-                                                                                 "nondisplaced"])
+        typ = (
+            rng.choice([None, "healed", "healed"])
+            if not acute
+            else rng.choice([None, "acute", "displaced", "nondisplaced"])
+        )
     lvl = rng.choice(form.levels) if form.levels else None
     return Mention(name, "positive", loc, lvl, typ)
 
@@ -919,7 +1434,9 @@ def advance(rng: random.Random, pt: Patient, portable: bool) -> tuple[list[Menti
             m.change = "new" if prior else None
             if name == "pleural effusion" and rng.random() < 0.25:  # two lateralities, two instances
                 left = replace(m, location="left", level=rng.choice(["mild", "moderate"]), type=None)
-                right = replace(m, location="right", level=rng.choice(["minimal", "mild", "severe"]), type=None)
+                right = replace(
+                    m, location="right", level=rng.choice(["minimal", "mild", "severe"]), type=None
+                )
                 pt.acute[("pleural effusion", "left")] = left
                 pt.acute[("pleural effusion", "right")] = right
                 continue
@@ -937,8 +1454,15 @@ def advance(rng: random.Random, pt: Patient, portable: bool) -> tuple[list[Menti
     else:
         pt.devices.clear()
     positives = [replace(c) for c in pt.chronic] + [replace(m) for m in pt.acute.values()]
-    devices = [Mention("support device", "positive", change=("unchanged" if prior else None) if d in
-                       pt.chronic_devices else None, raw=d) for d in pt.chronic_devices]
+    devices = [
+        Mention(
+            "support device",
+            "positive",
+            change=("unchanged" if prior else None) if d in pt.chronic_devices else None,
+            raw=d,
+        )
+        for d in pt.chronic_devices
+    ]
     for d, age in pt.devices.items():
         change = "new" if age < 0 and prior else ("unchanged" if age >= 0 and rng.random() < 0.5 else None)
         devices.append(Mention("support device", "positive", change=change, raw=d))
@@ -964,16 +1488,20 @@ class Plan:
 class Composer:
     """Builds the body sentences of one report's findings / impression from the patient's mentions."""
 
-    def __init__(self, rng: random.Random, positives: list[Mention], resolved: list[Mention],
-                 uncertain: Mention | None):
+    def __init__(
+        self, rng: random.Random, positives: list[Mention], resolved: list[Mention], uncertain: Mention | None
+    ):
         self.rng = rng
         self.w = Writer(rng)
         self.positives = positives
         self.resolved = resolved
         self.uncertain = uncertain
         # Names never negated in this report: anything present, hedged or resolved somewhere in it.
-        self.taken = {m.name for m in positives} | {m.name for m in resolved} | (
-            {uncertain.name} if uncertain else set())
+        self.taken = (
+            {m.name for m in positives}
+            | {m.name for m in resolved}
+            | ({uncertain.name} if uncertain else set())
+        )
 
     def body(self, *, impression: bool) -> list[Sentence]:
         rng, w = self.rng, self.w
@@ -983,8 +1511,12 @@ class Composer:
         resolved = self.resolved
         if impression:  # the impression repeats the acute and some chronic findings
             acute = [m for m in findings if m.name in ACUTE_NAMES and m.change != "unchanged"]
-            findings = [m for m in findings if m.change in ("new", "worsened", "improved")
-                        or rng.random() < (0.85 if m.change is None and m.name in ACUTE_NAMES else 0.45)]
+            findings = [
+                m
+                for m in findings
+                if m.change in ("new", "worsened", "improved")
+                or rng.random() < (0.85 if m.change is None and m.name in ACUTE_NAMES else 0.45)
+            ]
             if acute and not any(m.name in ACUTE_NAMES for m in findings):
                 findings.append(acute[0])
             devices = [d for d in devices if d.change == "new" or rng.random() < 0.3]
@@ -1017,8 +1549,13 @@ class Composer:
                     self.taken.update(causes)
                     i += 1
                     continue
-            if (nxt is not None and m.change is None and nxt.change is None and m.name != nxt.name
-                    and rng.random() < 0.25):
+            if (
+                nxt is not None
+                and m.change is None
+                and nxt.change is None
+                and m.name != nxt.name
+                and rng.random() < 0.25
+            ):
                 out.append(w.positive_pair(m, nxt))
                 i += 2
                 continue
@@ -1037,8 +1574,9 @@ class Composer:
                 out.append(w.negatives(negs[: rng.choice([1, len(negs)])]))
             if not any(r.presence != "negative" for s in out for r in s.rows):
                 out.insert(0, Sentence(rng.choice(NO_ACUTE)))
-            elif (self.positives and all(m.change == "unchanged" for m in self.positives)
-                  and rng.random() < 0.3):
+            elif (
+                self.positives and all(m.change == "unchanged" for m in self.positives) and rng.random() < 0.3
+            ):
                 out.insert(0, Sentence(rng.choice(NO_INTERVAL_CHANGE)))
             return out
         normals: list[Sentence] = []
@@ -1051,9 +1589,13 @@ class Composer:
             t = rng.choice(HEART_NORMALS)
             normals.append(Sentence(t, [Mention(n, "negative") for n in NORMAL_STATEMENTS[t]]))
             negated.update(NORMAL_STATEMENTS[t])
-        pool = [(n, wt) for n, wt in zip(COMMON_NEGATIVES, NEG_WEIGHTS, strict=True)
-                if n not in self.taken and n not in negated
-                and not (n in ("lung opacity", "atelectasis") and lung_busy)]
+        pool = [
+            (n, wt)
+            for n, wt in zip(COMMON_NEGATIVES, NEG_WEIGHTS, strict=True)
+            if n not in self.taken
+            and n not in negated
+            and not (n in ("lung opacity", "atelectasis") and lung_busy)
+        ]
         k = min(len(pool), rng.choice([0, 1, 2, 2, 3, 3]))
         negs: list[str] = []
         while len(negs) < k:
@@ -1063,9 +1605,14 @@ class Composer:
         if negs:
             if normals and normals[0].text in LUNG_NORMALS and len(negs) <= 2 and rng.random() < 0.4:
                 normals[0] = w.negatives(negs, tail_of=normals[0])
-            elif (out and len(negs) <= 2 and rng.random() < 0.2 and out[-1].rows
-                  and all(r.presence == "positive" and r.change is None for r in out[-1].rows)
-                  and out[-1].rows[0].name != "support device"):
+            elif (
+                out
+                and len(negs) <= 2
+                and rng.random() < 0.2
+                and out[-1].rows
+                and all(r.presence == "positive" and r.change is None for r in out[-1].rows)
+                and out[-1].rows[0].name != "support device"
+            ):
                 out[-1] = w.negatives(negs, tail_of=out[-1])
             else:
                 normals.append(w.negatives(negs))
@@ -1129,16 +1676,28 @@ class Layout:
         return "\n".join(self.lines) + "\n"
 
 
-def compose_report(rng: random.Random, pt: Patient, plan: Plan, positives: list[Mention],
-                   resolved: list[Mention]) -> tuple[str, list[Sentence], set[str]]:
+def compose_report(
+    rng: random.Random, pt: Patient, plan: Plan, positives: list[Mention], resolved: list[Mention]
+) -> tuple[str, list[Sentence], set[str]]:
     """(report text, every sentence that carries truth rows, the structural features emitted)."""
     f = plan.features
     emitted: set[str] = set()
     uncertain = None
     if rng.random() < 0.12:
         taken = {m.name for m in positives} | {m.name for m in resolved}
-        cand = [n for n in ("pneumonia", "atelectasis", "pleural effusion", "edema", "pneumothorax", "aspiration",
-                            "consolidation") if n not in taken]
+        cand = [
+            n
+            for n in (
+                "pneumonia",
+                "atelectasis",
+                "pleural effusion",
+                "edema",
+                "pneumothorax",
+                "aspiration",
+                "consolidation",
+            )
+            if n not in taken
+        ]
         if cand:
             uncertain = _draw(rng, rng.choice(cand), acute=True)
             if uncertain.level not in ("minimal", "mild"):  # hedged findings are small ones
@@ -1179,8 +1738,15 @@ def compose_report(rng: random.Random, pt: Patient, plan: Plan, positives: list[
         emitted.add("wet_read")
 
     if rtype == "E":  # header-less, several paragraphs -> full report + last_paragraph
-        lay.lines += wrap(rng.choice(["PORTABLE CHEST RADIOGRAPH, ___", "PA AND LATERAL CHEST, ___ AT 10:14",
-                                      "CHEST RADIOGRAPH PERFORMED ON ___"]))
+        lay.lines += wrap(
+            rng.choice(
+                [
+                    "PORTABLE CHEST RADIOGRAPH, ___",
+                    "PA AND LATERAL CHEST, ___ AT 10:14",
+                    "CHEST RADIOGRAPH PERFORMED ON ___",
+                ]
+            )
+        )
         if rng.random() < 0.5:
             lay.lines += wrap(f"Indication {indication}.")
         body = c.body(impression=False)
@@ -1311,7 +1877,9 @@ def _norm(s: str) -> str:
     return " ".join(s.split())
 
 
-def truth_rows(text: str, sentences: list[Sentence]) -> tuple[list[tuple[str, Mention, str]], str | None, dict]:
+def truth_rows(
+    text: str, sentences: list[Sentence]
+) -> tuple[list[tuple[str, Mention, str]], str | None, dict]:
     """[(section, row, sentence)] for every sentence the parser shows in findings/impression/last_paragraph."""
     secs = last_sections(text)
     out = []
@@ -1373,7 +1941,7 @@ def _unique_ids(
 
 def _dicom_id(rng: random.Random) -> str:
     h = f"{rng.getrandbits(160):040x}"
-    return "-".join(h[i: i + 8] for i in range(0, 40, 8))
+    return "-".join(h[i : i + 8] for i in range(0, 40, 8))
 
 
 def _gzip_csv(path: Path):
@@ -1470,8 +2038,15 @@ class PatientJob:
     tree: str | None  # the files/ directory when the tree is written (by the worker)
 
 
-SPRINKLES = [("wet_read", 0.01), ("addendum", 0.005), ("note_false_header", 0.005), ("dup_impression", 0.002),
-             ("empty_title", 0.002), ("dup_findings_empty", 0.002), ("swallow", 0.002)]
+SPRINKLES = [
+    ("wet_read", 0.01),
+    ("addendum", 0.005),
+    ("note_false_header", 0.005),
+    ("dup_impression", 0.002),
+    ("empty_title", 0.002),
+    ("dup_findings_empty", 0.002),
+    ("swallow", 0.002),
+]
 
 
 def plan_corpus(opts: Options) -> list[PatientJob]:
@@ -1481,11 +2056,15 @@ def plan_corpus(opts: Options) -> list[PatientJob]:
     special = SPECIAL_STUDIES if opts.special and opts.patients >= 20 and opts.studies >= 60 else []
     special_subjects = {s for _st, s, _f, _h in special if s}
     special_study_ids = {st for st, _s, _f, _h in special}
-    subjects = sorted(_unique_ids(rng, opts.patients - len(special_subjects), 10_000_000, 20_000_000,
-                                  special_subjects) + sorted(special_subjects))
+    subjects = sorted(
+        _unique_ids(rng, opts.patients - len(special_subjects), 10_000_000, 20_000_000, special_subjects)
+        + sorted(special_subjects)
+    )
     # A random id that happens to be one of MIT's special studies would get a report without the section
     # MIT's script expects for it (and crash it): only the special studies placed on purpose carry those ids.
-    study_ids = _unique_ids(rng, opts.studies, 50_000_000, 60_000_000, special_study_ids, MIT_SPECIAL_STUDY_IDS)
+    study_ids = _unique_ids(
+        rng, opts.studies, 50_000_000, 60_000_000, special_study_ids, MIT_SPECIAL_STUDY_IDS
+    )
     splits = assign_splits(rng, counts)
     overrides: dict[tuple[int, int], Override] = {}
     fixed_ids: dict[tuple[int, int], int] = {}
@@ -1496,8 +2075,11 @@ def plan_corpus(opts: Options) -> list[PatientJob]:
             pi = subjects.index(subj)
             key = (pi, counts[pi] - 1)
         else:
-            pi = next(i for i in range(len(subjects)) if splits[i] == "train" and subjects[i] not in special_subjects
-                      and (i, 0) not in overrides)
+            pi = next(
+                i
+                for i in range(len(subjects))
+                if splits[i] == "train" and subjects[i] not in special_subjects and (i, 0) not in overrides
+            )
             key = (pi, 0)
         overrides[key] = Override("A", frozenset(), feat)
         fixed_ids[key] = st
@@ -1524,8 +2106,11 @@ def plan_corpus(opts: Options) -> list[PatientJob]:
     for pi, subject in enumerate(subjects):
         ids = tuple(fixed_ids.get((pi, k)) or next(it) for k in range(counts[pi]))
         ov = tuple((k, overrides[(pi, k)]) for k in range(counts[pi]) if (pi, k) in overrides)
-        jobs.append(PatientJob(opts.seed, subject, splits[pi], ids, ov,
-                               str(opts.out / "files") if opts.tree else None))
+        jobs.append(
+            PatientJob(
+                opts.seed, subject, splits[pi], ids, ov, str(opts.out / "files") if opts.tree else None
+            )
+        )
     return jobs
 
 
@@ -1607,7 +2192,7 @@ def run_patient(job: PatientJob) -> list[StudyOut]:
             try:
                 data = memoryview(text.encode("utf-8"))
                 while data:
-                    data = data[os.write(fd, data):]
+                    data = data[os.write(fd, data) :]
             finally:
                 os.close(fd)
         views = prng.choices(*zip(*STUDY_KINDS[_KIND_NAMES.index(kind)][2], strict=True))[0]
@@ -1618,19 +2203,59 @@ def run_patient(job: PatientJob) -> list[StudyOut]:
                 rows_, cols_ = _dims(prng, v, portable)
                 orient = "Erect" if not portable else prng.choice(["Erect", "Recumbent", "", "Erect"])
                 meaning = VIEW_MEANING[v] if v else prng.choice(["", "postero-anterior"])
-                images.append([_dicom_id(prng), subject, study_id, kind, v, rows_, cols_, date, repr(study_time),
-                               kind, meaning, orient])
+                images.append(
+                    [
+                        _dicom_id(prng),
+                        subject,
+                        study_id,
+                        kind,
+                        v,
+                        rows_,
+                        cols_,
+                        date,
+                        repr(study_time),
+                        kind,
+                        meaning,
+                        orient,
+                    ]
+                )
         chexpert = None
         truth = []
         if not ov.bad:
             labels = chexpert_labels(rows, concl)
             chexpert = [subject, study_id, *(_fmt(labels[c]) for c in CHEXPERT_LABELS)]
-            truth = [(subject, study_id, sec, r.name, r.presence, r.location, r.level, r.type, r.change, r.raw, sent)
-                     for sec, r, sent in rows]
+            truth = [
+                (
+                    subject,
+                    study_id,
+                    sec,
+                    r.name,
+                    r.presence,
+                    r.location,
+                    r.level,
+                    r.type,
+                    r.change,
+                    r.raw,
+                    sent,
+                )
+                for sec, r, sent in rows
+            ]
         headers = [m.group(1) for m in _HEADER.finditer(text)]
-        study = (subject, study_id, job.split, rtype, sorted(emitted), headers, concl, ov.bad,
-                 0 if ov.bad == "no_metadata" else len(views), date)
-        out.append(StudyOut(subject, study_id, rel, text if has_report else None, images, chexpert, truth, study))
+        study = (
+            subject,
+            study_id,
+            job.split,
+            rtype,
+            sorted(emitted),
+            headers,
+            concl,
+            ov.bad,
+            0 if ov.bad == "no_metadata" else len(views),
+            date,
+        )
+        out.append(
+            StudyOut(subject, study_id, rel, text if has_report else None, images, chexpert, truth, study)
+        )
     return out
 
 
@@ -1640,7 +2265,7 @@ def _run_chunk(jobs: list[PatientJob]) -> list[list[StudyOut]]:
 
 def _results(jobs: list[PatientJob], workers: int, chunk: int = 64):
     """Patients' results in order; a bounded window of chunks in flight on the worker processes."""
-    chunks = [jobs[i: i + chunk] for i in range(0, len(jobs), chunk)]
+    chunks = [jobs[i : i + chunk] for i in range(0, len(jobs), chunk)]
     if workers <= 1:
         for c in chunks:
             yield from _run_chunk(c)
@@ -1665,8 +2290,11 @@ def generate(opts: Options) -> dict[str, int]:
     out.mkdir(parents=True, exist_ok=True)
     jobs = plan_corpus(opts)
     workers = opts.jobs or ((os.cpu_count() or 1) if opts.studies >= 5000 else 1)
-    zf = zipfile.ZipFile(out / "mimic-cxr-reports.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=6) \
-        if opts.zip else None
+    zf = (
+        zipfile.ZipFile(out / "mimic-cxr-reports.zip", "w", zipfile.ZIP_DEFLATED, compresslevel=6)
+        if opts.zip
+        else None
+    )
     split_txt, split_csv, split_h = _gzip_csv(out / "mimic-cxr-2.0.0-split.csv.gz")
     meta_txt, meta_csv, meta_h = _gzip_csv(out / "mimic-cxr-2.0.0-metadata.csv.gz")
     chex_txt, chex_csv, chex_h = _gzip_csv(out / "mimic-cxr-2.0.0-chexpert.csv.gz")
@@ -1684,15 +2312,26 @@ def generate(opts: Options) -> dict[str, int]:
     def flush(writer: TableWriter, buf: list[tuple], force: bool = False):
         if buf and (force or len(buf) >= 50_000):
             cols = list(zip(*buf, strict=True))
-            writer.write(pa.Table.from_arrays([pa.array(c, type=f.type) for c, f in zip(cols, writer.schema,
-                                                                                          strict=True)],
-                                              schema=writer.schema))
+            writer.write(
+                pa.Table.from_arrays(
+                    [pa.array(c, type=f.type) for c, f in zip(cols, writer.schema, strict=True)],
+                    schema=writer.schema,
+                )
+            )
             buf.clear()
 
-    with TableWriter(out / "truth.parquet", SYNTH_TRUTH) as tw, \
-            TableWriter(out / "truth_studies.parquet", SYNTH_STUDIES) as sw:
-        for studies in tqdm(_results(jobs, workers), total=len(jobs), desc="patients", unit="pt",
-                            disable=len(jobs) < 5000, mininterval=2):
+    with (
+        TableWriter(out / "truth.parquet", SYNTH_TRUTH) as tw,
+        TableWriter(out / "truth_studies.parquet", SYNTH_STUDIES) as sw,
+    ):
+        for studies in tqdm(
+            _results(jobs, workers),
+            total=len(jobs),
+            desc="patients",
+            unit="pt",
+            disable=len(jobs) < 5000,
+            mininterval=2,
+        ):
             for so in studies:
                 if so.text is not None:
                     if zf is not None:
@@ -1723,8 +2362,14 @@ def generate(opts: Options) -> dict[str, int]:
         _distractors(out, [j.subject for j in jobs])
     if zf is not None:
         zf.close()
-    stats = {"studies": opts.studies, "patients": len(jobs), "reports": n_reports, "images": n_images,
-             "truth_rows": n_truth, "seconds": round(time.time() - t0, 1)}
+    stats = {
+        "studies": opts.studies,
+        "patients": len(jobs),
+        "reports": n_reports,
+        "images": n_images,
+        "truth_rows": n_truth,
+        "seconds": round(time.time() - t0, 1),
+    }
     log.info("synth: %s", stats)
     return stats
 
@@ -1735,10 +2380,18 @@ def _ensure_special(text: str, feature: str) -> str:
     names, _texts = mit_sections(text)
     if name in names:
         return text
-    header = {"recommendations": "RECOMMENDATION(S)", "examination": "EXAMINATION", "technique": "TECHNIQUE",
-              "indication": "INDICATION", "note": "NOTE", "history": "HISTORY"}[name]
-    body = {"note": "Dr. ___ was informed of these results at 10:45 AM.",
-            "recommendations": RECOMMENDATIONS[0]}.get(name, "___")
+    header = {
+        "recommendations": "RECOMMENDATION(S)",
+        "examination": "EXAMINATION",
+        "technique": "TECHNIQUE",
+        "indication": "INDICATION",
+        "note": "NOTE",
+        "history": "HISTORY",
+    }[name]
+    body = {
+        "note": "Dr. ___ was informed of these results at 10:45 AM.",
+        "recommendations": RECOMMENDATIONS[0],
+    }.get(name, "___")
     return text + f" {header}:  {body}\n"
 
 
@@ -1785,14 +2438,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--studies", type=int, default=300)
     p.add_argument("--patients", type=int, default=100)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--zip", action=argparse.BooleanOptionalAction, default=True,
-                   help="write mimic-cxr-reports.zip")
-    p.add_argument("--tree", action=argparse.BooleanOptionalAction, default=True,
-                   help="write the files/ tree")
-    p.add_argument("--bad", action=argparse.BooleanOptionalAction, default=True,
-                   help="include an empty report, a study without report and a report without metadata")
-    p.add_argument("--special-ids", action=argparse.BooleanOptionalAction, default=True,
-                   help="reuse a few of MIT's special-cased study ids")
+    p.add_argument(
+        "--zip", action=argparse.BooleanOptionalAction, default=True, help="write mimic-cxr-reports.zip"
+    )
+    p.add_argument(
+        "--tree", action=argparse.BooleanOptionalAction, default=True, help="write the files/ tree"
+    )
+    p.add_argument(
+        "--bad",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="include an empty report, a study without report and a report without metadata",
+    )
+    p.add_argument(
+        "--special-ids",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reuse a few of MIT's special-cased study ids",
+    )
     p.add_argument("--jobs", type=int, default=0, help="worker processes (0 = one per core)")
     a = p.parse_args(argv)
     setup_logging(a.verbose)
@@ -1801,5 +2464,3 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
-
-

@@ -175,9 +175,7 @@ def load_templates(path: str | Path, key: str = "vqa.templates") -> Templates:
         raise ValueError(f"{key}: {path} must be a mapping of question types")
     unknown = sorted(set(data) - set(REQUIRED_FAMILIES) - {"slots"})
     if unknown:
-        raise ValueError(
-            f"{key}: {path}: unknown key(s) {unknown}; expected {[*REQUIRED_FAMILIES, 'slots']}"
-        )
+        raise ValueError(f"{key}: {path}: unknown key(s) {unknown}; expected {[*REQUIRED_FAMILIES, 'slots']}")
     slots_cfg = data.get("slots") or {}
     if set(slots_cfg) - {"location"} or slots_cfg.get("location", "phrase") not in LOCATION_SLOT_FORMS:
         raise ValueError(
@@ -201,7 +199,9 @@ def load_templates(path: str | Path, key: str = "vqa.templates") -> Templates:
             idx = []
             for t in spec["templates"]:
                 if not isinstance(t, dict) or set(t) != {"id", "text"}:
-                    raise ValueError(f"{key}: {path}: template of {qtype}.{fam} needs exactly id and text: {t}")
+                    raise ValueError(
+                        f"{key}: {path}: template of {qtype}.{fam} needs exactly id and text: {t}"
+                    )
                 slots = set(re.findall(r"{(\w+)}", t["text"]))
                 if slots != _SLOTS.get((qtype, fam), set()):
                     raise ValueError(

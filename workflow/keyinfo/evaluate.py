@@ -315,9 +315,15 @@ def main_iu(argv: list[str] | None = None) -> None:
 
     p = cli_parser("Score the rules extractor against the hand-labelled IU X-Ray reports.")
     p.add_argument("--iu", required=True, type=Path, help="indiana_reports.csv")
-    p.add_argument("--gold", type=Path, default=Path(__file__).resolve().parents[2] / "tests/data/iu_labels.csv")
-    p.add_argument("--labels", choices=sorted(LABEL_SETS), default="chexpert", help="which 14-class label set")
-    p.add_argument("--sets", default="dev,holdout,blind", help="comma-separated label sets (tests/data/LABELING.md)")
+    p.add_argument(
+        "--gold", type=Path, default=Path(__file__).resolve().parents[2] / "tests/data/iu_labels.csv"
+    )
+    p.add_argument(
+        "--labels", choices=sorted(LABEL_SETS), default="chexpert", help="which 14-class label set"
+    )
+    p.add_argument(
+        "--sets", default="dev,holdout,blind", help="comma-separated label sets (tests/data/LABELING.md)"
+    )
     p.add_argument("--alternatives", choices=("uncertain", "positive"), default="uncertain")
     p.add_argument("--hedges", choices=("uncertain", "positive"), default="uncertain")
     args = p.parse_args(argv)
@@ -327,7 +333,9 @@ def main_iu(argv: list[str] | None = None) -> None:
         m = r[key]
         print(f"{key:12s} P {m['precision']:.3f}  R {m['recall']:.3f}  F1 {m['f1']:.3f}")
     print(format_per_class(r))
-    print(" ".join(f"{k} F1 {v['f1']:.3f} (n={v['support']})" for k, v in r["u_ones"]["per_presence"].items()))
+    print(
+        " ".join(f"{k} F1 {v['f1']:.3f} (n={v['support']})" for k, v in r["u_ones"]["per_presence"].items())
+    )
 
 
 if __name__ == "__main__":

@@ -215,7 +215,9 @@ class Conventions:
     def __post_init__(self):
         for key in ("alternatives", "hedges"):
             if getattr(self, key) not in (UNC, POS):
-                raise ValueError(f"keyinfo.{key} must be 'uncertain' or 'positive', not {getattr(self, key)!r}")
+                raise ValueError(
+                    f"keyinfo.{key} must be 'uncertain' or 'positive', not {getattr(self, key)!r}"
+                )
 
 
 DEFAULT_CONVENTIONS = Conventions()
@@ -707,7 +709,9 @@ def extract_mentions(
             continue
         norm = normalise(text)
         for clause in _scan(norm, libs):
-            out.extend(_clause_mentions(clause, norm, text, section, libs, conventions or DEFAULT_CONVENTIONS))
+            out.extend(
+                _clause_mentions(clause, norm, text, section, libs, conventions or DEFAULT_CONVENTIONS)
+            )
     return out
 
 

@@ -86,4 +86,3 @@ def _supported(row: dict, names: set[str], text: str, cutoff: float) -> bool:
             if q and (q in text or fuzz.partial_ratio(q, text) >= cutoff):
                 return True
     return False
-

@@ -355,7 +355,9 @@ def load_libs() -> Libs:
         if tok.finding is not None and tok.anchors:
             tok.anchors = ()  # a finding phrase is never also an anchor
     for tok in tokens.values():
-        tok.scoped = any((tok.neg_pre, tok.neg_post, tok.unc_pre, tok.unc_post, tok.request, tok.soft, tok.alt))
+        tok.scoped = any(
+            (tok.neg_pre, tok.neg_post, tok.unc_pre, tok.unc_post, tok.request, tok.soft, tok.alt)
+        )
     _mark_hiding(tokens, blockers)
     pattern = r"(?P<w>\b(?:" + trie_regex(sorted(tokens)) + r")\b)|(?P<p>[.;:!?,/])"
     matcher = re.compile(pattern)

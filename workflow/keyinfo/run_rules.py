@@ -174,7 +174,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rejects", required=True, type=Path, help="output rejects.parquet")
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--workers", type=int, default=1, help="extraction processes")
-    p.add_argument("--reports", type=Path, help="studies.parquet (report text, for the lenient section reading)")
+    p.add_argument(
+        "--reports", type=Path, help="studies.parquet (report text, for the lenient section reading)"
+    )
     p.add_argument("--no-lenient", action="store_true", help="read MIT-LCP's sections only")
     p.add_argument("--alternatives", choices=("uncertain", "positive"), default="uncertain")
     p.add_argument("--hedges", choices=("uncertain", "positive"), default="uncertain")

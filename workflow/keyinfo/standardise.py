@@ -550,4 +550,3 @@ def standardise_many(records, fmt: str, fuzzy_cutoff: float = DEFAULT_FUZZY_CUTO
         all_rows += rows
         all_audit += audit
     return rows_table(all_rows), rows_table(all_audit, AUDIT), unknown_terms(all_audit)
-

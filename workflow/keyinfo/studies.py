@@ -141,9 +141,13 @@ def main(argv: list[str] | None = None) -> None:
     p = cli_parser("Per-study normal / abnormal / unknown status of the key information.")
     p.add_argument("--sections", required=True, type=Path, help="sections.parquet (contract.SECTIONS)")
     p.add_argument("--findings", required=True, type=Path, help="the findings table downstream stages read")
-    p.add_argument("--reports", type=Path, help="studies.parquet (report text, for the lenient section reading)")
+    p.add_argument(
+        "--reports", type=Path, help="studies.parquet (report text, for the lenient section reading)"
+    )
     p.add_argument("--no-lenient", action="store_true", help="read MIT-LCP's sections only")
-    p.add_argument("--out", required=True, type=Path, help="output studies.parquet (contract.KEYINFO_STUDIES)")
+    p.add_argument(
+        "--out", required=True, type=Path, help="output studies.parquet (contract.KEYINFO_STUDIES)"
+    )
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     for key in ("sections", "findings"):

@@ -298,9 +298,22 @@ def write_side_files(
         paths[rel] = path
 
     mimic_all = mimic_all_rows(records, studies, findings)
-    header = ["subject_id", "study_id", *CHEXPERT_COLUMNS, "dicom_id", "view", "split", "study_date", "study_order"]
+    header = [
+        "subject_id",
+        "study_id",
+        *CHEXPERT_COLUMNS,
+        "dicom_id",
+        "view",
+        "split",
+        "study_date",
+        "study_order",
+    ]
     write_csv("data/mimic_all.csv", header, mimic_all)
-    write_csv("libs/disease_lib_llm.csv", ["id", "report_name", "official_name", "location"], disease_lib_rows(records))
+    write_csv(
+        "libs/disease_lib_llm.csv",
+        ["id", "report_name", "official_name", "location"],
+        disease_lib_rows(records),
+    )
     for kind, counts in frequency_dicts(records).items():
         path = out_dir / "libs" / f"{kind}_dict.json"
         path.write_text(json.dumps(counts, indent=1), encoding="utf-8")
@@ -335,7 +348,9 @@ def main(argv: list[str] | None = None) -> None:
     exp.add_argument("--studies", type=Path, help="studies.parquet (for subject, study order)")
     exp.add_argument("--images", type=Path, help="images.parquet (for dicom_id and view)")
     exp.add_argument("--json", required=True, type=Path)
-    exp.add_argument("--side-files", type=Path, help="folder for the other files the original question_gen.py reads")
+    exp.add_argument(
+        "--side-files", type=Path, help="folder for the other files the original question_gen.py reads"
+    )
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     if args.cmd == "import":

@@ -137,9 +137,11 @@ class Cache:
         status: dict[str, str] = {}
         for i in range(0, len(keys), 900):
             chunk = keys[i : i + 900]
-            status.update(self.db.execute(
-                f"SELECT key, status FROM responses WHERE key IN ({', '.join('?' * len(chunk))})", chunk
-            ).fetchall())
+            status.update(
+                self.db.execute(
+                    f"SELECT key, status FROM responses WHERE key IN ({', '.join('?' * len(chunk))})", chunk
+                ).fetchall()
+            )
         return [k for k in keys if k not in status or (retry_failed and status[k] not in FINAL)]
 
     def iter_all(self) -> Iterator[Result]:

@@ -64,7 +64,9 @@ def input_paths(config: dict, sections=None, studies=None, rules=None) -> dict[s
     missing = [p for p in paths.values() if not p.exists()]
     if missing:
         raise MissingInputError(
-            "estimate: not built yet: " + ", ".join(map(str, missing)) + ". Build it first (no LLM is asked):\n"
+            "estimate: not built yet: "
+            + ", ".join(map(str, missing))
+            + ". Build it first (no LLM is asked):\n"
             "    snakemake --cores 2 " + " ".join(map(str, missing)) + " --configfile <the same config files>"
         )
     return paths
@@ -84,8 +86,22 @@ def _followup_sample(config: dict, studies) -> list:
     """Up to a thousand stand-in follow-up questions on real reports (how many the run asks depends on
     the answers)."""
     cfg, params = stage_params(config, "followup")
-    previous = json.dumps({"findings": [{"name": "pleural effusion", "presence": "positive", "location": "left",
-                                         "level": "mild", "type": None, "change": None, "evidence": "x" * 30}] * 3})
+    previous = json.dumps(
+        {
+            "findings": [
+                {
+                    "name": "pleural effusion",
+                    "presence": "positive",
+                    "location": "left",
+                    "level": "mild",
+                    "type": None,
+                    "change": None,
+                    "evidence": "x" * 30,
+                }
+            ]
+            * 3
+        }
+    )
     rows = [r for r in studies.to_dict("records") if report_text(r)][:1000]
     return [followup_request(r, previous, "pleural effusion", "missed", cfg, params) for r in rows]
 
@@ -104,8 +120,9 @@ def estimates(config: dict, sections_path, studies_path, rules_path) -> list[tup
     est = _estimate(follow, stage_params(config, "followup")[0], None)
     if isinstance(est, accounting.Estimate) and follow:
         k = 1000 / len(follow)
-        est = accounting.Estimate(1000, 0, 1000, int(est.prompt_tokens * k), int(est.completion_tokens * k),
-                                  est.cost_usd * k)
+        est = accounting.Estimate(
+            1000, 0, 1000, int(est.prompt_tokens * k), int(est.completion_tokens * k), est.cost_usd * k
+        )
     out.append(("followup (per 1,000)", est))
     return out
 
@@ -124,7 +141,9 @@ def _estimate(requests, cfg, cache):
 
 def main(argv=None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
-    p.add_argument("--configfile", nargs="*", default=[], help="overrides on top of config.yaml (as snakemake)")
+    p.add_argument(
+        "--configfile", nargs="*", default=[], help="overrides on top of config.yaml (as snakemake)"
+    )
     p.add_argument("--sections", help="default: <outdir>/sections/sections.parquet")
     p.add_argument("--studies", help="default: <outdir>/ingest/studies.parquet")
     p.add_argument("--rules-findings", help="default: <outdir>/keyinfo/rules/findings.parquet")

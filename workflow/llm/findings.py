@@ -68,19 +68,32 @@ def _span(evidence: str | None, sections_row: dict) -> tuple[str | None, int | N
     return None, None, None
 
 
-def standardise_answer(items: list[dict], sections_row: dict, *, source: str, round_: int,
-                       request_key: str | None, fuzzy_cutoff: float, audit: list[dict] | None = None) -> list[dict]:
+def standardise_answer(
+    items: list[dict],
+    sections_row: dict,
+    *,
+    source: str,
+    round_: int,
+    request_key: str | None,
+    fuzzy_cutoff: float,
+    audit: list[dict] | None = None,
+) -> list[dict]:
     """Rows of the ``findings`` table for one study's answer items (evidence located in the sections).
 
     ``fuzzy_cutoff`` is config ``keyinfo.fuzzy_cutoff``. Standardisation's audit rows (what was changed, by
     which rule) are appended to ``audit`` if given.
     """
-    record = {"study_id": int(sections_row["study_id"]), "subject_id": int(sections_row["subject_id"]),
-              "findings": items}
+    record = {
+        "study_id": int(sections_row["study_id"]),
+        "subject_id": int(sections_row["subject_id"]),
+        "findings": items,
+    }
     result = standardise(record, "findings", fuzzy_cutoff)
     rows = _as_rows(result)
     if audit is not None and isinstance(result, tuple) and len(result) > 1:
-        audit += [{**a, "subject_id": record["subject_id"], "study_id": record["study_id"]} for a in result[1]]
+        audit += [
+            {**a, "subject_id": record["subject_id"], "study_id": record["study_id"]} for a in result[1]
+        ]
     out = []
     for row in rows:
         evidence = row.get("evidence")
@@ -88,14 +101,27 @@ def standardise_answer(items: list[dict], sections_row: dict, *, source: str, ro
             section, start, end = _span(evidence, sections_row)
         else:
             section, start, end = row.get("section"), row.get("start"), row.get("end")
-        out.append({
-            "subject_id": record["subject_id"], "study_id": record["study_id"],
-            "name": row.get("name") or "unknown", "raw_name": row.get("raw_name"),
-            "presence": row.get("presence") or "uncertain", "location": row.get("location"),
-            "level": row.get("level"), "type": row.get("type"), "change": row.get("change"),
-            "section": section, "start": start, "end": end, "source": source, "round": round_,
-            "request_hash": request_key, "evidence": evidence, "flags": row.get("flags") or None,
-        })
+        out.append(
+            {
+                "subject_id": record["subject_id"],
+                "study_id": record["study_id"],
+                "name": row.get("name") or "unknown",
+                "raw_name": row.get("raw_name"),
+                "presence": row.get("presence") or "uncertain",
+                "location": row.get("location"),
+                "level": row.get("level"),
+                "type": row.get("type"),
+                "change": row.get("change"),
+                "section": section,
+                "start": start,
+                "end": end,
+                "source": source,
+                "round": round_,
+                "request_hash": request_key,
+                "evidence": evidence,
+                "flags": row.get("flags") or None,
+            }
+        )
     return out
 
 
@@ -108,16 +134,26 @@ def ground_findings(llm: pd.DataFrame, rules: pd.DataFrame, sections: pd.DataFra
     """
     if llm.empty:
         return llm
-    by_rules = {sid: [{k: (None if _missing(v) else v) for k, v in r.items()} for r in g.to_dict("records")]
-                for sid, g in rules.groupby("study_id")}
+    by_rules = {
+        sid: [{k: (None if _missing(v) else v) for k, v in r.items()} for r in g.to_dict("records")]
+        for sid, g in rules.groupby("study_id")
+    }
     text = sections.set_index("study_id")
     out = []
     for sid, group in llm.groupby("study_id", sort=False):
         rows = [{k: (None if _missing(v) else v) for k, v in r.items()} for r in group.to_dict("records")]
         for r in rows:  # recompute from scratch: grounding flags of an earlier round may be stale
-            kept = [f for f in (r.get("flags") or "").split(";") if f and f not in ("unsupported", "presence_disagrees")]
+            kept = [
+                f
+                for f in (r.get("flags") or "").split(";")
+                if f and f not in ("unsupported", "presence_disagrees")
+            ]
             r["flags"] = ";".join(kept) or None
-        sec = {k: (v if isinstance(v, str) else None) for k, v in text.loc[sid].to_dict().items()} if sid in text.index else {}
+        sec = (
+            {k: (v if isinstance(v, str) else None) for k, v in text.loc[sid].to_dict().items()}
+            if sid in text.index
+            else {}
+        )
         flagged = ground(rows, by_rules.get(sid, []), sec, support_cutoff=support_cutoff)
         out += [r for r in flagged if r.get("source") != "rules"]
     return pd.DataFrame(out, columns=FINDINGS.names)

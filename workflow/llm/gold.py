@@ -88,7 +88,9 @@ def select_gold(
     )
 
 
-def gold_requests(config: dict, studies: pd.DataFrame, rules: pd.DataFrame | None) -> tuple[pd.DataFrame, list]:
+def gold_requests(
+    config: dict, studies: pd.DataFrame, rules: pd.DataFrame | None
+) -> tuple[pd.DataFrame, list]:
     """The gold sample and its teacher requests (the stage and the estimate both call this)."""
     gcfg = config["llm"]["gold"]
     cfg, params = stage_params(config, "gold")
@@ -98,7 +100,12 @@ def gold_requests(config: dict, studies: pd.DataFrame, rules: pd.DataFrame | Non
     by_id = studies.set_index("study_id", drop=False)
     requests = [
         stage_request(
-            TEMPLATE, FINDINGS_SCHEMA, cfg, params, {"study_id": int(sid)}, report=report_text(by_id.loc[sid].to_dict())
+            TEMPLATE,
+            FINDINGS_SCHEMA,
+            cfg,
+            params,
+            {"study_id": int(sid)},
+            report=report_text(by_id.loc[sid].to_dict()),
         )
         for sid in sample["study_id"]
     ]
@@ -141,7 +148,11 @@ def main(argv=None) -> None:
                 rejects.add(sid, *reject_reason(a))
                 continue
             new = standardise_answer(
-                a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key,
+                a.items,
+                by_id.loc[sid].to_dict(),
+                source="llm",
+                round_=0,
+                request_key=a.request.key,
                 fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"],
             )
             if not new:  # a valid answer ("nothing found") that leaves no findings row: say so

@@ -51,8 +51,21 @@ LOCAL_NETWORKS = tuple(
 _NUMERIC_HOST = re.compile(r"[0-9a-fA-FxX.]+")
 # Programs whose whole point is reaching another machine: a vLLM command starting with one is remote.
 REMOTE_PROGRAMS = {
-    "ssh", "scp", "sftp", "rsync", "mosh", "autossh", "curl", "wget", "nc", "ncat", "netcat", "socat",
-    "telnet", "kubectl", "gcloud",
+    "ssh",
+    "scp",
+    "sftp",
+    "rsync",
+    "mosh",
+    "autossh",
+    "curl",
+    "wget",
+    "nc",
+    "ncat",
+    "netcat",
+    "socat",
+    "telnet",
+    "kubectl",
+    "gcloud",
 }
 HOST_OPTIONS = ("--host", "--hostname", "--server", "--remote")
 MIMIC_SUBJECTS = range(10_000_000, 20_000_000)
@@ -297,8 +310,10 @@ def mimic_signs(corpus: dict) -> list[str]:
         if not path.is_file() or not re.search(r"\.csv(\.gz)?$", path.name):
             continue
         ids = _first_ids(path, ("subject_id", "study_id", "uid"))
-        if _mostly_in(ids["subject_id"], MIMIC_SUBJECTS) or _mostly_in(ids["study_id"], MIMIC_STUDIES) or (
-            _mostly_in(ids["uid"], MIMIC_STUDIES) or _mostly_in(ids["uid"], MIMIC_SUBJECTS)
+        if (
+            _mostly_in(ids["subject_id"], MIMIC_SUBJECTS)
+            or _mostly_in(ids["study_id"], MIMIC_STUDIES)
+            or (_mostly_in(ids["uid"], MIMIC_STUDIES) or _mostly_in(ids["uid"], MIMIC_SUBJECTS))
         ):
             signs.append(f"corpus.{fmt}.{key} holds ids in MIMIC-CXR's ranges")
     return signs

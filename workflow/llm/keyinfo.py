@@ -52,8 +52,11 @@ def shard_requests(studies: pd.DataFrame, shard: int, shards: int, cfg: dict, pa
         if text is None:
             rejects.add(int(row["study_id"]), "no_findings_or_impression", "nothing to send to the LLM")
             continue
-        requests.append(stage_request(TEMPLATE, FINDINGS_SCHEMA, cfg, params, {"study_id": int(row["study_id"])},
-                                      report=text))
+        requests.append(
+            stage_request(
+                TEMPLATE, FINDINGS_SCHEMA, cfg, params, {"study_id": int(row["study_id"])}, report=text
+            )
+        )
     return part, requests
 
 
@@ -74,8 +77,13 @@ def run_shard(args, config) -> None:
             rejects.add(sid, *reject_reason(a))
             continue
         new = standardise_answer(
-            a.items, by_id.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key,
-            fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"], audit=audit,
+            a.items,
+            by_id.loc[sid].to_dict(),
+            source="llm",
+            round_=0,
+            request_key=a.request.key,
+            fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"],
+            audit=audit,
         )
         if not new:  # answered, nothing found: recorded, so every study is in the output or in rejects
             rejects.add(sid, *no_findings_reason(a.items))

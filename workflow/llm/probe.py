@@ -36,8 +36,13 @@ def probe(cfg: dict) -> None:
     if cfg["executor"] == "vllm":  # offline: no server to ask
         return
     endpoint, name = cfg["endpoint"], cfg["endpoint_name"]
-    memo = (name, endpoint.get("kind"), endpoint.get("base_url"), endpoint.get("azure_endpoint"),
-            endpoint.get("api_key_env"))
+    memo = (
+        name,
+        endpoint.get("kind"),
+        endpoint.get("base_url"),
+        endpoint.get("azure_endpoint"),
+        endpoint.get("api_key_env"),
+    )
     if memo in _probed:
         return
     url, url_key = _where(cfg)

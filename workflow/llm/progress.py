@@ -25,8 +25,17 @@ def _duration(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, stage: str, total: int, stats, *, cached: int = 0, terminal_s: float = 10.0,
-                 log_s: float = 30.0, stream=None):
+    def __init__(
+        self,
+        stage: str,
+        total: int,
+        stats,
+        *,
+        cached: int = 0,
+        terminal_s: float = 10.0,
+        log_s: float = 30.0,
+        stream=None,
+    ):
         self.stage, self.total, self.stats, self.cached = stage, total, stats, cached
         self.terminal_s, self.log_s = terminal_s, log_s
         self.stream = stream or sys.stdout
@@ -43,11 +52,16 @@ class Progress:
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = self.done / elapsed
         pct = 100 * self.done / self.total if self.total else 100.0
-        eta = f"ETA {_duration((self.total - self.done) / rate)}" if rate and self.done < self.total else (
-            f"done in {_duration(elapsed)}")
+        eta = (
+            f"ETA {_duration((self.total - self.done) / rate)}"
+            if rate and self.done < self.total
+            else (f"done in {_duration(elapsed)}")
+        )
         problems = f"{s.failed:,} failed, {s.refused:,} refused, {s.retries:,} retries"
-        return (f"llm {self.stage}: {self.done:,}/{self.total:,} ({pct:.0f}%), {problems}; "
-                f"{s.prompt_tokens + s.completion_tokens:,} tokens, ${s.cost_usd:,.2f}; {rate:,.0f} req/s, {eta}")
+        return (
+            f"llm {self.stage}: {self.done:,}/{self.total:,} ({pct:.0f}%), {problems}; "
+            f"{s.prompt_tokens + s.completion_tokens:,} tokens, ${s.cost_usd:,.2f}; {rate:,.0f} req/s, {eta}"
+        )
 
     def update(self, n: int = 1) -> None:
         """Count ``n`` finished requests (cheap: one clock read unless a line is due)."""

@@ -178,7 +178,9 @@ class RateLimiter:
                         self.req_tokens = min(self.req_cap, self.req_tokens + elapsed * self.rpm / 60)
                     if self.tpm:
                         self.tok_tokens = min(self.tok_cap, self.tok_tokens + elapsed * self.tpm / 60)
-                    cost = min(float(tokens), self.tok_cap)  # a request bigger than the bucket waits for a full one
+                    cost = min(
+                        float(tokens), self.tok_cap
+                    )  # a request bigger than the bucket waits for a full one
                     need_r = 1 - self.req_tokens if self.rpm else 0
                     need_t = cost - self.tok_tokens if self.tpm else 0
                     if need_r <= 0 and need_t <= 0:
@@ -323,8 +325,14 @@ async def _run_openai_async(
     queue: asyncio.Queue = asyncio.Queue(maxsize=4 * concurrency)
     limiter = RateLimiter(cfg.get("rpm"), cfg.get("tpm"))
     stop = asyncio.Event()
-    progress = Progress(cfg.get("stage", ""), n_pending, stats, cached=stats.cached,
-                        terminal_s=float(cfg["progress_s"]), log_s=max(30.0, float(cfg["progress_s"])))
+    progress = Progress(
+        cfg.get("stage", ""),
+        n_pending,
+        stats,
+        cached=stats.cached,
+        terminal_s=float(cfg["progress_s"]),
+        log_s=max(30.0, float(cfg["progress_s"])),
+    )
     workers = [
         asyncio.create_task(_openai_worker(queue, client, cfg, cache, limiter, stats, progress, stop))
         for _ in range(concurrency)
@@ -395,8 +403,11 @@ def _run_batch(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats)
                     continue
                 _collect_batch(client, batch, keys, cfg, cache)
                 open_batches.remove((batch_id, keys))
-                print(f"llm {cfg.get('stage', '')}: batch {batch_id} {batch.status}, "
-                      f"{len(open_batches)} still open", flush=True)
+                print(
+                    f"llm {cfg.get('stage', '')}: batch {batch_id} {batch.status}, "
+                    f"{len(open_batches)} still open",
+                    flush=True,
+                )
             if open_batches:
                 time.sleep(float(bcfg["poll_interval_s"]))
         if not cache.pending(by_key):
@@ -415,11 +426,7 @@ def _collect_batch(client, batch, keys: list[str], cfg: dict, cache: Cache) -> N
             import_results(fh.name, cache, "batch", cfg["model"], batch.id)
         finally:
             os.unlink(fh.name)
-        seen.update(
-            json.loads(line).get("custom_id")
-            for line in text.splitlines()
-            if line.strip()
-        )
+        seen.update(json.loads(line).get("custom_id") for line in text.splitlines() if line.strip())
     for key in set(keys) - seen:
         cache.put(
             Result(
@@ -463,7 +470,12 @@ def _run_vllm(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats) 
     tag = f"{cfg.get('stage', 'llm')}-{sha256_text(''.join(sorted(r.key for r in pending)))[:12]}"
     inp, outp = workdir / f"{tag}.requests.jsonl", workdir / f"{tag}.output.jsonl"
     export_requests(pending, inp)
-    subs = {"input": str(inp), "output": str(outp), "model": cfg["model"] or "", "adapter": cfg.get("adapter") or ""}
+    subs = {
+        "input": str(inp),
+        "output": str(outp),
+        "model": cfg["model"] or "",
+        "adapter": cfg.get("adapter") or "",
+    }
     argv = [str(part).format(**subs) for part in command]
     stats.sent += len(pending)
     log.info("vllm: running the offline executor on %d requests", len(pending))
@@ -555,17 +567,30 @@ def main(argv=None) -> None:
     cli.setup_logging(args.verbose)
     with open(args.requests, encoding="utf-8") as fh:
         requests = [request_from_line(json.loads(line)) for line in fh if line.strip()]
-    out = run_requests(requests, load_executor_config(json.loads(args.config), args.stage), args.cache,
-                       dry_run=args.dry_run, return_results=bool(args.export))
+    out = run_requests(
+        requests,
+        load_executor_config(json.loads(args.config), args.stage),
+        args.cache,
+        dry_run=args.dry_run,
+        return_results=bool(args.export),
+    )
     if args.dry_run:
         print(out.line())
         return
     if args.export:
         with Cache(args.cache) as cache, open(args.export, "w", encoding="utf-8") as fh:
             for key, r in cache.get_many(r.key for r in requests).items():
-                body = {"model": r.model, "choices": [{"index": 0, "finish_reason": r.finish_reason,
-                        "message": {"role": "assistant", "content": r.content}}],
-                        "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens}}
+                body = {
+                    "model": r.model,
+                    "choices": [
+                        {
+                            "index": 0,
+                            "finish_reason": r.finish_reason,
+                            "message": {"role": "assistant", "content": r.content},
+                        }
+                    ],
+                    "usage": {"prompt_tokens": r.prompt_tokens, "completion_tokens": r.completion_tokens},
+                }
                 if r.status == "completed" or r.finish_reason == "content_filter":
                     line = {"custom_id": key, "response": {"status_code": 200, "body": body}, "error": None}
                 else:

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 def add_common_args(p) -> None:
     p.add_argument(
-        "--config", required=True, help="the stage's settings (corpus + llm sections): a JSON file, or JSON text"
+        "--config",
+        required=True,
+        help="the stage's settings (corpus + llm sections): a JSON file, or JSON text",
     )
     p.add_argument("--cache", required=True, help="the response cache (SQLite)")
     p.add_argument(
@@ -38,7 +40,9 @@ def load_config(value: str) -> dict:
     try:
         return json.loads(Path(value).read_text())
     except FileNotFoundError:
-        raise SystemExit(f"--config {value}: no such settings file (the workflow writes it when a run starts)") from None
+        raise SystemExit(
+            f"--config {value}: no such settings file (the workflow writes it when a run starts)"
+        ) from None
 
 
 def load_studies(sections_path, studies_path) -> pd.DataFrame:
@@ -59,7 +63,9 @@ def stage_params(config: dict, stage: str) -> tuple[dict, dict]:
 def stage_request(template: str, schema: dict, cfg: dict, params: dict, meta: dict, **variables) -> Request:
     """The one way every LLM stage (and the estimate) builds a request: the stage endpoint's model and
     adapter (the adapter is part of the key), the stage's parameters, the answer schema."""
-    return build_request(template, cfg["model"], params, schema, adapter=cfg.get("adapter"), meta=meta, **variables)
+    return build_request(
+        template, cfg["model"], params, schema, adapter=cfg.get("adapter"), meta=meta, **variables
+    )
 
 
 class PendingRequestsError(RuntimeError):

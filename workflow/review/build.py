@@ -95,7 +95,9 @@ def collect(
         records = {s: r_by[s][study_id] for s in RG4_SCENARIOS if s in r_by and study_id in r_by[s]}
         rows = [*study_findings, *study_questions, *records.values(), row]
         subject = next((int(r["subject_id"]) for r in rows if "subject_id" in r), None)
-        split = next((str(r["split"]) for r in [*study_questions, *records.values()]), None)  # official names first
+        split = next(
+            (str(r["split"]) for r in [*study_questions, *records.values()]), None
+        )  # official names first
         study = {
             "study_id": study_id,
             "subject_id": subject,
@@ -152,8 +154,12 @@ def build(
     html = render(studies, {"seed": seed, **(meta or {})})
     sample = pa.Table.from_pylist(
         [
-            {"study_id": s["study_id"], "subject_id": s["subject_id"], "strata": ";".join(s["strata"]),
-             "items": len(s["items"])}
+            {
+                "study_id": s["study_id"],
+                "subject_id": s["subject_id"],
+                "strata": ";".join(s["strata"]),
+                "items": len(s["items"]),
+            }
             for s in studies
         ],
         schema=REVIEW_SAMPLE,

@@ -20,7 +20,15 @@ from workflow.contract import RG4_SCENARIOS
 from workflow.rg4.rewrite import detect, joined, load_rules
 
 # Report sections in reading order; `history` is shown only where it says more than the indication.
-SHOWN_SECTIONS = ("indication", "history", "comparison", "technique", "findings", "impression", "last_paragraph")
+SHOWN_SECTIONS = (
+    "indication",
+    "history",
+    "comparison",
+    "technique",
+    "findings",
+    "impression",
+    "last_paragraph",
+)
 SPAN_SECTIONS = ("findings", "impression", "last_paragraph")
 CATEGORY_NAMES = {
     "pc": "prior comparison",
@@ -55,7 +63,9 @@ def _int(value) -> int | None:
 # --- evidence spans ------------------------------------------------------------------------------------
 
 
-def locate(section_texts: Mapping[str, str | None], section, start, end, evidence) -> tuple[str, int, int] | None:
+def locate(
+    section_texts: Mapping[str, str | None], section, start, end, evidence
+) -> tuple[str, int, int] | None:
     """(section, start, end) of a finding's evidence in the report, or None when it cannot be found.
 
     The stored span is used when it lies inside its section's text; otherwise (LLM rows carry a quote,
@@ -125,8 +135,10 @@ def finding_items(study_id: int, sections: Mapping[str, str | None], findings: I
         located[item_id] = (item, where)
     order = sorted(
         located.values(),
-        key=lambda iw: (SHOWN_SECTIONS.index(iw[0]["section"]) if iw[0]["section"] in SHOWN_SECTIONS else 99,
-                        iw[1][1] if iw[1] else 0),
+        key=lambda iw: (
+            SHOWN_SECTIONS.index(iw[0]["section"]) if iw[0]["section"] in SHOWN_SECTIONS else 99,
+            iw[1][1] if iw[1] else 0,
+        ),
     )
     items, spans = [], {}
     for n, (item, where) in enumerate(order, start=1):
@@ -146,10 +158,15 @@ def report_sections(section_row: Mapping[str, object], spans: Mapping[str, list]
             continue
         if name == "history" and texts["indication"] and text.strip() == texts["indication"].strip():
             continue
-        if name == "last_paragraph" and not spans.get(name) and text.strip() in {
-            (texts["findings"] or "").strip(),
-            (texts["impression"] or "").strip(),
-        }:
+        if (
+            name == "last_paragraph"
+            and not spans.get(name)
+            and text.strip()
+            in {
+                (texts["findings"] or "").strip(),
+                (texts["impression"] or "").strip(),
+            }
+        ):
             continue
         out.append({"name": name, "segments": segments(text, spans.get(name, []))})
     return out

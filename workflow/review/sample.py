@@ -58,7 +58,9 @@ def stratified_sample(
     excluded = {int(x) for x in exclude}
     rng = random.Random(seed)
     labels_of = {
-        int(s): (sorted(set(labels)) or [NO_STRATUM]) for s, labels in strata.items() if int(s) not in excluded
+        int(s): (sorted(set(labels)) or [NO_STRATUM])
+        for s, labels in strata.items()
+        if int(s) not in excluded
     }
     members: dict[str, list[int]] = {}
     for study in sorted(labels_of):

@@ -91,20 +91,26 @@ def read_verdicts(paths: list[str | Path]) -> pd.DataFrame:
     verdicts["verdict"] = verdicts["verdict"].str.lower()
     bad = ~verdicts["verdict"].isin(REVIEW_VERDICTS) | ~verdicts["kind"].isin(REVIEW_KINDS)
     if bad.any():
-        for (file, verdict, kind), count in verdicts[bad].groupby(["source_file", "verdict", "kind"]).size().items():
+        for (file, verdict, kind), count in (
+            verdicts[bad].groupby(["source_file", "verdict", "kind"]).size().items()
+        ):
             log.warning("%s: %d rows with verdict %r / kind %r dropped", file, count, verdict, kind)
         verdicts = verdicts[~bad]
     no_reviewer = verdicts["reviewer"] == ""
     verdicts.loc[no_reviewer, "reviewer"] = "?" + verdicts.loc[no_reviewer, "source_file"]
     builds = sorted(set(verdicts["build"]) - {""})
     if len(builds) > 1:
-        log.warning("verdicts come from %d page builds (%s): items are matched by id", len(builds), ", ".join(builds))
+        log.warning(
+            "verdicts come from %d page builds (%s): items are matched by id", len(builds), ", ".join(builds)
+        )
     return verdicts.drop_duplicates(["item_id", "reviewer"], keep="last").reset_index(drop=True)
 
 
 def consensus(verdicts: pd.DataFrame) -> pd.DataFrame:
     """One row per item: its labels and the majority verdict of its reviewers (ties: unsure)."""
-    counts = verdicts.pivot_table(index="item_id", columns="verdict", values="reviewer", aggfunc="count", fill_value=0)
+    counts = verdicts.pivot_table(
+        index="item_id", columns="verdict", values="reviewer", aggfunc="count", fill_value=0
+    )
     counts = counts.reindex(columns=list(REVIEW_VERDICTS), fill_value=0)
     verdict = pd.Series("unsure", index=counts.index)
     verdict[counts["correct"] > counts["wrong"]] = "correct"
@@ -164,8 +170,11 @@ def agreement_table(verdicts: pd.DataFrame) -> pd.DataFrame:
         if shared.empty:
             continue
         both = pd.DataFrame(
-            {"kind": by_reviewer[a].loc[shared, "kind"], "a": by_reviewer[a].loc[shared, "verdict"],
-             "b": by_reviewer[b].loc[shared, "verdict"]}
+            {
+                "kind": by_reviewer[a].loc[shared, "kind"],
+                "a": by_reviewer[a].loc[shared, "verdict"],
+                "b": by_reviewer[b].loc[shared, "verdict"],
+            }
         )
         parts = [("all", both)] + [(k, both[both["kind"] == k]) for k in REVIEW_KINDS]
         for kind, part in parts:
@@ -198,11 +207,14 @@ def figure(precision: pd.DataFrame, path: str | Path, max_findings: int = 15) ->
         panels.append((title, part))
     fig_height = 1.2 + sum(0.22 * len(p) + 0.6 for _, p in panels) if panels else 2
     ratios = [len(part) + 1 for _, part in panels] or [1]
-    fig, axes = plt.subplots(len(ratios), 1, figsize=(7, fig_height), squeeze=False,
-                             gridspec_kw={"height_ratios": ratios})
+    fig, axes = plt.subplots(
+        len(ratios), 1, figsize=(7, fig_height), squeeze=False, gridspec_kw={"height_ratios": ratios}
+    )
     for ax, (title, part) in zip(axes[:, 0], panels, strict=False):
-        labels = [f"{v} (n={n})" if g == "all" else f"{g}: {v} (n={n})"
-                  for g, v, n in zip(part["group"], part["value"], part["correct"] + part["wrong"], strict=True)]
+        labels = [
+            f"{v} (n={n})" if g == "all" else f"{g}: {v} (n={n})"
+            for g, v, n in zip(part["group"], part["value"], part["correct"] + part["wrong"], strict=True)
+        ]
         y = range(len(part))[::-1]
         below = (part["precision"] - part["ci_low"]).clip(lower=0)  # rounding at 0/n and n/n
         above = (part["ci_high"] - part["precision"]).clip(lower=0)
@@ -246,8 +258,14 @@ def main(argv=None) -> None:
     figure(precision, args.figure)
     overall = precision[precision["group"] == "all"]
     for row in overall.itertuples():
-        log.info("review %s: precision %.3f [%.3f, %.3f] on %d items", row.kind, row.precision, row.ci_low,
-                 row.ci_high, row.correct + row.wrong)
+        log.info(
+            "review %s: precision %.3f [%.3f, %.3f] on %d items",
+            row.kind,
+            row.precision,
+            row.ci_low,
+            row.ci_high,
+            row.correct + row.wrong,
+        )
 
 
 if __name__ == "__main__":

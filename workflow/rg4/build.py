@@ -376,8 +376,6 @@ def _target(rec: dict) -> tuple[str | None, str | None]:
     )
 
 
-
-
 def score_targets(
     tables: dict[str, pa.Table], label_sections: bool, scorer: TokenScorer, workers: int = 1
 ) -> dict[tuple, bytes]:
@@ -387,7 +385,9 @@ def score_targets(
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
     distinct: dict[tuple, None] = {}
     for table in tables.values():
-        for f, i in zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True):
+        for f, i in zip(
+            table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True
+        ):
             distinct.setdefault((fp + f if f else None, ip + i if i else None), None)
     raws = list(distinct)
     size = max(SCORE_CHUNK, len(raws) // (4 * max(workers, 1)) + 1)
@@ -403,7 +403,11 @@ def score_targets(
             parts = [_score_chunk(c) for c in chunks]
     finally:
         _SCORE.clear()
-    return {raw: values for chunk, part in zip(chunks, parts, strict=True) for raw, values in zip(chunk, part, strict=True)}
+    return {
+        raw: values
+        for chunk, part in zip(chunks, parts, strict=True)
+        for raw, values in zip(chunk, part, strict=True)
+    }
 
 
 _SCORE: dict = {}  # what forked scorers inherit
@@ -590,7 +594,9 @@ def write_outputs(
     if scorer is not None:
         t0 = time.perf_counter()
         weights = score_targets(result.tables, label_sections, scorer, workers)
-        log.info("rg4 new_scores: %d distinct targets scored in %.1f s", len(weights), time.perf_counter() - t0)
+        log.info(
+            "rg4 new_scores: %d distinct targets scored in %.1f s", len(weights), time.perf_counter() - t0
+        )
     _WRITE.update(result=result, paths=paths, label_sections=label_sections, weights=weights)
     try:
         if workers > 1:  # four independent files: encode and write them on forked processes
@@ -618,13 +624,19 @@ def build_notes(result: BuildResult, label_sections: bool, rewriter: str = "rule
     dropped = Counter(reason.split(":", 1)[0] for reason in result.rejects.rows["reason"] if ":" in reason)
     lines = [
         f"Rewriter: {rewriter}"
-        + (" (libs/rg4_rules.yaml, whole-word rules, every output word checked)." if rewriter == "rules" else "."),
+        + (
+            " (libs/rg4_rules.yaml, whole-word rules, every output word checked)."
+            if rewriter == "rules"
+            else "."
+        ),
         "Section prefixes (rg4.label_sections: "
-        + ("true): in the LLM-RG4 JSON files findings and impressions, of the target and of the prior report, "
-           f"start with {SECTION_PREFIXES[0]!r} / {SECTION_PREFIXES[1]!r} as in the released MIMIC-RG4; "
-           if label_sections
-           else "false): the LLM-RG4 JSON files hold findings and impressions without the "
-           f"{SECTION_PREFIXES[0]!r} / {SECTION_PREFIXES[1]!r} labels of the released MIMIC-RG4; ")
+        + (
+            "true): in the LLM-RG4 JSON files findings and impressions, of the target and of the prior report, "
+            f"start with {SECTION_PREFIXES[0]!r} / {SECTION_PREFIXES[1]!r} as in the released MIMIC-RG4; "
+            if label_sections
+            else "false): the LLM-RG4 JSON files hold findings and impressions without the "
+            f"{SECTION_PREFIXES[0]!r} / {SECTION_PREFIXES[1]!r} labels of the released MIMIC-RG4; "
+        )
         + "the Parquet tables hold the unlabelled text.",
         "Nested by study (mw ⊆ sw ∩ mn, sw ⊆ sn, mn ⊆ sn); targets dropped by the check or by nesting: "
         + ", ".join(f"{s} {dropped.get(s, 0)}" for s in RG4_SCENARIOS)
@@ -686,7 +698,9 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--max-tokens", type=int, default=800)
     p.add_argument("--max-attempts", type=int, default=3, help="llm: requests per target before dropping it")
     p.add_argument("--workers", type=int, default=1, help="rules: processes for detection and rewriting")
-    p.add_argument("--scores-tokenizer", help="rg4.scores.tokenizer: tokenizer.json (or its folder) for new_scores")
+    p.add_argument(
+        "--scores-tokenizer", help="rg4.scores.tokenizer: tokenizer.json (or its folder) for new_scores"
+    )
     p.add_argument("--scores-max-length", type=int, default=100, help="rg4.scores.max_length")
     p.add_argument(
         "--label-sections",

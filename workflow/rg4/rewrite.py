@@ -211,7 +211,10 @@ def _apply(
         return text, ""
     subject = m.group("subject").strip(" ,")
     if rule.kind == "negate":
-        return f"No {subject[0].lower() + subject[1:] if subject[:2] != subject[:2].upper() else subject}.", "no"
+        return (
+            f"No {subject[0].lower() + subject[1:] if subject[:2] != subject[:2].upper() else subject}.",
+            "no",
+        )
     # predicate: keep the subject only when it names a finding ("Heart size is unchanged." says nothing)
     if not carries_finding(subject, rules, names_finding):
         return "", ""
@@ -327,7 +330,9 @@ class RulesRewriter:
         # with the findings extractor, "X is unchanged" keeps X when X carries a positive or uncertain
         # label (or a finding word: see carries_finding)
         self.names_finding = (
-            (lambda phrase: any(v != "negative" for v in label_vector(phrase).values())) if label_vector else None
+            (lambda phrase: any(v != "negative" for v in label_vector(phrase).values()))
+            if label_vector
+            else None
         )
 
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
@@ -560,7 +565,9 @@ def raise_if_corrupt(edits: tuple[TextEdit, ...], study_id: int, scenario: str) 
         if e.foreign:
             token, rule = e.foreign
             where = (
-                "the sentence tidying (workflow/rg4/rewrite.py)" if rule == "tidy" else f"{rule} (libs/rg4_rules.yaml)"
+                "the sentence tidying (workflow/rg4/rewrite.py)"
+                if rule == "tidy"
+                else f"{rule} (libs/rg4_rules.yaml)"
             )
             raise RewriteCorruption(
                 f"study {study_id} ({scenario}): the rules rewrite produced the token {token!r}, which is "

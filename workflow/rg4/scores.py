@@ -124,7 +124,9 @@ class TokenScorer:
     def _sentence_emphasised(self, raw_sentence: str) -> bool:
         hit = self._sentence_cache.get(raw_sentence)
         if hit is None:
-            hit = self._sentence_cache[raw_sentence] = bool(raw_sentence.strip()) and self.emphasised(raw_sentence)
+            hit = self._sentence_cache[raw_sentence] = bool(raw_sentence.strip()) and self.emphasised(
+                raw_sentence
+            )
         return hit
 
     def _marked(self, text: str) -> str:
@@ -145,10 +147,14 @@ class TokenScorer:
         """(the cleaned target the loader tokenises, where each of its sentences ends in it, whether each
         is emphasised), for a record's JSON ``finding`` / ``impression`` (None for the "s" sentinel).
         ``verify``: also clean the unmarked target and compare (``scores`` does so on a sample)."""
-        marked = _pieces(clean_mimic(loader_target(*(self._marked(t) if t else None for t in (finding, impression)))))
+        marked = _pieces(
+            clean_mimic(loader_target(*(self._marked(t) if t else None for t in (finding, impression))))
+        )
         sentences = [p.replace(MARK, "") for p in marked]
         cleaned = " . ".join(sentences) + " ."
-        if verify and cleaned != clean_mimic(loader_target(finding, impression)):  # unless the cleaner learns to touch MARK
+        if verify and cleaned != clean_mimic(
+            loader_target(finding, impression)
+        ):  # unless the cleaner learns to touch MARK
             raise RuntimeError("rg4 scores: the marked target cleans differently from the target")
         ends, pos = [], 0
         for k, sentence in enumerate(sentences):
@@ -170,7 +176,9 @@ class TokenScorer:
         out = [self._by_words(*p) for p in prepared]
         sample = list(range(0, len(prepared), VERIFY_EVERY))
         exact = self._exact([prepared[k] for k in sample])
-        wrong = [k for k, values in zip(sample, exact, strict=True) if out[k] is not None and out[k] != values]
+        wrong = [
+            k for k, values in zip(sample, exact, strict=True) if out[k] is not None and out[k] != values
+        ]
         if wrong:
             log.warning(
                 "rg4 scores: %s does not tokenise word by word (%d of %d sampled targets differ); "
