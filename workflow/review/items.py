@@ -16,20 +16,14 @@ import difflib
 import math
 from collections.abc import Iterable, Mapping
 
-from workflow.contract import RG4_SCENARIOS
+from workflow.contract import RG4_SCENARIOS, SECTION_NAMES
+from workflow.keyinfo.extract import FALLBACK_SECTION, READ_SECTIONS
 from workflow.rg4.rewrite import detect, joined, load_rules
 
-# Report sections in reading order; `history` is shown only where it says more than the indication.
-SHOWN_SECTIONS = (
-    "indication",
-    "history",
-    "comparison",
-    "technique",
-    "findings",
-    "impression",
-    "last_paragraph",
-)
-SPAN_SECTIONS = ("findings", "impression", "last_paragraph")
+# Report sections in reading order (the contract's); `history` is shown only where it says more than the
+# indication. Evidence spans index the sections the key-information stage reads.
+SHOWN_SECTIONS = SECTION_NAMES
+SPAN_SECTIONS = (*READ_SECTIONS, FALLBACK_SECTION)
 CATEGORY_NAMES = {
     "pc": "prior comparison",
     "pp": "prior procedure",
