@@ -25,11 +25,13 @@ from workflow.tables import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 
-SPLIT_ORDER = {"train": 0, "validate": 1, "test": 2}  # legends in this order, not alphabetical
+SPLIT_ORDER = {"train": 0, "validate": 1, "val": 1, "test": 2}  # legends in this order, not alphabetical
 PRESENCE_COLOURS = {"positive": "#c0392b", "uncertain": "#f39c12", "negative": "#2980b9"}
 
 
 def _save(fig, path: str | Path) -> None:
+    # constrained layout makes room for long tick labels (side-by-side panels would overlap otherwise)
+    fig.set_layout_engine("constrained")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -38,6 +40,10 @@ def _save(fig, path: str | Path) -> None:
 def _save_csv(frame: pd.DataFrame, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+def _split_order(splits) -> list[str]:
+    return sorted(splits, key=lambda s: (SPLIT_ORDER.get(s, len(SPLIT_ORDER)), s))
 
 
 def _distinct_studies(path: str | Path) -> int:
@@ -124,7 +130,7 @@ def plot_label_prevalence(table: pd.DataFrame, png: str | Path) -> None:
 def question_counts(questions_path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Questions per type and split, and answers per type and split (QUESTIONS table)."""
     q = pq.read_table(questions_path, columns=["split", "question_type", "answer"]).to_pandas()
-    splits = sorted(q["split"].unique(), key=lambda s: (SPLIT_ORDER.get(s, len(SPLIT_ORDER)), s))
+    splits = _split_order(q["split"].unique())
     per_type = q.groupby(["question_type", "split"]).size().unstack(fill_value=0)[splits]
     answers = q.groupby(["question_type", "answer", "split"]).size().unstack(fill_value=0)[splits]
     return per_type, answers
@@ -147,17 +153,20 @@ def plot_questions(per_type: pd.DataFrame, png: str | Path) -> None:
 
 
 def plot_answers(answers: pd.DataFrame, qtype: str, png: str | Path, top: int = 12) -> None:
-    """One question type's most frequent answers, stacked by split; long answers cut at 40 characters."""
+    """One question type's most frequent answers, as shares of each split's questions of that type: the
+    train split dwarfs the others in counts, so shares are what makes the splits comparable."""
     table = answers.loc[qtype]
-    table = table.loc[table.sum(axis=1).sort_values(ascending=False).index[:top]]
-    table.index = [_short(str(a)) for a in table.index]
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.32 * len(table)))
-    table.plot.barh(ax=ax, stacked=True)
+    shares = table / table.sum() * 100
+    shares = shares.loc[table.sum(axis=1).sort_values(ascending=False).index[:top]]
+    shares.index = [_short(str(a)) for a in shares.index]
+    shares.columns = [f"{split} (n={n:,})" for split, n in table.sum().items()]  # small splits say so
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(shares)))
+    shares.plot.barh(ax=ax, width=0.8)
     ax.invert_yaxis()
-    ax.set_xlabel("questions")
+    ax.set_xlabel(f"share of the split's {qtype} questions (%)")
     ax.set_ylabel("")
-    ax.set_title(f"{qtype}: the {len(table)} most frequent answers, per split")
-    ax.legend(title="split", frameon=False, loc="lower right")
+    ax.set_title(f"{qtype}: the {len(shares)} most frequent answers per split")
+    ax.legend(title="split", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
     _save(fig, png)
 
 
@@ -191,9 +200,8 @@ def plot_rg4(counts_path: str | Path, stats_path: str | Path, png: str | Path) -
     counts = pq.read_table(counts_path).to_pandas()
     stats = pq.read_table(stats_path).to_pandas()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-    counts.pivot_table(index="scenario", columns="split", values="records", aggfunc="sum").plot.bar(
-        ax=ax, stacked=True, rot=0
-    )
+    per_split = counts.pivot_table(index="scenario", columns="split", values="records", aggfunc="sum")
+    per_split[_split_order(per_split.columns)].plot.bar(ax=ax, stacked=True, rot=0)
     ax.set_title("MIMIC-RG4 records per scenario and split")
     ax.set_ylabel("records")
     touched = stats.assign(share=stats["share_removed"] + stats["share_rephrased"])
