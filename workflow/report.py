@@ -253,7 +253,8 @@ def html_table(
     while text_columns < len(table.columns) and not is_numeric_dtype(table.dtypes.iloc[text_columns]):
         text_columns += 1
     if total:
-        sums = table.iloc[:, text_columns:].sum(numeric_only=True).to_dict()
+        # per column: one Series of the sums would turn the integer counts into floats
+        sums = {c: table[c].sum() for c in table.columns[text_columns:] if is_numeric_dtype(table[c])}
         labels = dict.fromkeys(table.columns[:text_columns], "")
         if text_columns:
             labels[table.columns[0]] = "total"
