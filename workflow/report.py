@@ -1,8 +1,8 @@
 """Figures and tables for `snakemake --report`: what a dataset builder wants to see after a run.
 
-Every function reads finished tables of the data contract and writes one PNG (and, where a table says
-more than a plot, one CSV). Nothing here recomputes a stage: counts come from the stages' own outputs
-and `rejects` tables.
+Every function reads finished tables of the data contract and writes PNGs (and, where a table says
+more than a plot, the table as CSV to download and as HTML to read in the report). Nothing here
+recomputes a stage: counts come from the stages' own outputs and `rejects` tables.
 """
 
 from __future__ import annotations
