@@ -16,6 +16,10 @@ configfile:
     else f"{workflow.current_basedir}/config.yaml"
 
 
+# The report's landing page: what was built, from which corpus, with which backend (jinja2 over the config).
+report: "workflow/report_captions/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/ingest.smk"
 include: "rules/sections.smk"

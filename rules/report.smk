@@ -15,8 +15,18 @@ rule report_figures:
             caption="../workflow/report_captions/stage_counts.rst",
             category="1. Pipeline",
         ),
+        counts_html=report(
+            out("report", "stage_counts.html"),
+            caption="../workflow/report_captions/stage_counts.rst",
+            category="1. Pipeline",
+        ),
         reasons=report(
             out("report", "rejects_by_reason.csv"),
+            caption="../workflow/report_captions/rejects.rst",
+            category="1. Pipeline",
+        ),
+        reasons_html=report(
+            out("report", "rejects_by_reason.html"),
             caption="../workflow/report_captions/rejects.rst",
             category="1. Pipeline",
         ),
@@ -30,17 +40,39 @@ rule report_figures:
             caption="../workflow/report_captions/label_prevalence.rst",
             category="2. Key information",
         ),
+        prevalence_html=report(
+            out("report", "label_prevalence.html"),
+            caption="../workflow/report_captions/label_prevalence.rst",
+            category="2. Key information",
+        ),
         questions=report(
             out("report", "questions.png"),
             caption="../workflow/report_captions/questions.rst",
             category="3. Medical-CXR-VQA",
+        ),
+        answers=report(
+            directory(out("report", "answers")),
+            patterns=["{qtype}.png"],
+            caption="../workflow/report_captions/answers.rst",
+            category="3. Medical-CXR-VQA",
+            subcategory="Answers per question type",
+            labels={"question type": "{qtype}"},
         ),
         type_mix=report(
             out("report", "vqa_type_mix.png"),
             caption="../workflow/report_captions/vqa_type_mix.rst",
             category="3. Medical-CXR-VQA",
         ),
-        type_mix_table=out("report", "vqa_type_mix.csv"),
+        type_mix_table=report(
+            out("report", "vqa_type_mix.csv"),
+            caption="../workflow/report_captions/vqa_type_mix.rst",
+            category="3. Medical-CXR-VQA",
+        ),
+        type_mix_html=report(
+            out("report", "vqa_type_mix.html"),
+            caption="../workflow/report_captions/vqa_type_mix.rst",
+            category="3. Medical-CXR-VQA",
+        ),
         rg4=report(
             out("report", "rg4.png"),
             caption="../workflow/report_captions/rg4.rst",

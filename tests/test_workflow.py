@@ -4,9 +4,11 @@ GPU branch with the right resources."""
 
 from __future__ import annotations
 
+import base64
 import csv
 import gzip
 import os
+import re
 import zipfile
 from pathlib import Path
 
@@ -115,13 +117,37 @@ def test_rerun_has_nothing_to_do(demo_run):
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
-def test_html_report_shows_the_figures(demo_run):
+def _embedded(html: str, name: str) -> str:
+    """The text of a file the self-contained report embeds (base64 in a data: URI)."""
+    uri = re.search(rf"data:text/html;charset=utf8;filename={re.escape(name)};base64,([A-Za-z0-9+/=]+)", html)
+    assert uri, name
+    return base64.b64decode(uri.group(1)).decode()
+
+
+def test_html_report_shows_the_figures_tables_and_what_was_built(demo_run):
     run = run_snakemake(demo_run, "--report", "report.html")
     assert run.returncode == 0, run.stderr[-2000:]
     html = (demo_run / "report.html").read_text(errors="replace")
     for name in ("stage_counts.png", "label_prevalence.png", "questions.png", "vqa_type_mix.png", "rg4.png",
                  "rejects_by_reason.csv"):  # fmt: skip
         assert name in html, name
+    # one answers figure per question type the build has
+    types = set(pq.read_table(demo_run / "results/vqa/questions.parquet")["question_type"].to_pylist())
+    assert len(types) >= 5
+    for qtype in types:
+        assert f"{qtype}.png" in html, qtype
+    # every table is readable in the report, as an HTML page holding the CSV's rows
+    for stem in ("stage_counts", "rejects_by_reason", "label_prevalence", "vqa_type_mix"):
+        rows = list(csv.DictReader((demo_run / f"results/report/{stem}.csv").read_text().splitlines()))
+        page = _embedded(html, f"{stem}.html")
+        cells = re.findall(r"<td>(.*?)</td>", page)
+        first = next(iter(rows[0]))
+        assert [r[first] for r in rows] == cells[:: len(rows[0])], stem
+    # the landing text says what was built from which corpus with which backend
+    landing = re.sub(r"<[^>]+>", "", html)
+    assert "Corpus: mimic (corpus.format)" in landing
+    assert "the embedded synthetic demo, not a real corpus" in landing
+    assert "Key information: rules backend (llm.backend)" in landing
 
 
 def test_report_type_mix_counts_the_questions_and_quotes_the_released_dataset(demo_run):

@@ -1,13 +1,14 @@
 """Figures and tables for `snakemake --report`: what a dataset builder wants to see after a run.
 
-Every function reads finished tables of the data contract and writes one PNG (and, where a table says
-more than a plot, one CSV). Nothing here recomputes a stage: counts come from the stages' own outputs
-and `rejects` tables.
+Every function reads finished tables of the data contract and writes PNGs (and, where a table says
+more than a plot, the table as CSV to download and as HTML to read in the report). Nothing here
+recomputes a stage: counts come from the stages' own outputs and `rejects` tables.
 """
 
 from __future__ import annotations
 
 import logging
+from html import escape
 from pathlib import Path
 
 import matplotlib
@@ -17,16 +18,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
+from pandas.api.types import is_integer_dtype, is_numeric_dtype  # noqa: E402
 
 from workflow.cli import parser, setup_logging  # noqa: E402
 from workflow.tables import atomic_path  # noqa: E402
 
 log = logging.getLogger(__name__)
 
+SPLIT_ORDER = {"train": 0, "validate": 1, "val": 1, "test": 2}  # legends in this order, not alphabetical
 PRESENCE_COLOURS = {"positive": "#c0392b", "uncertain": "#f39c12", "negative": "#2980b9"}
 
 
 def _save(fig, path: str | Path) -> None:
+    # constrained layout makes room for long tick labels (side-by-side panels would overlap otherwise)
+    fig.set_layout_engine("constrained")
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -35,6 +40,10 @@ def _save(fig, path: str | Path) -> None:
 def _save_csv(frame: pd.DataFrame, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         frame.to_csv(tmp, index=False)
+
+
+def _split_order(splits) -> list[str]:
+    return sorted(splits, key=lambda s: (SPLIT_ORDER.get(s, len(SPLIT_ORDER)), s))
 
 
 def _distinct_studies(path: str | Path) -> int:
@@ -118,21 +127,47 @@ def plot_label_prevalence(table: pd.DataFrame, png: str | Path) -> None:
     _save(fig, png)
 
 
-def plot_questions(questions_path: str | Path, png: str | Path, top: int = 8) -> pd.DataFrame:
-    """Question types per split, and each type's most frequent answers."""
+def question_counts(questions_path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Questions per type and split, and answers per type and split (QUESTIONS table)."""
     q = pq.read_table(questions_path, columns=["split", "question_type", "answer"]).to_pandas()
-    per_split = q.groupby(["question_type", "split"]).size().unstack(fill_value=0)
-    types = list(per_split.index)
-    fig, axes = plt.subplots(1, 1 + len(types), figsize=(4 * (1 + len(types)), 4))
-    per_split.plot.bar(ax=axes[0], stacked=True, rot=30)
-    axes[0].set_title("Questions per type and split")
-    axes[0].set_xlabel("")
-    for ax, qtype in zip(axes[1:], types, strict=True):
-        answers = q.loc[q["question_type"] == qtype, "answer"].value_counts().head(top)
-        ax.barh([a[:28] for a in answers.index[::-1]], answers.values[::-1], color="#8e44ad")
-        ax.set_title(f"{qtype}: top answers")
+    splits = _split_order(q["split"].unique())
+    per_type = q.groupby(["question_type", "split"]).size().unstack(fill_value=0)[splits]
+    answers = q.groupby(["question_type", "answer", "split"]).size().unstack(fill_value=0)[splits]
+    return per_type, answers
+
+
+def _short(label: str, width: int = 40) -> str:
+    return label if len(label) <= width else label[: width - 1] + "…"
+
+
+def plot_questions(per_type: pd.DataFrame, png: str | Path) -> None:
+    """Questions per type, stacked by split: one panel (the answers have a figure per type)."""
+    fig, ax = plt.subplots(figsize=(7, 3.8))
+    per_type.plot.barh(ax=ax, stacked=True)
+    ax.invert_yaxis()
+    ax.set_xlabel("questions")
+    ax.set_ylabel("")
+    ax.set_title("Questions per type and split")
+    ax.legend(title="split", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))  # clear of the bars
     _save(fig, png)
-    return per_split.reset_index()
+
+
+def plot_answers(answers: pd.DataFrame, qtype: str, png: str | Path, top: int = 12) -> None:
+    """One question type's most frequent answers, as shares of each split's questions of that type: the
+    train split dwarfs the others in counts, so shares are what makes the splits comparable."""
+    table = answers.loc[qtype]
+    shares = table / table.sum() * 100
+    shares = shares.loc[table.sum(axis=1).sort_values(ascending=False).index[:top]]
+    shares.index = [_short(str(a)) for a in shares.index]
+    shares.columns = [f"{split} (n={n:,})" for split, n in table.sum().items()]  # small splits say so
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.45 * len(shares)))
+    shares.plot.barh(ax=ax, width=0.8)
+    ax.invert_yaxis()
+    ax.set_xlabel(f"share of the split's {qtype} questions (%)")
+    ax.set_ylabel("")
+    ax.set_title(f"{qtype}: the {len(shares)} most frequent answers per split")
+    ax.legend(title="split", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))
+    _save(fig, png)
 
 
 def type_mix(stats_path: str | Path) -> pd.DataFrame:
@@ -165,9 +200,8 @@ def plot_rg4(counts_path: str | Path, stats_path: str | Path, png: str | Path) -
     counts = pq.read_table(counts_path).to_pandas()
     stats = pq.read_table(stats_path).to_pandas()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
-    counts.pivot_table(index="scenario", columns="split", values="records", aggfunc="sum").plot.bar(
-        ax=ax, stacked=True, rot=0
-    )
+    per_split = counts.pivot_table(index="scenario", columns="split", values="records", aggfunc="sum")
+    per_split[_split_order(per_split.columns)].plot.bar(ax=ax, stacked=True, rot=0)
     ax.set_title("MIMIC-RG4 records per scenario and split")
     ax.set_ylabel("records")
     touched = stats.assign(share=stats["share_removed"] + stats["share_rephrased"])
@@ -201,29 +235,66 @@ def llm_usage(requests_paths: list[str | Path]) -> pd.DataFrame:
     ).reset_index()
 
 
-def llm_usage_html(usage: pd.DataFrame, path: str | Path) -> None:
-    """The usage table as a small self-contained HTML page (the report viewer shows HTML, not CSV),
-    with a total row: what the run sent and what it cost."""
-    total = usage.drop(columns="stage").sum(numeric_only=True)
-    table = pd.concat([usage, pd.DataFrame([{"stage": "total", **total.to_dict()}])], ignore_index=True)
-    counts = [c for c in table.columns if c not in ("stage", "cost_usd")]
-    table[counts] = table[counts].astype(int)
-    formatters = {c: "{:,}".format for c in counts} | {"cost_usd": "${:,.4f}".format}
-    body = table.to_html(index=False, formatters=formatters, border=0, classes="usage")
-    style = (
-        "body{font-family:sans-serif;font-size:14px} table.usage{border-collapse:collapse}"
-        " .usage th,.usage td{padding:4px 10px;text-align:right;border-bottom:1px solid #ddd}"
-        " .usage td:first-child,.usage th:first-child{text-align:left}"
-        " .usage tr:last-child td{font-weight:bold}"
+TABLE_STYLE = (
+    "body{font-family:sans-serif;font-size:14px} table.report{border-collapse:collapse}"
+    " .report th,.report td{padding:4px 10px;text-align:right;border-bottom:1px solid #ddd}"
+    " .report tr.total td{font-weight:bold}"
+)
+
+
+def html_table(
+    frame: pd.DataFrame, path: str | Path, title: str, note: str = "", total: bool = False
+) -> None:
+    """A table as a small self-contained HTML page: the report viewer shows HTML, but a CSV only as a
+    download link. Numbers right-aligned with thousands separators, ``*_usd`` columns in dollars, the
+    leading text columns left-aligned; ``total`` adds a bold row of the numeric columns' sums."""
+    table = frame.reset_index(drop=True)
+    text_columns = 0
+    while text_columns < len(table.columns) and not is_numeric_dtype(table.dtypes.iloc[text_columns]):
+        text_columns += 1
+    if total:
+        # per column: one Series of the sums would turn the integer counts into floats
+        sums = {c: table[c].sum() for c in table.columns[text_columns:] if is_numeric_dtype(table[c])}
+        labels = dict.fromkeys(table.columns[:text_columns], "")
+        if text_columns:
+            labels[table.columns[0]] = "total"
+        table = pd.concat([table, pd.DataFrame([{**labels, **sums}])], ignore_index=True)
+
+    def formatter(column: str):
+        dtype = table[column].dtype
+        if column.endswith("_usd"):
+            fmt = "${:,.4f}".format
+        elif is_integer_dtype(dtype):
+            fmt = "{:,}".format
+        elif is_numeric_dtype(dtype):
+            fmt = "{:,.4f}".format
+        else:
+            return str
+        return lambda v: "" if pd.isna(v) else fmt(v)
+
+    body = table.to_html(
+        index=False, formatters={c: formatter(c) for c in table.columns}, border=0, classes="report"
     )
-    html = (
-        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>LLM usage</title><style>{style}</style>"
-        f"</head><body><h3>LLM requests, tokens and cost per stage</h3>{body}"
-        "<p>One row per request sent, at the first stage that sent it; tokens as the endpoint's "
-        "<code>usage</code> returned them; cost from <code>llm.prices</code>.</p></body></html>"
+    if total:  # pandas writes no row classes; the total is the last body row
+        head, sep, tail = body.rpartition("<tr>")
+        body = f'{head}<tr class="total">{tail}'
+    left = "".join(
+        f" .report td:nth-child({i}),.report th:nth-child({i}){{text-align:left}}"
+        for i in range(1, text_columns + 1)
+    )
+    page = (
+        f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
+        f"<style>{TABLE_STYLE}{left}</style></head><body><h3>{escape(title)}</h3>{body}"
+        f"{f'<p>{note}</p>' if note else ''}</body></html>"
     )
     with atomic_path(path) as tmp:
-        Path(tmp).write_text(html, encoding="utf-8")
+        Path(tmp).write_text(page, encoding="utf-8")
+
+
+def _save_table(frame: pd.DataFrame, stem: Path, title: str, note: str = "", total: bool = False) -> None:
+    """The table as CSV (to download) and as HTML (to read in the report), side by side."""
+    _save_csv(frame, stem.with_suffix(".csv"))
+    html_table(frame, stem.with_suffix(".html"), title, note, total)
 
 
 def plot_llm(usage: pd.DataFrame, followup_stats: str | Path, png: str | Path) -> None:
@@ -263,25 +334,43 @@ def main(argv=None) -> None:
         stages.append((name, source or None, output or None, rejects))
     if stages:
         counts, reasons = stage_counts(stages)
-        _save_csv(counts, out / "stage_counts.csv")
-        _save_csv(reasons, out / "rejects_by_reason.csv")
+        _save_table(counts, out / "stage_counts", "Studies in, out and rejected per stage")
+        _save_table(reasons, out / "rejects_by_reason", "Rejects rows per stage and reason")
         plot_stage_counts(counts, reasons, out / "stage_counts.png")
     if args.findings:
         prevalence = label_prevalence(args.findings)
-        _save_csv(prevalence, out / "label_prevalence.csv")
+        _save_table(
+            prevalence,
+            out / "label_prevalence",
+            "Studies per finding and merged presence",
+            "<code>prevalence</code>: share of all studies with the finding positive.",
+        )
         plot_label_prevalence(prevalence, out / "label_prevalence.png")
     if args.questions:
-        plot_questions(args.questions, out / "questions.png")
+        per_type, answers = question_counts(args.questions)
+        plot_questions(per_type, out / "questions.png")
+        answers_dir = out / "answers"
+        answers_dir.mkdir(parents=True, exist_ok=True)
+        for qtype in per_type.index:
+            plot_answers(answers, qtype, answers_dir / f"{qtype}.png")
     if args.vqa_stats:
         mix = type_mix(args.vqa_stats)
-        _save_csv(mix, out / "vqa_type_mix.csv")
+        _save_table(
+            mix, out / "vqa_type_mix", "Question-type mix: this build and the released Medical-CXR-VQA"
+        )
         plot_type_mix(mix, out / "vqa_type_mix.png")
     if args.rg4_counts:
         plot_rg4(args.rg4_counts, args.rg4_stats, out / "rg4.png")
     if args.llm_requests:
         usage = llm_usage(args.llm_requests)
-        _save_csv(usage, out / "llm_usage.csv")
-        llm_usage_html(usage, out / "llm_usage.html")
+        _save_table(
+            usage,
+            out / "llm_usage",
+            "LLM requests, tokens and cost per stage",
+            "One row per request sent, at the first stage that sent it; tokens as the endpoint's "
+            "<code>usage</code> returned them; cost from <code>llm.prices</code>.",
+            total=True,
+        )
         plot_llm(usage, args.followup_stats, out / "llm.png")
     log.info("report figures in %s", out)
 
