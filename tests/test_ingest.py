@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+from workflow_run import MIMIC_METADATA_COLUMNS
 
 from workflow import ingest, sections
 from workflow.contract import IMAGES, REJECTS, STUDIES
@@ -36,20 +37,7 @@ REPORT = (
 )
 
 SPLIT_HEADER = ["dicom_id", "study_id", "subject_id", "split"]
-META_HEADER = [
-    "dicom_id",
-    "subject_id",
-    "study_id",
-    "PerformedProcedureStepDescription",
-    "ViewPosition",
-    "Rows",
-    "Columns",
-    "StudyDate",
-    "StudyTime",
-    "ProcedureCodeSequence_CodeMeaning",
-    "ViewCodeSequence_CodeMeaning",
-    "PatientOrientationCodeSequence_CodeMeaning",
-]
+META_HEADER = MIMIC_METADATA_COLUMNS
 
 
 def write_csv(path: Path, header, rows) -> Path:

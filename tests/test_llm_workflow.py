@@ -21,6 +21,7 @@ from workflow.tables import read_table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI  # noqa: E402
+from workflow_run import MIMIC_METADATA_COLUMNS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
@@ -73,20 +74,7 @@ def tiny_mimic(out: Path, n: int = 40) -> Path:
         ("split", ["dicom_id", "study_id", "subject_id", "split"], split_rows),
         (
             "metadata",
-            [
-                "dicom_id",
-                "subject_id",
-                "study_id",
-                "PerformedProcedureStepDescription",
-                "ViewPosition",
-                "Rows",
-                "Columns",
-                "StudyDate",
-                "StudyTime",
-                "ProcedureCodeSequence_CodeMeaning",
-                "ViewCodeSequence_CodeMeaning",
-                "PatientOrientationCodeSequence_CodeMeaning",
-            ],
+            MIMIC_METADATA_COLUMNS,
             meta_rows,
         ),
     ):
