@@ -9,7 +9,8 @@ stops itself after ``lifetime_s``.
 
 Faults (rates in [0, 1]):
 * transient, drawn per attempt: ``429`` (with Retry-After), ``500``, ``slow`` (sleeps ``slow_s``,
-  past the client's timeout), ``bad_body`` (HTTP 200 with a truncated JSON body);
+  past the client's timeout), ``bad_body`` (HTTP 200 with a truncated JSON body), ``garbage`` (HTTP 200,
+  the answer text is not JSON), ``wrong_schema`` (HTTP 200, a JSON answer without ``findings``);
 * sticky, drawn per conversation: ``content_filter`` (Azure's HTTP 400 ``code: content_filter``),
   ``filter_finish`` (HTTP 200, ``finish_reason: content_filter``), ``bad_content`` (the answer text is
   not JSON);
@@ -183,7 +184,7 @@ class LoopbackOpenAI:
         transient = self._draw(f"{h}:{attempt}").random()
         edges = []
         acc = 0.0
-        for name in ("429", "500", "slow", "bad_body"):
+        for name in ("429", "500", "slow", "bad_body", "garbage", "wrong_schema"):
             acc += f.get(name, 0.0)
             edges.append((acc, name))
         fault = next((name for edge, name in edges if transient < edge), None)
@@ -220,6 +221,10 @@ class LoopbackOpenAI:
         finish = "stop"
         if fault == "bad_content":
             content = content[: len(content) // 2]
+        if fault == "garbage":
+            content = "I am sorry, I can only help with radiology questions."
+        if fault == "wrong_schema":
+            content = json.dumps({"result": derive_findings(report, only=finding)})
         if fault == "filter_finish":
             content, finish = None, "content_filter"
         prompt_chars = sum(len(m.get("content") or "") for m in messages)

@@ -572,3 +572,65 @@ def test_estimate_is_what_the_run_then_sends_request_for_request(tables, tmp_pat
     assert (requests["adapter"] == "lora-v1").all()
     gold_rows = read_table(out / "gold" / "requests.parquet").to_pandas()
     assert list(gold_rows["request_key"]) == [r.key for r in planned["gold"]]
+
+
+GARBAGE = ("garbage", "wrong_schema")
+
+
+def test_http_200_garbage_is_re_asked_then_recorded_and_retry_unusable_re_asks_only_those(tmp_path):
+    """Item 7 of issue 18: HTTP-200 answers that are not usable (text that is not JSON, JSON without
+    ``findings``) are re-asked, then recorded as ``llm_unusable_answer``; refusals stay final; a re-run
+    with ``llm.retry_unusable`` asks again exactly the recorded unusable ones."""
+    sections, studies = corpus(80)
+    tables = write_tables(tmp_path, sections, studies)
+    out = tmp_path / "out"
+    faults = {"garbage": 0.3, "wrong_schema": 0.3, "content_filter": 0.05}
+    with LoopbackOpenAI(faults=faults, seed=4) as srv:
+        config = llm_config(srv)
+        run_keyinfo(json.dumps(config), tables, out)
+        first = srv.by_hash()
+
+        def rejects():
+            return pd.concat([read_table(out / f"shard{s}" / "rejects.parquet").to_pandas() for s in (0, 1)])
+
+        def findings_ids():
+            return {
+                sid
+                for s in (0, 1)
+                for sid in read_table(out / f"shard{s}" / "findings.parquet")["study_id"].to_pylist()
+            }
+
+        rej = rejects()
+        # Every study is in the findings or in the rejects, for a recorded reason; none lost to garbage
+        # that was retried into a usable answer.
+        assert findings_ids() | set(rej["study_id"]) == set(sections["study_id"])
+        assert set(rej["reason"]) <= {"no_findings_or_impression", "llm_refused", "llm_unusable_answer"}
+        # The server answered garbage often, and most of it was re-asked into a usable answer.
+        garbage_answers = sum(o in GARBAGE for outs in first.values() for o in outs)
+        unusable = rej[rej["reason"] == "llm_unusable_answer"]
+        assert garbage_answers > 3 * len(unusable) > 0
+        assert unusable["detail"].str.contains("after 3 answers").all()
+        # Recorded unusable = the conversations whose every answer was garbage, 1 + unusable_retries of them.
+        exhausted = {h for h, outs in first.items() if len(outs) == 3 and all(o in GARBAGE for o in outs)}
+        assert len(exhausted) == len(unusable)
+        assert all(len(outs) <= 3 for outs in first.values())
+        # Refusals: asked once, final, recorded.
+        refused = {h for h, outs in first.items() if outs[-1] == "content_filter"}
+        assert refused and (rej["reason"] == "llm_refused").sum() == len(refused)
+
+        # A plain re-run sends nothing: unusable answers are on record, not pending.
+        srv.reset_counts()
+        run_keyinfo(json.dumps(config), tables, out)
+        assert srv.count() == 0
+
+        # retry_unusable: exactly the unusable conversations are asked again (never a refused or a good one).
+        srv.faults = {"content_filter": 0.05}
+        config["llm"]["retry_unusable"] = True
+        run_keyinfo(json.dumps(config), tables, out)
+        assert set(srv.by_hash()) == exhausted
+        assert srv.count() == len(exhausted)
+        rej = rejects()
+        assert set(rej["reason"]) == {"no_findings_or_impression", "llm_refused"}
+        assert findings_ids() | set(rej["study_id"]) == set(sections["study_id"])
+        requests = pd.concat([read_table(out / f"shard{s}" / "requests.parquet").to_pandas() for s in (0, 1)])
+        assert "unusable" not in set(requests["status"])
