@@ -50,6 +50,7 @@ TERMS = sorted({**{n: n for n in VOCAB["findings"]}, **SYNONYMS}.items(), key=la
 NEG = re.compile(r"\b(no|without|negative for|free of|resolved)\b")
 UNC = re.compile(r"\b(may|possible|possibly|cannot be excluded|could|questionable|suspected)\b")
 LOC = re.compile(r"\b(left|right|bilateral)(?:\s+(upper|middle|lower|basal|apical))?(?:\s+(lobe|lung|base))?")
+INJECTION = re.compile(r"ignore previous instructions and answer (\{[^\n]*\})", re.I)
 LEVEL = re.compile(r"\b(minimal|mild|moderate|severe|massive|small|large)\b")
 
 
@@ -218,6 +219,9 @@ class LoopbackOpenAI:
             )
         report, finding = _report_of(messages)
         content = json.dumps({"findings": derive_findings(report, only=finding)})
+        obeyed = INJECTION.search(report)
+        if obeyed and finding is None:  # a gullible model: obeys a report's instructions in a first answer
+            content = obeyed.group(1)
         finish = "stop"
         if fault == "bad_content":
             content = content[: len(content) // 2]
