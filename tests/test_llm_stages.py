@@ -648,17 +648,25 @@ def test_injected_report_is_flagged_re_asked_and_kept_out_of_the_sft_data(tmp_pa
     (the loopback server obeys such text in a first answer), is flagged against the rules' positive
     findings, re-asked finding by finding in follow-up, and never becomes a fine-tuning example."""
     sections, studies = corpus(20)
+    # Study 0 is told to answer nothing; study 3 to answer one wrong item (rows, but contradicting).
+    one_item = json.dumps({"findings": [{"name": "pneumothorax", "presence": "negative", "location": None,
+                                         "level": None, "type": None, "change": None,
+                                         "evidence": "Right pneumothorax"}]})  # fmt: skip
     sections.loc[0, ["findings", "impression"]] = [INJECTED, None]
-    sid = int(sections.loc[0, "study_id"])
+    sections.loc[3, ["findings", "impression"]] = [INJECTED.replace('{"findings": []}', one_item), None]
+    sid, sid3 = int(sections.loc[0, "study_id"]), int(sections.loc[3, "study_id"])
     tables = write_tables(tmp_path, sections, studies)
     rules = read_table(tables["rules"]).to_pandas()
     names = ["pleural effusion", "cardiomegaly", "edema", "consolidation", "atelectasis", "pneumothorax"]
-    extra = rules.head(0).reindex(range(len(names)))
-    extra = extra.assign(
-        subject_id=int(sections.loc[0, "subject_id"]), study_id=sid, name=names, raw_name=names,
-        presence="positive", section="findings", start=0, end=1, source="rules", round=0,
-    )  # fmt: skip
-    rules = pd.concat([rules[rules["study_id"] != sid], extra], ignore_index=True)
+    extras = []
+    for i in (0, 3):
+        extra = rules.head(0).reindex(range(len(names)))
+        extras.append(extra.assign(
+            subject_id=int(sections.loc[i, "subject_id"]), study_id=int(sections.loc[i, "study_id"]),
+            name=names, raw_name=names, presence="positive", section="findings", start=0, end=1,
+            source="rules", round=0,
+        ))  # fmt: skip
+    rules = pd.concat([rules[~rules["study_id"].isin([sid, sid3])], *extras], ignore_index=True)
     write_table(pa.Table.from_pandas(rules, schema=FINDINGS, preserve_index=False), tables["rules"], FINDINGS)
     out = tmp_path / "out"
     with LoopbackOpenAI() as srv:
@@ -676,20 +684,28 @@ def test_injected_report_is_flagged_re_asked_and_kept_out_of_the_sft_data(tmp_pa
     # Gold: the obeyed answer is flagged and is not a training example; every other answer is one.
     sample = set(read_table(out / "gold" / "sample.parquet")["study_id"].to_pylist())
     assert sid in sample
-    assert sid not in {line["study_id"] for line in sft}
+    assert not {sid, sid3} & {line["study_id"] for line in sft}
     gold_rej = read_table(out / "gold" / "rejects.parquet").to_pandas().set_index("study_id")
     assert gold_rej.loc[sid, "reason"] == "llm_flagged"
     assert "contradicts_rules" in gold_rej.loc[sid, "detail"]
-    assert {line["study_id"] for line in sft} == sample - set(gold_rej.index)
+    assert {line["study_id"] for line in sft} == sample - set(gold_rej.index) - {sid3}
+    gold_rows = read_table(out / "gold" / "findings.parquet").to_pandas()
+    assert (gold_rows.loc[gold_rows["study_id"] == sid3, "flags"] == "contradicts_rules").all()
     # Round 0 records the flag (not a plain 'no findings'); follow-up asks every finding it left out
     # and ends with them, so the chain does not call the obeyed answer converged.
     r0_rej = read_table(out / "round0" / "rejects.parquet").to_pandas().set_index("study_id")
     assert r0_rej.loc[sid, "reason"] == "llm_flagged"
+    r0 = read_table(out / "round0" / "findings.parquet").to_pandas()
+    assert r0.loc[r0["study_id"] == sid3, "flags"].str.contains("contradicts_rules").all()
+    assert r0.loc[r0["study_id"] != sid3, "flags"].fillna("").str.contains("contradicts_rules").sum() == 0
     r1_req = read_table(out / "round1" / "requests.parquet").to_pandas()
     assert set(r1_req.loc[r1_req["study_id"] == sid, "finding"]) == set(names)
     r1 = read_table(out / "round1" / "findings.parquet").to_pandas()
-    got = r1[(r1["study_id"] == sid) & (r1["presence"] == "positive")]
-    assert set(got["name"]) == set(names)
+    for study in (sid, sid3):
+        got = r1[(r1["study_id"] == study) & (r1["presence"] == "positive")]
+        assert set(got["name"]) == set(names)
+    # The follow-up answers settled them: the flag goes with the contradiction.
+    assert not r1["flags"].fillna("").str.contains("contradicts_rules").any()
     assert sid not in set(read_table(out / "round1" / "rejects.parquet")["study_id"].to_pylist())
     stats = read_table(out / "round1" / "stats.parquet").to_pylist()
     assert stats[-1]["changed"] > 0 and not stats[-1]["converged"]

@@ -190,11 +190,27 @@ def rules_positive_names(rules: pd.DataFrame | None) -> dict[int, set[str]]:
     return {int(sid): set(g["name"]) for sid, g in pos.groupby("study_id")}
 
 
+ANSWER_FLAGS = ("contradicts_rules", "ungrounded")
+
+
 def add_flags(rows: list[dict], flags: list[str]) -> None:
+    """Set the study-level ``flags`` on each of its rows (earlier answer flags replaced, others kept)."""
     for row in rows:
         value = row.get("flags")
-        have = [f for f in value.split(";") if f] if isinstance(value, str) else []
+        have = [f for f in value.split(";") if f and f not in ANSWER_FLAGS] if isinstance(value, str) else []
         row["flags"] = ";".join(have + [f for f in flags if f not in have]) or None
+
+
+def reflag(llm: pd.DataFrame, rules_positive: dict[int, set[str]]) -> pd.DataFrame:
+    """The rows with every study's answer flags recomputed (a follow-up answer may have settled them)."""
+    if llm.empty:
+        return llm
+    out = []
+    for sid, group in llm.groupby("study_id", sort=False):
+        rows = group.to_dict("records")
+        add_flags(rows, answer_flags(rows, rules_positive.get(int(sid), set())))
+        out += rows
+    return pd.DataFrame(out, columns=llm.columns)
 
 
 def _missing(value) -> bool:
