@@ -401,7 +401,9 @@ async def _run_openai_async(
         progress.close()
 
 
-def _run_batch(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats) -> None:
+def _run_batch(
+    pending: list[Request], cfg: dict, cache: Cache, stats: RunStats, retry_unusable: bool = False
+) -> None:
     """Submit pending requests as Batch API jobs, adopt jobs of earlier runs, collect, resubmit failures."""
     bcfg = cfg["batch"]
     client = make_client(cfg, asynchronous=False)
@@ -410,7 +412,7 @@ def _run_batch(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats)
     by_key = {r.key: r for r in pending}
     for round_ in range(int(bcfg["max_rounds"])):
         in_flight = {k for _, keys in cache.open_batches(endpoint_id) for k in keys}
-        todo = [k for k in cache.pending(by_key) if k not in in_flight]
+        todo = [k for k in cache.pending(by_key, retry_unusable=retry_unusable) if k not in in_flight]
         step = int(bcfg["max_requests_per_file"])
         for i in range(0, len(todo), step):
             chunk = [by_key[k] for k in todo[i : i + step]]
@@ -451,7 +453,7 @@ def _run_batch(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats)
                 )
             if open_batches:
                 time.sleep(float(bcfg["poll_interval_s"]))
-        if not cache.pending(by_key):
+        if not cache.pending(by_key, retry_unusable=retry_unusable):
             break
 
 
@@ -551,10 +553,9 @@ def run_requests(
     requests = list(requests)
     stats = RunStats()
     with Cache(cache_path) as cache:
+        retry_unusable = bool(cfg.get("retry_unusable")) and validate is not None
         pending_keys = cache.pending(
-            (r.key for r in requests),
-            retry_failed=retry_failed,
-            retry_unusable=bool(cfg.get("retry_unusable")) and validate is not None,
+            (r.key for r in requests), retry_failed=retry_failed, retry_unusable=retry_unusable
         )
         est = accounting.estimate(
             requests,
@@ -580,7 +581,7 @@ def run_requests(
             if executor == "openai":
                 asyncio.run(_run_openai_async(iter(pending), len(pending), cfg, cache, stats, validate))
             elif executor == "batch":
-                _run_batch(pending, cfg, cache, stats)
+                _run_batch(pending, cfg, cache, stats, retry_unusable)
             elif executor == "vllm":
                 _run_vllm(pending, cfg, cache, stats)
             else:
