@@ -170,6 +170,7 @@ def llm_stage_settings(stage):
     name = llm[stage]["endpoint"]
     shared = (
         "allow_public_endpoint",
+        "retry_unusable",
         "max_cost_usd",
         "client",
         "batch",
@@ -226,6 +227,8 @@ def llm_stage_identity(stage):
             "executor": executor,
             "prices": {m: p for m, p in llm["prices"].items() if model.startswith(m)},
             "batch_discount": llm["batch"]["discount"] if executor == "batch" else None,
+            # switching it on re-runs the stages: from the cache, sending only the answers recorded unusable
+            "retry_unusable": llm["retry_unusable"],
         },
         sort_keys=True,
     )

@@ -9,7 +9,8 @@ stops itself after ``lifetime_s``.
 
 Faults (rates in [0, 1]):
 * transient, drawn per attempt: ``429`` (with Retry-After), ``500``, ``slow`` (sleeps ``slow_s``,
-  past the client's timeout), ``bad_body`` (HTTP 200 with a truncated JSON body);
+  past the client's timeout), ``bad_body`` (HTTP 200 with a truncated JSON body), ``garbage`` (HTTP 200,
+  the answer text is not JSON), ``wrong_schema`` (HTTP 200, a JSON answer without ``findings``);
 * sticky, drawn per conversation: ``content_filter`` (Azure's HTTP 400 ``code: content_filter``),
   ``filter_finish`` (HTTP 200, ``finish_reason: content_filter``), ``bad_content`` (the answer text is
   not JSON);
@@ -49,6 +50,7 @@ TERMS = sorted({**{n: n for n in VOCAB["findings"]}, **SYNONYMS}.items(), key=la
 NEG = re.compile(r"\b(no|without|negative for|free of|resolved)\b")
 UNC = re.compile(r"\b(may|possible|possibly|cannot be excluded|could|questionable|suspected)\b")
 LOC = re.compile(r"\b(left|right|bilateral)(?:\s+(upper|middle|lower|basal|apical))?(?:\s+(lobe|lung|base))?")
+INJECTION = re.compile(r"ignore previous instructions and answer (\{[^\n]*\})", re.I)
 LEVEL = re.compile(r"\b(minimal|mild|moderate|severe|massive|small|large)\b")
 
 
@@ -183,7 +185,7 @@ class LoopbackOpenAI:
         transient = self._draw(f"{h}:{attempt}").random()
         edges = []
         acc = 0.0
-        for name in ("429", "500", "slow", "bad_body"):
+        for name in ("429", "500", "slow", "bad_body", "garbage", "wrong_schema"):
             acc += f.get(name, 0.0)
             edges.append((acc, name))
         fault = next((name for edge, name in edges if transient < edge), None)
@@ -217,9 +219,16 @@ class LoopbackOpenAI:
             )
         report, finding = _report_of(messages)
         content = json.dumps({"findings": derive_findings(report, only=finding)})
+        obeyed = INJECTION.search(report)
+        if obeyed and finding is None:  # a gullible model: obeys a report's instructions in a first answer
+            content = obeyed.group(1)
         finish = "stop"
         if fault == "bad_content":
             content = content[: len(content) // 2]
+        if fault == "garbage":
+            content = "I am sorry, I can only help with radiology questions."
+        if fault == "wrong_schema":
+            content = json.dumps({"result": derive_findings(report, only=finding)})
         if fault == "filter_finish":
             content, finish = None, "content_filter"
         prompt_chars = sum(len(m.get("content") or "") for m in messages)

@@ -148,10 +148,12 @@ def test_generic_readers_and_library_defaults_name_real_keys():
 
 
 def test_keyinfo_cutoffs_reach_every_llm_stage_command(tmp_path):
-    """keyinfo.fuzzy_cutoff / support_cutoff set in a user's config are what the LLM stages are run with."""
+    """keyinfo.fuzzy_cutoff / support_cutoff and llm.retry_unusable set in a user's config are what the LLM
+    stages are run with."""
     override = {
         "llm": {
             "backend": "llm",
+            "retry_unusable": True,
             "endpoints": {"teacher": {"azure_endpoint": "https://example.openai.azure.com"}},
         },
         "keyinfo": {"fuzzy_cutoff": 77, "support_cutoff": 66},
@@ -178,3 +180,4 @@ def test_keyinfo_cutoffs_reach_every_llm_stage_command(tmp_path):
             lines,
         )
         assert json.loads(settings.read_text())["keyinfo"] == {"fuzzy_cutoff": 77, "support_cutoff": 66}
+        assert json.loads(settings.read_text())["llm"]["retry_unusable"] is True  # re-ask the unusable ones

@@ -550,3 +550,28 @@ def test_circuit_breaker_stops_a_run_against_a_dead_endpoint(tmp_path):
             reqs, load_executor_config(config(alive.base_url), "keyinfo"), tmp_path / "c.sqlite"
         )
         assert all(r.status == "completed" for r in results.values()) and alive.count() == 300
+
+
+def test_batch_answers_that_do_not_parse_are_recorded_unusable_and_re_asked_only_on_request(tmp_path):
+    """The Batch API path of issue 18 item 7: a garbage line is stored as unusable (not completed, not
+    pending); ``retry_unusable`` submits exactly those lines again."""
+    from workflow.llm.stages import unusable_findings_answer
+
+    with LoopbackOpenAI(faults={"garbage": 0.3}, seed=2) as srv:
+        reqs = make_requests(reports(40))
+        cfg = load_executor_config(config(srv.base_url, executor="batch"), "keyinfo")
+        first = run_requests(reqs, cfg, tmp_path / "c.sqlite", validate=unusable_findings_answer)
+        garbage = {h for h, o in srv.events if o == "batch_garbage"}
+        unusable = {k for k, r in first.items() if r.status == "unusable"}
+        assert unusable and len(unusable) == len(garbage)
+        assert all(r.status == "completed" for k, r in first.items() if k not in unusable)
+        assert all(first[k].error.startswith("unusable_answer: ") for k in unusable)
+        srv.reset_counts()
+        run_requests(reqs, cfg, tmp_path / "c.sqlite", validate=unusable_findings_answer)
+        assert srv.count() == 0  # on record, not pending
+        srv.faults = {}
+        again = run_requests(
+            reqs, {**cfg, "retry_unusable": True}, tmp_path / "c.sqlite", validate=unusable_findings_answer
+        )
+        assert {h for h, _ in srv.events} == garbage
+    assert all(r.status == "completed" for r in again.values())

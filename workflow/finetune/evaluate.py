@@ -110,7 +110,8 @@ def ask_student(config: dict, cache: Path, sections: Path, studies_table: Path, 
     reasons: dict[str, int] = {}
     for answer in ask(requests, cfg, cache):
         study = int(answer.request.meta["study_id"])
-        if answer.result is not None and answer.result.status == "completed":
+        # an unusable answer (re-asked, still not JSON of the schema) counts against "JSON valid"
+        if answer.result is not None and answer.result.status in ("completed", "unusable"):
             answers[study] = answer.items
         if answer.items is None:
             reason = answer.parse_error or (answer.result.status if answer.result else "not_answered")

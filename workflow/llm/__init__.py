@@ -7,7 +7,7 @@ Small public API (stable; other stages use only this)::
     req = build_request("keyinfo.j2", model="gpt-4o", params={"temperature": 0, "max_tokens": 800},
                         schema=FINDINGS_SCHEMA, report="FINDINGS: ...")      # -> Request (req.key = sha256)
     results = run_requests([req, ...], executor_cfg, cache_path)            # -> {key: Result}
-    results[req.key].status        # "completed" | "refused" | "failed"
+    results[req.key].status        # "completed" | "refused" | "unusable" | "failed"
     results[req.key].content       # the model's text (parse it yourself: parsing is a separate step)
 
 * ``Request.key`` is the sha256 of the canonical JSON (sorted keys, no whitespace) of the request body
@@ -15,6 +15,9 @@ Small public API (stable; other stages use only this)::
   Any change of model, prompt text, parameters or schema is a new key; nothing else is.
 * The cache (SQLite, WAL) stores every response under its key the moment it arrives; ``run_requests``
   only sends keys that have no final answer yet. A second run of a finished stage sends nothing.
+* ``run_requests(..., validate=fn)``: ``fn(result)`` says why an HTTP-200 answer is unusable (None if
+  usable); such answers are re-asked ``llm.client.unusable_retries`` times, then stored as ``unusable``
+  and sent again only with ``llm.retry_unusable`` (the LLM stages pass the findings parser).
 * Executors (``executor_cfg["executor"]``): ``openai`` (AsyncOpenAI / AsyncAzureOpenAI, bounded
   concurrency, RPM/TPM limits, retries with backoff + jitter honouring Retry-After), ``batch`` (the
   Batch API), ``vllm`` (offline vLLM through a command, see below). Without any LLM,

@@ -5,7 +5,10 @@ that were in flight. WAL with ``synchronous=NORMAL`` survives a killed process (
 only costs re-asking the last few requests). Several processes (Snakemake shards) may share one file.
 
 Statuses: ``completed`` and ``refused`` (content filter) are final and never re-sent; ``failed``
-(retries exhausted, or a failed batch line) is re-sent by the next run.
+(retries exhausted, or a failed batch line) is re-sent by the next run; ``unusable`` (HTTP 200, but the
+answer did not parse or fit the schema after the bounded re-asks) is kept, and re-sent only when asked
+(``llm.retry_unusable``). A stored row is only replaced by one at least as good: failed < unusable <
+completed / refused.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 FINAL = ("completed", "refused")
+# How good a stored answer is: a row is never replaced by a worse one (a re-asked unusable answer that then
+# fails in transport keeps the unusable one on record).
+_RANK_SQL = "CASE {} WHEN 'completed' THEN 2 WHEN 'refused' THEN 2 WHEN 'unusable' THEN 1 ELSE 0 END"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS responses (
@@ -52,7 +58,7 @@ class Result:
     """What the cache holds for one request key."""
 
     key: str
-    status: str  # completed | refused | failed
+    status: str  # completed | refused | unusable | failed
     content: str | None = None
     finish_reason: str | None = None
     error: str | None = None
@@ -105,13 +111,13 @@ class Cache:
 
     # -- responses -------------------------------------------------------------------------------
     def put(self, result: Result) -> None:
-        """Store one answer durably (one transaction). A final answer is never downgraded to failed."""
+        """Store one answer durably (one transaction). A stored answer is never replaced by a worse one."""
         values = [getattr(result, c) for c in _COLUMNS] + [time.time()]
         self.db.execute(
             f"INSERT INTO responses ({', '.join(_COLUMNS)}, updated) VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
             " ON CONFLICT(key) DO UPDATE SET "
             + ", ".join(f"{c}=excluded.{c}" for c in (*_COLUMNS[1:], "updated"))
-            + " WHERE responses.status NOT IN ('completed', 'refused') OR excluded.status IN ('completed', 'refused')",
+            + f" WHERE {_RANK_SQL.format('excluded.status')} >= {_RANK_SQL.format('responses.status')}",
             values,
         )
 
@@ -131,8 +137,11 @@ class Cache:
     def get(self, key: str) -> Result | None:
         return self.get_many([key]).get(key)
 
-    def pending(self, keys: Iterable[str], retry_failed: bool = True) -> list[str]:
-        """Keys without a final answer (in the given order, duplicates removed)."""
+    def pending(
+        self, keys: Iterable[str], retry_failed: bool = True, retry_unusable: bool = False
+    ) -> list[str]:
+        """Keys to send (in the given order, duplicates removed): never asked, failed (``retry_failed``) or
+        recorded as unusable (``retry_unusable``)."""
         keys = list(dict.fromkeys(keys))
         status: dict[str, str] = {}
         for i in range(0, len(keys), 900):
@@ -142,7 +151,10 @@ class Cache:
                     f"SELECT key, status FROM responses WHERE key IN ({', '.join('?' * len(chunk))})", chunk
                 ).fetchall()
             )
-        return [k for k in keys if k not in status or (retry_failed and status[k] not in FINAL)]
+        resend = {"failed"} if retry_failed else set()
+        if retry_unusable:
+            resend.add("unusable")
+        return [k for k in keys if k not in status or status[k] in resend]
 
     def iter_all(self) -> Iterator[Result]:
         for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM responses"):

@@ -26,7 +26,9 @@ from workflow.llm.findings import (
     findings_frame,
     ground_findings,
     per_name_presence,
+    reflag,
     report_text,
+    rules_positive_names,
     standardise_answer,
 )
 from workflow.llm.stages import (
@@ -177,10 +179,11 @@ def run_round(args, config) -> None:
         if _signature(merged[old_mask]) != _signature(new):
             changed += 1
         merged = pd.concat([merged[~old_mask], new], ignore_index=True)
-    if answers:  # re-ground: flags follow the merged rows
+    if answers:  # re-ground and re-flag: flags follow the merged rows
         merged = ground_findings(
             merged, rules, studies.reset_index(drop=True), support_cutoff=config["keyinfo"]["support_cutoff"]
         )
+        merged = reflag(merged, rules_positive_names(rules))
     merged = merged.sort_values(["study_id", "round", "name"], kind="stable").reset_index(drop=True)
 
     new_asked = pd.DataFrame({"study_id": targets["study_id"], "name": targets["name"], "round": round_})

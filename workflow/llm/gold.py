@@ -4,7 +4,9 @@ The sample is stratified by split and by how many distinct findings the rules ex
 (0, 1, 2, 3+), so the teacher sees normal and busy reports in the corpus's proportions. Studies in the
 exclusion list (e.g. a held-out doctor-evaluation set) are never sampled. Outputs: the sample, the
 standardised findings, per-request provenance, rejects, and ``sft.jsonl`` (chat messages + the teacher's
-answer, for fine-tuning the student).
+answer, for fine-tuning the student). An answer flagged against the rules (``contradicts_rules``,
+``ungrounded``: see :func:`workflow.llm.findings.answer_flags`) keeps its flags in the findings and is never
+written to ``sft.jsonl``: the student must not learn from an answer a report's text may have dictated.
 """
 
 from __future__ import annotations
@@ -21,7 +23,14 @@ from workflow import cli
 from workflow.contract import FINDINGS, LLM_GOLD_SAMPLE
 from workflow.llm import accounting
 from workflow.llm.answers import FINDINGS_SCHEMA
-from workflow.llm.findings import findings_frame, report_text, standardise_answer
+from workflow.llm.findings import (
+    add_flags,
+    answer_flags,
+    findings_frame,
+    report_text,
+    rules_positive_names,
+    standardise_answer,
+)
 from workflow.llm.stages import (
     add_common_args,
     ask,
@@ -140,7 +149,9 @@ def main(argv=None) -> None:
         write_estimate(answers, args.estimate)
         return
 
+    rules_positive = rules_positive_names(rules)
     rows, rejects = [], Rejects("llm_gold")
+    n_flagged = 0
     with atomic_path(args.sft) as tmp, open(tmp, "w", encoding="utf-8") as sft:
         for a in answers:
             sid = int(a.request.meta["study_id"])
@@ -155,9 +166,16 @@ def main(argv=None) -> None:
                 request_key=a.request.key,
                 fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"],
             )
-            if not new:  # a valid answer ("nothing found") that leaves no findings row: say so
+            flags = answer_flags(new, rules_positive.get(sid, set()))
+            add_flags(new, flags)
+            if not new and flags:
+                rejects.add(sid, "llm_flagged", ";".join(flags) + ": the answer lists no findings")
+            elif not new:  # a valid answer ("nothing found") that leaves no findings row: say so
                 rejects.add(sid, *no_findings_reason(a.items))
             rows += new
+            if flags:
+                n_flagged += 1
+                continue  # kept out of the fine-tuning data
             sft.write(
                 json.dumps(
                     {
@@ -181,6 +199,8 @@ def main(argv=None) -> None:
     )
     write_requests(request_rows(answers, "gold", 0, cfg), args.requests)
     rejects.write(args.rejects)
+    if n_flagged:
+        log.warning("gold: %d answer(s) flagged against the rules, kept out of sft.jsonl", n_flagged)
     summary("llm_gold", len(sample), len(sample) - len(rejects), len(rejects))
 
 

@@ -18,9 +18,12 @@ from workflow.keyinfo.standardise import unknown_terms
 from workflow.llm import accounting
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import (
+    add_flags,
+    answer_flags,
     findings_frame,
     ground_findings,
     report_text,
+    rules_positive_names,
     standardise_answer,
     write_audit,
 )
@@ -101,6 +104,35 @@ def run_shard(args, config) -> None:
     )
 
 
+def flag_answers(
+    llm: pd.DataFrame, rules: pd.DataFrame, answered: set[int], rejects: pd.DataFrame
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Round 0's answers flagged against the rules (:func:`answer_flags`): flags on the study's rows, or,
+    for a flagged answer that left no rows, the study's reject says ``llm_flagged`` instead of
+    ``llm_no_findings``. Follow-up asks every rules finding such an answer missed."""
+    positive = rules_positive_names(rules)
+    rows = {sid: g.to_dict("records") for sid, g in llm.groupby("study_id")} if not llm.empty else {}
+    out, flagged_empty = [], {}
+    for sid in sorted(answered):
+        study_rows = rows.pop(sid, [])
+        flags = answer_flags(study_rows, positive.get(int(sid), set()))
+        add_flags(study_rows, flags)
+        out += study_rows
+        if flags and not study_rows:
+            flagged_empty[sid] = ";".join(flags) + ": the answer lists no findings"
+    out += [r for group in rows.values() for r in group]
+    flagged = rejects["study_id"].isin(flagged_empty.keys())
+    rejects = rejects.copy()
+    rejects.loc[flagged, "reason"] = "llm_flagged"
+    rejects.loc[flagged, "detail"] = rejects.loc[flagged, "study_id"].map(flagged_empty)
+    n = len(flagged_empty) + len(
+        {r["study_id"] for r in out if "contradicts_rules" in (r.get("flags") or "")}
+    )
+    if n:
+        log.warning("llm_keyinfo: %d answer(s) flagged against the rules (re-asked in follow-up)", n)
+    return pd.DataFrame(out, columns=FINDINGS.names), rejects
+
+
 def merge(args, config) -> None:
     """Concatenate the shards into round 0 and record its disagreement with the rules."""
     findings = pa.concat_tables([read_table(p) for p in args.shard_findings]).cast(FINDINGS)
@@ -114,14 +146,15 @@ def merge(args, config) -> None:
     grounded = ground_findings(
         findings.to_pandas(), rules, sections, support_cutoff=config["keyinfo"]["support_cutoff"]
     )
+    req = requests.to_pandas()
+    answered = set(req.loc[(req["status"] == "completed") & req["parse_error"].isna(), "study_id"])
+    grounded, rejects = flag_answers(grounded, rules, answered, rejects.to_pandas())
     findings = pa.Table.from_pandas(grounded, schema=FINDINGS, preserve_index=False)
     write_table(findings, args.findings, FINDINGS)
     write_table(requests, args.requests, LLM_REQUESTS)
-    write_table(rejects, args.rejects, REJECTS)
+    write_table(pa.Table.from_pandas(rejects, schema=REJECTS, preserve_index=False), args.rejects, REJECTS)
     write_table(empty_asked(), args.asked, ASKED)
     llm = grounded
-    req = requests.to_pandas()
-    answered = set(req.loc[(req["status"] == "completed") & req["parse_error"].isna(), "study_id"])
     targets = followup_targets(llm, rules, answered, empty_asked().to_pandas())
     stats = {
         "round": 0,
@@ -136,7 +169,7 @@ def merge(args, config) -> None:
     }
     write_table(pa.Table.from_pylist([stats], schema=LLM_FOLLOWUP_STATS), args.stats, LLM_FOLLOWUP_STATS)
     n_out = len(set(findings.column("study_id").to_pylist()))
-    n_rejected = len(set(rejects.column("study_id").to_pylist()))
+    n_rejected = rejects["study_id"].nunique()
     summary("llm_keyinfo merge", n_out + n_rejected, n_out, n_rejected)
 
 

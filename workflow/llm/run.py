@@ -4,13 +4,18 @@
             deployments) with a fixed pool of workers (bounded concurrency and memory), an RPM/TPM
             limiter, and our own retries (the SDK's are turned off) with exponential backoff and jitter
             on 429 (honouring Retry-After, which also pauses every worker), 5xx, timeouts and broken
-            responses. Content-filter refusals are stored as ``refused`` and never re-sent. An
+            responses. An HTTP-200 answer the caller's ``validate`` rejects (bad JSON, wrong schema) is
+            re-asked up to ``unusable_retries`` times, then stored as ``unusable`` (re-asked by a later run
+            only with ``llm.retry_unusable``). Content-filter refusals are stored as ``refused`` and never
+            re-sent. An
             authentication or not-found error stops the run at once: every request would fail.
 ``batch``   Batch API: pending requests as JSONL (``custom_id`` = key) → files.create → batches.create;
             the batch id is stored before polling, so a restart adopts it; output and error files are
             imported; only failed lines are resubmitted.
 ``vllm``    a configured command (the offline vLLM runner, its own venv) on the pending JSONL; its
             output JSONL is imported.
+For ``batch`` and ``vllm`` an answer ``validate`` rejects is stored as ``unusable`` at once (no re-ask in
+the same run: re-run with ``llm.retry_unusable``).
 Keys come only from environment variables (``api_key_env``). Nothing here logs prompt or answer text.
 """
 
@@ -24,7 +29,7 @@ import random
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +50,7 @@ CLIENT_DEFAULTS = {
     "rpm": 0,
     "tpm": 0,
     "max_retries": 8,
+    "unusable_retries": 2,
     "timeout_s": 120.0,
     "backoff_initial_s": 1.0,
     "backoff_max_s": 60.0,
@@ -88,6 +94,7 @@ def load_executor_config(config: dict, stage: str) -> dict:
         credentialed=config.get("corpus", {}).get("credentialed", True),
         allow_public=llm.get("allow_public_endpoint", False),
         allow_proxy=llm.get("allow_proxy", False),
+        retry_unusable=bool(llm.get("retry_unusable", False)),
         max_cost_usd=llm.get("max_cost_usd"),
     )
     return cfg
@@ -98,6 +105,7 @@ class RunStats:
     sent: int = 0  # HTTP attempts (including retries)
     completed: int = 0
     refused: int = 0
+    unusable: int = 0
     failed: int = 0
     retries: int = 0
     cached: int = 0
@@ -112,13 +120,14 @@ class RunStats:
         self.prompt_tokens += result.prompt_tokens or 0
         self.completion_tokens += result.completion_tokens or 0
         self.cost_usd += result.cost or 0.0
-        if result.status == "failed":
+        if result.status in ("failed", "unusable"):
             reason = (result.error or "unknown").split(":")[0]
             self.errors[reason] = self.errors.get(reason, 0) + 1
 
     def line(self) -> str:
         return (
-            f"llm: {self.completed} completed, {self.refused} refused, {self.failed} failed, {self.cached} cached; "
+            f"llm: {self.completed} completed, {self.refused} refused, {self.unusable} unusable, "
+            f"{self.failed} failed, {self.cached} cached; "
             f"{self.sent} HTTP attempts ({self.retries} retries); tokens {self.prompt_tokens:,} in / "
             f"{self.completion_tokens:,} out; ${self.cost_usd:,.4f}"
             + (f"; failures {self.errors}" if self.errors else "")
@@ -262,17 +271,32 @@ def _result_from_completion(req: Request, completion, attempts: int, cfg: dict, 
     )
 
 
-async def _openai_worker(queue, client, cfg, cache, limiter, stats, progress, stop):
+Validator = Callable[[Result], "str | None"]
+
+
+def _check_usable(result: Result, validate: Validator | None, answers: int) -> None:
+    """Mark a completed answer the caller cannot use as ``unusable`` (the reason in ``error``)."""
+    if validate is None or result.status != "completed":
+        return
+    problem = validate(result)
+    if problem:
+        result.status = "unusable"
+        result.error = f"unusable_answer: {problem}" + (f" (after {answers} answers)" if answers > 1 else "")
+
+
+async def _openai_worker(queue, client, cfg, cache, limiter, stats, progress, stop, validate=None):
     from openai.types.chat import ChatCompletion
 
     max_retries = int(cfg["max_retries"])
+    unusable_retries = int(cfg.get("unusable_retries", 0))
     while True:
         req = await queue.get()
         if req is None:
             return
         body = req.body()
         est = accounting.estimate_tokens(req.prompt_chars()) + int(req.params.get("max_tokens") or 0)
-        attempt = 0
+        attempt = answers = 0
+        paid = [0, 0, 0.0]  # tokens and cost of unusable answers re-asked: billed, so counted
         result = None
         while result is None and not stop.is_set():
             attempt += 1
@@ -283,6 +307,16 @@ async def _openai_worker(queue, client, cfg, cache, limiter, stats, progress, st
                 # re-walk messages and schema through the SDK's TypedDict transform: ~5 ms CPU a request.)
                 completion = await client.post("/chat/completions", body=body, cast_to=ChatCompletion)
                 result = _result_from_completion(req, completion, attempt, cfg, "openai")
+                answers += 1
+                result.prompt_tokens += paid[0]
+                result.completion_tokens += paid[1]
+                result.cost += paid[2]
+                _check_usable(result, validate, answers)
+                if result.status == "unusable" and answers <= unusable_retries:
+                    paid = [result.prompt_tokens, result.completion_tokens, result.cost]
+                    stats.retries += 1
+                    result = None  # HTTP 200 but garbage: ask again (bounded), not cached as final
+                    continue
             except FatalEndpointError:
                 raise
             except Exception as exc:  # noqa: BLE001 - every SDK failure is classified below
@@ -318,7 +352,12 @@ async def _openai_worker(queue, client, cfg, cache, limiter, stats, progress, st
 
 
 async def _run_openai_async(
-    pending: Iterable[Request], n_pending: int, cfg: dict, cache: Cache, stats: RunStats
+    pending: Iterable[Request],
+    n_pending: int,
+    cfg: dict,
+    cache: Cache,
+    stats: RunStats,
+    validate: Validator | None = None,
 ):
     client = make_client(cfg)
     concurrency = max(1, int(cfg["concurrency"]))
@@ -334,7 +373,9 @@ async def _run_openai_async(
         log_s=max(30.0, float(cfg["progress_s"])),
     )
     workers = [
-        asyncio.create_task(_openai_worker(queue, client, cfg, cache, limiter, stats, progress, stop))
+        asyncio.create_task(
+            _openai_worker(queue, client, cfg, cache, limiter, stats, progress, stop, validate)
+        )
         for _ in range(concurrency)
     ]
 
@@ -360,7 +401,9 @@ async def _run_openai_async(
         progress.close()
 
 
-def _run_batch(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats) -> None:
+def _run_batch(
+    pending: list[Request], cfg: dict, cache: Cache, stats: RunStats, retry_unusable: bool = False
+) -> None:
     """Submit pending requests as Batch API jobs, adopt jobs of earlier runs, collect, resubmit failures."""
     bcfg = cfg["batch"]
     client = make_client(cfg, asynchronous=False)
@@ -369,7 +412,7 @@ def _run_batch(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats)
     by_key = {r.key: r for r in pending}
     for round_ in range(int(bcfg["max_rounds"])):
         in_flight = {k for _, keys in cache.open_batches(endpoint_id) for k in keys}
-        todo = [k for k in cache.pending(by_key) if k not in in_flight]
+        todo = [k for k in cache.pending(by_key, retry_unusable=retry_unusable) if k not in in_flight]
         step = int(bcfg["max_requests_per_file"])
         for i in range(0, len(todo), step):
             chunk = [by_key[k] for k in todo[i : i + step]]
@@ -410,7 +453,7 @@ def _run_batch(pending: list[Request], cfg: dict, cache: Cache, stats: RunStats)
                 )
             if open_batches:
                 time.sleep(float(bcfg["poll_interval_s"]))
-        if not cache.pending(by_key):
+        if not cache.pending(by_key, retry_unusable=retry_unusable):
             break
 
 
@@ -493,8 +536,13 @@ def run_requests(
     dry_run: bool = False,
     retry_failed: bool = True,
     return_results: bool = True,
+    validate: Validator | None = None,
 ) -> dict[str, Result] | accounting.Estimate:
     """Answer every request, from the cache where possible; returns ``{key: Result}``.
+
+    ``validate(result)`` returns why a completed answer is unusable (or None): such answers are re-asked
+    up to ``unusable_retries`` times and then stored as ``unusable``; with ``retry_unusable`` in the
+    settings, the unusable answers of earlier runs are asked again.
 
     With ``dry_run`` nothing is sent and the :class:`~workflow.llm.accounting.Estimate` is returned.
     The guard runs before anything else; a run whose estimate exceeds ``llm.max_cost_usd`` is refused.
@@ -505,7 +553,10 @@ def run_requests(
     requests = list(requests)
     stats = RunStats()
     with Cache(cache_path) as cache:
-        pending_keys = cache.pending((r.key for r in requests), retry_failed=retry_failed)
+        retry_unusable = bool(cfg.get("retry_unusable")) and validate is not None
+        pending_keys = cache.pending(
+            (r.key for r in requests), retry_failed=retry_failed, retry_unusable=retry_unusable
+        )
         est = accounting.estimate(
             requests,
             pending_keys,
@@ -528,15 +579,22 @@ def run_requests(
 
             probe(cfg)  # seconds, not minutes of retries, when the URL or key is wrong
             if executor == "openai":
-                asyncio.run(_run_openai_async(iter(pending), len(pending), cfg, cache, stats))
+                asyncio.run(_run_openai_async(iter(pending), len(pending), cfg, cache, stats, validate))
             elif executor == "batch":
-                _run_batch(pending, cfg, cache, stats)
+                _run_batch(pending, cfg, cache, stats, retry_unusable)
             elif executor == "vllm":
                 _run_vllm(pending, cfg, cache, stats)
             else:
                 raise ValueError(f"unknown executor {executor!r} (openai, batch, vllm)")
         if executor != "openai":  # counts come from the cache for the executors that import files
             for result in cache.get_many(pending_set).values():
+                if result.status == "completed" and validate is not None:
+                    _check_usable(result, validate, 1)
+                    if result.status == "unusable":
+                        cache.db.execute(  # a downgrade: put() never replaces a row by a worse one
+                            "UPDATE responses SET status = ?, error = ? WHERE key = ?",
+                            (result.status, result.error, result.key),
+                        )
                 stats.add(result)
         log.info(stats.line())
         run_requests.last_stats = stats

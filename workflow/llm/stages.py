@@ -80,9 +80,32 @@ class Answer:
     parse_error: str | None
 
 
+def parse_findings_answer(result: Result) -> tuple[list[dict] | None, str | None]:
+    """(finding items, None) of a completed answer, or (None, why it is unusable)."""
+    items = None
+    parsed, error = extract_json(result.content)
+    if parsed is not None:
+        items, problems = findings_of(parsed)
+        if problems and not items and problems != ["no_findings_key"]:
+            items, error = None, ";".join(problems)
+        elif problems == ["no_findings_key"]:
+            items, error = None, "no_findings_key"
+    if result.finish_reason == "length" and items is None:
+        error = f"truncated (max_tokens): {error}"
+    return items, error
+
+
+def unusable_findings_answer(result: Result) -> str | None:
+    """The executor's check of an HTTP-200 answer: why it is unusable, or None (re-asked when not None)."""
+    return parse_findings_answer(result)[1]
+
+
 def ask(requests: list[Request], cfg: dict, cache_path, dry_run: bool = False):
-    """Run the requests through the cache and executor, then parse each answer (a separate step)."""
-    results = run_requests(requests, cfg, cache_path, dry_run=dry_run)
+    """Run the requests through the cache and executor, then parse each answer (a separate step).
+
+    An answer that does not parse into findings is re-asked by the executor (``llm.client.unusable_retries``)
+    and then recorded as ``unusable``: its study goes to the rejects as ``llm_unusable_answer``."""
+    results = run_requests(requests, cfg, cache_path, dry_run=dry_run, validate=unusable_findings_answer)
     if isinstance(results, accounting.Estimate):
         return results
     unanswered = sum(1 for r in requests if r.key not in results)
@@ -94,18 +117,10 @@ def ask(requests: list[Request], cfg: dict, cache_path, dry_run: bool = False):
     for req in requests:
         result = results.get(req.key)
         items = error = None
-        if result is None or result.status != "completed":
-            error = None
-        else:
-            parsed, error = extract_json(result.content)
-            if parsed is not None:
-                items, problems = findings_of(parsed)
-                if problems and not items and problems != ["no_findings_key"]:
-                    error = ";".join(problems)
-                elif problems == ["no_findings_key"]:
-                    items, error = None, "no_findings_key"
-            if result.finish_reason == "length" and items is None:
-                error = f"truncated (max_tokens): {error}"
+        if result is not None and result.status == "unusable":
+            error = result.error
+        elif result is not None and result.status == "completed":
+            items, error = parse_findings_answer(result)
         answers.append(Answer(req, result, items, error))
     return answers
 
@@ -150,6 +165,8 @@ def reject_reason(a: Answer) -> tuple[str, str]:
         return "llm_refused", a.result.error or "content_filter"
     if a.result.status == "failed":
         return "llm_failed", a.result.error or ""
+    if a.result.status == "unusable":
+        return "llm_unusable_answer", a.result.error or ""
     return "llm_unusable_answer", a.parse_error or ""
 
 
