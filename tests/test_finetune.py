@@ -394,10 +394,11 @@ def test_bulk_keyinfo_and_evaluation_with_the_student_on_offline_vllm(
     ])  # fmt: skip
     requests = read_table(out / "requests.parquet").to_pylist()
     assert len(requests) == len(REPORTS)
+    # HTTP-level success, but no usable JSON: recorded as `unusable` (re-asked only with llm.retry_unusable)
     assert all(
-        r["status"] == "completed" and r["executor"] == "vllm" and r["prompt_tokens"] > 1000 for r in requests
+        r["status"] == "unusable" and r["executor"] == "vllm" and r["prompt_tokens"] > 1000 for r in requests
     )
-    assert all(r["finish_reason"] == "length" and r["parse_error"].startswith("truncated") for r in requests)
+    assert all(r["finish_reason"] == "length" and "truncated" in r["parse_error"] for r in requests)
     rejects = {r["study_id"]: r["reason"] for r in read_table(out / "rejects.parquet").to_pylist()}
     assert rejects == {r["study_id"]: "llm_unusable_answer" for r in requests}
     assert read_table(out / "findings.parquet").num_rows == 0
@@ -465,7 +466,10 @@ def test_openai_compatible_vllm_server_serves_the_adapter(tiny_llama, trained, g
             *[f"--{k}={out / f'{k}.parquet'}" for k in ("findings", "requests", "rejects", "audit")],
         ])  # fmt: skip
         requests = read_table(out / "requests.parquet").to_pylist()
-        assert len(requests) == len(REPORTS) and all(r["status"] == "completed" for r in requests)
+        # the random student's garbage is answered (HTTP 200) but unusable: re-asked, then recorded
+        assert len(requests) == len(REPORTS) and all(
+            r["status"] in ("completed", "unusable") for r in requests
+        )
     finally:
         os.killpg(server.pid, 15)
         try:
