@@ -14,7 +14,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from workflow.keyinfo.libs import Libs, Tok, load_libs
+from workflow.keyinfo.libs import DEVICE, Libs, Tok, load_libs
 
 POS, UNC, NEG = "positive", "uncertain", "negative"
 RANK = {POS: 2, UNC: 1, NEG: 0}
@@ -642,7 +642,6 @@ def _renamed(m: Mention, name: str) -> Mention:
     return twin
 
 
-DEVICE = "support device"
 GENERIC_DEVICE_WORDS = frozenset(
     [
         "lead",
@@ -692,6 +691,12 @@ def _apply_pre(m: Mention, toks: list[Tok]) -> None:
             m.change = tok.change
 
 
+def sections_read(sections: dict[str, str | None]) -> tuple[str, ...]:
+    """The sections the extractor reads: findings and impression, or the last paragraph when a report has
+    neither (the MIT-LCP / CheXpert fallback)."""
+    return READ_SECTIONS if any(sections.get(s) for s in READ_SECTIONS) else (FALLBACK_SECTION,)
+
+
 def extract_mentions(
     sections: dict[str, str | None], libs: Libs | None = None, conventions: Conventions | None = None
 ) -> list[Mention]:
@@ -702,8 +707,7 @@ def extract_mentions(
     """
     libs = libs or load_libs()
     out: list[Mention] = []
-    read = READ_SECTIONS if any(sections.get(s) for s in READ_SECTIONS) else (FALLBACK_SECTION,)
-    for section in read:
+    for section in sections_read(sections):
         text = sections.get(section)
         if not text:
             continue
@@ -731,12 +735,6 @@ def mention_row(m: Mention, libs: Libs, shift: int = 0) -> dict:
         "end": m.ev_end - shift,
         "evidence": m.evidence or m.raw,
     }
-
-
-def merge_mentions(mentions: list[Mention], libs: Libs | None = None) -> list[dict]:
-    """Report-level instances of rule mentions (see :func:`merge_rows`)."""
-    libs = libs or load_libs()
-    return merge_rows([mention_row(m, libs) for m in mentions])
 
 
 # Sentence text -> its mention rows (offsets from the sentence start). What a sentence says depends on its
@@ -855,9 +853,8 @@ def extract_sections(sections: dict[str, str | None], conventions: Conventions |
     """
     libs = load_libs()
     conv = conventions or DEFAULT_CONVENTIONS
-    read = READ_SECTIONS if any(sections.get(s) for s in READ_SECTIONS) else (FALLBACK_SECTION,)
     rows: list[dict] = []
-    for section in read:
+    for section in sections_read(sections):
         text = sections.get(section)
         if text:
             rows.extend(_section_rows(text, section, libs, conv))

@@ -26,7 +26,7 @@ from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.contract import FINDINGS, KEYINFO_STATS
 from workflow.keyinfo.extract import Conventions, extract_sections, sections_for_reading
-from workflow.keyinfo.studies import TEXT_COLUMNS, reports_for, strict_silent
+from workflow.keyinfo.studies import TEXT_COLUMNS, lenient_texts
 from workflow.tables import Rejects, TableWriter, summary, write_table
 
 log = logging.getLogger(__name__)
@@ -128,7 +128,7 @@ def stats_table(findings: Path) -> pa.Table:
 
 def plan_slices(sections: Path, reports: Path | None, lenient: bool, batch_size: int) -> list[Slice]:
     total = pq.ParquetFile(sections).metadata.num_rows
-    texts = reports_for(reports, strict_silent(sections)) if lenient else {}
+    texts = lenient_texts(sections, reports, lenient)
     ids = pq.read_table(sections, columns=["study_id"])["study_id"].to_pylist() if texts else []
     out = []
     for start in range(0, total, batch_size):

@@ -25,7 +25,14 @@ import pyarrow.parquet as pq
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.contract import KEYINFO_STUDIES
-from workflow.keyinfo.extract import DEVICE, FALLBACK_SECTION, READ_SECTIONS, normalise, sections_for_reading
+from workflow.keyinfo.extract import (
+    DEVICE,
+    FALLBACK_SECTION,
+    READ_SECTIONS,
+    normalise,
+    sections_for_reading,
+    sections_read,
+)
 from workflow.keyinfo.libs import Libs, load_libs
 from workflow.tables import TableWriter, summary
 
@@ -37,8 +44,7 @@ TEXT_COLUMNS = (*READ_SECTIONS, FALLBACK_SECTION)
 def normal_statement(sections: dict[str, str | None], libs: Libs | None = None) -> str | None:
     """The first normal statement of the sections the extractor reads, as written; None if there is none."""
     libs = libs or load_libs()
-    read = READ_SECTIONS if any(sections.get(s) for s in READ_SECTIONS) else (FALLBACK_SECTION,)
-    for section in read:
+    for section in sections_read(sections):
         text = sections.get(section)
         if not text:
             continue
@@ -94,12 +100,17 @@ def strict_silent(sections: Path) -> set[int]:
     return set(t.filter(empty)["study_id"].to_pylist())
 
 
+def lenient_texts(sections: Path, reports: Path | None, lenient: bool) -> dict[int, str]:
+    """study_id -> report text of the studies the lenient section reading needs (none when it is off)."""
+    return reports_for(reports, strict_silent(sections)) if lenient else {}
+
+
 def section_batches(
     sections: Path, reports: Path | None, lenient: bool, batch_size: int = 8192
 ) -> Iterator[tuple[list[int], list[int], list[dict]]]:
     """(subject ids, study ids, sections to read) per batch; with ``lenient`` the studies MIT-LCP's parser
     finds neither findings nor impression in are read by headers in any case."""
-    texts = reports_for(reports, strict_silent(sections)) if lenient else {}
+    texts = lenient_texts(sections, reports, lenient)
     pf = pq.ParquetFile(sections)
     present = [c for c in ("subject_id", "study_id", *TEXT_COLUMNS) if c in pf.schema_arrow.names]
     for rb in pf.iter_batches(batch_size=batch_size, columns=present):
