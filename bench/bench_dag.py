@@ -1,0 +1,234 @@
+"""Whole-DAG benchmark: `snakemake --cores N` (rules backend) from the reports zip to the report figures.
+
+    python -m bench.bench_dag [--studies 227835 50000 1000000] [--cores 2] [--no-write]
+
+For each corpus size the synthetic MIMIC-layout corpus is generated once (``bench/cache/dag/<n>``,
+gitignored; zip only, no file tree) and the workflow's default target is run on it into a fresh outdir,
+the way a user runs it. A sampler walks snakemake's process tree every 50 ms: each job is the shell that
+Snakemake starts, named by the rule's log file (``<outdir>/logs/<rule>.log``), so the timeline shows
+which jobs overlapped, and each job's memory is the PSS summed over its process tree (its worker
+processes included, shared pages counted once). The growth curve (studies -> wall seconds, peak GB) goes
+to ``bench/RESULTS.md`` with a plot, ``bench/dag_growth.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from bench.results import write_section
+
+REPO = Path(__file__).resolve().parents[1]
+WORK = REPO / "bench" / "cache" / "dag"
+HEADING = "## Whole DAG"
+PLOT = REPO / "bench" / "dag_growth.png"
+STUDIES_PER_PATIENT = 227_835 / 65_379  # MIMIC-CXR's ratio
+LOG_NAME = re.compile(r"/logs/([A-Za-z0-9_]+)(?:[-.][^/'\" ]*)?\.log")
+
+
+@dataclass
+class Job:
+    rule: str
+    start: float
+    end: float
+    peak_mb: float = 0.0
+
+
+@dataclass
+class DagRun:
+    studies: int
+    wall: float
+    cpu: float
+    jobs: list[Job] = field(default_factory=list)
+
+    @property
+    def peak_job(self) -> Job:
+        return max(self.jobs, key=lambda j: j.peak_mb)
+
+
+def corpus(studies: int, seed: int) -> Path:
+    """The cached synthetic corpus of ``studies`` studies (generated when absent)."""
+    out = WORK / f"corpus_{studies}"
+    stamp = out / ".bench_params.json"
+    params = {"studies": studies, "seed": seed}
+    if stamp.exists() and json.loads(stamp.read_text()) == params:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    patients = max(1, round(studies / STUDIES_PER_PATIENT))
+    print(f"generating {studies:,} studies (once) ...", flush=True)
+    cmd = [sys.executable, "-m", "workflow.synth", "--out", str(out), "--studies", str(studies),
+           "--patients", str(patients), "--seed", str(seed), "--no-tree"]  # fmt: skip
+    subprocess.run(cmd, cwd=REPO, check=True)
+    stamp.write_text(json.dumps(params))
+    return out
+
+
+def overlay(data: Path, outdir: Path) -> Path:
+    """The config overlay a user would write: the corpus and the outdir, nothing else."""
+    path = outdir.parent / f"{outdir.name}.yaml"
+    settings = {
+        "corpus": {
+            "mimic": {
+                "reports": str(data / "mimic-cxr-reports.zip"),
+                "split": str(data / "mimic-cxr-2.0.0-split.csv.gz"),
+                "metadata": str(data / "mimic-cxr-2.0.0-metadata.csv.gz"),
+            }
+        },
+        "outdir": str(outdir),
+    }
+    path.write_text(yaml.safe_dump(settings))
+    return path
+
+
+def _job_memory(proc) -> int:
+    """PSS of a job's process tree (its worker processes included; shared pages counted once)."""
+    import psutil
+
+    total = 0
+    try:
+        tree = [proc, *proc.children(recursive=True)]
+    except psutil.Error:  # the job ended between two samples
+        return 0
+    for p in tree:
+        try:
+            info = p.memory_full_info()
+            total += getattr(info, "pss", info.rss)
+        except psutil.Error:
+            pass
+    return total
+
+
+def run_dag(studies: int, cores: int, seed: int) -> DagRun:
+    import psutil  # a Snakemake dependency
+
+    data = corpus(studies, seed)
+    outdir = WORK / f"out_{studies}"
+    shutil.rmtree(outdir, ignore_errors=True)
+    config = overlay(data, outdir)
+    snakemake = Path(sys.executable).with_name("snakemake")
+    cmd = [str(snakemake), "-s", str(REPO / "Snakefile"), "--cores", str(cores), "--configfile", str(config),
+           "--directory", str(WORK)]  # fmt: skip
+    jobs: dict[int, Job] = {}
+    log = WORK / f"snakemake_{studies}.log"
+    before = os.times()
+    start = time.perf_counter()
+    with open(log, "w") as err:
+        proc = subprocess.Popen(cmd, cwd=WORK, stdout=err, stderr=subprocess.STDOUT)
+        root = psutil.Process(proc.pid)
+        while proc.poll() is None:
+            now = time.perf_counter() - start
+            try:
+                children = root.children()
+            except psutil.Error:
+                children = []
+            for child in children:
+                try:
+                    match = LOG_NAME.search(" ".join(child.cmdline()))
+                except psutil.Error:
+                    continue
+                if not match:
+                    continue
+                job = jobs.setdefault(child.pid, Job(match.group(1), now, now))
+                job.end = now
+                job.peak_mb = max(job.peak_mb, _job_memory(child) / 2**20)
+            time.sleep(0.05)
+    wall = time.perf_counter() - start
+    after = os.times()
+    if proc.returncode:
+        raise SystemExit(f"snakemake failed ({proc.returncode}); see {log}\n{log.read_text()[-3000:]}")
+    cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
+    return DagRun(studies, wall, cpu, sorted(jobs.values(), key=lambda j: j.start))
+
+
+def timeline(run: DagRun, width: int = 60) -> list[str]:
+    """One text bar per job over the run's wall time, so overlaps are visible in the Markdown."""
+    scale = width / max(run.wall, 1e-9)
+    lines = []
+    for job in run.jobs:
+        left = int(job.start * scale)
+        bar = max(1, int((job.end - job.start) * scale))
+        lines.append(
+            f"    {job.rule:<18} {job.start:6.1f}–{job.end:6.1f} s {job.peak_mb:6.0f} MB "
+            f"|{' ' * left}{'#' * bar}{' ' * max(0, width - left - bar)}|"
+        )
+    return lines
+
+
+def plot(runs: list[DagRun], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = [r.studies for r in runs]
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=120)
+    ax.plot(sizes, [r.wall for r in runs], "o-", color="tab:blue", label="wall s")
+    ax.set_xlabel("studies")
+    ax.set_ylabel("wall time (s)", color="tab:blue")
+    ax2 = ax.twinx()
+    ax2.plot(sizes, [r.peak_job.peak_mb / 1024 for r in runs], "s--", color="tab:red", label="peak GB")
+    ax2.set_ylabel("largest job peak (GB)", color="tab:red")
+    ax.set_title("Whole DAG, rules backend, --cores 2")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--studies", type=int, nargs="+", default=[227_835])
+    ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
+    args = ap.parse_args(argv)
+    WORK.mkdir(parents=True, exist_ok=True)
+
+    runs = []
+    for studies in sorted(args.studies):
+        load = os.getloadavg()[0]
+        run = run_dag(studies, args.cores, args.seed)
+        runs.append(run)
+        print(f"{studies:,} studies: {run.wall:.1f} s wall, {run.cpu:.1f} s CPU, largest job "
+              f"{run.peak_job.rule} {run.peak_job.peak_mb:.0f} MB (load before {load:.1f})", flush=True)  # fmt: skip
+        print("\n".join(timeline(run)), flush=True)
+    if len(runs) > 1:
+        plot(runs, PLOT)
+
+    block = [
+        HEADING,
+        "",
+        f"`python -m bench.bench_dag --studies {' '.join(map(str, args.studies))}`: `snakemake --cores "
+        f"{args.cores}` on the default target (rules backend) over the synthetic corpus, {time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} at the end.",
+        "",
+        "| studies | wall s | CPU s | largest job (peak PSS of its process tree) |",
+        "|---:|---:|---:|---|",
+        *(
+            f"| {r.studies:,} | {r.wall:.1f} | {r.cpu:.1f} | {r.peak_job.rule} {r.peak_job.peak_mb:.0f} MB |"
+            for r in runs
+        ),
+        "",
+    ]
+    for r in runs:
+        block += [f"Timeline at {r.studies:,} studies (job start–end, peak MB):", "", *timeline(r), ""]
+    if len(runs) > 1:
+        block += [f"![growth curve]({PLOT.name})", ""]
+    text = "\n".join(block)
+    print(text)
+    if not args.no_write:
+        write_section(HEADING, text)
+
+
+if __name__ == "__main__":
+    main()
