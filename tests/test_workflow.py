@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from workflow_run import DEMO, prepare_workdir, run_snakemake
+import yaml
+from workflow_run import DEMO, named_config, prepare_workdir, run_snakemake
 
 from workflow import contract
 
@@ -23,8 +24,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One `snakemake --cores 2` over the demo, in a scratch working directory (the repo stays clean)."""
-    workdir = prepare_workdir(tmp_path_factory.mktemp("demo_run"))
+    """One `snakemake --cores 2` over the demo with the test configuration `.test/demo-mimic` (as the
+    working directory's override.yaml, so every later call here sees it), in a scratch working directory."""
+    override = yaml.safe_load(named_config("demo-mimic").read_text())
+    workdir = prepare_workdir(tmp_path_factory.mktemp("demo_run"), override)
     run = run_snakemake(workdir, "--cores", "2")
     assert run.returncode == 0, run.stderr[-4000:]
     return workdir
