@@ -6,7 +6,6 @@ teacher on the Azure URL shape and the student on an OpenAI-compatible URL, both
 
 from __future__ import annotations
 
-import base64
 import json
 import os
 import re
@@ -24,6 +23,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI  # noqa: E402
 from workflow_run import (  # noqa: E402
     LOCAL_OVERLAY,
+    REPO,
+    embedded_file,
     landing_text,
     named_config,
     run_named_config,
@@ -93,15 +94,8 @@ def loopback_run(tmp_path_factory, server, env):
     return {"workdir": workdir, "llm_stages": llm_stages, "sent": server.count()}
 
 
-def _embedded(html: str, name: str) -> str:
-    """The text of a file the self-contained report embeds (base64 in a data: URI)."""
-    uri = re.search(rf"data:text/html;charset=utf8;filename={re.escape(name)};base64,([A-Za-z0-9+/=]+)", html)
-    assert uri, name
-    return base64.b64decode(uri.group(1)).decode()
-
-
 def _usage_total_row(html: str) -> list[str]:
-    page = _embedded(html, "llm_usage.html")
+    page = embedded_file(html, "llm_usage.html")
     return re.findall(r"<td>(.*?)</td>", page[page.index("<td>total</td>") :])
 
 
@@ -131,12 +125,20 @@ def test_report_counts_what_the_server_received_from_the_llm_stages(loopback_run
     returned = sent["usage"].values()
     assert usage["prompt_tokens"].sum() == sum(u["prompt_tokens"] for u in returned)
     assert usage["completion_tokens"].sum() == sum(u["completion_tokens"] for u in returned)
-    assert (
-        usage.loc["gold r0", "requests"] == 12 and sent["azure_calls"] >= 12
-    )  # the teacher, on Azure's URLs
+    # the teacher's gold, sent to Azure's URL shape
+    assert usage.loc["gold r0", "requests"] == 12 and sent["azure_calls"] >= 12
+    prices = {
+        **yaml.safe_load((REPO / "config.yaml").read_text())["llm"]["prices"],
+        **yaml.safe_load(named_config(CONFIG).read_text())["llm"].get("prices", {}),
+    }
+    billed = sum(
+        (u["prompt_tokens"] * prices[m]["input"] + u["completion_tokens"] * prices[m]["output"]) / 1e6
+        for m, u in sent["usage"].items()
+    )
+    assert usage["cost_usd"].sum() == pytest.approx(billed, abs=1e-5) and billed > 0
     # the report the user opens shows the same total
     total = _usage_total_row((workdir / "report.html").read_text())
-    assert f"{sent['requests']:,}" in total, total
+    assert f"{sent['requests']:,}" in total and f"${billed:,.4f}" in total, total
 
 
 @pytest.mark.xfail(
@@ -286,7 +288,6 @@ def test_each_llm_job_takes_only_its_endpoints_resource(tmp_path, env, override,
     for rule, resources in expected.items():
         assert taken[rule] == resources, (rule, taken)
     # every endpoint resource a job takes is capped in both profiles
-    root = Path(__file__).resolve().parents[1]
     for profile in ("default", "slurm"):
-        caps = yaml.safe_load((root / "profiles" / profile / "config.yaml").read_text())["resources"]
+        caps = yaml.safe_load((REPO / "profiles" / profile / "config.yaml").read_text())["resources"]
         assert set().union(*taken.values()) <= set(caps), profile

@@ -10,6 +10,7 @@ a bare directory); `config.yaml` is copied and an optional `override.yaml` layer
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import re
@@ -138,3 +139,13 @@ def landing_text(report_html: str) -> str:
     if desc is None:
         raise AssertionError("the report has no landing text (workflow_desc)")
     return " ".join(re.sub(r"<[^>]+>", "", json.loads(desc.group(1))).split())
+
+
+def embedded_file(report_html: str, name: str) -> str:
+    """The text of an HTML file a self-contained `snakemake --report` file embeds (base64 in a data: URI)."""
+    uri = re.search(
+        rf"data:text/html;charset=utf8;filename={re.escape(name)};base64,([A-Za-z0-9+/=]+)", report_html
+    )
+    if uri is None:
+        raise AssertionError(f"the report embeds no {name}")
+    return base64.b64decode(uri.group(1)).decode()
