@@ -16,7 +16,8 @@ Faults (rates in [0, 1]):
   not JSON);
 * ``batch_line_fail``: a Batch API line fails with 500 (per submission).
 
-Run standalone: ``python tests/openai_server.py --port-file PATH [--latency 0.005] [--lifetime 300]``.
+Run standalone: ``python tests/openai_server.py --port-file PATH [--port 8765] [--latency 0.005] [--lifetime 300]``
+(``.test/llm-loopback/config.yaml`` expects port 8765).
 """
 
 from __future__ import annotations
@@ -452,13 +453,13 @@ class LoopbackOpenAI:
         self.port = site._server.sockets[0].getsockname()[1]
         self._loop.call_later(self.lifetime_s, lambda: asyncio.ensure_future(self._runner.cleanup()))
 
-    def start(self) -> LoopbackOpenAI:
+    def start(self, port: int = 0) -> LoopbackOpenAI:
         ready = threading.Event()
 
         def serve():
             self._loop = asyncio.new_event_loop()
             asyncio.set_event_loop(self._loop)
-            self._loop.run_until_complete(self._start())
+            self._loop.run_until_complete(self._start(port))
             ready.set()
             self._loop.run_forever()
 
@@ -484,6 +485,7 @@ class LoopbackOpenAI:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--port-file", required=True, help="write the chosen port here once listening")
+    p.add_argument("--port", type=int, default=0, help="the port to listen on (0: any free port)")
     p.add_argument("--latency", type=float, default=0.0)
     p.add_argument("--lifetime", type=float, default=300.0)
     p.add_argument("--faults", default="{}", help="JSON dict of fault rates")
@@ -495,7 +497,7 @@ def main(argv=None) -> None:
         lifetime_s=args.lifetime,
         max_requests=args.max_requests,
     )
-    server.start()
+    server.start(args.port)
     Path(args.port_file).write_text(str(server.port))
     deadline = time.monotonic() + args.lifetime
     while time.monotonic() < deadline and server._thread.is_alive():

@@ -4,7 +4,6 @@ GPU branch with the right resources."""
 
 from __future__ import annotations
 
-import base64
 import csv
 import gzip
 import os
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from workflow_run import DEMO, prepare_workdir, run_snakemake
+import yaml
+from workflow_run import DEMO, embedded_file, named_config, prepare_workdir, run_snakemake
 
 from workflow import contract
 
@@ -23,8 +23,10 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """One `snakemake --cores 2` over the demo, in a scratch working directory (the repo stays clean)."""
-    workdir = prepare_workdir(tmp_path_factory.mktemp("demo_run"))
+    """One `snakemake --cores 2` over the demo with the test configuration `.test/demo-mimic` (as the
+    working directory's override.yaml, so every later call here sees it), in a scratch working directory."""
+    override = yaml.safe_load(named_config("demo-mimic").read_text())
+    workdir = prepare_workdir(tmp_path_factory.mktemp("demo_run"), override)
     run = run_snakemake(workdir, "--cores", "2")
     assert run.returncode == 0, run.stderr[-4000:]
     return workdir
@@ -117,13 +119,6 @@ def test_rerun_has_nothing_to_do(demo_run):
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
-def _embedded(html: str, name: str) -> str:
-    """The text of a file the self-contained report embeds (base64 in a data: URI)."""
-    uri = re.search(rf"data:text/html;charset=utf8;filename={re.escape(name)};base64,([A-Za-z0-9+/=]+)", html)
-    assert uri, name
-    return base64.b64decode(uri.group(1)).decode()
-
-
 def test_html_report_shows_the_figures_tables_and_what_was_built(demo_run):
     run = run_snakemake(demo_run, "--report", "report.html")
     assert run.returncode == 0, run.stderr[-2000:]
@@ -139,7 +134,7 @@ def test_html_report_shows_the_figures_tables_and_what_was_built(demo_run):
     # every table is readable in the report, as an HTML page holding the CSV's rows
     for stem in ("stage_counts", "rejects_by_reason", "label_prevalence", "vqa_type_mix"):
         rows = list(csv.DictReader((demo_run / f"results/report/{stem}.csv").read_text().splitlines()))
-        page = _embedded(html, f"{stem}.html")
+        page = embedded_file(html, f"{stem}.html")
         cells = re.findall(r"<td>(.*?)</td>", page)
         first = next(iter(rows[0]))
         assert [r[first] for r in rows] == cells[:: len(rows[0])], stem

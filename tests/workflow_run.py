@@ -1,5 +1,8 @@
 """Run the repository's Snakefile in a scratch working directory, so tests never write into the repo.
 
+The named test configurations (`.test/<name>/config.yaml`, overlays on the shipped config.yaml) run the way
+the README shows: `snakemake --cores 2 --configfile .test/<name>/config.yaml --directory <scratch>`
+(:func:`run_named_config`). Otherwise:
 `libs/`, `prompts/`, `envs/`, `data/` and `profiles/` are linked in so tests and their overrides can name
 them relatively (the workflow itself finds them next to its Snakefile: tests/test_deployment.py runs it from
 a bare directory); `config.yaml` is copied and an optional `override.yaml` layered on top of it.
@@ -7,7 +10,10 @@ a bare directory); `config.yaml` is copied and an optional `override.yaml` layer
 
 from __future__ import annotations
 
+import base64
+import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -35,6 +41,8 @@ REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))
 LINKED = ("libs", "prompts", "envs", "data", "profiles")
+TEST_CONFIGS = REPO / ".test"
+LOCAL_OVERLAY = "local.yaml"
 
 
 def demo_corpus(corpus: Path = DEMO) -> dict:
@@ -75,3 +83,69 @@ def run_snakemake(
     return subprocess.run(
         argv, cwd=workdir, env=env or dict(os.environ), capture_output=True, text=True, timeout=timeout
     )
+
+
+def named_config(name: str) -> Path:
+    """`.test/<name>/config.yaml`, one of the named test configurations."""
+    path = TEST_CONFIGS / name / "config.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"no test configuration {path}")
+    return path
+
+
+def run_named_config(
+    name: str,
+    workdir: Path,
+    *args: str,
+    local: dict | None = None,
+    env: dict | None = None,
+    timeout: int = 900,
+) -> subprocess.CompletedProcess:
+    """`snakemake ARGS --configfile .test/NAME/config.yaml [local.yaml] --directory WORKDIR`, from a bare
+    working directory (the workflow finds its libs/, prompts/ and demo data next to its Snakefile).
+
+    ``local`` holds what only the machine running the test knows (a server's port, where a corpus is), as
+    ``WORKDIR/local.yaml`` layered last; later calls on the same working directory (a re-run, the report)
+    reuse it, so they see the run's configuration.
+    """
+    workdir.mkdir(parents=True, exist_ok=True)
+    if local is not None:
+        (workdir / LOCAL_OVERLAY).write_text(yaml.safe_dump(local))
+    overlays = [str(named_config(name))]
+    if (workdir / LOCAL_OVERLAY).exists():
+        overlays.append(LOCAL_OVERLAY)
+    return run_with_configfiles(workdir, overlays, *args, env=env, timeout=timeout)
+
+
+def run_with_configfiles(
+    workdir: Path, configfiles: list[str], *args: str, env: dict | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
+    """`snakemake ARGS --configfile CONFIGFILES...` in ``workdir`` (the shipped config.yaml underneath)."""
+    argv = [SNAKEMAKE, "-s", str(REPO / "Snakefile"), "--directory", str(workdir), *args]
+    return subprocess.run(
+        [*argv, "--configfile", *configfiles],
+        cwd=workdir,
+        env=env or dict(os.environ),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def landing_text(report_html: str) -> str:
+    """The landing page of a `snakemake --report` HTML file (the rendered `report:` text), tags removed
+    and whitespace collapsed."""
+    desc = re.search(r'var workflow_desc = ("(?:[^"\\]|\\.)*");', report_html)
+    if desc is None:
+        raise AssertionError("the report has no landing text (workflow_desc)")
+    return " ".join(re.sub(r"<[^>]+>", "", json.loads(desc.group(1))).split())
+
+
+def embedded_file(report_html: str, name: str) -> str:
+    """The text of an HTML file a self-contained `snakemake --report` file embeds (base64 in a data: URI)."""
+    uri = re.search(
+        rf"data:text/html;charset=utf8;filename={re.escape(name)};base64,([A-Za-z0-9+/=]+)", report_html
+    )
+    if uri is None:
+        raise AssertionError(f"the report embeds no {name}")
+    return base64.b64decode(uri.group(1)).decode()
