@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from workflow_run import DEMO, prepare_workdir, run_snakemake
 
 from workflow import contract
@@ -115,6 +116,38 @@ def test_rerun_has_nothing_to_do(demo_run):
     run = run_snakemake(demo_run, "--cores", "2", "-n")
     assert run.returncode == 0, run.stderr[-2000:]
     assert "Nothing to be done" in run.stdout + run.stderr
+
+
+def _planned_after(workdir: Path, override: dict) -> set[str]:
+    """The rules `snakemake -n` (default re-run triggers) plans in a finished run once `override` is layered on."""
+    (workdir / "override.yaml").write_text(yaml.safe_dump(override))
+    try:
+        run = run_snakemake(workdir, "-n")
+    finally:
+        (workdir / "override.yaml").unlink()
+    assert run.returncode == 0, run.stderr[-2000:]
+    return set(re.findall(r"^(?:local)?rule (\w+):", run.stdout + run.stderr, re.MULTILINE)) - {"all"}
+
+
+def test_config_changes_rerun_only_the_rules_that_read_them(demo_run):
+    # an override that repeats default values changes nothing
+    repeated = {
+        "vqa": {"seed": 0},
+        "rg4": {"rewriter": "rules", "label_sections": True},
+        "llm": {"backend": "rules"},
+    }
+    assert _planned_after(demo_run, repeated) == set()
+    # keys no rule of the rules backend reads (the LLM stages' and the student's settings)
+    unread = {
+        "llm": {"keyinfo": {"temperature": 0.5}, "client": {"concurrency": 3}},
+        "finetune": {"epochs": 9},
+    }
+    assert _planned_after(demo_run, unread) == set()
+    # the rules rewriter reads no `rg4.llm` key (the RG4 card quotes the rg4 section, so it is rewritten)
+    assert _planned_after(demo_run, {"rg4": {"llm": {"temperature": 0.7}}}) == {"release_rg4"}
+    # a key rg4 reads re-runs rg4 and what reads its tables, nothing else
+    planned = _planned_after(demo_run, {"rg4": {"label_sections": False}})
+    assert planned == {"rg4", "release_rg4", "report_figures"}
 
 
 def _embedded(html: str, name: str) -> str:
