@@ -101,6 +101,6 @@ def test_card_from_its_quoted_config_equals_the_card_from_the_whole_config(tmp_p
     cards = {}
     for name, given in (("whole", config), ("quoted", quoted)):
         cards_main(["--table", f"default={tmp_path / 'default.parquet'}", "--spec", spec_name,
-                    "--config-json", json.dumps(given), "--demo", "--out", str(tmp_path / name)])  # fmt: skip
+                    "--config-json", json.dumps(given), "--corpus-format", "mimic", "--demo", "--out", str(tmp_path / name)])  # fmt: skip
         cards[name] = (tmp_path / name / "README.md").read_text()
     assert cards["quoted"] == cards["whole"]

@@ -384,7 +384,7 @@ def main(argv=None) -> None:
     p.add_argument(
         "--config-json", required=True, help="the run's effective configuration, quoted in the card"
     )
-    p.add_argument("--corpus-format", default="mimic")
+    p.add_argument("--corpus-format", choices=("mimic", "iu"), required=True, help="corpus.format")
     p.add_argument("--demo", action="store_true", help="the corpus is the synthetic demo")
     p.add_argument("--notes", help="a JSON file with a list of lines on how the data was built")
     p.add_argument("--out", required=True)
