@@ -89,7 +89,8 @@ def time_rule(reports: list[dict]) -> dict:
     write_table(pa.Table.from_pydict(cols, schema=SECTIONS), path, SECTIONS)
     cmd = [sys.executable, "-m", "workflow.keyinfo.run_rules", "--sections", str(path),
            "--findings", str(WORK / "findings.parquet"), "--stats", str(WORK / "stats.parquet"),
-           "--rejects", str(WORK / "rejects.parquet"), "--workers", "2"]  # fmt: skip
+           "--rejects", str(WORK / "rejects.parquet"), "--workers", "2",
+           "--alternatives", "uncertain", "--hedges", "uncertain"]  # fmt: skip
     # a fresh wrapper process, so the peak RSS is that of the rule's own processes (not of this bench's)
     probe = (
         "import resource, subprocess, sys; subprocess.run(sys.argv[1:], check=True, stderr=subprocess.DEVNULL);"

@@ -113,6 +113,10 @@ def prepare(studies: int, patients: int, seed: int) -> Path:
                 str(WORK / "keyinfo_rejects.parquet"),
                 "--workers",
                 "2",
+                "--alternatives",
+                "uncertain",
+                "--hedges",
+                "uncertain",
             ],
         ),
     ]

@@ -123,13 +123,8 @@ def findings_table(wildcards=None):
     (round 0 is the bulk LLM extraction; see rules/llm.smk).
     """
     if config["llm"]["backend"] == "llm":
-        return out(
-            "llm",
-            "followup",
-            f"round{config['llm']['followup']['rounds']}",
-            "findings.parquet",
-        )
-    return out("keyinfo", "rules", "findings.parquet")
+        return llm_round_table(config["llm"]["followup"]["rounds"], "findings")
+    return rules.keyinfo_rules.output.findings
 
 
 def rg4_scores_args():
@@ -144,8 +139,6 @@ def rg4_scores_args():
 def llm_config_json(wildcards=None):
     """What the LLM modules read: the guard flag, the llm section (keys are env var NAMES only) and the
     standardisation / grounding cutoffs their answers go through."""
-    import json
-
     return json.dumps(
         {
             "corpus": {"credentialed": config["corpus"]["credentialed"]},
@@ -164,12 +157,13 @@ def keyinfo_cutoffs():
 LLM_STAGES = ("gold", "keyinfo", "followup")
 
 
-def llm_stage_settings(stage):
-    """Everything one LLM stage reads (its section, its endpoint, client, batch, prices, guard flags)."""
+def llm_endpoint_settings(endpoint):
+    """What asking `endpoint` reads (workflow.llm.run.load_executor_config): the guard flags, the client,
+    batch, vLLM, price and cache settings, and that one endpoint."""
     llm = config["llm"]
-    name = llm[stage]["endpoint"]
     shared = (
         "allow_public_endpoint",
+        "allow_proxy",
         "retry_unusable",
         "max_cost_usd",
         "client",
@@ -182,11 +176,17 @@ def llm_stage_settings(stage):
         "corpus": {"credentialed": config["corpus"]["credentialed"]},
         "llm": {
             **{k: llm[k] for k in shared},
-            stage: llm[stage],
-            "endpoints": {name: llm["endpoints"].get(name)},
+            "endpoints": {endpoint: llm["endpoints"].get(endpoint)},
         },
-        "keyinfo": keyinfo_cutoffs(),
     }
+
+
+def llm_stage_settings(stage):
+    """Everything one LLM stage reads (its section, its endpoint, client, batch, prices, guard flags)."""
+    settings = llm_endpoint_settings(config["llm"][stage]["endpoint"])
+    settings["llm"][stage] = config["llm"][stage]
+    settings["keyinfo"] = keyinfo_cutoffs()
+    return settings
 
 
 def llm_settings_file(stage):
@@ -196,8 +196,6 @@ def llm_settings_file(stage):
 
 def write_llm_settings():
     """Write every LLM stage's settings file (onstart: before any job, also on a cluster's head node)."""
-    import json
-
     if config["llm"]["backend"] != "llm":
         return
     for stage in LLM_STAGES:
@@ -212,8 +210,6 @@ def llm_stage_identity(stage):
     """What changes a stage's outputs, in canonical form: the rule's re-run trigger. URLs, keys, client
     limits and the budget change how requests travel, not what comes back: they re-run nothing.
     """
-    import json
-
     llm = config["llm"]
     endpoint = llm["endpoints"].get(llm[stage]["endpoint"]) or {}
     model = endpoint.get("model") or ""
@@ -251,6 +247,33 @@ def rg4_conda_env():
     if config["rg4"]["rewriter"] != "llm":
         return "../envs/core.yaml"
     return llm_conda_env(config["rg4"]["llm"]["endpoint"])
+
+
+def rg4_llm_args(wildcards=None):
+    """rg4's LLM rewriter options: none with the rules rewriter, so no `llm` key re-runs it; with
+    `rewriter: llm`, only the settings of its endpoint (sorted keys: override files' order re-runs nothing).
+    """
+    rg4 = config["rg4"]
+    if rg4["rewriter"] != "llm":
+        return ""
+    settings = json.dumps(llm_endpoint_settings(rg4["llm"]["endpoint"]), sort_keys=True)
+    return " ".join(
+        shlex.quote(str(arg))
+        for arg in (
+            "--llm-config",
+            settings,
+            "--llm-cache",
+            llm_cache(),
+            "--llm-endpoint",
+            rg4["llm"]["endpoint"],
+            "--temperature",
+            rg4["llm"]["temperature"],
+            "--max-tokens",
+            rg4["llm"]["max_tokens"],
+            "--max-attempts",
+            rg4["llm"]["max_attempts"],
+        )
+    )
 
 
 def llm_cache(wildcards=None):
@@ -293,19 +316,24 @@ def llm_resources(*endpoints):
     return {"llm_{}".format(re.sub(r"\W", "_", e)): 1 for e in served}
 
 
-def llm_round_dir(round_, name):
-    return out("llm", "followup", f"round{round_}", name)
+def llm_round_table(round_, name):
+    """Output `name` (findings, asked, stats, requests, rejects) of LLM round `round_`, as its rule declares
+    it: round 0 is llm_keyinfo_merge, rounds 1.. are llm_followup (called once rules/llm.smk is loaded).
+    """
+    if int(round_) == 0:
+        return getattr(rules.llm_keyinfo_merge.output, name)
+    return getattr(rules.llm_followup.output, name).format(round=round_)
 
 
 def followup_previous(wildcards):
     """The previous round's tables, inputs of follow-up round `wildcards.round`."""
     prev = int(wildcards.round) - 1
     return {
-        "previous": llm_round_dir(prev, "findings.parquet"),
-        "previous_asked": llm_round_dir(prev, "asked.parquet"),
-        "previous_stats": llm_round_dir(prev, "stats.parquet"),
-        "previous_rejects": llm_round_dir(prev, "rejects.parquet"),
-        "keyinfo_requests": llm_round_dir(0, "requests.parquet"),
+        "previous": llm_round_table(prev, "findings"),
+        "previous_asked": llm_round_table(prev, "asked"),
+        "previous_stats": llm_round_table(prev, "stats"),
+        "previous_rejects": llm_round_table(prev, "rejects"),
+        "keyinfo_requests": rules.llm_keyinfo_merge.output.requests,
     }
 
 
@@ -315,10 +343,10 @@ def llm_targets():
         return []
     last = config["llm"]["followup"]["rounds"]
     return [
-        out("llm", "gold", "findings.parquet"),
-        out("llm", "gold", "sft.jsonl"),
-        llm_round_dir(last, "findings.parquet"),
-        llm_round_dir(last, "stats.parquet"),
+        rules.llm_gold.output.findings,
+        rules.llm_gold.output.sft,
+        llm_round_table(last, "findings"),
+        llm_round_table(last, "stats"),
     ]
 
 
@@ -338,7 +366,7 @@ def student_inputs(wildcards=None):
     """Extra inputs of the LLM stages that ask the student: its trained adapter (nothing otherwise)."""
     if not student_needed():
         return {}
-    return {"student_adapter": out("finetune", "adapter", "adapter_config.json")}
+    return {"student_adapter": rules.finetune.output.adapter}
 
 
 def first_output_dir(wildcards, output):
@@ -351,32 +379,40 @@ def first_input_dir(wildcards, input):
     return str(Path(input[0]).parent)
 
 
+# The `finetune:` keys that select the student, split the data or size the SLURM job: train never reads them.
+FINETUNE_NOT_TRAINING = (
+    "enabled",
+    "endpoint",
+    "target",
+    "heldout_fraction",
+    "merge",
+    "gpu_model",
+)
+
+
 def finetune_settings(wildcards=None):
-    """The `finetune:` config section as JSON (what workflow.finetune.train reads), its paths resolved.
+    """What workflow.finetune.train reads of the `finetune:` section, as sorted-key JSON, its paths resolved.
 
     Under `--sdm conda` the rule runs in envs/llamafactory.yaml, whose `llamafactory-cli` is on PATH.
     """
-    import json
-
-    settings = dict(config["finetune"])
+    settings = {
+        k: v for k, v in config["finetune"].items() if k not in FINETUNE_NOT_TRAINING
+    }
     settings["deepspeed"] = config_path(settings["deepspeed"])
     if env_deployment():
         settings["llamafactory_cli"] = "llamafactory-cli"
     else:
         settings["llamafactory_cli"] = config_path(settings["llamafactory_cli"])
-    return json.dumps(settings)
+    return json.dumps(settings, sort_keys=True)
 
 
 def finetune_targets():
     """Final fine-tuning outputs for `rule all` (none unless an LLM stage asks the student)."""
     if not student_needed():
         return []
-    targets = [
-        out("finetune", "adapter", "adapter_config.json"),
-        out("finetune", "eval.parquet"),
-    ]
+    targets = [rules.finetune.output.adapter, rules.finetune_eval.output.table]
     if config["finetune"]["merge"]:
-        targets.append(out("finetune", "merged", "config.json"))
+        targets.append(rules.finetune_merge.output.merged)
     return targets
 
 
@@ -393,7 +429,7 @@ def report_stages():
             "keyinfo (llm)",
             sections,
             findings_table(),
-            llm_round_dir(config["llm"]["followup"]["rounds"], "rejects.parquet"),
+            llm_round_table(config["llm"]["followup"]["rounds"], "rejects"),
         )
         if config["llm"]["backend"] == "llm"
         else ("keyinfo (rules)", sections, None, rules.keyinfo_rules.output.rejects)
@@ -440,8 +476,8 @@ def llm_report_requests():
     """Every LLM_REQUESTS table of the run (LLM backend only)."""
     rounds = range(config["llm"]["followup"]["rounds"] + 1)
     return [
-        out("llm", "gold", "requests.parquet"),
-        *(llm_round_dir(r, "requests.parquet") for r in rounds),
+        rules.llm_gold.output.requests,
+        *(llm_round_table(r, "requests") for r in rounds),
     ]
 
 
@@ -459,13 +495,14 @@ def release_args(wildcards, input):
     return " ".join(f"--table {name}={path}" for name, path in input.items())
 
 
-def effective_config(wildcards=None):
-    """The run's configuration after defaults and overrides, as JSON (quoted in dataset cards)."""
-    import json
+def card_config(spec):
+    """The configuration a release card quotes (its spec's sections and facts), as sorted-key JSON: only a
+    change to those keys re-runs the release."""
+    from workflow import cards
 
     return json.dumps(
-        config, sort_keys=True
-    )  # canonical: key order of the override files re-runs nothing
+        cards.quoted_config(config, cards.load_spec(spec)), sort_keys=True
+    )
 
 
 # --- vqa helpers (rules/vqa.smk) ---------------------------------------------------------------------

@@ -6,10 +6,10 @@
 
 rule finetune_data:
     input:
-        sample=out("llm", "gold", "sample.parquet"),
-        gold=out("llm", "gold", "findings.parquet"),
-        sft=out("llm", "gold", "sft.jsonl"),
-        sections=out("sections", "sections.parquet"),
+        sample=rules.llm_gold.output.sample,
+        gold=rules.llm_gold.output.findings,
+        sft=rules.llm_gold.output.sft,
+        sections=rules.sections.output.sections,
     output:
         data=out("finetune", "data", "keyinfo_sft.json"),
         info=out("finetune", "data", "dataset_info.json"),
@@ -36,8 +36,8 @@ rule finetune_data:
 
 rule finetune:
     input:
-        data=out("finetune", "data", "keyinfo_sft.json"),
-        info=out("finetune", "data", "dataset_info.json"),
+        data=rules.finetune_data.output.data,
+        info=rules.finetune_data.output.info,
     output:
         adapter=out("finetune", "adapter", "adapter_config.json"),
         weights=out("finetune", "adapter", "adapter_model.safetensors"),
@@ -65,7 +65,7 @@ rule finetune:
 
 rule finetune_merge:
     input:
-        adapter=out("finetune", "adapter", "adapter_config.json"),
+        adapter=rules.finetune.output.adapter,
     output:
         merged=out("finetune", "merged", "config.json"),
     log:
@@ -86,12 +86,12 @@ rule finetune_merge:
 
 rule finetune_eval:
     input:
-        adapter=out("finetune", "adapter", "adapter_config.json"),
-        split=out("finetune", "data", "split.parquet"),
-        gold=out("llm", "gold", "findings.parquet"),
-        sections=out("sections", "sections.parquet"),
-        studies=out("ingest", "studies.parquet"),
-        rules_findings=out("keyinfo", "rules", "findings.parquet"),
+        adapter=rules.finetune.output.adapter,
+        split=rules.finetune_data.output.split,
+        gold=rules.llm_gold.output.findings,
+        sections=rules.sections.output.sections,
+        studies=rules.ingest.output.studies,
+        rules_findings=rules.keyinfo_rules.output.findings,
     output:
         table=out("finetune", "eval.parquet"),
         markdown=out("finetune", "eval.md"),
@@ -103,11 +103,13 @@ rule finetune_eval:
         **llm_resources(config["finetune"]["endpoint"]),
     params:
         python=PY,
-        config=llm_config_json,
+        # the student answers the very requests bulk keyinfo sends: that stage's settings and identity
+        settings=llm_settings_file("keyinfo"),
+        identity=llm_stage_identity("keyinfo"),
         cache=llm_cache,
     shell:
         "{params.python} -m workflow.finetune.evaluate --gold {input.gold:q} --split {input.split:q}"
-        " --sections {input.sections:q} --studies {input.studies:q} --config {params.config:q}"
+        " --sections {input.sections:q} --studies {input.studies:q} --config {params.settings:q}"
         " --cache {params.cache:q} --compare rules={input.rules_findings:q} --out {output.table:q} 2> {log:q}"
 
 

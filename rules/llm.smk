@@ -17,9 +17,9 @@ wildcard_constraints:
 
 rule llm_gold:
     input:
-        sections=out("sections", "sections.parquet"),
-        studies=out("ingest", "studies.parquet"),
-        rules_findings=out("keyinfo", "rules", "findings.parquet"),
+        sections=rules.sections.output.sections,
+        studies=rules.ingest.output.studies,
+        rules_findings=rules.keyinfo_rules.output.findings,
     output:
         sample=out("llm", "gold", "sample.parquet"),
         findings=out("llm", "gold", "findings.parquet"),
@@ -47,8 +47,8 @@ rule llm_gold:
 rule llm_keyinfo_shard:
     input:
         unpack(student_inputs),
-        sections=out("sections", "sections.parquet"),
-        studies=out("ingest", "studies.parquet"),
+        sections=rules.sections.output.sections,
+        studies=rules.ingest.output.studies,
     output:
         findings=out("llm", "keyinfo", "shard{shard}", "findings.parquet"),
         requests=out("llm", "keyinfo", "shard{shard}", "requests.parquet"),
@@ -77,29 +77,29 @@ rule llm_keyinfo_shard:
 rule llm_keyinfo_merge:
     input:
         findings=expand(
-            out("llm", "keyinfo", "shard{shard}", "findings.parquet"),
+            rules.llm_keyinfo_shard.output.findings,
             shard=range(config["llm"]["keyinfo"]["shards"]),
         ),
         requests=expand(
-            out("llm", "keyinfo", "shard{shard}", "requests.parquet"),
+            rules.llm_keyinfo_shard.output.requests,
             shard=range(config["llm"]["keyinfo"]["shards"]),
         ),
         rejects=expand(
-            out("llm", "keyinfo", "shard{shard}", "rejects.parquet"),
+            rules.llm_keyinfo_shard.output.rejects,
             shard=range(config["llm"]["keyinfo"]["shards"]),
         ),
         audit=expand(
-            out("llm", "keyinfo", "shard{shard}", "audit.parquet"),
+            rules.llm_keyinfo_shard.output.audit,
             shard=range(config["llm"]["keyinfo"]["shards"]),
         ),
-        rules_findings=out("keyinfo", "rules", "findings.parquet"),
-        sections=out("sections", "sections.parquet"),
+        rules_findings=rules.keyinfo_rules.output.findings,
+        sections=rules.sections.output.sections,
     output:
-        findings=llm_round_dir(0, "findings.parquet"),
-        requests=llm_round_dir(0, "requests.parquet"),
-        rejects=llm_round_dir(0, "rejects.parquet"),
-        asked=llm_round_dir(0, "asked.parquet"),
-        stats=llm_round_dir(0, "stats.parquet"),
+        findings=out("llm", "followup", "round0", "findings.parquet"),
+        requests=out("llm", "followup", "round0", "requests.parquet"),
+        rejects=out("llm", "followup", "round0", "rejects.parquet"),
+        asked=out("llm", "followup", "round0", "asked.parquet"),
+        stats=out("llm", "followup", "round0", "stats.parquet"),
         audit=out("llm", "keyinfo", "audit.parquet"),
         unknown_terms=out("llm", "keyinfo", "unknown_terms.parquet"),
     log:
@@ -125,9 +125,9 @@ rule llm_followup:
     input:
         unpack(followup_previous),
         unpack(student_inputs),
-        sections=out("sections", "sections.parquet"),
-        studies=out("ingest", "studies.parquet"),
-        rules_findings=out("keyinfo", "rules", "findings.parquet"),
+        sections=rules.sections.output.sections,
+        studies=rules.ingest.output.studies,
+        rules_findings=rules.keyinfo_rules.output.findings,
     output:
         findings=out("llm", "followup", "round{round}", "findings.parquet"),
         asked=out("llm", "followup", "round{round}", "asked.parquet"),

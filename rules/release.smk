@@ -18,7 +18,7 @@ rule release_vqa:
         py=PY,
         spec="medical_cxr_vqa",
         tables=release_args,
-        config=effective_config,
+        config=card_config("medical_cxr_vqa"),
         format=config["corpus"]["format"],
         demo="--demo" if corpus_is_demo() else "",
         outdir=first_output_dir,
@@ -49,7 +49,7 @@ rule release_rg4:
         tables=lambda wildcards, input: " ".join(
             f"--table {s}={input[s]}" for s in ("sn", "sw", "mn", "mw")
         ),
-        config=effective_config,
+        config=card_config("mimic_rg4"),
         format=config["corpus"]["format"],
         demo="--demo" if corpus_is_demo() else "",
         outdir=first_output_dir,

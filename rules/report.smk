@@ -103,7 +103,7 @@ if config["llm"]["backend"] == "llm":
     rule report_llm:
         input:
             requests=llm_report_requests(),
-            followup=llm_round_dir(config["llm"]["followup"]["rounds"], "stats.parquet"),
+            followup=llm_round_table(config["llm"]["followup"]["rounds"], "stats"),
         output:
             figure=report(
                 out("report", "llm", "llm.png"),

@@ -42,12 +42,7 @@ rule rg4:
             if config["rg4"]["label_sections"]
             else "--no-label-sections"
         ),
-        llm_config=llm_config_json,
-        llm_cache=llm_cache,
-        endpoint=config["rg4"]["llm"]["endpoint"],
-        temperature=config["rg4"]["llm"]["temperature"],
-        max_tokens=config["rg4"]["llm"]["max_tokens"],
-        max_attempts=config["rg4"]["llm"]["max_attempts"],
+        llm=rg4_llm_args,
         scores=lambda wildcards: rg4_scores_args(),
     shell:
         "{params.py} -m workflow.rg4 --studies {input.studies:q} --images {input.images:q}"
@@ -55,10 +50,8 @@ rule rg4:
         " --tables {output.sn:q} {output.sw:q} {output.mn:q} {output.mw:q}"
         " --json {output.json_sn:q} {output.json_sw:q} {output.json_mn:q} {output.json_mw:q}"
         " --counts {output.counts:q} --stats {output.stats:q} --rejects {output.rejects:q} --notes {output.notes:q}"
-        " --rewriter {params.rewriter} {params.label_sections} --llm-config {params.llm_config:q}"
-        " --llm-cache {params.llm_cache:q} --llm-endpoint {params.endpoint:q}"
-        " --temperature {params.temperature} --max-tokens {params.max_tokens}"
-        " --max-attempts {params.max_attempts} {params.scores} --workers {threads} 2> {log:q}"
+        " --rewriter {params.rewriter} {params.label_sections} {params.llm}"
+        " {params.scores} --workers {threads} 2> {log:q}"
 
 
 ALL_TARGETS += rules.rg4.output

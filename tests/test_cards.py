@@ -1,12 +1,18 @@
 """Release folders load with `datasets` exactly as their card says."""
 
+import json
+from pathlib import Path
+
 import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from workflow.cards import CardSpec, licence_text, write_release
+from workflow.cards import CardSpec, licence_text, load_spec, quoted_config, write_release
+from workflow.cards import main as cards_main
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _table(n, splits):
@@ -78,3 +84,23 @@ def test_empty_configuration_is_counted_but_not_declared(tmp_path):
     text = (tmp_path / "out" / "README.md").read_text()
     assert [c["config_name"] for c in yaml.safe_load(text.split("---")[1])["configs"]] == ["sn"]
     assert "| sw | 0 | 0 | 0 |" in text and "non-commercial" in text
+
+
+@pytest.mark.parametrize(
+    ("spec_name", "sections"),
+    [("medical_cxr_vqa", {"corpus", "vqa", "llm"}), ("mimic_rg4", {"corpus", "rg4"})],
+)
+def test_card_from_its_quoted_config_equals_the_card_from_the_whole_config(tmp_path, spec_name, sections):
+    """The workflow passes a release only the keys its card reads: the card must not lose anything by it."""
+    config = yaml.safe_load((REPO / "config.yaml").read_text())
+    quoted = quoted_config(config, load_spec(spec_name))
+    assert set(quoted) == sections
+    if "llm" in sections:
+        assert quoted["llm"] == {"backend": "rules"}  # a fact the card states, not the whole llm section
+    pq.write_table(_table(12, ["train", "test"]), tmp_path / "default.parquet")
+    cards = {}
+    for name, given in (("whole", config), ("quoted", quoted)):
+        cards_main(["--table", f"default={tmp_path / 'default.parquet'}", "--spec", spec_name,
+                    "--config-json", json.dumps(given), "--corpus-format", "mimic", "--demo", "--out", str(tmp_path / name)])  # fmt: skip
+        cards[name] = (tmp_path / name / "README.md").read_text()
+    assert cards["quoted"] == cards["whole"]

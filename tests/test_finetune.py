@@ -195,7 +195,7 @@ def sft_data(gold, work):
     ft_data.main([
         "--sample", str(gold["dir"] / "sample.parquet"), "--gold", str(gold["dir"] / "findings.parquet"),
         "--sft", str(gold["dir"] / "sft.jsonl"), "--sections", str(gold["sections"]), "--outdir", str(out),
-        "--heldout-fraction", "0.25", "--seed", "7",
+        "--heldout-fraction", "0.25", "--seed", "7", "--target", "gold",
     ])  # fmt: skip
     return out
 

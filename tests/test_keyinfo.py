@@ -224,7 +224,8 @@ def test_run_rules_cli_writes_the_contract_tables(tmp_path):
 
     write_table(pa.Table.from_pydict(sections, schema=SECTIONS), tmp_path / "sections.parquet", SECTIONS)
     run_rules_main(["--sections", str(tmp_path / "sections.parquet"), "--findings", str(tmp_path / "f.parquet"),
-                    "--stats", str(tmp_path / "s.parquet"), "--rejects", str(tmp_path / "r.parquet")])  # fmt: skip
+                    "--stats", str(tmp_path / "s.parquet"), "--rejects", str(tmp_path / "r.parquet"),
+                    "--alternatives", "uncertain", "--hedges", "uncertain"])  # fmt: skip
     findings = pq.read_table(tmp_path / "f.parquet")
     assert findings.schema.equals(FINDINGS)
     got = {(r["study_id"], r["name"], r["presence"], r["source"]) for r in findings.to_pylist()}
@@ -279,7 +280,8 @@ def test_run_rules_on_two_workers_writes_what_one_worker_writes(tmp_path):
     for workers in ("1", "2"):
         run_rules_main(["--sections", str(tmp_path / "sections.parquet"), "--findings", str(tmp_path / f"f{workers}.parquet"),
                         "--stats", str(tmp_path / f"s{workers}.parquet"), "--rejects", str(tmp_path / f"r{workers}.parquet"),
-                        "--batch-size", "7", "--workers", workers])  # fmt: skip
+                        "--batch-size", "7", "--workers", workers, "--alternatives", "uncertain",
+                        "--hedges", "uncertain"])  # fmt: skip
         out[workers] = pq.read_table(tmp_path / f"f{workers}.parquet").to_pylist()
     assert out["1"] == out["2"]
     assert len({r["study_id"] for r in out["2"]}) == 80

@@ -119,6 +119,44 @@ def test_rerun_has_nothing_to_do(demo_run):
     assert "Nothing to be done" in run.stdout + run.stderr
 
 
+def _layered(base: dict, change: dict) -> dict:
+    """``base`` with ``change`` layered on, key by key (as Snakemake layers config files)."""
+    merged = dict(base)
+    for key, value in change.items():
+        merged[key] = _layered(base.get(key) or {}, value) if isinstance(value, dict) else value
+    return merged
+
+
+def _planned_after(workdir: Path, override: dict) -> set[str]:
+    """The rules `snakemake -n` (default re-run triggers) plans in a finished run once `override` is layered on."""
+    path = workdir / "override.yaml"
+    original = path.read_text()
+    path.write_text(yaml.safe_dump(_layered(yaml.safe_load(original) or {}, override)))
+    try:
+        run = run_snakemake(workdir, "-n")
+    finally:
+        path.write_text(original)
+    assert run.returncode == 0, run.stderr[-2000:]
+    return set(re.findall(r"^(?:local)?rule (\w+):", run.stdout + run.stderr, re.MULTILINE)) - {"all"}
+
+
+def test_config_changes_rerun_only_the_rules_that_read_them(demo_run):
+    # values repeated from config.yaml, and keys no rule of the rules backend reads (the LLM stages' and the
+    # student's settings): nothing to do (one dry run for both, each is a full parse of the workflow)
+    unchanged = {
+        "vqa": {"seed": 0},
+        "rg4": {"rewriter": "rules", "label_sections": True},
+        "llm": {"backend": "rules", "keyinfo": {"temperature": 0.5}, "client": {"concurrency": 3}},
+        "finetune": {"epochs": 9},
+    }
+    assert _planned_after(demo_run, unchanged) == set()
+    # the rules rewriter reads no `rg4.llm` key (the RG4 card quotes the rg4 section, so it is rewritten)
+    assert _planned_after(demo_run, {"rg4": {"llm": {"temperature": 0.7}}}) == {"release_rg4"}
+    # a key rg4 reads re-runs rg4 and what reads its tables, nothing else
+    planned = _planned_after(demo_run, {"rg4": {"label_sections": False}})
+    assert planned == {"rg4", "release_rg4", "report_figures"}
+
+
 def test_html_report_shows_the_figures_tables_and_what_was_built(demo_run):
     run = run_snakemake(demo_run, "--report", "report.html")
     assert run.returncode == 0, run.stderr[-2000:]

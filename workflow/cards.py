@@ -164,6 +164,29 @@ def _dotted(config: dict, key: str):
     return value
 
 
+def load_spec(spec: str) -> CardSpec:
+    """A card spec by name (a file in ``CARD_SPECS``) or as a path to a YAML file."""
+    path = Path(spec) if Path(spec).is_file() else CARD_SPECS / f"{spec}.yaml"
+    return CardSpec(**yaml.safe_load(path.read_text()))
+
+
+def quoted_config(config: dict, spec: CardSpec) -> dict:
+    """The part of ``config`` a card reads: its quoted sections and the keys of its facts (the workflow
+    passes only this, so a change anywhere else leaves the release alone)."""
+    if spec.config_sections is None:
+        return config
+    picked = {k: config[k] for k in spec.config_sections if k in config}
+    for key in spec.config_facts.values():
+        *parents, leaf = key.split(".")
+        source, target = config, picked
+        for part in parents:
+            source = source.get(part) if isinstance(source, dict) else None
+            target = target.setdefault(part, {})
+        if isinstance(source, dict) and leaf in source:
+            target[leaf] = source[leaf]
+    return picked
+
+
 def hf_split(name: str) -> str:
     return HF_SPLITS.get(name, name)
 
@@ -361,17 +384,14 @@ def main(argv=None) -> None:
     p.add_argument(
         "--config-json", required=True, help="the run's effective configuration, quoted in the card"
     )
-    p.add_argument("--corpus-format", default="mimic")
+    p.add_argument("--corpus-format", choices=("mimic", "iu"), required=True, help="corpus.format")
     p.add_argument("--demo", action="store_true", help="the corpus is the synthetic demo")
     p.add_argument("--notes", help="a JSON file with a list of lines on how the data was built")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     tables = dict(item.split("=", 1) for item in args.table)
-    spec_path = Path(args.spec) if Path(args.spec).is_file() else CARD_SPECS / f"{args.spec}.yaml"
-    spec = CardSpec(**yaml.safe_load(spec_path.read_text())).for_corpus(
-        "demo" if args.demo else args.corpus_format
-    )
+    spec = load_spec(args.spec).for_corpus("demo" if args.demo else args.corpus_format)
     notes = json.loads(Path(args.notes).read_text()) if args.notes else None
     config = json.loads(args.config_json)
     facts = {label: _dotted(config, key) for label, key in spec.config_facts.items()}

@@ -198,9 +198,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sft", type=Path, required=True, help="gold conversations (gold stage's sft.jsonl)")
     p.add_argument("--sections", type=Path, required=True, help="sections.parquet (for evidence spans)")
     p.add_argument("--outdir", type=Path, required=True)
-    p.add_argument("--heldout-fraction", type=float, default=0.2)
-    p.add_argument("--seed", type=int, default=123)
-    p.add_argument("--target", choices=["gold", "teacher"], default="gold")
+    # finetune.heldout_fraction / seed / target: the rule passes them, config.yaml holds their defaults
+    p.add_argument("--heldout-fraction", type=float, required=True)
+    p.add_argument("--seed", type=int, required=True)
+    p.add_argument("--target", choices=["gold", "teacher"], required=True)
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
     counts = build_dataset(

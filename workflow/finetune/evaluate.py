@@ -16,7 +16,6 @@ Parquet and as a Markdown table for the log / report.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -139,7 +138,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--split", type=Path, required=True, help="split.parquet of finetune_data")
     p.add_argument("--sections", type=Path, required=True, help="sections.parquet")
     p.add_argument("--studies", type=Path, required=True, help="studies.parquet (ingest)")
-    p.add_argument("--config", required=True, help="JSON of the workflow config (corpus + llm sections)")
+    p.add_argument(
+        "--config",
+        required=True,
+        help="the keyinfo stage's settings (corpus + llm sections): a JSON file or text",
+    )
     p.add_argument("--cache", type=Path, required=True, help="the LLM response cache (SQLite)")
     p.add_argument("--compare", action="append", default=[], metavar="NAME=FINDINGS.parquet")
     p.add_argument(
@@ -147,10 +150,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
+    from workflow.llm.stages import load_config
+
     split = pq.read_table(args.split).to_pylist()
     heldout = sorted(r["study_id"] for r in split if r["part"] == "heldout")
     gold = by_study(pq.read_table(args.gold), set(heldout))
-    answers = ask_student(json.loads(args.config), args.cache, args.sections, args.studies, heldout)
+    answers = ask_student(load_config(args.config), args.cache, args.sections, args.studies, heldout)
     rows = [score("student", gold, answers, heldout)]
     for spec in args.compare:
         name, _, path = spec.partition("=")

@@ -2,7 +2,7 @@
 
     python -m workflow.keyinfo.run_rules --sections results/sections/sections.parquet \\
         --findings results/keyinfo/rules/findings.parquet --stats results/keyinfo/rules/stats.parquet \\
-        --rejects results/keyinfo/rules/rejects.parquet
+        --rejects results/keyinfo/rules/rejects.parquet --alternatives uncertain --hedges uncertain
 
 Streams the sections table batch by batch; with ``--workers`` > 1 batches are extracted on a process pool
 while the parent writes in order. A study with no findings / impression / last-paragraph text is rejected
@@ -178,8 +178,9 @@ def main(argv: list[str] | None = None) -> None:
         "--reports", type=Path, help="studies.parquet (report text, for the lenient section reading)"
     )
     p.add_argument("--no-lenient", action="store_true", help="read MIT-LCP's sections only")
-    p.add_argument("--alternatives", choices=("uncertain", "positive"), default="uncertain")
-    p.add_argument("--hedges", choices=("uncertain", "positive"), default="uncertain")
+    # keyinfo.alternatives / hedges: the rule passes them, config.yaml holds their defaults
+    p.add_argument("--alternatives", choices=("uncertain", "positive"), required=True)
+    p.add_argument("--hedges", choices=("uncertain", "positive"), required=True)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     if not args.sections.exists():
