@@ -75,6 +75,30 @@ FINDINGS = pa.schema(
     ]
 )
 
+FINDING_FIELDS = tuple(FINDINGS.names)
+_FINDING_REQUIRED = tuple(f.name for f in FINDINGS if not f.nullable)
+
+
+def finding_row(**fields) -> dict:
+    """One finding record, the row of ``FINDINGS``: what both extractors (rules and LLM) emit and every
+    consumer reads, by these field names. Optional fields left out are null; a field the contract does not
+    have, a missing required one or a presence outside ``PRESENCE`` is an error, not a silent column."""
+    extra = fields.keys() - FINDINGS.names
+    if extra:
+        raise ValueError(f"not FINDINGS fields: {sorted(extra)}")
+    missing = [name for name in _FINDING_REQUIRED if fields.get(name) is None]
+    if missing:
+        raise ValueError(f"a finding needs {missing}")
+    if fields["presence"] not in PRESENCE:
+        raise ValueError(f"presence {fields['presence']!r} is not one of {PRESENCE}")
+    return {name: fields.get(name) for name in FINDING_FIELDS}
+
+
+def findings_table(rows: list[dict]) -> pa.Table:
+    """The ``FINDINGS`` table of finding records (dicts keyed by ``FINDING_FIELDS``)."""
+    return pa.Table.from_pylist(rows, schema=FINDINGS)
+
+
 # Standardisation audit (keyinfo stage): every change made to an LLM/KeyInfo value, one row per change.
 AUDIT = pa.schema(
     [

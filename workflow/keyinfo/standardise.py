@@ -26,7 +26,7 @@ from collections import Counter
 import pyarrow as pa
 from rapidfuzz import fuzz, process
 
-from workflow.contract import AUDIT, FINDINGS, UNKNOWN_TERMS
+from workflow.contract import AUDIT, UNKNOWN_TERMS, finding_row, findings_table
 from workflow.keyinfo.extract import ATTRS, NEG, POS, UNC, extract_mentions, merge_rows
 from workflow.keyinfo.libs import UNKNOWN, Libs, load_libs, norm_phrase
 
@@ -532,7 +532,7 @@ def unknown_terms(audit: pa.Table | list[dict], fuzzy_index: Standardiser | None
     return pa.Table.from_pydict(out, schema=UNKNOWN_TERMS)
 
 
-def rows_table(rows: list[dict], schema: pa.Schema = FINDINGS) -> pa.Table:
+def rows_table(rows: list[dict], schema: pa.Schema) -> pa.Table:
     """A contract table from row dicts; a column a row lacks is null."""
     return pa.Table.from_pydict({f.name: [r.get(f.name) for r in rows] for f in schema}, schema=schema)
 
@@ -543,10 +543,7 @@ def standardise_many(records, fmt: str, fuzzy_cutoff: float = DEFAULT_FUZZY_CUTO
     all_rows, all_audit = [], []
     for subject_id, study_id, record in records:
         rows, audit = standardise(record, fmt, fuzzy_cutoff)
-        for r in rows:
-            r.update(subject_id=subject_id, study_id=study_id, source=source, round=round_)
-        for a in audit:
-            a.update(subject_id=subject_id, study_id=study_id)
-        all_rows += rows
-        all_audit += audit
-    return rows_table(all_rows), rows_table(all_audit, AUDIT), unknown_terms(all_audit)
+        ids = {"subject_id": subject_id, "study_id": study_id}
+        all_rows += [finding_row(**row, **ids, source=source, round=round_) for row in rows]
+        all_audit += [{**a, **ids} for a in audit]
+    return findings_table(all_rows), rows_table(all_audit, AUDIT), unknown_terms(all_audit)

@@ -12,7 +12,7 @@ import re
 import pandas as pd
 import pyarrow as pa
 
-from workflow.contract import AUDIT, FINDINGS, UNKNOWN_TERMS
+from workflow.contract import AUDIT, FINDINGS, UNKNOWN_TERMS, finding_row
 from workflow.keyinfo.grounding import ground
 from workflow.keyinfo.standardise import standardise, unknown_terms
 from workflow.tables import write_table
@@ -36,18 +36,6 @@ def report_text(sections_row: dict) -> str | None:
         last = text_of(sections_row.get("last_paragraph")).strip()
         return last or None
     return "\n".join(parts)
-
-
-def _as_rows(value) -> list[dict]:
-    if isinstance(value, tuple):
-        value = value[0]
-    if hasattr(value, "to_pylist"):
-        return value.to_pylist()
-    if isinstance(value, pd.DataFrame):
-        return value.to_dict("records")
-    if isinstance(value, dict):
-        return list(value.get("findings", []))
-    return list(value)
 
 
 def _span(evidence: str | None, sections_row: dict) -> tuple[str | None, int | None, int | None]:
@@ -83,44 +71,33 @@ def standardise_answer(
     ``fuzzy_cutoff`` is config ``keyinfo.fuzzy_cutoff``. Standardisation's audit rows (what was changed, by
     which rule) are appended to ``audit`` if given.
     """
-    record = {
-        "study_id": int(sections_row["study_id"]),
-        "subject_id": int(sections_row["subject_id"]),
-        "findings": items,
-    }
-    result = standardise(record, "findings", fuzzy_cutoff)
-    rows = _as_rows(result)
-    if audit is not None and isinstance(result, tuple) and len(result) > 1:
-        audit += [
-            {**a, "subject_id": record["subject_id"], "study_id": record["study_id"]} for a in result[1]
-        ]
+    ids = {"subject_id": int(sections_row["subject_id"]), "study_id": int(sections_row["study_id"])}
+    rows, changes = standardise({"findings": items}, "findings", fuzzy_cutoff)
+    if audit is not None:
+        audit += [{**change, **ids} for change in changes]
     out = []
     for row in rows:
         evidence = row.get("evidence")
-        if row.get("start") is None:
-            section, start, end = _span(evidence, sections_row)
-        else:
-            section, start, end = row.get("section"), row.get("start"), row.get("end")
+        section, start, end = _span(evidence, sections_row)
         out.append(
-            {
-                "subject_id": record["subject_id"],
-                "study_id": record["study_id"],
-                "name": row.get("name") or "unknown",
-                "raw_name": row.get("raw_name"),
-                "presence": row.get("presence") or "uncertain",
-                "location": row.get("location"),
-                "level": row.get("level"),
-                "type": row.get("type"),
-                "change": row.get("change"),
-                "section": section,
-                "start": start,
-                "end": end,
-                "source": source,
-                "round": round_,
-                "request_hash": request_key,
-                "evidence": evidence,
-                "flags": row.get("flags") or None,
-            }
+            finding_row(
+                **ids,
+                name=row["name"],
+                raw_name=row.get("raw_name"),
+                presence=row["presence"],
+                location=row.get("location"),
+                level=row.get("level"),
+                type=row.get("type"),
+                change=row.get("change"),
+                section=section,
+                start=start,
+                end=end,
+                source=source,
+                round=round_,
+                request_hash=request_key,
+                evidence=evidence,
+                flags=row.get("flags") or None,
+            )
         )
     return out
 
