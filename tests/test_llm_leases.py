@@ -198,7 +198,9 @@ def test_a_request_under_a_live_foreign_lease_is_waited_for_not_sent(tmp_path):
             time.sleep(0.05)
         assert runner.is_alive()  # done with its own share, it waits for the leased requests
         for key in held:
-            other.put(Result(key, "completed", content='{"findings": []}', executor="other"), "another-runner")
+            other.put(
+                Result(key, "completed", content='{"findings": []}', executor="other"), "another-runner"
+            )
         runner.join(60)
         stats = run_requests.last_stats
         received = srv.by_hash()

@@ -89,7 +89,6 @@ class Claim:
     answered: list[str]  # an answer is stored that this run must not ask again
 
 
-
 @dataclass
 class Result:
     """What the cache holds for one request key."""

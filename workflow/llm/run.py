@@ -157,6 +157,10 @@ def make_client(cfg: dict, asynchronous: bool = True):
 
     endpoint = cfg["endpoint"]
     common = {"api_key": _api_key(endpoint), "max_retries": 0, "timeout": float(cfg["timeout_s"])}
+    if asynchronous:
+        # The SDK over aiohttp's transport (C HTTP parser, a connection pool that does not scan every
+        # connection per request) instead of httpcore's: half the client's CPU per request.
+        common["http_client"] = openai.DefaultAioHttpClient()
     if endpoint.get("kind") == "azure":
         cls = openai.AsyncAzureOpenAI if asynchronous else openai.AzureOpenAI
         return cls(azure_endpoint=endpoint["azure_endpoint"], api_version=endpoint["api_version"], **common)
@@ -255,14 +259,18 @@ def _classify_error(exc) -> tuple[str, str, bool]:
     return "failed", f"bad_response: {type(exc).__name__}", True
 
 
-def _result_from_completion(req: Request, completion, attempts: int, cfg: dict, executor: str) -> Result:
-    choice = completion.choices[0] if completion.choices else None
-    usage = completion.usage
-    pt = (usage.prompt_tokens if usage else 0) or 0
-    ct = (usage.completion_tokens if usage else 0) or 0
-    finish = choice.finish_reason if choice else None
-    content = choice.message.content if choice and choice.message else None
-    refused = finish == "content_filter" or bool(choice and getattr(choice.message, "refusal", None))
+def _result_from_body(req: Request, body: dict, attempts: int, cfg: dict, executor: str) -> Result:
+    """The :class:`Result` of a chat completion's JSON body (read as plain JSON: building the SDK's
+    pydantic model of it cost a tenth of the client's CPU per request)."""
+    choices = body.get("choices")
+    choice = choices[0] if choices else {}
+    message = choice.get("message") or {}
+    usage = body.get("usage") or {}
+    pt = usage.get("prompt_tokens") or 0
+    ct = usage.get("completion_tokens") or 0
+    finish = choice.get("finish_reason")
+    content = message.get("content")
+    refused = finish == "content_filter" or bool(message.get("refusal"))
     return Result(
         req.key,
         "refused" if refused else "completed",
@@ -274,7 +282,7 @@ def _result_from_completion(req: Request, completion, attempts: int, cfg: dict, 
         cost=accounting.cost(req.model, pt, ct, cfg["prices"]),
         attempts=attempts,
         executor=executor,
-        model=completion.model or req.model,
+        model=body.get("model") or req.model,
     )
 
 
@@ -292,8 +300,6 @@ def _check_usable(result: Result, validate: Validator | None, answers: int) -> N
 
 
 async def _openai_worker(queue, client, cfg, cache, limiter, stats, progress, stop, validate, owner):
-    from openai.types.chat import ChatCompletion
-
     max_retries = int(cfg["max_retries"])
     unusable_retries = int(cfg.get("unusable_retries", 0))
     while True:
@@ -312,8 +318,9 @@ async def _openai_worker(queue, client, cfg, cache, limiter, stats, progress, st
             try:
                 # The body is already a plain JSON request: post it as is. (chat.completions.create would
                 # re-walk messages and schema through the SDK's TypedDict transform: ~5 ms CPU a request.)
-                completion = await client.post("/chat/completions", body=body, cast_to=ChatCompletion)
-                result = _result_from_completion(req, completion, attempt, cfg, "openai")
+                # The SDK still maps HTTP errors to its exceptions; the answer is read as plain JSON.
+                raw = await client.post("/chat/completions", body=body, cast_to=bytes)
+                result = _result_from_body(req, json.loads(raw), attempt, cfg, "openai")
                 answers += 1
                 result.prompt_tokens += paid[0]
                 result.completion_tokens += paid[1]
@@ -373,8 +380,8 @@ async def _run_openai_async(
     ``resend`` and ``since`` say which stored answers are still to be asked (:meth:`Cache.claim`)."""
     owner = new_owner()
     lease_s = float(cfg["lease_s"])
-    client = make_client(cfg)
     concurrency = max(1, int(cfg["concurrency"]))
+    client = make_client(cfg)
     queue: asyncio.Queue = asyncio.Queue(maxsize=4 * concurrency)
     limiter = RateLimiter(cfg.get("rpm"), cfg.get("tpm"))
     stop = asyncio.Event()
