@@ -35,6 +35,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import quote
 
 from workflow.llm import accounting, guard
 from workflow.llm.cache import Cache, Result, export_requests, import_results, new_owner
@@ -188,6 +189,8 @@ class RateLimiter:
         self.paused_until = max(self.paused_until, time.monotonic() + seconds)
 
     async def acquire(self, tokens: int) -> None:
+        if not self.rpm and not self.tpm and self.paused_until <= time.monotonic():
+            return  # no budgets and no cool-down: nothing to wait for, no lock to take
         while True:
             async with self.lock:
                 now = time.monotonic()
@@ -302,11 +305,15 @@ def _check_usable(result: Result, validate: Validator | None, answers: int) -> N
 async def _openai_worker(queue, client, cfg, cache, limiter, stats, progress, stop, validate, owner):
     max_retries = int(cfg["max_retries"])
     unusable_retries = int(cfg.get("unusable_retries", 0))
+    azure = cfg["endpoint"].get("kind") == "azure"
     while True:
         req = await queue.get()
         if req is None:
             return
-        body = req.body()
+        # The body goes as JSON bytes: the SDK would deep-copy the dict (schema included) per attempt.
+        # Azure's deployment path is then ours to add (the SDK adds it only to a dict body).
+        body = json.dumps(req.body(), ensure_ascii=False, separators=(",", ":")).encode()
+        path = f"/deployments/{quote(req.model, safe='')}/chat/completions" if azure else "/chat/completions"
         est = accounting.estimate_tokens(req.prompt_chars()) + int(req.params.get("max_tokens") or 0)
         attempt = answers = 0
         paid = [0, 0, 0.0]  # tokens and cost of unusable answers re-asked: billed, so counted
@@ -319,7 +326,7 @@ async def _openai_worker(queue, client, cfg, cache, limiter, stats, progress, st
                 # The body is already a plain JSON request: post it as is. (chat.completions.create would
                 # re-walk messages and schema through the SDK's TypedDict transform: ~5 ms CPU a request.)
                 # The SDK still maps HTTP errors to its exceptions; the answer is read as plain JSON.
-                raw = await client.post("/chat/completions", body=body, cast_to=bytes)
+                raw = await client.post(path, content=body, cast_to=bytes)
                 result = _result_from_body(req, json.loads(raw), attempt, cfg, "openai")
                 answers += 1
                 result.prompt_tokens += paid[0]
