@@ -277,3 +277,21 @@ def test_leases_of_a_runner_that_stopped_early_are_released(tmp_path):
             run_requests(reqs, cfg, tmp_path / "c.sqlite")
     with Cache(tmp_path / "c.sqlite") as cache:
         assert cache.leases() == {}
+
+
+def test_the_batch_executor_leaves_out_requests_another_runner_holds(tmp_path):
+    """A batch is submitted only with keys its runner leased: what another runner is sending is not
+    submitted again (it has no answer here yet, so this run reports it unanswered)."""
+    reqs = make_requests(20)
+    held = {r.key for r in reqs[:5]}
+    cache_path = tmp_path / "c.sqlite"
+    with LoopbackOpenAI() as srv, Cache(cache_path) as other:
+        other.claim(held, "another-runner", lease_s=600)
+        cfg = config(srv.base_url)
+        cfg["llm"]["endpoints"]["e"]["executor"] = "batch"
+        cfg["llm"]["batch"] = {"poll_interval_s": 0.01, "max_rounds": 2}
+        results = run_requests(make_requests(20), load_executor_config(cfg, "keyinfo"), cache_path)
+        submitted = set(srv.batch_submissions)
+    assert submitted == {messages_hash(r.messages) for r in reqs[5:]}
+    assert {k for k, r in results.items() if r.status == "completed"} == {r.key for r in reqs[5:]}
+    assert not held & set(results)
