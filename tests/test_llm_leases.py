@@ -216,8 +216,8 @@ def test_a_request_slower_than_the_lease_keeps_it_while_in_flight(tmp_path):
     taking longer than a lease, still sends nothing twice."""
     reqs = make_requests(12)
     cache_path = tmp_path / "c.sqlite"
-    with LoopbackOpenAI(latency=1.5) as srv:
-        cfg = load_executor_config(config(srv.base_url, lease_s=0.6, concurrency=12), "keyinfo")
+    with LoopbackOpenAI(latency=3.0) as srv:  # answers take 2.5 leases; renewed every 0.4 s
+        cfg = load_executor_config(config(srv.base_url, lease_s=1.2, concurrency=12), "keyinfo")
         results: list[dict] = []
         first = threading.Thread(target=lambda: results.append(run_requests(reqs, cfg, cache_path)))
         first.start()
