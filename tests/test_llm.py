@@ -20,9 +20,9 @@ import pytest
 from workflow.llm import build_request, run_requests
 from workflow.llm.answers import FINDINGS_SCHEMA, extract_json, findings_of
 from workflow.llm.cache import Cache, export_requests
-from workflow.llm.guard import GuardError, classify
+from workflow.llm.guard import GuardError, classify, proxy_for
 from workflow.llm.probe import EndpointProbeError
-from workflow.llm.run import FatalEndpointError, load_executor_config
+from workflow.llm.run import FatalEndpointError, load_executor_config, make_client
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI, messages_hash  # noqa: E402
@@ -326,6 +326,30 @@ def test_report_text_never_reaches_the_logs(server, tmp_path, caplog):
 
 
 # -- Azure ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "env,proxied",
+    [
+        ({}, False),
+        ({"HTTP_PROXY": "http://proxy.example:3128"}, True),
+        ({"HTTP_PROXY": "http://proxy.example:3128", "NO_PROXY": "10.1.2.3"}, False),
+        ({"ALL_PROXY": "http://proxy.example:3128"}, True),
+    ],
+)
+def test_the_online_clients_transport_takes_exactly_the_proxies_the_guard_checks(monkeypatch, env, proxied):
+    """The executor sends over aiohttp (for speed); the proxy it would use is still the one the guard sees."""
+    import httpx2
+
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    url = "http://10.1.2.3:8000/v1"
+    http = make_client(load_executor_config(config(url), "keyinfo"))._client
+    uses_proxy = http._transport_for_url(httpx2.URL(f"{url}/chat/completions")) is not http._transport
+    assert uses_proxy == proxied == (proxy_for(url) is not None)
+
+
 def test_azure_deployment_url_shape(server, tmp_path, monkeypatch):
     import openai
 

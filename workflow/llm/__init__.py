@@ -15,10 +15,12 @@ Small public API (stable; other stages use only this)::
   Any change of model, prompt text, parameters or schema is a new key; nothing else is.
 * The cache (SQLite, WAL) stores every response under its key the moment it arrives; ``run_requests``
   only sends keys that have no final answer yet. A second run of a finished stage sends nothing.
+  Keys in flight are leased in the cache (``leases``: owner, expiry; ``llm.client.lease_s``): a second
+  runner sharing the cache waits for a foreign live lease's answer and never sends that key twice.
 * ``run_requests(..., validate=fn)``: ``fn(result)`` says why an HTTP-200 answer is unusable (None if
   usable); such answers are re-asked ``llm.client.unusable_retries`` times, then stored as ``unusable``
   and sent again only with ``llm.retry_unusable`` (the LLM stages pass the findings parser).
-* Executors (``executor_cfg["executor"]``): ``openai`` (AsyncOpenAI / AsyncAzureOpenAI, bounded
+* Executors (``executor_cfg["executor"]``): ``openai`` (AsyncOpenAI / AsyncAzureOpenAI over aiohttp, bounded
   concurrency, RPM/TPM limits, retries with backoff + jitter honouring Retry-After), ``batch`` (the
   Batch API), ``vllm`` (offline vLLM through a command, see below). Without any LLM,
   ``llm.backend: rules`` (the default) keeps the LLM stages out of the workflow: downstream stages read

@@ -9,13 +9,24 @@ Statuses: ``completed`` and ``refused`` (content filter) are final and never re-
 answer did not parse or fit the schema after the bounded re-asks) is kept, and re-sent only when asked
 (``llm.retry_unusable``). A stored row is only replaced by one at least as good: failed < unusable <
 completed / refused.
+
+Leases: a runner that is about to send a request first *claims* it (``leases``: key, owner, expiry), many
+keys in one transaction. A second runner sharing the file (a job that outlived its Snakemake, a re-run
+started meanwhile, another shard with overlapping keys) does not re-send a key under a live foreign
+lease: it polls until the owner's answer is stored, and takes the key over only once the lease has
+expired (a killed owner stops renewing, so nothing is lost and nothing is paid twice while it lives).
+Owners renew all their leases with one statement while requests are in flight; storing an answer
+releases its lease (a trigger, in the same statement).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
 import sqlite3
 import time
+import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,7 +61,32 @@ CREATE TABLE IF NOT EXISTS batches (
     created REAL,
     collected INTEGER NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS leases (
+    key TEXT PRIMARY KEY,
+    owner TEXT NOT NULL,
+    expires REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS leases_by_owner ON leases (owner);
+-- An answer stored (or improved) ends the request's flight: its lease goes in the same statement.
+CREATE TRIGGER IF NOT EXISTS release_on_insert AFTER INSERT ON responses
+BEGIN DELETE FROM leases WHERE key = NEW.key; END;
+CREATE TRIGGER IF NOT EXISTS release_on_update AFTER UPDATE ON responses
+BEGIN DELETE FROM leases WHERE key = NEW.key; END;
 """
+
+
+def new_owner() -> str:
+    """A lease owner id: host, pid and a random part (a pid is reused; two runners in one process differ)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+@dataclass
+class Claim:
+    """What :meth:`Cache.claim` made of a list of keys (each in exactly one list, in the given order)."""
+
+    claimed: list[str]  # ours now: send them
+    busy: list[str]  # another owner's live lease: wait for its answer, or for the lease to expire
+    answered: list[str]  # an answer is stored that this run must not ask again
 
 
 @dataclass
@@ -110,16 +146,19 @@ class Cache:
         self.close()
 
     # -- responses -------------------------------------------------------------------------------
-    def put(self, result: Result) -> None:
-        """Store one answer durably (one transaction). A stored answer is never replaced by a worse one."""
+    def put(self, result: Result, owner: str | None = None) -> None:
+        """Store one answer durably (one transaction) and release its lease. A stored answer is never
+        replaced by a worse one (then ``owner``'s lease of the key is released by a second statement)."""
         values = [getattr(result, c) for c in _COLUMNS] + [time.time()]
-        self.db.execute(
+        stored = self.db.execute(
             f"INSERT INTO responses ({', '.join(_COLUMNS)}, updated) VALUES ({', '.join('?' * (len(_COLUMNS) + 1))})"
             " ON CONFLICT(key) DO UPDATE SET "
             + ", ".join(f"{c}=excluded.{c}" for c in (*_COLUMNS[1:], "updated"))
             + f" WHERE {_RANK_SQL.format('excluded.status')} >= {_RANK_SQL.format('responses.status')}",
             values,
-        )
+        ).rowcount
+        if not stored and owner is not None:
+            self.release(owner, [result.key])
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Result]:
         keys = list(keys)
@@ -155,6 +194,92 @@ class Cache:
         if retry_unusable:
             resend.add("unusable")
         return [k for k in keys if k not in status or status[k] in resend]
+
+    # -- leases --------------------------------------------------------------------------------
+    def claim(
+        self,
+        keys: Iterable[str],
+        owner: str,
+        lease_s: float,
+        *,
+        resend: Iterable[str] = ("failed",),
+        since: float | None = None,
+    ) -> Claim:
+        """Take the lease of every key that still has to be sent and that no other owner holds, in one
+        write transaction (so two runners never both take a key).
+
+        A key still has to be sent when no answer is stored, or the stored status is in ``resend`` and
+        was written before ``since`` (the caller's start: a failed answer another runner stored during
+        this run is that run's attempt, not one to repeat). A foreign lease counts until it expires;
+        the caller's own leases are extended."""
+        keys = list(dict.fromkeys(keys))
+        resend = set(resend)
+        claimed: list[str] = []
+        busy: list[str] = []
+        answered: list[str] = []
+        db = self.db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            now = time.time()
+            for i in range(0, len(keys), 900):
+                chunk = keys[i : i + 900]
+                marks = ", ".join("?" * len(chunk))
+                stored = {
+                    k: (status, updated)
+                    for k, status, updated in db.execute(
+                        f"SELECT key, status, updated FROM responses WHERE key IN ({marks})", chunk
+                    )
+                }
+                held = dict(
+                    db.execute(
+                        f"SELECT key, owner FROM leases WHERE key IN ({marks}) AND expires > ? AND owner != ?",
+                        (*chunk, now, owner),
+                    ).fetchall()
+                )
+                take = []
+                for k in chunk:
+                    row = stored.get(k)
+                    if row is not None and (
+                        row[0] not in resend or (since is not None and (row[1] or 0) >= since)
+                    ):
+                        answered.append(k)
+                    elif k in held:
+                        busy.append(k)
+                    else:
+                        take.append(k)
+                db.executemany(
+                    "INSERT OR REPLACE INTO leases (key, owner, expires) VALUES (?, ?, ?)",
+                    [(k, owner, now + lease_s) for k in take],
+                )
+                claimed.extend(take)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        return Claim(claimed, busy, answered)
+
+    def renew(self, owner: str, lease_s: float) -> int:
+        """Extend every lease of ``owner`` by ``lease_s`` from now (one statement); returns how many."""
+        return self.db.execute(
+            "UPDATE leases SET expires = ? WHERE owner = ?", (time.time() + lease_s, owner)
+        ).rowcount
+
+    def release(self, owner: str, keys: Iterable[str] | None = None) -> None:
+        """Give up ``owner``'s leases (of ``keys``, or all): others may send those keys at once."""
+        if keys is None:
+            self.db.execute("DELETE FROM leases WHERE owner = ?", (owner,))
+            return
+        keys = list(keys)
+        for i in range(0, len(keys), 900):
+            chunk = keys[i : i + 900]
+            self.db.execute(
+                f"DELETE FROM leases WHERE owner = ? AND key IN ({', '.join('?' * len(chunk))})",
+                (owner, *chunk),
+            )
+
+    def leases(self) -> dict[str, tuple[str, float]]:
+        """``{key: (owner, expires)}`` of every lease on record (live or expired)."""
+        return {k: (o, e) for k, o, e in self.db.execute("SELECT key, owner, expires FROM leases")}
 
     def iter_all(self) -> Iterator[Result]:
         for row in self.db.execute(f"SELECT {', '.join(_COLUMNS)} FROM responses"):
