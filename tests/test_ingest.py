@@ -346,7 +346,7 @@ def test_synthetic_corpus_dir_equals_zip_and_rejects_exactly_the_planted_bad_inp
         [
             sys.executable,
             "-m",
-            "workflow.synth",
+            "tools.synth",
             "--out",
             str(out),
             "--studies",

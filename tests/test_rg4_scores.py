@@ -17,7 +17,7 @@ from workflow.rg4.scores import (
     default_emphasis,
     load_tokenizer,
 )
-from workflow.tiny_model import iter_corpus_text, train_tokenizer, vocabulary_text
+from tools.tiny_model import iter_corpus_text, train_tokenizer, vocabulary_text
 
 DEMO_REPORTS = Path(__file__).resolve().parents[1] / "data" / "demo" / "mimic-cxr-reports.zip"
 

@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from workflow import synth
+from tools import synth
 from workflow.sections import split_report
 
 ROOT = Path(__file__).resolve().parents[1]
