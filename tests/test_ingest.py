@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from workflow_run import MIMIC_METADATA_COLUMNS
 
+from tools.synth import METADATA_COLUMNS as MIMIC_METADATA_COLUMNS
 from workflow import sections
 from workflow.contract import IMAGES, REJECTS, STUDIES
 from workflow.ingest.__main__ import main

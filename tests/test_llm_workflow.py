@@ -17,11 +17,11 @@ import pandas as pd
 import pytest
 import yaml
 
+from tools.synth import METADATA_COLUMNS as MIMIC_METADATA_COLUMNS
 from workflow.tables import read_table
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI  # noqa: E402
-from workflow_run import MIMIC_METADATA_COLUMNS  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SNAKEMAKE = Path(sys.executable).with_name("snakemake")
