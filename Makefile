@@ -80,7 +80,7 @@ bench: setup
 # Regenerate the committed synthetic demo corpus (deterministic; tests/test_synth.py checks it is current).
 demo: setup
 	rm -rf data/demo/files data/demo/*.gz data/demo/*.zip data/demo/*.parquet
-	$(BIN)/python -m workflow.synth --out data/demo --studies 300 --patients 100 --seed 0
+	$(BIN)/python -m tools.synth --out data/demo --studies 300 --patients 100 --seed 0
 
 clean:
 	rm -rf results logs .snakemake report.html

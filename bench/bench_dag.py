@@ -66,7 +66,7 @@ def corpus(studies: int, seed: int) -> Path:
     shutil.rmtree(out, ignore_errors=True)
     patients = max(1, round(studies / STUDIES_PER_PATIENT))
     print(f"generating {studies:,} studies (once) ...", flush=True)
-    cmd = [sys.executable, "-m", "workflow.synth", "--out", str(out), "--studies", str(studies),
+    cmd = [sys.executable, "-m", "tools.synth", "--out", str(out), "--studies", str(studies),
            "--patients", str(patients), "--seed", str(seed), "--no-tree"]  # fmt: skip
     subprocess.run(cmd, cwd=REPO, check=True)
     stamp.write_text(json.dumps(params))

@@ -41,7 +41,7 @@ IU_NOTE = (
 
 
 def corpus(studies: int, patients: int, seed: int) -> Path:
-    from workflow.synth import Options, generate
+    from tools.synth import Options, generate
 
     out = WORK / "corpus"
     params = {"studies": studies, "patients": patients, "seed": seed}

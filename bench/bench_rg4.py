@@ -3,7 +3,7 @@
     python -m bench.bench_rg4 [--studies 227835 --patients 65379 --seed 1] [--prepare-only] [--no-write]
 
 Inputs are the synthetic corpus at full scale run through the real upstream steps, so the rewriter
-sees realistic report text: ``workflow.synth`` (zip only) → ``workflow.ingest`` → ``workflow.sections``
+sees realistic report text: ``tools.synth`` (zip only) → ``workflow.ingest`` → ``workflow.sections``
 → ``workflow.keyinfo.run_rules`` (the findings table the exports read), cached under
 ``bench/cache/rg4/`` (gitignored). Upstream steps are not timed. Then ``python -m workflow.rg4`` (rules
 rewriter) and ``python -m workflow.exports`` run as subprocesses, the way the rules run them, and their
@@ -46,7 +46,7 @@ def prepare(studies: int, patients: int, seed: int) -> Path:
             [
                 PY,
                 "-m",
-                "workflow.synth",
+                "tools.synth",
                 "--out",
                 str(corpus),
                 "--studies",
@@ -208,7 +208,7 @@ def render(n_studies, n_images, rg4, exports, counts, stats, summary) -> str:
         "",
         "`bench/bench_rg4.py` (issue 5) times `python -m workflow.rg4` (rules rewriter) and `python -m workflow.exports`",
         "as the rules run them (subprocesses reading and writing Parquet/JSON). **Inputs**: the synthetic corpus at",
-        f"full scale ({n_studies:,} studies, {n_images:,} images; `workflow.synth` → ingest → sections → keyinfo rules,",
+        f"full scale ({n_studies:,} studies, {n_images:,} images; `tools.synth` → ingest → sections → keyinfo rules,",
         "cached under `bench/cache/rg4/`, not timed).",
         "",
         f"**Speed** ({platform.machine()}, {os.cpu_count()} cores shared with other jobs, load average {load:.1f} at the end):",

@@ -2,7 +2,7 @@
 
     python -m bench.bench_sections [--corpus DIR] [--mit DIR] [--no-write]
 
-The corpus is a cached synthetic one (227,835 studies / 65,379 patients by ``workflow.synth``: the spine
+The corpus is a cached synthetic one (227,835 studies / 65,379 patients by ``tools.synth``: the spine
 benchmark's ``bench/cache/mimic`` when it has the same parameters, else ``bench/cache/sections/mimic``,
 generated once) unless ``--corpus`` names another folder in the MIMIC-CXR layout (``files/`` + zip +
 split/metadata). ``workflow.ingest`` turns it into
@@ -98,7 +98,7 @@ def corpus(studies: int, patients: int, seed: int) -> Path:
     folder = WORK / "sections" / "mimic"
     print(f"generating {studies:,} studies (once) into {folder} ...", flush=True)
     subprocess.run(
-        [sys.executable, "-m", "workflow.synth", "--out", str(folder), "--studies", str(studies),
+        [sys.executable, "-m", "tools.synth", "--out", str(folder), "--studies", str(studies),
          "--patients", str(patients), "--seed", str(seed)],
         cwd=REPO, check=True,
     )  # fmt: skip
@@ -196,7 +196,7 @@ def main(argv: list[str] | None = None) -> None:
         f"`python -m bench.bench_sections` on {os.cpu_count()} cores ({cpu_name()}), Python "
         f"{platform.python_version()}, warm page cache, load average {load:.1f} at the end, "
         f"{time.strftime('%Y-%m-%d')}. Corpus: `{data.relative_to(REPO) if data.is_relative_to(REPO) else data}` "
-        f"(`workflow.synth`), studies.parquet {studies.stat().st_size / 2**20:.0f} MB; {summary_line}.",
+        f"(`tools.synth`), studies.parquet {studies.stat().st_size / 2**20:.0f} MB; {summary_line}.",
         f"Each step run {args.repeat}× (ours and MIT's alike), the fastest reported. "
         "Our step reads studies.parquet and writes sections.parquet + mimic_cxr_sectioned.csv + rejects "
         "(what the rule does); MIT's reads the unzipped `files/` tree and writes its csvs (`--no_split`).",

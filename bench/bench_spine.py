@@ -122,7 +122,7 @@ def corpus(studies: int, patients: int, seed: int) -> tuple[Path, float | None]:
         import shutil
 
         shutil.rmtree(out)
-    cmd = [sys.executable, "-m", "workflow.synth", "--out", str(out), "--studies", str(studies),
+    cmd = [sys.executable, "-m", "tools.synth", "--out", str(out), "--studies", str(studies),
            "--patients", str(patients), "--seed", str(seed)]  # fmt: skip
     print(f"generating {studies:,} studies (once) ...", flush=True)
     start = time.perf_counter()
@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"`python -m bench.bench_spine` on {os.cpu_count()} cores ({cpu_name()}), Python "
         f"{platform.python_version()}, warm page cache, {time.strftime('%Y-%m-%d')}. Synthetic corpus: "
-        f"{args.studies:,} studies / {args.patients:,} patients, seed {args.seed} (`workflow.synth`"
+        f"{args.studies:,} studies / {args.patients:,} patients, seed {args.seed} (`tools.synth`"
         + (f", generated once in {gen_seconds:.0f} s" if gen_seconds else ", cached")
         + f"); reports zip {zip_path.stat().st_size / 2**20:.0f} MB (the real one is 135 MB: real reports are longer). Workers: {args.workers}. Fastest of "
         f"{args.repeat} runs per step; 1-min load average {load_before:.1f} before the runs (the machine "

@@ -30,15 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from workflow.contract import FINDINGS, IMAGES, KEYINFO_STUDIES, STUDIES  # noqa: E402
-
-RELEASED = {  # Medical-CXR-VQA 1.0.0 (PhysioNet abstract): 780,014 pairs
-    "abnormality": 190_525,
-    "presence": 211_560,
-    "view": 92_048,
-    "location": 104_680,
-    "level": 111_715,
-    "type": 69_486,
-}
+from workflow.vqa.stats import RELEASED_COUNTS as RELEASED  # noqa: E402
 
 # name: (positive rate, negated rate, P(location | positive), P(level | positive), types)
 PROFILE = {

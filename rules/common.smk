@@ -508,7 +508,7 @@ def card_config(spec):
 # --- vqa helpers (rules/vqa.smk) ---------------------------------------------------------------------
 def vqa_templates_path():
     """`vqa.templates` (null: the style's own file), checked at start-up: a bad file stops the run here."""
-    from workflow import vqa
+    from workflow.vqa import libs as vqa
 
     path = config_path(config["vqa"]["templates"]) or str(
         vqa.STYLE_TEMPLATES[config["vqa"]["style"]]
@@ -519,7 +519,7 @@ def vqa_templates_path():
 
 def vqa_names_path():
     """`vqa.names`, checked at start-up: a misspelt path fails instead of quietly using canonical names."""
-    from workflow import vqa
+    from workflow.vqa import libs as vqa
 
     path = config_path(config["vqa"]["names"])
     if path:

@@ -196,7 +196,7 @@ def test_iu_annotation_constructed(tmp_path):
 @pytest.mark.skipif(not (IU_DIR / "indiana_reports.csv").exists(), reason="IU X-Ray reports not available")
 def test_iu_annotation_matches_r2gen_item_set(tmp_path):
     from workflow import sections
-    from workflow.ingest import ingest_iu
+    from workflow.ingest.iu import ingest_iu
 
     ingest_iu(
         IU_DIR / "indiana_reports.csv",

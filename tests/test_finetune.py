@@ -167,7 +167,7 @@ def tiny_llama(work):
     venv_tool(LF_PY)
     out = work / "tiny-llama"
     corpus = [str(DEMO_REPORTS)] if DEMO_REPORTS.exists() else []
-    subprocess.run([str(LF_PY), "-m", "workflow.tiny_model", "--out", str(out), "--corpus", *corpus],
+    subprocess.run([str(LF_PY), "-m", "tools.tiny_model", "--out", str(out), "--corpus", *corpus],
                    cwd=REPO, env=run_env(), check=True, capture_output=True)  # fmt: skip
     return out
 

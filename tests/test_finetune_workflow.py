@@ -46,7 +46,7 @@ def corpus_override(corpus: Path, workdir_results: str = "results") -> dict:
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
-    subprocess.run([sys.executable, "-m", "workflow.synth", "--out", str(out), "--studies", "16", "--patients", "8",
+    subprocess.run([sys.executable, "-m", "tools.synth", "--out", str(out), "--studies", "16", "--patients", "8",
                     "--no-tree", "--jobs", "1"], cwd=ROOT, check=True, capture_output=True)  # fmt: skip
     return out
 
@@ -76,7 +76,7 @@ def test_gold_finetune_bulk_standardise_through_snakemake(corpus, tmp_path):
     for tool in (LF_PY, LF_CLI, VLLM_PY):
         venv_tool(tool)
     tiny = tmp_path / "tiny-llama"
-    subprocess.run([str(LF_PY), "-m", "workflow.tiny_model", "--out", str(tiny), "--corpus",
+    subprocess.run([str(LF_PY), "-m", "tools.tiny_model", "--out", str(tiny), "--corpus",
                     str(corpus / "mimic-cxr-reports.zip")], cwd=ROOT, check=True, capture_output=True,
                    env={**os.environ, **OFFLINE_ENV})  # fmt: skip
     with LoopbackOpenAI() as teacher:

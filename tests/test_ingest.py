@@ -13,10 +13,15 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from workflow_run import MIMIC_METADATA_COLUMNS
 
-from workflow import ingest, sections
+from tools.synth import METADATA_COLUMNS as MIMIC_METADATA_COLUMNS
+from workflow import sections
 from workflow.contract import IMAGES, REJECTS, STUDIES
+from workflow.ingest.__main__ import main
+from workflow.ingest.common import InputError
+from workflow.ingest.iu import ingest_iu, iu_report_text, iu_split
+from workflow.ingest.mimic import ingest_mimic
+from workflow.ingest.sources import central_directory, zipfile_directory
 
 REPO = Path(__file__).resolve().parents[1]
 IU_DIR = REPO.parent / "shared" / "data" / "iu_xray"
@@ -128,7 +133,7 @@ class Corpus:
 
 def run(tmp_path: Path, corpus: Corpus, reports: Path, name="out", workers=1):
     out = tmp_path / name
-    result = ingest.ingest_mimic(
+    result = ingest_mimic(
         reports,
         corpus.split,
         corpus.metadata,
@@ -346,7 +351,7 @@ def test_synthetic_corpus_dir_equals_zip_and_rejects_exactly_the_planted_bad_inp
         [
             sys.executable,
             "-m",
-            "workflow.synth",
+            "tools.synth",
             "--out",
             str(out),
             "--studies",
@@ -365,7 +370,7 @@ def test_synthetic_corpus_dir_equals_zip_and_rejects_exactly_the_planted_bad_inp
     results = {}
     for name, reports in (("dir", out / "files"), ("zip", out / "mimic-cxr-reports.zip")):
         o = tmp_path / name
-        result = ingest.ingest_mimic(
+        result = ingest_mimic(
             reports,
             out / "mimic-cxr-2.0.0-split.csv.gz",
             out / "mimic-cxr-2.0.0-metadata.csv.gz",
@@ -444,14 +449,12 @@ def test_cli_runs_and_logs_the_summary(tmp_path):
 def test_missing_table_column_is_a_clear_error(tmp_path):
     corpus = clean_corpus(tmp_path / "corpus")
     write_csv(corpus.split, ["dicom_id", "study_id", "subject_id"], [["a", 1, 2]])
-    with pytest.raises(ingest.InputError, match=r"corpus\.mimic\.split.*missing column.*split"):
+    with pytest.raises(InputError, match=r"corpus\.mimic\.split.*missing column.*split"):
         run(tmp_path, corpus, corpus.zip)
 
 
 def test_iu_report_text_sections_like_mimic():
-    text = ingest.iu_report_text(
-        "Xray Chest PA and Lateral", "Positive TB test", "None.", "Clear lungs.", "Normal."
-    )
+    text = iu_report_text("Xray Chest PA and Lateral", "Positive TB test", "None.", "Clear lungs.", "Normal.")
     lines = text.splitlines()
     assert lines[0].strip() == "FINAL REPORT"
     assert all(line.startswith(" ") for line in lines)
@@ -462,11 +465,11 @@ def test_iu_report_text_sections_like_mimic():
 
 def test_iu_split_is_deterministic_and_patient_level():
     ids = list(range(1, 4001))
-    a, b = ingest.iu_split(ids, seed=0), ingest.iu_split(ids[::-1], seed=0)[::-1]
+    a, b = iu_split(ids, seed=0), iu_split(ids[::-1], seed=0)[::-1]
     assert a == b  # a uid's split does not depend on the other rows
     counts = Counter(a)
     assert abs(counts["train"] / 4000 - 0.7) < 0.03 and abs(counts["test"] / 4000 - 0.2) < 0.03
-    assert ingest.iu_split(ids, seed=1) != a
+    assert iu_split(ids, seed=1) != a
 
 
 def iu_inputs(root: Path):
@@ -507,7 +510,7 @@ def iu_inputs(root: Path):
 def test_iu_bad_rows(tmp_path):
     reports, projections = iu_inputs(tmp_path / "iu")
     out = tmp_path / "out"
-    result = ingest.ingest_iu(reports, projections, out / "s.parquet", out / "i.parquet", out / "r.parquet")
+    result = ingest_iu(reports, projections, out / "s.parquet", out / "i.parquet", out / "r.parquet")
     tables = {k: pq.read_table(out / f"{k[0]}.parquet") for k in ("studies", "images", "rejects")}
     check_contract(result, tables)
     study = tables["studies"].to_pylist()
@@ -528,7 +531,7 @@ def test_iu_bad_rows(tmp_path):
 @pytest.mark.skipif(not IU_DIR.is_dir(), reason="IU X-Ray reports not available")
 def test_iu_real_files(tmp_path):
     out = tmp_path / "out"
-    result = ingest.main(
+    result = main(
         [
             "iu",
             "--reports",
@@ -562,8 +565,8 @@ def test_iu_real_files(tmp_path):
 def test_missing_iu_input_names_the_config_key(tmp_path):
     reports, projections = iu_inputs(tmp_path / "iu")
     shutil.move(projections, tmp_path / "gone.csv")
-    with pytest.raises(ingest.InputError, match=r"corpus\.iu\.projections"):
-        ingest.ingest_iu(reports, projections, tmp_path / "s", tmp_path / "i", tmp_path / "r")
+    with pytest.raises(InputError, match=r"corpus\.iu\.projections"):
+        ingest_iu(reports, projections, tmp_path / "s", tmp_path / "i", tmp_path / "r")
 
 
 def test_fast_central_directory_matches_zipfile_on_zip64_and_prefixed_archives(tmp_path):
@@ -573,16 +576,16 @@ def test_fast_central_directory_matches_zipfile_on_zip64_and_prefixed_archives(t
         for i in range(66_000):
             zf.writestr(f"files/p10/p1{i:07d}/s5{i:07d}.txt", b"")
     assert b"PK\x06\x06" in big.read_bytes()[-200:]
-    names, table = ingest._central_directory(str(big))
-    ref_names, ref_table = ingest._zipfile_directory(str(big))
+    names, table = central_directory(str(big))
+    ref_names, ref_table = zipfile_directory(str(big))
     assert names == ref_names and (table == ref_table).all()
 
     # Bytes prepended to an archive (self-extractor style) shift every offset.
     corpus = clean_corpus(tmp_path / "corpus")
     prefixed = tmp_path / "prefixed.zip"
     prefixed.write_bytes(b"#!/bin/sh\nexit 0\n" + corpus.zip.read_bytes())
-    names, table = ingest._central_directory(str(prefixed))
-    ref_names, ref_table = ingest._zipfile_directory(str(prefixed))
+    names, table = central_directory(str(prefixed))
+    ref_names, ref_table = zipfile_directory(str(prefixed))
     assert names == ref_names and (table == ref_table).all()
     _, plain = run(tmp_path, corpus, corpus.zip, "plain")
     _, shifted = run(tmp_path, corpus, prefixed, "prefixed")
@@ -592,7 +595,7 @@ def test_fast_central_directory_matches_zipfile_on_zip64_and_prefixed_archives(t
 def test_unreadable_zip_is_a_clear_error(tmp_path):
     corpus = clean_corpus(tmp_path / "corpus")
     corpus.zip.write_bytes(corpus.zip.read_bytes()[:100])
-    with pytest.raises(ingest.InputError, match="not a readable zip"):
+    with pytest.raises(InputError, match="not a readable zip"):
         run(tmp_path, corpus, corpus.zip)
 
 
@@ -600,7 +603,7 @@ def test_unreadable_zip_is_a_clear_error(tmp_path):
 def test_iu_reports_section_back_to_their_fields(tmp_path):
     """The rebuilt MIMIC-style text gives each IU field back through the MIT-compatible sectioner."""
     out = tmp_path / "out"
-    ingest.ingest_iu(
+    ingest_iu(
         IU_DIR / "indiana_reports.csv",
         IU_DIR / "indiana_projections.csv",
         out / "s.parquet",
@@ -622,5 +625,5 @@ def test_a_reports_folder_without_reports_is_a_clear_error(tmp_path):
     jpg_tree = tmp_path / "mimic-cxr-jpg" / "files" / "p10" / "p10000032" / "s50414267"
     jpg_tree.mkdir(parents=True)
     (jpg_tree / "x.jpg").write_bytes(b"\xff\xd8")
-    with pytest.raises(ingest.InputError, match=r"corpus\.mimic\.reports.*no report files"):
+    with pytest.raises(InputError, match=r"corpus\.mimic\.reports.*no report files"):
         run(tmp_path, corpus, tmp_path / "mimic-cxr-jpg" / "files")

@@ -11,12 +11,22 @@ import pyarrow.parquet as pq
 import pytest
 from test_ingest import REPORT, Corpus, check_contract, reasons, rejected, write_csv
 
-from workflow import ingest
+from workflow.ingest.common import InputError
+from workflow.ingest.iu import ingest_iu
+from workflow.ingest.mimic import ingest_mimic
+from workflow.ingest.sources import (
+    SYMLINK_FLAG,
+    CorruptMember,
+    MemberReader,
+    TooLarge,
+    ZipSource,
+    zipfile_directory,
+)
 
 
 def run(tmp_path: Path, corpus: Corpus, reports: Path, name="out", workers=1, **kw):
     out = tmp_path / name
-    result = ingest.ingest_mimic(
+    result = ingest_mimic(
         reports,
         corpus.split,
         corpus.metadata,
@@ -80,10 +90,10 @@ def test_a_zip_member_lying_about_its_size_is_stopped_at_the_declared_size(tmp_p
     lie_about_size(corpus.zip, member, 1000)
 
     # Reading the bomb never holds more than the declared size (+1 byte) of inflated data.
-    source = ingest.ZipSource(corpus.zip)
-    reader = ingest._Reader(source.spec())
+    source = ZipSource(corpus.zip)
+    reader = MemberReader(source.spec())
     tracemalloc.start()
-    with pytest.raises(ingest.CorruptMember, match="past its declared size of 1000 bytes"):
+    with pytest.raises(CorruptMember, match="past its declared size of 1000 bytes"):
         reader.read(source.names.index(member))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -100,10 +110,10 @@ def test_a_zip_member_declaring_more_than_the_cap_is_not_inflated(tmp_path):
     corpus.study(10000001, 50000001)
     corpus.study(10000002, 50000002, text=REPORT + " " * (8 << 20))
     corpus.write()
-    source = ingest.ZipSource(corpus.zip)
-    reader = ingest._Reader(source.spec(), max_bytes=1 << 20)
+    source = ZipSource(corpus.zip)
+    reader = MemberReader(source.spec(), max_bytes=1 << 20)
     tracemalloc.start()
-    with pytest.raises(ingest.TooLarge, match="declares"):
+    with pytest.raises(TooLarge, match="declares"):
         reader.read(source.names.index("files/p10/p10000002/s50000002.txt"))
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
@@ -164,7 +174,7 @@ def test_iu_uid_beyond_int64_is_bad_id_and_an_oversized_report_too_large(tmp_pat
         [[u, f"{u}_IM-1.dcm.png", "Frontal"] for u in (1, 3, 9223372036854775807)],
     )
     out = tmp_path / "out"
-    result = ingest.ingest_iu(
+    result = ingest_iu(
         reports, projections, out / "s.parquet", out / "i.parquet", out / "r.parquet", max_report_bytes=1000
     )
     assert pq.read_table(out / "s.parquet")["study_id"].to_pylist() == [1, 9223372036854775807]
@@ -228,10 +238,10 @@ def test_a_symlink_entry_in_the_zip_is_rejected(tmp_path):
     with zipfile.ZipFile(corpus.zip, "a") as zf:
         zf.writestr(link, "/etc/passwd")
     # Both central-directory readers (ours and the standard-library fallback) mark it.
-    source = ingest.ZipSource(corpus.zip)
-    assert source.entries[source.names.index(link.filename), 5] & ingest.SYMLINK_FLAG
-    names, table = ingest._zipfile_directory(str(corpus.zip))
-    assert table[names.index(link.filename), 5] & ingest.SYMLINK_FLAG
+    source = ZipSource(corpus.zip)
+    assert source.entries[source.names.index(link.filename), 5] & SYMLINK_FLAG
+    names, table = zipfile_directory(str(corpus.zip))
+    assert table[names.index(link.filename), 5] & SYMLINK_FLAG
     _, tables = run(tmp_path, corpus, corpus.zip)
     assert rejected(tables, "bad_symlink") == {50000002}
     assert tables["studies"]["study_id"].to_pylist() == [50000001]
@@ -267,7 +277,7 @@ def test_unknown_split_labels_stop_the_run_naming_the_file_and_labels(tmp_path, 
     for k, label in enumerate(labels):
         corpus.study(10000002 + k, 50000002 + k, split=label)
     corpus.write()
-    with pytest.raises(ingest.InputError) as err:
+    with pytest.raises(InputError) as err:
         run(tmp_path, corpus, corpus.zip)
     message = str(err.value)
     assert "corpus.mimic.split" in message and corpus.split.name in message

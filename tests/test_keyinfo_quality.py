@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from tools.synth import Options, generate
 from workflow.keyinfo.evaluate import score_iu, score_synth
-from workflow.synth import Options, generate
 
 IU = Path(__file__).resolve().parents[2] / "shared" / "data" / "iu_xray" / "indiana_reports.csv"
 LABELS = Path(__file__).resolve().parent / "data" / "iu_labels.csv"  # sets: see tests/data/LABELING.md

@@ -613,7 +613,7 @@ def test_real_reports_keep_most_studies(tmp_path):
     """On the real IU X-Ray reports (no priors: sn and mn only) the rules rewriter keeps ≥ 95 % of the
     eligible studies, and nothing the detector flags survives in a target."""
     from workflow import sections
-    from workflow.ingest import ingest_iu
+    from workflow.ingest.iu import ingest_iu
 
     ingest_iu(
         IU_DIR / "indiana_reports.csv",

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from test_rg4 import _study, run_rule
 
+from tools.tiny_model import iter_corpus_text, train_tokenizer, vocabulary_text
 from workflow.exports.cleaners import clean_mimic
 from workflow.rg4 import build as rg4
 from workflow.rg4.scores import (
@@ -17,7 +18,6 @@ from workflow.rg4.scores import (
     default_emphasis,
     load_tokenizer,
 )
-from workflow.tiny_model import iter_corpus_text, train_tokenizer, vocabulary_text
 
 DEMO_REPORTS = Path(__file__).resolve().parents[1] / "data" / "demo" / "mimic-cxr-reports.zip"
 

@@ -581,7 +581,7 @@ IU = REPO.parent / "shared" / "data" / "iu_xray"
 
 @pytest.mark.skipif(not (IU / "indiana_reports.csv").exists(), reason="IU X-Ray reports absent")
 def test_iu_reports_laid_out_by_ingest_section_back_to_their_findings_and_impression():
-    from workflow.ingest import iu_report_text
+    from workflow.ingest.iu import iu_report_text
 
     def one_line(value: str) -> str:
         return " ".join(value.split())

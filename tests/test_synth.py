@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import csv
 import gzip
 import re
@@ -13,7 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from workflow import synth
+from tools import synth
 from workflow.sections import split_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -330,3 +331,22 @@ def test_no_accidental_headers_in_wrapped_text(corpus):
         | {"NDICATION", "CHEST, PA LATERAL", "NOTE"}
     )
     assert {h for hs in studies.headers for h in hs} <= known
+
+
+def test_the_pipeline_never_imports_the_tools():
+    """tools/ (this generator, the tiny model) serves tests and the demo: a pipeline run must not need it."""
+    offenders = []
+    for path in sorted((ROOT / "workflow").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno}" for n in names if n.split(".")[0] == "tools"
+            ]
+    for path in [ROOT / "Snakefile", *sorted((ROOT / "rules").glob("*.smk"))]:
+        text = path.read_text()
+        offenders += [
+            f"{path.relative_to(ROOT)}: {m}" for m in re.findall(r"(?:from|import|-m) tools\b\S*", text)
+        ]
+    assert not offenders

@@ -1,7 +1,8 @@
-"""Medical-CXR-VQA question generation (workflow/vqa.py): every type, the fixed bugs, determinism."""
+"""Medical-CXR-VQA question generation (workflow/vqa/): every type, the fixed bugs, determinism."""
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import re
 from pathlib import Path
@@ -13,17 +14,36 @@ import pyarrow.parquet as pq
 import pytest
 from workflow_run import demo_corpus, prepare_workdir, run_snakemake
 
-from workflow import vqa
 from workflow.contract import FINDINGS, IMAGES, QUESTIONS, STUDIES, VQA_STATS
+from workflow.vqa.__main__ import main
+from workflow.vqa.config import QUESTION_TYPES, VqaConfig
+from workflow.vqa.generate import generate
+from workflow.vqa.leak import leak_report, text_only_probe
+from workflow.vqa.libs import (
+    STYLE_TEMPLATES,
+    Templates,
+    left_out_names,
+    load_display_names,
+    load_templates,
+    load_vocabulary,
+)
+from workflow.vqa.phrases import flip_laterality, location_phrase
+from workflow.vqa.prepare import prepare
+from workflow.vqa.questions.abnormality import build_abnormality
+from workflow.vqa.questions.attribute import build_attribute
+from workflow.vqa.questions.location import build_location
+from workflow.vqa.questions.presence import build_presence
+from workflow.vqa.questions.view import build_view
+from workflow.vqa.writer import CSV_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
-TEMPLATES = vqa.load_templates(REPO / "libs" / "vqa_templates.yaml")
-NAMES = vqa.load_vocabulary(REPO / "libs" / "vocabulary.yaml")
+TEMPLATES = load_templates(REPO / "libs" / "vqa_templates.yaml")
+NAMES = load_vocabulary(REPO / "libs" / "vocabulary.yaml")
 
 
-def _clean(**kw) -> vqa.VqaConfig:
+def _clean(**kw) -> VqaConfig:
     """The clean style (our paraphrases and answer forms), which TEMPLATES belong to."""
-    return vqa.VqaConfig(style="clean", **kw)
+    return VqaConfig(style="clean", **kw)
 
 
 def _bench():
@@ -37,7 +57,7 @@ def _bench():
 def synthetic():
     """3,000 MIMIC-like studies (the benchmark's generator at small scale) and their questions."""
     findings, images, studies = _bench().synthetic_inputs(3000, seed=1)
-    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(seed=3))
+    table, prepared, info = generate(findings, images, studies, TEMPLATES, NAMES, _clean(seed=3))
     return findings, images, studies, table.to_pandas(), prepared
 
 
@@ -72,7 +92,7 @@ def _frames(findings_rows, image_rows, study_rows):
     return findings, pd.DataFrame(image_rows), pd.DataFrame(study_rows)
 
 
-def _parse(questions: pd.DataFrame, templates: vqa.Templates = TEMPLATES) -> pd.DataFrame:
+def _parse(questions: pd.DataFrame, templates: Templates = TEMPLATES) -> pd.DataFrame:
     """Recover the slots (name, location, view) of each question from its template."""
     patterns = {}
     for tid, text in zip(templates.ids, templates.texts, strict=True):
@@ -94,7 +114,7 @@ def _parse(questions: pd.DataFrame, templates: vqa.Templates = TEMPLATES) -> pd.
 def test_every_type_is_generated_with_the_contract_schema(synthetic):
     *_, q, _ = synthetic
     counts = q["question_type"].value_counts()
-    assert set(counts.index) == set(vqa.QUESTION_TYPES)
+    assert set(counts.index) == set(QUESTION_TYPES)
     assert pa.Table.from_pandas(q, preserve_index=False).cast(QUESTIONS).num_rows == len(q)
     assert q["qa_id"].is_unique
     assert not q.duplicated(["study_id", "question_type"]).any()  # at most one question per type and study
@@ -144,7 +164,7 @@ def test_location_questions_pair_a_finding_with_its_own_location(synthetic):
             assert set(r.answer.split(", ")) == own
     # the original's bug: a location from another finding of the same study
     region = q[q["template_id"].str.startswith("abn.region")].join(_parse(q))
-    phrase = {vqa.location_phrase(loc): loc for loc in located["location"].unique()}
+    phrase = {location_phrase(loc): loc for loc in located["location"].unique()}
     for r in region.itertuples():
         loc = phrase[r.location]
         at = set(located[(located["study_id"] == r.study_id) & (located["location"] == loc)]["name"])
@@ -156,7 +176,7 @@ def test_presence_answers_are_true(synthetic):
     pres = q[q["question_type"] == "presence"].join(_parse(q))
     status = findings.groupby(["study_id", "name"])["presence"].agg(set)
     located = findings[(findings["presence"] == "positive") & findings["location"].notna()]
-    phrase = {vqa.location_phrase(loc): loc for loc in set(located["location"])}
+    phrase = {location_phrase(loc): loc for loc in set(located["location"])}
     for r in pres.itertuples():
         st = status.get((r.study_id, r.name), set())
         if r.answer == "yes":
@@ -196,7 +216,7 @@ def test_presence_does_not_leak_through_wording(synthetic):
     per_question = pres.groupby("question")["answer"].value_counts().unstack(fill_value=0)
     assert len(per_question) > 100
     assert (per_question["yes"] == per_question["no"]).all()
-    probe = vqa.text_only_probe(pres["question"], pres["answer"], seed=0)
+    probe = text_only_probe(pres["question"], pres["answer"], seed=0)
     assert probe["gain"] < 0.03, probe
     for qtype in ("abnormality", "view"):
         yn = q[(q["question_type"] == qtype) & q["answer"].isin(["yes", "no"])]
@@ -216,7 +236,7 @@ def test_leak_probe_detects_a_leaky_question_set():
         ]
     )
     answers = pd.Series(np.where(yes, "yes", "no"))
-    probe = vqa.text_only_probe(questions, answers)
+    probe = text_only_probe(questions, answers)
     assert probe["gain"] > 0.4
     assert min(probe["naive_bayes_accuracy"], probe["logreg_accuracy"]) > 0.95
 
@@ -254,7 +274,7 @@ def test_no_substring_confusion():
             f_rows.append(_finding(sid, "pleural effusion", location="left", subject_id=subj))
             f_rows.append(_finding(sid, "cardiomegaly", level="moderate", subject_id=subj))
     findings, images, studies = _frames(f_rows, img_rows, st_rows)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean())[0].to_pandas()
+    q = generate(findings, images, studies, TEMPLATES, NAMES, _clean())[0].to_pandas()
     q = q.join(_parse(q))
     first = q[q["study_id"] < 50_000_200]
     assert not first["answer"].str.contains("pleural effusion|cardiomegaly").any()
@@ -281,7 +301,7 @@ def test_unknown_names_never_crash_and_are_not_asked_about():
     images = [_image(s, 10000001, "PA") for s in (1, 2, 3)]
     studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in (1, 2, 3)]
     findings, images, studies = _frames(rows, images, studies)
-    table, prepared, info = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean())
+    table, prepared, info = generate(findings, images, studies, TEMPLATES, NAMES, _clean())
     q = table.to_pandas()
     assert info["unknown_name_rows"] == 4
     assert not q["question"].str.contains("unknown|frobnication", case=False).any()
@@ -303,7 +323,7 @@ def test_a_study_without_findings_rows_is_never_called_normal():
     studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in range(1, 40)]
     findings, images, studies = _frames(rows, images, studies)
     cfg = _clean(abnormality_no_finding_rate=1.0)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
+    q = generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
     s2 = q[q["study_id"] == 2]
     assert set(s2["question_type"]) <= {"view"}
     normal = q[(q["question_type"] == "abnormality") & (q["answer"] == "no")]
@@ -321,7 +341,7 @@ def test_studies_without_frontal_image_get_no_questions(tmp_path):
     ]
     studies = [{"subject_id": 10000001, "study_id": s, "split": "train"} for s in (1, 2, 3, 4)]
     findings, images, studies = _frames(rows, images, studies)
-    table, prepared, _ = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean())
+    table, prepared, _ = generate(findings, images, studies, TEMPLATES, NAMES, _clean())
     q = table.to_pandas()
     assert set(q["study_id"]) <= {1, 3}
     assert (q.loc[q["study_id"] == 1, "dicom_id"] == "d1-0").all()  # the frontal image, not the lateral
@@ -346,7 +366,7 @@ def test_iu_frontal_images_get_questions_but_no_view_question():
     ]
     findings, images, studies = _frames(rows, images, studies)
     cfg = _clean(view_balance=False)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
+    q = generate(findings, images, studies, TEMPLATES, NAMES, cfg)[0].to_pandas()
     assert set(q.loc[q["study_id"] == 1, "question_type"]) >= {"abnormality", "level"}
     assert set(q.loc[q["question_type"] == "view", "study_id"]) == {2}
 
@@ -368,36 +388,68 @@ def test_split_comes_from_the_studies_table():
         {"subject_id": 13, "study_id": 3, "split": None},  # no study split: the image's
     ]
     findings, images, studies = _frames(rows, images, studies)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(view_balance=False))[0].to_pandas()
+    q = generate(findings, images, studies, TEMPLATES, NAMES, _clean(view_balance=False))[0].to_pandas()
     assert dict(zip(q["study_id"], q["split"], strict=False)) == {1: "validate", 2: "test", 3: "test"}
     assert (q.groupby("study_id")["subject_id"].first() == pd.Series({1: 11, 2: 12, 3: 13})).all()
 
 
 def test_determinism_by_seed():
     findings, images, studies = _bench().synthetic_inputs(800, seed=5)
-    run = lambda seed: vqa.generate(findings, images, studies, TEMPLATES, NAMES, _clean(seed=seed))[0]  # noqa: E731
+    run = lambda seed: generate(findings, images, studies, TEMPLATES, NAMES, _clean(seed=seed))[0]  # noqa: E731
     a, b, c = run(7), run(7), run(8)
     assert a.equals(b)
     assert not a.equals(c)
     # input row order does not matter
     shuffled = findings.sample(frac=1, random_state=0)
-    assert vqa.generate(shuffled, images, studies, TEMPLATES, NAMES, _clean(seed=7))[0].equals(a)
+    assert generate(shuffled, images, studies, TEMPLATES, NAMES, _clean(seed=7))[0].equals(a)
+
+
+def test_builders_leave_the_prepared_inputs_unchanged_and_do_not_depend_on_their_order():
+    findings, images, studies = _bench().synthetic_inputs(800, seed=9)
+    cfg = _clean(seed=2)
+    prepared = prepare(findings, images, studies, NAMES)
+    assert any(flip_laterality(loc) for loc in prepared.locations)  # laterality flips are possible
+    before = copy.deepcopy(prepared)
+    builders = {
+        "presence": lambda: build_presence(prepared, TEMPLATES, cfg),
+        "abnormality": lambda: build_abnormality(prepared, TEMPLATES, cfg),
+        "view": lambda: build_view(prepared, TEMPLATES, cfg),
+        "location": lambda: build_location(prepared, TEMPLATES, cfg),
+        "level": lambda: build_attribute(prepared, TEMPLATES, cfg, "level"),
+        "type": lambda: build_attribute(prepared, TEMPLATES, cfg, "type"),
+    }
+    forward = {qtype: build() for qtype, build in builders.items()}
+    backward = {qtype: builders[qtype]() for qtype in reversed(builders)}
+    for qtype, (frame, counts) in forward.items():
+        assert len(frame), qtype
+        pd.testing.assert_frame_equal(frame, backward[qtype][0])
+        assert counts == backward[qtype][1]
+    for name, value in vars(before).items():
+        after = getattr(prepared, name)
+        if isinstance(value, np.ndarray):
+            assert np.array_equal(value, after), name
+        elif isinstance(value, pd.DataFrame):
+            pd.testing.assert_frame_equal(value, after, obj=name)
+        elif name == "rejects":
+            assert value.rows == after.rows
+        else:
+            assert value == after, name
 
 
 def test_display_names_from_the_keyinfo_lib(tmp_path):
     lib = tmp_path / "findings.csv"
     lib.write_text("name,vqa_name\nlung opacity,opacity\nhiatal hernia,hernia\nsupport device,\n")
-    display = vqa.load_display_names(lib, NAMES)
+    display = load_display_names(lib, NAMES)
     assert display[NAMES.index("lung opacity")] == "opacity"
     assert display[NAMES.index("support device")] == "support device"
     assert display[NAMES.index("edema")] == "edema"
-    assert vqa.load_display_names(None, NAMES) == NAMES  # no lib configured: canonical names
+    assert load_display_names(None, NAMES) == NAMES  # no lib configured: canonical names
     with pytest.raises(FileNotFoundError, match="vqa.names"):  # a misspelt path fails
-        vqa.load_display_names(tmp_path / "absent.csv", NAMES)
+        load_display_names(tmp_path / "absent.csv", NAMES)
     (tmp_path / "wrong.csv").write_text("name,label\nedema,x\n")
     with pytest.raises(ValueError, match="vqa.names.*vqa_name"):
-        vqa.load_display_names(tmp_path / "wrong.csv", NAMES)
-    assert vqa.left_out_names(lib) == ["support device"]  # an empty vqa_name: the dataset leaves it out
+        load_display_names(tmp_path / "wrong.csv", NAMES)
+    assert left_out_names(lib) == ["support device"]  # an empty vqa_name: the dataset leaves it out
 
 
 def test_location_phrases_cover_the_vocabulary():
@@ -411,11 +463,11 @@ def test_location_phrases_cover_the_vocabulary():
     ):
         loc = " ".join(x for x in (lat, zone, struct) if x)
         if loc:
-            phrase = vqa.location_phrase(loc)
+            phrase = location_phrase(loc)
             assert phrase.startswith(("the ", "both ")) and "  " not in phrase
-    assert vqa.location_phrase("left basal") == "the left lung base"
-    assert vqa.location_phrase("bilateral") == "both lungs"
-    assert vqa.location_phrase("right lower lobe") == "the right lower lobe"
+    assert location_phrase("left basal") == "the left lung base"
+    assert location_phrase("bilateral") == "both lungs"
+    assert location_phrase("right lower lobe") == "the right lower lobe"
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -444,7 +496,7 @@ def test_cli_writes_questions_csv_stats(tmp_path):
         )
     }
     argv = [f"--{k}={v}" for k, v in paths.items()] + [f"--{k}={v}" for k, v in out.items()]
-    vqa.main(
+    main(
         [
             *argv,
             "--names",
@@ -469,7 +521,7 @@ def test_cli_writes_questions_csv_stats(tmp_path):
     assert stats.schema.equals(VQA_STATS)
     s = stats.to_pandas().set_index(["question_type", "split"])
     qt = q.to_pandas()
-    for t in vqa.QUESTION_TYPES:
+    for t in QUESTION_TYPES:
         assert s.loc[(t, "all"), "n_questions"] == (qt["question_type"] == t).sum()
         for split, n in qt[qt["question_type"] == t]["split"].value_counts().items():
             assert s.loc[(t, split), "n_questions"] == n
@@ -500,18 +552,18 @@ def test_vqa_rule_through_snakemake(tmp_path):
     run = run_snakemake(workdir, "--cores", "2", "--nolock", str(target), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     q = pq.read_table(target).to_pandas()
-    assert set(q["question_type"]) == set(vqa.QUESTION_TYPES)
+    assert set(q["question_type"]) == set(QUESTION_TYPES)
     studies = pq.read_table(workdir / "results" / "ingest" / "studies.parquet").to_pandas()
     split = dict(zip(studies["study_id"], studies["split"], strict=True))
     assert (q["study_id"].map(split) == q["split"]).all()
     rejects = pq.read_table(workdir / "results" / "vqa" / "rejects.parquet").to_pandas()
     assert set(q["study_id"]) | set(rejects["study_id"]) == set(studies["study_id"])
-    assert list(pd.read_csv(workdir / "results" / "vqa" / "questions.csv").columns) == vqa.CSV_COLUMNS
+    assert list(pd.read_csv(workdir / "results" / "vqa" / "questions.csv").columns) == CSV_COLUMNS
 
 
 # ------------------------------------------------------------------------------- medical_cxr_vqa style
 
-COMPAT_TEMPLATES = vqa.load_templates(REPO / "libs" / "medical_cxr_vqa_templates.yaml")
+COMPAT_TEMPLATES = load_templates(REPO / "libs" / "medical_cxr_vqa_templates.yaml")
 # the original's wordings (reference/medical_cxr_vqa.md §6.1), with its placeholders as our slots
 ORIGINAL_WORDINGS = {
     "what abnormalities are seen in this image?",
@@ -563,8 +615,8 @@ def test_compatible_style_uses_the_original_wordings_only():
     assert set(COMPAT_TEMPLATES.texts) == ORIGINAL_WORDINGS
     assert len(COMPAT_TEMPLATES.texts) == 13
     findings, images, studies = _bench().synthetic_inputs(3000, seed=4)
-    q = vqa.generate(findings, images, studies, COMPAT_TEMPLATES, NAMES, vqa.VqaConfig())[0].to_pandas()
-    assert set(q["question_type"]) == set(vqa.QUESTION_TYPES)
+    q = generate(findings, images, studies, COMPAT_TEMPLATES, NAMES, VqaConfig())[0].to_pandas()
+    assert set(q["question_type"]) == set(QUESTION_TYPES)
     assert set(q["template_id"]) == set(COMPAT_TEMPLATES.ids)
     slots = _parse(q, COMPAT_TEMPLATES)
     assert slots["view"].dropna().isin(["PA", "AP"]).all()
@@ -578,19 +630,17 @@ def test_compatible_style_uses_the_original_wordings_only():
     yn = q[q["answer"].isin(["yes", "no"])]
     per_q = yn.groupby(["question_type", "question"])["answer"].value_counts().unstack(fill_value=0)
     assert (per_q["yes"] == per_q["no"]).all()
-    leak = vqa.leak_report(q[["question_type", "question", "answer"]])
+    leak = leak_report(q[["question_type", "question", "answer"]])
     assert (leak["gain"] <= 0.02).all(), leak
 
 
 def test_compatible_style_answer_forms_on_constructed_studies():
     findings, images, studies, status = _constructed_corpus()
-    cfg = vqa.VqaConfig(level_word_min_count=0, view_balance=False)
-    table, _, _ = vqa.generate(
-        findings, images, studies, COMPAT_TEMPLATES, NAMES, cfg, keyinfo_studies=status
-    )
+    cfg = VqaConfig(level_word_min_count=0, view_balance=False)
+    table, _, _ = generate(findings, images, studies, COMPAT_TEMPLATES, NAMES, cfg, keyinfo_studies=status)
     q = table.to_pandas()
     q = q.join(_parse(q, COMPAT_TEMPLATES))
-    by = {t: q[q["question_type"] == t] for t in vqa.QUESTION_TYPES}
+    by = {t: q[q["question_type"] == t] for t in QUESTION_TYPES}
     kind = (q["study_id"] - 60_000_000) % 4
 
     view_open = by["view"][by["view"]["template_id"] == "mcv.view.open"]
@@ -634,9 +684,9 @@ def test_compatible_style_answer_forms_on_constructed_studies():
 def test_unknown_status_is_never_called_normal():
     findings, images, studies, status = _constructed_corpus(40)
     status.loc[status["status"] == "normal", "status"] = "unknown"
-    q = vqa.generate(
-        findings, images, studies, COMPAT_TEMPLATES, NAMES, vqa.VqaConfig(), keyinfo_studies=status
-    )[0].to_pandas()
+    q = generate(findings, images, studies, COMPAT_TEMPLATES, NAMES, VqaConfig(), keyinfo_studies=status)[
+        0
+    ].to_pandas()
     silent = q[(q["study_id"] - 60_000_000) % 4 == 3]
     assert len(silent) and set(silent["question_type"]) == {"view"}  # neither "no abnormality" nor "no X"
     normal_abn = q[(q["question_type"] == "abnormality") & (q["answer"] == "no")]
@@ -646,7 +696,7 @@ def test_unknown_status_is_never_called_normal():
 def test_clean_style_keeps_its_answer_forms():
     findings, images, studies, status = _constructed_corpus()
     cfg = _clean(view_balance=False)
-    q = vqa.generate(findings, images, studies, TEMPLATES, NAMES, cfg, keyinfo_studies=status)[0].to_pandas()
+    q = generate(findings, images, studies, TEMPLATES, NAMES, cfg, keyinfo_studies=status)[0].to_pandas()
     assert set(q.loc[q["template_id"].str.startswith("view.open"), "answer"]) <= {"PA", "AP"}
     assert set(q.loc[q["question_type"] == "level", "answer"]) <= {"mild", "severe", "moderate"}
     assert not q["answer"].str.endswith((" area", " side", " view")).any()
@@ -658,7 +708,7 @@ def test_view_questions_on_a_pa_only_corpus():
     findings, images, studies = _bench().synthetic_inputs(1500, seed=6)
     images = images[images["view_position"] != "AP"]
     for style, tpl in (("medical_cxr_vqa", COMPAT_TEMPLATES), ("clean", TEMPLATES)):
-        table, p, info = vqa.generate(findings, images, studies, tpl, NAMES, vqa.VqaConfig(style=style))
+        table, p, info = generate(findings, images, studies, tpl, NAMES, VqaConfig(style=style))
         q = table.to_pandas()
         n_pa = int((p.studies["view"] == 0).sum())
         assert (q["question_type"] == "view").sum() == n_pa > 400
@@ -666,14 +716,14 @@ def test_view_questions_on_a_pa_only_corpus():
         assert info["view: one-view splits kept unbalanced"] == n_pa
     # with both views the balance still holds per split
     findings, images, studies = _bench().synthetic_inputs(1500, seed=6)
-    q = vqa.generate(findings, images, studies, COMPAT_TEMPLATES, NAMES)[0].to_pandas()
+    q = generate(findings, images, studies, COMPAT_TEMPLATES, NAMES)[0].to_pandas()
     view = q[q["template_id"] == "mcv.view.open"]
     assert len(view) and abs((view["answer"] == "PA view").mean() - 0.5) < 0.1
 
 
 def test_templates_file_is_validated(tmp_path):
     with pytest.raises(FileNotFoundError, match="vqa.templates"):
-        vqa.load_templates(tmp_path / "missing.yaml")
+        load_templates(tmp_path / "missing.yaml")
     text = (REPO / "libs" / "medical_cxr_vqa_templates.yaml").read_text()
     cases = {
         "presense:\n  plain: {templates: [{id: x, text: 'is there {name}?'}]}\n": "presense",
@@ -684,10 +734,10 @@ def test_templates_file_is_validated(tmp_path):
         bad = tmp_path / "bad.yaml"
         bad.write_text(text.replace("slots:\n  location: words", "") + extra)
         with pytest.raises(ValueError, match=f"vqa.templates.*{word}"):
-            vqa.load_templates(bad)
+            load_templates(bad)
     bad.write_text(text.replace("is there {name}?", "is there {finding}?"))
     with pytest.raises(ValueError, match="vqa.templates.*finding"):
-        vqa.load_templates(bad)
+        load_templates(bad)
 
 
 @pytest.mark.parametrize("style", ["medical_cxr_vqa", "clean"])
@@ -699,8 +749,8 @@ def test_release_card_and_splits(tmp_path, style):
     from workflow import cards
 
     findings, images, studies = _bench().synthetic_inputs(1500, seed=8)
-    tpl = vqa.load_templates(vqa.STYLE_TEMPLATES[style])
-    table = vqa.generate(findings, images, studies, tpl, NAMES, vqa.VqaConfig(style=style))[0]
+    tpl = load_templates(STYLE_TEMPLATES[style])
+    table = generate(findings, images, studies, tpl, NAMES, VqaConfig(style=style))[0]
     assert set(table["split"].to_pylist()) == {"train", "validate", "test"}
     pq.write_table(table, tmp_path / "questions.parquet")
     config = {"corpus": {"format": "mimic", "mimic": {"reports": "/abs/secret/mimic-cxr-reports.zip"}},

@@ -21,22 +21,6 @@ from pathlib import Path
 
 import yaml
 
-# The columns of MIMIC-CXR-JPG's mimic-cxr-2.0.0-metadata.csv, for tests that write corpora by hand.
-MIMIC_METADATA_COLUMNS = [
-    "dicom_id",
-    "subject_id",
-    "study_id",
-    "PerformedProcedureStepDescription",
-    "ViewPosition",
-    "Rows",
-    "Columns",
-    "StudyDate",
-    "StudyTime",
-    "ProcedureCodeSequence_CodeMeaning",
-    "ViewCodeSequence_CodeMeaning",
-    "PatientOrientationCodeSequence_CodeMeaning",
-]
-
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "data" / "demo"
 SNAKEMAKE = str(Path(sys.executable).with_name("snakemake"))

@@ -413,7 +413,7 @@ REVIEW_AGREEMENT = pa.schema(
     ]
 )
 
-# --- Synthetic corpus truth (workflow.synth) ---------------------------------------------------------------
+# --- Synthetic corpus truth (tools.synth) ---------------------------------------------------------------
 # One row per finding mention a careful reader extracts from the findings / impression / last_paragraph
 # section (MIT parser semantics, LAST section of that name) of a synthetic report; canonical values only.
 SYNTH_TRUTH = pa.schema(

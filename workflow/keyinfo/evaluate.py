@@ -1,6 +1,6 @@
 """Quality of key-information extraction: against the synthetic corpus truth and against hand labels.
 
-* :func:`score_mentions` — mention-level scoring against ``truth.parquet`` of ``workflow.synth`` (one row per
+* :func:`score_mentions` — mention-level scoring against ``truth.parquet`` of ``tools.synth`` (one row per
   finding mention per section): rows are paired within (study, section, name), best attribute agreement
   first; presence-aware F1 counts a pair as a hit only when the presence matches too; every attribute is
   then scored as exact match over the paired rows (both null counts as a match).
@@ -244,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
     from workflow.cli import parser as cli_parser
 
     p = cli_parser("Score the rules extractor against a synthetic corpus' truth.")
-    p.add_argument("--synth", required=True, type=Path, help="corpus directory written by workflow.synth")
+    p.add_argument("--synth", required=True, type=Path, help="corpus directory written by tools.synth")
     p.add_argument("--errors", type=int, default=0, help="print this many errors")
     args = p.parse_args(argv)
     result = score_synth(args.synth)

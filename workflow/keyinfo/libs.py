@@ -210,15 +210,8 @@ def _parse_implied(text: str, attr_tokens: dict[str, Tok]) -> dict:
     return found if any(found.values()) else {}
 
 
-@functools.cache
-def load_libs() -> Libs:
-    """Read and compile ``libs/`` once per process."""
-    vocab = _yaml("vocabulary.yaml")
-    names = tuple(vocab["findings"])
-    loc_vocab = vocab["location"]
-    tokens: dict[str, Tok] = {}
-
-    # attributes first: finding phrases are parsed with them for implied attributes
+def _load_locations(tokens: dict[str, Tok], loc_vocab: dict) -> None:
+    """locations.csv: location phrases with their laterality, zones and structure."""
     for row in _csv("locations.csv"):
         tok = _add(tokens, row["phrase"])
         tok.is_loc = True
@@ -232,22 +225,39 @@ def load_libs() -> Libs:
         for s in tok.structs:
             _check(s, loc_vocab["structure"], "structure")
         tok.adverbial = tok.phrase.endswith("ly") or tok.phrase.startswith("on the")
-    slot_words: dict[str, dict[str, str]] = {"level": {}, "type": {}, "change": {}}
-    for fname, slot in (("levels.csv", "level"), ("types.csv", "type"), ("changes.csv", "change")):
-        for row in _csv(fname):
-            _check(row[slot], vocab[slot], slot)
-            tok = _add(tokens, row["phrase"])
-            setattr(tok, slot, row[slot])
-            slot_words[slot][tok.phrase] = row[slot]
-            if slot == "change" and tok.phrase.startswith("no "):
-                # "without interval change" says what "no interval change" says (a change word, no negation)
-                twin = _add(tokens, "without " + tok.phrase[3:])
-                twin.change = row[slot]
-                slot_words[slot][twin.phrase] = row[slot]
-    attr_tokens = dict(tokens)
 
+
+def _load_slot_words(tokens: dict[str, Tok], fname: str, slot: str, allowed) -> dict[str, str]:
+    """levels.csv, types.csv or changes.csv: phrase -> canonical value of that slot."""
+    words = {}
+    for row in _csv(fname):
+        _check(row[slot], allowed, slot)
+        tok = _add(tokens, row["phrase"])
+        setattr(tok, slot, row[slot])
+        words[tok.phrase] = row[slot]
+        if slot == "change" and tok.phrase.startswith("no "):
+            # "without interval change" says what "no interval change" says (a change word, no negation)
+            twin = _add(tokens, "without " + tok.phrase[3:])
+            twin.change = row[slot]
+            words[twin.phrase] = row[slot]
+    return words
+
+
+@dataclass(frozen=True)
+class _FindingsLib:
+    """What findings.csv says per canonical finding, and every surface form it names."""
+
+    vqa_name: dict[str, str]
+    chexpert: dict[str, str]
+    cxr14: dict[str, str]
+    surface_to_name: dict[str, str]  # normalised surface form (explicit or generated plural) -> finding
+    explicit: dict[str, list[str]]  # surface form -> every finding that lists it explicitly
+
+
+def _read_findings(names: tuple[str, ...]) -> _FindingsLib:
+    """findings.csv: names, classes and surface forms (``{side}`` expanded, regular plurals generated)."""
     vqa_name, chexpert, cxr14, surface_to_name = {}, {}, {}, {}
-    explicit: dict[str, list[str]] = {}  # surface form -> every finding that lists it explicitly
+    explicit: dict[str, list[str]] = {}
     for row in _csv("findings.csv"):
         name = row["name"]
         _check(name, names, "finding")
@@ -271,7 +281,12 @@ def load_libs() -> Libs:
     missing = [n for n in names if n not in vqa_name]
     if missing:
         raise ValueError(f"libs/findings.csv lacks canonical findings {missing}")
-    for key, name in surface_to_name.items():
+    return _FindingsLib(vqa_name, chexpert, cxr14, surface_to_name, explicit)
+
+
+def _add_finding_tokens(tokens: dict[str, Tok], lib: _FindingsLib, attr_tokens: dict[str, Tok]) -> None:
+    """One token per surface form, with the attributes its own words imply ("left hemidiaphragm")."""
+    for key, name in lib.surface_to_name.items():
         tok = _add(tokens, key)
         tok.finding = name
         implied = _parse_implied(key, attr_tokens)
@@ -288,8 +303,11 @@ def load_libs() -> Libs:
                 implied = {}
         tok.implied = implied or None
         # a surface form listed under two findings names both ("calcified nodule": nodule and granuloma)
-        tok.also = tuple(n for n in explicit.get(key, ()) if n != name)
+        tok.also = tuple(n for n in lib.explicit.get(key, ()) if n != name)
 
+
+def _load_blockers(tokens: dict[str, Tok]) -> frozenset[str]:
+    """blockers.csv: phrases matched so they hide the findings inside them, naming nothing themselves."""
     blockers = frozenset(
         form
         for r in _csv("blockers.csv")
@@ -301,19 +319,26 @@ def load_libs() -> Libs:
             continue  # a blocker that is itself another finding's synonym ("pericardial effusion")
         tok = _add(tokens, b)
         tok.finding = None  # matched so it hides its sub-phrases, but it names nothing
+    return blockers
 
+
+# triggers.yaml section -> the Tok flag its phrases set
+_TRIGGER_FLAGS = {
+    "negation_preceding": "neg_pre",
+    "negation_following": "neg_post",
+    "uncertainty_preceding": "unc_pre",
+    "uncertainty_following": "unc_post",
+    "clause_boundaries": "hard",
+    "scope_breakers": "soft",
+    "alternatives": "alt",
+    "prepositions": "prep",
+}
+
+
+def _load_triggers(tokens: dict[str, Tok]) -> dict:
+    """triggers.yaml: negation, uncertainty and scope words; returns the file (normal statements are read later)."""
     trig = _yaml("triggers.yaml", strings=True)
-    flag_of = {
-        "negation_preceding": "neg_pre",
-        "negation_following": "neg_post",
-        "uncertainty_preceding": "unc_pre",
-        "uncertainty_following": "unc_post",
-        "clause_boundaries": "hard",
-        "scope_breakers": "soft",
-        "alternatives": "alt",
-        "prepositions": "prep",
-    }
-    for section, attr in flag_of.items():
+    for section, attr in _TRIGGER_FLAGS.items():
         for phrase in trig[section]:
             setattr(_add(tokens, str(phrase)), attr, True)
     for phrase in trig["causal_links"]:
@@ -330,7 +355,11 @@ def load_libs() -> Libs:
         _add(tokens, phrase)  # plain words; hide the triggers inside them
     for phrase in ("and", "as well as", "plus"):
         _add(tokens, phrase).conj = True
+    return trig
 
+
+def _load_anchors(tokens: dict[str, Tok], names: tuple[str, ...]) -> tuple[dict[str, dict[str, str]], int]:
+    """anchors.yaml: anchor phrases ("heart", "silhouette") and their predicates per presence; the window."""
     anchors = _yaml("anchors.yaml", strings=True)
     anchor_preds: dict[str, dict[str, str]] = {}
     for group, spec in anchors["groups"].items():
@@ -350,6 +379,29 @@ def load_libs() -> Libs:
                     preds.setdefault(form, presence)
                     _add(tokens, form).pred = form
         anchor_preds[group] = preds
+    return anchor_preds, int(anchors.get("window", 9))
+
+
+@functools.cache
+def load_libs() -> Libs:
+    """Read and compile ``libs/`` once per process: every file adds its phrases' roles to one token table."""
+    vocab = _yaml("vocabulary.yaml")
+    names = tuple(vocab["findings"])
+    loc_vocab = vocab["location"]
+    tokens: dict[str, Tok] = {}
+
+    # attributes first: finding phrases are parsed with them for implied attributes
+    _load_locations(tokens, loc_vocab)
+    slot_words = {
+        slot: _load_slot_words(tokens, fname, slot, vocab[slot])
+        for fname, slot in (("levels.csv", "level"), ("types.csv", "type"), ("changes.csv", "change"))
+    }
+    attr_tokens = dict(tokens)
+    findings = _read_findings(names)
+    _add_finding_tokens(tokens, findings, attr_tokens)
+    blockers = _load_blockers(tokens)
+    trig = _load_triggers(tokens)
+    anchor_preds, anchor_window = _load_anchors(tokens, names)
 
     for tok in tokens.values():
         if tok.finding is not None and tok.anchors:
@@ -360,22 +412,21 @@ def load_libs() -> Libs:
         )
     _mark_hiding(tokens, blockers)
     pattern = r"(?P<w>\b(?:" + trie_regex(sorted(tokens)) + r")\b)|(?P<p>[.;:!?,/])"
-    matcher = re.compile(pattern)
 
     location_order = {}
     for i, v in enumerate(loc_vocab["laterality"] + loc_vocab["zone"] + loc_vocab["structure"]):
         location_order.setdefault(v, i)
     return Libs(
         findings=names,
-        vqa_name=vqa_name,
-        chexpert=chexpert,
-        cxr14=cxr14,
-        surface_to_name=surface_to_name,
+        vqa_name=findings.vqa_name,
+        chexpert=findings.chexpert,
+        cxr14=findings.cxr14,
+        surface_to_name=findings.surface_to_name,
         blockers=blockers,
         tokens=tokens,
-        matcher=matcher,
+        matcher=re.compile(pattern),
         anchor_preds=anchor_preds,
-        anchor_window=int(anchors.get("window", 9)),
+        anchor_window=anchor_window,
         vocabulary=vocab,
         location_order=location_order,
         slot_words=slot_words,

@@ -1,6 +1,6 @@
 """Synthetic MIMIC-CXR corpus: the same files and layout as the real one, with the truth of every report.
 
-``python -m workflow.synth --out DIR --studies N --patients P --seed S`` writes, deterministically by seed:
+``python -m tools.synth --out DIR --studies N --patients P --seed S`` writes, deterministically by seed:
 
 * ``files/pXX/pSUBJECT/sSTUDY.txt`` (plus distractors the ingest must ignore) and the same reports as
   ``mimic-cxr-reports.zip`` (members ``files/p10/p10000032/s50414267.txt``, deflated);

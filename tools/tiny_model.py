@@ -12,7 +12,7 @@ Its chat template renders exactly what LLaMA-Factory's ``default`` template trai
 the same prompt when vLLM serves it through ``LLM.chat`` / the OpenAI server.
 
 Run it with an interpreter that has torch, transformers and tokenizers (the LLaMA-Factory or vLLM venv):
-``.venv-lf/bin/python -m workflow.tiny_model --out DIR [--corpus data/demo/mimic-cxr-reports.zip]``.
+``.venv-lf/bin/python -m tools.tiny_model --out DIR [--corpus data/demo/mimic-cxr-reports.zip]``.
 """
 
 from __future__ import annotations

@@ -1,0 +1,53 @@
+"""The frame every question builder returns, and the answer joins they share.
+
+A frame has one row per question: ``s`` (study number), ``tid`` (template), ``name``, ``loc``, ``view``
+(slot codes; -1 = unused) and ``answer``."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+
+def question_frame(s, tid, answer, name=None, loc=None, view=None) -> pd.DataFrame:
+    n = len(s)
+    minus = np.full(n, -1, dtype=np.int64)
+    return pd.DataFrame(
+        {
+            "s": np.asarray(s, dtype=np.int64),
+            "tid": np.asarray(tid, dtype=np.int64),
+            "name": minus if name is None else np.asarray(name, dtype=np.int64),
+            "loc": minus if loc is None else np.asarray(loc, dtype=np.int64),
+            "view": minus if view is None else np.asarray(view, dtype=np.int64),
+            "answer": np.asarray(answer, dtype=object),
+        }
+    )
+
+
+def join_names(pairs: pd.DataFrame, display: np.ndarray) -> pd.Series:
+    """Per study: the distinct names of ``pairs`` (s, name) in vocabulary order, comma-joined."""
+    pairs = pairs.drop_duplicates(["s", "name"]).sort_values(["s", "name"], kind="stable")
+    s = pairs["s"].to_numpy()
+    name = pairs["name"].to_numpy()
+    if len(display) > 62:  # too many names for a bit set: join per study
+        return pd.Series(display[name], index=s).groupby(level=0).agg(", ".join)
+    # a study's name set as one int64 bit set; each distinct set is formatted once
+    start = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.zeros(0, dtype=np.int64)
+    sets = np.add.reduceat(np.left_shift(np.int64(1), name), start) if len(s) else np.zeros(0, np.int64)
+    uniq, inv = np.unique(sets, return_inverse=True)
+    texts = [", ".join(display[j] for j in range(len(display)) if (int(m) >> j) & 1) for m in uniq]
+    return pd.Series(np.asarray(texts, dtype=object)[inv.ravel()], index=s[start])
+
+
+def distinct_join(groups: pd.DataFrame, values: list[str], col: str) -> pd.Series:
+    """Per (s, name): distinct non-null ``col`` values, sorted, comma-joined (fast path for one value)."""
+    g = groups[groups[col] >= 0][["s", "name", col]].drop_duplicates()
+    vals = np.asarray(values, dtype=object)[g[col].to_numpy()]
+    g = g.assign(v=vals).sort_values(["s", "name", "v"], kind="stable")
+    key = g["s"].to_numpy() * 1_000_003 + g["name"].to_numpy()
+    multi = pd.Series(key).duplicated(keep=False).to_numpy()
+    out = pd.Series(g["v"].to_numpy()[~multi], index=key[~multi])
+    if multi.any():
+        joined = pd.Series(g["v"].to_numpy()[multi], index=key[multi]).groupby(level=0).agg(", ".join)
+        out = pd.concat([out, joined])
+    return out
