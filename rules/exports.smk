@@ -21,6 +21,8 @@ rule exports:
         summary=out("exports", "summary.json"),
         card=out("exports", "README.md"),
         rejects=out("exports", "rejects.parquet"),
+        # the language tasks' LLM requests (empty with the rules backend), counted in the report
+        llm_requests=out("exports", "llm_requests.parquet"),
     log:
         logfile("exports"),
     conda:
@@ -58,6 +60,7 @@ rule exports:
         " --sections {input.sections:q} --findings {input.findings:q} --r2gen {output.r2gen:q}"
         " --radialog-rg {output.radialog_rg:q} --radialog-ins {output.radialog_ins:q}"
         " --summary {output.summary:q} --card {output.card:q} --rejects {output.rejects:q} --dataset {params.dataset}"
+        " --llm-requests {output.llm_requests:q}"
         " {params.report_sections} {params.clean} --iu-images {params.iu_images}"
         " {params.prompts_from} --radialog-prompt-key {params.prompt_key:q}"
         " {params.llm}"

@@ -141,14 +141,12 @@ def test_report_counts_what_the_server_received_from_the_llm_stages(loopback_run
     assert f"{sent['requests']:,}" in total and f"${billed:,.4f}" in total, total
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="rules/report.smk report_llm reads only the LLM layer's requests tables (llm_report_requests); "
-    "the exports' RaDialog easy-language / reasoning requests (rules/exports.smk) are sent but not counted",
-)
 def test_report_counts_every_request_of_the_whole_run(loopback_run):
+    # the exports' RaDialog language tasks included: every request the server received, once
     total = _usage_total_row((loopback_run["workdir"] / "report.html").read_text())
     assert f"{loopback_run['sent']:,}" in total, (total, loopback_run["sent"])
+    exports = read_table(loopback_run["workdir"] / "results/exports/llm_requests.parquet").to_pandas()
+    assert len(exports) and exports["stage"].eq("exports").all() and exports["request_key"].is_unique
 
 
 def test_llm_outputs_keep_their_rounds_and_account_for_every_study(loopback_run):

@@ -28,6 +28,7 @@ from workflow.cli import setup_logging
 from workflow.exports import card, llm_tasks, prompt_source, r2gen, radialog
 from workflow.exports.llm_tasks import InstructGenerator
 from workflow.exports.prompt_source import ExternalPrompts
+from workflow.llm.stages import write_requests
 from workflow.tables import Rejects, atomic_path, read_table, summary
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     p.add_argument("--llm-cache", type=Path, help="the LLM layer's response cache")
     p.add_argument("--llm-endpoint", default="student", help="an entry of llm.endpoints")
+    p.add_argument(
+        "--llm-requests",
+        type=Path,
+        help="LLM_REQUESTS table of the language tasks' requests (empty without LLM)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-tokens", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)
@@ -278,6 +284,8 @@ def main(argv: list[str] | None = None) -> dict:
     )
     rejects = rejects_for(studies, sections, result["exported"], args.dataset)
     rejects.write(paths.rejects)
+    if args.llm_requests:
+        write_requests(generator.requests if generator else [], args.llm_requests)
     log.info("exports: %s", json.dumps(result["counts"]))
     summary(STAGE, len(studies), len(result["exported"]), len(rejects))
     return result

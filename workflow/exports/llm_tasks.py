@@ -24,7 +24,7 @@ from collections import Counter
 from pathlib import Path
 
 from workflow.llm import Request, build_request, load_executor_config, run_requests
-from workflow.llm.stages import load_config
+from workflow.llm.stages import load_config, request_row
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +89,7 @@ class InstructGenerator:
         self.max_chars = max_chars
         self.prompts_dir = prompts_dir
         self.stats: dict = {}
+        self.requests: list[dict] = []  # LLM_REQUESTS rows: one per distinct request of the last answer()
 
     @classmethod
     def from_config(
@@ -100,7 +101,7 @@ class InstructGenerator:
         config.setdefault("llm", {})[STAGE] = {"endpoint": endpoint}
         return cls(load_executor_config(config, STAGE), cache_path, params)
 
-    def request(self, task: str, findings: str, diagnoses: list[str]) -> Request:
+    def request(self, task: str, findings: str, diagnoses: list[str], study_id: int) -> Request:
         variables = {"findings": findings}
         if task == "reasoning":
             variables["diagnoses"] = diagnoses
@@ -110,17 +111,24 @@ class InstructGenerator:
             params=self.params,
             adapter=self.cfg.get("adapter"),
             prompts_dir=self.prompts_dir,
-            meta={"task": task},
+            meta={"task": task, "study_id": study_id},
             **variables,
         )
 
-    def answer(self, jobs: list[tuple[str, str, str, list[str]]]) -> dict[tuple[str, str], str]:
-        """Jobs ``(task, dicom, findings text, diagnoses)`` → ``{(task, dicom): answer}`` (usable ones)."""
+    def answer(self, jobs: list[tuple[str, str, int, str, list[str]]]) -> dict[tuple[str, str], str]:
+        """Jobs ``(task, dicom, study id, findings text, diagnoses)`` → ``{(task, dicom): answer}`` (usable
+        ones). ``requests`` then holds the LLM_REQUESTS row of each distinct request (images of one study
+        share one), so the report counts what was sent like every other LLM stage's."""
         keys = {}
-        for task, dicom, findings, diagnoses in jobs:
-            keys[(task, dicom)] = self.request(task, findings, diagnoses)
-        unique = {req.key: req for req in keys.values()}
+        for task, dicom, study_id, findings, diagnoses in jobs:
+            keys[(task, dicom)] = self.request(task, findings, diagnoses, study_id)
+        unique: dict[str, Request] = {}
+        for req in keys.values():
+            unique.setdefault(req.key, req)
         results = run_requests(unique.values(), self.cfg, self.cache_path) if unique else {}
+        self.requests = [
+            request_row(req, results.get(key), STAGE, None, self.cfg) for key, req in unique.items()
+        ]
         out: dict[tuple[str, str], str] = {}
         dropped: Counter = Counter()
         for job, req in keys.items():

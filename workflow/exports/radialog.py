@@ -249,15 +249,15 @@ class Builder:
         """The image's positive diagnoses the reasoning task asks about (RaDialog: MIMIC-NLE's ten)."""
         return [x for x in self.p["reasoning_labels"] if x in img.labels]
 
-    def llm_jobs(self) -> list[tuple[str, str, str, list[str]]]:
+    def llm_jobs(self) -> list[tuple[str, str, int, str, list[str]]]:
         """What the LLM writes: easy language for part 0, reasoning for the images of part 1 that have a
-        diagnosis; ``(task, dicom, findings text, diagnoses)``."""
+        diagnosis; ``(task, dicom, study id, findings text, diagnoses)``."""
         parts, _ = self._parts()
-        jobs = [("easy_language", img.dicom, img.text, []) for img in parts[0]]
+        jobs = [("easy_language", img.dicom, img.study_id, img.text, []) for img in parts[0]]
         for img in parts[1]:
             diagnoses = self.diagnoses(img)
             if diagnoses:
-                jobs.append(("reasoning", img.dicom, img.text, diagnoses))
+                jobs.append(("reasoning", img.dicom, img.study_id, img.text, diagnoses))
         return jobs
 
     def ins(self, generated: dict[tuple[str, str], str] | None = None) -> tuple[list[dict], dict[str, int]]:

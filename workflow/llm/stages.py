@@ -125,33 +125,45 @@ def ask(requests: list[Request], cfg: dict, cache_path, dry_run: bool = False):
     return answers
 
 
+def request_row(req: Request, result, stage: str, round_: int | None, cfg: dict, *, parse_error: str | None = None,
+                n_findings: int | None = None) -> dict:  # fmt: skip
+    """One row of ``LLM_REQUESTS`` for a request of a stage (``meta["study_id"]`` names its study)."""
+    r = result
+    return {
+        "study_id": int(req.meta["study_id"]),
+        "stage": stage,
+        "round": round_,
+        "finding": req.meta.get("finding"),
+        "request_key": req.key,
+        "status": r.status if r else "not_sent",
+        "model": (r.model if r and r.model else req.model),
+        "adapter": req.adapter,
+        "executor": (r.executor if r and r.executor else cfg["executor"]),
+        "template": req.template,
+        "prompt_hash": req.prompt_hash,
+        "prompt_tokens": r.prompt_tokens if r else 0,
+        "completion_tokens": r.completion_tokens if r else 0,
+        "cost_usd": r.cost if r else 0.0,
+        "finish_reason": r.finish_reason if r else None,
+        "error": r.error if r else None,
+        "parse_error": parse_error,
+        "n_findings": n_findings,
+    }
+
+
 def request_rows(answers: list[Answer], stage: str, round_: int | None, cfg: dict) -> list[dict]:
-    rows = []
-    for a in answers:
-        r, req = a.result, a.request
-        rows.append(
-            {
-                "study_id": int(req.meta["study_id"]),
-                "stage": stage,
-                "round": round_,
-                "finding": req.meta.get("finding"),
-                "request_key": req.key,
-                "status": r.status if r else "not_sent",
-                "model": (r.model if r and r.model else req.model),
-                "adapter": req.adapter,
-                "executor": (r.executor if r and r.executor else cfg["executor"]),
-                "template": req.template,
-                "prompt_hash": req.prompt_hash,
-                "prompt_tokens": r.prompt_tokens if r else 0,
-                "completion_tokens": r.completion_tokens if r else 0,
-                "cost_usd": r.cost if r else 0.0,
-                "finish_reason": r.finish_reason if r else None,
-                "error": r.error if r else None,
-                "parse_error": a.parse_error,
-                "n_findings": len(a.items) if a.items is not None else None,
-            }
+    return [
+        request_row(
+            a.request,
+            a.result,
+            stage,
+            round_,
+            cfg,
+            parse_error=a.parse_error,
+            n_findings=len(a.items) if a.items is not None else None,
         )
-    return rows
+        for a in answers
+    ]
 
 
 def write_requests(rows: list[dict], path) -> None:
