@@ -737,12 +737,15 @@ def mention_row(m: Mention, libs: Libs, shift: int = 0) -> dict:
     }
 
 
-# Sentence text -> its mention rows (offsets from the sentence start). What a sentence says depends on its
-# own words only (clauses never cross a sentence end), and reports repeat sentences ("The lungs are clear.",
-# "No pneumothorax.") across a corpus, so each distinct sentence is read once per process. Bounded.
-_SENTENCE_ROWS: dict[tuple, tuple[dict, ...]] = {}
+# Squeezed sentence -> its mention rows. What a sentence says depends on its own normalised words only
+# (clauses never cross a sentence end; case, line breaks, hyphens and runs of spaces change no reading:
+# the matcher takes " +" between words and word counts split on white space), and reports repeat
+# sentences ("The lungs are clear.", "No pneumothorax.") across a corpus, so each distinct squeezed
+# sentence is read once per process; offsets are mapped back and raw text sliced from the report. Bounded.
+_SENTENCE_ROWS: dict[tuple[str, Conventions], tuple[tuple, ...]] = {}
 _SENTENCE_ROWS_MAX = 200_000
 _PERIOD = re.compile(r"\.(?=\s)")
+_SPACE_RUN = re.compile(r" {2,}")
 
 
 def sentence_bounds(norm: str) -> list[tuple[int, int]]:
@@ -760,10 +763,43 @@ def sentence_bounds(norm: str) -> list[tuple[int, int]]:
     return bounds
 
 
-def _sentence_rows(norm: str, text: str, section: str, libs: Libs, conv: Conventions) -> tuple[dict, ...]:
+def squeeze(sentence: str) -> tuple[str, list[tuple[int, int]]]:
+    """A normalised sentence without leading / trailing spaces and with every run of spaces as one, and the
+    way back: (first squeezed offset, spaces dropped before it), ascending; a squeezed offset ``c`` is
+    ``c + dropped`` of the last pair at or before ``c`` in ``sentence``."""
+    body = sentence.lstrip(" ")
+    lead = len(sentence) - len(body)
+    body = body.rstrip(" ")
+    shifts = [(0, lead)]
+    if "  " not in body:
+        return body, shifts
+    dropped = lead
+    for run in _SPACE_RUN.finditer(body):
+        s, e = run.span()
+        dropped += e - s - 1
+        shifts.append((e - dropped + lead, dropped))
+    return _SPACE_RUN.sub(" ", body), shifts
+
+
+def _unsqueeze(shifts: list[tuple[int, int]], c: int) -> int:
+    """The offset in the unsqueezed sentence of the character at squeezed offset ``c``."""
+    k = len(shifts) - 1
+    while shifts[k][0] > c:
+        k -= 1
+    return c + shifts[k][1]
+
+
+# a cached row: the fields of :func:`mention_row` without the text (sliced from each report) and section
+_NAME, _PRESENCE, _LOCATION, _LEVEL, _TYPE, _CHANGE, _RAW_START, _RAW_END, _EV_START, _EV_END = range(10)
+
+
+def _sentence_rows(squeezed: str, libs: Libs, conv: Conventions) -> tuple[tuple, ...]:
+    """The mentions of one squeezed sentence as cached rows (offsets in ``squeezed``)."""
     rows = []
-    for clause in _scan(norm, libs):
-        rows.extend(mention_row(m, libs) for m in _clause_mentions(clause, norm, text, section, libs, conv))
+    for clause in _scan(squeezed, libs):
+        for m in _clause_mentions(clause, squeezed, squeezed, "", libs, conv):
+            rows.append((m.name, m.presence, m.location(libs), m.level, m.type, m.change,
+                         m.start, m.end, m.ev_start, m.ev_end))  # fmt: skip
     return tuple(rows)
 
 
@@ -772,18 +808,32 @@ def _section_rows(text: str, section: str, libs: Libs, conv: Conventions) -> lis
     rows: list[dict] = []
     cache = _SENTENCE_ROWS
     for a, b in sentence_bounds(norm):
-        key = (text[a:b], section, conv)
+        squeezed, shifts = squeeze(norm[a:b])
+        if not squeezed:
+            continue
+        key = (squeezed, conv)
         cached = cache.get(key)
         if cached is None:
-            cached = _sentence_rows(norm[a:b], text[a:b], section, libs, conv)
+            cached = _sentence_rows(squeezed, libs, conv)
             if len(cache) >= _SENTENCE_ROWS_MAX:
                 cache.clear()
             cache[key] = cached
+        if not cached:
+            continue
         for r in cached:
-            row = dict(r)
-            row["start"] += a
-            row["end"] += a
-            rows.append(row)
+            if len(shifts) == 1:
+                base = a + shifts[0][1]
+                raw_start, raw_end = base + r[_RAW_START], base + r[_RAW_END]
+                start, end = base + r[_EV_START], base + r[_EV_END]
+            else:
+                raw_start = a + _unsqueeze(shifts, r[_RAW_START])
+                raw_end = a + _unsqueeze(shifts, r[_RAW_END] - 1) + 1
+                start = a + _unsqueeze(shifts, r[_EV_START])
+                end = a + _unsqueeze(shifts, r[_EV_END] - 1) + 1
+            raw = text[raw_start:raw_end]
+            rows.append({"name": r[_NAME], "raw_name": raw, "presence": r[_PRESENCE], "location": r[_LOCATION],
+                         "level": r[_LEVEL], "type": r[_TYPE], "change": r[_CHANGE], "section": section,
+                         "start": start, "end": end, "evidence": text[start:end] or raw})  # fmt: skip
     return rows
 
 
