@@ -11,6 +11,7 @@ presence). Presence conventions are documented in ``libs/README.md``.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -744,111 +745,130 @@ def mention_row(m: Mention, libs: Libs, shift: int = 0) -> dict:
 # sentence is read once per process; offsets are mapped back and raw text sliced from the report. Bounded.
 _SENTENCE_ROWS: dict[tuple[str, Conventions], tuple[tuple, ...]] = {}
 _SENTENCE_ROWS_MAX = 200_000
-_PERIOD = re.compile(r"\.(?=\s)")
 _SPACE_RUN = re.compile(r" {2,}")
+# A sentence-ending period (and the one space after it): before white space, after a word that is no
+# abbreviation, i.e. the text after the last space in the six characters before the period is none of
+# ABBREVIATIONS -- the test :func:`_scan` makes at every period.
+_SENTENCE_END = re.compile(
+    r"\."
+    + "".join(
+        rf"(?<!{re.escape(a)}\.)" if len(a) >= 6 else rf"(?<! {re.escape(a)}\.)(?<!^{re.escape(a)}\.)"
+        for a in ABBREVIATIONS
+    )
+    + r"(?: |(?=\s))"
+)
 
 
-def sentence_bounds(norm: str) -> list[tuple[int, int]]:
-    """[start, end) of the sentences of a normalised section, cut exactly where :func:`_scan` ends a
-    sentence at a period (a period before white space, after a word that is no abbreviation)."""
-    bounds, start = [], 0
-    for m in _PERIOD.finditer(norm):
-        p = m.start()
-        if norm[max(0, p - 6) : p].rsplit(" ", 1)[-1] in ABBREVIATIONS:
-            continue
-        bounds.append((start, p + 1))
-        start = p + 1
-    if start < len(norm):
-        bounds.append((start, len(norm)))
-    return bounds
-
-
-def squeeze(sentence: str) -> tuple[str, list[tuple[int, int]]]:
-    """A normalised sentence without leading / trailing spaces and with every run of spaces as one, and the
-    way back: (first squeezed offset, spaces dropped before it), ascending; a squeezed offset ``c`` is
-    ``c + dropped`` of the last pair at or before ``c`` in ``sentence``."""
-    body = sentence.lstrip(" ")
-    lead = len(sentence) - len(body)
+def squeeze(norm: str) -> tuple[str, list[int], list[int]]:
+    """A normalised section without leading / trailing spaces and with every run of spaces as one, and the
+    way back: ``starts`` (ascending squeezed offsets) and ``dropped`` (spaces removed before each); the
+    character at squeezed offset ``c`` is at ``c + dropped[k]`` in ``norm``, ``k`` the last start ≤ ``c``."""
+    body = norm.lstrip(" ")
+    lead = len(norm) - len(body)
     body = body.rstrip(" ")
-    shifts = [(0, lead)]
+    starts, dropped = [0], [lead]
     if "  " not in body:
-        return body, shifts
-    dropped = lead
+        return body, starts, dropped
+    inner = 0
     for run in _SPACE_RUN.finditer(body):
         s, e = run.span()
-        dropped += e - s - 1
-        shifts.append((e - dropped + lead, dropped))
-    return _SPACE_RUN.sub(" ", body), shifts
+        inner += e - s - 1
+        starts.append(e - inner)
+        dropped.append(lead + inner)
+    return _SPACE_RUN.sub(" ", body), starts, dropped
 
 
-def _unsqueeze(shifts: list[tuple[int, int]], c: int) -> int:
-    """The offset in the unsqueezed sentence of the character at squeezed offset ``c``."""
-    k = len(shifts) - 1
-    while shifts[k][0] > c:
-        k -= 1
-    return c + shifts[k][1]
+def sentences(squeezed: str) -> list[tuple[int, str]]:
+    """(offset, text) of the sentences of a squeezed section (:func:`squeeze`), without the space after
+    each sentence end: cut exactly where :func:`_scan` ends a sentence at a period."""
+    out, start = [], 0
+    for m in _SENTENCE_END.finditer(squeezed):
+        out.append((start, squeezed[start : m.start() + 1]))
+        start = m.end()
+    if start < len(squeezed):
+        out.append((start, squeezed[start:]))
+    return out
 
 
-# a cached row: the fields of :func:`mention_row` without the text (sliced from each report) and section
-_NAME, _PRESENCE, _LOCATION, _LEVEL, _TYPE, _CHANGE, _RAW_START, _RAW_END, _EV_START, _EV_END = range(10)
+# a cached row: the fields of :func:`mention_row` the text does not give, offsets in the squeezed sentence,
+# and the row's instance key (:func:`row_laterality`)
+_NAME, _PRESENCE, _LOCATION, _LEVEL, _TYPE, _CHANGE, _RAW_START, _RAW_END, _EV_START, _EV_END, _KEY = range(
+    11
+)
 
 
 def _sentence_rows(squeezed: str, libs: Libs, conv: Conventions) -> tuple[tuple, ...]:
-    """The mentions of one squeezed sentence as cached rows (offsets in ``squeezed``)."""
+    """The mentions of one squeezed sentence as cached rows."""
     rows = []
     for clause in _scan(squeezed, libs):
         for m in _clause_mentions(clause, squeezed, squeezed, "", libs, conv):
-            rows.append((m.name, m.presence, m.location(libs), m.level, m.type, m.change,
-                         m.start, m.end, m.ev_start, m.ev_end))  # fmt: skip
+            location = m.location(libs)
+            # the raw words are normalised already: row_laterality's key without normalising again
+            key = device_key(squeezed[m.start : m.end]) if m.name == DEVICE else location_side(location)
+            rows.append((m.name, m.presence, location, m.level, m.type, m.change,
+                         m.start, m.end, m.ev_start, m.ev_end, key))  # fmt: skip
     return tuple(rows)
 
 
-def _section_rows(text: str, section: str, libs: Libs, conv: Conventions) -> list[dict]:
-    norm = normalise(text)
+def _section_rows(
+    text: str, section: str, libs: Libs, conv: Conventions, keys: list[str | None]
+) -> list[dict]:
+    """The mention rows of one section (offsets in ``text``); their instance keys are appended to ``keys``."""
+    squeezed, starts, dropped = squeeze(normalise(text))
+    one_shift = dropped[0] if len(starts) == 1 else None
     rows: list[dict] = []
     cache = _SENTENCE_ROWS
-    for a, b in sentence_bounds(norm):
-        squeezed, shifts = squeeze(norm[a:b])
-        if not squeezed:
-            continue
-        key = (squeezed, conv)
-        cached = cache.get(key)
+    for a, sentence in sentences(squeezed):
+        cache_key = (sentence, conv)
+        cached = cache.get(cache_key)
         if cached is None:
-            cached = _sentence_rows(squeezed, libs, conv)
+            cached = _sentence_rows(sentence, libs, conv)
             if len(cache) >= _SENTENCE_ROWS_MAX:
                 cache.clear()
-            cache[key] = cached
-        if not cached:
-            continue
+            cache[cache_key] = cached
         for r in cached:
-            if len(shifts) == 1:
-                base = a + shifts[0][1]
+            if one_shift is not None:
+                base = a + one_shift
                 raw_start, raw_end = base + r[_RAW_START], base + r[_RAW_END]
                 start, end = base + r[_EV_START], base + r[_EV_END]
-            else:
-                raw_start = a + _unsqueeze(shifts, r[_RAW_START])
-                raw_end = a + _unsqueeze(shifts, r[_RAW_END] - 1) + 1
-                start = a + _unsqueeze(shifts, r[_EV_START])
-                end = a + _unsqueeze(shifts, r[_EV_END] - 1) + 1
+            else:  # ends are mapped through their last character: spaces may have been dropped after it
+                raw_start = _unsqueeze(starts, dropped, a + r[_RAW_START])
+                raw_end = _unsqueeze(starts, dropped, a + r[_RAW_END] - 1) + 1
+                start = _unsqueeze(starts, dropped, a + r[_EV_START])
+                end = _unsqueeze(starts, dropped, a + r[_EV_END] - 1) + 1
             raw = text[raw_start:raw_end]
             rows.append({"name": r[_NAME], "raw_name": raw, "presence": r[_PRESENCE], "location": r[_LOCATION],
                          "level": r[_LEVEL], "type": r[_TYPE], "change": r[_CHANGE], "section": section,
                          "start": start, "end": end, "evidence": text[start:end] or raw})  # fmt: skip
+            keys.append(r[_KEY])
     return rows
+
+
+def _unsqueeze(starts: list[int], dropped: list[int], c: int) -> int:
+    return c + dropped[bisect.bisect_right(starts, c) - 1]
 
 
 LATERALITY = ("left", "right", "bilateral")
 
 
+def device_key(raw_words: str) -> str:
+    """The instance key of a device row: which device ("device:pacemaker"), from its normalised raw words."""
+    return "device:" + " ".join(raw_words.split())
+
+
+def location_side(location: str | None) -> str | None:
+    """The instance key of a non-device row: the laterality its location starts with."""
+    if not location:
+        return None
+    first = location.split(" ", 1)[0]
+    return first if first in LATERALITY else None
+
+
 def row_laterality(row: dict) -> str | None:
     """The instance key of a row besides its name: laterality (devices: which device)."""
     if row["name"] == DEVICE:
-        return "device:" + " ".join(normalise(row.get("raw_name") or "").split())
-    loc = row.get("location")
-    if not loc:
-        return None
-    first = loc.split(" ", 1)[0]
-    return first if first in LATERALITY else None
+        return device_key(normalise(row.get("raw_name") or ""))
+    return location_side(row.get("location"))
 
 
 ATTRS = ("location", "level", "type", "change")
@@ -861,39 +881,47 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     one without laterality). Presence: positive > uncertain > negative; attributes are filled from rows that
     share the winning presence; the evidence of the first winning row is kept.
     """
-    by_name: dict[str, list[dict]] = {}
-    order: list[dict] = []
-    for row in rows:
-        lat = row_laterality(row)
-        insts = by_name.setdefault(row["name"], [])
+    return _merge_instances(rows, [row_laterality(row) for row in rows])
+
+
+def _merge_instances(rows: list[dict], keys: list[str | None]) -> list[dict]:
+    """:func:`merge_rows` with each row's :func:`row_laterality` given (``keys``); the rows are not changed."""
+    by_name: dict[str, list[list]] = {}  # name -> its instances: [row, laterality]
+    order: list[list] = []
+    for row, lat in zip(rows, keys, strict=True):
+        insts = by_name.get(row["name"])
+        if insts is None:
+            inst = [dict(row), lat]
+            by_name[row["name"]] = [inst]
+            order.append(inst)
+            continue
         target = None
         if lat is not None:
-            target = next((x for x in insts if x["_lat"] == lat), None)
-            if target is None and len(insts) == 1 and insts[0]["_lat"] is None:
+            target = next((x for x in insts if x[1] == lat), None)
+            if target is None and len(insts) == 1 and insts[0][1] is None:
                 target = insts[0]
-                target["_lat"] = lat
+                target[1] = lat
         elif len(insts) == 1:
             target = insts[0]
         else:
-            target = next((x for x in insts if x["_lat"] is None), None)
+            target = next((x for x in insts if x[1] is None), None)
         if target is None:
-            inst = {**row, "_lat": lat}
+            inst = [dict(row), lat]
             insts.append(inst)
             order.append(inst)
             continue
-        if RANK[row["presence"]] > RANK[target["presence"]]:
-            old = dict(target)
-            target.update(row)
-            target["_lat"] = lat or old["_lat"]
-            if target["location"] is None and lat is None:
-                target["location"] = old["location"]
-        elif row["presence"] == target["presence"]:
+        merged = target[0]
+        if RANK[row["presence"]] > RANK[merged["presence"]]:
+            old_location = merged["location"]
+            merged.update(row)
+            target[1] = lat or target[1]
+            if merged["location"] is None and lat is None:
+                merged["location"] = old_location
+        elif row["presence"] == merged["presence"]:
             for key in ATTRS:
-                if target.get(key) is None and row.get(key) is not None:
-                    target[key] = row[key]
-    for inst in order:
-        inst.pop("_lat")
-    return order
+                if merged.get(key) is None and row.get(key) is not None:
+                    merged[key] = row[key]
+    return [inst[0] for inst in order]
 
 
 def extract_sections(sections: dict[str, str | None], conventions: Conventions | None = None) -> list[dict]:
@@ -904,11 +932,12 @@ def extract_sections(sections: dict[str, str | None], conventions: Conventions |
     libs = load_libs()
     conv = conventions or DEFAULT_CONVENTIONS
     rows: list[dict] = []
+    keys: list[str | None] = []
     for section in sections_read(sections):
         text = sections.get(section)
         if text:
-            rows.extend(_section_rows(text, section, libs, conv))
-    return merge_rows(rows)
+            rows.extend(_section_rows(text, section, libs, conv, keys))
+    return _merge_instances(rows, keys)
 
 
 # A header in any case at a line start ("Findings:", "IMPRESSION :"): MIT-LCP's parser knows upper case only.

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import operator
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -33,9 +34,23 @@ log = logging.getLogger(__name__)
 STAGE = "keyinfo_rules"
 
 
-def findings_rows_to_table(rows: list[dict]) -> pa.Table:
-    """A FINDINGS table from row dicts; columns a row does not carry are null."""
-    return pa.Table.from_pylist(rows, schema=FINDINGS)
+# the columns of an extractor row (extract_sections), in FINDINGS order; the rule adds ids and source
+ROW_COLUMNS = ("name", "raw_name", "presence", "location", "level", "type", "change", "section", "start", "end",
+               "evidence")  # fmt: skip
+_ROW_VALUES = operator.itemgetter(*ROW_COLUMNS)
+
+
+def rules_findings_table(rows: list[dict], subjects: list[int], studies: list[int]) -> pa.Table:
+    """The FINDINGS table of extractor rows (every row carries ROW_COLUMNS) and their subject and study ids:
+    built column by column (a row dict is read once, not once per column as ``from_pylist`` does)."""
+    values = list(zip(*map(_ROW_VALUES, rows), strict=True)) if rows else [()] * len(ROW_COLUMNS)
+    columns = dict(zip(ROW_COLUMNS, values, strict=True))
+    columns.update(subject_id=subjects, study_id=studies, source=["rules"] * len(rows))
+    arrays = [
+        pa.array(columns[f.name], f.type) if f.name in columns else pa.nulls(len(rows), f.type)
+        for f in FINDINGS
+    ]
+    return pa.Table.from_arrays(arrays, schema=FINDINGS)
 
 
 def extract_batch(
@@ -44,17 +59,18 @@ def extract_batch(
     """(findings table, study ids without any text, studies) of one batch of (subject ids, study ids, sections)."""
     subjects, studies, sections_of = batch
     rows: list[dict] = []
+    row_subjects: list[int] = []
+    row_studies: list[int] = []
     empty: list[int] = []
     for subject, study, sections in zip(subjects, studies, sections_of, strict=True):
         if not any((sections.get(s) or "").strip() for s in TEXT_COLUMNS):
             empty.append(study)
             continue
-        for r in extract_sections(sections, conventions):
-            r["subject_id"] = subject
-            r["study_id"] = study
-            r["source"] = "rules"
-            rows.append(r)
-    return findings_rows_to_table(rows), empty, len(studies)
+        found = extract_sections(sections, conventions)
+        rows += found
+        row_subjects += [subject] * len(found)
+        row_studies += [study] * len(found)
+    return rules_findings_table(rows, row_subjects, row_studies), empty, len(studies)
 
 
 @dataclass(frozen=True)
