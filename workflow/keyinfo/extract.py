@@ -422,169 +422,225 @@ def _attr_of_next_finding(clause, j: int) -> bool:
 def _clause_mentions(
     clause, norm: str, text: str, section: str, libs: Libs, conv: Conventions = DEFAULT_CONVENTIONS
 ) -> list[Mention]:
+    """The finding mentions of one clause of (start, end, Tok), in text order.
+
+    Phases: the mentions themselves (findings, and anchors a predicate speaks about) with their presence;
+    the attribute words after each mention, then before it (the post-window first: it claims "in the
+    right lower lobe" before the next finding's pre-window looks); a change word shared by the whole
+    clause; alternatives; and the final clean-up (mimics, negated changes, evidence, extra names, devices).
+    """
     if not any(tok.finding or tok.anchors for _, _, tok in clause):
         return []
+    claimed = [False] * len(clause)  # clause positions whose words a mention has taken
+    mentions, heads = _head_mentions(clause, norm, text, section, libs, conv, claimed)
+    for k, i in enumerate(heads):
+        stop = heads[k + 1] if k + 1 < len(heads) else len(clause)
+        _take_post_window(clause, norm, mentions[k], i, stop, claimed)
+    _take_pre_windows(clause, norm, mentions, heads, claimed)
+    _share_change(clause, heads, mentions)
+    _mark_alternatives(clause, heads, mentions, conv)
+    return _finish(clause, text, heads, mentions)
+
+
+def _head_mentions(
+    clause, norm: str, text: str, section: str, libs: Libs, conv: Conventions, claimed: list[bool]
+) -> tuple[list[Mention], list[int]]:
+    """(mentions, clause index of each): one per finding phrase and one per anchor group a predicate speaks
+    about ("the heart is enlarged"), with the presence the scopes around it give."""
     # a clause without any trigger, breaker or list word ("Small left pleural effusion") is positive throughout
     scope = Scope(clause, norm) if any(tok.scoped for _, _, tok in clause) else None
     mentions: list[Mention] = []
-    heads: list[int] = []  # clause index of each mention
-    claimed = [False] * len(clause)
+    heads: list[int] = []
     for i, (s, e, tok) in enumerate(clause):
         if tok.finding:
-            m = Mention(tok.finding, text[s:e], s, e, section)
-            m.also = tok.also
-            if tok.implied:
-                for lat in tok.implied["lat"]:
-                    m.lat.add(lat)
-                m.zones.extend(tok.implied["zones"])
-                m.structs.extend(tok.implied["structs"])
-                m.level = tok.implied["level"]
-                m.type = tok.implied["type"]
+            m = _finding_mention(tok, text, s, e, section)
             m.presence = scope.presence(i, conv) if scope else POS
             mentions.append(m)
             heads.append(i)
             claimed[i] = True
         elif tok.anchors:
+            context = scope.presence(i, conv) if scope else POS
             for group in tok.anchors:
                 found = _anchor_predicate(clause, i, norm, libs, group)
-                if found is None:
-                    continue
-                pred_presence, level, j, negated = found
-                lo, hi = min(i, j), max(i, j)
-                m = Mention(group, text[clause[lo][0] : clause[hi][1]], clause[lo][0], clause[hi][1], section)
-                m.from_anchor = True
-                context = scope.presence(i, conv) if scope else POS
-                if negated:  # "the heart is not significantly enlarged"
-                    m.presence = NEG
-                elif context == ABSENT:
-                    m.presence = ABSENT
-                elif pred_presence == POS:
-                    m.presence = context
-                elif pred_presence == UNC:
-                    m.presence = NEG if context == NEG else UNC
-                else:
-                    m.presence = NEG
-                if pred_presence == POS:
-                    m.level = level
-                mentions.append(m)
-                heads.append(i)
+                if found is not None:
+                    mentions.append(_anchor_mention(clause, i, group, found, context, text, section))
+                    heads.append(i)
             claimed[i] = True
+    return mentions, heads
 
-    # post-window first (it claims "in the right lower lobe" before the next finding's pre-window looks)
-    n = len(clause)
-    post_end = {}
-    for k, i in enumerate(heads):
-        m = mentions[k]
-        nxt_head = heads[k + 1] if k + 1 < len(heads) else n
-        end = clause[i][1]
-        prep_seen = False
-        last = i
-        for j in range(i + 1, nxt_head):
-            s, _, tok = clause[j]
-            if claimed[j] and j != i:
-                if tok.anchors and tok.is_loc:
-                    pass
-                else:
-                    break
-            if _words(norm, end, s) > POST_WORDS:
-                break
-            if tok is _COMMA:
-                # "There is a small effusion, new since the prior study." / "..., unchanged."
-                nxt = clause[j + 1][2] if j + 1 < n else None
-                if (
-                    nxt is not None
-                    and nxt.change is not None
-                    and not nxt.finding
-                    and m.change is None
-                    and not _finding_follows(clause, j + 1)
-                ):
-                    m.change = nxt.change
-                    claimed[j + 1] = True
-                break
-            if tok.conj or tok.alt or tok.neg_pre or tok.finding:
-                break
-            if tok.unc_pre and not tok.unc_post:
-                break
-            if tok.soft and not tok.prep:
-                break
-            if tok.prep:
-                prep_seen = True
-            if m.from_anchor:
-                continue
-            took = False
-            if tok.is_loc and (prep_seen or tok.adverbial or _words(norm, end, s) <= 1):
-                m.add_loc(tok)
-                took = True
-            if tok.level is not None and m.level is None:
-                m.level = tok.level
-                took = True
-            if tok.type is not None and m.type is None and not tok.is_loc:
-                m.type = tok.type
-                took = True
-            if tok.change is not None and m.change is None:
-                m.change = tok.change
-                took = True
-            if took:
-                claimed[j] = True
-                last = j
-                m.ev_end = max(m.ev_end, clause[j][1])
-        post_end[k] = last
 
-    # pre-window: attribute words between the previous finding (or its claimed post-window) and this one
+def _finding_mention(tok: Tok, text: str, s: int, e: int, section: str) -> Mention:
+    """A finding phrase's mention, with the attributes its own words imply ("left hemidiaphragm")."""
+    m = Mention(tok.finding, text[s:e], s, e, section)
+    m.also = tok.also
+    if tok.implied:
+        for lat in tok.implied["lat"]:
+            m.lat.add(lat)
+        m.zones.extend(tok.implied["zones"])
+        m.structs.extend(tok.implied["structs"])
+        m.level = tok.implied["level"]
+        m.type = tok.implied["type"]
+    return m
+
+
+def _anchor_mention(clause, i: int, group: str, found, context: str, text: str, section: str) -> Mention:
+    """The mention an anchor at ``i`` and its predicate (``found``, from :func:`_anchor_predicate`) make, in
+    the scope presence ``context``; it spans the anchor and the predicate."""
+    pred_presence, level, j, negated = found
+    lo, hi = min(i, j), max(i, j)
+    m = Mention(group, text[clause[lo][0] : clause[hi][1]], clause[lo][0], clause[hi][1], section)
+    m.from_anchor = True
+    if negated:  # "the heart is not significantly enlarged"
+        m.presence = NEG
+    elif context == ABSENT:
+        m.presence = ABSENT
+    elif pred_presence == POS:
+        m.presence = context
+    elif pred_presence == UNC:
+        m.presence = NEG if context == NEG else UNC
+    else:
+        m.presence = NEG
+    if pred_presence == POS:
+        m.level = level
+    return m
+
+
+def _take_post_window(clause, norm: str, m: Mention, i: int, stop: int, claimed: list[bool]) -> None:
+    """The attribute words after the mention at ``i`` (before ``stop``, the next mention) that describe it:
+    locations after a preposition or right after it, level, type, change; a trailing ", unchanged"."""
+    end = clause[i][1]
+    prep_seen = False
+    for j in range(i + 1, stop):
+        s, e, tok = clause[j]
+        if claimed[j] and not (tok.anchors and tok.is_loc):
+            break
+        words = _words(norm, end, s)
+        if words > POST_WORDS:
+            break
+        if tok is _COMMA:
+            _take_trailing_change(clause, j, m, claimed)
+            break
+        if (
+            tok.conj
+            or tok.alt
+            or tok.neg_pre
+            or tok.finding
+            or tok.unc_pre
+            and not tok.unc_post
+            or tok.soft
+            and not tok.prep
+        ):
+            break
+        if tok.prep:
+            prep_seen = True
+        if not m.from_anchor and _take_attributes(m, tok, prep_seen or tok.adverbial or words <= 1):
+            claimed[j] = True
+            m.ev_end = max(m.ev_end, e)
+
+
+def _take_trailing_change(clause, j: int, m: Mention, claimed: list[bool]) -> None:
+    """ "There is a small effusion, new since the prior study." / "..., unchanged.": the change word right
+    after the comma at ``j`` is the mention's, unless a finding follows it."""
+    nxt = clause[j + 1][2] if j + 1 < len(clause) else None
+    if (
+        nxt is not None
+        and nxt.change is not None
+        and not nxt.finding
+        and m.change is None
+        and not _finding_follows(clause, j + 1)
+    ):
+        m.change = nxt.change
+        claimed[j + 1] = True
+
+
+def _take_attributes(m: Mention, tok: Tok, location_reaches: bool) -> bool:
+    """Give the mention the attributes of a word after it that it lacks; whether it took any."""
+    took = False
+    if tok.is_loc and location_reaches:
+        m.add_loc(tok)
+        took = True
+    if tok.level is not None and m.level is None:
+        m.level = tok.level
+        took = True
+    if tok.type is not None and m.type is None and not tok.is_loc:
+        m.type = tok.type
+        took = True
+    if tok.change is not None and m.change is None:
+        m.change = tok.change
+        took = True
+    return took
+
+
+def _take_pre_windows(
+    clause, norm: str, mentions: list[Mention], heads: list[int], claimed: list[bool]
+) -> None:
+    """The attribute words between the previous mention (or its claimed post-window) and each finding;
+    "small left and moderate right effusion": each lateral segment is an instance of its own (inserted
+    into ``mentions`` / ``heads`` before the mention)."""
     extra: list[tuple[int, Mention]] = []
     for k, i in enumerate(heads):
         m = mentions[k]
         if m.from_anchor:
             continue
-        start = clause[i][0]
-        segments: list[list[Tok]] = [[]]  # attribute words, split at "and" ("small left and moderate right")
-        for j in range(i - 1, -1, -1):
-            s, e, tok = clause[j]
-            if (
-                claimed[j]
-                or tok is _COMMA
-                or tok.soft
-                or tok.alt
-                or tok.finding
-                or tok.anchors
-                and not tok.is_loc
-            ):
-                break
-            if _words(norm, e, start) > PRE_WORDS * len(segments):
-                break
-            if tok.conj:
-                segments.append([])
-                continue
-            segments[-1].append(tok)
-            claimed[j] = True
-            if len(segments) == 1:
-                m.ev_start = min(m.ev_start, s)
-        segments = [seg for seg in segments if seg]
+        segments = _pre_segments(clause, norm, i, m, claimed)
         if len(segments) > 1 and all(any(t.lat for t in seg) for seg in segments):
-            for seg in segments[1:]:  # each lateral segment is its own instance
+            for seg in segments[1:]:
                 twin = Mention(m.name, m.raw, m.start, m.end, m.section)
                 twin.presence = m.presence
                 _apply_pre(twin, seg)
                 extra.append((k, twin))
             segments = segments[:1]
         _apply_pre(m, [t for seg in segments for t in seg])
-
     for k, twin in reversed(extra):
         mentions.insert(k, twin)
         heads.insert(k, heads[k])
 
-    # a change word before the first finding or after the last one applies to every finding of the clause
-    if mentions:
-        first, last = heads[0], heads[-1]
-        shared = [
-            t.change for j, (_, _, t) in enumerate(clause) if t.change is not None and (j < first or j > last)
-        ]
-        if len(set(shared)) == 1:
-            for m in mentions:
-                if m.change is None:
-                    m.change = shared[0]
 
-    # "atelectasis or pneumonia": alternatives are uncertain
+def _pre_segments(clause, norm: str, i: int, m: Mention, claimed: list[bool]) -> list[list[Tok]]:
+    """The unclaimed attribute words before the finding at ``i`` (nearest first), split at "and" into
+    segments; claims them and widens the evidence over the first segment."""
+    start = clause[i][0]
+    segments: list[list[Tok]] = [[]]
+    for j in range(i - 1, -1, -1):
+        s, e, tok = clause[j]
+        if (
+            claimed[j]
+            or tok is _COMMA
+            or tok.soft
+            or tok.alt
+            or tok.finding
+            or tok.anchors
+            and not tok.is_loc
+        ):
+            break
+        if _words(norm, e, start) > PRE_WORDS * len(segments):
+            break
+        if tok.conj:
+            segments.append([])
+            continue
+        segments[-1].append(tok)
+        claimed[j] = True
+        if len(segments) == 1:
+            m.ev_start = min(m.ev_start, s)
+    return [seg for seg in segments if seg]
+
+
+def _share_change(clause, heads: list[int], mentions: list[Mention]) -> None:
+    """A change word before the first mention or after the last one applies to every mention of the clause."""
+    if not mentions:
+        return
+    first, last = heads[0], heads[-1]
+    shared = [
+        t.change for j, (_, _, t) in enumerate(clause) if t.change is not None and (j < first or j > last)
+    ]
+    if len(set(shared)) == 1:
+        for m in mentions:
+            if m.change is None:
+                m.change = shared[0]
+
+
+def _mark_alternatives(clause, heads: list[int], mentions: list[Mention], conv: Conventions) -> None:
+    """ "atelectasis or pneumonia": two positive mentions joined by "or" are uncertain (by the convention)."""
     for k in range(len(heads) - 1):
         a, b = heads[k], heads[k + 1]
         between = [clause[j][2] for j in range(a + 1, b)]
@@ -595,15 +651,17 @@ def _clause_mentions(
                 if m.presence == POS and conv.alternatives == UNC:
                     m.presence = UNC
 
+
+def _finish(clause, text: str, heads: list[int], mentions: list[Mention]) -> list[Mention]:
+    """The clause's final mentions: those a mimic explains away dropped, no change on a negated mention
+    (except "resolved"), evidence text set, extra names a phrase carries added, one device per clause."""
     for k in _explained_away(clause, heads, mentions):
         mentions[k].presence = ABSENT
     if any(m.presence == ABSENT for m in mentions):
         mentions = [m for m in mentions if m.presence != ABSENT]
-
     for m in mentions:
         if m.presence == NEG and m.change != "resolved":
             m.change = None
-    for m in mentions:
         m.evidence = text[m.ev_start : m.ev_end]
     if any(m.also for m in mentions):
         mentions = [x for m in mentions for x in (m, *(_renamed(m, name) for name in m.also))]
