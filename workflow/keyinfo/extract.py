@@ -939,17 +939,18 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     one without laterality). Presence: positive > uncertain > negative; attributes are filled from rows that
     share the winning presence; the evidence of the first winning row is kept.
     """
-    return _merge_instances(rows, [row_laterality(row) for row in rows])
+    return _merge_instances(rows, [row_laterality(row) for row in rows], copy=True)
 
 
-def _merge_instances(rows: list[dict], keys: list[str | None]) -> list[dict]:
-    """:func:`merge_rows` with each row's :func:`row_laterality` given (``keys``); the rows are not changed."""
+def _merge_instances(rows: list[dict], keys: list[str | None], copy: bool) -> list[dict]:
+    """:func:`merge_rows` with each row's :func:`row_laterality` given (``keys``); without ``copy`` the first
+    row of each instance becomes the instance (for rows nobody else holds)."""
     by_name: dict[str, list[list]] = {}  # name -> its instances: [row, laterality]
     order: list[list] = []
     for row, lat in zip(rows, keys, strict=True):
         insts = by_name.get(row["name"])
         if insts is None:
-            inst = [dict(row), lat]
+            inst = [dict(row) if copy else row, lat]
             by_name[row["name"]] = [inst]
             order.append(inst)
             continue
@@ -964,7 +965,7 @@ def _merge_instances(rows: list[dict], keys: list[str | None]) -> list[dict]:
         else:
             target = next((x for x in insts if x[1] is None), None)
         if target is None:
-            inst = [dict(row), lat]
+            inst = [dict(row) if copy else row, lat]
             insts.append(inst)
             order.append(inst)
             continue
@@ -995,7 +996,7 @@ def extract_sections(sections: dict[str, str | None], conventions: Conventions |
         text = sections.get(section)
         if text:
             rows.extend(_section_rows(text, section, libs, conv, keys))
-    return _merge_instances(rows, keys)
+    return _merge_instances(rows, keys, copy=False)
 
 
 # A header in any case at a line start ("Findings:", "IMPRESSION :"): MIT-LCP's parser knows upper case only.
