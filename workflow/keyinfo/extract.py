@@ -779,24 +779,6 @@ def extract_mentions(
     return out
 
 
-def mention_row(m: Mention, libs: Libs, shift: int = 0) -> dict:
-    """A mention as a findings row (offsets moved by ``shift``)."""
-    return {
-        "name": m.name,
-        "raw_name": m.raw,
-        "presence": m.presence,
-        "location": m.location(libs),
-        "level": m.level,
-        "type": m.type,
-        "change": m.change,
-        "section": m.section,
-        # the evidence span: the finding's noun phrase with the attribute words it took
-        "start": m.ev_start - shift,
-        "end": m.ev_end - shift,
-        "evidence": m.evidence or m.raw,
-    }
-
-
 # Squeezed sentence -> its mention rows, per reading convention. What a sentence says depends on its own
 # normalised words only (clauses never cross a sentence end; case, line breaks, hyphens and runs of spaces
 # change no reading: the matcher takes " +" between words and word counts split on white space), and
@@ -849,11 +831,10 @@ def _unsqueeze(starts: list[int], dropped: list[int], c: int) -> int:
     return c + dropped[bisect.bisect_right(starts, c) - 1]
 
 
-# a cached row: the fields of :func:`mention_row` the text does not give, offsets in the squeezed sentence,
-# and the row's instance key (:func:`row_laterality`)
-_NAME, _PRESENCE, _LOCATION, _LEVEL, _TYPE, _CHANGE, _RAW_START, _RAW_END, _EV_START, _EV_END, _KEY = range(
-    11
-)
+# a cached row: the fields of a findings row the text does not give, the raw words' and the evidence's
+# offsets in the squeezed sentence, and the row's instance key (:func:`row_laterality`)
+_NAME, _PRESENCE, _LOCATION, _LEVEL, _TYPE, _CHANGE = range(6)
+_RAW_START, _RAW_END, _EV_START, _EV_END, _KEY = range(6, 11)
 
 
 def _sentence_rows(squeezed: str, libs: Libs, conv: Conventions) -> tuple[tuple, ...]:
