@@ -24,6 +24,11 @@ def test_sentences_end_at_periods_but_not_at_abbreviations_or_decimals():
         "no effusion",
     ]
     assert all(norm[a : a + len(text)] == text for a, text in pieces)
+    # "no." before a space reads as an abbreviation ("Effusion: no. Pneumothorax: no."), as in the scan
+    assert [t for _, t in sentences(normalise("  Effusion: no. Size approx. 2 cm. Pneumothorax: no.  "))] == [
+        "effusion: no. size approx. 2 cm.",
+        "pneumothorax: no.",
+    ]
 
 
 def test_squeeze_keeps_one_space_per_run_and_says_where_the_characters_were():
