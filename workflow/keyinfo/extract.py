@@ -11,6 +11,7 @@ presence). Presence conventions are documented in ``libs/README.md``.
 
 from __future__ import annotations
 
+import bisect
 import re
 from dataclasses import dataclass
 
@@ -29,7 +30,6 @@ _COMMA = Tok(",")
 _SLASH = Tok("/")
 _SLASH.alt = _SLASH.scoped = True  # "atelectasis/scarring" reads as "atelectasis or scarring"
 _DEID = re.compile(r"x{3,}|_{2,}|\[\*\*[^\]]*\*\*\]")
-_TRANSLATE = str.maketrans({"-": " ", "\n": " ", "\t": " ", "\r": " ", "_": " "})
 _RULE_OUT = re.compile(r"\br/o\b")
 
 
@@ -38,10 +38,12 @@ def normalise(text: str) -> str:
     low = text.lower()
     if len(low) != len(text):  # a few Unicode capitals lower to two characters
         low = "".join(c.lower() if len(c.lower()) == 1 else c for c in text)
-    low = _DEID.sub(lambda m: " " * len(m.group()), low)
+    if "xxx" in low or "__" in low or "[**" in low:  # substring tests are far cheaper than the regex scan
+        low = _DEID.sub(lambda m: " " * len(m.group()), low)
     if "/" in low:
         low = _RULE_OUT.sub("r o", low)
-    return low.translate(_TRANSLATE)
+    # (str.replace is several times faster than str.translate)
+    return low.replace("-", " ").replace("\n", " ").replace("\t", " ").replace("\r", " ").replace("_", " ")
 
 
 class Mention:
@@ -420,169 +422,225 @@ def _attr_of_next_finding(clause, j: int) -> bool:
 def _clause_mentions(
     clause, norm: str, text: str, section: str, libs: Libs, conv: Conventions = DEFAULT_CONVENTIONS
 ) -> list[Mention]:
+    """The finding mentions of one clause of (start, end, Tok), in text order.
+
+    Phases: the mentions themselves (findings, and anchors a predicate speaks about) with their presence;
+    the attribute words after each mention, then before it (the post-window first: it claims "in the
+    right lower lobe" before the next finding's pre-window looks); a change word shared by the whole
+    clause; alternatives; and the final clean-up (mimics, negated changes, evidence, extra names, devices).
+    """
     if not any(tok.finding or tok.anchors for _, _, tok in clause):
         return []
+    claimed = [False] * len(clause)  # clause positions whose words a mention has taken
+    mentions, heads = _head_mentions(clause, norm, text, section, libs, conv, claimed)
+    for k, i in enumerate(heads):
+        stop = heads[k + 1] if k + 1 < len(heads) else len(clause)
+        _take_post_window(clause, norm, mentions[k], i, stop, claimed)
+    _take_pre_windows(clause, norm, mentions, heads, claimed)
+    _share_change(clause, heads, mentions)
+    _mark_alternatives(clause, heads, mentions, conv)
+    return _finish(clause, text, heads, mentions)
+
+
+def _head_mentions(
+    clause, norm: str, text: str, section: str, libs: Libs, conv: Conventions, claimed: list[bool]
+) -> tuple[list[Mention], list[int]]:
+    """(mentions, clause index of each): one per finding phrase and one per anchor group a predicate speaks
+    about ("the heart is enlarged"), with the presence the scopes around it give."""
     # a clause without any trigger, breaker or list word ("Small left pleural effusion") is positive throughout
     scope = Scope(clause, norm) if any(tok.scoped for _, _, tok in clause) else None
     mentions: list[Mention] = []
-    heads: list[int] = []  # clause index of each mention
-    claimed = [False] * len(clause)
+    heads: list[int] = []
     for i, (s, e, tok) in enumerate(clause):
         if tok.finding:
-            m = Mention(tok.finding, text[s:e], s, e, section)
-            m.also = tok.also
-            if tok.implied:
-                for lat in tok.implied["lat"]:
-                    m.lat.add(lat)
-                m.zones.extend(tok.implied["zones"])
-                m.structs.extend(tok.implied["structs"])
-                m.level = tok.implied["level"]
-                m.type = tok.implied["type"]
+            m = _finding_mention(tok, text, s, e, section)
             m.presence = scope.presence(i, conv) if scope else POS
             mentions.append(m)
             heads.append(i)
             claimed[i] = True
         elif tok.anchors:
+            context = scope.presence(i, conv) if scope else POS
             for group in tok.anchors:
                 found = _anchor_predicate(clause, i, norm, libs, group)
-                if found is None:
-                    continue
-                pred_presence, level, j, negated = found
-                lo, hi = min(i, j), max(i, j)
-                m = Mention(group, text[clause[lo][0] : clause[hi][1]], clause[lo][0], clause[hi][1], section)
-                m.from_anchor = True
-                context = scope.presence(i, conv) if scope else POS
-                if negated:  # "the heart is not significantly enlarged"
-                    m.presence = NEG
-                elif context == ABSENT:
-                    m.presence = ABSENT
-                elif pred_presence == POS:
-                    m.presence = context
-                elif pred_presence == UNC:
-                    m.presence = NEG if context == NEG else UNC
-                else:
-                    m.presence = NEG
-                if pred_presence == POS:
-                    m.level = level
-                mentions.append(m)
-                heads.append(i)
+                if found is not None:
+                    mentions.append(_anchor_mention(clause, i, group, found, context, text, section))
+                    heads.append(i)
             claimed[i] = True
+    return mentions, heads
 
-    # post-window first (it claims "in the right lower lobe" before the next finding's pre-window looks)
-    n = len(clause)
-    post_end = {}
-    for k, i in enumerate(heads):
-        m = mentions[k]
-        nxt_head = heads[k + 1] if k + 1 < len(heads) else n
-        end = clause[i][1]
-        prep_seen = False
-        last = i
-        for j in range(i + 1, nxt_head):
-            s, _, tok = clause[j]
-            if claimed[j] and j != i:
-                if tok.anchors and tok.is_loc:
-                    pass
-                else:
-                    break
-            if _words(norm, end, s) > POST_WORDS:
-                break
-            if tok is _COMMA:
-                # "There is a small effusion, new since the prior study." / "..., unchanged."
-                nxt = clause[j + 1][2] if j + 1 < n else None
-                if (
-                    nxt is not None
-                    and nxt.change is not None
-                    and not nxt.finding
-                    and m.change is None
-                    and not _finding_follows(clause, j + 1)
-                ):
-                    m.change = nxt.change
-                    claimed[j + 1] = True
-                break
-            if tok.conj or tok.alt or tok.neg_pre or tok.finding:
-                break
-            if tok.unc_pre and not tok.unc_post:
-                break
-            if tok.soft and not tok.prep:
-                break
-            if tok.prep:
-                prep_seen = True
-            if m.from_anchor:
-                continue
-            took = False
-            if tok.is_loc and (prep_seen or tok.adverbial or _words(norm, end, s) <= 1):
-                m.add_loc(tok)
-                took = True
-            if tok.level is not None and m.level is None:
-                m.level = tok.level
-                took = True
-            if tok.type is not None and m.type is None and not tok.is_loc:
-                m.type = tok.type
-                took = True
-            if tok.change is not None and m.change is None:
-                m.change = tok.change
-                took = True
-            if took:
-                claimed[j] = True
-                last = j
-                m.ev_end = max(m.ev_end, clause[j][1])
-        post_end[k] = last
 
-    # pre-window: attribute words between the previous finding (or its claimed post-window) and this one
+def _finding_mention(tok: Tok, text: str, s: int, e: int, section: str) -> Mention:
+    """A finding phrase's mention, with the attributes its own words imply ("left hemidiaphragm")."""
+    m = Mention(tok.finding, text[s:e], s, e, section)
+    m.also = tok.also
+    if tok.implied:
+        for lat in tok.implied["lat"]:
+            m.lat.add(lat)
+        m.zones.extend(tok.implied["zones"])
+        m.structs.extend(tok.implied["structs"])
+        m.level = tok.implied["level"]
+        m.type = tok.implied["type"]
+    return m
+
+
+def _anchor_mention(clause, i: int, group: str, found, context: str, text: str, section: str) -> Mention:
+    """The mention an anchor at ``i`` and its predicate (``found``, from :func:`_anchor_predicate`) make, in
+    the scope presence ``context``; it spans the anchor and the predicate."""
+    pred_presence, level, j, negated = found
+    lo, hi = min(i, j), max(i, j)
+    m = Mention(group, text[clause[lo][0] : clause[hi][1]], clause[lo][0], clause[hi][1], section)
+    m.from_anchor = True
+    if negated:  # "the heart is not significantly enlarged"
+        m.presence = NEG
+    elif context == ABSENT:
+        m.presence = ABSENT
+    elif pred_presence == POS:
+        m.presence = context
+    elif pred_presence == UNC:
+        m.presence = NEG if context == NEG else UNC
+    else:
+        m.presence = NEG
+    if pred_presence == POS:
+        m.level = level
+    return m
+
+
+def _take_post_window(clause, norm: str, m: Mention, i: int, stop: int, claimed: list[bool]) -> None:
+    """The attribute words after the mention at ``i`` (before ``stop``, the next mention) that describe it:
+    locations after a preposition or right after it, level, type, change; a trailing ", unchanged"."""
+    end = clause[i][1]
+    prep_seen = False
+    for j in range(i + 1, stop):
+        s, e, tok = clause[j]
+        if claimed[j] and not (tok.anchors and tok.is_loc):
+            break
+        words = _words(norm, end, s)
+        if words > POST_WORDS:
+            break
+        if tok is _COMMA:
+            _take_trailing_change(clause, j, m, claimed)
+            break
+        if (
+            tok.conj
+            or tok.alt
+            or tok.neg_pre
+            or tok.finding
+            or tok.unc_pre
+            and not tok.unc_post
+            or tok.soft
+            and not tok.prep
+        ):
+            break
+        if tok.prep:
+            prep_seen = True
+        if not m.from_anchor and _take_attributes(m, tok, prep_seen or tok.adverbial or words <= 1):
+            claimed[j] = True
+            m.ev_end = max(m.ev_end, e)
+
+
+def _take_trailing_change(clause, j: int, m: Mention, claimed: list[bool]) -> None:
+    """ "There is a small effusion, new since the prior study." / "..., unchanged.": the change word right
+    after the comma at ``j`` is the mention's, unless a finding follows it."""
+    nxt = clause[j + 1][2] if j + 1 < len(clause) else None
+    if (
+        nxt is not None
+        and nxt.change is not None
+        and not nxt.finding
+        and m.change is None
+        and not _finding_follows(clause, j + 1)
+    ):
+        m.change = nxt.change
+        claimed[j + 1] = True
+
+
+def _take_attributes(m: Mention, tok: Tok, location_reaches: bool) -> bool:
+    """Give the mention the attributes of a word after it that it lacks; whether it took any."""
+    took = False
+    if tok.is_loc and location_reaches:
+        m.add_loc(tok)
+        took = True
+    if tok.level is not None and m.level is None:
+        m.level = tok.level
+        took = True
+    if tok.type is not None and m.type is None and not tok.is_loc:
+        m.type = tok.type
+        took = True
+    if tok.change is not None and m.change is None:
+        m.change = tok.change
+        took = True
+    return took
+
+
+def _take_pre_windows(
+    clause, norm: str, mentions: list[Mention], heads: list[int], claimed: list[bool]
+) -> None:
+    """The attribute words between the previous mention (or its claimed post-window) and each finding;
+    "small left and moderate right effusion": each lateral segment is an instance of its own (inserted
+    into ``mentions`` / ``heads`` before the mention)."""
     extra: list[tuple[int, Mention]] = []
     for k, i in enumerate(heads):
         m = mentions[k]
         if m.from_anchor:
             continue
-        start = clause[i][0]
-        segments: list[list[Tok]] = [[]]  # attribute words, split at "and" ("small left and moderate right")
-        for j in range(i - 1, -1, -1):
-            s, e, tok = clause[j]
-            if (
-                claimed[j]
-                or tok is _COMMA
-                or tok.soft
-                or tok.alt
-                or tok.finding
-                or tok.anchors
-                and not tok.is_loc
-            ):
-                break
-            if _words(norm, e, start) > PRE_WORDS * len(segments):
-                break
-            if tok.conj:
-                segments.append([])
-                continue
-            segments[-1].append(tok)
-            claimed[j] = True
-            if len(segments) == 1:
-                m.ev_start = min(m.ev_start, s)
-        segments = [seg for seg in segments if seg]
+        segments = _pre_segments(clause, norm, i, m, claimed)
         if len(segments) > 1 and all(any(t.lat for t in seg) for seg in segments):
-            for seg in segments[1:]:  # each lateral segment is its own instance
+            for seg in segments[1:]:
                 twin = Mention(m.name, m.raw, m.start, m.end, m.section)
                 twin.presence = m.presence
                 _apply_pre(twin, seg)
                 extra.append((k, twin))
             segments = segments[:1]
         _apply_pre(m, [t for seg in segments for t in seg])
-
     for k, twin in reversed(extra):
         mentions.insert(k, twin)
         heads.insert(k, heads[k])
 
-    # a change word before the first finding or after the last one applies to every finding of the clause
-    if mentions:
-        first, last = heads[0], heads[-1]
-        shared = [
-            t.change for j, (_, _, t) in enumerate(clause) if t.change is not None and (j < first or j > last)
-        ]
-        if len(set(shared)) == 1:
-            for m in mentions:
-                if m.change is None:
-                    m.change = shared[0]
 
-    # "atelectasis or pneumonia": alternatives are uncertain
+def _pre_segments(clause, norm: str, i: int, m: Mention, claimed: list[bool]) -> list[list[Tok]]:
+    """The unclaimed attribute words before the finding at ``i`` (nearest first), split at "and" into
+    segments; claims them and widens the evidence over the first segment."""
+    start = clause[i][0]
+    segments: list[list[Tok]] = [[]]
+    for j in range(i - 1, -1, -1):
+        s, e, tok = clause[j]
+        if (
+            claimed[j]
+            or tok is _COMMA
+            or tok.soft
+            or tok.alt
+            or tok.finding
+            or tok.anchors
+            and not tok.is_loc
+        ):
+            break
+        if _words(norm, e, start) > PRE_WORDS * len(segments):
+            break
+        if tok.conj:
+            segments.append([])
+            continue
+        segments[-1].append(tok)
+        claimed[j] = True
+        if len(segments) == 1:
+            m.ev_start = min(m.ev_start, s)
+    return [seg for seg in segments if seg]
+
+
+def _share_change(clause, heads: list[int], mentions: list[Mention]) -> None:
+    """A change word before the first mention or after the last one applies to every mention of the clause."""
+    if not mentions:
+        return
+    first, last = heads[0], heads[-1]
+    shared = [
+        t.change for j, (_, _, t) in enumerate(clause) if t.change is not None and (j < first or j > last)
+    ]
+    if len(set(shared)) == 1:
+        for m in mentions:
+            if m.change is None:
+                m.change = shared[0]
+
+
+def _mark_alternatives(clause, heads: list[int], mentions: list[Mention], conv: Conventions) -> None:
+    """ "atelectasis or pneumonia": two positive mentions joined by "or" are uncertain (by the convention)."""
     for k in range(len(heads) - 1):
         a, b = heads[k], heads[k + 1]
         between = [clause[j][2] for j in range(a + 1, b)]
@@ -593,15 +651,17 @@ def _clause_mentions(
                 if m.presence == POS and conv.alternatives == UNC:
                     m.presence = UNC
 
+
+def _finish(clause, text: str, heads: list[int], mentions: list[Mention]) -> list[Mention]:
+    """The clause's final mentions: those a mimic explains away dropped, no change on a negated mention
+    (except "resolved"), evidence text set, extra names a phrase carries added, one device per clause."""
     for k in _explained_away(clause, heads, mentions):
         mentions[k].presence = ABSENT
     if any(m.presence == ABSENT for m in mentions):
         mentions = [m for m in mentions if m.presence != ABSENT]
-
     for m in mentions:
         if m.presence == NEG and m.change != "resolved":
             m.change = None
-    for m in mentions:
         m.evidence = text[m.ev_start : m.ev_end]
     if any(m.also for m in mentions):
         mentions = [x for m in mentions for x in (m, *(_renamed(m, name) for name in m.also))]
@@ -719,86 +779,135 @@ def extract_mentions(
     return out
 
 
-def mention_row(m: Mention, libs: Libs, shift: int = 0) -> dict:
-    """A mention as a findings row (offsets moved by ``shift``)."""
-    return {
-        "name": m.name,
-        "raw_name": m.raw,
-        "presence": m.presence,
-        "location": m.location(libs),
-        "level": m.level,
-        "type": m.type,
-        "change": m.change,
-        "section": m.section,
-        # the evidence span: the finding's noun phrase with the attribute words it took
-        "start": m.ev_start - shift,
-        "end": m.ev_end - shift,
-        "evidence": m.evidence or m.raw,
-    }
-
-
-# Sentence text -> its mention rows (offsets from the sentence start). What a sentence says depends on its
-# own words only (clauses never cross a sentence end), and reports repeat sentences ("The lungs are clear.",
-# "No pneumothorax.") across a corpus, so each distinct sentence is read once per process. Bounded.
-_SENTENCE_ROWS: dict[tuple, tuple[dict, ...]] = {}
+# Squeezed sentence -> its mention rows, per reading convention. What a sentence says depends on its own
+# normalised words only (clauses never cross a sentence end; case, line breaks, hyphens and runs of spaces
+# change no reading: the matcher takes " +" between words and word counts split on white space), and
+# reports repeat sentences ("The lungs are clear.", "No pneumothorax.") across a corpus, so each distinct
+# squeezed sentence is read once per process; offsets are mapped back and raw text sliced from the report.
+# Bounded.
+_SENTENCE_ROWS: dict[Conventions, dict[str, tuple[tuple, ...]]] = {}
 _SENTENCE_ROWS_MAX = 200_000
-_PERIOD = re.compile(r"\.(?=\s)")
+_SPACE_RUN = re.compile(r" {2,}")
+# A sentence-ending period (and the spaces after it): before white space, after a word that is no
+# abbreviation, i.e. the text after the last space in the six characters before the period is none of
+# ABBREVIATIONS -- the test :func:`_scan` makes at every period.
+_SENTENCE_END = re.compile(
+    r"\."
+    + "".join(
+        rf"(?<!{re.escape(a)}\.)" if len(a) >= 6 else rf"(?<! {re.escape(a)}\.)(?<!^{re.escape(a)}\.)"
+        for a in ABBREVIATIONS
+    )
+    + r"(?: +|(?=\s))"
+)
 
 
-def sentence_bounds(norm: str) -> list[tuple[int, int]]:
-    """[start, end) of the sentences of a normalised section, cut exactly where :func:`_scan` ends a
-    sentence at a period (a period before white space, after a word that is no abbreviation)."""
-    bounds, start = [], 0
-    for m in _PERIOD.finditer(norm):
-        p = m.start()
-        if norm[max(0, p - 6) : p].rsplit(" ", 1)[-1] in ABBREVIATIONS:
-            continue
-        bounds.append((start, p + 1))
-        start = p + 1
-    if start < len(norm):
-        bounds.append((start, len(norm)))
-    return bounds
+def sentences(norm: str) -> list[tuple[int, str]]:
+    """(offset, text) of the sentences of a normalised section, without the spaces around them: cut
+    exactly where :func:`_scan` ends a sentence at a period."""
+    out = []
+    start = len(norm) - len(norm.lstrip(" "))
+    for m in _SENTENCE_END.finditer(norm):
+        out.append((start, norm[start : m.start() + 1]))
+        start = m.end()
+    last = norm[start:].rstrip(" ")
+    if last:
+        out.append((start, last))
+    return out
 
 
-def _sentence_rows(norm: str, text: str, section: str, libs: Libs, conv: Conventions) -> tuple[dict, ...]:
+def squeeze(sentence: str) -> tuple[str, list[int], list[int]]:
+    """``sentence`` with every run of spaces as one, and the way back: ``starts`` (ascending squeezed
+    offsets) and ``dropped`` (spaces removed before each); the character at squeezed offset ``c`` is at
+    ``c + dropped[k]`` in ``sentence``, ``k`` the last start ≤ ``c``."""
+    starts, dropped = [0], [0]
+    for run in _SPACE_RUN.finditer(sentence):
+        s, e = run.span()
+        starts.append(e - dropped[-1] - (e - s - 1))
+        dropped.append(dropped[-1] + e - s - 1)
+    return _SPACE_RUN.sub(" ", sentence), starts, dropped
+
+
+def _unsqueeze(starts: list[int], dropped: list[int], c: int) -> int:
+    return c + dropped[bisect.bisect_right(starts, c) - 1]
+
+
+# a cached row: the fields of a findings row the text does not give, the raw words' and the evidence's
+# offsets in the squeezed sentence, and the row's instance key (:func:`row_laterality`)
+_NAME, _PRESENCE, _LOCATION, _LEVEL, _TYPE, _CHANGE = range(6)
+_RAW_START, _RAW_END, _EV_START, _EV_END, _KEY = range(6, 11)
+
+
+def _sentence_rows(squeezed: str, libs: Libs, conv: Conventions) -> tuple[tuple, ...]:
+    """The mentions of one squeezed sentence as cached rows."""
     rows = []
-    for clause in _scan(norm, libs):
-        rows.extend(mention_row(m, libs) for m in _clause_mentions(clause, norm, text, section, libs, conv))
+    for clause in _scan(squeezed, libs):
+        for m in _clause_mentions(clause, squeezed, squeezed, "", libs, conv):
+            location = m.location(libs)
+            # the raw words are normalised already: row_laterality's key without normalising again
+            key = device_key(squeezed[m.start : m.end]) if m.name == DEVICE else location_side(location)
+            rows.append((m.name, m.presence, location, m.level, m.type, m.change,
+                         m.start, m.end, m.ev_start, m.ev_end, key))  # fmt: skip
     return tuple(rows)
 
 
-def _section_rows(text: str, section: str, libs: Libs, conv: Conventions) -> list[dict]:
-    norm = normalise(text)
+def _section_rows(
+    text: str, section: str, libs: Libs, conv: Conventions, keys: list[str | None]
+) -> list[dict]:
+    """The mention rows of one section (offsets in ``text``); their instance keys are appended to ``keys``."""
+    cache = _SENTENCE_ROWS.get(conv)
+    if cache is None:
+        cache = _SENTENCE_ROWS[conv] = {}
     rows: list[dict] = []
-    cache = _SENTENCE_ROWS
-    for a, b in sentence_bounds(norm):
-        key = (text[a:b], section, conv)
-        cached = cache.get(key)
+    for a, sentence in sentences(normalise(text)):
+        squeezed = _SPACE_RUN.sub(" ", sentence) if "  " in sentence else sentence
+        cached = cache.get(squeezed)
         if cached is None:
-            cached = _sentence_rows(norm[a:b], text[a:b], section, libs, conv)
+            cached = _sentence_rows(squeezed, libs, conv)
             if len(cache) >= _SENTENCE_ROWS_MAX:
                 cache.clear()
-            cache[key] = cached
+            cache[squeezed] = cached
+        if not cached:
+            continue
+        if squeezed is not sentence:
+            _, starts, dropped = squeeze(sentence)
         for r in cached:
-            row = dict(r)
-            row["start"] += a
-            row["end"] += a
-            rows.append(row)
+            if squeezed is sentence:
+                raw_start, raw_end = a + r[_RAW_START], a + r[_RAW_END]
+                start, end = a + r[_EV_START], a + r[_EV_END]
+            else:  # ends are mapped through their last character: spaces may have been dropped after it
+                raw_start = a + _unsqueeze(starts, dropped, r[_RAW_START])
+                raw_end = a + _unsqueeze(starts, dropped, r[_RAW_END] - 1) + 1
+                start = a + _unsqueeze(starts, dropped, r[_EV_START])
+                end = a + _unsqueeze(starts, dropped, r[_EV_END] - 1) + 1
+            raw = text[raw_start:raw_end]
+            rows.append({"name": r[_NAME], "raw_name": raw, "presence": r[_PRESENCE], "location": r[_LOCATION],
+                         "level": r[_LEVEL], "type": r[_TYPE], "change": r[_CHANGE], "section": section,
+                         "start": start, "end": end, "evidence": text[start:end] or raw})  # fmt: skip
+            keys.append(r[_KEY])
     return rows
 
 
 LATERALITY = ("left", "right", "bilateral")
 
 
+def device_key(raw_words: str) -> str:
+    """The instance key of a device row: which device ("device:pacemaker"), from its normalised raw words."""
+    return "device:" + " ".join(raw_words.split())
+
+
+def location_side(location: str | None) -> str | None:
+    """The instance key of a non-device row: the laterality its location starts with."""
+    if not location:
+        return None
+    first = location.split(" ", 1)[0]
+    return first if first in LATERALITY else None
+
+
 def row_laterality(row: dict) -> str | None:
     """The instance key of a row besides its name: laterality (devices: which device)."""
     if row["name"] == DEVICE:
-        return "device:" + " ".join(normalise(row.get("raw_name") or "").split())
-    loc = row.get("location")
-    if not loc:
-        return None
-    first = loc.split(" ", 1)[0]
-    return first if first in LATERALITY else None
+        return device_key(normalise(row.get("raw_name") or ""))
+    return location_side(row.get("location"))
 
 
 ATTRS = ("location", "level", "type", "change")
@@ -811,39 +920,48 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     one without laterality). Presence: positive > uncertain > negative; attributes are filled from rows that
     share the winning presence; the evidence of the first winning row is kept.
     """
-    by_name: dict[str, list[dict]] = {}
-    order: list[dict] = []
-    for row in rows:
-        lat = row_laterality(row)
-        insts = by_name.setdefault(row["name"], [])
+    return _merge_instances(rows, [row_laterality(row) for row in rows], copy=True)
+
+
+def _merge_instances(rows: list[dict], keys: list[str | None], copy: bool) -> list[dict]:
+    """:func:`merge_rows` with each row's :func:`row_laterality` given (``keys``); without ``copy`` the first
+    row of each instance becomes the instance (for rows nobody else holds)."""
+    by_name: dict[str, list[list]] = {}  # name -> its instances: [row, laterality]
+    order: list[list] = []
+    for row, lat in zip(rows, keys, strict=True):
+        insts = by_name.get(row["name"])
+        if insts is None:
+            inst = [dict(row) if copy else row, lat]
+            by_name[row["name"]] = [inst]
+            order.append(inst)
+            continue
         target = None
         if lat is not None:
-            target = next((x for x in insts if x["_lat"] == lat), None)
-            if target is None and len(insts) == 1 and insts[0]["_lat"] is None:
+            target = next((x for x in insts if x[1] == lat), None)
+            if target is None and len(insts) == 1 and insts[0][1] is None:
                 target = insts[0]
-                target["_lat"] = lat
+                target[1] = lat
         elif len(insts) == 1:
             target = insts[0]
         else:
-            target = next((x for x in insts if x["_lat"] is None), None)
+            target = next((x for x in insts if x[1] is None), None)
         if target is None:
-            inst = {**row, "_lat": lat}
+            inst = [dict(row) if copy else row, lat]
             insts.append(inst)
             order.append(inst)
             continue
-        if RANK[row["presence"]] > RANK[target["presence"]]:
-            old = dict(target)
-            target.update(row)
-            target["_lat"] = lat or old["_lat"]
-            if target["location"] is None and lat is None:
-                target["location"] = old["location"]
-        elif row["presence"] == target["presence"]:
+        merged = target[0]
+        if RANK[row["presence"]] > RANK[merged["presence"]]:
+            old_location = merged["location"]
+            merged.update(row)
+            target[1] = lat or target[1]
+            if merged["location"] is None and lat is None:
+                merged["location"] = old_location
+        elif row["presence"] == merged["presence"]:
             for key in ATTRS:
-                if target.get(key) is None and row.get(key) is not None:
-                    target[key] = row[key]
-    for inst in order:
-        inst.pop("_lat")
-    return order
+                if merged.get(key) is None and row.get(key) is not None:
+                    merged[key] = row[key]
+    return [inst[0] for inst in order]
 
 
 def extract_sections(sections: dict[str, str | None], conventions: Conventions | None = None) -> list[dict]:
@@ -854,11 +972,12 @@ def extract_sections(sections: dict[str, str | None], conventions: Conventions |
     libs = load_libs()
     conv = conventions or DEFAULT_CONVENTIONS
     rows: list[dict] = []
+    keys: list[str | None] = []
     for section in sections_read(sections):
         text = sections.get(section)
         if text:
-            rows.extend(_section_rows(text, section, libs, conv))
-    return merge_rows(rows)
+            rows.extend(_section_rows(text, section, libs, conv, keys))
+    return _merge_instances(rows, keys, copy=False)
 
 
 # A header in any case at a line start ("Findings:", "IMPRESSION :"): MIT-LCP's parser knows upper case only.

@@ -1,0 +1,82 @@
+"""Sentence splitting and the per-sentence cache of the rules extractor: a sentence is read the same however
+it is wrapped, spaced or capitalised, and every row's offsets index the report's own text."""
+
+from __future__ import annotations
+
+import gc
+
+import pyarrow as pa
+
+from workflow.contract import SECTIONS
+from workflow.keyinfo.extract import extract_sections, normalise, sentences, squeeze
+from workflow.keyinfo.run_rules import run
+from workflow.tables import write_table
+
+
+def test_sentences_end_at_periods_but_not_at_abbreviations_or_decimals():
+    norm = normalise(
+        "Heart size is top normal, i.e. no cardiomegaly.  A 2.3 cm nodule vs. a nipple shadow. No effusion"
+    )
+    pieces = sentences(norm)
+    assert [text for _, text in pieces] == [
+        "heart size is top normal, i.e. no cardiomegaly.",
+        "a 2.3 cm nodule vs. a nipple shadow.",
+        "no effusion",
+    ]
+    assert all(norm[a : a + len(text)] == text for a, text in pieces)
+    # "no." before a space reads as an abbreviation ("Effusion: no. Pneumothorax: no."), as in the scan
+    assert [t for _, t in sentences(normalise("  Effusion: no. Size approx. 2 cm. Pneumothorax: no.  "))] == [
+        "effusion: no. size approx. 2 cm.",
+        "pneumothorax: no.",
+    ]
+
+
+def test_squeeze_keeps_one_space_per_run_and_says_where_the_characters_were():
+    sentence = "small  left\n   effusion".replace("\n", " ")
+    squeezed, starts, dropped = squeeze(sentence)
+    assert squeezed == "small left effusion"
+    # "effusion" starts at squeezed offset 11; in the sentence 1 + 3 spaces earlier were dropped
+    k = max(i for i, s in enumerate(starts) if s <= 11)
+    assert sentence[11 + dropped[k] :].startswith("effusion")
+
+
+WRAPPED = {
+    "findings": "There is a small left pleural effusion.\nNo pneumothorax. The heart is mildly enlarged.",
+}
+REWRAPPED = {
+    "findings": "THERE IS A SMALL LEFT\n   PLEURAL   EFFUSION.  No  pneumothorax.\n\nThe heart is mildly\n enlarged.",
+}
+
+
+def reading(rows: list[dict]) -> list[tuple]:
+    return [(r["name"], r["presence"], r["location"], r["level"], r["type"], r["change"]) for r in rows]
+
+
+def test_a_sentence_reads_the_same_however_wrapped_and_its_offsets_index_each_report():
+    first = extract_sections(WRAPPED)
+    again = extract_sections(REWRAPPED)  # the same squeezed sentences: read from the cache
+    assert reading(first) == reading(again)
+    assert ("pleural effusion", "positive", "left", "mild", None, None) in reading(again)  # small: mild
+    for sections, rows in ((WRAPPED, first), (REWRAPPED, again)):
+        text = sections["findings"]
+        for r in rows:
+            assert text[r["start"] : r["end"]] == r["evidence"]
+            assert r["raw_name"] in r["evidence"]
+    effusion = next(r for r in again if r["name"] == "pleural effusion")
+    assert effusion["raw_name"] == "PLEURAL   EFFUSION"
+    assert effusion["evidence"] == "SMALL LEFT\n   PLEURAL   EFFUSION"
+
+
+def test_a_cached_sentence_keeps_the_section_it_was_found_in():
+    assert extract_sections({"findings": "No pneumothorax."})[0]["section"] == "findings"
+    assert extract_sections({"impression": "No pneumothorax."})[0]["section"] == "impression"
+
+
+def test_the_rule_leaves_the_callers_collector_settings_as_they_were(tmp_path):
+    sections = tmp_path / "sections.parquet"
+    cols = {f.name: [None] for f in SECTIONS}
+    cols.update(subject_id=[1], study_id=[2], findings=["Small left effusion."])
+    write_table(pa.Table.from_pydict(cols, schema=SECTIONS), sections, SECTIONS)
+    before = gc.get_threshold()
+    run(sections, tmp_path / "f.parquet", tmp_path / "s.parquet", tmp_path / "r.parquet")
+    assert gc.get_threshold() == before
