@@ -10,6 +10,7 @@ when there is one. Nothing is installed and no job runs under conda here."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -283,7 +284,35 @@ def test_each_rule_declares_the_env_it_runs_in(tmp_path, conda_on_path, rule, ta
     )
     built = set(re.findall(r"envs/(\w+)\.yaml will be created", log))
     assert f"rule {rule}:" in log
-    assert built == {env}, built
+    # the DAG also holds the upstream jobs an input `rules.<producer>.output` names (not run, but their envs
+    # are built too): the rule's own env is the one its `conda:` resolves to under this config
+    assert env in built, built
+    assert rule_envs(tmp_path / "override.yaml", env=conda_on_path)[rule] == f"../envs/{env}.yaml"
+
+
+RULE_ENVS = """
+import json, sys
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings.types import (ConfigSettings, DeploymentMethod, DeploymentSettings, OutputSettings,
+                                      ResourceSettings, StorageSettings)
+with SnakemakeApi(OutputSettings()) as api:
+    wf = api.workflow(resource_settings=ResourceSettings(cores=1),
+                      config_settings=ConfigSettings(configfiles=[Path(p) for p in sys.argv[2:]]),
+                      storage_settings=StorageSettings(),
+                      deployment_settings=DeploymentSettings(deployment_method={DeploymentMethod.CONDA}),
+                      snakefile=Path(sys.argv[1]), workdir=Path.cwd())
+    print(json.dumps({r.name: str(r.conda_env) for r in wf._workflow.rules}))
+"""
+
+
+def rule_envs(override: Path, env: dict) -> dict[str, str]:
+    """Rule name -> its `conda:` env file as Snakemake resolved it (config.yaml + ``override``)."""
+    argv = [str(Path(SNAKEMAKE).with_name("python")), "-c", RULE_ENVS, str(REPO / "Snakefile"), str(REPO / "config.yaml"),
+            str(override)]  # fmt: skip
+    run = subprocess.run(argv, cwd=override.parent, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return json.loads(run.stdout.strip().splitlines()[-1])
 
 
 def test_slurm_profile_asks_for_each_rules_own_resources(tmp_path):

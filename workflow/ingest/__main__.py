@@ -51,18 +51,13 @@ def main(argv: list[str] | None = None) -> Result:
     p = build_parser()
     args = p.parse_args(argv)
     setup_logging(args.verbose)
+    outputs = (args.studies, args.images, args.rejects)
     try:
         if args.format == "mimic":
             result = ingest_mimic(
-                args.reports,
-                args.split,
-                args.metadata,
-                args.studies,
-                args.images,
-                args.rejects,
-                workers=args.workers,
+                args.reports, args.split, args.metadata, *outputs, workers=args.workers,
                 max_report_bytes=args.max_report_bytes,
-            )
+            )  # fmt: skip
         else:
             try:
                 ratios = [float(x) for x in args.split_ratios.split(",")]
@@ -73,9 +68,7 @@ def main(argv: list[str] | None = None) -> Result:
             result = ingest_iu(
                 args.reports,
                 args.projections,
-                args.studies,
-                args.images,
-                args.rejects,
+                *outputs,
                 split_seed=args.split_seed,
                 split_ratios=ratios,
                 max_report_bytes=args.max_report_bytes,

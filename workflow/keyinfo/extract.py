@@ -47,25 +47,10 @@ def normalise(text: str) -> str:
 
 
 class Mention:
-    __slots__ = (
-        "name",
-        "raw",
-        "presence",
-        "lat",
-        "zones",
-        "structs",
-        "level",
-        "type",
-        "change",
-        "start",
-        "end",
-        "section",
-        "from_anchor",
-        "also",
-        "ev_start",
-        "ev_end",
-        "evidence",
-    )
+    """A finding named in a clause, with what the clause says about it (offsets in the normalised text)."""
+
+    __slots__ = ("name", "raw", "presence", "lat", "zones", "structs", "level", "type", "change", "start", "end",
+                 "section", "from_anchor", "also", "ev_start", "ev_end", "evidence")  # fmt: skip
 
     def __init__(self, name, raw, start, end, section):
         self.name, self.raw, self.start, self.end, self.section = name, raw, start, end, section

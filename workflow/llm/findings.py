@@ -81,23 +81,15 @@ def standardise_answer(
         section, start, end = _span(evidence, sections_row)
         out.append(
             finding_row(
+                **row,
                 **ids,
-                name=row["name"],
-                raw_name=row.get("raw_name"),
-                presence=row["presence"],
-                location=row.get("location"),
-                level=row.get("level"),
-                type=row.get("type"),
-                change=row.get("change"),
                 section=section,
                 start=start,
                 end=end,
                 source=source,
                 round=round_,
                 request_hash=request_key,
-                evidence=evidence,
-                flags=row.get("flags") or None,
-            )
+            )  # fmt: skip
         )
     return out
 

@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from workflow import cli
 from workflow.contract import FINDINGS, LLM_FOLLOWUP_STATS, REJECTS
-from workflow.llm import accounting
+from workflow.llm import accounting, stages
 from workflow.llm.answers import FOLLOWUP_SCHEMA
 from workflow.llm.findings import (
     answer_json,
@@ -30,17 +30,6 @@ from workflow.llm.findings import (
     report_text,
     rules_positive_names,
     standardise_answer,
-)
-from workflow.llm.stages import (
-    add_common_args,
-    ask,
-    load_config,
-    load_studies,
-    request_rows,
-    stage_params,
-    stage_request,
-    write_estimate,
-    write_requests,
 )
 from workflow.tables import read_table, summary, write_table
 
@@ -82,7 +71,7 @@ def followup_targets(
 
 def followup_request(row: dict, previous_answer: str, finding: str, reason: str, cfg: dict, params: dict):
     """One follow-up question (the stage and the estimate both build them here)."""
-    return stage_request(
+    return stages.stage_request(
         TEMPLATE,
         FOLLOWUP_SCHEMA,
         cfg,
@@ -126,14 +115,14 @@ def round_rejects(
 def run_round(args, config) -> None:
     round_ = int(args.round)
     fcfg = config["llm"]["followup"]
-    cfg, params = stage_params(config, "followup")
+    cfg, params = stages.stage_params(config, "followup")
     previous = read_table(args.previous).to_pandas()
     prev_stats = read_table(args.previous_stats).to_pylist()
     asked = read_table(args.previous_asked).to_pandas()
     # Who answered the bulk extraction (round 0); each round's requests.parquet holds only its own requests.
     keyinfo_requests = read_table(args.keyinfo_requests).to_pandas()
     rules = read_table(args.rules_findings).to_pandas()
-    studies = load_studies(args.sections, args.studies).set_index("study_id", drop=False)
+    studies = stages.load_studies(args.sections, args.studies).set_index("study_id", drop=False)
     first = keyinfo_requests[keyinfo_requests["status"] == "completed"]
     answered_ids = set(first.loc[first["parse_error"].isna(), "study_id"])
 
@@ -150,9 +139,9 @@ def run_round(args, config) -> None:
         row = studies.loc[t.study_id].to_dict()
         current = by_study.get(t.study_id, previous.head(0))
         requests.append(followup_request(row, answer_json(current, row), t.name, t.reason, cfg, params))
-    answers = ask(requests, cfg, args.cache, dry_run=args.dry_run) if requests else []
+    answers = stages.ask(requests, cfg, args.cache, dry_run=args.dry_run) if requests else []
     if isinstance(answers, accounting.Estimate):
-        write_estimate(answers, args.estimate)
+        stages.write_estimate(answers, args.estimate)
         return
 
     merged = previous
@@ -207,7 +196,7 @@ def run_round(args, config) -> None:
     write_table(pa.Table.from_pandas(all_asked, schema=ASKED, preserve_index=False), args.asked, ASKED)
     write_table(pa.Table.from_pylist(stats, schema=LLM_FOLLOWUP_STATS), args.stats, LLM_FOLLOWUP_STATS)
     # This round's requests only, once each: the report adds the rounds up.
-    write_requests(request_rows(answers, "followup", round_, cfg), args.requests)
+    stages.write_requests(stages.request_rows(answers, "followup", round_, cfg), args.requests)
     log.info(
         "followup round %d: %d missed, %d disagreements, %d asked, %d answered, %d changed%s",
         round_,
@@ -224,7 +213,7 @@ def run_round(args, config) -> None:
 
 def main(argv=None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
-    add_common_args(p)
+    stages.add_common_args(p)
     p.add_argument("--round", type=int, required=True)
     for name in (
         "sections",
@@ -245,7 +234,7 @@ def main(argv=None) -> None:
     p.add_argument("--estimate")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
-    run_round(args, load_config(args.config))
+    run_round(args, stages.load_config(args.config))
 
 
 if __name__ == "__main__":

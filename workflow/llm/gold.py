@@ -21,7 +21,7 @@ import pyarrow as pa
 
 from workflow import cli
 from workflow.contract import FINDINGS, LLM_GOLD_SAMPLE
-from workflow.llm import accounting
+from workflow.llm import accounting, stages
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import (
     add_flags,
@@ -29,20 +29,6 @@ from workflow.llm.findings import (
     findings_frame,
     report_text,
     rules_positive_names,
-    standardise_answer,
-)
-from workflow.llm.stages import (
-    add_common_args,
-    ask,
-    load_config,
-    load_studies,
-    no_findings_reason,
-    reject_reason,
-    request_rows,
-    stage_params,
-    stage_request,
-    write_estimate,
-    write_requests,
 )
 from workflow.tables import Rejects, atomic_path, read_table, summary, write_table
 
@@ -102,13 +88,13 @@ def gold_requests(
 ) -> tuple[pd.DataFrame, list]:
     """The gold sample and its teacher requests (the stage and the estimate both call this)."""
     gcfg = config["llm"]["gold"]
-    cfg, params = stage_params(config, "gold")
+    cfg, params = stages.stage_params(config, "gold")
     sample = select_gold(
         studies, rules, int(gcfg["n"]), int(gcfg["seed"]), read_exclusion(gcfg.get("exclude"))
     )
     by_id = studies.set_index("study_id", drop=False)
     requests = [
-        stage_request(
+        stages.stage_request(
             TEMPLATE,
             FINDINGS_SCHEMA,
             cfg,
@@ -123,7 +109,7 @@ def gold_requests(
 
 def main(argv=None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
-    add_common_args(p)
+    stages.add_common_args(p)
     p.add_argument("--sections", required=True)
     p.add_argument("--studies", required=True)
     p.add_argument("--rules-findings", help="rules findings (for stratification)")
@@ -135,18 +121,18 @@ def main(argv=None) -> None:
     p.add_argument("--estimate", help="write the dry-run estimate here (JSON)")
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
-    config = load_config(args.config)
+    config = stages.load_config(args.config)
     gcfg = config["llm"]["gold"]
-    cfg, params = stage_params(config, "gold")
+    cfg, params = stages.stage_params(config, "gold")
 
-    studies = load_studies(args.sections, args.studies)
+    studies = stages.load_studies(args.sections, args.studies)
     rules = read_table(args.rules_findings).to_pandas() if args.rules_findings else None
     sample, requests = gold_requests(config, studies, rules)
     log.info("gold: %d studies sampled from %d (seed %s)", len(sample), len(studies), gcfg["seed"])
     by_id = studies.set_index("study_id", drop=False)
-    answers = ask(requests, cfg, args.cache, dry_run=args.dry_run)
+    answers = stages.ask(requests, cfg, args.cache, dry_run=args.dry_run)
     if isinstance(answers, accounting.Estimate):
-        write_estimate(answers, args.estimate)
+        stages.write_estimate(answers, args.estimate)
         return
 
     rules_positive = rules_positive_names(rules)
@@ -155,23 +141,15 @@ def main(argv=None) -> None:
     with atomic_path(args.sft) as tmp, open(tmp, "w", encoding="utf-8") as sft:
         for a in answers:
             sid = int(a.request.meta["study_id"])
-            if a.items is None:
-                rejects.add(sid, *reject_reason(a))
+            new = stages.first_answer_rows(a, by_id, rejects, config["keyinfo"]["fuzzy_cutoff"])
+            if new is None:
                 continue
-            new = standardise_answer(
-                a.items,
-                by_id.loc[sid].to_dict(),
-                source="llm",
-                round_=0,
-                request_key=a.request.key,
-                fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"],
-            )
             flags = answer_flags(new, rules_positive.get(sid, set()))
             add_flags(new, flags)
             if not new and flags:
                 rejects.add(sid, "llm_flagged", ";".join(flags) + ": the answer lists no findings")
             elif not new:  # a valid answer ("nothing found") that leaves no findings row: say so
-                rejects.add(sid, *no_findings_reason(a.items))
+                rejects.add(sid, *stages.no_findings_reason(a.items))
             rows += new
             if flags:
                 n_flagged += 1
@@ -197,7 +175,7 @@ def main(argv=None) -> None:
         args.findings,
         FINDINGS,
     )
-    write_requests(request_rows(answers, "gold", 0, cfg), args.requests)
+    stages.write_requests(stages.request_rows(answers, "gold", 0, cfg), args.requests)
     rejects.write(args.rejects)
     if n_flagged:
         log.warning("gold: %d answer(s) flagged against the rules, kept out of sft.jsonl", n_flagged)

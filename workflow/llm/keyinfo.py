@@ -15,7 +15,7 @@ import pyarrow as pa
 from workflow import cli
 from workflow.contract import AUDIT, FINDINGS, LLM_FOLLOWUP_STATS, LLM_REQUESTS, REJECTS, UNKNOWN_TERMS
 from workflow.keyinfo.standardise import unknown_terms
-from workflow.llm import accounting
+from workflow.llm import accounting, stages
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import (
     add_flags,
@@ -24,23 +24,9 @@ from workflow.llm.findings import (
     ground_findings,
     report_text,
     rules_positive_names,
-    standardise_answer,
     write_audit,
 )
 from workflow.llm.followup import ASKED, empty_asked, followup_targets
-from workflow.llm.stages import (
-    add_common_args,
-    ask,
-    load_config,
-    load_studies,
-    no_findings_reason,
-    reject_reason,
-    request_rows,
-    stage_params,
-    stage_request,
-    write_estimate,
-    write_requests,
-)
 from workflow.tables import Rejects, read_table, summary, write_table
 
 log = logging.getLogger(__name__)
@@ -56,7 +42,7 @@ def shard_requests(studies: pd.DataFrame, shard: int, shards: int, cfg: dict, pa
             rejects.add(int(row["study_id"]), "no_findings_or_impression", "nothing to send to the LLM")
             continue
         requests.append(
-            stage_request(
+            stages.stage_request(
                 TEMPLATE, FINDINGS_SCHEMA, cfg, params, {"study_id": int(row["study_id"])}, report=text
             )
         )
@@ -64,32 +50,23 @@ def shard_requests(studies: pd.DataFrame, shard: int, shards: int, cfg: dict, pa
 
 
 def run_shard(args, config) -> None:
-    cfg, params = stage_params(config, "keyinfo")
-    studies = load_studies(args.sections, args.studies)
+    cfg, params = stages.stage_params(config, "keyinfo")
+    studies = stages.load_studies(args.sections, args.studies)
     rejects = Rejects("llm_keyinfo")
     part, requests = shard_requests(studies, args.shard, args.shards, cfg, params, rejects)
-    answers = ask(requests, cfg, args.cache, dry_run=args.dry_run)
+    answers = stages.ask(requests, cfg, args.cache, dry_run=args.dry_run)
     if isinstance(answers, accounting.Estimate):
-        write_estimate(answers, args.estimate)
+        stages.write_estimate(answers, args.estimate)
         return
     by_id = part.set_index("study_id", drop=False)
     rows, audit = [], []
     for a in answers:
         sid = int(a.request.meta["study_id"])
-        if a.items is None:
-            rejects.add(sid, *reject_reason(a))
+        new = stages.first_answer_rows(a, by_id, rejects, config["keyinfo"]["fuzzy_cutoff"], audit)
+        if new is None:
             continue
-        new = standardise_answer(
-            a.items,
-            by_id.loc[sid].to_dict(),
-            source="llm",
-            round_=0,
-            request_key=a.request.key,
-            fuzzy_cutoff=config["keyinfo"]["fuzzy_cutoff"],
-            audit=audit,
-        )
         if not new:  # answered, nothing found: recorded, so every study is in the output or in rejects
-            rejects.add(sid, *no_findings_reason(a.items))
+            rejects.add(sid, *stages.no_findings_reason(a.items))
         rows += new
     write_audit(audit, args.audit)
     write_table(
@@ -97,7 +74,7 @@ def run_shard(args, config) -> None:
         args.findings,
         FINDINGS,
     )
-    write_requests(request_rows(answers, "keyinfo", 0, cfg), args.requests)
+    stages.write_requests(stages.request_rows(answers, "keyinfo", 0, cfg), args.requests)
     rejects.write(args.rejects)
     summary(
         f"llm_keyinfo shard {args.shard}/{args.shards}", len(part), len(part) - len(rejects), len(rejects)
@@ -177,7 +154,7 @@ def main(argv=None) -> None:
     p = cli.parser(__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("shard")
-    add_common_args(s)
+    stages.add_common_args(s)
     s.add_argument("--sections", required=True)
     s.add_argument("--studies", required=True)
     s.add_argument("--shard", type=int, required=True)
@@ -196,9 +173,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     cli.setup_logging(args.verbose)
     if args.command == "shard":
-        run_shard(args, load_config(args.config))
+        run_shard(args, stages.load_config(args.config))
     else:
-        merge(args, load_config(args.config))
+        merge(args, stages.load_config(args.config))
 
 
 if __name__ == "__main__":

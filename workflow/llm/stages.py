@@ -14,6 +14,7 @@ from workflow.contract import LLM_REQUESTS
 from workflow.llm import accounting
 from workflow.llm.answers import extract_json, findings_of
 from workflow.llm.cache import Result
+from workflow.llm.findings import standardise_answer
 from workflow.llm.request import Request, build_request
 from workflow.llm.run import load_executor_config, run_requests
 from workflow.tables import read_table, write_table
@@ -180,6 +181,20 @@ def reject_reason(a: Answer) -> tuple[str, str]:
     if a.result.status == "unusable":
         return "llm_unusable_answer", a.result.error or ""
     return "llm_unusable_answer", a.parse_error or ""
+
+
+def first_answer_rows(a: Answer, sections: pd.DataFrame, rejects, fuzzy_cutoff: float,
+                      audit: list[dict] | None = None) -> list[dict] | None:  # fmt: skip
+    """A round-0 answer's finding rows (gold and bulk keyinfo alike), its evidence located in the study's
+    sections (``sections`` indexed by study_id); None when the answer is unusable (recorded in ``rejects``)."""
+    sid = int(a.request.meta["study_id"])
+    if a.items is None:
+        rejects.add(sid, *reject_reason(a))
+        return None
+    return standardise_answer(
+        a.items, sections.loc[sid].to_dict(), source="llm", round_=0, request_key=a.request.key,
+        fuzzy_cutoff=fuzzy_cutoff, audit=audit,
+    )  # fmt: skip
 
 
 def no_findings_reason(items: list[dict]) -> tuple[str, str]:
