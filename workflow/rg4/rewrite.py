@@ -154,13 +154,82 @@ _TRAILING_DANGLER = re.compile(
 )
 
 
+# --- articles: a removal can leave "a" before a vowel ("a new endotracheal tube" -> "a endotracheal
+# tube") or "an" before a consonant ("an unchanged nasogastric tube"), or two articles in a row
+
+# An article and the space after it, before a word. Only lower-case "a" / "an", or capitalised at the start
+# or in upper-case text, are articles: "A" inside a sentence mostly is not ("type A dissection").
+_ARTICLE = re.compile(r"(?:^|(?<=\s))(a|an|A|An|AN)\s+(?=[\w(])")
+_LEADING_ARTICLE = re.compile(r"^(?:the|an?)\s+", re.IGNORECASE)
+_DOUBLED_ARTICLE = re.compile(r"\b(a|an|the)\s+(?:a|an|the)\s+(?=\w)", re.IGNORECASE)
+# Letters whose names start with a vowel sound: "an NG tube", "an ET tube", "an SVC", "an RLL opacity".
+_VOWEL_LETTER_NAMES = frozenset("aefhilmnorsx")
+# Vowel letters read with a consonant sound: "a unilateral", "a ureteral", "a European", "a one-time";
+# "un-" + a vowel-initial stem stays "an" ("an unidentified", "an uninterrupted").
+_CONSONANT_SOUND = re.compile(r"^(?:uni(?!d[ei]|n|mp|mm)|us[eu]|ur[eio]|ut[ei]|uv|eu|ewe|one\b|once\b)")
+# Silent h: "an hour", "an honest".
+_VOWEL_SOUND_H = re.compile(r"^(?:hour|honest|honou?r|heir)")
+# Acronyms read as a word rather than letter by letter.
+_ACRONYM_WORDS = frozenset({"lima", "rima", "picc", "cabg", "nos", "ards", "copd"})
+
+
+def takes_an(word: str, all_caps_text: bool = False) -> bool:
+    """Whether the indefinite article before ``word`` is "an" (by sound, not spelling): "an effusion",
+    "a unilateral", "an NG tube", "an 8 mm nodule", "an 11 cm", "a 1.5 cm", "an x-ray"."""
+    if word[0].isdigit():
+        number = re.match(r"\d+", word).group()
+        # "eight", "eighty", "eight hundred"; "eleven", "eighteen" (and their hundreds: "an 1100 cc")
+        return number[0] == "8" or number[:2] in ("11", "18") and len(number) in (2, 4)
+    lower = word.lower()
+    # letter by letter: an acronym ("NG", "ET", "RLL") or a single letter ("an S-shaped", "an x-ray")
+    letters = (
+        len(word) == 1
+        or word[1] == "-"
+        or (not all_caps_text and word.isupper() and len(word) <= 5 and lower not in _ACRONYM_WORDS)
+    )
+    if letters:
+        return lower[0] in _VOWEL_LETTER_NAMES
+    if lower[0] in "aeiou":
+        return not _CONSONANT_SOUND.match(lower)
+    return bool(_VOWEL_SOUND_H.match(lower))
+
+
+def fix_articles(sentence: str) -> str:
+    """Articles agreeing with the word after them, and one article where a removal left two in a row
+    ("an interval placement of a catheter" -> "an catheter" -> "a catheter")."""
+    s = _DOUBLED_ARTICLE.sub(r"\1 ", sentence)
+    letters = [c for c in s if c.isalpha()]
+    all_caps = bool(letters) and all(c.isupper() for c in letters)
+
+    def agree(m: re.Match) -> str:
+        article = m.group(1)
+        if article[0].isupper() and m.start() and not all_caps:
+            return m.group()
+        word = re.match(r"\(?([\w-]+)", s[m.end() :]).group(1)
+        if word[0] == "_":  # a de-identified word (MIMIC "___"): its sound is unknown
+            return m.group()
+        an = takes_an(word, all_caps)
+        if (article.lower() == "an") == an:
+            return m.group()
+        new = "an" if an else "a"
+        if article.isupper() and (len(article) > 1 or all_caps):
+            new = new.upper()
+        elif article[0].isupper():
+            new = new.capitalize()
+        return new + m.group()[len(article) :]
+
+    return _ARTICLE.sub(agree, s)
+
+
 def tidy(sentence: str) -> str:
-    """Repair what a removal leaves: spaces, doubled punctuation, dangling words, capital, full stop."""
+    """Repair what a removal leaves: spaces, doubled punctuation, dangling words, articles, capital,
+    full stop."""
     s = " ".join(sentence.split())
     s = s.replace("()", "").replace("( )", "")
     s = _SPACE_BEFORE_PUNCT.sub(r"\1", s)
     s = _DOUBLE_PUNCT.sub(r"\2", s)
     s = _LEADING_JUNK.sub("", s).strip()
+    s = fix_articles(s)
     s = s.rstrip(" ,;:")
     body = s.rstrip(".!?")
     end = s[len(body) :] or "."
@@ -180,6 +249,7 @@ def has_content(sentence: str, rules: RuleSet | None = None) -> bool:
 
 
 _TOKEN = re.compile(r"\w+")
+_ARTICLES = frozenset({"a", "an"})
 
 
 def tokens(text: str | None) -> set[str]:
@@ -210,7 +280,8 @@ def _apply(
     if not m:
         return text, ""
     subject = m.group("subject").strip(" ,")
-    if rule.kind == "negate":
+    if rule.kind == "negate":  # "A right chest tube has been removed." -> "No right chest tube."
+        subject = _LEADING_ARTICLE.sub("", subject) or subject
         return (
             f"No {subject[0].lower() + subject[1:] if subject[:2] != subject[:2].upper() else subject}.",
             "no",
@@ -273,8 +344,11 @@ def rewrite_sentence(
                 body, lower = new, new.lower()
     before_tidy = body
     body = tidy(body)
-    if foreign is None:  # tidying only deletes and re-cases; a new token means it glued two words
+    if foreign is None:  # tidying deletes, re-cases and turns "a" into "an" (or back): any other new
+        # token means it glued two words
         extra = tokens(body) - tokens(before_tidy)
+        if tokens(before_tidy) & _ARTICLES:
+            extra -= _ARTICLES
         if extra:
             foreign = (min(extra), "tidy")
     if not body or not has_content(body, rules):
