@@ -125,24 +125,24 @@ ROWS = [
 
 def test_rule_writes_weights_with_a_tokenizer(tmp_path, tokenizer_dir):
     out = run_rule(tmp_path, ROWS, extra=["--scores-tokenizer", str(tokenizer_dir)])
-    for name in rg4.JSON_FILES.values():
-        for recs in json.loads((out / name).read_text()).values():
+    for scenario in ("sn", "sw", "mn", "mw"):
+        for recs in json.loads(out[f"json_{scenario}"].read_text()).values():
             for rec in recs:
                 assert len(rec["new_scores"]) == 100 and set(rec["new_scores"]) <= {0, 1}
-    sn = {r["study_id"]: r for r in json.loads((out / rg4.JSON_FILES["sn"]).read_text())["train"]}
-    sw = {r["study_id"]: r for r in json.loads((out / rg4.JSON_FILES["sw"]).read_text())["train"]}
+    sn = {r["study_id"]: r for r in json.loads(out["json_sn"].read_text())["train"]}
+    sw = {r["study_id"]: r for r in json.loads(out["json_sw"].read_text())["train"]}
     assert sum(sn[11]["new_scores"]) > 0 and sum(sn[12]["new_scores"]) > 0  # effusion; cardiomegaly
     # the sw target keeps "Stable", so its tokens differ from sn's
     assert sw[12]["new_scores"] != sn[12]["new_scores"]
-    notes = json.loads((out / "build_notes.json").read_text())
+    notes = json.loads(out["notes"].read_text())
     assert any(line.startswith("new_scores: binary") and "span-based" in line for line in notes)
 
 
 def test_without_a_tokenizer_the_files_keep_empty_weights_and_say_so(tmp_path, capsys):
     out = run_rule(tmp_path, ROWS)  # the rule logs to stderr
-    recs = json.loads((out / rg4.JSON_FILES["sn"]).read_text())["train"]
+    recs = json.loads(out["json_sn"].read_text())["train"]
     assert all(rec["new_scores"] == [] for rec in recs)
-    assert NO_TOKENIZER_NOTE in json.loads((out / "build_notes.json").read_text())
+    assert NO_TOKENIZER_NOTE in json.loads(out["notes"].read_text())
     assert capsys.readouterr().err.count(NO_TOKENIZER_NOTE) == 1
 
 

@@ -1,9 +1,10 @@
 """The rg4 rule: studies + images + sections → MIMIC-RG4 scenario tables and the LLM-RG4 loader's JSON files.
 
-Outputs (``--outdir``, or each path given):
+Outputs (one flag per file, named as rules/rg4.smk names them; :func:`rule_args` builds the flags from
+those names):
 
 * ``rg4_{sn,sw,mn,mw}.parquet`` (``contract.RG4_RECORDS``) and the four JSON files the LLM-RG4 loader
-  reads (``JSON_FILES``), ``{"train": [...], "val": [...], "test": [...]}`` with its field names and
+  reads, ``{"train": [...], "val": [...], "test": [...]}`` with its field names and
   sentinels: ``finding``/``impression``/``last_*`` = ``"s"`` when missing, ``indication``/``history`` =
   integer ``0`` when absent, ``APPA_flag``, image paths relative to ``files/``; findings / impressions
   labelled ``finding: `` / ``impression: `` (``--label-sections``, the default, as released);
@@ -68,12 +69,6 @@ from workflow.tables import Rejects, read_table, summary, write_table
 log = logging.getLogger(__name__)
 
 STAGE = "rg4"
-JSON_FILES = {
-    "sn": "final_single_view_no_long_add1score_sentence_level.json",
-    "sw": "final_single_view_with_long_add1score_sentence_level.json",
-    "mn": "final_multi_view_no_long_add1score_sentence_level.json",
-    "mw": "final_multi_view_with_long_add1score_sentence_level.json",
-}
 MISSING_SECTION = "s"  # the loader's sentinel for an absent finding / impression
 MISSING_CONTEXT = 0  # ... and for an absent indication / history
 
@@ -549,15 +544,31 @@ class OutputPaths:
     notes: Path  # build_notes.json: how the files were made, one line each (quoted in the dataset card)
 
     @classmethod
-    def in_dir(cls, outdir: Path) -> OutputPaths:
+    def of_rule(cls, paths: Mapping[str, Path]) -> OutputPaths:
+        """From the rule's output names (``sn`` ... ``mw``, ``json_sn`` ... ``json_mw``, ``counts``, ...)."""
         return cls(
-            {s: outdir / f"rg4_{s}.parquet" for s in RG4_SCENARIOS},
-            {s: outdir / JSON_FILES[s] for s in RG4_SCENARIOS},
-            outdir / "counts.parquet",
-            outdir / "rewrite_stats.parquet",
-            outdir / "rejects.parquet",
-            outdir / "build_notes.json",
+            {s: Path(paths[s]) for s in RG4_SCENARIOS},
+            {s: Path(paths[f"json_{s}"]) for s in RG4_SCENARIOS},
+            Path(paths["counts"]),
+            Path(paths["stats"]),
+            Path(paths["rejects"]),
+            Path(paths["notes"]),
         )
+
+
+def rule_args(paths: Mapping[str, Path]) -> list[str]:
+    """The path flags of rules/rg4.smk's shell line, from the names of its inputs and outputs
+    (``studies``, ``images``, ``sections``, ``sn`` ... ``json_mw``, ``counts``, ``stats``, ``rejects``,
+    ``notes``): tests and bench/ run the stage the way the rule does. Other names are ignored."""
+    out = OutputPaths.of_rule(paths)
+    return [
+        *("--studies", str(paths["studies"]), "--images", str(paths["images"])),
+        *("--sections", str(paths["sections"])),
+        *("--tables", *(str(out.tables[s]) for s in RG4_SCENARIOS)),
+        *("--json", *(str(out.json[s]) for s in RG4_SCENARIOS)),
+        *("--counts", str(out.counts), "--stats", str(out.stats)),
+        *("--rejects", str(out.rejects), "--notes", str(out.notes)),
+    ]
 
 
 _WRITE: dict = {}  # what forked writers inherit (never pickled)
@@ -683,13 +694,16 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--studies", required=True, type=Path)
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--sections", required=True, type=Path)
-    p.add_argument("--outdir", type=Path, help="write every output under its default name here, or:")
-    p.add_argument("--tables", nargs=4, type=Path, metavar="PARQUET", help="rg4 tables of sn sw mn mw")
-    p.add_argument("--json", nargs=4, type=Path, metavar="JSON", help="loader files of sn sw mn mw")
-    p.add_argument("--counts", type=Path)
-    p.add_argument("--stats", type=Path, help="rewrite_stats.parquet")
-    p.add_argument("--rejects", type=Path)
-    p.add_argument("--notes", type=Path, help="build_notes.json")
+    p.add_argument(
+        "--tables", nargs=4, type=Path, required=True, metavar="PARQUET", help="rg4 tables of sn sw mn mw"
+    )
+    p.add_argument(
+        "--json", nargs=4, type=Path, required=True, metavar="JSON", help="loader files of sn sw mn mw"
+    )
+    p.add_argument("--counts", type=Path, required=True)
+    p.add_argument("--stats", type=Path, required=True, help="rewrite_stats.parquet")
+    p.add_argument("--rejects", type=Path, required=True)
+    p.add_argument("--notes", type=Path, required=True, help="build_notes.json")
     p.add_argument("--rewriter", choices=("rules", "llm"), default="rules")
     p.add_argument("--llm-config", help="llm: JSON {corpus: {credentialed}, llm: <config llm section>}")
     p.add_argument("--llm-cache", type=Path, help="SQLite cache of the llm rewriter")
@@ -710,19 +724,14 @@ def main(argv: list[str] | None = None) -> BuildResult:
     )
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    if args.outdir:
-        paths = OutputPaths.in_dir(args.outdir)
-    elif args.tables and args.json and args.counts and args.stats and args.rejects and args.notes:
-        paths = OutputPaths(
-            dict(zip(RG4_SCENARIOS, args.tables, strict=True)),
-            dict(zip(RG4_SCENARIOS, args.json, strict=True)),
-            args.counts,
-            args.stats,
-            args.rejects,
-            args.notes,
-        )
-    else:
-        p.error("give --outdir, or all of --tables --json --counts --stats --rejects --notes")
+    paths = OutputPaths(
+        dict(zip(RG4_SCENARIOS, args.tables, strict=True)),
+        dict(zip(RG4_SCENARIOS, args.json, strict=True)),
+        args.counts,
+        args.stats,
+        args.rejects,
+        args.notes,
+    )
 
     scorer = None
     if args.scores_tokenizer:  # checked before any work: a wrong path fails at once, naming the key
