@@ -225,3 +225,32 @@ def test_a_tokenizer_merging_across_spaces_falls_back_to_whole_texts(monkeypatch
     got = joined.scores(targets)
     assert not joined.word_by_word
     assert got == joined._exact([joined.prepare(f, i) for f, i in targets])
+
+
+def test_sentence_by_sentence_weights_equal_target_by_target(scorer):
+    """Each distinct sentence cleaned and counted once gives the weights of cleaning and counting every
+    target whole, also where the cleaner's list-number passes meet two sentences ("effusion. 2. No ...",
+    "T4. 2. ...", "1. ... level 1. Edema.") or the sections are not single-spaced."""
+    targets = _demo_targets() + [
+        ("finding: Small effusion. 2. No pneumothorax. 3. Mild edema.", "impression: 1. Edema. 2. Effusion."),
+        ("finding: Tube tip at T4. 2. No pneumothorax.", "impression: Grade 1. Mild edema."),
+        ("finding: Effusion!  Possible pneumonia? Edema", "impression: 2. 3 cm nodule. No edema."),
+        ("finding: Cardiomegaly. 5. 6. Effusion. 2.", None),
+    ]
+    by_sentence = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny")
+    by_target = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny", by_sentence=False)
+    assert by_sentence.scores(targets) == by_target.scores(targets)
+    # most targets took the sentence way; the numbered lists too
+    assert sum(by_sentence._joined(f, i) is not None for f, i in targets) >= len(targets) - 4
+    assert by_sentence._joined(*targets[-4]) is not None
+    # a scenario's targets scored on two processes, sentences first: the same bytes
+    from test_rg4 import patients, tables
+
+    from workflow.keyinfo.extract import label_vector
+
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
+    fresh = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny", by_sentence=False)
+    assert rg4.score_targets(result.tables, True, by_sentence, workers=2) == rg4.score_targets(
+        result.tables, True, fresh, workers=1
+    )

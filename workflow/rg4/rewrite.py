@@ -409,6 +409,10 @@ class RulesRewriter:
             else None
         )
 
+    def clear_caches(self) -> None:
+        self._found, self._edits, self._split, self._labels_equal, self._text_found = {}, {}, {}, {}, {}
+        self._last_text = None
+
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
         """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
         distinct sentences are detected, and the distinct (sentence, categories) edits made and
