@@ -14,6 +14,10 @@ extractor reads the *raw* sentences of each section (negation scopes need their 
 distinct sentence; a marker put before their words survives the cleaner and tells which cleaned sentences
 they became (a cleaned sentence is emphasised when it holds words of an emphasised raw sentence).
 
+Speed (MIMIC scale: 323k distinct targets, 2.2M sentence occurrences, 250k distinct sentences): the work is
+done per distinct sentence — emphasis, the cleaner's steps, token counts — and a target's weights are its
+sentences' joined (:meth:`TokenScorer.scores_bytes`); a sample of targets is checked the whole-target way.
+
 The tokenizer is the user's (config ``rg4.scores.tokenizer``: a folder with the ``tokenizer.json`` of the
 LLM they train, e.g. Vicuna-7B v1.5, or that file). Without one the files keep ``new_scores: []``,
 which the loader pads to all zeros (the emphasis term is then off).
