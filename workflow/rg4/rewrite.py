@@ -401,6 +401,9 @@ class RulesRewriter:
         self._labels_equal: dict[tuple[str, str | None], bool] = {}
         self._text_found: dict[str, frozenset[str]] = {}  # text -> union of its sentences' categories
         self._last_text: tuple | None = None
+        # text -> whether its label vector names a finding, learnt from the label checks of the edits (kept
+        # after the run: the token weights' emphasis asks the same of the same sentences)
+        self.finding_in: dict[str, bool] = {}
         # with the findings extractor, "X is unchanged" keeps X when X carries a positive or uncertain
         # label (or a finding word: see carries_finding)
         self.names_finding = (
@@ -442,12 +445,15 @@ class RulesRewriter:
                         keys[(x, found)] = None
         todo_keys = list(keys)
         t1 = time.perf_counter()
-        for key, (edit, same) in zip(
+        for key, (edit, same, finding_before, finding_after) in zip(
             todo_keys, _pool_map(_edit_worker, todo_keys, workers, self, label_vector), strict=True
         ):
             self._edits[key] = edit
             if same is not None:
                 self._labels_equal[(key[0], edit.text)] = same
+                self.finding_in[key[0]] = finding_before
+                if edit.text:
+                    self.finding_in[edit.text] = finding_after
         log.info(
             "rules rewriter: %d texts, %d distinct sentences (detected in %.1f s), %d edits (%.1f s)",
             len(new_texts),
@@ -543,12 +549,22 @@ def _detect_worker(sentences: list[str]) -> list[frozenset[str]]:
     return [frozenset(detect(x, CATEGORIES, rw.rules)) for x in sentences]
 
 
-def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple[SentenceEdit, bool | None]]:
+def names_a_finding(labels: dict[str, str]) -> bool:
+    """Whether a label vector holds a positive or uncertain finding."""
+    return any(v != "negative" for v in labels.values())
+
+
+def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
+    """(edit, labels equal, the sentence names a finding, its rewrite does) per key (None without labels)."""
     rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
     out = []
     for sentence, found in keys:
         edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding)
-        out.append((edit, None if lv is None else lv(sentence) == lv(edit.text or "")))
+        if lv is None:
+            out.append((edit, None, None, None))
+            continue
+        before, after = lv(sentence), lv(edit.text or "")
+        out.append((edit, before == after, names_a_finding(before), names_a_finding(after)))
     return out
 
 

@@ -81,11 +81,13 @@ def loader_target(finding: str | None, impression: str | None) -> str:
 
 
 def default_emphasis() -> Callable[[str], bool]:
-    """Whether a text holds a positive or uncertain finding mention of the key-information extractor."""
-    from workflow.keyinfo.extract import extract_mentions
+    """Whether a text holds a positive or uncertain finding mention of the key-information extractor
+    (its label vector names a finding: the question the rewriter's label check also asks)."""
+    from workflow.keyinfo.extract import label_vector
+    from workflow.rg4.rewrite import names_a_finding
 
     def emphasised(text: str) -> bool:
-        return any(m.presence != "negative" for m in extract_mentions({"findings": text}))
+        return names_a_finding(label_vector(text))
 
     return emphasised
 
@@ -135,6 +137,11 @@ class TokenScorer:
                 f"rg4.scores.tokenizer: {self.name or 'the tokenizer'} has no '<s>' / '</s>' tokens; LLM-RG4's "
                 "targets are LLaMA-tokenised (e.g. Vicuna-7B v1.5)"
             )
+
+    def learn_emphasis(self, known: dict[str, bool]) -> None:
+        """Sentences whose emphasis is already known (e.g. from the rewriter's label checks, which ask
+        the extractor the same question: :func:`workflow.rg4.rewrite.names_a_finding`)."""
+        self._sentence_cache.update(known)
 
     def clear_caches(self) -> None:
         """Forget the sentences and sections seen (hundreds of MB at MIMIC scale; the word counts stay)."""
