@@ -226,7 +226,7 @@ def render(n_studies, n_images, rg4, exports, counts, stats, summary) -> str:
         f"**Speed** ({platform.machine()}, {os.cpu_count()} cores shared with other jobs; load average before each step,",
         f"{load:.1f} at the end):",
         "",
-        "| step | wall s | CPU s | peak RSS MB | load before |",
+        "| step | wall s | CPU s | peak RSS MiB | load before |",
         "|---|---:|---:|---:|---:|",
         f"| rg4 (rules rewriter, 4 scenarios, 4 JSON files with new_scores) | {rg4['wall']:.1f} | {rg4['cpu']:.1f} | {rg4['peak_rss_mb']:.0f} | {rg4['load']:.1f} |",
         f"| exports (R2Gen annotation, RaDialog RG + INS) | {exports['wall']:.1f} | {exports['cpu']:.1f} | {exports['peak_rss_mb']:.0f} | {exports['load']:.1f} |",
