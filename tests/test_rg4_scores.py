@@ -254,3 +254,23 @@ def test_sentence_by_sentence_weights_equal_target_by_target(scorer):
     assert rg4.score_targets(result.tables, True, by_sentence, workers=2) == rg4.score_targets(
         result.tables, True, fresh, workers=1
     )
+
+
+def test_emphasis_learnt_from_the_label_checks_is_the_extractors(scorer):
+    """The rewriter's label checks already say which sentences name a finding: the rule's weights with that
+    knowledge are the weights computed afresh."""
+    from test_rg4 import patients, tables
+
+    from workflow.keyinfo.extract import label_vector
+
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    runner = rg4.RulesJobRunner(label_vector)
+    result = rg4.build(st, im, sec, runner)
+    known = runner.rewriter.finding_in
+    assert known and any(known.values()) and not all(known.values())
+    emphasised = default_emphasis()
+    assert all(emphasised(text) == value for text, value in known.items())
+    learnt = TokenScorer(scorer.tokenizer, emphasised, 100, "tiny")
+    learnt.learn_emphasis(known)
+    fresh = TokenScorer(scorer.tokenizer, emphasised, 100, "tiny")
+    assert rg4.score_targets(result.tables, True, learnt) == rg4.score_targets(result.tables, True, fresh)
