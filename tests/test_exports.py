@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
+from workflow_run import run_stage
 
 from workflow.contract import FINDINGS, IMAGES, SECTIONS, STUDIES
-from workflow.exports import build as exports
 from workflow.exports import r2gen, radialog
 from workflow.exports.cleaners import clean_iu, clean_mimic
 from workflow.tables import read_table, write_table
@@ -300,8 +300,9 @@ def test_radialog_files(tmp_path):
     ]:
         buf = io.StringIO()
         radialog.write_json_list(encoded, buf, chunk=7)
-        docs.append(json.loads(buf.getvalue()))
-    assert docs == [rg, ins]
+        docs.append(buf.getvalue())
+    # the same characters as json.dumps of the records (the RG instructions are encoded once, shared)
+    assert docs == [json.dumps(rg, ensure_ascii=False), json.dumps(ins, ensure_ascii=False)]
     # deterministic for a seed, different for another
     again = radialog.build(f["studies"], f["images"], f["sections"], f["findings"], seed=3)
     assert again[1] == ins
@@ -336,26 +337,17 @@ def test_radialog_instruct_answers(tmp_path):
 
 def test_exports_rule(tmp_path):
     paths = write_inputs(tmp_path)
-    out = tmp_path / "exports"
-    exports.main([*(x for k, p in paths.items() for x in (f"--{k}", str(p))), "--outdir", str(out)])
-    ann = json.loads((out / exports.R2GEN_FILE).read_text())
+    out = run_stage("exports", paths, tmp_path / "one")
+    ann = json.loads(out["r2gen"].read_text())
     assert sum(len(v) for v in ann.values()) == 7
-    assert json.loads((out / exports.RADIALOG_RG_FILE).read_text())
-    assert json.loads((out / "summary.json").read_text())["r2gen"] == {"train": 5, "val": 2, "test": 0}
-    rejects = read_table(out / "rejects.parquet").to_pylist()
+    assert json.loads(out["radialog_rg"].read_text())
+    assert json.loads(out["summary"].read_text())["r2gen"] == {"train": 5, "val": 2, "test": 0}
+    rejects = read_table(out["rejects"]).to_pylist()
     assert [(r["study_id"], r["reason"]) for r in rejects] == [(505, "no_findings")]
     # two processes (R2Gen beside RaDialog) write the same files
-    out2 = tmp_path / "exports2"
-    exports.main(
-        [*(x for k, p in paths.items() for x in (f"--{k}", str(p))), "--outdir", str(out2), "--workers", "2"]
-    )
-    for name in (
-        exports.R2GEN_FILE,
-        exports.RADIALOG_RG_FILE,
-        exports.RADIALOG_INS_FILE,
-        Path("summary.json"),
-    ):
-        assert (out / name).read_text() == (out2 / name).read_text()
+    out2 = run_stage("exports", paths, tmp_path / "two", "--workers", "2")
+    for name in ("r2gen", "radialog_rg", "radialog_ins", "summary"):
+        assert out[name].read_text() == out2[name].read_text()
 
 
 def test_region_qa_without_evidence_spans():
@@ -385,36 +377,32 @@ def test_region_qa_without_evidence_spans():
 # --- R2Gen report sections: the default per corpus --------------------------------------------------------
 
 
-def _main_args(paths, out, *extra):
-    return [*(x for k, p in paths.items() for x in (f"--{k}", str(p))), "--outdir", str(out), *extra]
-
-
 def test_report_sections_default_per_corpus(tmp_path):
     """MIMIC: findings + impression (R2GenGPT's own MIMIC file); IU X-Ray: findings only (R2Gen's)."""
     paths = write_inputs(tmp_path)
-    exports.main(_main_args(paths, tmp_path / "mimic"))
-    ann = json.loads((tmp_path / "mimic" / exports.R2GEN_FILE).read_text())
+    mimic = run_stage("exports", paths, tmp_path / "mimic")
+    ann = json.loads(mimic["r2gen"].read_text())
     reports = {it["id"]: it["report"] for items in ann.values() for it in items}
     assert reports["i501a"] == REPORTS[501][2] + " " + REPORTS[501][3]
     assert reports["i502"] == REPORTS[502][2]  # no impression: the findings alone
     assert "i505" not in reports  # impression without findings: not an item (same item set as R2Gen)
-    summary = json.loads((tmp_path / "mimic" / "summary.json").read_text())
+    summary = json.loads(mimic["summary"].read_text())
     assert summary["r2gen_report_sections"] == "findings_impression"
-    card = (tmp_path / "mimic" / "README.md").read_text()
+    card = mimic["card"].read_text()
     assert "Corpus: MIMIC-CXR" in card and "`report`: findings + impression" in card
     assert "the default for this corpus" in card
     assert "Easy language, reasoning: absent" in card  # rules backend
 
-    exports.main(_main_args(paths, tmp_path / "iu", "--dataset", "iu"))
-    ann = json.loads((tmp_path / "iu" / exports.R2GEN_FILE).read_text())
+    iu = run_stage("exports", paths, tmp_path / "iu", "--dataset", "iu")
+    ann = json.loads(iu["r2gen"].read_text())
     assert [it["report"] for items in ann.values() for it in items] == [REPORTS[501][2], REPORTS[504][2]]
-    assert json.loads((tmp_path / "iu" / "summary.json").read_text())["r2gen_report_sections"] == "findings"
-    card = (tmp_path / "iu" / "README.md").read_text()
+    assert json.loads(iu["summary"].read_text())["r2gen_report_sections"] == "findings"
+    card = iu["card"].read_text()
     assert "Corpus: IU X-Ray" in card and "`report`: findings only (R2Gen's convention" in card
 
     # an explicit choice wins over the corpus default
-    exports.main(_main_args(paths, tmp_path / "only", "--report-sections", "findings"))
-    ann = json.loads((tmp_path / "only" / exports.R2GEN_FILE).read_text())
+    only = run_stage("exports", paths, tmp_path / "only", "--report-sections", "findings")
+    ann = json.loads(only["r2gen"].read_text())
     assert next(it for it in ann["train"] if it["id"] == "i501a")["report"] == REPORTS[501][2]
     assert (
         r2gen.report_sections("mimic") == "findings_impression" and r2gen.report_sections("iu") == "findings"
@@ -460,10 +448,9 @@ def fake_checkout(root: Path, system_in_json: bool = False, scripts: bool = True
 def test_radialog_prompts_from_checkout(tmp_path):
     checkout = fake_checkout(tmp_path / "RaDialog")
     paths = write_inputs(tmp_path, big_corpus())
-    out = tmp_path / "exports"
-    exports.main(_main_args(paths, out, "--radialog-prompts-from", str(checkout)))
-    rg = json.loads((out / exports.RADIALOG_RG_FILE).read_text())
-    ins = json.loads((out / exports.RADIALOG_INS_FILE).read_text())
+    out = run_stage("exports", paths, tmp_path / "theirs", "--radialog-prompts-from", str(checkout))
+    rg = json.loads(out["radialog_rg"].read_text())
+    ins = json.loads(out["radialog_ins"].read_text())
     before, after = FAKE_INSTRUCTION.split("{findings}")
     for rec in rg + ins:
         # RaDialog's rendering: system, " USER: ", its instruction with the findings filled in, " ASSISTANT:"
@@ -474,22 +461,21 @@ def test_radialog_prompts_from_checkout(tmp_path):
     filled = {r["instruction"].split(before, 1)[1].split(after, 1)[0] for r in rg}
     assert "cardiomegaly, pleural effusion" in filled and "no finding" in filled
     # the same records as with our prompts, only the wording differs
-    own = tmp_path / "own"
-    exports.main(_main_args(paths, own))
-    own_rg = json.loads((own / exports.RADIALOG_RG_FILE).read_text())
+    own = run_stage("exports", paths, tmp_path / "own")
+    own_rg = json.loads(own["radialog_rg"].read_text())
     assert [(r["dicom"], r["output"]) for r in own_rg] == [(r["dicom"], r["output"]) for r in rg]
     # summary.json says which source, by file and key, never the text
-    summary = json.loads((out / "summary.json").read_text())["radialog_prompts"]
+    summary = json.loads(out["summary"].read_text())["radialog_prompts"]
     assert (
         summary["source"]
         == f"RaDialog checkout: vicuna_prompts.json[{FAKE_KEY}], system message from test.py"
     )
     assert len(summary["sha256"]) == 64 and "PLACEHOLDER" not in json.dumps(summary)
-    assert json.loads((own / "summary.json").read_text())["radialog_prompts"]["source"].startswith("ours:")
-    card = (out / "README.md").read_text()
+    assert json.loads(own["summary"].read_text())["radialog_prompts"]["source"].startswith("ours:")
+    card = out["card"].read_text()
     assert f"Prompts: RaDialog checkout: vicuna_prompts.json[{FAKE_KEY}], system message from test.py" in card
     assert "PLACEHOLDER" not in card and str(tmp_path) not in card  # no wording, no absolute paths
-    assert "Prompts: ours: libs/radialog_prompts.yaml" in (own / "README.md").read_text()
+    assert "Prompts: ours: libs/radialog_prompts.yaml" in own["card"].read_text()
 
 
 def test_radialog_prompts_from_file(tmp_path):

@@ -20,8 +20,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI  # noqa: E402
 from test_exports import big_corpus, write_inputs  # noqa: E402
 from test_rg4_llm import llm_config  # noqa: E402
+from workflow_run import rule_outputs, run_stage  # noqa: E402
 
-from workflow.exports import build as exports  # noqa: E402
 from workflow.exports import llm_tasks  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -47,10 +47,6 @@ class InstructServer(LoopbackOpenAI):
         return status, out, outcome
 
 
-def _args(paths, out, *extra):
-    return [*(x for k, p in paths.items() for x in (f"--{k}", str(p))), "--outdir", str(out), *extra]
-
-
 def _second_turn(rec):
     return rec["instruction"].rsplit("USER: ", 1)[1].removesuffix(" ASSISTANT:")
 
@@ -60,10 +56,10 @@ def test_llm_tasks_against_loopback_server(tmp_path):
     cache = tmp_path / "cache.sqlite"
     with InstructServer(faults={"500": 0.3}, seed=3) as srv:
         extra = ("--llm-config", llm_config(srv.base_url), "--llm-cache", str(cache), "--llm-endpoint", "e")
-        exports.main(_args(paths, tmp_path / "a", *extra))
+        a = run_stage("exports", paths, tmp_path / "a", *extra)
         assert srv.count("500") > 0 and srv.count("ok") > 0
-        summary = json.loads((tmp_path / "a" / "summary.json").read_text())
-        ins = json.loads((tmp_path / "a" / exports.RADIALOG_INS_FILE).read_text())
+        summary = json.loads(a["summary"].read_text())
+        ins = json.loads(a["radialog_ins"].read_text())
         tasks, stats = summary["radialog_tasks"], summary["radialog_llm_tasks"]
         # part 0 (30 images): easy language; part 1: reasoning for its images with a diagnosis
         easy = [r for r in ins if r["output"].startswith("In simple words: ")]
@@ -84,29 +80,26 @@ def test_llm_tasks_against_loopback_server(tmp_path):
         # accounted: one request per distinct report, tokens counted
         assert stats["requests"] <= stats["jobs"] and stats["prompt_tokens"] > 0
         assert stats["model"] == "student" and stats["endpoint"] == "e"
-        card = (tmp_path / "a" / "README.md").read_text()
+        card = a["card"].read_text()
         assert "Easy language, reasoning: written by `student` (endpoint `e`)" in card
         assert f"{stats['accepted']:,} of {stats['jobs']:,} jobs accepted" in card
         assert "| easy_language |" in card and "| reasoning |" in card
         # the rules tasks are the same records as without the LLM
-        rules_out = tmp_path / "rules"
-        exports.main(_args(paths, rules_out))
-        rules_summary = json.loads((rules_out / "summary.json").read_text())
+        rules_out = run_stage("exports", paths, tmp_path / "rules")
+        rules_summary = json.loads(rules_out["summary"].read_text())
         assert rules_summary["radialog_llm_tasks"] == llm_tasks.ABSENT
         assert "easy_language" not in rules_summary["radialog_tasks"]
-        rules_ins = json.loads((rules_out / exports.RADIALOG_INS_FILE).read_text())
+        rules_ins = json.loads(rules_out["radialog_ins"].read_text())
         added = {json.dumps(r) for r in easy + reasoning}
         assert sorted(json.dumps(r) for r in ins if json.dumps(r) not in added) == sorted(
             json.dumps(r) for r in rules_ins
         )
         # a re-run is answered from the cache: nothing is sent, the files are the same
         srv.reset_counts()
-        exports.main(_args(paths, tmp_path / "b", *extra))
+        b = run_stage("exports", paths, tmp_path / "b", *extra)
         assert srv.count() == 0
-        assert (tmp_path / "b" / exports.RADIALOG_INS_FILE).read_text() == (
-            tmp_path / "a" / exports.RADIALOG_INS_FILE
-        ).read_text()
-        assert json.loads((tmp_path / "b" / "summary.json").read_text())["radialog_llm_tasks"]["sent"] == 0
+        assert b["radialog_ins"].read_text() == a["radialog_ins"].read_text()
+        assert json.loads(b["summary"].read_text())["radialog_llm_tasks"]["sent"] == 0
 
 
 def test_credentialed_corpus_refused_for_public_endpoint(tmp_path):
@@ -114,19 +107,18 @@ def test_credentialed_corpus_refused_for_public_endpoint(tmp_path):
     paths = write_inputs(tmp_path, big_corpus(30))
     config = json.loads(llm_config("https://api.openai.com/v1"))
     with pytest.raises(Exception, match=r"(?i)public|credentialed|DUA"):
-        exports.main(
-            _args(
-                paths,
-                tmp_path / "x",
-                "--llm-config",
-                json.dumps(config),
-                "--llm-cache",
-                str(tmp_path / "c.sqlite"),
-                "--llm-endpoint",
-                "e",
-            )
+        run_stage(
+            "exports",
+            paths,
+            tmp_path / "x",
+            "--llm-config",
+            json.dumps(config),
+            "--llm-cache",
+            str(tmp_path / "c.sqlite"),
+            "--llm-endpoint",
+            "e",
         )
-    assert not (tmp_path / "x" / exports.RADIALOG_INS_FILE).exists()
+    assert not rule_outputs("exports", tmp_path / "x")["radialog_ins"].exists()
 
 
 def test_rule_passes_the_llm_only_with_the_llm_backend():

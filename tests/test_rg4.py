@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from workflow_run import demo_corpus, prepare_workdir, run_snakemake
+from workflow_run import demo_corpus, prepare_workdir, rule_outputs, run_snakemake, run_stage
 
 from workflow.contract import IMAGES, RG4_COUNTS, RG4_RECORDS, RG4_REWRITE_STATS, SECTIONS, STUDIES
 from workflow.keyinfo.extract import label_vector
@@ -22,6 +22,7 @@ from workflow.rg4.rewrite import (
     detect,
     load_rules,
     split_sentences,
+    tidy,
     tokens,
     whole_words,
 )
@@ -135,25 +136,19 @@ def tables(rows):
     )
 
 
-def run_rule(tmp_path, rows, extra=()):
-    st, im, sec = tables(rows)
-    for name, t, schema in (("studies", st, STUDIES), ("images", im, IMAGES), ("sections", sec, SECTIONS)):
-        write_table(t, tmp_path / f"{name}.parquet", schema)
-    out = tmp_path / "rg4"
-    rg4.main(
-        [
-            "--studies",
-            str(tmp_path / "studies.parquet"),
-            "--images",
-            str(tmp_path / "images.parquet"),
-            "--sections",
-            str(tmp_path / "sections.parquet"),
-            "--outdir",
-            str(out),
-            *extra,
-        ]
-    )
-    return out
+def write_inputs(tmp_path, rows) -> dict[str, Path]:
+    """The rule's inputs (studies, images, sections) for ``rows``, by the rule's input names."""
+    inputs = {}
+    schemas = {"studies": STUDIES, "images": IMAGES, "sections": SECTIONS}
+    for (name, schema), t in zip(schemas.items(), tables(rows), strict=True):
+        inputs[name] = tmp_path / f"{name}.parquet"
+        write_table(t, inputs[name], schema)
+    return inputs
+
+
+def run_rule(tmp_path, rows, extra=()) -> dict[str, Path]:
+    """The rg4 stage on ``rows`` as the rule runs it; its outputs by the rule's names."""
+    return run_stage("rg4", write_inputs(tmp_path, rows), tmp_path / "results", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -162,7 +157,7 @@ def built(tmp_path_factory):
 
 
 def members(out, scenario):
-    return {r["study_id"]: r for r in read_table(out / f"rg4_{scenario}.parquet").to_pylist()}
+    return {r["study_id"]: r for r in read_table(out[scenario]).to_pylist()}
 
 
 def test_scenario_membership(built):
@@ -181,7 +176,7 @@ def test_scenario_membership(built):
     # official split renamed; paths relative to files/
     assert sn[402]["split"] == "val" and sn[301]["split"] == "test"
     assert sw[104]["last_APPA_imagepath"] == "p10/p10/s102/d102.jpg"
-    rejects = read_table(built / "rejects.parquet").to_pylist()
+    rejects = read_table(built["rejects"]).to_pylist()
     assert {(r["study_id"], r["reason"]) for r in rejects} >= {
         (103, "no_frontal_image"),
         (201, "no_findings_or_impression"),
@@ -316,7 +311,56 @@ def test_rewrite_corpus(scenario, sentence, expected):
         assert edit.text == expected
         assert not detect(edit.text, removes)
         replacement_words = {"no", "is", "are", "present", "there", "changes", "of", "the", "frontal", "view"}
-        assert tokens(edit.text) <= tokens(sentence) | replacement_words | {"demonstrates", "shows"}
+        # the tidying may turn the input's "a" into "an" or back ("a new endotracheal tube")
+        articles = {"a", "an"} if tokens(sentence) & {"a", "an"} else set()
+        allowed = tokens(sentence) | replacement_words | {"demonstrates", "shows"} | articles
+        assert tokens(edit.text) <= allowed
+
+
+@pytest.mark.parametrize(
+    ("sentence", "expected"),
+    [
+        ("There is a endotracheal tube.", "There is an endotracheal tube."),
+        ("A endotracheal tube is seen.", "An endotracheal tube is seen."),
+        ("There is an nasogastric tube.", "There is a nasogastric tube."),
+        ("There is a NG tube and a ET tube.", "There is an NG tube and an ET tube."),
+        ("There is a RLL opacity.", "There is an RLL opacity."),
+        ("There is an PICC line.", "There is a PICC line."),
+        ("There is an unilateral effusion.", "There is a unilateral effusion."),
+        ("There is a unidentified density.", "There is an unidentified density."),
+        ("There is a uncomplicated course.", "There is an uncomplicated course."),
+        ("There is an ureteral stent.", "There is a ureteral stent."),
+        ("There is a 8 mm nodule and an 1 cm nodule.", "There is an 8 mm nodule and a 1 cm nodule."),
+        ("There is a 18 gauge line.", "There is an 18 gauge line."),
+        ("There is a x-ray marker.", "There is an x-ray marker."),
+        ("There is a S-shaped curve.", "There is an S-shaped curve."),
+        ("There is a hour-glass deformity.", "There is an hour-glass deformity."),
+        ("There is an hemithorax.", "There is a hemithorax."),
+        ("There is an a small effusion.", "There is a small effusion."),
+        ("THERE IS A EFFUSION.", "THERE IS AN EFFUSION."),
+        # not articles, or nothing known to agree with
+        ("Type A aortic dissection.", "Type A aortic dissection."),
+        ("There is a ___ tube.", "There is a ___ tube."),
+        ("Vitamin A is low.", "Vitamin A is low."),
+    ],
+)
+def test_tidy_makes_articles_agree_with_the_next_word(sentence, expected):
+    assert tidy(sentence) == expected
+
+
+def test_the_adjusted_article_passes_the_token_check_and_gluing_still_fails(tmp_path):
+    """ "a new endotracheal tube" -> "an endotracheal tube" is not a corruption (the article was in the
+    input); a rule gluing two words still is, even where the tidying also changes an article."""
+    import yaml
+
+    edit = RulesRewriter().text("There is a new endotracheal tube.", REMOVES["sn"])
+    assert edit.text == "There is an endotracheal tube." and edit.foreign is None
+    data = yaml.safe_load(RULES_PATH.read_text())
+    data["rephrase"]["pc"].insert(0, {"kind": "sub", "find": r"\s+new\s+(?=endo)", "to": ""})
+    bad = tmp_path / "rules.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    edit = RulesRewriter(load_rules(str(bad))).text("There is a new endotracheal tube.", REMOVES["sn"])
+    assert edit.foreign == ("aendotracheal", "rephrase.pc[0]")
 
 
 def test_rules_match_whole_words_only():
@@ -393,9 +437,9 @@ def test_label_check_drops_a_study_with_a_reason(tmp_path):
     ]
     out = run_rule(tmp_path, rows)
     assert 12 not in members(out, "sn") and 12 not in members(out, "sw")
-    reasons = {(r["study_id"], r["reason"]) for r in read_table(out / "rejects.parquet").to_pylist()}
+    reasons = {(r["study_id"], r["reason"]) for r in read_table(out["rejects"]).to_pylist()}
     assert {(12, "sn:labels_changed"), (12, "sw:not_in_sn")} <= reasons
-    counts = {(r["scenario"], r["split"]): r for r in read_table(out / "counts.parquet").to_pylist()}
+    counts = {(r["scenario"], r["split"]): r for r in read_table(out["counts"]).to_pylist()}
     assert counts[("sn", "train")]["rejected"] == 1 and counts[("sn", "train")]["records"] == 1
     assert counts[("sw", "train")]["rejected"] == 1 and counts[("sw", "train")]["records"] == 0
 
@@ -429,7 +473,7 @@ def test_scenarios_are_nested_by_study(tmp_path):
     out = run_rule(tmp_path, rows)
     got = {s: set(members(out, s)) for s in ("sn", "sw", "mn", "mw")}
     assert got == {"sn": {21, 23}, "sw": {23}, "mn": {21, 23}, "mw": {23}}
-    reasons = {(r["study_id"], r["reason"]) for r in read_table(out / "rejects.parquet").to_pylist()}
+    reasons = {(r["study_id"], r["reason"]) for r in read_table(out["rejects"]).to_pylist()}
     assert {(22, "sn:finding_removed"), (22, "mn:finding_removed"), (22, "sw:not_in_sn")} <= reasons
     assert (22, "mw:not_in_sw_and_mn") in reasons
     # s23's target differs per scenario, but the study is in each one
@@ -452,7 +496,7 @@ def test_nesting_violations_fail_the_rule(tmp_path):
     st, im, sec = (t.to_pandas() for t in tables(patients()))
     result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
     result.tables["sn"] = result.tables["sn"].slice(0, 0)
-    paths = rg4.OutputPaths.in_dir(tmp_path)
+    paths = rg4.OutputPaths.of_rule(rule_outputs("rg4", tmp_path))
     with pytest.raises(rg4.ConsistencyError, match=r"SW ⊄ SN: 3 studies \(e\.g\. study_id 102, 104, 402\)"):
         rg4.write_outputs(result, paths)
     assert not paths.json["sw"].exists()
@@ -477,7 +521,7 @@ def test_loader_json_fields_and_sentinels(built):
         "mn": {"lateral_imagepath"},
         "mw": {"lateral_imagepath", "last_finding", "last_impression", "last_APPA_imagepath"},
     }
-    data = {s: json.loads((built / name).read_text()) for s, name in rg4.JSON_FILES.items()}
+    data = {s: json.loads(built[f"json_{s}"].read_text()) for s in ("sn", "sw", "mn", "mw")}
     for scenario, content in data.items():
         assert list(content) == ["train", "val", "test"]
         for split_records in content.values():
@@ -518,27 +562,25 @@ def loader_target(rec: dict) -> str:
 
 
 def test_counts_and_rewrite_stats(built):
-    counts = read_table(built / "counts.parquet")
+    counts = read_table(built["counts"])
     assert counts.schema.equals(RG4_COUNTS)
     got = {(r["scenario"], r["split"]): r["records"] for r in counts.to_pylist()}
     assert got[("sn", "train")] == 4 and got[("sn", "val")] == 2 and got[("sn", "test")] == 3
     assert got[("mw", "train")] == 1 and got[("mw", "val")] == 1
-    stats = {
-        (r["scenario"], r["category"]): r for r in read_table(built / "rewrite_stats.parquet").to_pylist()
-    }
-    assert read_table(built / "rewrite_stats.parquet").schema.equals(RG4_REWRITE_STATS)
+    stats = {(r["scenario"], r["category"]): r for r in read_table(built["stats"]).to_pylist()}
+    assert read_table(built["stats"]).schema.equals(RG4_REWRITE_STATS)
     assert stats[("sn", "view")]["removed"] >= 1 and stats[("mn", "view")]["removed"] == 0
     assert stats[("sw", "pc")]["rephrased"] == 0 and stats[("sn", "pc")]["rephrased"] >= 2
     assert stats[("mw", "comm")]["removed"] == 1
     assert 0 < stats[("sn", "pc")]["share_rephrased"] < 1
-    assert read_table(built / "rg4_sn.parquet").schema.equals(RG4_RECORDS)
+    assert read_table(built["sn"]).schema.equals(RG4_RECORDS)
 
 
 def test_label_sections_option(tmp_path):
     out = run_rule(tmp_path, patients()[:2], extra=["--no-label-sections"])
-    rec = json.loads((out / rg4.JSON_FILES["sn"]).read_text())["train"][0]
+    rec = json.loads(out["json_sn"].read_text())["train"][0]
     assert rec["finding"] == "Mild cardiomegaly." and rec["impression"] == "No acute process."
-    notes = json.loads((out / "build_notes.json").read_text())
+    notes = json.loads(out["notes"].read_text())
     assert any(line.startswith("Section prefixes (rg4.label_sections: false)") for line in notes)
 
 
@@ -548,7 +590,7 @@ def test_consistency_checks_fail_the_rule(tmp_path):
     rows[1]["split"] = "test"  # subject 10 in train and test: eligible in both
     with pytest.raises(rg4.ConsistencyError, match="more than one split"):
         run_rule(tmp_path, rows)
-    assert not (tmp_path / "rg4" / "rg4_sn.parquet").exists()
+    assert not rule_outputs("rg4", tmp_path / "results")["sn"].exists()
 
 
 @pytest.mark.slow
@@ -564,11 +606,12 @@ def test_rg4_and_exports_through_snakemake(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     studies = set(read_table(results / "ingest" / "studies.parquet").column("study_id").to_pylist())
     out = set()
-    for scenario, name in rg4.JSON_FILES.items():
-        data = json.loads((results / "rg4" / name).read_text())
+    rg4_files = rule_outputs("rg4", results)
+    for scenario in ("sn", "sw", "mn", "mw"):
+        data = json.loads(rg4_files[f"json_{scenario}"].read_text())
         assert list(data) == ["train", "val", "test"] and data["train"]
-        out |= set(read_table(results / "rg4" / f"rg4_{scenario}.parquet").column("study_id").to_pylist())
-    rejected = set(read_table(results / "rg4" / "rejects.parquet").column("study_id").to_pylist())
+        out |= set(read_table(rg4_files[scenario]).column("study_id").to_pylist())
+    rejected = set(read_table(rg4_files["rejects"]).column("study_id").to_pylist())
     assert out | rejected == studies  # every study is in a scenario table or in rejects
     summary = json.loads((results / "exports" / "summary.json").read_text())
     assert summary["r2gen"]["train"] > 0 and summary["radialog_rg"] > 0
@@ -595,12 +638,12 @@ def test_parallel_workers_give_the_same_tables(monkeypatch):
 def test_parallel_writing(tmp_path):
     st, im, sec = (t.to_pandas() for t in tables(patients()))
     result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
-    a, b = rg4.OutputPaths.in_dir(tmp_path / "a"), rg4.OutputPaths.in_dir(tmp_path / "b")
+    a, b = (rg4.OutputPaths.of_rule(rule_outputs("rg4", tmp_path / d)) for d in ("a", "b"))
     for p in (a, b):
         p.counts.parent.mkdir(parents=True)
     rg4.write_outputs(result, a, workers=1)
     rg4.write_outputs(result, b, workers=2)
-    for scenario in rg4.JSON_FILES:
+    for scenario in ("sn", "sw", "mn", "mw"):
         assert a.json[scenario].read_text() == b.json[scenario].read_text()
         assert read_table(a.tables[scenario]).equals(read_table(b.tables[scenario]))
 
@@ -629,25 +672,14 @@ def test_real_reports_keep_most_studies(tmp_path):
         tmp_path / "rj.parquet",
         workers=1,
     )
-    out = tmp_path / "rg4"
-    rg4.main(
-        [
-            "--studies",
-            str(tmp_path / "studies.parquet"),
-            "--images",
-            str(tmp_path / "images.parquet"),
-            "--sections",
-            str(tmp_path / "sections.parquet"),
-            "--outdir",
-            str(out),
-        ]
-    )
-    counts = read_table(out / "counts.parquet").to_pylist()
+    inputs = {name: tmp_path / f"{name}.parquet" for name in ("studies", "images", "sections")}
+    out = run_stage("rg4", inputs, tmp_path / "results")
+    counts = read_table(out["counts"]).to_pylist()
     for scenario in ("sn", "mn"):
         kept = sum(r["records"] for r in counts if r["scenario"] == scenario)
         dropped = sum(r["rejected"] for r in counts if r["scenario"] == scenario)
         assert kept > 3000 and dropped / (kept + dropped) < 0.05
-        for rec in read_table(out / f"rg4_{scenario}.parquet").to_pylist():
+        for rec in read_table(out[scenario]).to_pylist():
             assert not detect(
                 " ".join(t for t in (rec["finding"], rec["impression"]) if t), REMOVES[scenario]
             )
@@ -685,9 +717,9 @@ def test_release_card_states_the_corpus_used(tmp_path):
     (release / "sn").mkdir(parents=True)
     (release / "sn" / "val-00000-of-00001.parquet").write_bytes(b"stale")  # from an older build
     cards.main(
-        [f"--table={s}={out / f'rg4_{s}.parquet'}" for s in ("sn", "sw", "mn", "mw")]
+        [f"--table={s}={out[s]}" for s in ("sn", "sw", "mn", "mw")]
         + ["--spec", "mimic_rg4", "--config-json", json.dumps(config), "--corpus-format", "iu"]
-        + ["--notes", str(out / "build_notes.json"), "--out", str(release)]
+        + ["--notes", str(out["notes"]), "--out", str(release)]
     )
     text = (release / "README.md").read_text()
     header = yaml.safe_load(text.split("---")[1])

@@ -141,12 +141,10 @@ def test_llm_rewriter_against_loopback_server(tmp_path):
         assert sn[11]["finding"] == "Mild cardiomegaly." and sn[11]["request_hash"] is None
         # a rewrite that loses the findings is retried, then dropped with the check's reason
         assert 21 not in sn
-        reasons = {(r["study_id"], r["reason"]) for r in read_table(out / "rejects.parquet").to_pylist()}
+        reasons = {(r["study_id"], r["reason"]) for r in read_table(out["rejects"]).to_pylist()}
         assert (21, "sn:labels_changed") in reasons
         assert srv.count("500") > 0  # faults were injected and absorbed by the layer's retries
-        stats = {
-            (r["scenario"], r["category"]): r for r in read_table(out / "rewrite_stats.parquet").to_pylist()
-        }
+        stats = {(r["scenario"], r["category"]): r for r in read_table(out["stats"]).to_pylist()}
         assert stats[("sn", "comm")]["removed"] == 1 and stats[("sw", "comm")]["removed"] == 1
         assert stats[("sn", "pc")]["rephrased"] == 1 and stats[("sw", "pc")]["rephrased"] == 0
         # a re-run is answered from the cache: nothing is sent again

@@ -125,24 +125,24 @@ ROWS = [
 
 def test_rule_writes_weights_with_a_tokenizer(tmp_path, tokenizer_dir):
     out = run_rule(tmp_path, ROWS, extra=["--scores-tokenizer", str(tokenizer_dir)])
-    for name in rg4.JSON_FILES.values():
-        for recs in json.loads((out / name).read_text()).values():
+    for scenario in ("sn", "sw", "mn", "mw"):
+        for recs in json.loads(out[f"json_{scenario}"].read_text()).values():
             for rec in recs:
                 assert len(rec["new_scores"]) == 100 and set(rec["new_scores"]) <= {0, 1}
-    sn = {r["study_id"]: r for r in json.loads((out / rg4.JSON_FILES["sn"]).read_text())["train"]}
-    sw = {r["study_id"]: r for r in json.loads((out / rg4.JSON_FILES["sw"]).read_text())["train"]}
+    sn = {r["study_id"]: r for r in json.loads(out["json_sn"].read_text())["train"]}
+    sw = {r["study_id"]: r for r in json.loads(out["json_sw"].read_text())["train"]}
     assert sum(sn[11]["new_scores"]) > 0 and sum(sn[12]["new_scores"]) > 0  # effusion; cardiomegaly
     # the sw target keeps "Stable", so its tokens differ from sn's
     assert sw[12]["new_scores"] != sn[12]["new_scores"]
-    notes = json.loads((out / "build_notes.json").read_text())
+    notes = json.loads(out["notes"].read_text())
     assert any(line.startswith("new_scores: binary") and "span-based" in line for line in notes)
 
 
 def test_without_a_tokenizer_the_files_keep_empty_weights_and_say_so(tmp_path, capsys):
     out = run_rule(tmp_path, ROWS)  # the rule logs to stderr
-    recs = json.loads((out / rg4.JSON_FILES["sn"]).read_text())["train"]
+    recs = json.loads(out["json_sn"].read_text())["train"]
     assert all(rec["new_scores"] == [] for rec in recs)
-    assert NO_TOKENIZER_NOTE in json.loads((out / "build_notes.json").read_text())
+    assert NO_TOKENIZER_NOTE in json.loads(out["notes"].read_text())
     assert capsys.readouterr().err.count(NO_TOKENIZER_NOTE) == 1
 
 
@@ -225,3 +225,52 @@ def test_a_tokenizer_merging_across_spaces_falls_back_to_whole_texts(monkeypatch
     got = joined.scores(targets)
     assert not joined.word_by_word
     assert got == joined._exact([joined.prepare(f, i) for f, i in targets])
+
+
+def test_sentence_by_sentence_weights_equal_target_by_target(scorer):
+    """Each distinct sentence cleaned and counted once gives the weights of cleaning and counting every
+    target whole, also where the cleaner's list-number passes meet two sentences ("effusion. 2. No ...",
+    "T4. 2. ...", "1. ... level 1. Edema.") or the sections are not single-spaced."""
+    targets = _demo_targets() + [
+        ("finding: Small effusion. 2. No pneumothorax. 3. Mild edema.", "impression: 1. Edema. 2. Effusion."),
+        ("finding: Tube tip at T4. 2. No pneumothorax.", "impression: Grade 1. Mild edema."),
+        ("finding: Effusion!  Possible pneumonia? Edema", "impression: 2. 3 cm nodule. No edema."),
+        ("finding: Cardiomegaly. 5. 6. Effusion. 2.", None),
+    ]
+    by_sentence = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny")
+    by_target = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny", by_sentence=False)
+    assert by_sentence.scores(targets) == by_target.scores(targets)
+    # most targets took the sentence way; the numbered lists too
+    assert sum(by_sentence._joined(f, i) is not None for f, i in targets) >= len(targets) - 4
+    assert by_sentence._joined(*targets[-4]) is not None
+    # a scenario's targets scored on two processes, sentences first: the same bytes
+    from test_rg4 import patients, tables
+
+    from workflow.keyinfo.extract import label_vector
+
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
+    fresh = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny", by_sentence=False)
+    assert rg4.score_targets(result.tables, True, by_sentence, workers=2) == rg4.score_targets(
+        result.tables, True, fresh, workers=1
+    )
+
+
+def test_emphasis_learnt_from_the_label_checks_is_the_extractors(scorer):
+    """The rewriter's label checks already say which sentences name a finding: the rule's weights with that
+    knowledge are the weights computed afresh."""
+    from test_rg4 import patients, tables
+
+    from workflow.keyinfo.extract import label_vector
+
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    runner = rg4.RulesJobRunner(label_vector)
+    result = rg4.build(st, im, sec, runner)
+    known = runner.rewriter.finding_in
+    assert known and any(known.values()) and not all(known.values())
+    emphasised = default_emphasis()
+    assert all(emphasised(text) == value for text, value in known.items())
+    learnt = TokenScorer(scorer.tokenizer, emphasised, 100, "tiny")
+    learnt.learn_emphasis(known)
+    fresh = TokenScorer(scorer.tokenizer, emphasised, 100, "tiny")
+    assert rg4.score_targets(result.tables, True, learnt) == rg4.score_targets(result.tables, True, fresh)

@@ -10,13 +10,16 @@ a bare directory); `config.yaml` is copied and an optional `override.yaml` layer
 
 from __future__ import annotations
 
+import ast
 import base64
+import importlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import yaml
@@ -133,3 +136,32 @@ def embedded_file(report_html: str, name: str) -> str:
     if uri is None:
         raise AssertionError(f"the report embeds no {name}")
     return base64.b64decode(uri.group(1)).decode()
+
+
+_OUTPUT_LINE = re.compile(r"^\s+(\w+)=out\((.*)\),?$")
+
+
+def rule_outputs(rule: str, outdir: Path) -> dict[str, Path]:
+    """The outputs ``rules/<rule>.smk`` declares, by name, as paths under ``outdir`` (the configured
+    `outdir`): the file names live in the rule only."""
+    text = (REPO / "rules" / f"{rule}.smk").read_text()
+    block = re.search(rf"^rule {rule}:\n(?:.*\n)*?    output:\n((?:        .*\n)+)", text, re.MULTILINE)
+    if block is None:
+        raise ValueError(f"rules/{rule}.smk: no output block for rule {rule}")
+    outputs = {}
+    for line in block.group(1).splitlines():
+        m = _OUTPUT_LINE.match(line)
+        if m is None:
+            raise ValueError(f"rules/{rule}.smk: output line not of the form name=out(...): {line.strip()}")
+        outputs[m.group(1)] = outdir.joinpath(*ast.literal_eval(f"({m.group(2)},)"))
+    return outputs
+
+
+def run_stage(rule: str, inputs: Mapping[str, Path], outdir: Path, *options: str) -> dict[str, Path]:
+    """Run the stage of ``rules/<rule>.smk`` in this process the way its shell line does: the path flags
+    from the rule's input names (``inputs``) and output names (under ``outdir``), then ``options``.
+    Returns the output paths by name."""
+    stage = importlib.import_module(f"workflow.{rule}.build")
+    outputs = rule_outputs(rule, outdir)
+    stage.main([*stage.rule_args({**inputs, **outputs}), *options])
+    return outputs

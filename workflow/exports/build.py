@@ -1,15 +1,16 @@
 """The exports rule: the training files of the other seeds from our tables.
 
-Writes (``--outdir``, or each path given):
+Writes (one flag per file, named as rules/exports.smk names them; :func:`rule_args` builds the flags
+from those names):
 
-* ``r2gen/annotation.json`` — R2GenGPT / MeGPT (R2Gen format) for the corpus (``--dataset mimic|iu``),
+* ``--r2gen`` (annotation.json) — R2GenGPT / MeGPT (R2Gen format) for the corpus (``--dataset mimic|iu``),
   see :mod:`workflow.exports.r2gen`;
-* ``radialog/mimic_cxr_reports_stratified.json`` (RG) and ``radialog/mimic_cxr_instruct_stratified.json``
-  (RG + instruct tasks), see :mod:`workflow.exports.radialog`;
-* ``summary.json`` — item counts per file/split/task, the R2Gen report sections, the RaDialog prompt
+* ``--radialog-rg`` (RG) and ``--radialog-ins`` (RG + instruct tasks), RaDialog's stratified JSON files,
+  see :mod:`workflow.exports.radialog`;
+* ``--summary`` (summary.json) — item counts per file/split/task, the R2Gen report sections, the RaDialog prompt
   source and the LLM tasks' accounting (or why they are absent);
-* ``README.md`` — the same as a card for readers (:mod:`workflow.exports.card`);
-* ``rejects.parquet`` — studies in no export: ``no_findings`` (R2Gen and RaDialog train on findings),
+* ``--card`` (README.md) — the same as a card for readers (:mod:`workflow.exports.card`);
+* ``--rejects`` — studies in no export: ``no_findings`` (R2Gen and RaDialog train on findings),
   ``too_few_images`` (IU needs ``--iu-images``), ``not_in_split``.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,9 +35,6 @@ from workflow.tables import Rejects, atomic_path, read_table, summary
 
 log = logging.getLogger(__name__)
 STAGE = "exports"
-R2GEN_FILE = Path("r2gen") / "annotation.json"
-RADIALOG_RG_FILE = Path("radialog") / "mimic_cxr_reports_stratified.json"
-RADIALOG_INS_FILE = Path("radialog") / "mimic_cxr_instruct_stratified.json"
 OWN_PROMPTS = (
     "ours: libs/radialog_prompts.yaml (paraphrases; RaDialog's wording needs exports.radialog.prompts_from)"
 )
@@ -58,18 +57,28 @@ class OutputPaths:
     radialog_ins: Path
     summary: Path
     rejects: Path
-    card: Path | None = None  # README.md: what the files hold and how they were made
+    card: Path  # README.md: what the files hold and how they were made
 
-    @classmethod
-    def in_dir(cls, outdir: Path) -> OutputPaths:
-        return cls(
-            outdir / R2GEN_FILE,
-            outdir / RADIALOG_RG_FILE,
-            outdir / RADIALOG_INS_FILE,
-            outdir / "summary.json",
-            outdir / "rejects.parquet",
-            outdir / "README.md",
-        )
+
+# rules/exports.smk's input and output names -> this stage's path flags
+RULE_FLAGS = {
+    "studies": "--studies",
+    "images": "--images",
+    "sections": "--sections",
+    "findings": "--findings",
+    "r2gen": "--r2gen",
+    "radialog_rg": "--radialog-rg",
+    "radialog_ins": "--radialog-ins",
+    "summary": "--summary",
+    "card": "--card",
+    "rejects": "--rejects",
+}
+
+
+def rule_args(paths: Mapping[str, Path]) -> list[str]:
+    """The path flags of rules/exports.smk's shell line, from the names of its inputs and outputs: tests
+    and bench/ run the stage the way the rule does. Names the shell line does not pass are ignored."""
+    return [x for name, flag in RULE_FLAGS.items() for x in (flag, str(paths[name]))]
 
 
 def run(
@@ -129,8 +138,7 @@ def run(
     if generator is None:
         log.info("radialog llm tasks: %s", llm_tasks.ABSENT)
     write_json(counts, paths.summary)
-    if paths.card is not None:
-        write_text(card.render(counts, dataset, clean), paths.card)
+    write_text(card.render(counts, dataset, clean), paths.card)
     return {"counts": counts, "exported": set(exported)}
 
 
@@ -194,13 +202,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--sections", required=True, type=Path)
     p.add_argument("--findings", required=True, type=Path)
-    p.add_argument("--outdir", type=Path, help="write every output under its default name here, or:")
-    p.add_argument("--r2gen", type=Path, help="annotation.json")
-    p.add_argument("--radialog-rg", type=Path)
-    p.add_argument("--radialog-ins", type=Path)
-    p.add_argument("--summary", type=Path)
-    p.add_argument("--rejects", type=Path)
-    p.add_argument("--card", type=Path, help="README.md (optional)")
+    p.add_argument("--r2gen", type=Path, required=True, help="annotation.json")
+    p.add_argument("--radialog-rg", type=Path, required=True, help="mimic_cxr_reports_stratified.json")
+    p.add_argument("--radialog-ins", type=Path, required=True, help="mimic_cxr_instruct_stratified.json")
+    p.add_argument("--summary", type=Path, required=True)
+    p.add_argument("--rejects", type=Path, required=True)
+    p.add_argument("--card", type=Path, required=True, help="README.md")
     p.add_argument("--dataset", choices=("mimic", "iu"), default="mimic")
     p.add_argument(
         "--report-sections",
@@ -237,14 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     gc.disable()  # ~1M records of small objects and no cycles: the cyclic GC would only rescan them
-    if args.outdir:
-        paths = OutputPaths.in_dir(args.outdir)
-    elif all((args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects)):
-        paths = OutputPaths(
-            args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects, args.card
-        )
-    else:
-        p.error("give --outdir, or all of --r2gen --radialog-rg --radialog-ins --summary --rejects")
+    paths = OutputPaths(
+        args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects, args.card
+    )
 
     prompts = (
         prompt_source.load(args.radialog_prompts_from, args.radialog_prompt_key)

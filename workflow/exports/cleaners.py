@@ -41,13 +41,26 @@ def _sentence(sentence: str, punct: re.Pattern) -> str:
     return punct.sub("", sentence.strip().lower())
 
 
-def clean_mimic(report: str) -> str:
+def _mimic_collapsed(report: str) -> str:
     text = report.replace("\n", " ")
     text = _repeat(text, "__", "_", 7)
     text = _repeat(text, "  ", " ", 6)
-    text = _repeat(text, "..", ".", 8)
-    text = _numbering(text).replace(":", " :").strip().lower()
+    return _repeat(text, "..", ".", 8)
+
+
+def clean_mimic(report: str) -> str:
+    text = _numbering(_mimic_collapsed(report)).replace(":", " :").strip().lower()
     return " . ".join(_sentence(s, _MIMIC_SENTENCE_PUNCT) for s in text.split(". ")) + " ."
+
+
+def clean_pieces(sentence: str) -> tuple[str, list[str]]:
+    """The MIMIC cleaner's steps on one sentence of a longer text: (the text after its collapsing passes,
+    its cleaned pieces). Joined with " . " and ended with " .", the pieces of consecutive sentences are
+    the cleaned text when no pass matches across the space between them (rg4's token weights check
+    that)."""
+    collapsed = _mimic_collapsed(sentence)
+    text = _numbering(collapsed).replace(":", " :").lower()
+    return collapsed, [_sentence(s, _MIMIC_SENTENCE_PUNCT) for s in text.split(". ")]
 
 
 def clean_iu(report: str) -> str:

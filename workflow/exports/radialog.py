@@ -30,6 +30,7 @@ from __future__ import annotations
 import random
 import re
 from bisect import bisect_right
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -228,13 +229,16 @@ class Builder:
         }
 
     # RG ------------------------------------------------------------------------------------------------
-    def rg(self) -> list[dict]:
+    def rg(self, encode: Callable[[dict], object] | None = None) -> list:
+        """The RG records; ``encode`` turns each into what is kept as soon as it is made (e.g. its JSON, so
+        that half a million dicts never exist at once)."""
         rng = random.Random(f"rg:{self.seed}")
         with_finding = [i for i in self.images if has_finding(i.labels)]
         without = [i for i in self.images if not has_finding(i.labels)]
         n_normal = min(len(without), int(2 * len(with_finding) / 13))
         chosen = with_finding + with_finding + rng.sample(without, n_normal)
-        return [self.record(img, [(self.rg_prompt(img, rng), None)], img.text) for img in chosen]
+        keep = encode or (lambda record: record)
+        return [keep(self.record(img, [(self.rg_prompt(img, rng), None)], img.text)) for img in chosen]
 
     # INS -----------------------------------------------------------------------------------------------
     def _parts(self) -> tuple[list[list[Image]], random.Random]:
@@ -260,9 +264,14 @@ class Builder:
                 jobs.append(("reasoning", img.dicom, img.study_id, img.text, diagnoses))
         return jobs
 
-    def ins(self, generated: dict[tuple[str, str], str] | None = None) -> tuple[list[dict], dict[str, int]]:
+    def ins(
+        self,
+        generated: dict[tuple[str, str], str] | None = None,
+        encode: Callable[[dict], object] | None = None,
+    ) -> tuple[list, dict[str, int]]:
         """Instruct records and counts per task; ``generated`` = the LLM answers of :meth:`llm_jobs`
-        (None: the rules backend, the two LLM tasks are not built)."""
+        (None: the rules backend, the two LLM tasks are not built); ``encode`` as in :meth:`rg`."""
+        keep = encode or (lambda record: record)
         parts, rng = self._parts()
         tasks = {"correction": parts[2], "summarise": parts[3], "region_qa": parts[5]}
         half = len(parts[4]) // 2
@@ -275,7 +284,7 @@ class Builder:
                 if rec is None:  # e.g. summarisation without an impression: ask for the findings instead
                     rec = self.all_findings_qa(img, rng)
                 if rec is not None and rec["output"].strip():
-                    records.append(rec)
+                    records.append(keep(rec))
                     made += 1
             counts[task] = made
         if generated is not None:
@@ -290,7 +299,7 @@ class Builder:
                     if task == "reasoning":
                         names = [x.lower() for x in self.diagnoses(img)]
                         question = fill(question, diagnoses=join_names(names))
-                    records.append(self._two_turns(img, llm_rng, question, answer))
+                    records.append(keep(self._two_turns(img, llm_rng, question, answer)))
                     made += 1
                 counts[task] = made
         return records, counts
@@ -450,17 +459,30 @@ def build_encoded(
     imgs = train_images(studies, images, sections, findings, prompts)
     builder = Builder(imgs, findings, seed, prompts, external)
     encode = json.JSONEncoder(ensure_ascii=False).encode
-    rg = [encode(r) for r in builder.rg()]
-    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None)
+    heads: dict[str, str] = {}
+
+    def encode_rg(record: dict) -> tuple[str, str]:
+        # the RG instructions are a few thousand prompts: their encoding is made once and shared by the
+        # records (hundreds of MB at MIMIC scale); json.dumps writes the same characters
+        head = heads.get(record["instruction"])
+        if head is None:
+            head = heads[record["instruction"]] = (
+                '{"instruction": ' + encode(record["instruction"]) + ', "input": ' + encode(record["input"])
+            )
+        return head, ', "output": ' + encode(record["output"]) + ', "dicom": ' + encode(record["dicom"]) + "}"
+
+    rg = builder.rg(encode_rg)
+    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None, encode)
     counts["report_generation"] = len(rg)
-    return rg, fuse(rg, [encode(r) for r in ins], seed), counts
+    return rg, fuse(rg, ins, seed), counts
 
 
-def write_json_list(encoded: list[str], fh, chunk: int = 20_000) -> None:
-    """A JSON array of already encoded records, streamed (no second copy of a ~GB document)."""
+def write_json_list(encoded: list[str | tuple[str, str]], fh, chunk: int = 20_000) -> None:
+    """A JSON array of already encoded records (a string, or two strings to concatenate), streamed (no
+    second copy of a ~GB document)."""
     fh.write("[")
     for start in range(0, len(encoded), chunk):
         if start:
             fh.write(", ")
-        fh.write(", ".join(encoded[start : start + chunk]))
+        fh.write(", ".join(e if isinstance(e, str) else e[0] + e[1] for e in encoded[start : start + chunk]))
     fh.write("]")

@@ -1,9 +1,10 @@
 """The rg4 rule: studies + images + sections → MIMIC-RG4 scenario tables and the LLM-RG4 loader's JSON files.
 
-Outputs (``--outdir``, or each path given):
+Outputs (one flag per file, named as rules/rg4.smk names them; :func:`rule_args` builds the flags from
+those names):
 
 * ``rg4_{sn,sw,mn,mw}.parquet`` (``contract.RG4_RECORDS``) and the four JSON files the LLM-RG4 loader
-  reads (``JSON_FILES``), ``{"train": [...], "val": [...], "test": [...]}`` with its field names and
+  reads, ``{"train": [...], "val": [...], "test": [...]}`` with its field names and
   sentinels: ``finding``/``impression``/``last_*`` = ``"s"`` when missing, ``indication``/``history`` =
   integer ``0`` when absent, ``APPA_flag``, image paths relative to ``files/``; findings / impressions
   labelled ``finding: `` / ``impression: `` (``--label-sections``, the default, as released);
@@ -68,12 +69,6 @@ from workflow.tables import Rejects, read_table, summary, write_table
 log = logging.getLogger(__name__)
 
 STAGE = "rg4"
-JSON_FILES = {
-    "sn": "final_single_view_no_long_add1score_sentence_level.json",
-    "sw": "final_single_view_with_long_add1score_sentence_level.json",
-    "mn": "final_multi_view_no_long_add1score_sentence_level.json",
-    "mw": "final_multi_view_with_long_add1score_sentence_level.json",
-}
 MISSING_SECTION = "s"  # the loader's sentinel for an absent finding / impression
 MISSING_CONTEXT = 0  # ... and for an absent indication / history
 
@@ -85,7 +80,7 @@ class ConsistencyError(RuntimeError):
 # --- the rewriter interface -------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)  # half a million of each at MIMIC scale
 class Job:
     """One target to rewrite: a study's (finding, impression) for one scenario."""
 
@@ -96,7 +91,7 @@ class Job:
     removes: frozenset[str]
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     finding: str | None = None
     impression: str | None = None
@@ -119,6 +114,12 @@ class RulesJobRunner:
         self.workers = workers
 
     def run(self, jobs: list[Job]) -> list[Outcome]:
+        try:
+            return self._run(jobs)
+        finally:  # hundreds of MB at MIMIC scale, of no use to the next run's texts
+            self.rewriter.clear_caches()
+
+    def _run(self, jobs: list[Job]) -> list[Outcome]:
         t0 = time.perf_counter()
         items = [(j.finding, j.removes) for j in jobs] + [(j.impression, j.removes) for j in jobs]
         self.rewriter.prepare(items, self.workers, self.label_vector)
@@ -126,8 +127,10 @@ class RulesJobRunner:
         if self.workers < 2 or len(jobs) < self.parallel_min_jobs:
             return self._run_range(jobs, 0, len(jobs))
         # the caches are warm: forked workers only assemble texts and check them (jobs are grouped by
-        # study, so contiguous ranges keep a study's scenarios together)
-        bounds = [len(jobs) * k // self.workers for k in range(self.workers + 1)]
+        # study, so contiguous ranges keep a study's scenarios together); several ranges per worker, so
+        # that no answer is a pickle of hundreds of MB in this process
+        ranges = RUN_RANGES_PER_WORKER * self.workers
+        bounds = [len(jobs) * k // ranges for k in range(ranges + 1)]
         _RUN.update(runner=self, jobs=jobs)
         try:
             import multiprocessing as mp
@@ -137,7 +140,8 @@ class RulesJobRunner:
         finally:
             _RUN.clear()
         outcomes = []
-        for part, start in zip(parts, bounds, strict=False):
+        for index, start in enumerate(bounds[:-1]):
+            part, parts[index] = parts[index], None  # each answer freed once read
             # plain tuples travel faster than objects; texts left as written come back as _SAME_MARK
             for k, (finding, impression, reason, n, removed, rephrased) in enumerate(part):
                 job = jobs[start + k]
@@ -192,6 +196,7 @@ class RulesJobRunner:
 
 
 _RUN: dict = {}  # what forked workers inherit (never pickled)
+RUN_RANGES_PER_WORKER = 8
 _SAME_MARK = "\x00same"  # a text no report contains: "unchanged" in transit from a worker
 
 
@@ -380,8 +385,10 @@ def score_targets(
     tables: dict[str, pa.Table], label_sections: bool, scorer: TokenScorer, workers: int = 1
 ) -> dict[tuple, bytes]:
     """The weights of every distinct (finding, impression) target of all scenarios (sn and mn, sw and mw
-    mostly share targets), scored once, in chunks on ``workers`` forked processes; one byte per position
-    (a list of 100 ints costs 850 bytes: at MIMIC scale that is the difference of half a gigabyte)."""
+    mostly share targets), scored once; one byte per position (a list of 100 ints costs 850 bytes: at
+    MIMIC scale that is the difference of half a gigabyte). On ``workers`` forked processes: first the
+    distinct sentences (emphasis, cleaning, token counts: most of the work, each sentence once), then the
+    targets in chunks, which inherit the sentences' results."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
     distinct: dict[tuple, None] = {}
     for table in tables.values():
@@ -390,19 +397,19 @@ def score_targets(
         ):
             distinct.setdefault((fp + f if f else None, ip + i if i else None), None)
     raws = list(distinct)
-    size = max(SCORE_CHUNK, len(raws) // (4 * max(workers, 1)) + 1)
-    chunks = [raws[k : k + size] for k in range(0, len(raws), size)]
     _SCORE["scorer"] = scorer
     try:
-        if workers > 1 and len(chunks) > 1:
-            import multiprocessing as mp
-
-            with mp.get_context("fork").Pool(workers) as pool:
-                parts = pool.map(_score_chunk, chunks, chunksize=1)
-        else:
-            parts = [_score_chunk(c) for c in chunks]
+        if scorer.word_by_word and scorer.by_sentence:
+            sentences = scorer.sentences(raws)
+            chunks = _chunks(sentences, workers)
+            parts = _map(_prepare_sentences, chunks, workers)
+            for chunk, part in zip(chunks, parts, strict=True):
+                scorer.adopt_sentences(chunk, part)
+        chunks = _chunks(raws, workers)
+        parts = _map(_score_chunk, chunks, workers)
     finally:
         _SCORE.clear()
+        scorer.clear_caches()
     return {
         raw: values
         for chunk, part in zip(chunks, parts, strict=True)
@@ -411,11 +418,29 @@ def score_targets(
 
 
 _SCORE: dict = {}  # what forked scorers inherit
-SCORE_CHUNK = 512  # targets per task at least: below this, forking costs more than it saves
+SCORE_CHUNK = 512  # items per task at least: below this, forking costs more than it saves
+
+
+def _chunks(items: list, workers: int) -> list[list]:
+    size = max(SCORE_CHUNK, len(items) // (4 * max(workers, 1)) + 1)
+    return [items[k : k + size] for k in range(0, len(items), size)]
+
+
+def _map(fn, chunks: list[list], workers: int) -> list:
+    if workers > 1 and len(chunks) > 1:
+        import multiprocessing as mp
+
+        with mp.get_context("fork").Pool(workers) as pool:
+            return pool.map(fn, chunks, chunksize=1)
+    return [fn(c) for c in chunks]
+
+
+def _prepare_sentences(sentences: list[str]) -> list[tuple]:
+    return _SCORE["scorer"].prepare_sentences(sentences)
 
 
 def _score_chunk(targets: list[tuple]) -> list[bytes]:
-    return [bytes(values) for values in _SCORE["scorer"].scores(targets)]
+    return _SCORE["scorer"].scores_bytes(targets)
 
 
 def consistency_problems(tables: dict[str, pa.Table]) -> list[str]:
@@ -494,6 +519,8 @@ def build(
         else:
             rejects.add(job.study_id, f"{scenario}:{outcome.reason}")
 
+    del jobs, index, outcomes  # kept outcomes live on in by_scenario; the tables are built next
+
     # nested as released (MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN): a study dropped from a scenario by its check
     # leaves every scenario that refines it, with the reason "<scenario>:not_in_<parents>"
     kept = {s: {cols.study_id[p] for p in by_scenario[s][0]} for s in RG4_SCENARIOS}
@@ -509,7 +536,11 @@ def build(
                 rejects.add(cols.study_id[pos], reason)
         by_scenario[scenario] = (positions, outs)
 
-    tables = {s: scenario_table(cols, pos, s, outs, runner.name) for s, (pos, outs) in by_scenario.items()}
+    tables = {}
+    for scenario in RG4_SCENARIOS:  # each scenario's rewritten texts freed once its table holds them
+        positions, outs = by_scenario.pop(scenario)
+        tables[scenario] = scenario_table(cols, positions, scenario, outs, runner.name)
+        del positions, outs
     counts = {"scenario": [], "split": [], "records": [], "rejected": []}
     for s in RG4_SCENARIOS:
         eligible = df[masks[s]]["split"].value_counts()
@@ -549,15 +580,31 @@ class OutputPaths:
     notes: Path  # build_notes.json: how the files were made, one line each (quoted in the dataset card)
 
     @classmethod
-    def in_dir(cls, outdir: Path) -> OutputPaths:
+    def of_rule(cls, paths: Mapping[str, Path]) -> OutputPaths:
+        """From the rule's output names (``sn`` ... ``mw``, ``json_sn`` ... ``json_mw``, ``counts``, ...)."""
         return cls(
-            {s: outdir / f"rg4_{s}.parquet" for s in RG4_SCENARIOS},
-            {s: outdir / JSON_FILES[s] for s in RG4_SCENARIOS},
-            outdir / "counts.parquet",
-            outdir / "rewrite_stats.parquet",
-            outdir / "rejects.parquet",
-            outdir / "build_notes.json",
+            {s: Path(paths[s]) for s in RG4_SCENARIOS},
+            {s: Path(paths[f"json_{s}"]) for s in RG4_SCENARIOS},
+            Path(paths["counts"]),
+            Path(paths["stats"]),
+            Path(paths["rejects"]),
+            Path(paths["notes"]),
         )
+
+
+def rule_args(paths: Mapping[str, Path]) -> list[str]:
+    """The path flags of rules/rg4.smk's shell line, from the names of its inputs and outputs
+    (``studies``, ``images``, ``sections``, ``sn`` ... ``json_mw``, ``counts``, ``stats``, ``rejects``,
+    ``notes``): tests and bench/ run the stage the way the rule does. Other names are ignored."""
+    out = OutputPaths.of_rule(paths)
+    return [
+        *("--studies", str(paths["studies"]), "--images", str(paths["images"])),
+        *("--sections", str(paths["sections"])),
+        *("--tables", *(str(out.tables[s]) for s in RG4_SCENARIOS)),
+        *("--json", *(str(out.json[s]) for s in RG4_SCENARIOS)),
+        *("--counts", str(out.counts), "--stats", str(out.stats)),
+        *("--rejects", str(out.rejects), "--notes", str(out.notes)),
+    ]
 
 
 _WRITE: dict = {}  # what forked writers inherit (never pickled)
@@ -570,7 +617,7 @@ def _write_scenario(scenario: str) -> tuple[int, int]:
     table = result.tables[scenario]
     write_table(table, paths.tables[scenario], RG4_RECORDS)
     records = loader_records(table, scenario, label_sections, weights)
-    _write_json(records, paths.json[scenario])
+    _write_loader_json(records, paths.json[scenario])
     if weights is None:
         return 0, 0
     weights = [rec["new_scores"] for recs in records.values() for rec in recs]
@@ -652,6 +699,25 @@ def _write_json(data, path: Path) -> None:
         fh.write(json.dumps(data, ensure_ascii=False))  # dumps uses the C encoder, dump does not
 
 
+JSON_CHUNK = 20_000  # records encoded at a time
+
+
+def _write_loader_json(records: dict[str, list[dict]], path: Path) -> None:
+    """``records`` (split -> records) as json.dumps writes them, encoded a chunk of records at a time (the
+    whole document would be one more copy of hundreds of MB in the writer)."""
+    from workflow.tables import atomic_path
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write("{")
+        for k, (split, recs) in enumerate(records.items()):
+            fh.write(f"{', ' if k else ''}{json.dumps(split)}: [")
+            for start in range(0, len(recs), JSON_CHUNK):
+                chunk = json.dumps(recs[start : start + JSON_CHUNK], ensure_ascii=False)
+                fh.write((", " if start else "") + chunk[1:-1])
+            fh.write("]")
+        fh.write("}")
+
+
 def log_figures(result: BuildResult) -> None:
     counts = result.counts.to_pandas()
     for row in counts.itertuples(index=False):
@@ -683,13 +749,16 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--studies", required=True, type=Path)
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--sections", required=True, type=Path)
-    p.add_argument("--outdir", type=Path, help="write every output under its default name here, or:")
-    p.add_argument("--tables", nargs=4, type=Path, metavar="PARQUET", help="rg4 tables of sn sw mn mw")
-    p.add_argument("--json", nargs=4, type=Path, metavar="JSON", help="loader files of sn sw mn mw")
-    p.add_argument("--counts", type=Path)
-    p.add_argument("--stats", type=Path, help="rewrite_stats.parquet")
-    p.add_argument("--rejects", type=Path)
-    p.add_argument("--notes", type=Path, help="build_notes.json")
+    p.add_argument(
+        "--tables", nargs=4, type=Path, required=True, metavar="PARQUET", help="rg4 tables of sn sw mn mw"
+    )
+    p.add_argument(
+        "--json", nargs=4, type=Path, required=True, metavar="JSON", help="loader files of sn sw mn mw"
+    )
+    p.add_argument("--counts", type=Path, required=True)
+    p.add_argument("--stats", type=Path, required=True, help="rewrite_stats.parquet")
+    p.add_argument("--rejects", type=Path, required=True)
+    p.add_argument("--notes", type=Path, required=True, help="build_notes.json")
     p.add_argument("--rewriter", choices=("rules", "llm"), default="rules")
     p.add_argument("--llm-config", help="llm: JSON {corpus: {credentialed}, llm: <config llm section>}")
     p.add_argument("--llm-cache", type=Path, help="SQLite cache of the llm rewriter")
@@ -710,19 +779,14 @@ def main(argv: list[str] | None = None) -> BuildResult:
     )
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    if args.outdir:
-        paths = OutputPaths.in_dir(args.outdir)
-    elif args.tables and args.json and args.counts and args.stats and args.rejects and args.notes:
-        paths = OutputPaths(
-            dict(zip(RG4_SCENARIOS, args.tables, strict=True)),
-            dict(zip(RG4_SCENARIOS, args.json, strict=True)),
-            args.counts,
-            args.stats,
-            args.rejects,
-            args.notes,
-        )
-    else:
-        p.error("give --outdir, or all of --tables --json --counts --stats --rejects --notes")
+    paths = OutputPaths(
+        dict(zip(RG4_SCENARIOS, args.tables, strict=True)),
+        dict(zip(RG4_SCENARIOS, args.json, strict=True)),
+        args.counts,
+        args.stats,
+        args.rejects,
+        args.notes,
+    )
 
     scorer = None
     if args.scores_tokenizer:  # checked before any work: a wrong path fails at once, naming the key
@@ -761,6 +825,12 @@ def main(argv: list[str] | None = None) -> BuildResult:
     result = build(studies, images, sections, runner)
     t2 = time.perf_counter()
     notes = build_notes(result, args.label_sections, runner.name)
+    if scorer is not None and args.rewriter == "rules":
+        # default_emphasis(text) == names_a_finding(label_vector(text)): the same extractor call, and
+        # the label checks made it for most rewritten sentences
+        scorer.learn_emphasis(runner.rewriter.finding_in)
+    # the inputs and the rewriter are done with: freed before the scorers and writers fork
+    del runner, studies, images, sections
     for line in notes:
         log.info("%s", line)
     write_outputs(result, paths, args.label_sections, args.workers, notes, scorer)

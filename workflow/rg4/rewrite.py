@@ -154,13 +154,82 @@ _TRAILING_DANGLER = re.compile(
 )
 
 
+# --- articles: a removal can leave "a" before a vowel ("a new endotracheal tube" -> "a endotracheal
+# tube") or "an" before a consonant ("an unchanged nasogastric tube"), or two articles in a row
+
+# An article and the space after it, before a word. Only lower-case "a" / "an", or capitalised at the start
+# or in upper-case text, are articles: "A" inside a sentence mostly is not ("type A dissection").
+_ARTICLE = re.compile(r"(?:^|(?<=\s))(a|an|A|An|AN)\s+(?=[\w(])")
+_LEADING_ARTICLE = re.compile(r"^(?:the|an?)\s+", re.IGNORECASE)
+_DOUBLED_ARTICLE = re.compile(r"\b(a|an|the)\s+(?:a|an|the)\s+(?=\w)", re.IGNORECASE)
+# Letters whose names start with a vowel sound: "an NG tube", "an ET tube", "an SVC", "an RLL opacity".
+_VOWEL_LETTER_NAMES = frozenset("aefhilmnorsx")
+# Vowel letters read with a consonant sound: "a unilateral", "a ureteral", "a European", "a one-time";
+# "un-" + a vowel-initial stem stays "an" ("an unidentified", "an uninterrupted").
+_CONSONANT_SOUND = re.compile(r"^(?:uni(?!d[ei]|n|mp|mm)|us[eu]|ur[eio]|ut[ei]|uv|eu|ewe|one\b|once\b)")
+# Silent h: "an hour", "an honest".
+_VOWEL_SOUND_H = re.compile(r"^(?:hour|honest|honou?r|heir)")
+# Acronyms read as a word rather than letter by letter.
+_ACRONYM_WORDS = frozenset({"lima", "rima", "picc", "cabg", "nos", "ards", "copd"})
+
+
+def takes_an(word: str, all_caps_text: bool = False) -> bool:
+    """Whether the indefinite article before ``word`` is "an" (by sound, not spelling): "an effusion",
+    "a unilateral", "an NG tube", "an 8 mm nodule", "an 11 cm", "a 1.5 cm", "an x-ray"."""
+    if word[0].isdigit():
+        number = re.match(r"\d+", word).group()
+        # "eight", "eighty", "eight hundred"; "eleven", "eighteen" (and their hundreds: "an 1100 cc")
+        return number[0] == "8" or number[:2] in ("11", "18") and len(number) in (2, 4)
+    lower = word.lower()
+    # letter by letter: an acronym ("NG", "ET", "RLL") or a single letter ("an S-shaped", "an x-ray")
+    letters = (
+        len(word) == 1
+        or word[1] == "-"
+        or (not all_caps_text and word.isupper() and len(word) <= 5 and lower not in _ACRONYM_WORDS)
+    )
+    if letters:
+        return lower[0] in _VOWEL_LETTER_NAMES
+    if lower[0] in "aeiou":
+        return not _CONSONANT_SOUND.match(lower)
+    return bool(_VOWEL_SOUND_H.match(lower))
+
+
+def fix_articles(sentence: str) -> str:
+    """Articles agreeing with the word after them, and one article where a removal left two in a row
+    ("an interval placement of a catheter" -> "an catheter" -> "a catheter")."""
+    s = _DOUBLED_ARTICLE.sub(r"\1 ", sentence)
+    letters = [c for c in s if c.isalpha()]
+    all_caps = bool(letters) and all(c.isupper() for c in letters)
+
+    def agree(m: re.Match) -> str:
+        article = m.group(1)
+        if article[0].isupper() and m.start() and not all_caps:
+            return m.group()
+        word = re.match(r"\(?([\w-]+)", s[m.end() :]).group(1)
+        if word[0] == "_":  # a de-identified word (MIMIC "___"): its sound is unknown
+            return m.group()
+        an = takes_an(word, all_caps)
+        if (article.lower() == "an") == an:
+            return m.group()
+        new = "an" if an else "a"
+        if article.isupper() and (len(article) > 1 or all_caps):
+            new = new.upper()
+        elif article[0].isupper():
+            new = new.capitalize()
+        return new + m.group()[len(article) :]
+
+    return _ARTICLE.sub(agree, s)
+
+
 def tidy(sentence: str) -> str:
-    """Repair what a removal leaves: spaces, doubled punctuation, dangling words, capital, full stop."""
+    """Repair what a removal leaves: spaces, doubled punctuation, dangling words, articles, capital,
+    full stop."""
     s = " ".join(sentence.split())
     s = s.replace("()", "").replace("( )", "")
     s = _SPACE_BEFORE_PUNCT.sub(r"\1", s)
     s = _DOUBLE_PUNCT.sub(r"\2", s)
     s = _LEADING_JUNK.sub("", s).strip()
+    s = fix_articles(s)
     s = s.rstrip(" ,;:")
     body = s.rstrip(".!?")
     end = s[len(body) :] or "."
@@ -180,6 +249,7 @@ def has_content(sentence: str, rules: RuleSet | None = None) -> bool:
 
 
 _TOKEN = re.compile(r"\w+")
+_ARTICLES = frozenset({"a", "an"})
 
 
 def tokens(text: str | None) -> set[str]:
@@ -210,7 +280,8 @@ def _apply(
     if not m:
         return text, ""
     subject = m.group("subject").strip(" ,")
-    if rule.kind == "negate":
+    if rule.kind == "negate":  # "A right chest tube has been removed." -> "No right chest tube."
+        subject = _LEADING_ARTICLE.sub("", subject) or subject
         return (
             f"No {subject[0].lower() + subject[1:] if subject[:2] != subject[:2].upper() else subject}.",
             "no",
@@ -273,8 +344,11 @@ def rewrite_sentence(
                 body, lower = new, new.lower()
     before_tidy = body
     body = tidy(body)
-    if foreign is None:  # tidying only deletes and re-cases; a new token means it glued two words
+    if foreign is None:  # tidying deletes, re-cases and turns "a" into "an" (or back): any other new
+        # token means it glued two words
         extra = tokens(body) - tokens(before_tidy)
+        if tokens(before_tidy) & _ARTICLES:
+            extra -= _ARTICLES
         if extra:
             foreign = (min(extra), "tidy")
     if not body or not has_content(body, rules):
@@ -327,6 +401,9 @@ class RulesRewriter:
         self._labels_equal: dict[tuple[str, str | None], bool] = {}
         self._text_found: dict[str, frozenset[str]] = {}  # text -> union of its sentences' categories
         self._last_text: tuple | None = None
+        # text -> whether its label vector names a finding, learnt from the label checks of the edits (kept
+        # after the run: the token weights' emphasis asks the same of the same sentences)
+        self.finding_in: dict[str, bool] = {}
         # with the findings extractor, "X is unchanged" keeps X when X carries a positive or uncertain
         # label (or a finding word: see carries_finding)
         self.names_finding = (
@@ -334,6 +411,10 @@ class RulesRewriter:
             if label_vector
             else None
         )
+
+    def clear_caches(self) -> None:
+        self._found, self._edits, self._split, self._labels_equal, self._text_found = {}, {}, {}, {}, {}
+        self._last_text = None
 
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
         """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
@@ -364,12 +445,15 @@ class RulesRewriter:
                         keys[(x, found)] = None
         todo_keys = list(keys)
         t1 = time.perf_counter()
-        for key, (edit, same) in zip(
+        for key, (edit, same, finding_before, finding_after) in zip(
             todo_keys, _pool_map(_edit_worker, todo_keys, workers, self, label_vector), strict=True
         ):
             self._edits[key] = edit
             if same is not None:
                 self._labels_equal[(key[0], edit.text)] = same
+                self.finding_in[key[0]] = finding_before
+                if edit.text:
+                    self.finding_in[edit.text] = finding_after
         log.info(
             "rules rewriter: %d texts, %d distinct sentences (detected in %.1f s), %d edits (%.1f s)",
             len(new_texts),
@@ -465,12 +549,22 @@ def _detect_worker(sentences: list[str]) -> list[frozenset[str]]:
     return [frozenset(detect(x, CATEGORIES, rw.rules)) for x in sentences]
 
 
-def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple[SentenceEdit, bool | None]]:
+def names_a_finding(labels: dict[str, str]) -> bool:
+    """Whether a label vector holds a positive or uncertain finding."""
+    return any(v != "negative" for v in labels.values())
+
+
+def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
+    """(edit, labels equal, the sentence names a finding, its rewrite does) per key (None without labels)."""
     rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
     out = []
     for sentence, found in keys:
         edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding)
-        out.append((edit, None if lv is None else lv(sentence) == lv(edit.text or "")))
+        if lv is None:
+            out.append((edit, None, None, None))
+            continue
+        before, after = lv(sentence), lv(edit.text or "")
+        out.append((edit, before == after, names_a_finding(before), names_a_finding(after)))
     return out
 
 

@@ -14,6 +14,10 @@ extractor reads the *raw* sentences of each section (negation scopes need their 
 distinct sentence; a marker put before their words survives the cleaner and tells which cleaned sentences
 they became (a cleaned sentence is emphasised when it holds words of an emphasised raw sentence).
 
+Speed (MIMIC scale: 323k distinct targets, 2.2M sentence occurrences, 250k distinct sentences): the work is
+done per distinct sentence — emphasis, the cleaner's steps, token counts — and a target's weights are its
+sentences' joined (:meth:`TokenScorer.scores_bytes`); a sample of targets is checked the whole-target way.
+
 The tokenizer is the user's (config ``rg4.scores.tokenizer``: a folder with the ``tokenizer.json`` of the
 LLM they train, e.g. Vicuna-7B v1.5, or that file). Without one the files keep ``new_scores: []``,
 which the loader pads to all zeros (the emphasis term is then off).
@@ -27,7 +31,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from workflow.exports.cleaners import clean_mimic
+from workflow.exports.cleaners import clean_mimic, clean_pieces
 from workflow.rg4.rewrite import _SENTENCE_END
 
 log = logging.getLogger(__name__)
@@ -52,6 +56,13 @@ class ScoresConfigError(ValueError):
 # so a cleaned sentence holds it exactly when it holds words of an emphasised sentence.
 MARK = "\ue000"
 _WORD_START = re.compile(r"(?<!\w)(?=[A-Za-z])")
+# A list number the cleaner removes when a sentence ending in "." comes before it ("... effusion. 2. No
+# pneumothorax." -> ". 2. " -> ". "), followed by no digit (which another pass could take as a number).
+_CROSSING_NUMBER = re.compile(r"[2-5]\. (?=\D)")
+# The ends of a sentence that a list-number pass of the cleaner could match together with the space after
+# it ("... 1. ", " 2. ", ". 2. ") or before it (" 2. ", ". 2. ").
+_NUMBER_END = re.compile(r"1\.$|(?:^|\s)[2-5]\.$")
+_NUMBER_START = re.compile(r"[2-5]\. ")
 
 
 def _pieces(cleaned: str) -> list[str]:
@@ -70,11 +81,13 @@ def loader_target(finding: str | None, impression: str | None) -> str:
 
 
 def default_emphasis() -> Callable[[str], bool]:
-    """Whether a text holds a positive or uncertain finding mention of the key-information extractor."""
-    from workflow.keyinfo.extract import extract_mentions
+    """Whether a text holds a positive or uncertain finding mention of the key-information extractor
+    (its label vector names a finding: the question the rewriter's label check also asks)."""
+    from workflow.keyinfo.extract import label_vector
+    from workflow.rg4.rewrite import names_a_finding
 
     def emphasised(text: str) -> bool:
-        return any(m.presence != "negative" for m in extract_mentions({"findings": text}))
+        return names_a_finding(label_vector(text))
 
     return emphasised
 
@@ -109,10 +122,14 @@ class TokenScorer:
     max_length: int = MAX_LENGTH
     name: str = ""
     word_by_word: bool = True  # the fast path (see scores); switched off by a failed verification
+    by_sentence: bool = True  # its sentence-by-sentence part (see scores_bytes; off: target by target)
 
     def __post_init__(self):
         self._sentence_cache: dict[str, bool] = {}
         self._counts: dict[tuple[str, bool], int] = {}
+        self._splits: dict[str, tuple[tuple[str, ...], bool]] = {}
+        self._parts: dict[tuple[str, bool], tuple | None] = {}
+        self._sentence_copies: dict[str, str] = {}
         self._anchor = len(self.tokenizer.encode("a", add_special_tokens=False).ids)
         self._bos = self.tokenizer.token_to_id("<s>")
         if self._bos is None or self.tokenizer.token_to_id(EOS) is None:
@@ -120,6 +137,19 @@ class TokenScorer:
                 f"rg4.scores.tokenizer: {self.name or 'the tokenizer'} has no '<s>' / '</s>' tokens; LLM-RG4's "
                 "targets are LLaMA-tokenised (e.g. Vicuna-7B v1.5)"
             )
+
+    def learn_emphasis(self, known: dict[str, bool]) -> None:
+        """Sentences whose emphasis is already known (e.g. from the rewriter's label checks, which ask
+        the extractor the same question: :func:`workflow.rg4.rewrite.names_a_finding`)."""
+        self._sentence_cache.update(known)
+
+    def clear_caches(self) -> None:
+        """Forget the sentences and sections seen (hundreds of MB at MIMIC scale; the word counts stay)."""
+        self._sentence_cache, self._splits, self._parts, self._sentence_copies = {}, {}, {}, {}
+
+    def _one(self, sentence: str) -> str:
+        """One object per distinct sentence (millions of occurrences, a tenth as many distinct)."""
+        return self._sentence_copies.setdefault(sentence, sentence)
 
     def _sentence_emphasised(self, raw_sentence: str) -> bool:
         hit = self._sentence_cache.get(raw_sentence)
@@ -164,35 +194,166 @@ class TokenScorer:
         return cleaned, ends, [MARK in p for p in marked]
 
     def scores(self, targets: list[tuple[str | None, str | None]]) -> list[list[int]]:
-        """``new_scores`` of each (finding, impression) target.
+        """``new_scores`` of each (finding, impression) target (see :meth:`scores_bytes`)."""
+        return [list(values) for values in self.scores_bytes(targets)]
+
+    def scores_bytes(self, targets: list[tuple[str | None, str | None]]) -> list[bytes]:
+        """``new_scores`` of each (finding, impression) target, one byte per position.
 
         Fast path: LLaMA's tokenizer (like byte-level BPE) never makes a token across a space, so a
-        single-spaced text tokenises word by word, and token counts per word are cached. Every
-        ``VERIFY_EVERY``-th target is also tokenised whole; one disagreement switches this scorer to
-        whole-text tokenisation for good (and says so in the log)."""
-        prepared = [self.prepare(f, i, k % VERIFY_EVERY == 0) for k, (f, i) in enumerate(targets)]
+        single-spaced text tokenises word by word; and the R2Gen cleaner, on a target whose sentences
+        meet as "<word>. <Word>", cleans each sentence as if alone. So each distinct sentence is cleaned,
+        checked for emphasis and counted once (:meth:`_sentence_parts`), and a target's weights are its
+        sentences' pieces joined. Targets that do not decompose go the per-target way (:meth:`prepare`,
+        then word by word). Every ``VERIFY_EVERY``-th target is also prepared and tokenised whole: a
+        different cleaning or token count switches this scorer to the per-target, whole-text way for good
+        (and says so in the log)."""
         if not self.word_by_word:
-            return self._exact(prepared)
-        out = [self._by_words(*p) for p in prepared]
-        sample = list(range(0, len(prepared), VERIFY_EVERY))
-        exact = self._exact([prepared[k] for k in sample])
+            return [bytes(v) for v in self._exact([self.prepare(f, i) for f, i in targets])]
+        out: list[bytes | None] = [self._joined(f, i) if self.by_sentence else None for f, i in targets]
+        sample = list(range(0, len(targets), VERIFY_EVERY))
+        prepared = {k: self.prepare(*targets[k]) for k in sample}
+        exact = dict(zip(sample, self._exact([prepared[k] for k in sample]), strict=True))
         wrong = [
-            k for k, values in zip(sample, exact, strict=True) if out[k] is not None and out[k] != values
+            k for k in sample if (out[k] or self._by_words_bytes(*prepared[k])) not in (None, bytes(exact[k]))
         ]
         if wrong:
             log.warning(
-                "rg4 scores: %s does not tokenise word by word (%d of %d sampled targets differ); "
-                "tokenising whole targets from now on",
+                "rg4 scores: %s does not tokenise word by word, or the cleaner does not clean sentence by "
+                "sentence (%d of %d sampled targets differ); tokenising whole targets from now on",
                 self.name or "the tokenizer",
                 len(wrong),
                 len(sample),
             )
             self.word_by_word = False
-            return self._exact(prepared)
+            return self.scores_bytes(targets)
         missing = [k for k, values in enumerate(out) if values is None]
-        for k, values in zip(missing, self._exact([prepared[k] for k in missing]), strict=True):
-            out[k] = values
+        rest = {k: prepared.get(k) or self.prepare(*targets[k]) for k in missing}
+        slow = []
+        for k in missing:
+            out[k] = self._by_words_bytes(*rest[k])
+            if out[k] is None:
+                slow.append(k)
+        for k, values in zip(slow, self._exact([rest[k] for k in slow]), strict=True):
+            out[k] = bytes(values)
         return out
+
+    # --- sentence by sentence ---------------------------------------------------------------------------
+
+    def _split(self, text: str) -> tuple[tuple[str, ...], bool]:
+        """(the sentences of a section, as :meth:`_marked` cuts them; whether they are separated by single
+        spaces) (cached: sections repeat across scenarios)."""
+        got = self._splits.get(text)
+        if got is None:
+            sentences, pos, single = [], 0, True
+            for m in _SENTENCE_END.finditer(text):
+                sentences.append(self._one(text[pos : m.start()]))
+                single = single and m.group() == " "
+                pos = m.end()
+            sentences.append(self._one(text[pos:]))
+            got = self._splits[text] = (tuple(sentences), single)
+        return got
+
+    def sentences(self, targets: list[tuple[str | None, str | None]]) -> list[str]:
+        """The distinct raw sentences of ``targets`` (what :meth:`prepare_sentences` takes)."""
+        seen: dict[str, None] = {}
+        for target in targets:
+            for text in target:
+                if text:
+                    seen.update(dict.fromkeys(self._split(text)[0]))
+        return list(seen)
+
+    def prepare_sentences(self, sentences: list[str]) -> list[tuple]:
+        """What the sentence-by-sentence path needs of each raw sentence (its emphasis, its parts, and the
+        parts of its text after a leading list number), for :meth:`adopt_sentences` (so that forked
+        workers can compute them once for a parent)."""
+        out = []
+        for sentence in sentences:
+            emphasised = self._sentence_emphasised(sentence)
+            numbered = _CROSSING_NUMBER.match(sentence)
+            out.append(
+                (
+                    emphasised,
+                    self._sentence_parts(sentence, emphasised),
+                    self._sentence_parts(sentence[numbered.end() :], emphasised) if numbered else None,
+                )
+            )
+        return out
+
+    def adopt_sentences(self, sentences: list[str], prepared: list[tuple]) -> None:
+        for sentence, (emphasised, parts, rest_parts) in zip(sentences, prepared, strict=True):
+            self._sentence_cache[sentence] = emphasised
+            self._parts[(sentence, emphasised)] = parts
+            numbered = _CROSSING_NUMBER.match(sentence)
+            if numbered:
+                self._parts[(sentence[numbered.end() :], emphasised)] = rest_parts
+
+    def _sentence_parts(self, sentence: str, emphasised: bool) -> tuple | None:
+        """For the text of one raw sentence: (its cleaned pieces' weights as not-first and as first text of
+        a target, whether a sentence may follow it, whether it may follow one), or None when it cannot be
+        handled alone (the target then goes the per-target way). Cached."""
+        key = (sentence, emphasised)
+        if key in self._parts:
+            return self._parts[key]
+        parts = None
+        inner, pieces = clean_pieces(sentence)
+        ok = sentence.isascii() and all(p and "  " not in p and p.strip() == p for p in pieces)
+        if ok:
+            flags = [False] * len(pieces)
+            if emphasised:
+                marked = clean_pieces(_WORD_START.sub(MARK, sentence))[1]
+                ok = [p.replace(MARK, "") for p in marked] == pieces
+                flags = [MARK in p for p in marked]
+        if ok:
+            weights = []
+            for first in (False, True):
+                values = bytearray()
+                for k, (piece, flag) in enumerate(zip(pieces, flags, strict=True)):
+                    words = (*piece.split(" "), ".")  # a cleaned sentence's full stop goes with it
+                    n = sum(self._count(w, first and k == 0 and j == 0) for j, w in enumerate(words))
+                    values += bytes([flag]) * n
+                weights.append(bytes(values))
+            # no pass of the cleaner may match across the space between two sentences (then each cleans as
+            # if alone): the earlier one ends with "." but not with a list number ("1. ", " 2. ", ". 2. "
+            # would take the space), the later one does not start with one (but see _CROSSING_NUMBER)
+            ends_clean = inner.endswith(".") and not _NUMBER_END.search(inner)
+            parts = (weights[0], weights[1], ends_clean, not _NUMBER_START.match(inner))
+        self._parts[key] = parts
+        return parts
+
+    def _joined(self, finding: str | None, impression: str | None) -> bytes | None:
+        """A target's weights from its sentences' (see :meth:`scores_bytes`), or None."""
+        values, previous_ends_clean = [b"\x00"], None  # BOS
+        for text in (finding, impression):
+            if not text:
+                continue
+            sentences, single = self._split(text)
+            if not single:
+                return None
+            for sentence in sentences:
+                emphasised = self._sentence_emphasised(sentence)
+                if previous_ends_clean is None:
+                    parts = self._sentence_parts(sentence, emphasised)
+                    if parts is None:
+                        return None
+                    values.append(parts[1])
+                else:
+                    numbered = _CROSSING_NUMBER.match(sentence) if previous_ends_clean else None
+                    if numbered:  # "<word>. 2. <Word>": the cleaner drops the "2. "
+                        parts = self._sentence_parts(sentence[numbered.end() :], emphasised)
+                    else:
+                        parts = self._sentence_parts(sentence, emphasised)
+                    if parts is None or not (previous_ends_clean and parts[3]):
+                        return None
+                    values.append(parts[0])
+                previous_ends_clean = parts[2]
+        values.append(b"\x00")  # the '</s>' the loader appends
+        joined = b"".join(values)[: self.max_length]
+        return joined + bytes(self.max_length - len(joined))
+
+    def _by_words_bytes(self, cleaned: str, ends: list[int], flags: list[bool]) -> bytes | None:
+        values = self._by_words(cleaned, ends, flags)
+        return None if values is None else bytes(values)
 
     def _count(self, word: str, first: bool) -> int:
         key = (word, first)
