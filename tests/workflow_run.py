@@ -150,6 +150,8 @@ def rule_outputs(rule: str, outdir: Path) -> dict[str, Path]:
         raise ValueError(f"rules/{rule}.smk: no output block for rule {rule}")
     outputs = {}
     for line in block.group(1).splitlines():
+        if line.strip().startswith("#"):
+            continue
         m = _OUTPUT_LINE.match(line)
         if m is None:
             raise ValueError(f"rules/{rule}.smk: output line not of the form name=out(...): {line.strip()}")
