@@ -478,6 +478,7 @@ def llm_report_requests():
     return [
         rules.llm_gold.output.requests,
         *(llm_round_table(r, "requests") for r in rounds),
+        rules.rg4.output.llm_requests,
         rules.exports.output.llm_requests,
     ]
 

@@ -20,6 +20,8 @@ rule rg4:
         stats=out("rg4", "rewrite_stats.parquet"),
         rejects=out("rg4", "rejects.parquet"),
         notes=out("rg4", "build_notes.json"),
+        # the llm rewriter's requests (empty with the rules rewriter), counted in the report
+        llm_requests=out("rg4", "llm_requests.parquet"),
     log:
         logfile("rg4"),
     conda:
@@ -50,6 +52,7 @@ rule rg4:
         " --tables {output.sn:q} {output.sw:q} {output.mn:q} {output.mw:q}"
         " --json {output.json_sn:q} {output.json_sw:q} {output.json_mn:q} {output.json_mw:q}"
         " --counts {output.counts:q} --stats {output.stats:q} --rejects {output.rejects:q} --notes {output.notes:q}"
+        " --llm-requests {output.llm_requests:q}"
         " --rewriter {params.rewriter} {params.label_sections} {params.llm}"
         " {params.scores} --workers {threads} 2> {log:q}"
 

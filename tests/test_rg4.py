@@ -11,7 +11,15 @@ import pyarrow as pa
 import pytest
 from workflow_run import demo_corpus, prepare_workdir, rule_outputs, run_snakemake, run_stage
 
-from workflow.contract import IMAGES, RG4_COUNTS, RG4_RECORDS, RG4_REWRITE_STATS, SECTIONS, STUDIES
+from workflow.contract import (
+    IMAGES,
+    LLM_REQUESTS,
+    RG4_COUNTS,
+    RG4_RECORDS,
+    RG4_REWRITE_STATS,
+    SECTIONS,
+    STUDIES,
+)
 from workflow.keyinfo.extract import label_vector
 from workflow.rg4 import build as rg4
 from workflow.rg4.rewrite import (
@@ -750,3 +758,8 @@ def test_release_card_for_mimic_states_the_official_split():
     assert "official patient-level split" in mimic.description and mimic.sources == spec.sources
     demo = spec.for_corpus("demo")
     assert "synthetic demo corpus" in demo.description and "MIMIC-CXR 2.0.0" not in " ".join(demo.sources)
+
+
+def test_the_rules_rewriter_asks_no_llm_and_says_so_in_an_empty_requests_table(built):
+    requests = read_table(built["llm_requests"])
+    assert requests.num_rows == 0 and requests.schema.equals(LLM_REQUESTS)

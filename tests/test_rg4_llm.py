@@ -147,6 +147,11 @@ def test_llm_rewriter_against_loopback_server(tmp_path):
         stats = {(r["scenario"], r["category"]): r for r in read_table(out["stats"]).to_pylist()}
         assert stats[("sn", "comm")]["removed"] == 1 and stats[("sw", "comm")]["removed"] == 1
         assert stats[("sn", "pc")]["rephrased"] == 1 and stats[("sw", "pc")]["rephrased"] == 0
+        # every request is accounted for once (the report counts these rows): answered = what the server sent
+        requests = read_table(out["llm_requests"]).to_pandas()
+        assert requests["stage"].eq("rg4").all() and requests["request_key"].is_unique
+        assert (requests["status"] == "completed").sum() == sent
+        assert sn[12]["request_hash"] in set(requests["request_key"])
         # a re-run is answered from the cache: nothing is sent again
         srv.reset_counts()
         again = tmp_path / "again"

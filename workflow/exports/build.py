@@ -72,6 +72,7 @@ RULE_FLAGS = {
     "summary": "--summary",
     "card": "--card",
     "rejects": "--rejects",
+    "llm_requests": "--llm-requests",
 }
 
 

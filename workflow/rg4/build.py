@@ -38,7 +38,14 @@ from tqdm import tqdm
 
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
-from workflow.contract import RG4_COUNTS, RG4_RECORDS, RG4_REWRITE_STATS, RG4_SCENARIOS, RG4_SPLITS
+from workflow.contract import (
+    LLM_REQUESTS,
+    RG4_COUNTS,
+    RG4_RECORDS,
+    RG4_REWRITE_STATS,
+    RG4_SCENARIOS,
+    RG4_SPLITS,
+)
 from workflow.rg4.rewrite import (
     CATEGORIES,
     NO_COUNTS,
@@ -595,7 +602,7 @@ class OutputPaths:
 def rule_args(paths: Mapping[str, Path]) -> list[str]:
     """The path flags of rules/rg4.smk's shell line, from the names of its inputs and outputs
     (``studies``, ``images``, ``sections``, ``sn`` ... ``json_mw``, ``counts``, ``stats``, ``rejects``,
-    ``notes``): tests and bench/ run the stage the way the rule does. Other names are ignored."""
+    ``notes``, ``llm_requests``): tests and bench/ run the stage the way the rule does. Other names are ignored."""
     out = OutputPaths.of_rule(paths)
     return [
         *("--studies", str(paths["studies"]), "--images", str(paths["images"])),
@@ -604,6 +611,7 @@ def rule_args(paths: Mapping[str, Path]) -> list[str]:
         *("--json", *(str(out.json[s]) for s in RG4_SCENARIOS)),
         *("--counts", str(out.counts), "--stats", str(out.stats)),
         *("--rejects", str(out.rejects), "--notes", str(out.notes)),
+        *(("--llm-requests", str(paths["llm_requests"])) if "llm_requests" in paths else ()),
     ]
 
 
@@ -763,6 +771,11 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--llm-config", help="llm: JSON {corpus: {credentialed}, llm: <config llm section>}")
     p.add_argument("--llm-cache", type=Path, help="SQLite cache of the llm rewriter")
     p.add_argument("--llm-endpoint", default="student", help="llm: the llm.endpoints entry to ask")
+    p.add_argument(
+        "--llm-requests",
+        type=Path,
+        help="LLM_REQUESTS table of the llm rewriter (empty with the rules rewriter)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-tokens", type=int, default=800)
     p.add_argument("--max-attempts", type=int, default=3, help="llm: requests per target before dropping it")
@@ -825,6 +838,9 @@ def main(argv: list[str] | None = None) -> BuildResult:
     result = build(studies, images, sections, runner)
     t2 = time.perf_counter()
     notes = build_notes(result, args.label_sections, runner.name)
+    if args.llm_requests:  # the rules rewriter asks nothing: an empty table
+        requests = runner.requests if args.rewriter == "llm" else []
+        write_table(pa.Table.from_pylist(requests, schema=LLM_REQUESTS), args.llm_requests, LLM_REQUESTS)
     if scorer is not None and args.rewriter == "rules":
         # default_emphasis(text) == names_a_finding(label_vector(text)): the same extractor call, and
         # the label checks made it for most rewritten sentences

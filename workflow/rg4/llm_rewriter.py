@@ -23,6 +23,7 @@ from pathlib import Path
 from workflow.llm import Request, build_request, load_executor_config, run_requests
 from workflow.llm.answers import REWRITE_SCHEMA, extract_json
 from workflow.llm.request import request_key
+from workflow.llm.stages import request_row
 from workflow.rg4.build import Job, Outcome
 from workflow.rg4.rewrite import check, detect, joined, load_rules, normalise_space, split_sentences
 
@@ -102,6 +103,7 @@ class LLMJobRunner:
         self.max_attempts = max_attempts
         self.prompts_dir = prompts_dir
         self.rules = load_rules()
+        self.requests: list[dict] = []  # LLM_REQUESTS rows: every request sent or answered from the cache
         self.stats: dict[str, int] = {
             "requests": 0,
             "accepted": 0,
@@ -190,6 +192,9 @@ class LLMJobRunner:
                 break
             self.stats["requests"] += len(current)
             results = run_requests(current.values(), self.cfg, self.cache_path)
+            self.requests += [
+                request_row(r, results.get(r.key), "rg4", attempt - 1, self.cfg) for r in current.values()
+            ]
             retry: dict[int, Request] = {}
             for idx, req in current.items():
                 job, result = jobs[idx], results.get(req.key)
