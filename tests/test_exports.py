@@ -266,10 +266,14 @@ def big_corpus(n=120):
     return reports
 
 
+def radialog_builder(f: dict, seed: int) -> radialog.Builder:
+    return radialog.builder_for(f["studies"], f["images"], f["sections"], f["findings"], seed=seed)
+
+
 def test_radialog_files(tmp_path):
     paths = write_inputs(tmp_path, big_corpus())
     f = frames(paths)
-    rg, ins, counts = radialog.build(f["studies"], f["images"], f["sections"], f["findings"], seed=3)
+    rg, ins, counts = radialog.build(radialog_builder(f, 3))
     # stratification: images with findings twice + int(2F/13) normal ones
     n_find = 80
     assert counts["report_generation"] == len(rg) == 2 * n_find + int(2 * n_find / 13)
@@ -295,23 +299,21 @@ def test_radialog_files(tmp_path):
     import io
 
     docs = []
-    for encoded in radialog.build_encoded(f["studies"], f["images"], f["sections"], f["findings"], seed=3)[
-        :2
-    ]:
+    for encoded in radialog.build_encoded(radialog_builder(f, 3))[:2]:
         buf = io.StringIO()
         radialog.write_json_list(encoded, buf, chunk=7)
         docs.append(buf.getvalue())
     # the same characters as json.dumps of the records (the RG instructions are encoded once, shared)
     assert docs == [json.dumps(rg, ensure_ascii=False), json.dumps(ins, ensure_ascii=False)]
     # deterministic for a seed, different for another
-    again = radialog.build(f["studies"], f["images"], f["sections"], f["findings"], seed=3)
+    again = radialog.build(radialog_builder(f, 3))
     assert again[1] == ins
-    assert radialog.build(f["studies"], f["images"], f["sections"], f["findings"], seed=4)[1] != ins
+    assert radialog.build(radialog_builder(f, 4))[1] != ins
 
 
 def test_radialog_instruct_answers(tmp_path):
     f = frames(write_inputs(tmp_path, big_corpus()))
-    _, ins, _ = radialog.build(f["studies"], f["images"], f["sections"], f["findings"], seed=1)
+    _, ins, _ = radialog.build(radialog_builder(f, 1))
     instruct = [r for r in ins if r["instruction"].count("USER:") == 2]
     by_answer = {}
     for r in instruct:

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from workflow.cli import add_llm_task_args, setup_logging
 from workflow.cli import parser as cli_parser
-from workflow.cli import setup_logging
 from workflow.exports import card, llm_tasks, prompt_source, r2gen, radialog
 from workflow.exports.llm_tasks import InstructGenerator
 from workflow.exports.prompt_source import ExternalPrompts
@@ -105,6 +105,7 @@ def run(
     log.info("r2gen annotation: report = %s", report_sections.replace("_", " + "))
     prompt_info = prompt_summary(prompts)
     log.info("radialog prompts: %s", prompt_info["source"])
+    builder = radialog.builder_for(studies, images, sections, findings, seed, prompts)
     _R2GEN.update(args=(studies, images, sections, paths, dataset, report_sections, clean, iu_images))
     try:
         if workers > 1:
@@ -113,16 +114,12 @@ def run(
 
             with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
                 future = pool.submit(_r2gen_export)
-                rg, ins, task_counts = radialog.build_encoded(
-                    studies, images, sections, findings, seed, prompts, generator
-                )
+                rg, ins, task_counts = radialog.build_encoded(builder, generator)
                 _write_radialog(rg, ins, paths)
                 r2gen_counts, exported = future.result()
         else:
             r2gen_counts, exported = _r2gen_export()
-            rg, ins, task_counts = radialog.build_encoded(
-                studies, images, sections, findings, seed, prompts, generator
-            )
+            rg, ins, task_counts = radialog.build_encoded(builder, generator)
             _write_radialog(rg, ins, paths)
     finally:
         _R2GEN.clear()
@@ -226,18 +223,7 @@ def main(argv: list[str] | None = None) -> dict:
         help="RaDialog checkout or its vicuna_prompts.json: its RG instruction and system message",
     )
     p.add_argument("--radialog-prompt-key", default=prompt_source.DEFAULT_PROMPT_KEY)
-    p.add_argument(
-        "--llm-config", help="workflow config JSON (corpus + llm): easy-language and reasoning tasks by LLM"
-    )
-    p.add_argument("--llm-cache", type=Path, help="the LLM layer's response cache")
-    p.add_argument("--llm-endpoint", default="student", help="an entry of llm.endpoints")
-    p.add_argument(
-        "--llm-requests",
-        type=Path,
-        help="LLM_REQUESTS table of the language tasks' requests (empty without LLM)",
-    )
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-tokens", type=int, default=300)
+    add_llm_task_args(p, "the easy-language and reasoning tasks", max_tokens=300)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--workers", type=int, default=1, help="2: build the R2Gen and RaDialog files side by side"

@@ -415,24 +415,31 @@ def train_images(
     return out
 
 
-def build(
+def builder_for(
     studies: pd.DataFrame,
     images: pd.DataFrame,
     sections: pd.DataFrame,
     findings: pd.DataFrame,
     seed: int = 0,
     external: ExternalPrompts | None = None,
-    generator=None,
-) -> tuple[list[dict], list[dict], dict[str, int]]:
+) -> Builder:
+    """The RaDialog builder over the corpus's train images (what :func:`build` and :func:`build_encoded` read)."""
+    prompts = load_prompts()
+    return Builder(
+        train_images(studies, images, sections, findings, prompts), findings, seed, prompts, external
+    )
+
+
+def build(builder: Builder, generator=None) -> tuple[list[dict], list[dict], dict[str, int]]:
     """(RG records, INS records = RG + instruct shuffled, task counts). ``generator``: an
     :class:`~workflow.exports.llm_tasks.InstructGenerator` for the easy-language and reasoning tasks."""
-    prompts = load_prompts()
-    imgs = train_images(studies, images, sections, findings, prompts)
-    builder = Builder(imgs, findings, seed, prompts, external)
-    rg = builder.rg()
-    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None)
+    return _assemble(builder, builder.rg(), generator)
+
+
+def _assemble(builder: Builder, rg: list, generator, encode=None) -> tuple[list, list, dict[str, int]]:
+    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None, encode)
     counts["report_generation"] = len(rg)
-    return rg, fuse(rg, ins, seed), counts
+    return rg, fuse(rg, ins, builder.seed), counts
 
 
 def fuse(rg: list, instruct: list, seed: int) -> list:
@@ -442,22 +449,11 @@ def fuse(rg: list, instruct: list, seed: int) -> list:
     return fused
 
 
-def build_encoded(
-    studies: pd.DataFrame,
-    images: pd.DataFrame,
-    sections: pd.DataFrame,
-    findings: pd.DataFrame,
-    seed: int = 0,
-    external: ExternalPrompts | None = None,
-    generator=None,
-) -> tuple[list[str], list[str], dict[str, int]]:
+def build_encoded(builder: Builder, generator=None) -> tuple[list[str], list[str], dict[str, int]]:
     """:func:`build` with every record JSON-encoded once (the INS file repeats all RG records): the
     encoded records of the two files, in order (write them with :func:`write_json_list`)."""
     import json
 
-    prompts = load_prompts()
-    imgs = train_images(studies, images, sections, findings, prompts)
-    builder = Builder(imgs, findings, seed, prompts, external)
     encode = json.JSONEncoder(ensure_ascii=False).encode
     heads: dict[str, str] = {}
 
@@ -471,10 +467,7 @@ def build_encoded(
             )
         return head, ', "output": ' + encode(record["output"]) + ', "dicom": ' + encode(record["dicom"]) + "}"
 
-    rg = builder.rg(encode_rg)
-    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None, encode)
-    counts["report_generation"] = len(rg)
-    return rg, fuse(rg, ins, seed), counts
+    return _assemble(builder, builder.rg(encode_rg), generator, encode)
 
 
 def write_json_list(encoded: list[str | tuple[str, str]], fh, chunk: int = 20_000) -> None:

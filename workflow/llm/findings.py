@@ -77,20 +77,8 @@ def standardise_answer(
         audit += [{**change, **ids} for change in changes]
     out = []
     for row in rows:
-        evidence = row.get("evidence")
-        section, start, end = _span(evidence, sections_row)
-        out.append(
-            finding_row(
-                **row,
-                **ids,
-                section=section,
-                start=start,
-                end=end,
-                source=source,
-                round=round_,
-                request_hash=request_key,
-            )  # fmt: skip
-        )
+        span = dict(zip(("section", "start", "end"), _span(row.get("evidence"), sections_row), strict=True))
+        out.append(finding_row(**row, **ids, **span, source=source, round=round_, request_hash=request_key))
     return out
 
 

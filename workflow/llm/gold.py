@@ -20,13 +20,12 @@ import pandas as pd
 import pyarrow as pa
 
 from workflow import cli
-from workflow.contract import FINDINGS, LLM_GOLD_SAMPLE
+from workflow.contract import FINDINGS, LLM_GOLD_SAMPLE, findings_table
 from workflow.llm import accounting, stages
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import (
     add_flags,
     answer_flags,
-    findings_frame,
     report_text,
     rules_positive_names,
 )
@@ -170,11 +169,7 @@ def main(argv=None) -> None:
         args.sample,
         LLM_GOLD_SAMPLE,
     )
-    write_table(
-        pa.Table.from_pandas(findings_frame(rows), schema=FINDINGS, preserve_index=False),
-        args.findings,
-        FINDINGS,
-    )
+    write_table(findings_table(rows), args.findings, FINDINGS)
     stages.write_requests(stages.request_rows(answers, "gold", 0, cfg), args.requests)
     rejects.write(args.rejects)
     if n_flagged:

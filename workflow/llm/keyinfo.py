@@ -13,14 +13,21 @@ import pandas as pd
 import pyarrow as pa
 
 from workflow import cli
-from workflow.contract import AUDIT, FINDINGS, LLM_FOLLOWUP_STATS, LLM_REQUESTS, REJECTS, UNKNOWN_TERMS
+from workflow.contract import (
+    AUDIT,
+    FINDINGS,
+    LLM_FOLLOWUP_STATS,
+    LLM_REQUESTS,
+    REJECTS,
+    UNKNOWN_TERMS,
+    findings_table,
+)
 from workflow.keyinfo.standardise import unknown_terms
 from workflow.llm import accounting, stages
 from workflow.llm.answers import FINDINGS_SCHEMA
 from workflow.llm.findings import (
     add_flags,
     answer_flags,
-    findings_frame,
     ground_findings,
     report_text,
     rules_positive_names,
@@ -69,11 +76,7 @@ def run_shard(args, config) -> None:
             rejects.add(sid, *stages.no_findings_reason(a.items))
         rows += new
     write_audit(audit, args.audit)
-    write_table(
-        pa.Table.from_pandas(findings_frame(rows), schema=FINDINGS, preserve_index=False),
-        args.findings,
-        FINDINGS,
-    )
+    write_table(findings_table(rows), args.findings, FINDINGS)
     stages.write_requests(stages.request_rows(answers, "keyinfo", 0, cfg), args.requests)
     rejects.write(args.rejects)
     summary(

@@ -36,8 +36,8 @@ import pandas as pd
 import pyarrow as pa
 from tqdm import tqdm
 
+from workflow.cli import add_llm_task_args, setup_logging
 from workflow.cli import parser as cli_parser
-from workflow.cli import setup_logging
 from workflow.contract import (
     LLM_REQUESTS,
     RG4_COUNTS,
@@ -768,16 +768,7 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--rejects", type=Path, required=True)
     p.add_argument("--notes", type=Path, required=True, help="build_notes.json")
     p.add_argument("--rewriter", choices=("rules", "llm"), default="rules")
-    p.add_argument("--llm-config", help="llm: JSON {corpus: {credentialed}, llm: <config llm section>}")
-    p.add_argument("--llm-cache", type=Path, help="SQLite cache of the llm rewriter")
-    p.add_argument("--llm-endpoint", default="student", help="llm: the llm.endpoints entry to ask")
-    p.add_argument(
-        "--llm-requests",
-        type=Path,
-        help="LLM_REQUESTS table of the llm rewriter (empty with the rules rewriter)",
-    )
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--max-tokens", type=int, default=800)
+    add_llm_task_args(p, "the llm rewriter", max_tokens=800)
     p.add_argument("--max-attempts", type=int, default=3, help="llm: requests per target before dropping it")
     p.add_argument("--workers", type=int, default=1, help="rules: processes for detection and rewriting")
     p.add_argument(

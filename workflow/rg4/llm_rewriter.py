@@ -13,7 +13,6 @@ The share of sentences removed / rephrased is measured by aligning the rewrite w
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections import Counter
@@ -23,7 +22,7 @@ from pathlib import Path
 from workflow.llm import Request, build_request, load_executor_config, run_requests
 from workflow.llm.answers import REWRITE_SCHEMA, extract_json
 from workflow.llm.request import request_key
-from workflow.llm.stages import request_row
+from workflow.llm.stages import load_config, request_row
 from workflow.rg4.build import Job, Outcome
 from workflow.rg4.rewrite import check, detect, joined, load_rules, normalise_space, split_sentences
 
@@ -122,8 +121,9 @@ class LLMJobRunner:
         params: dict | None = None,
         max_attempts: int = 3,
     ) -> LLMJobRunner:
-        """From the workflow config JSON (``{"corpus": {...}, "llm": {...}}``, as rules/common.smk passes it)."""
-        config = json.loads(config_json)
+        """From the workflow config (``{"corpus": {...}, "llm": {...}}``): its JSON, as rules/common.smk passes
+        it, or a settings file."""
+        config = load_config(config_json)
         config.setdefault("llm", {})[STAGE] = {"endpoint": endpoint}
         return cls(load_executor_config(config, STAGE), cache_path, label_vector, params, max_attempts)
 
