@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -133,10 +134,20 @@ def test_lease_table_claim_renew_expire_release_and_foreign_leases(tmp_path):
         a.db.execute("UPDATE leases SET expires = ? WHERE key = 'k3'", (time.time() - 1,))
         assert b.claim(["k3"], "B", lease_s=30).claimed == ["k3"]
         assert b.leases()["k3"][0] == "B"
+        # a lease of a runner of this host whose process is gone (kill -9) is taken over at once
+        gone = subprocess.Popen([sys.executable, "-c", "pass"])
+        gone.wait()
+        a.claim(["k6"], f"{socket.gethostname()}:{gone.pid}:dead", lease_s=3600)
+        assert b.claim(["k6"], "B", lease_s=30).claimed == ["k6"]
+        # one of a live process of this host, or of another host, is respected until it expires
+        lives = (f"{socket.gethostname()}:{os.getpid()}:other", f"elsewhere:{gone.pid}:x")
+        for live in lives:
+            a.claim([live], live, lease_s=3600)
+            assert b.claim([live], "B", lease_s=30).busy == [live]
         # releasing all of an owner's leases leaves the others'
         a.claim(["k5"], "A", lease_s=30)
         b.release("B")
-        assert set(b.leases()) == {"k5"}
+        assert set(b.leases()) == {"k5", *lives}
 
 
 def test_claim_respects_the_cache_statuses(tmp_path):

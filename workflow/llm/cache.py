@@ -14,7 +14,8 @@ Leases: a runner that is about to send a request first *claims* it (``leases``: 
 keys in one transaction. A second runner sharing the file (a job that outlived its Snakemake, a re-run
 started meanwhile, another shard with overlapping keys) does not re-send a key under a live foreign
 lease: it polls until the owner's answer is stored, and takes the key over only once the lease has
-expired (a killed owner stops renewing, so nothing is lost and nothing is paid twice while it lives).
+expired (a killed owner stops renewing, so nothing is lost and nothing is paid twice while it lives); the
+lease of a runner of this host whose process is gone is taken over at once.
 Owners renew all their leases with one statement while requests are in flight; storing an answer
 releases its lease (a trigger, in the same statement).
 """
@@ -73,6 +74,23 @@ BEGIN DELETE FROM leases WHERE key = NEW.key; END;
 CREATE TRIGGER IF NOT EXISTS release_on_update AFTER UPDATE ON responses
 BEGIN DELETE FROM leases WHERE key = NEW.key; END;
 """
+
+
+def owner_alive(owner: str) -> bool:
+    """False only for an owner known dead: a process of this host that no longer exists (a runner killed
+    with -9 on this machine: its leases are taken over at once instead of after they expire). An owner on
+    another host, or a live pid, counts as alive until its lease expires."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
 
 
 def new_owner() -> str:
@@ -243,7 +261,7 @@ class Cache:
                         row[0] not in resend or (since is not None and (row[1] or 0) >= since)
                     ):
                         answered.append(k)
-                    elif k in held:
+                    elif k in held and owner_alive(held[k]):
                         busy.append(k)
                     else:
                         take.append(k)
