@@ -115,9 +115,12 @@ def section_batches(
     present = [c for c in ("subject_id", "study_id", *TEXT_COLUMNS) if c in pf.schema_arrow.names]
     for rb in pf.iter_batches(batch_size=batch_size, columns=present):
         d = rb.to_pydict()
+        columns = [
+            d.get(name) or [None] * rb.num_rows for name in TEXT_COLUMNS
+        ]  # once per batch, not per row
         rows = []
         for k, sid in enumerate(d["study_id"]):
-            strict = {name: d.get(name, [None] * rb.num_rows)[k] for name in TEXT_COLUMNS}
+            strict = {name: col[k] for name, col in zip(TEXT_COLUMNS, columns, strict=True)}
             rows.append(sections_for_reading(strict, texts.get(sid)) if sid in texts else strict)
         yield d["subject_id"], d["study_id"], rows
 
