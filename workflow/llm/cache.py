@@ -76,6 +76,11 @@ BEGIN DELETE FROM leases WHERE key = NEW.key; END;
 """
 
 
+def resend_statuses(retry_failed: bool, retry_unusable: bool) -> tuple[str, ...]:
+    """The stored statuses a run sends again: ``failed`` (``retry_failed``), ``unusable`` (``retry_unusable``)."""
+    return (("failed",) if retry_failed else ()) + (("unusable",) if retry_unusable else ())
+
+
 def owner_alive(owner: str) -> bool:
     """False only for an owner known dead: a process of this host that no longer exists (a runner killed
     with -9 on this machine: its leases are taken over at once instead of after they expire). An owner on
@@ -208,9 +213,7 @@ class Cache:
                     f"SELECT key, status FROM responses WHERE key IN ({', '.join('?' * len(chunk))})", chunk
                 ).fetchall()
             )
-        resend = {"failed"} if retry_failed else set()
-        if retry_unusable:
-            resend.add("unusable")
+        resend = resend_statuses(retry_failed, retry_unusable)
         return [k for k in keys if k not in status or status[k] in resend]
 
     # -- leases --------------------------------------------------------------------------------

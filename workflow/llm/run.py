@@ -38,7 +38,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from workflow.llm import accounting, guard
-from workflow.llm.cache import Cache, Result, export_requests, import_results, new_owner
+from workflow.llm.cache import Cache, Result, export_requests, import_results, new_owner, resend_statuses
 from workflow.llm.progress import Progress
 from workflow.llm.request import Request, sha256_text
 
@@ -473,7 +473,7 @@ def _run_batch(
     url = "/chat/completions" if cfg["endpoint"].get("kind") == "azure" else "/v1/chat/completions"
     by_key = {r.key: r for r in pending}
     owner, lease_s = new_owner(), float(cfg["lease_s"])
-    resend = ("failed", "unusable") if retry_unusable else ("failed",)
+    resend = resend_statuses(True, retry_unusable)
     for round_ in range(int(bcfg["max_rounds"])):
         in_flight = {k for _, keys in cache.open_batches(endpoint_id) for k in keys}
         todo = [k for k in cache.pending(by_key, retry_unusable=retry_unusable) if k not in in_flight]
@@ -650,7 +650,7 @@ def run_requests(
 
             probe(cfg)  # seconds, not minutes of retries, when the URL or key is wrong
             if executor == "openai":
-                resend = (("failed",) if retry_failed else ()) + (("unusable",) if retry_unusable else ())
+                resend = resend_statuses(retry_failed, retry_unusable)
                 asyncio.run(
                     _run_openai_async(
                         iter(pending), len(pending), cfg, cache, stats, validate, resend, started
