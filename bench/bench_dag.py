@@ -14,6 +14,7 @@ to ``bench/RESULTS.md`` with a plot, ``bench/dag_growth.png``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -26,7 +27,8 @@ from pathlib import Path
 
 import yaml
 
-from bench.results import write_section
+from bench.bench_spine import process_memory
+from bench.results import publish
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / "cache" / "dag"
@@ -94,17 +96,14 @@ def _job_memory(proc) -> int:
     """PSS of a job's process tree (its worker processes included; shared pages counted once)."""
     import psutil
 
-    total = 0
     try:
         tree = [proc, *proc.children(recursive=True)]
     except psutil.Error:  # the job ended between two samples
         return 0
+    total = 0
     for p in tree:
-        try:
-            info = p.memory_full_info()
-            total += getattr(info, "pss", info.rss)
-        except psutil.Error:
-            pass
+        with contextlib.suppress(psutil.Error):
+            total += process_memory(p)[1]
     return total
 
 
@@ -225,9 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     if len(runs) > 1:
         block += [f"![growth curve]({PLOT.name})", ""]
     text = "\n".join(block)
-    print(text)
-    if not args.no_write:
-        write_section(HEADING, text)
+    publish(HEADING, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from bench.results import write_section
+from bench.results import publish
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / "cache" / "keyinfo"
@@ -261,9 +261,7 @@ def main(argv: list[str] | None = None) -> None:
         lines += iu_quality_lines()
     lines += clause_length_lines()
     block = "\n".join(lines)
-    print(block)
-    if not args.no_write:
-        write_section(HEADING, block)
+    publish(HEADING, block, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.results import write_section
+from bench.results import publish
 
 REPO = Path(__file__).resolve().parents[1]
 HEADING = "## LLM layer"
@@ -283,9 +283,7 @@ def main(argv=None) -> None:
             "",
         ]
     )
-    print(block)
-    if not args.no_write:
-        write_section(HEADING, block)
+    publish(HEADING, block, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 
-from bench.results import write_section
+from bench.results import publish
 from tests.workflow_run import rule_outputs
 from workflow.exports import build as exports_build
 from workflow.rg4 import build as rg4_build
@@ -209,9 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     stats = pq.read_table(out["rg4"]["stats"]).to_pylist()
     summary = json.loads(out["exports"]["summary"].read_text())
     report = render(n_studies, n_images, rg4, exports, counts, stats, summary)
-    print(report)
-    if not args.no_write:
-        write_section(HEADING, report)
+    publish(HEADING, report, write=not args.no_write)
 
 
 def render(n_studies, n_images, rg4, exports, counts, stats, summary) -> str:

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from bench.bench_spine import REPO, WORK, Run, cpu_name, measure, warm
-from bench.results import write_section
+from bench.results import publish
 
 HEADING = "## Sections"
 
@@ -228,9 +228,7 @@ def main(argv: list[str] | None = None) -> None:
                      "MIT's script was not timed (no `--mit` folder or no unzipped tree).")  # fmt: skip
     block.append("")
     text = "\n".join(block)
-    print(text)
-    if not args.no_write:
-        write_section(HEADING, text)
+    publish(HEADING, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.results import write_section
+from bench.results import publish
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / "cache"
@@ -64,7 +64,7 @@ class Run:
     peak_tree_mb: float  # the whole process tree, proportional set size (shared pages counted once)
 
 
-def _memory(proc) -> tuple[int, int]:
+def process_memory(proc) -> tuple[int, int]:
     """(rss, pss) of one process; pss falls back to rss where the kernel does not report it."""
     info = proc.memory_full_info()
     return info.rss, getattr(info, "pss", info.rss)
@@ -86,7 +86,7 @@ def measure(name: str, cmd: list[str], cwd: Path = REPO, log: Path | None = None
         peak_rss = peak_tree = 0
         while proc.poll() is None:
             try:
-                sizes = [_memory(p) for p in (root, *root.children(recursive=True))]
+                sizes = [process_memory(p) for p in (root, *root.children(recursive=True))]
             except psutil.Error:
                 sizes = []
             if sizes:
@@ -283,9 +283,7 @@ def main(argv: list[str] | None = None) -> None:
         block.append("MIT's script was not timed (no `--mit` folder or no unzipped tree).")
     block += ["", "Log summaries:", "", *(f"    {line}" for line in summary_lines), ""]
     text = "\n".join(block)
-    print(text)
-    if not args.no_write:
-        write_section(HEADING, text)
+    publish(HEADING, text, write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -17,3 +17,10 @@ def write_section(heading: str, block: str, path: Path = RESULTS) -> None:
         end = text.find("\n## ", start + len(heading))
         text = text[:start] + block.rstrip("\n") + "\n" + (text[end:] if end >= 0 else "")
     path.write_text(text if text.endswith("\n") else text + "\n")
+
+
+def publish(heading: str, block: str, write: bool = True, path: Path = RESULTS) -> None:
+    """Print a benchmark's section and, unless ``write`` is off (``--no-write``), put it in RESULTS.md."""
+    print(block)
+    if write:
+        write_section(heading, block, path)
