@@ -22,49 +22,26 @@ from pathlib import Path
 
 import pytest
 
-from workflow.llm import build_request, run_requests
-from workflow.llm.answers import FINDINGS_SCHEMA
+from workflow.llm import run_requests
 from workflow.llm.cache import Cache, Result, export_requests
 from workflow.llm.run import load_executor_config
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI, messages_hash  # noqa: E402
+from test_llm import config as loopback_config  # noqa: E402
+from test_llm import make_requests as requests_of  # noqa: E402
+from test_llm import reports  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORTS = [
-    "FINDINGS: Small left pleural effusion. No pneumothorax. Heart size is normal.",
-    "FINDINGS: Moderate cardiomegaly. Mild pulmonary edema. IMPRESSION: Possible right lower lobe pneumonia.",
-    "FINDINGS: Lungs are clear. No effusion or pneumothorax.",
-    "FINDINGS: Right basal atelectasis. Old healed left rib fracture. IMPRESSION: No acute process.",
-]
 
 
 def make_requests(n: int):
-    return [
-        build_request(
-            "keyinfo.j2",
-            "student",
-            {"temperature": 0, "max_tokens": 300},
-            FINDINGS_SCHEMA,
-            meta={"study_id": i},
-            report=f"{REPORTS[i % len(REPORTS)]} Study {i}.",
-        )
-        for i in range(n)
-    ]
+    return requests_of(reports(n))
 
 
 def config(base_url: str, **client) -> dict:
-    return {
-        "corpus": {"credentialed": True},
-        "llm": {
-            "endpoints": {
-                "e": {"kind": "openai", "base_url": base_url, "model": "student", "api_key_env": None}
-            },
-            "client": {"concurrency": 4, "timeout_s": 30, "backoff_initial_s": 0.01, **client},
-            "prices": {"student": {"input": 1.0, "output": 4.0}},
-            "keyinfo": {"endpoint": "e"},
-        },
-    }
+    """test_llm's loopback configuration with a few runners' worth of concurrency and patient timeouts."""
+    return loopback_config(base_url, **{"concurrency": 4, "timeout_s": 30, **client})
 
 
 def cli_runner(tmp_path: Path, cfg: dict, cache_path: Path, name: str) -> subprocess.Popen:
