@@ -105,7 +105,6 @@ def run(
     log.info("r2gen annotation: report = %s", report_sections.replace("_", " + "))
     prompt_info = prompt_summary(prompts)
     log.info("radialog prompts: %s", prompt_info["source"])
-    builder = radialog.builder_for(studies, images, sections, findings, seed, prompts)
     _R2GEN.update(args=(studies, images, sections, paths, dataset, report_sections, clean, iu_images))
     try:
         if workers > 1:
@@ -114,11 +113,14 @@ def run(
 
             with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
                 future = pool.submit(_r2gen_export)
+                # built after the fork: the RaDialog side overlaps the R2Gen one from its first step
+                builder = radialog.builder_for(studies, images, sections, findings, seed, prompts)
                 rg, ins, task_counts = radialog.build_encoded(builder, generator)
                 _write_radialog(rg, ins, paths)
                 r2gen_counts, exported = future.result()
         else:
             r2gen_counts, exported = _r2gen_export()
+            builder = radialog.builder_for(studies, images, sections, findings, seed, prompts)
             rg, ins, task_counts = radialog.build_encoded(builder, generator)
             _write_radialog(rg, ins, paths)
     finally:
