@@ -67,6 +67,12 @@ def config(
     }
 
 
+def run_cli_argv(requests: Path, cfg: dict, cache_path: Path, *extra: str) -> list[str]:
+    """The command line of the CLI every LLM stage goes through (``run_requests`` over one cache)."""
+    return [sys.executable, "-m", "workflow.llm.run", "--requests", str(requests), "--config", json.dumps(cfg),
+            "--stage", "keyinfo", "--cache", str(cache_path), *extra]  # fmt: skip
+
+
 def make_requests(texts, model="student"):
     return [
         build_request(
@@ -209,19 +215,7 @@ def test_kill_9_then_resume_never_resends_a_completed_request(tmp_path):
     cache_path = tmp_path / "c.sqlite"
     with LoopbackOpenAI(latency=0.05) as srv:
         cfg = config(srv.base_url, concurrency=4)
-        argv = [
-            sys.executable,
-            "-m",
-            "workflow.llm.run",
-            "--requests",
-            str(tmp_path / "requests.jsonl"),
-            "--config",
-            json.dumps(cfg),
-            "--stage",
-            "keyinfo",
-            "--cache",
-            str(cache_path),
-        ]
+        argv = run_cli_argv(tmp_path / "requests.jsonl", cfg, cache_path)
         proc = subprocess.Popen(argv, cwd=ROOT, stderr=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
         done_before = 0

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI, messages_hash  # noqa: E402
 from test_llm import config as loopback_config  # noqa: E402
 from test_llm import make_requests as requests_of  # noqa: E402
-from test_llm import reports  # noqa: E402
+from test_llm import reports, run_cli_argv  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -47,21 +47,9 @@ def config(base_url: str, **client) -> dict:
 def cli_runner(tmp_path: Path, cfg: dict, cache_path: Path, name: str) -> subprocess.Popen:
     """One runner process of the CLI every LLM stage goes through (``run_requests`` over the cache)."""
     return subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "workflow.llm.run",
-            "--requests",
-            str(tmp_path / "requests.jsonl"),
-            "--config",
-            json.dumps(cfg),
-            "--stage",
-            "keyinfo",
-            "--cache",
-            str(cache_path),
-            "--export",
-            str(tmp_path / f"{name}.jsonl"),
-        ],
+        run_cli_argv(
+            tmp_path / "requests.jsonl", cfg, cache_path, "--export", str(tmp_path / f"{name}.jsonl")
+        ),
         cwd=ROOT,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
