@@ -1,10 +1,11 @@
 """Whole-DAG benchmark: `snakemake --cores N` (rules backend) from the reports zip to the report figures.
 
-    python -m bench.bench_dag [--studies 227835 50000 1000000] [--cores 2] [--no-write]
+    python -m bench.bench_dag [--studies 227835 50000 1000000] [--cores 2] [--set rg4.shards=4] [--no-write]
 
 For each corpus size the synthetic MIMIC-layout corpus is generated once (``bench/cache/dag/<n>``,
-gitignored; zip only, no file tree) and the workflow's default target is run on it into a fresh outdir,
-the way a user runs it. A sampler walks snakemake's process tree every 50 ms: each job is the shell that
+gitignored; zip only, no file tree) and the workflow's default target is run on it into a fresh outdir
+(``bench/cache/dag/runs/out_<n>``), the way a user runs it: a config overlay naming the corpus and the
+outdir, plus any ``--set section.key=value`` (a YAML value) the run asks for. A sampler walks snakemake's process tree every 50 ms: each job is the shell that
 Snakemake starts, named by the rule's log file (``<outdir>/logs/<rule>.log``), so the timeline shows
 which jobs overlapped, and each job's memory is the PSS summed over its process tree (its worker
 processes included, shared pages counted once). The growth curve (studies -> wall seconds, peak GB) goes
@@ -75,10 +76,11 @@ def corpus(studies: int, seed: int) -> Path:
     return out
 
 
-def overlay(data: Path, outdir: Path) -> Path:
-    """The config overlay a user would write: the corpus and the outdir, nothing else."""
+def overlay(data: Path, outdir: Path, overrides: dict | None = None) -> Path:
+    """The config overlay a user would write: the corpus, the outdir and the ``overrides``."""
     path = outdir.parent / f"{outdir.name}.yaml"
     settings = {
+        **(overrides or {}),
         "corpus": {
             "mimic": {
                 "reports": str(data / "mimic-cxr-reports.zip"),
@@ -107,18 +109,34 @@ def _job_memory(proc) -> int:
     return total
 
 
-def run_dag(studies: int, cores: int, seed: int) -> DagRun:
+def parse_overrides(items: list[str]) -> dict:
+    """``["rg4.shards=4", "vqa.style=clean"]`` -> ``{"rg4": {"shards": 4}, "vqa": {"style": "clean"}}``."""
+    settings: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set {item!r}: expected section.key=value")
+        *parents, leaf = key.split(".")
+        node = settings
+        for name in parents:
+            node = node.setdefault(name, {})
+        node[leaf] = yaml.safe_load(value)
+    return settings
+
+
+def run_dag(studies: int, cores: int, seed: int, overrides: dict | None = None) -> DagRun:
     import psutil  # a Snakemake dependency
 
     data = corpus(studies, seed)
-    outdir = WORK / f"out_{studies}"
+    outdir = WORK / "runs" / f"out_{studies}"
     shutil.rmtree(outdir, ignore_errors=True)
-    config = overlay(data, outdir)
+    outdir.parent.mkdir(parents=True, exist_ok=True)
+    config = overlay(data, outdir, overrides)
     snakemake = Path(sys.executable).with_name("snakemake")
     cmd = [str(snakemake), "-s", str(REPO / "Snakefile"), "--cores", str(cores), "--configfile", str(config),
            "--directory", str(WORK)]  # fmt: skip
     jobs: dict[int, Job] = {}
-    log = WORK / f"snakemake_{studies}.log"
+    log = outdir.parent / f"snakemake_{studies}.log"
     before = os.times()
     start = time.perf_counter()
     with open(log, "w") as err:
@@ -189,14 +207,17 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--studies", type=int, nargs="+", default=[227_835])
     ap.add_argument("--cores", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                    help="a config override for every run (repeatable)")  # fmt: skip
     ap.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     args = ap.parse_args(argv)
+    overrides = parse_overrides(args.set)
     WORK.mkdir(parents=True, exist_ok=True)
 
     runs = []
     for studies in sorted(args.studies):
         load = os.getloadavg()[0]
-        run = run_dag(studies, args.cores, args.seed)
+        run = run_dag(studies, args.cores, args.seed, overrides)
         runs.append(run)
         print(f"{studies:,} studies: {run.wall:.1f} s wall, {run.cpu:.1f} s CPU, largest job "
               f"{run.peak_job.rule} {run.peak_job.peak_mb:.0f} MB (load before {load:.1f})", flush=True)  # fmt: skip
@@ -209,7 +230,8 @@ def main(argv: list[str] | None = None) -> None:
         "",
         f"`python -m bench.bench_dag --studies {' '.join(map(str, args.studies))}`: `snakemake --cores "
         f"{args.cores}` on the default target (rules backend) over the synthetic corpus, {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} at the end.",
+        f"{os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} at the end"
+        + (f"; overrides: `{' '.join('--set ' + s for s in args.set)}`." if args.set else "."),
         "",
         "| studies | wall s | CPU s | largest job (peak PSS of its process tree) |",
         "|---:|---:|---:|---|",
