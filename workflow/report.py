@@ -16,8 +16,10 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+import pyarrow as pa  # noqa: E402
+import pyarrow.compute as pc  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
 from pandas.api.types import is_integer_dtype, is_numeric_dtype  # noqa: E402
 
 from workflow.cli import parser, setup_logging  # noqa: E402
@@ -30,11 +32,18 @@ PRESENCE_COLOURS = {"positive": "#c0392b", "uncertain": "#f39c12", "negative": "
 
 
 def _save(fig, path: str | Path) -> None:
-    # constrained layout makes room for long tick labels (side-by-side panels would overlap otherwise)
+    # constrained layout makes room for long tick labels (side-by-side panels would overlap otherwise); it
+    # already fits everything inside the figure, so no bbox_inches="tight" (a second full draw per figure)
     fig.set_layout_engine("constrained")
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
+
+
+def _count_axis(axis) -> None:
+    """Counts in the hundreds of thousands: fewer ticks with thousands separators (no "100000125000")."""
+    axis.set_major_locator(MaxNLocator(nbins=5, integer=True))
+    axis.set_major_formatter(StrMethodFormatter("{x:,.0f}"))
 
 
 def _save_csv(frame: pd.DataFrame, path: str | Path) -> None:
@@ -99,18 +108,30 @@ def plot_stage_counts(counts: pd.DataFrame, reasons: pd.DataFrame, png: str | Pa
         ax2.invert_yaxis()
     ax2.set_title("Rejected studies by reason")
     ax2.set_xlabel("rejects rows")
+    _count_axis(ax2.xaxis)
     _save(fig, png)
 
 
 def label_prevalence(findings_path: str | Path) -> pd.DataFrame:
     """Studies per canonical finding and merged presence (positive > uncertain > negative)."""
-    f = pq.read_table(findings_path, columns=["study_id", "name", "presence"]).to_pandas()
-    rank = f["presence"].map({"positive": 0, "uncertain": 1, "negative": 2})
-    merged = f.assign(rank=rank).sort_values("rank").drop_duplicates(["study_id", "name"])
-    table = merged.pivot_table(index="name", columns="presence", values="study_id", aggfunc="count")
+    f = pq.read_table(findings_path, columns=["study_id", "name", "presence"])
+    # a study's merged presence for a finding is its best-ranked mention: the minimum rank per (study, name)
+    ranks = pa.array(list(PRESENCE_COLOURS))
+    rank = pc.index_in(f["presence"], value_set=ranks)
+    merged = (
+        pa.table({"study_id": f["study_id"], "name": f["name"], "rank": rank})
+        .group_by(["study_id", "name"])
+        .aggregate([("rank", "min")])
+        .group_by(["name", "rank_min"])
+        .aggregate([("study_id", "count")])
+        .to_pandas()
+    )
+    merged["presence"] = merged["rank_min"].map(dict(enumerate(PRESENCE_COLOURS)))
+    table = merged.pivot_table(index="name", columns="presence", values="study_id_count", aggfunc="sum")
     table = table.reindex(columns=list(PRESENCE_COLOURS)).fillna(0).astype(int)
+    table.columns.name = "presence"
     table["studies"] = table.sum(axis=1)
-    table["prevalence"] = (table["positive"] / f["study_id"].nunique()).round(4)
+    table["prevalence"] = (table["positive"] / len(pc.unique(f["study_id"]))).round(4)
     return table.sort_values("positive", ascending=False).reset_index()
 
 
@@ -122,6 +143,7 @@ def plot_label_prevalence(table: pd.DataFrame, png: str | Path) -> None:
         ax.barh(table["name"], table[presence], left=left, color=colour, label=presence)
         left = left + table[presence]
     ax.set_xlabel("studies")
+    _count_axis(ax.xaxis)
     ax.set_title("Findings per study (merged presence)")
     ax.legend(loc="lower right")
     _save(fig, png)
@@ -146,6 +168,7 @@ def plot_questions(per_type: pd.DataFrame, png: str | Path) -> None:
     per_type.plot.barh(ax=ax, stacked=True)
     ax.invert_yaxis()
     ax.set_xlabel("questions")
+    _count_axis(ax.xaxis)
     ax.set_ylabel("")
     ax.set_title("Questions per type and split")
     ax.legend(title="split", frameon=False, loc="upper left", bbox_to_anchor=(1, 1))  # clear of the bars
