@@ -1,4 +1,5 @@
-rule keyinfo_rules:
+# one process per shard (the studies with study_id % keyinfo.shards == shard): the shards are the parallelism
+rule keyinfo_rules_shard:
     input:
         sections=rules.sections.output.sections,
         reports=rules.ingest.output.studies,
@@ -14,39 +15,88 @@ rule keyinfo_rules:
             packaged("libs", "anchors.yaml"),
         ],
     output:
-        findings=out("keyinfo", "rules", "findings.parquet"),
-        stats=out("keyinfo", "rules", "stats.parquet"),
-        rejects=out("keyinfo", "rules", "rejects.parquet"),
+        findings=out("keyinfo", "rules", "shard{shard}", "findings.parquet"),
+        stats=out("keyinfo", "rules", "shard{shard}", "stats.parquet"),
+        rejects=out("keyinfo", "rules", "shard{shard}", "rejects.parquet"),
+        normal_statements=out(
+            "keyinfo", "rules", "shard{shard}", "normal_statements.parquet"
+        ),
     log:
-        logfile("keyinfo_rules"),
+        logfile("keyinfo_rules_shard{shard}"),
+    wildcard_constraints:
+        shard="[0-9]+",
     conda:
         "../envs/core.yaml"
-    threads: 2
+    threads: 1
     resources:
-        mem_mb=per_attempt(4000),
+        mem_mb=per_attempt(3000),
         runtime=per_attempt(60),
     params:
         py=PY,
+        shards=config["keyinfo"]["shards"],
         conventions=lambda wc: (
             f"--alternatives {config['keyinfo']['alternatives']} --hedges {config['keyinfo']['hedges']}"
             + ("" if config["keyinfo"]["lenient_sections"] else " --no-lenient")
         ),
     shell:
         "{params.py} -m workflow.keyinfo.run_rules --sections {input.sections:q} --reports {input.reports:q}"
-        " --findings {output.findings:q} --stats {output.stats:q} --rejects {output.rejects:q}"
-        " --workers {threads} {params.conventions} 2> {log:q}"
+        " --shard {wildcards.shard} --shards {params.shards} --workers 1 --findings {output.findings:q}"
+        " --stats {output.stats:q} --rejects {output.rejects:q}"
+        " --normal-statements {output.normal_statements:q} {params.conventions} 2> {log:q}"
+
+
+# the shards' tables in the sections table's order: the files an unsharded run writes, byte for byte
+rule keyinfo_rules:
+    input:
+        sections=rules.sections.output.sections,
+        findings=expand(
+            rules.keyinfo_rules_shard.output.findings,
+            shard=range(config["keyinfo"]["shards"]),
+        ),
+        stats=expand(
+            rules.keyinfo_rules_shard.output.stats,
+            shard=range(config["keyinfo"]["shards"]),
+        ),
+        rejects=expand(
+            rules.keyinfo_rules_shard.output.rejects,
+            shard=range(config["keyinfo"]["shards"]),
+        ),
+        normal_statements=expand(
+            rules.keyinfo_rules_shard.output.normal_statements,
+            shard=range(config["keyinfo"]["shards"]),
+        ),
+    output:
+        findings=out("keyinfo", "rules", "findings.parquet"),
+        stats=out("keyinfo", "rules", "stats.parquet"),
+        rejects=out("keyinfo", "rules", "rejects.parquet"),
+        normal_statements=out("keyinfo", "rules", "normal_statements.parquet"),
+    log:
+        logfile("keyinfo_rules"),
+    conda:
+        "../envs/core.yaml"
+    resources:
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
+    params:
+        py=PY,
+    shell:
+        "{params.py} -m workflow.keyinfo.run_rules merge --sections {input.sections:q}"
+        " --shard-findings {input.findings:q} --shard-stats {input.stats:q} --shard-rejects {input.rejects:q}"
+        " --shard-normal-statements {input.normal_statements:q} --findings {output.findings:q}"
+        " --stats {output.stats:q} --rejects {output.rejects:q}"
+        " --normal-statements {output.normal_statements:q} 2> {log:q}"
 
 
 ALL_TARGETS += rules.keyinfo_rules.output
 
 
-# normal / abnormal / unknown per study, from the findings downstream stages read (either backend)
+# normal / abnormal / unknown per study: the findings downstream stages read (either backend) counted per
+# study read, with the normal statements the rules shards found in its text
 rule keyinfo_studies:
     input:
         sections=rules.sections.output.sections,
-        reports=rules.ingest.output.studies,
+        normal_statements=rules.keyinfo_rules.output.normal_statements,
         findings=findings_table,
-        libs=packaged("libs", "triggers.yaml"),
     output:
         studies=out("keyinfo", "studies.parquet"),
     log:
@@ -58,12 +108,10 @@ rule keyinfo_studies:
         runtime=per_attempt(30),
     params:
         py=PY,
-        lenient=lambda wc: (
-            "" if config["keyinfo"]["lenient_sections"] else "--no-lenient"
-        ),
     shell:
-        "{params.py} -m workflow.keyinfo.studies --sections {input.sections:q} --reports {input.reports:q}"
-        " --findings {input.findings:q} --out {output.studies:q} {params.lenient} 2> {log:q}"
+        "{params.py} -m workflow.keyinfo.studies --sections {input.sections:q}"
+        " --normal-statements {input.normal_statements:q} --findings {input.findings:q}"
+        " --out {output.studies:q} 2> {log:q}"
 
 
 ALL_TARGETS += rules.keyinfo_studies.output

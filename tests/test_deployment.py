@@ -173,6 +173,7 @@ def shell_commands(log: str) -> dict[str, list[str]]:
 ALL_RULES = {
     "ingest",
     "sections",
+    "keyinfo_rules_shard",
     "keyinfo_rules",
     "keyinfo_studies",
     "vqa",

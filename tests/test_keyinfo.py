@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pyarrow.parquet as pq
 import pytest
 from workflow_run import demo_corpus, prepare_workdir, run_snakemake
@@ -286,3 +288,83 @@ def test_run_rules_on_two_workers_writes_what_one_worker_writes(tmp_path):
     assert out["1"] == out["2"]
     assert len({r["study_id"] for r in out["2"]}) == 80
     assert len(pq.read_table(tmp_path / "r2.parquet")) == 20
+
+
+def _shard_corpus(tmp_path):
+    """100 studies in shuffled study-id order (the merge must restore the sections order, not sort), with
+    reports of several findings, silent ones, normal statements and no text at all."""
+    import random
+
+    import pyarrow as pa
+
+    texts = ["Mild cardiomegaly. No effusion.", "No acute cardiopulmonary process.",
+             "Possible small left effusion. Right PICC line in place.", "Comparison is made to the prior study.",
+             None]  # fmt: skip
+    ids = list(range(1000, 1100))
+    random.Random(4).shuffle(ids)
+    sections = {f.name: [None] * 100 for f in SECTIONS}
+    sections["subject_id"] = [i // 3 for i in ids]
+    sections["study_id"] = ids
+    sections["findings"] = [texts[k % len(texts)] for k in range(100)]
+    sections["impression"] = [texts[(k // 2) % len(texts)] for k in range(100)]
+    write_table(pa.Table.from_pydict(sections, schema=SECTIONS), tmp_path / "sections.parquet", SECTIONS)
+    return tmp_path / "sections.parquet"
+
+
+TABLES = ("findings", "stats", "rejects", "normal-statements")
+CONVENTIONS = ["--alternatives", "uncertain", "--hedges", "uncertain"]
+
+
+def _tables(folder, tables=TABLES):
+    """--findings folder/findings.parquet ... (the folder made)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    return [a for t in tables for a in (f"--{t}", str(folder / f"{t}.parquet"))]
+
+
+def _shard_tables(folders, tables=TABLES):
+    """--shard-findings f0/findings.parquet f1/findings.parquet ... (shard order as given)."""
+    return [a for t in tables for a in (f"--shard-{t}", *(str(f / f"{t}.parquet") for f in folders))]
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_merged_shards_are_the_unsharded_run_byte_for_byte(tmp_path, shards):
+    """Small batches (7 studies): shard rows of one sections batch come from several shard batches."""
+    sections = _shard_corpus(tmp_path)
+    common = ["--sections", str(sections), "--batch-size", "7"]
+    run_rules_main([*common, *_tables(tmp_path / "whole"), *CONVENTIONS])
+    folders = [tmp_path / f"shard{k}" for k in range(shards)]
+    for k, folder in enumerate(folders):
+        run_rules_main([*common, *_tables(folder), "--shard", str(k), "--shards", str(shards), *CONVENTIONS])
+    run_rules_main(["merge", *common, *_shard_tables(folders), *_tables(tmp_path / "merged")])
+    for t in TABLES:
+        merged, whole = (tmp_path / d / f"{t}.parquet" for d in ("merged", "whole"))
+        assert merged.read_bytes() == whole.read_bytes(), t
+    for k, folder in enumerate(folders):  # each shard read only its studies
+        ids = pq.read_table(folder / "normal-statements.parquet")["study_id"].to_pylist()
+        assert ids and all(i % shards == k for i in ids)
+    assert pq.read_table(tmp_path / "merged" / "findings.parquet").num_rows > 100
+    assert len(pq.read_table(tmp_path / "merged" / "rejects.parquet")) == 10
+
+
+def test_merge_refuses_shards_given_out_of_order(tmp_path):
+    sections = _shard_corpus(tmp_path)
+    folders = [tmp_path / f"shard{k}" for k in range(2)]
+    for k, folder in enumerate(folders):
+        run_rules_main(["--sections", str(sections), *_tables(folder), "--shard", str(k), "--shards", "2",
+                        *CONVENTIONS])  # fmt: skip
+    tables = TABLES[:3]  # the normal statements are optional
+    with pytest.raises(ValueError, match="not shard 0 of 2"):
+        run_rules_main(["merge", "--sections", str(sections), *_shard_tables(folders[::-1], tables),
+                        *_tables(tmp_path / "merged", tables)])  # fmt: skip
+
+
+def test_the_dag_runs_one_rules_job_per_shard_and_one_merge(tmp_path):
+    workdir = prepare_workdir(
+        tmp_path / "run",
+        {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "keyinfo": {"shards": 3}},
+    )
+    run = run_snakemake(workdir, "-n", "-p", str(workdir / "results" / "keyinfo" / "studies.parquet"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = re.findall(r"^rule (\w+):", run.stdout, re.MULTILINE)
+    assert jobs.count("keyinfo_rules_shard") == 3 and jobs.count("keyinfo_rules") == 1
+    assert sorted(re.findall(r"--shard (\d) --shards 3 --workers 1 ", run.stdout)) == ["0", "1", "2"]

@@ -214,12 +214,9 @@ def test_study_status_tells_normal_from_silent_and_abnormal(tmp_path):
                "report": [full[6]], "source_path": ["x"]}  # fmt: skip
     pq.write_table(pa.Table.from_pydict(studies, schema=STUDIES), tmp_path / "studies.parquet")
     run_rules(tmp_path / "sections.parquet", tmp_path / "f.parquet", tmp_path / "s.parquet", tmp_path / "r.parquet",
-              reports=tmp_path / "studies.parquet")  # fmt: skip
+              reports=tmp_path / "studies.parquet", normal_statements=tmp_path / "n.parquet")  # fmt: skip
     run_studies(
-        tmp_path / "sections.parquet",
-        tmp_path / "f.parquet",
-        tmp_path / "k.parquet",
-        tmp_path / "studies.parquet",
+        tmp_path / "sections.parquet", tmp_path / "n.parquet", tmp_path / "f.parquet", tmp_path / "k.parquet"
     )
     got = {r["study_id"]: r["status"] for r in pq.read_table(tmp_path / "k.parquet").to_pylist()}
     assert got == {1: "normal", 2: "normal", 3: "abnormal", 4: "unknown", 6: "normal"}

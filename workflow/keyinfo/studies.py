@@ -1,20 +1,20 @@
 """Per-study status of the key information: normal / abnormal / unknown (contract.KEYINFO_STUDIES).
 
     python -m workflow.keyinfo.studies --sections results/sections/sections.parquet \\
-        --findings results/keyinfo/rules/findings.parquet --reports results/ingest/studies.parquet \\
-        --out results/keyinfo/studies.parquet
+        --normal-statements results/keyinfo/rules/normal_statements.parquet \\
+        --findings results/keyinfo/rules/findings.parquet --out results/keyinfo/studies.parquet
 
 A study without any finding row is either a normal report ("No acute cardiopulmonary process.") or a
 report that says nothing we read; downstream stages must tell the two apart (Medical-CXR-VQA asks the
 abnormality question "no" of normal studies only). Works for either backend: the findings are whatever the
 configured backend wrote; the normal statement comes from the report text (libs/triggers.yaml
-``normal_statements``), read in the same sections the extractor reads.
+``normal_statements``), read in the same sections the extractor reads: the rules extractor finds it while
+it reads them (run_rules ``--normal-statements``, one row per study read), so this stage only adds counts.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -30,7 +30,6 @@ from workflow.keyinfo.extract import (
     FALLBACK_SECTION,
     READ_SECTIONS,
     normalise,
-    sections_for_reading,
     sections_read,
 )
 from workflow.keyinfo.libs import Libs, load_libs
@@ -39,6 +38,12 @@ from workflow.tables import TableWriter, summary
 log = logging.getLogger(__name__)
 STAGE = "keyinfo_studies"
 TEXT_COLUMNS = (*READ_SECTIONS, FALLBACK_SECTION)
+
+# One row per study the rules extractor read, in the sections table's order, with its normal statement
+# (run_rules --normal-statements): text-level, so the same whichever backend wrote the findings.
+NORMAL_STATEMENTS = pa.schema(
+    [KEYINFO_STUDIES.field(n) for n in ("subject_id", "study_id", "normal_evidence")]
+)
 
 
 def normal_statement(sections: dict[str, str | None], libs: Libs | None = None) -> str | None:
@@ -105,69 +110,48 @@ def lenient_texts(sections: Path, reports: Path | None, lenient: bool) -> dict[i
     return reports_for(reports, strict_silent(sections)) if lenient else {}
 
 
-def section_batches(
-    sections: Path, reports: Path | None, lenient: bool, batch_size: int = 8192
-) -> Iterator[tuple[list[int], list[int], list[dict]]]:
-    """(subject ids, study ids, sections to read) per batch; with ``lenient`` the studies MIT-LCP's parser
-    finds neither findings nor impression in are read by headers in any case."""
-    texts = lenient_texts(sections, reports, lenient)
-    pf = pq.ParquetFile(sections)
-    present = [c for c in ("subject_id", "study_id", *TEXT_COLUMNS) if c in pf.schema_arrow.names]
-    for rb in pf.iter_batches(batch_size=batch_size, columns=present):
-        d = rb.to_pydict()
-        columns = [
-            d.get(name) or [None] * rb.num_rows for name in TEXT_COLUMNS
-        ]  # once per batch, not per row
-        rows = []
-        for k, sid in enumerate(d["study_id"]):
-            strict = {name: col[k] for name, col in zip(TEXT_COLUMNS, columns, strict=True)}
-            rows.append(sections_for_reading(strict, texts.get(sid)) if sid in texts else strict)
-        yield d["subject_id"], d["study_id"], rows
-
-
-def run(sections: Path, findings: Path, out: Path, reports: Path | None = None, lenient: bool = True) -> None:
-    libs = load_libs()
+def run(sections: Path, normal_statements: Path, findings: Path, out: Path) -> None:
+    """KEYINFO_STUDIES: every study read (NORMAL_STATEMENTS, in its row groups) with its finding counts."""
     counts = presence_counts(findings)
-    by_status = dict.fromkeys(("normal", "abnormal", "unknown", "no text"), 0)
-    n_in = 0
+    by_status = dict.fromkeys(("normal", "abnormal", "unknown"), 0)
+    read = pq.ParquetFile(normal_statements)
     with TableWriter(out, KEYINFO_STUDIES) as writer:
-        for subjects, studies, rows in section_batches(sections, reports, lenient):
-            cols: dict[str, list] = {f.name: [] for f in KEYINFO_STUDIES}
-            for subject, study, secs in zip(subjects, studies, rows, strict=True):
-                n_in += 1
-                if not any((secs.get(s) or "").strip() for s in TEXT_COLUMNS):
-                    by_status["no text"] += 1  # rejected by the extractor (no_report_text): not read
-                    continue
+        for group in range(read.num_row_groups):  # one per batch of sections, as the extractor wrote them
+            d = read.read_row_group(group).to_pydict()
+            cols: dict[str, list] = {**d, "status": [], "n_positive": [], "n_uncertain": [], "n_negative": []}
+            for study, evidence in zip(d["study_id"], d["normal_evidence"], strict=True):
                 pos, unc, neg = counts.get(study, (0, 0, 0))
-                evidence = normal_statement(secs, libs)
                 status = study_status(pos, unc, neg, evidence)
                 by_status[status] += 1
-                for key, value in (("subject_id", subject), ("study_id", study), ("status", status),
-                                   ("normal_evidence", evidence), ("n_positive", pos), ("n_uncertain", unc),
+                for key, value in (("status", status), ("n_positive", pos), ("n_uncertain", unc),
                                    ("n_negative", neg)):  # fmt: skip
                     cols[key].append(value)
             writer.write(pa.Table.from_pydict(cols, schema=KEYINFO_STUDIES))
-    summary(STAGE, n_in, n_in - by_status["no text"], by_status["no text"])
+    n_in = pq.ParquetFile(sections).metadata.num_rows
+    by_status["no text"] = n_in - writer.rows  # rejected by the extractor (no_report_text): not read
+    summary(STAGE, n_in, writer.rows, by_status["no text"])
     log.info("%s: %s", STAGE, ", ".join(f"{k} {v}" for k, v in by_status.items()))
 
 
 def main(argv: list[str] | None = None) -> None:
     p = cli_parser("Per-study normal / abnormal / unknown status of the key information.")
     p.add_argument("--sections", required=True, type=Path, help="sections.parquet (contract.SECTIONS)")
-    p.add_argument("--findings", required=True, type=Path, help="the findings table downstream stages read")
     p.add_argument(
-        "--reports", type=Path, help="studies.parquet (report text, for the lenient section reading)"
+        "--normal-statements",
+        required=True,
+        type=Path,
+        help="run_rules' normal statements of the studies read",
     )
-    p.add_argument("--no-lenient", action="store_true", help="read MIT-LCP's sections only")
+    p.add_argument("--findings", required=True, type=Path, help="the findings table downstream stages read")
     p.add_argument(
         "--out", required=True, type=Path, help="output studies.parquet (contract.KEYINFO_STUDIES)"
     )
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    for key in ("sections", "findings"):
+    for key in ("sections", "normal_statements", "findings"):
         if not getattr(args, key).exists():
-            p.error(f"--{key}: {getattr(args, key)} does not exist")
-    run(args.sections, args.findings, args.out, args.reports, not args.no_lenient)
+            p.error(f"--{key.replace('_', '-')}: {getattr(args, key)} does not exist")
+    run(args.sections, args.normal_statements, args.findings, args.out)
 
 
 if __name__ == "__main__":
