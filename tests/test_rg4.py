@@ -166,10 +166,19 @@ def run_shards(inputs: dict[str, Path], outdir: Path, shards: int, *options: str
 
     folders = []
     for shard in range(shards):
-        named = {k: Path(str(v).format(shard=shard)) for k, v in rule_outputs("rg4_shard", outdir, "rg4").items()}
+        named = {
+            k: Path(str(v).format(shard=shard)) for k, v in rule_outputs("rg4_shard", outdir, "rg4").items()
+        }
         folder = named["facts"].parent
         assert named == rg4.ShardPaths(folder).by_name()  # the rule names the files a shard writes
-        paths = ("--studies", inputs["studies"], "--images", inputs["images"], "--sections", inputs["sections"])
+        paths = (
+            "--studies",
+            inputs["studies"],
+            "--images",
+            inputs["images"],
+            "--sections",
+            inputs["sections"],
+        )
         shard_args = ("--shard", shard, "--shards", shards, "--shard-dir", folder, "--workers", 1)
         rg4.main([*map(str, paths + shard_args), *options])
         folders.append(folder)
@@ -839,7 +848,9 @@ def test_the_dag_has_one_job_per_shard_and_one_merge(tmp_path):
         tmp_path / "run",
         {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "rg4": {"shards": 3}},
     )
-    run = run_snakemake(workdir, "-n", "-p", "--cores", "2", str(workdir / "results" / "rg4" / "counts.parquet"))
+    run = run_snakemake(
+        workdir, "-n", "-p", "--cores", "2", str(workdir / "results" / "rg4" / "counts.parquet")
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = re.findall(r"^rule (rg4\w*):$", run.stdout, re.MULTILINE)
     assert sorted(jobs) == ["rg4", "rg4_shard", "rg4_shard", "rg4_shard"]

@@ -537,16 +537,40 @@ def _reject_key(group: int, position: int, minor: int = 0) -> int:
     return ((group << _POSITION_BITS) + position) * 8 + minor
 
 
+@dataclass
+class Prepared:
+    """What :func:`build_prepared` needs of the input tables (which can be freed once it is made): the
+    eligible studies and their scenario masks (:func:`prepare`), the rejected ones, each study's position
+    (its row label in the studies table) and the number of studies read."""
+
+    df: pd.DataFrame | None
+    masks: dict[str, pd.Series]
+    rejected: pd.DataFrame
+    position_of: pd.Series
+    n_studies: int
+
+    @classmethod
+    def of(cls, studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame) -> Prepared:
+        first = studies.drop_duplicates("study_id")
+        position_of = pd.Series(first.index.to_numpy(dtype=np.int64), index=first["study_id"].to_numpy())
+        return cls(*prepare(studies, images, sections), position_of, len(studies))
+
+
 def build(
     studies: pd.DataFrame,
     images: pd.DataFrame,
     sections: pd.DataFrame,
     runner,
 ) -> BuildResult:
+    return build_prepared(Prepared.of(studies, images, sections), runner)
+
+
+def build_prepared(prepared: Prepared, runner) -> BuildResult:
+    """The scenario tables, counts, stats and rejects; consumes ``prepared.df`` (the frame is freed once its
+    columns are lists, before the rewriter runs)."""
     rules = load_rules()
-    first = studies.drop_duplicates("study_id")
-    position_of = pd.Series(first.index.to_numpy(dtype=np.int64), index=first["study_id"].to_numpy())
-    df, masks, rejected = prepare(studies, images, sections)
+    df, masks, rejected, position_of = prepared.df, prepared.masks, prepared.rejected, prepared.position_of
+    prepared.df = None
     rejects, reject_order = Rejects(STAGE), []
     for (sid, reason), position in zip(
         rejected.itertuples(index=False), position_of.reindex(rejected["study_id"]).tolist(), strict=True
@@ -556,6 +580,8 @@ def build(
 
     cols = Columns(df)
     row_position = position_of.reindex(df["study_id"]).tolist()
+    eligible = {s: df.loc[masks[s], "split"].value_counts() for s in RG4_SCENARIOS}
+    del df
     scenario_index = {s: k for k, s in enumerate(RG4_SCENARIOS)}
     # jobs study by study, so the rewriter splits each text once for all of its scenarios
     jobs, index = [], []
@@ -612,13 +638,12 @@ def build(
         del positions, outs
     counts = {"scenario": [], "split": [], "records": [], "rejected": []}
     for s in RG4_SCENARIOS:
-        eligible = df[masks[s]]["split"].value_counts()
         got = pd.Series(tables[s].column("split").to_pylist()).value_counts()
         for split in RG4_SPLITS:
             counts["scenario"].append(s)
             counts["split"].append(split)
             counts["records"].append(int(got.get(split, 0)))
-            counts["rejected"].append(int(eligible.get(split, 0)) - int(got.get(split, 0)))
+            counts["rejected"].append(int(eligible[s].get(split, 0)) - int(got.get(split, 0)))
     return BuildResult(
         tables,
         pa.Table.from_pydict(counts, schema=RG4_COUNTS),
@@ -627,7 +652,7 @@ def build(
             for (scenario, cat), c in stats.items()
         ),
         rejects,
-        len(studies),
+        prepared.n_studies,
         table_positions,
         reject_order,
     )
@@ -977,6 +1002,9 @@ def main(argv: list[str] | None = None) -> BuildResult:
     studies, images, sections, n_read = read_inputs(
         args.studies, args.images, args.sections, args.shard, args.shards
     )
+    prepared = Prepared.of(studies, images, sections)
+    prepared.n_studies = n_read
+    del studies, images, sections  # what the build needs of them is in `prepared`
     label_vector = default_label_vector()
     if args.rewriter == "rules":
         runner = RulesJobRunner(label_vector, args.workers)
@@ -992,8 +1020,7 @@ def main(argv: list[str] | None = None) -> BuildResult:
             max_attempts=args.max_attempts,
         )
     t1 = time.perf_counter()
-    result = build(studies, images, sections, runner)
-    result.n_studies = n_read
+    result = build_prepared(prepared, runner)
     t2 = time.perf_counter()
     requests = runner.requests if args.rewriter == "llm" else []  # the rules rewriter asks nothing
     if scorer is not None and args.rewriter == "rules":
@@ -1001,8 +1028,8 @@ def main(argv: list[str] | None = None) -> BuildResult:
         # the label checks made it for most rewritten sentences
         scorer.learn_emphasis(runner.rewriter.finding_in)
     rewriter = runner.name
-    # the inputs and the rewriter are done with: freed before the scorers and writers fork
-    del runner, studies, images, sections
+    # the rewriter is done with: freed before the scorers and writers fork
+    del runner, prepared
     if args.shard_dir is not None:
         write_shard(
             result, ShardPaths(args.shard_dir), args.label_sections, args.workers, scorer, rewriter, requests
