@@ -18,6 +18,12 @@ Every study ends in at least one scenario table or in rejects (reasons: not elig
 ``<scenario>:<check failure>`` for each scenario its target failed in, or ``<scenario>:not_in_<parents>``
 where nesting removed it). The consistency checks (nesting by study: MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN; no
 subject in two splits, unique ids, finding/impression not both missing) raise, failing the rule.
+
+With ``rg4.shards`` the rule ``rg4_shard`` runs this with ``--shard K --shards N --shard-dir DIR``: the
+patients with ``subject_id % N == K`` (priors, splits and nesting are per patient, so a shard is
+self-contained), written as :class:`ShardPaths`; :mod:`workflow.rg4.merge` (the ``rg4`` rule) joins the
+shards into the files above, in the order one job writes them. Without ``--shard-dir`` the stage writes its
+outputs itself, through the same shard writer and merge.
 """
 
 from __future__ import annotations
@@ -751,18 +757,28 @@ class ShardPaths:
         return {
             **{s: self.folder / f"rg4_{s}.parquet" for s in RG4_SCENARIOS},
             **{f"json_{s}": self.folder / f"rg4_{s}.jsonl" for s in RG4_SCENARIOS},
-            "counts": self.folder / "counts.parquet",
-            "stats": self.folder / "rewrite_stats.parquet",
-            "rejects": self.folder / "rejects.parquet",
-            "llm_requests": self.folder / "llm_requests.parquet",
-            "facts": self.folder / "facts.json",
+            **{name: getattr(self, name) for name in ("counts", "stats", "rejects", "llm_requests", "facts")},
         }
 
-    def __getattr__(self, name: str) -> Path:  # shard.counts, shard.json_sn, ...
-        try:
-            return self.by_name()[name]
-        except KeyError:
-            raise AttributeError(name) from None
+    @property
+    def counts(self) -> Path:
+        return self.folder / "counts.parquet"
+
+    @property
+    def stats(self) -> Path:
+        return self.folder / "rewrite_stats.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.folder / "rejects.parquet"
+
+    @property
+    def llm_requests(self) -> Path:
+        return self.folder / "llm_requests.parquet"
+
+    @property
+    def facts(self) -> Path:
+        return self.folder / "facts.json"
 
     @property
     def tables(self) -> dict[str, Path]:
