@@ -1,12 +1,69 @@
 # MIMIC-RG4 scenario splits (sn / sw / mn / mw) with input-agnostic rewriting; logic in workflow/rg4/.
+# rg4.shards jobs each build the patients with subject_id % shards == shard (priors stay within a
+# patient); the rg4 rule merges them into the stage's outputs, in the order one job writes them.
+
+RG4_SHARDS = range(config["rg4"]["shards"])
 
 
-rule rg4:
+rule rg4_shard:
     input:
         studies=rules.ingest.output.studies,
         images=rules.ingest.output.images,
         sections=rules.sections.output.sections,
         rewrite_rules=packaged("libs", "rg4_rules.yaml"),
+    output:
+        # the names workflow.rg4.build.ShardPaths gives them
+        sn=out("rg4", "shard{shard}", "rg4_sn.parquet"),
+        sw=out("rg4", "shard{shard}", "rg4_sw.parquet"),
+        mn=out("rg4", "shard{shard}", "rg4_mn.parquet"),
+        mw=out("rg4", "shard{shard}", "rg4_mw.parquet"),
+        json_sn=out("rg4", "shard{shard}", "rg4_sn.jsonl"),
+        json_sw=out("rg4", "shard{shard}", "rg4_sw.jsonl"),
+        json_mn=out("rg4", "shard{shard}", "rg4_mn.jsonl"),
+        json_mw=out("rg4", "shard{shard}", "rg4_mw.jsonl"),
+        counts=out("rg4", "shard{shard}", "counts.parquet"),
+        stats=out("rg4", "shard{shard}", "rewrite_stats.parquet"),
+        rejects=out("rg4", "shard{shard}", "rejects.parquet"),
+        llm_requests=out("rg4", "shard{shard}", "llm_requests.parquet"),
+        facts=out("rg4", "shard{shard}", "facts.json"),
+    log:
+        logfile("rg4_shard{shard}"),
+    conda:
+        rg4_conda_env()
+    # one process: the shards are the parallelism
+    threads: 1
+    resources:
+        **llm_resources(
+            config["rg4"]["llm"]["endpoint"]
+            if config["rg4"]["rewriter"] == "llm"
+            else None
+        ),
+        mem_mb=per_attempt(4000),
+        runtime=per_attempt(60),
+        # the rules rewriter asks no LLM: no endpoint resource, rg4 runs beside the LLM stages
+    params:
+        py=PY,
+        shards=config["rg4"]["shards"],
+        folder=lambda wildcards, output: str(Path(output.facts).parent),
+        rewriter=config["rg4"]["rewriter"],
+        label_sections=(
+            "--label-sections"
+            if config["rg4"]["label_sections"]
+            else "--no-label-sections"
+        ),
+        llm=rg4_llm_args,
+        scores=lambda wildcards: rg4_scores_args(),
+    shell:
+        "{params.py} -m workflow.rg4 --studies {input.studies:q} --images {input.images:q}"
+        " --sections {input.sections:q} --shard {wildcards.shard} --shards {params.shards}"
+        " --shard-dir {params.folder:q} --rewriter {params.rewriter} {params.label_sections} {params.llm}"
+        " {params.scores} --workers {threads} 2> {log:q}"
+
+
+rule rg4:
+    input:
+        facts=expand(rules.rg4_shard.output.facts, shard=RG4_SHARDS),
+        shards=expand(rules.rg4_shard.output, shard=RG4_SHARDS),
     output:
         sn=out("rg4", "rg4_sn.parquet"),
         sw=out("rg4", "rg4_sw.parquet"),
@@ -25,36 +82,20 @@ rule rg4:
     log:
         logfile("rg4"),
     conda:
-        rg4_conda_env()
-    threads: 2
+        "../envs/core.yaml"
+    threads: 1
     resources:
-        **llm_resources(
-            config["rg4"]["llm"]["endpoint"]
-            if config["rg4"]["rewriter"] == "llm"
-            else None
-        ),
-        mem_mb=per_attempt(4000),
-        runtime=per_attempt(60),
-        # the rules rewriter asks no LLM: no endpoint resource, rg4 runs beside the LLM stages
+        mem_mb=per_attempt(2000),
+        runtime=per_attempt(30),
     params:
         py=PY,
-        rewriter=config["rg4"]["rewriter"],
-        label_sections=(
-            "--label-sections"
-            if config["rg4"]["label_sections"]
-            else "--no-label-sections"
-        ),
-        llm=rg4_llm_args,
-        scores=lambda wildcards: rg4_scores_args(),
+        folders=lambda wildcards, input: [str(Path(f).parent) for f in input.facts],
     shell:
-        "{params.py} -m workflow.rg4 --studies {input.studies:q} --images {input.images:q}"
-        " --sections {input.sections:q}"
+        "{params.py} -m workflow.rg4.merge --shard-dirs {params.folders:q}"
         " --tables {output.sn:q} {output.sw:q} {output.mn:q} {output.mw:q}"
         " --json {output.json_sn:q} {output.json_sw:q} {output.json_mn:q} {output.json_mw:q}"
         " --counts {output.counts:q} --stats {output.stats:q} --rejects {output.rejects:q} --notes {output.notes:q}"
-        " --llm-requests {output.llm_requests:q}"
-        " --rewriter {params.rewriter} {params.label_sections} {params.llm}"
-        " {params.scores} --workers {threads} 2> {log:q}"
+        " --llm-requests {output.llm_requests:q} 2> {log:q}"
 
 
 ALL_TARGETS += rules.rg4.output

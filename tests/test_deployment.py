@@ -177,6 +177,7 @@ ALL_RULES = {
     "keyinfo_rules",
     "keyinfo_studies",
     "vqa",
+    "rg4_shard",
     "rg4",
     "exports",
     "release_vqa",
@@ -325,7 +326,8 @@ def test_slurm_profile_asks_for_each_rules_own_resources(tmp_path):
     # CPU rules: their own memory and time; CPUs follow their `threads:` (no profile-wide cpus_per_task)
     for rule, mem_mb, runtime in (
         ("ingest", 2000, 30),
-        ("rg4", 4000, 60),
+        ("rg4_shard", 4000, 60),
+        ("rg4", 2000, 30),
         ("exports", 4000, 60),
         ("vqa", 2000, 30),
     ):

@@ -267,11 +267,16 @@ def job_resources(stdout: str) -> dict[str, set[str]]:
                 "llm_keyinfo_shard": {"llm_student"},
                 "llm_followup": {"llm_student"},
                 "llm_keyinfo_merge": set(),
+                "rg4_shard": set(),
                 "rg4": set(),
                 "ingest": set(),
             },
         ),
-        ({"rg4": {"rewriter": "llm", "llm": {"endpoint": "teacher"}}}, {"rg4": {"llm_teacher"}}),
+        # the shards ask the endpoint; the merge asks nothing
+        (
+            {"rg4": {"rewriter": "llm", "llm": {"endpoint": "teacher"}}},
+            {"rg4_shard": {"llm_teacher"}, "rg4": set()},
+        ),
         # an offline vLLM student is no shared server: its shards take nothing and run side by side
         (
             {"llm": {"endpoints": {"student": {"executor": "vllm"}}, "vllm": {"command": ["true"]}}},

@@ -159,6 +159,40 @@ def run_rule(tmp_path, rows, extra=()) -> dict[str, Path]:
     return run_stage("rg4", write_inputs(tmp_path, rows), tmp_path / "results", *extra)
 
 
+def run_shards(inputs: dict[str, Path], outdir: Path, shards: int, *options: str) -> dict[str, Path]:
+    """The ``rg4_shard`` jobs (``rg4.shards`` = ``shards``) and the ``rg4`` merge, as rules/rg4.smk runs
+    them; the merged outputs by the rule's names."""
+    from workflow.rg4 import merge
+
+    folders = []
+    for shard in range(shards):
+        named = {
+            k: Path(str(v).format(shard=shard)) for k, v in rule_outputs("rg4_shard", outdir, "rg4").items()
+        }
+        folder = named["facts"].parent
+        assert named == rg4.ShardPaths(folder).by_name()  # the rule names the files a shard writes
+        paths = (
+            "--studies",
+            inputs["studies"],
+            "--images",
+            inputs["images"],
+            "--sections",
+            inputs["sections"],
+        )
+        shard_args = ("--shard", shard, "--shards", shards, "--shard-dir", folder, "--workers", 1)
+        rg4.main([*map(str, paths + shard_args), *options])
+        folders.append(folder)
+    outputs = rule_outputs("rg4", outdir)
+    merge.main(["--shard-dirs", *map(str, folders), *rg4.output_args(rg4.OutputPaths.of_rule(outputs))])
+    return outputs
+
+
+def assert_same_files(a: dict[str, Path], b: dict[str, Path]) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].read_bytes() == b[name].read_bytes(), name
+
+
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     return run_rule(tmp_path_factory.mktemp("rg4"), patients())
@@ -763,3 +797,62 @@ def test_release_card_for_mimic_states_the_official_split():
 def test_the_rules_rewriter_asks_no_llm_and_says_so_in_an_empty_requests_table(built):
     requests = read_table(built["llm_requests"])
     assert requests.num_rows == 0 and requests.schema.equals(LLM_REQUESTS)
+
+
+def sharded_patients():
+    """patients() and two more whose second study the check drops from sn (and nesting from sw), as in
+    test_label_check_drops_a_study_with_a_reason: subjects 10 / 40, 20 / 50 and 30 / 51 by subject_id % 3,
+    50 and 51 in different shards with 2 (the others in one)."""
+
+    def dropped(subject):
+        first = _study(subject, subject * 10 + 1, "train", datetime(2150, 1, 1), "Left pleural effusion.")
+        heart = "Heart and mediastinum are stable with normal size heart. No pneumothorax."
+        second = _study(subject, subject * 10 + 2, "train", datetime(2150, 2, 1), heart)
+        first["images"], second["images"] = [(f"d{subject}a", "PA")], [(f"d{subject}b", "PA")]
+        return [first, second]
+
+    return patients() + dropped(50) + dropped(51)
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_shards_merge_into_the_files_of_one_job(tmp_path, shards):
+    """The merge interleaves the shards' patients back into the unsharded files, byte for byte (rows, JSON
+    records, rejects in their order; counts, stats and notes summed over the shards)."""
+    inputs = write_inputs(tmp_path, sharded_patients())
+    whole = run_stage("rg4", inputs, tmp_path / "whole")
+    merged = run_shards(inputs, tmp_path / "sharded", shards)
+    assert_same_files(merged, whole)
+    notes = json.loads(merged["notes"].read_text())
+    assert "targets dropped by the check or by nesting: sn 2, sw 2, mn 0, mw 0" in notes[2]
+    reasons = [(r["study_id"], r["reason"]) for r in read_table(merged["rejects"]).to_pylist()]
+    assert reasons[-4:] == [(502, "sn:labels_changed"), (512, "sn:labels_changed")] + [
+        (502, "sw:not_in_sn"),
+        (512, "sw:not_in_sn"),
+    ]
+
+
+def test_a_shard_takes_whole_patients(tmp_path):
+    inputs = write_inputs(tmp_path, sharded_patients())
+    run_shards(inputs, tmp_path, 3)
+    for shard, subjects in ((0, {30, 51}), (1, {10, 40}), (2, {20, 50})):
+        folder = rg4.ShardPaths(tmp_path / "rg4" / f"shard{shard}")
+        assert set(read_table(folder.sn).column("subject_id").to_pylist()) <= subjects
+        rejected = set(read_table(folder.rejects).column("study_id").to_pylist())
+        assert {sid // 10 for sid in rejected} <= subjects  # study ids here are subject * 10 + k
+        facts = json.loads(folder.facts.read_text())
+        assert facts["n_studies"] == sum(r["subject_id"] in subjects for r in sharded_patients())
+
+
+def test_the_dag_has_one_job_per_shard_and_one_merge(tmp_path):
+    workdir = prepare_workdir(
+        tmp_path / "run",
+        {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "rg4": {"shards": 3}},
+    )
+    run = run_snakemake(
+        workdir, "-n", "-p", "--cores", "2", str(workdir / "results" / "rg4" / "counts.parquet")
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    jobs = re.findall(r"^rule (rg4\w*):$", run.stdout, re.MULTILINE)
+    assert sorted(jobs) == ["rg4", "rg4_shard", "rg4_shard", "rg4_shard"]
+    shards = re.findall(r"--shard (\d) --shards 3 --shard-dir", run.stdout)
+    assert sorted(shards) == ["0", "1", "2"], run.stdout[-3000:]

@@ -18,7 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI  # noqa: E402
-from test_rg4 import _study, members, run_rule  # noqa: E402
+from test_rg4 import _study, members, run_rule, run_shards, write_inputs  # noqa: E402
+from workflow_run import run_stage  # noqa: E402
 
 from workflow.tables import read_table  # noqa: E402
 
@@ -114,21 +115,17 @@ def rows():
     ]
 
 
+def rewriter_args(base_url: str, cache: Path) -> list[str]:
+    return [
+        *("--rewriter", "llm", "--llm-config", llm_config(base_url), "--llm-cache", str(cache)),
+        *("--llm-endpoint", "e", "--max-attempts", "2"),
+    ]
+
+
 def test_llm_rewriter_against_loopback_server(tmp_path):
     cache = tmp_path / "cache.sqlite"
     with RewritingServer(faults={"500": 0.5}, seed=5) as srv:
-        args = [
-            "--rewriter",
-            "llm",
-            "--llm-config",
-            llm_config(srv.base_url),
-            "--llm-cache",
-            str(cache),
-            "--llm-endpoint",
-            "e",
-            "--max-attempts",
-            "2",
-        ]
+        args = rewriter_args(srv.base_url, cache)
         out = run_rule(tmp_path, rows(), extra=args)
         sent = srv.count("ok")
         sn, sw = members(out, "sn"), members(out, "sw")
@@ -159,3 +156,28 @@ def test_llm_rewriter_against_loopback_server(tmp_path):
         run_rule(again, rows(), extra=args)
         assert srv.count() == 0
         assert sent > 0
+
+
+def test_shards_ask_their_own_targets_through_the_shared_cache(tmp_path):
+    """With rg4.shards: 2 (patients 1 and 2 apart) the shards ask what one job asks, each for its own
+    patients, and write the same files; a re-run of the shards is answered from their shared cache."""
+    inputs = write_inputs(tmp_path, rows())
+    with RewritingServer(seed=5) as srv:
+        whole = run_stage(
+            "rg4", inputs, tmp_path / "whole", *rewriter_args(srv.base_url, tmp_path / "a.sqlite")
+        )
+        sent = srv.count("ok")
+        srv.reset_counts()
+        shared = rewriter_args(srv.base_url, tmp_path / "b.sqlite")
+        merged = run_shards(inputs, tmp_path / "sharded", 2, *shared)
+        assert srv.count("ok") == sent > 0
+        srv.reset_counts()
+        run_shards(inputs, tmp_path / "again", 2, *shared)
+        assert srv.count() == 0
+    for name in whole.keys() - {"llm_requests"}:
+        assert merged[name].read_bytes() == whole[name].read_bytes(), name
+    columns = ["study_id", "request_key", "status"]
+    requests = [read_table(out["llm_requests"], columns).to_pandas() for out in (whole, merged)]
+    assert (
+        requests[0].sort_values(columns).values.tolist() == requests[1].sort_values(columns).values.tolist()
+    )

@@ -7,7 +7,8 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from test_rg4 import _study, run_rule
+from test_rg4 import _study, run_rule, run_shards, sharded_patients, write_inputs
+from workflow_run import run_stage
 
 from tools.tiny_model import iter_corpus_text, train_tokenizer, vocabulary_text
 from workflow.exports.cleaners import clean_mimic
@@ -274,3 +275,15 @@ def test_emphasis_learnt_from_the_label_checks_is_the_extractors(scorer):
     learnt.learn_emphasis(known)
     fresh = TokenScorer(scorer.tokenizer, emphasised, 100, "tiny")
     assert rg4.score_targets(result.tables, True, learnt) == rg4.score_targets(result.tables, True, fresh)
+
+
+def test_shards_write_the_weights_of_one_job(tmp_path, tokenizer_dir):
+    """rg4.shards: each shard scores its own targets; the merged files (weights, their note) are one job's."""
+    inputs = write_inputs(tmp_path, sharded_patients())
+    options = ("--scores-tokenizer", str(tokenizer_dir))
+    whole = run_stage("rg4", inputs, tmp_path / "whole", *options)
+    merged = run_shards(inputs, tmp_path / "sharded", 3, *options)
+    for name in whole:
+        assert merged[name].read_bytes() == whole[name].read_bytes(), name
+    notes = json.loads(merged["notes"].read_text())
+    assert notes[-1].startswith("new_scores: binary") and "% of the target tokens emphasised" in notes[-1]

@@ -141,10 +141,10 @@ def embedded_file(report_html: str, name: str) -> str:
 _OUTPUT_LINE = re.compile(r"^\s+(\w+)=out\((.*)\),?$")
 
 
-def rule_outputs(rule: str, outdir: Path) -> dict[str, Path]:
-    """The outputs ``rules/<rule>.smk`` declares, by name, as paths under ``outdir`` (the configured
-    `outdir`): the file names live in the rule only."""
-    text = (REPO / "rules" / f"{rule}.smk").read_text()
+def rule_outputs(rule: str, outdir: Path, smk: str | None = None) -> dict[str, Path]:
+    """The outputs ``rules/<rule>.smk`` (or ``rules/<smk>.smk``) declares, by name, as paths under ``outdir``
+    (the configured `outdir`): the file names live in the rule only."""
+    text = (REPO / "rules" / f"{smk or rule}.smk").read_text()
     block = re.search(rf"^rule {rule}:\n(?:.*\n)*?    output:\n((?:        .*\n)+)", text, re.MULTILINE)
     if block is None:
         raise ValueError(f"rules/{rule}.smk: no output block for rule {rule}")

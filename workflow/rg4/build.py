@@ -18,6 +18,12 @@ Every study ends in at least one scenario table or in rejects (reasons: not elig
 ``<scenario>:<check failure>`` for each scenario its target failed in, or ``<scenario>:not_in_<parents>``
 where nesting removed it). The consistency checks (nesting by study: MW ⊆ SW ∩ MN, SW ⊆ SN, MN ⊆ SN; no
 subject in two splits, unique ids, finding/impression not both missing) raise, failing the rule.
+
+With ``rg4.shards`` the rule ``rg4_shard`` runs this with ``--shard K --shards N --shard-dir DIR``: the
+patients with ``subject_id % N == K`` (priors, splits and nesting are per patient, so a shard is
+self-contained), written as :class:`ShardPaths`; :mod:`workflow.rg4.merge` (the ``rg4`` rule) joins the
+shards into the files above, in the order one job writes them. Without ``--shard-dir`` the stage writes its
+outputs itself, through the same shard writer and merge.
 """
 
 from __future__ import annotations
@@ -28,18 +34,21 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 from tqdm import tqdm
 
 from workflow.cli import add_llm_task_args, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.contract import (
     LLM_REQUESTS,
+    REJECTS,
     RG4_COUNTS,
     RG4_RECORDS,
     RG4_REWRITE_STATS,
@@ -70,8 +79,7 @@ from workflow.rg4.scores import (
     default_emphasis,
     load_tokenizer,
 )
-from workflow.rg4.scores import note as scores_note
-from workflow.tables import Rejects, read_table, summary, write_table
+from workflow.tables import Rejects, read_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -331,61 +339,82 @@ def scenario_table(
 SECTION_PREFIXES = ("finding: ", "impression: ")
 
 
-def loader_records(
-    table: pa.Table,
-    scenario: str,
-    label_sections: bool = True,
-    scores: Mapping[tuple, bytes] | None = None,
-) -> dict[str, list[dict]]:
-    """The LLM-RG4 JSON of one scenario: exact field names and sentinels. ``label_sections`` prefixes
-    findings and impressions (targets and prior report) with ``SECTION_PREFIXES``; ``scores`` ((finding,
-    impression) as written -> the weights, see :func:`score_targets`) fills ``new_scores`` (otherwise ``[]``)."""
+def loader_record(c: dict[str, list], k: int, scenario: str, label_sections: bool, scores) -> dict:
+    """Row ``k`` of a scenario's columns ``c`` (name -> values) as the LLM-RG4 JSON writes it: exact field
+    names and sentinels. ``label_sections`` prefixes findings and impressions (targets and prior report)
+    with ``SECTION_PREFIXES``; ``scores`` ((finding, impression) as written -> the weights, see
+    :func:`score_targets`) fills ``new_scores`` (otherwise ``[]``)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
-    out: dict[str, list[dict]] = {split: [] for split in RG4_SPLITS}
-    with_prior = scenario in ("sw", "mw")
-    with_lateral = scenario in ("mn", "mw")
-    c = {name: table.column(name).to_pylist() for name in table.column_names}
-    n = table.num_rows
-    for k in range(n):
-        finding, impression = c["finding"][k], c["impression"][k]
-        rec = {
-            "id": c["id"][k],
-            "study_id": c["study_id"][k],
-            "subject_id": c["subject_id"][k],
-            "finding": fp + finding if finding else MISSING_SECTION,
-            "impression": ip + impression if impression else MISSING_SECTION,
-            "APPA_flag": c["APPA_flag"][k],
-            "APPA_imagepath": c["APPA_imagepath"][k],
-            "indication": c["indication"][k] or MISSING_CONTEXT,
-            "history": c["history"][k] or MISSING_CONTEXT,
-            "new_scores": NO_SCORES,
-        }
-        if with_lateral:
-            rec["lateral_imagepath"] = c["lateral_imagepath"][k]
-        if with_prior:
-            last_finding, last_impression = c["last_finding"][k], c["last_impression"][k]
-            rec["last_finding"] = fp + last_finding if last_finding else MISSING_SECTION
-            rec["last_impression"] = ip + last_impression if last_impression else MISSING_SECTION
-            rec["last_APPA_imagepath"] = c["last_APPA_imagepath"][k]
-        out[c["split"][k]].append(rec)
+    finding, impression = c["finding"][k], c["impression"][k]
+    finding = fp + finding if finding else MISSING_SECTION
+    impression = ip + impression if impression else MISSING_SECTION
+    rec = {
+        "id": c["id"][k],
+        "study_id": c["study_id"][k],
+        "subject_id": c["subject_id"][k],
+        "finding": finding,
+        "impression": impression,
+        "APPA_flag": c["APPA_flag"][k],
+        "APPA_imagepath": c["APPA_imagepath"][k],
+        "indication": c["indication"][k] or MISSING_CONTEXT,
+        "history": c["history"][k] or MISSING_CONTEXT,
+        "new_scores": NO_SCORES,
+    }
+    if scenario in ("mn", "mw"):
+        rec["lateral_imagepath"] = c["lateral_imagepath"][k]
+    if scenario in ("sw", "mw"):
+        last_finding, last_impression = c["last_finding"][k], c["last_impression"][k]
+        rec["last_finding"] = fp + last_finding if last_finding else MISSING_SECTION
+        rec["last_impression"] = ip + last_impression if last_impression else MISSING_SECTION
+        rec["last_APPA_imagepath"] = c["last_APPA_imagepath"][k]
     if scores is not None:
-        lists: dict[bytes, list[int]] = {}  # records with the same weights share one list
-        for recs in out.values():
-            for rec in recs:
-                weights = scores[_target(rec)]
-                rec["new_scores"] = lists.get(weights) or lists.setdefault(weights, list(weights))
-    return out
+        target = (
+            None if finding == MISSING_SECTION else finding,
+            None if impression == MISSING_SECTION else impression,
+        )
+        rec["new_scores"] = list(scores[target])
+    return rec
 
 
 NO_SCORES: list = []  # shared by every record without weights (json.dumps writes it as [])
+JSON_CHUNK = 20_000  # records encoded at a time
 
 
-def _target(rec: dict) -> tuple[str | None, str | None]:
-    """A record's (finding, impression) as the loader reads them (None for the "s" sentinel)."""
-    return (
-        None if rec["finding"] == MISSING_SECTION else rec["finding"],
-        None if rec["impression"] == MISSING_SECTION else rec["impression"],
-    )
+def write_loader_fragment(
+    table: pa.Table,
+    positions: list[int],
+    path: Path,
+    scenario: str,
+    label_sections: bool = True,
+    scores: Mapping[tuple, bytes] | None = None,
+) -> tuple[int, int]:
+    """A scenario's records for the LLM-RG4 JSON file, one line each: ``<split index>\t<position>\t<record
+    as json.dumps writes it>``, split by split (``RG4_SPLITS`` order), in table order within a split. The
+    merge (:mod:`workflow.rg4.merge`) joins the shards' lines by (split, position) into the loader's
+    ``{"train": [...], "val": [...], "test": [...]}`` without parsing a record. Encoded a chunk of rows at a
+    time (the whole scenario as dicts would be gigabytes at MIMIC scale). Returns (emphasised, total)
+    target positions of the weights."""
+    from workflow.tables import atomic_path
+
+    split = np.asarray(table.column("split").to_pylist(), dtype=object)
+    position = np.asarray(positions, dtype=np.int64)
+    emphasised = total = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+        for index, name in enumerate(RG4_SPLITS):
+            rows = np.flatnonzero(split == name)
+            for start in range(0, len(rows), JSON_CHUNK):
+                chunk = rows[start : start + JSON_CHUNK]
+                part = table.take(pa.array(chunk, pa.int64()))
+                c = {col: part.column(col).to_pylist() for col in part.column_names}
+                lines = []
+                for k, pos in enumerate(position[chunk].tolist()):
+                    rec = loader_record(c, k, scenario, label_sections, scores)
+                    if scores is not None:
+                        emphasised += sum(rec["new_scores"])
+                        total += len(rec["new_scores"])
+                    lines.append(f"{index}\t{pos}\t{json.dumps(rec, ensure_ascii=False)}\n")
+                fh.write("".join(lines))
+    return emphasised, total
 
 
 def score_targets(
@@ -476,6 +505,21 @@ def consistency_problems(tables: dict[str, pa.Table]) -> list[str]:
     return problems
 
 
+def rewrite_stats_table(rows: Iterable[tuple[str, str, int, int, int]]) -> pa.Table:
+    """``contract.RG4_REWRITE_STATS`` from (scenario, category, sentences, removed, rephrased) rows."""
+    data = {f.name: [] for f in RG4_REWRITE_STATS}
+    for scenario, cat, total, removed, rephrased in rows:
+        data["scenario"].append(scenario)
+        data["category"].append(cat)
+        data["sentences"].append(total)
+        data["flagged"].append(removed + rephrased)
+        data["removed"].append(removed)
+        data["rephrased"].append(rephrased)
+        data["share_removed"].append(removed / total if total else 0.0)
+        data["share_rephrased"].append(rephrased / total if total else 0.0)
+    return pa.Table.from_pydict(data, schema=RG4_REWRITE_STATS)
+
+
 @dataclass
 class BuildResult:
     tables: dict[str, pa.Table]
@@ -483,6 +527,39 @@ class BuildResult:
     stats: pa.Table
     rejects: Rejects
     n_studies: int
+    # scenario -> each row's position: the row label of its study in the studies table read (today's row
+    # order, kept by a shard's subset); the merge restores the order of the whole corpus by it
+    positions: dict[str, list[int]] = field(default_factory=dict)
+    reject_order: list[int] = field(default_factory=list)  # one sort key per reject, see _reject_key
+
+
+# Rejects are written in the order an unsharded build makes them: the ineligible studies (by position),
+# then the targets the check dropped (by position, then scenario), then nesting's drops scenario by scenario
+# (by position). One int64 key per row carries that order through the shards to the merge.
+_POSITION_BITS = 40
+
+
+def _reject_key(group: int, position: int, minor: int = 0) -> int:
+    return ((group << _POSITION_BITS) + position) * 8 + minor
+
+
+@dataclass
+class Prepared:
+    """What :func:`build_prepared` needs of the input tables (which can be freed once it is made): the
+    eligible studies and their scenario masks (:func:`prepare`), the rejected ones, each study's position
+    (its row label in the studies table) and the number of studies read."""
+
+    df: pd.DataFrame | None
+    masks: dict[str, pd.Series]
+    rejected: pd.DataFrame
+    position_of: pd.Series
+    n_studies: int
+
+    @classmethod
+    def of(cls, studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame) -> Prepared:
+        first = studies.drop_duplicates("study_id")
+        position_of = pd.Series(first.index.to_numpy(dtype=np.int64), index=first["study_id"].to_numpy())
+        return cls(*prepare(studies, images, sections), position_of, len(studies))
 
 
 def build(
@@ -491,13 +568,27 @@ def build(
     sections: pd.DataFrame,
     runner,
 ) -> BuildResult:
+    return build_prepared(Prepared.of(studies, images, sections), runner)
+
+
+def build_prepared(prepared: Prepared, runner) -> BuildResult:
+    """The scenario tables, counts, stats and rejects; consumes ``prepared.df`` (the frame is freed once its
+    columns are lists, before the rewriter runs)."""
     rules = load_rules()
-    df, masks, rejected = prepare(studies, images, sections)
-    rejects = Rejects(STAGE)
-    for sid, reason in rejected.itertuples(index=False):
+    df, masks, rejected, position_of = prepared.df, prepared.masks, prepared.rejected, prepared.position_of
+    prepared.df = None
+    rejects, reject_order = Rejects(STAGE), []
+    for (sid, reason), position in zip(
+        rejected.itertuples(index=False), position_of.reindex(rejected["study_id"]).tolist(), strict=True
+    ):
         rejects.add(int(sid), reason)
+        reject_order.append(_reject_key(0, position))
 
     cols = Columns(df)
+    row_position = position_of.reindex(df["study_id"]).tolist()
+    eligible = {s: df.loc[masks[s], "split"].value_counts() for s in RG4_SCENARIOS}
+    del df
+    scenario_index = {s: k for k, s in enumerate(RG4_SCENARIOS)}
     # jobs study by study, so the rewriter splits each text once for all of its scenarios
     jobs, index = [], []
     member = {s: masks[s].tolist() for s in RG4_SCENARIOS}
@@ -525,6 +616,7 @@ def build(
             by_scenario[scenario][1].append(outcome)
         else:
             rejects.add(job.study_id, f"{scenario}:{outcome.reason}")
+            reject_order.append(_reject_key(1, row_position[pos], scenario_index[scenario]))
 
     del jobs, index, outcomes  # kept outcomes live on in by_scenario; the tables are built next
 
@@ -541,39 +633,34 @@ def build(
                 outs.append(outcome)
             else:
                 rejects.add(cols.study_id[pos], reason)
+                reject_order.append(_reject_key(2 + scenario_index[scenario], row_position[pos]))
         by_scenario[scenario] = (positions, outs)
 
-    tables = {}
+    tables, table_positions = {}, {}
     for scenario in RG4_SCENARIOS:  # each scenario's rewritten texts freed once its table holds them
         positions, outs = by_scenario.pop(scenario)
         tables[scenario] = scenario_table(cols, positions, scenario, outs, runner.name)
+        table_positions[scenario] = [row_position[p] for p in positions]
         del positions, outs
     counts = {"scenario": [], "split": [], "records": [], "rejected": []}
     for s in RG4_SCENARIOS:
-        eligible = df[masks[s]]["split"].value_counts()
         got = pd.Series(tables[s].column("split").to_pylist()).value_counts()
         for split in RG4_SPLITS:
             counts["scenario"].append(s)
             counts["split"].append(split)
             counts["records"].append(int(got.get(split, 0)))
-            counts["rejected"].append(int(eligible.get(split, 0)) - int(got.get(split, 0)))
-    stat_rows = {f.name: [] for f in RG4_REWRITE_STATS}
-    for (scenario, cat), c in stats.items():
-        total = sentences[scenario]
-        stat_rows["scenario"].append(scenario)
-        stat_rows["category"].append(cat)
-        stat_rows["sentences"].append(total)
-        stat_rows["flagged"].append(c["removed"] + c["rephrased"])
-        stat_rows["removed"].append(c["removed"])
-        stat_rows["rephrased"].append(c["rephrased"])
-        stat_rows["share_removed"].append(c["removed"] / total if total else 0.0)
-        stat_rows["share_rephrased"].append(c["rephrased"] / total if total else 0.0)
+            counts["rejected"].append(int(eligible[s].get(split, 0)) - int(got.get(split, 0)))
     return BuildResult(
         tables,
         pa.Table.from_pydict(counts, schema=RG4_COUNTS),
-        pa.Table.from_pydict(stat_rows, schema=RG4_REWRITE_STATS),
+        rewrite_stats_table(
+            (scenario, cat, sentences[scenario], c["removed"], c["rephrased"])
+            for (scenario, cat), c in stats.items()
+        ),
         rejects,
-        len(studies),
+        prepared.n_studies,
+        table_positions,
+        reject_order,
     )
 
 
@@ -585,6 +672,7 @@ class OutputPaths:
     stats: Path
     rejects: Path
     notes: Path  # build_notes.json: how the files were made, one line each (quoted in the dataset card)
+    llm_requests: Path | None = None  # the llm rewriter's requests (an empty table with the rules rewriter)
 
     @classmethod
     def of_rule(cls, paths: Mapping[str, Path]) -> OutputPaths:
@@ -596,6 +684,7 @@ class OutputPaths:
             Path(paths["stats"]),
             Path(paths["rejects"]),
             Path(paths["notes"]),
+            Path(paths["llm_requests"]) if "llm_requests" in paths else None,
         )
 
 
@@ -603,45 +692,129 @@ def rule_args(paths: Mapping[str, Path]) -> list[str]:
     """The path flags of rules/rg4.smk's shell line, from the names of its inputs and outputs
     (``studies``, ``images``, ``sections``, ``sn`` ... ``json_mw``, ``counts``, ``stats``, ``rejects``,
     ``notes``, ``llm_requests``): tests and bench/ run the stage the way the rule does. Other names are ignored."""
-    out = OutputPaths.of_rule(paths)
     return [
         *("--studies", str(paths["studies"]), "--images", str(paths["images"])),
         *("--sections", str(paths["sections"])),
+        *output_args(OutputPaths.of_rule(paths)),
+    ]
+
+
+def output_args(out: OutputPaths) -> list[str]:
+    """The flags naming the stage's outputs (of ``python -m workflow.rg4`` and of the merge)."""
+    return [
         *("--tables", *(str(out.tables[s]) for s in RG4_SCENARIOS)),
         *("--json", *(str(out.json[s]) for s in RG4_SCENARIOS)),
         *("--counts", str(out.counts), "--stats", str(out.stats)),
         *("--rejects", str(out.rejects), "--notes", str(out.notes)),
-        *(("--llm-requests", str(paths["llm_requests"])) if "llm_requests" in paths else ()),
+        *(("--llm-requests", str(out.llm_requests)) if out.llm_requests is not None else ()),
     ]
+
+
+def add_output_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    """The flags of :func:`output_args` but ``--llm-requests`` (an option of every LLM task)."""
+    p.add_argument(
+        "--tables", nargs=4, type=Path, required=required, metavar="PARQUET", help="rg4 tables of sn sw mn mw"
+    )
+    p.add_argument(
+        "--json", nargs=4, type=Path, required=required, metavar="JSON", help="loader files of sn sw mn mw"
+    )
+    p.add_argument("--counts", type=Path, required=required)
+    p.add_argument("--stats", type=Path, required=required, help="rewrite_stats.parquet")
+    p.add_argument("--rejects", type=Path, required=required)
+    p.add_argument("--notes", type=Path, required=required, help="build_notes.json")
+
+
+def output_paths(args: argparse.Namespace) -> OutputPaths:
+    return OutputPaths(
+        dict(zip(RG4_SCENARIOS, args.tables, strict=True)),
+        dict(zip(RG4_SCENARIOS, args.json, strict=True)),
+        args.counts,
+        args.stats,
+        args.rejects,
+        args.notes,
+        args.llm_requests,
+    )
+
+
+# --- one shard's outputs ----------------------------------------------------------------------------------
+
+POSITION = "position"  # the shards' scenario tables: each row's position (BuildResult.positions)
+SHARD_RECORDS = RG4_RECORDS.append(pa.field(POSITION, pa.int64(), nullable=False))
+REJECT_ORDER = "order"  # the shards' rejects: each row's sort key (_reject_key)
+SHARD_REJECTS = REJECTS.append(pa.field(REJECT_ORDER, pa.int64(), nullable=False))
+
+
+@dataclass(frozen=True)
+class ShardPaths:
+    """The outputs of one shard in ``folder`` (rules/rg4.smk's ``rg4_shard`` names them the same, see
+    :meth:`by_name`): the scenario tables with their rows' positions, the loader records as lines
+    (:func:`write_loader_fragment`), counts, rewrite stats and rejects with their sort keys, the llm
+    rewriter's requests, and ``facts.json`` (studies read, rewriter, options, the weights' totals)."""
+
+    folder: Path
+
+    def by_name(self) -> dict[str, Path]:
+        return {
+            **{s: self.folder / f"rg4_{s}.parquet" for s in RG4_SCENARIOS},
+            **{f"json_{s}": self.folder / f"rg4_{s}.jsonl" for s in RG4_SCENARIOS},
+            **{name: getattr(self, name) for name in ("counts", "stats", "rejects", "llm_requests", "facts")},
+        }
+
+    @property
+    def counts(self) -> Path:
+        return self.folder / "counts.parquet"
+
+    @property
+    def stats(self) -> Path:
+        return self.folder / "rewrite_stats.parquet"
+
+    @property
+    def rejects(self) -> Path:
+        return self.folder / "rejects.parquet"
+
+    @property
+    def llm_requests(self) -> Path:
+        return self.folder / "llm_requests.parquet"
+
+    @property
+    def facts(self) -> Path:
+        return self.folder / "facts.json"
+
+    @property
+    def tables(self) -> dict[str, Path]:
+        return {s: self.by_name()[s] for s in RG4_SCENARIOS}
+
+    @property
+    def json(self) -> dict[str, Path]:
+        return {s: self.by_name()[f"json_{s}"] for s in RG4_SCENARIOS}
 
 
 _WRITE: dict = {}  # what forked writers inherit (never pickled)
 
 
 def _write_scenario(scenario: str) -> tuple[int, int]:
-    """Write one scenario's table and JSON; (emphasised, total) target positions of its weights."""
-    result, paths, label_sections = _WRITE["result"], _WRITE["paths"], _WRITE["label_sections"]
-    weights = _WRITE["weights"]
-    table = result.tables[scenario]
-    write_table(table, paths.tables[scenario], RG4_RECORDS)
-    records = loader_records(table, scenario, label_sections, weights)
-    _write_loader_json(records, paths.json[scenario])
-    if weights is None:
-        return 0, 0
-    weights = [rec["new_scores"] for recs in records.values() for rec in recs]
-    return sum(map(sum, weights)), sum(map(len, weights))
+    """Write one scenario's shard table and loader lines; (emphasised, total) target positions of its weights."""
+    result, shard = _WRITE["result"], _WRITE["shard"]
+    table, positions = result.tables[scenario], result.positions[scenario]
+    write_table(
+        table.append_column(POSITION, pa.array(positions, pa.int64())), shard.tables[scenario], SHARD_RECORDS
+    )
+    return write_loader_fragment(
+        table, positions, shard.json[scenario], scenario, _WRITE["label_sections"], _WRITE["weights"]
+    )
 
 
-def write_outputs(
+def write_shard(
     result: BuildResult,
-    paths: OutputPaths,
+    shard: ShardPaths,
     label_sections: bool = True,
     workers: int = 1,
-    notes: list[str] | None = None,
     scorer: TokenScorer | None = None,
-) -> list[str]:
-    """Check the tables, then write every output; returns the build notes written (with the weights'
-    line, which needs their totals)."""
+    rewriter: str = "rules",
+    requests: list[dict] = (),
+) -> None:
+    """Check the tables (a shard holds whole patients, so every invariant holds within it), then write the
+    shard's outputs for :func:`workflow.rg4.merge.merge`."""
     problems = consistency_problems(result.tables)
     if problems:
         raise ConsistencyError("the rg4 scenario tables break MIMIC-RG4's invariants: " + "; ".join(problems))
@@ -652,7 +825,7 @@ def write_outputs(
         log.info(
             "rg4 new_scores: %d distinct targets scored in %.1f s", len(weights), time.perf_counter() - t0
         )
-    _WRITE.update(result=result, paths=paths, label_sections=label_sections, weights=weights)
+    _WRITE.update(result=result, shard=shard, label_sections=label_sections, weights=weights)
     try:
         if workers > 1:  # four independent files: encode and write them on forked processes
             import multiprocessing as mp
@@ -663,20 +836,50 @@ def write_outputs(
             totals = [_write_scenario(scenario) for scenario in result.tables]
     finally:
         _WRITE.clear()
-    write_table(result.counts, paths.counts, RG4_COUNTS)
-    write_table(result.stats, paths.stats, RG4_REWRITE_STATS)
-    result.rejects.write(paths.rejects)
-    notes = list(notes if notes is not None else build_notes(result, label_sections))
-    line = scores_note(scorer, sum(t[0] for t in totals), sum(t[1] for t in totals))
-    log.info("%s", line)
-    notes.append(line)
-    _write_json(notes, paths.notes)
-    return notes
+    del weights
+    write_table(result.counts, shard.counts, RG4_COUNTS)
+    write_table(result.stats, shard.stats, RG4_REWRITE_STATS)
+    rejects = pa.Table.from_pydict(result.rejects.rows, schema=REJECTS)
+    rejects = rejects.append_column(REJECT_ORDER, pa.array(result.reject_order, pa.int64()))
+    write_table(rejects, shard.rejects, SHARD_REJECTS)
+    write_table(pa.Table.from_pylist(list(requests), schema=LLM_REQUESTS), shard.llm_requests, LLM_REQUESTS)
+    facts = {
+        "n_studies": result.n_studies,
+        "rewriter": rewriter,
+        "label_sections": label_sections,
+        "scorer": None if scorer is None else {"name": scorer.name, "max_length": scorer.max_length},
+        "emphasised": sum(t[0] for t in totals),
+        "positions": sum(t[1] for t in totals),
+    }
+    _write_json(facts, shard.facts)
 
 
-def build_notes(result: BuildResult, label_sections: bool, rewriter: str = "rules") -> list[str]:
-    """What a user of the files must know about how they were made (the dataset card quotes them)."""
-    dropped = Counter(reason.split(":", 1)[0] for reason in result.rejects.rows["reason"] if ":" in reason)
+def write_outputs(
+    result: BuildResult,
+    paths: OutputPaths,
+    label_sections: bool = True,
+    workers: int = 1,
+    scorer: TokenScorer | None = None,
+    rewriter: str = "rules",
+    requests: list[dict] = (),
+) -> list[str]:
+    """Check the tables, then write every output of the stage (one shard, merged: the same writer as a
+    sharded run's); returns the build notes written."""
+    import tempfile
+
+    from workflow.rg4.merge import merge
+
+    paths.notes.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".rg4_shard.", dir=paths.notes.parent) as tmp:
+        shard = ShardPaths(Path(tmp))
+        write_shard(result, shard, label_sections, workers, scorer, rewriter, requests)
+        return merge([shard], paths)
+
+
+def build_notes(reasons: Iterable[str], label_sections: bool, rewriter: str = "rules") -> list[str]:
+    """What a user of the files must know about how they were made (the dataset card quotes them);
+    ``reasons``: the rejects' reasons."""
+    dropped = Counter(reason.split(":", 1)[0] for reason in reasons if ":" in reason)
     lines = [
         f"Rewriter: {rewriter}"
         + (
@@ -707,28 +910,8 @@ def _write_json(data, path: Path) -> None:
         fh.write(json.dumps(data, ensure_ascii=False))  # dumps uses the C encoder, dump does not
 
 
-JSON_CHUNK = 20_000  # records encoded at a time
-
-
-def _write_loader_json(records: dict[str, list[dict]], path: Path) -> None:
-    """``records`` (split -> records) as json.dumps writes them, encoded a chunk of records at a time (the
-    whole document would be one more copy of hundreds of MB in the writer)."""
-    from workflow.tables import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write("{")
-        for k, (split, recs) in enumerate(records.items()):
-            fh.write(f"{', ' if k else ''}{json.dumps(split)}: [")
-            for start in range(0, len(recs), JSON_CHUNK):
-                chunk = json.dumps(recs[start : start + JSON_CHUNK], ensure_ascii=False)
-                fh.write((", " if start else "") + chunk[1:-1])
-            fh.write("]")
-        fh.write("}")
-
-
-def log_figures(result: BuildResult) -> None:
-    counts = result.counts.to_pandas()
-    for row in counts.itertuples(index=False):
+def log_figures(counts: pa.Table, stats: pa.Table) -> None:
+    for row in counts.to_pandas().itertuples(index=False):
         log.info(
             "%s %-5s %7d records, %5d dropped by the check",
             row.scenario,
@@ -736,8 +919,7 @@ def log_figures(result: BuildResult) -> None:
             row.records,
             row.rejected,
         )
-    stats = result.stats.to_pandas()
-    for row in stats.itertuples(index=False):
+    for row in stats.to_pandas().itertuples(index=False):
         log.info(
             "%s %-4s removed %.2f%% rephrased %.2f%% of %d sentences",
             row.scenario,
@@ -748,8 +930,32 @@ def log_figures(result: BuildResult) -> None:
         )
 
 
-def _read(path: Path, columns: list[str]) -> pd.DataFrame:
-    return read_table(path, columns).to_pandas()
+def _read(path: Path, columns: list[str], study_ids: pa.Array | None = None) -> pd.DataFrame:
+    table = read_table(path, columns)
+    if study_ids is not None:  # filtered in Arrow: the whole input never becomes a frame
+        table = table.filter(pc.is_in(table.column("study_id"), value_set=study_ids))
+    return table.to_pandas()
+
+
+def read_inputs(
+    studies_path: Path, images_path: Path, sections_path: Path, shard: int = 0, shards: int = 1
+) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, int]:
+    """(studies, images, sections, studies read) of one shard: the patients with ``subject_id % shards ==
+    shard`` (a patient's studies, priors and split stay together), their images and sections. The studies
+    keep their row labels in the whole table (each row's position: the merge restores the order by it);
+    a study listed twice belongs to the shard of its first row, as the unsharded build keeps that one."""
+    studies = _read(studies_path, ["subject_id", "study_id", "split", "study_datetime"])
+    columns = (["dicom_id", "study_id", "view_position", "image_path"], ["study_id", *SECTION_COLUMNS])
+    if shards == 1:
+        return studies, _read(images_path, columns[0]), _read(sections_path, columns[1]), len(studies)
+    mine = (studies["subject_id"] % shards == shard).to_numpy()
+    n_read = int(mine.sum())
+    studies = studies[mine & ~studies["study_id"].duplicated().to_numpy()]
+    ids = pa.array(studies["study_id"].to_numpy(), pa.int64())
+    return studies, _read(images_path, columns[0], ids), _read(sections_path, columns[1], ids), n_read
+
+
+SECTION_COLUMNS = ["indication", "history", "findings", "impression"]
 
 
 def main(argv: list[str] | None = None) -> BuildResult:
@@ -757,16 +963,15 @@ def main(argv: list[str] | None = None) -> BuildResult:
     p.add_argument("--studies", required=True, type=Path)
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--sections", required=True, type=Path)
+    add_output_args(p, required=False)
+    p.add_argument("--shard", type=int, default=0, help="with --shard-dir: which shard (0 ... shards - 1)")
+    p.add_argument("--shards", type=int, default=1, help="rg4.shards: patients by subject_id %% shards")
     p.add_argument(
-        "--tables", nargs=4, type=Path, required=True, metavar="PARQUET", help="rg4 tables of sn sw mn mw"
+        "--shard-dir",
+        type=Path,
+        help="write the shard's outputs here (rules/rg4.smk rg4_shard) for `python -m workflow.rg4.merge`,"
+        " instead of the stage's outputs",
     )
-    p.add_argument(
-        "--json", nargs=4, type=Path, required=True, metavar="JSON", help="loader files of sn sw mn mw"
-    )
-    p.add_argument("--counts", type=Path, required=True)
-    p.add_argument("--stats", type=Path, required=True, help="rewrite_stats.parquet")
-    p.add_argument("--rejects", type=Path, required=True)
-    p.add_argument("--notes", type=Path, required=True, help="build_notes.json")
     p.add_argument("--rewriter", choices=("rules", "llm"), default="rules")
     add_llm_task_args(p, "the llm rewriter", max_tokens=800)
     p.add_argument("--max-attempts", type=int, default=3, help="llm: requests per target before dropping it")
@@ -783,14 +988,16 @@ def main(argv: list[str] | None = None) -> BuildResult:
     )
     args = p.parse_args(argv)
     setup_logging(args.verbose)
-    paths = OutputPaths(
-        dict(zip(RG4_SCENARIOS, args.tables, strict=True)),
-        dict(zip(RG4_SCENARIOS, args.json, strict=True)),
-        args.counts,
-        args.stats,
-        args.rejects,
-        args.notes,
-    )
+    if not 0 <= args.shard < args.shards:
+        p.error(f"--shard {args.shard} is not one of 0 ... {args.shards - 1} (--shards {args.shards})")
+    if args.shard_dir is None:
+        missing = [
+            f for f in ("tables", "json", "counts", "stats", "rejects", "notes") if getattr(args, f) is None
+        ]
+        if missing:
+            p.error("without --shard-dir the stage's outputs are needed: --" + ", --".join(missing))
+        if args.shards > 1:
+            p.error("--shards > 1 writes one shard: give --shard-dir (and merge with workflow.rg4.merge)")
 
     scorer = None
     if args.scores_tokenizer:  # checked before any work: a wrong path fails at once, naming the key
@@ -808,9 +1015,12 @@ def main(argv: list[str] | None = None) -> BuildResult:
     # whole heap again and again (it doubled the run time at MIMIC scale)
     gc.disable()
     t0 = time.perf_counter()
-    studies = _read(args.studies, ["subject_id", "study_id", "split", "study_datetime"])
-    images = _read(args.images, ["dicom_id", "study_id", "view_position", "image_path"])
-    sections = _read(args.sections, ["study_id", "indication", "history", "findings", "impression"])
+    studies, images, sections, n_read = read_inputs(
+        args.studies, args.images, args.sections, args.shard, args.shards
+    )
+    prepared = Prepared.of(studies, images, sections)
+    prepared.n_studies = n_read
+    del studies, images, sections  # what the build needs of them is in `prepared`
     label_vector = default_label_vector()
     if args.rewriter == "rules":
         runner = RulesJobRunner(label_vector, args.workers)
@@ -826,28 +1036,35 @@ def main(argv: list[str] | None = None) -> BuildResult:
             max_attempts=args.max_attempts,
         )
     t1 = time.perf_counter()
-    result = build(studies, images, sections, runner)
+    result = build_prepared(prepared, runner)
     t2 = time.perf_counter()
-    notes = build_notes(result, args.label_sections, runner.name)
-    if args.llm_requests:  # the rules rewriter asks nothing: an empty table
-        requests = runner.requests if args.rewriter == "llm" else []
-        write_table(pa.Table.from_pylist(requests, schema=LLM_REQUESTS), args.llm_requests, LLM_REQUESTS)
+    requests = runner.requests if args.rewriter == "llm" else []  # the rules rewriter asks nothing
     if scorer is not None and args.rewriter == "rules":
         # default_emphasis(text) == names_a_finding(label_vector(text)): the same extractor call, and
         # the label checks made it for most rewritten sentences
         scorer.learn_emphasis(runner.rewriter.finding_in)
-    # the inputs and the rewriter are done with: freed before the scorers and writers fork
-    del runner, studies, images, sections
-    for line in notes:
-        log.info("%s", line)
-    write_outputs(result, paths, args.label_sections, args.workers, notes, scorer)
+    rewriter = runner.name
+    # the rewriter is done with: freed before the scorers and writers fork
+    del runner, prepared
+    if args.shard_dir is not None:
+        write_shard(
+            result, ShardPaths(args.shard_dir), args.label_sections, args.workers, scorer, rewriter, requests
+        )
+        log.info(
+            "rg4 shard %d of %d: %d studies in, %s scenario rows, %d rejects (merged by the rg4 rule)",
+            args.shard,
+            args.shards,
+            result.n_studies,
+            " / ".join(f"{s} {t.num_rows}" for s, t in result.tables.items()),
+            len(result.rejects),
+        )
+    else:
+        write_outputs(
+            result, output_paths(args), args.label_sections, args.workers, scorer, rewriter, requests
+        )
     log.info(
         "rg4 timing: read %.1f s, build %.1f s, write %.1f s", t1 - t0, t2 - t1, time.perf_counter() - t2
     )
-    log_figures(result)
-    out_ids = set().union(*(set(t.column("study_id").to_pylist()) for t in result.tables.values()))
-    rejected = {sid for sid in result.rejects.rows["study_id"] if sid not in out_ids}
-    summary(STAGE, result.n_studies, len(out_ids), len(rejected))
     return result
 
 
