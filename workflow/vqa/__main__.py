@@ -53,7 +53,9 @@ def shard(args) -> dict:
         shard=args.shard,
     )
     level_lib = load_level_lib(args.levels)
-    inputs = read_shard(args.findings, args.images, args.studies, args.keyinfo_studies, args.shard, args.shards)
+    inputs = read_shard(
+        args.findings, args.images, args.studies, args.keyinfo_studies, args.shard, args.shards
+    )
     corpus = None
     if args.shards > 1:
         compat = level_lib if args.style == "medical_cxr_vqa" else None

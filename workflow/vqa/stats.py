@@ -29,7 +29,9 @@ def question_counts(questions: pa.Table) -> tuple[pd.DataFrame, pd.DataFrame]:
     answers = answers.rename(columns={"count_all": "n"})
     everything = answers.groupby(["question_type", "answer"], as_index=False)["n"].sum().assign(split="all")
     studies = questions.group_by(KEY).aggregate([("study_id", "count_distinct")]).to_pandas()
-    studies_all = questions.group_by(["question_type"]).aggregate([("study_id", "count_distinct")]).to_pandas()
+    studies_all = (
+        questions.group_by(["question_type"]).aggregate([("study_id", "count_distinct")]).to_pandas()
+    )
     studies = pd.concat([studies, studies_all.assign(split="all")], ignore_index=True)
     studies = studies.rename(columns={"study_id_count_distinct": "n_studies"})
     return pd.concat([answers, everything], ignore_index=True), studies
@@ -61,7 +63,9 @@ def question_stats(answers: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame
     out["yes_ratio"] = (out["n_yes"] / both).where(both > 0)
     counts = answers.sort_values([*KEY, "n", "answer"], ascending=[True, True, False, True])
     top = counts.groupby(KEY).head(5)
-    top_text = top.assign(t=top["answer"] + " (" + top["n"].astype(str) + ")").groupby(KEY)["t"].agg("; ".join)
+    top_text = (
+        top.assign(t=top["answer"] + " (" + top["n"].astype(str) + ")").groupby(KEY)["t"].agg("; ".join)
+    )
     first = counts.groupby(KEY).head(1).set_index(KEY)
     out["top_answer"] = first["answer"].reindex(idx).to_numpy()
     out["top_answer_share"] = (first["n"].reindex(idx).to_numpy() / out["n_questions"]).astype(float)

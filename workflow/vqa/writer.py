@@ -34,21 +34,24 @@ def merge_questions(shard_questions: list, questions_path, csv_path) -> tuple[li
     n_studies = 0
     offset = 0
     csv_schema = pa.schema([QUESTIONS.field(c) for c in CSV_COLUMNS])
-    with TableWriter(questions_path, QUESTIONS) as out, atomic_path(csv_path) as tmp:
-        with pacsv.CSVWriter(tmp, csv_schema) as csv:
-            for path in shard_questions:
-                shard = pq.ParquetFile(path)
-                for i in range(shard.num_row_groups):
-                    part = shard.read_row_group(i)
-                    qa_id = pa.array(np.arange(offset, offset + part.num_rows, dtype=np.int64))
-                    part = part.set_column(part.schema.get_field_index("qa_id"), "qa_id", qa_id)
-                    out.write(part)
-                    csv.write_table(part.select(CSV_COLUMNS))
-                    offset += part.num_rows
-                # a study's questions may span row groups: count studies over the whole shard
-                asked = pq.read_table(path, columns=["question_type", "split", "answer", "study_id"])
-                counts.append(question_counts(asked))
-                n_studies += pc.count_distinct(asked["study_id"]).as_py()
+    with (
+        TableWriter(questions_path, QUESTIONS) as out,
+        atomic_path(csv_path) as tmp,
+        pacsv.CSVWriter(tmp, csv_schema) as csv,
+    ):
+        for path in shard_questions:
+            shard = pq.ParquetFile(path)
+            for i in range(shard.num_row_groups):
+                part = shard.read_row_group(i)
+                qa_id = pa.array(np.arange(offset, offset + part.num_rows, dtype=np.int64))
+                part = part.set_column(part.schema.get_field_index("qa_id"), "qa_id", qa_id)
+                out.write(part)
+                csv.write_table(part.select(CSV_COLUMNS))
+                offset += part.num_rows
+            # a study's questions may span row groups: count studies over the whole shard
+            asked = pq.read_table(path, columns=["question_type", "split", "answer", "study_id"])
+            counts.append(question_counts(asked))
+            n_studies += pc.count_distinct(asked["study_id"]).as_py()
     return counts, n_studies
 
 
@@ -87,7 +90,9 @@ def write_leak(shard_questions: list, leak_path, seed: int, max_rows: int) -> pd
     return leak
 
 
-def merge_outputs(shard_questions: list, shard_rejects: list, out: dict, seed: int, leak_probe_max: int) -> None:
+def merge_outputs(
+    shard_questions: list, shard_rejects: list, out: dict, seed: int, leak_probe_max: int
+) -> None:
     """The stage's outputs from its shards: ``out`` maps questions, csv, stats, stats_csv, leak and
     rejects to paths (leak optional)."""
     counts, n_out = merge_questions(shard_questions, out["questions"], out["csv"])
