@@ -16,9 +16,9 @@ rule vqa_shard:
         rejects=out("vqa", "shard{shard}", "rejects.parquet"),
     log:
         logfile("vqa_shard{shard}"),
-    threads: 1
     conda:
         "../envs/core.yaml"
+    threads: 1
     resources:
         mem_mb=per_attempt(2000),
         runtime=per_attempt(30),
@@ -49,8 +49,12 @@ rule vqa_shard:
 
 rule vqa:
     input:
-        questions=expand(rules.vqa_shard.output.questions, shard=range(config["vqa"]["shards"])),
-        rejects=expand(rules.vqa_shard.output.rejects, shard=range(config["vqa"]["shards"])),
+        questions=expand(
+            rules.vqa_shard.output.questions, shard=range(config["vqa"]["shards"])
+        ),
+        rejects=expand(
+            rules.vqa_shard.output.rejects, shard=range(config["vqa"]["shards"])
+        ),
     output:
         questions=out("vqa", "questions.parquet"),
         csv=out("vqa", "questions.csv"),
@@ -60,9 +64,9 @@ rule vqa:
         rejects=out("vqa", "rejects.parquet"),
     log:
         logfile("vqa"),
-    threads: 1
     conda:
         "../envs/core.yaml"
+    threads: 1
     resources:
         mem_mb=per_attempt(2000),
         runtime=per_attempt(30),

@@ -176,6 +176,7 @@ ALL_RULES = {
     "keyinfo_rules",
     "keyinfo_studies",
     "vqa",
+    "vqa_shard",
     "rg4",
     "exports",
     "release_vqa",
