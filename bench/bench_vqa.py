@@ -6,8 +6,8 @@ seen in MIMIC-CXR reports, images with MIMIC's view mix. The same generator (sma
 
     .venv/bin/python bench/bench_vqa.py [--studies 227835] [--out bench/cache/vqa]
 
-prints wall time and peak RSS of `workflow.vqa` (run as the rule runs it: a subprocess on Parquet
-files) and compares the per-type counts with the released Medical-CXR-VQA dataset.
+prints wall and CPU time of each job of `workflow.vqa` (its shards, then the merge, run as the rules
+run them: subprocesses on Parquet files) and the largest peak RSS, and compares the per-type counts with the released Medical-CXR-VQA dataset.
 """
 
 from __future__ import annotations
@@ -298,6 +298,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--leak-probe-max", type=int, default=200_000)
     ap.add_argument("--style", default="medical_cxr_vqa", choices=["medical_cxr_vqa", "clean"])
+    ap.add_argument("--shards", type=int, default=2, help="vqa.shards: shard jobs before the merge")
     ap.add_argument("--reuse-inputs", action="store_true", help="keep the inputs of an earlier run")
     args = ap.parse_args()
     out = Path(args.out)
@@ -314,10 +315,11 @@ def main() -> None:
         f"({pq.read_metadata(paths['findings']).num_rows:,} finding rows, "
         f"{pq.read_metadata(paths['images']).num_rows:,} images)"
     )
-    cmd = [
+    shard_cmd = [
         sys.executable,
         "-m",
         "workflow.vqa",
+        "shard",
         "--findings",
         str(paths["findings"]),
         "--images",
@@ -330,11 +332,23 @@ def main() -> None:
         args.style,
         "--seed",
         str(args.seed),
-        "--leak-probe-max",
-        str(args.leak_probe_max),
         "--names",
         str(REPO / "libs" / "findings.csv"),
+        "--shards",
+        str(args.shards),
     ]
+    shard_out = [
+        (out / f"shard{k}" / "questions.parquet", out / f"shard{k}" / "rejects.parquet")
+        for k in range(args.shards)
+    ]
+    merge_cmd = [sys.executable, "-m", "workflow.vqa", "merge", "--seed", str(args.seed)]
+    merge_cmd += [
+        "--leak-probe-max",
+        str(args.leak_probe_max),
+        "--shard-questions",
+        *(str(q) for q, _ in shard_out),
+    ]
+    merge_cmd += ["--shard-rejects", *(str(r) for _, r in shard_out)]
     for key, name in (
         ("questions", "questions.parquet"),
         ("csv", "questions.csv"),
@@ -343,15 +357,21 @@ def main() -> None:
         ("leak", "leak.csv"),
         ("rejects", "rejects.parquet"),
     ):
-        cmd += [f"--{key}", str(out / name)]
-    t0 = time.perf_counter()
-    subprocess.run(cmd, check=True, cwd=REPO)
-    wall = time.perf_counter() - t0
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    print(
-        f"vqa: {wall:.2f} s wall, {usage.ru_utime + usage.ru_stime:.2f} s CPU, "
-        f"peak RSS {usage.ru_maxrss / 1024:.0f} MB (load average {os.getloadavg()[0]:.1f})"
-    )
+        merge_cmd += [f"--{key}", str(out / name)]
+    # the jobs one after the other (as on one core): each job's wall and CPU, the largest peak RSS
+    jobs = [
+        (f"shard {k}", [*shard_cmd, "--shard", str(k), "--questions", str(q), "--rejects", str(r)])
+        for k, (q, r) in enumerate(shard_out)
+    ]
+    for name, cmd in [*jobs, ("merge", merge_cmd)]:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=REPO)
+        wall = time.perf_counter() - t0
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = usage.ru_utime + usage.ru_stime - before.ru_utime - before.ru_stime
+        print(f"vqa {name}: {wall:.2f} s wall, {cpu:.2f} s CPU (load average {os.getloadavg()[0]:.1f})")
+    print(f"vqa: peak RSS of the largest job {usage.ru_maxrss / 1024:.0f} MB")
     q = pq.read_table(out / "questions.parquet", columns=["question_type"]).to_pandas()
     counts = q["question_type"].value_counts()
     scale = args.studies / 227_835

@@ -177,6 +177,7 @@ ALL_RULES = {
     "keyinfo_rules",
     "keyinfo_studies",
     "vqa",
+    "vqa_shard",
     "rg4_shard",
     "rg4",
     "exports",

@@ -14,7 +14,8 @@ import pyarrow.parquet as pq
 import pytest
 from workflow_run import demo_corpus, prepare_workdir, run_snakemake
 
-from workflow.contract import FINDINGS, IMAGES, QUESTIONS, STUDIES, VQA_STATS
+from workflow.contract import FINDINGS, IMAGES, KEYINFO_STUDIES, QUESTIONS, STUDIES, VQA_STATS
+from workflow.tables import conform
 from workflow.vqa.__main__ import main
 from workflow.vqa.config import QUESTION_TYPES, VqaConfig
 from workflow.vqa.generate import generate
@@ -34,6 +35,7 @@ from workflow.vqa.questions.attribute import build_attribute
 from workflow.vqa.questions.location import build_location
 from workflow.vqa.questions.presence import build_presence
 from workflow.vqa.questions.view import build_view
+from workflow.vqa.stats import question_counts, question_stats
 from workflow.vqa.writer import CSV_COLUMNS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -473,42 +475,70 @@ def test_location_phrases_cover_the_vocabulary():
 # ------------------------------------------------------------------------------------------------ outputs
 
 
-def test_cli_writes_questions_csv_stats(tmp_path):
-    findings, images, studies = _bench().synthetic_inputs(600, seed=2)
+OUTPUTS = {
+    "questions": "questions.parquet",
+    "csv": "questions.csv",
+    "stats": "stats.parquet",
+    "stats-csv": "stats.csv",
+    "leak": "leak.csv",
+    "rejects": "rejects.parquet",
+}
+
+
+def _write_inputs(folder: Path, findings, images, studies, keyinfo_studies=None) -> dict[str, Path]:
     bench = _bench()
     paths = {}
-    for name, df, schema in (
-        ("findings", findings, FINDINGS),
-        ("images", images, IMAGES),
-        ("studies", studies, STUDIES),
-    ):
-        paths[name] = tmp_path / f"{name}.parquet"
+    tables = [("findings", findings, FINDINGS), ("images", images, IMAGES), ("studies", studies, STUDIES)]
+    if keyinfo_studies is not None:
+        tables.append(("keyinfo-studies", keyinfo_studies, KEYINFO_STUDIES))
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, df, schema in tables:
+        paths[name] = folder / f"{name}.parquet"
         pq.write_table(bench.to_contract(df, schema), paths[name])
-    out = {
-        k: tmp_path / "vqa" / v
-        for k, v in (
-            ("questions", "questions.parquet"),
-            ("csv", "questions.csv"),
-            ("stats", "stats.parquet"),
-            ("stats-csv", "stats.csv"),
-            ("leak", "leak.csv"),
-            ("rejects", "rejects.parquet"),
+    return paths
+
+
+def _run_cli(
+    inputs: dict[str, Path], outdir: Path, shards: int, *options: str, seed: int = 0
+) -> dict[str, Path]:
+    """The two commands of rules/vqa.smk: ``shards`` shard jobs, then the merge; the merged outputs."""
+    shard_out = [
+        (outdir / f"shard{k}" / "questions.parquet", outdir / f"shard{k}" / "rejects.parquet")
+        for k in range(shards)
+    ]
+    for k, (questions, rejects) in enumerate(shard_out):
+        main(
+            [
+                "shard",
+                *(f"--{name}={path}" for name, path in inputs.items()),
+                f"--names={REPO / 'libs' / 'findings.csv'}",
+                f"--seed={seed}",
+                f"--shard={k}",
+                f"--shards={shards}",
+                f"--questions={questions}",
+                f"--rejects={rejects}",
+                *options,
+            ]
         )
-    }
-    argv = [f"--{k}={v}" for k, v in paths.items()] + [f"--{k}={v}" for k, v in out.items()]
+    out = {name: outdir / file for name, file in OUTPUTS.items()}
     main(
         [
-            *argv,
-            "--names",
-            str(REPO / "libs" / "findings.csv"),
-            "--seed",
-            "1",
-            "--view-balance",
-            "false",
-            "--style",
-            "clean",
+            "merge",
+            "--shard-questions",
+            *(str(q) for q, _ in shard_out),
+            "--shard-rejects",
+            *(str(r) for _, r in shard_out),
+            f"--seed={seed}",
+            *(f"--{name}={path}" for name, path in out.items()),
         ]
     )
+    return out
+
+
+def test_cli_writes_questions_csv_stats(tmp_path):
+    findings, images, studies = _bench().synthetic_inputs(600, seed=2)
+    inputs = _write_inputs(tmp_path, findings, images, studies)
+    out = _run_cli(inputs, tmp_path / "vqa", 1, "--view-balance=false", "--style=clean", seed=1)
 
     q = pq.read_table(out["questions"])
     assert q.schema.equals(QUESTIONS)
@@ -811,3 +841,118 @@ def test_bad_vqa_config_stops_the_run_at_start_up(tmp_path, override, message):
     run = run_snakemake(workdir, "-n", "--cores", "1", timeout=300)
     assert run.returncode != 0
     assert all(part in run.stdout + run.stderr for part in message), run.stdout[-2000:]
+
+
+# ------------------------------------------------------------------------------------------------ shards
+
+NAMES_LIB = REPO / "libs" / "findings.csv"
+
+
+def _shard_inputs(tmp_path, n=2000, seed=6):
+    bench = _bench()
+    findings, images, studies = bench.synthetic_inputs(n, seed=seed)
+    status = bench.keyinfo_status(findings, studies, seed=seed)
+    return (findings, images, studies, status), _write_inputs(
+        tmp_path / "in", findings, images, studies, status
+    )
+
+
+def _stats_of(questions: pa.Table) -> pa.Table:
+    stats = question_stats(*question_counts(questions))
+    return conform(pa.Table.from_pandas(stats, preserve_index=False), VQA_STATS)
+
+
+def test_one_shard_is_one_run_over_the_whole_corpus(tmp_path):
+    (findings, images, studies, status), inputs = _shard_inputs(tmp_path)
+    out = _run_cli(inputs, tmp_path / "vqa", 1, seed=4)
+    cfg = VqaConfig(
+        seed=4, exclude_names=tuple(dict.fromkeys(["support device", *left_out_names(NAMES_LIB)]))
+    )
+    whole, _, _ = generate(
+        findings, images, studies, COMPAT_TEMPLATES, NAMES, cfg, load_display_names(NAMES_LIB, NAMES), status
+    )
+    merged = pq.read_table(out["questions"])
+    assert merged.equals(conform(whole, QUESTIONS))
+    # the statistics the merge adds up from per-shard counts are those of the questions themselves
+    assert pq.read_table(out["stats"]).equals(_stats_of(merged))
+
+
+def test_two_shards_keep_every_guarantee_on_the_merged_output(tmp_path):
+    (findings, images, studies, status), inputs = _shard_inputs(tmp_path)
+    out = _run_cli(inputs, tmp_path / "vqa", 2, seed=4)
+    q = pq.read_table(out["questions"]).to_pandas()
+    assert q["qa_id"].tolist() == list(range(len(q)))  # unique ids, the merged row numbers
+    again = _run_cli(inputs, tmp_path / "again", 2, seed=4)
+    for name in ("questions", "csv", "stats", "leak", "rejects"):  # deterministic
+        assert again[name].read_bytes() == out[name].read_bytes(), name
+    # each shard holds whole patients: subject_id % 2
+    for k in range(2):
+        part = pq.read_table(tmp_path / "vqa" / f"shard{k}" / "questions.parquet").to_pandas()
+        assert len(part) and (part["subject_id"] % 2 == k).all()
+    assert set(q["question_type"]) == set(QUESTION_TYPES)
+    # every study is asked or rejected, once
+    rejects = pq.read_table(out["rejects"]).to_pandas()
+    assert rejects["study_id"].is_unique and not set(rejects["study_id"]) & set(q["study_id"])
+    assert set(rejects["study_id"]) | set(q["study_id"]) == set(studies["study_id"])
+
+    # yes/no twins over the merged set: every yes/no question text is answered yes as often as no
+    yn = q[q["answer"].isin(["yes", "no"])]
+    per_q = yn.groupby(["question_type", "question"])["answer"].value_counts().unstack(fill_value=0)
+    assert len(per_q) > 50 and (per_q["yes"] == per_q["no"]).all()
+    # presence: exact yes/no balance per (finding, location) stratum
+    pres = q[q["question_type"] == "presence"]
+    slots = _parse(pres, COMPAT_TEMPLATES).fillna("-")
+    strata = pres.assign(**slots).groupby(["name", "location"])["answer"].value_counts().unstack(fill_value=0)
+    assert len(strata) > 20 and (strata["yes"] == strata["no"]).all()
+    # view: as many AP as PA per split (the view of the question's image)
+    view = q[q["question_type"] == "view"]
+    image_view = view["dicom_id"].map(images.set_index("dicom_id")["view_position"])
+    per_split = image_view.groupby(view["split"]).value_counts().unstack(fill_value=0)
+    assert set(per_split.index) == {"train", "validate", "test"}
+    assert (per_split["PA"] == per_split["AP"]).all() and (per_split["PA"] > 0).all()
+    # abnormality: every normal study with a frontal image is asked (rate 1.0), as many yes as no
+    abn = q[(q["question_type"] == "abnormality") & q["answer"].isin(["yes", "no"])]
+    frontal = set(images.loc[images["view_position"].isin(["PA", "AP"]), "study_id"])
+    normal = set(status.loc[status["status"] == "normal", "study_id"]) & frontal
+    assert len(normal) > 20 and set(abn.loc[abn["answer"] == "no", "study_id"]) == normal
+    assert (abn["answer"] == "yes").sum() == (abn["answer"] == "no").sum()
+    # the statistics are those of the merged questions
+    assert pq.read_table(out["stats"]).equals(_stats_of(pq.read_table(out["questions"])))
+    assert set(pd.read_csv(out["leak"])["question_type"]) == {"presence", "abnormality", "view"}
+
+
+def test_a_shard_follows_the_whole_corpus_for_view_balance_and_level_words(tmp_path):
+    """Shard 0 sees only PA studies of split test, shard 1 only AP ones; each shard sees 12 "small"
+    effusions, the corpus 24 (level_word_min_count 20)."""
+    f_rows, img_rows, st_rows = [], [], []
+    for i in range(24):
+        sid, subj = 60_000_000 + i, 11_000_000 + i  # subject parity = shard
+        st_rows.append({"subject_id": subj, "study_id": sid, "split": "test"})
+        img_rows.append(_image(sid, subj, "PA" if i % 2 == 0 else "AP", split="test"))
+        f_rows.append({**_finding(sid, "pleural effusion", location="right basal", level="mild", subject_id=subj),
+                       "raw_name": "small right pleural effusion"})  # fmt: skip
+    findings, images, studies = _frames(f_rows, img_rows, st_rows)
+    findings = findings.assign(raw_name=[r["raw_name"] for r in f_rows], source="rules")
+    inputs = _write_inputs(tmp_path / "in", findings, images, studies.assign(report="", source_path=""))
+    for shards in (1, 2):
+        out = _run_cli(inputs, tmp_path / f"shards{shards}", shards, "--level-word-min-count=20")
+        q = pq.read_table(out["questions"]).to_pandas()
+        assert set(q.loc[q["question_type"] == "level", "answer"]) == {"small"}, shards
+        view = q[q["question_type"] == "view"]
+        image_view = view["dicom_id"].map(images.set_index("dicom_id")["view_position"])
+        assert (image_view == "PA").sum() == (image_view == "AP").sum() == (12 if shards == 1 else 0)
+
+
+@pytest.mark.slow
+def test_the_dag_has_one_job_per_shard_and_one_merge(tmp_path):
+    workdir = prepare_workdir(
+        tmp_path / "run",
+        {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "vqa": {"shards": 3}},
+    )
+    run = run_snakemake(workdir, "-n", "-p", "--cores", "2", str(workdir / "results" / "vqa" / "leak.csv"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    log = run.stdout + run.stderr
+    jobs = re.findall(r"^rule (vqa\w*):\n(?:    .*\n)*?    wildcards: shard=(\d+)", log, re.MULTILINE)
+    assert sorted(jobs) == [("vqa_shard", "0"), ("vqa_shard", "1"), ("vqa_shard", "2")]
+    assert len(re.findall(r"^rule vqa:$", log, re.MULTILINE)) == 1
+    assert "--shard 2 --shards 3" in log

@@ -3,7 +3,13 @@
 Six question types, as in Medical-CXR-VQA (reference/medical_cxr_vqa.md §6): abnormality, presence,
 view, location, level, type. Templates are data; answers are computed from the ``findings`` table; every
 random choice comes from one seed (one generator per question type, so changing one type never
-reshuffles another).
+reshuffles another; per shard, from (seed, shard)).
+
+Shards (``vqa.shards``): each ``shard`` job generates the questions of the patients with
+``subject_id % shards == shard``; what must hold over the whole corpus (which splits have both views,
+how often a level word occurs) it reads from the whole corpus's few columns (``prepare.Corpus``). Every
+balance is exact within a shard, hence over the merged set. ``merge`` concatenates and computes the
+CSV, the statistics, the leak probe and the rejects over all questions.
 
 Two styles (``vqa.style``):
 - ``medical_cxr_vqa`` (default, a drop-in replacement): the original's 13 fixed wordings

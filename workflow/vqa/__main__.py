@@ -1,22 +1,22 @@
 """Medical-CXR-VQA question generation: standardised findings + image metadata -> question/answer pairs.
 
-``python -m workflow.vqa``, the command line rules/vqa.smk runs (the package docstring says what is built).
+``python -m workflow.vqa shard|merge``, the command lines rules/vqa.smk runs (the package docstring says
+what is built). ``shard``: the questions of the patients with ``subject_id % shards == shard`` (reading,
+preparing and generating: the expensive part); ``merge``: the stage's outputs from all shards
+(concatenation, the CSV, the statistics, the text-only leak probe over every question, the rejects).
 """
 
 from __future__ import annotations
 
 import logging
 
-import pandas as pd
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from workflow import cli
-from workflow.contract import VQA_LEAK
-from workflow.tables import atomic_path, summary
+from workflow.contract import QUESTIONS
+from workflow.tables import summary, write_table
 from workflow.vqa.config import REPO, STAGE, STYLES, VqaConfig
 from workflow.vqa.generate import generate
-from workflow.vqa.leak import leak_report
 from workflow.vqa.levels import load_level_lib
 from workflow.vqa.libs import (
     STYLE_TEMPLATES,
@@ -25,16 +25,20 @@ from workflow.vqa.libs import (
     load_templates,
     load_vocabulary,
 )
-from workflow.vqa.writer import write_outputs
+from workflow.vqa.shard import read_corpus, read_shard
+from workflow.vqa.writer import merge_outputs
 
 log = logging.getLogger(__name__)
 
 
-def run(args) -> dict:
+def shard(args) -> dict:
+    """Generate one shard's questions; writes its questions and rejects."""
     names = load_vocabulary(args.vocabulary)
     display = load_display_names(args.names, names)
     if args.style not in STYLES:
         raise ValueError(f"vqa.style: {args.style!r} is not one of {list(STYLES)}")
+    if not 0 <= args.shard < args.shards:
+        raise ValueError(f"--shard {args.shard} is not in 0..{args.shards - 1}")
     tpl = load_templates(args.templates or STYLE_TEMPLATES[args.style])
     cfg = VqaConfig(
         seed=args.seed,
@@ -45,57 +49,40 @@ def run(args) -> dict:
         explicit_negative_weight=args.explicit_negative_weight,
         laterality_flip_share=args.laterality_flip_share,
         view_balance=args.view_balance,
-        leak_probe_max=args.leak_probe_max,
+        shards=args.shards,
+        shard=args.shard,
     )
-    wanted = ["study_id", "name", "presence", "location", "level", "type", "raw_name", "evidence"]
-    available = set(pq.read_schema(args.findings).names)
-    findings = pq.read_table(args.findings, columns=[c for c in wanted if c in available]).to_pandas()
-    images = pq.read_table(args.images).to_pandas()
-    studies = pq.read_table(args.studies, columns=["subject_id", "study_id", "split"]).to_pandas()
-    keyinfo_studies = (
-        pq.read_table(args.keyinfo_studies, columns=["study_id", "status"]).to_pandas()
-        if args.keyinfo_studies
-        else None
+    level_lib = load_level_lib(args.levels)
+    inputs = read_shard(
+        args.findings, args.images, args.studies, args.keyinfo_studies, args.shard, args.shards
     )
+    corpus = None
+    if args.shards > 1:
+        compat = level_lib if args.style == "medical_cxr_vqa" else None
+        corpus = read_corpus(args.findings, args.images, args.studies, names, cfg.exclude_names, compat)
     table, p, info = generate(
-        findings,
-        images,
-        studies,
-        tpl,
-        names,
-        cfg,
-        display,
-        keyinfo_studies=keyinfo_studies,
-        level_lib=load_level_lib(args.levels),
+        **inputs, tpl=tpl, names=names, cfg=cfg, display=display, level_lib=level_lib, corpus=corpus
     )
-    write_outputs(table, args.questions, args.csv, args.stats, args.stats_csv)
-    if args.leak:
-        leak = (
-            leak_report(
-                table.select(["question_type", "question", "answer"]).to_pandas(),
-                cfg.seed,
-                cfg.leak_probe_max,
-            )
-            if cfg.leak_probe_max
-            else pd.DataFrame(columns=VQA_LEAK.names)
-        )
-        with atomic_path(args.leak) as tmp:
-            leak.to_csv(tmp, index=False)
-        for r in leak.itertuples():
-            log.info(
-                "text-only probe %s: majority %.3f, best text-only %.3f (gain %+.3f)",
-                r.question_type,
-                r.majority_accuracy,
-                max(r.naive_bayes_accuracy, r.logreg_accuracy, r.lookup_accuracy),
-                r.gain,
-            )
+    write_table(table, args.questions, QUESTIONS)
     p.rejects.write(args.rejects)
     for k, v in info.items():
         log.info("%s: %s", k, v)
     n_out = int(pc.count_distinct(table["study_id"]).as_py()) if table.num_rows else 0
-    summary(STAGE, p.n_studies_in, n_out, len(p.rejects))
-    log.info("vqa: %d questions", table.num_rows)
+    summary(f"{STAGE} shard {args.shard}/{args.shards}", p.n_studies_in, n_out, len(p.rejects))
+    log.info("vqa shard %d: %d questions", args.shard, table.num_rows)
     return info
+
+
+def merge(args) -> None:
+    outputs = {
+        "questions": args.questions,
+        "csv": args.csv,
+        "stats": args.stats,
+        "stats_csv": args.stats_csv,
+        "leak": args.leak,
+        "rejects": args.rejects,
+    }
+    merge_outputs(args.shard_questions, args.shard_rejects, outputs, args.seed, args.leak_probe_max)
 
 
 def _flag(text: str) -> bool:
@@ -112,44 +99,54 @@ def _optional(text: str) -> str | None:
 
 def main(argv=None) -> None:
     ap = cli.parser(__doc__.splitlines()[0])
-    ap.add_argument("--findings", required=True)
-    ap.add_argument("--images", required=True)
-    ap.add_argument("--studies", required=True)
-    ap.add_argument(
+    sub = ap.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("shard", help="one shard's questions and rejects")
+    s.add_argument("--findings", required=True)
+    s.add_argument("--images", required=True)
+    s.add_argument("--studies", required=True)
+    s.add_argument(
         "--keyinfo-studies",
         type=_optional,
         default=None,
         help="the key-information stage's per-study status (KEYINFO_STUDIES): which studies are normal",
     )
-    ap.add_argument("--style", default="medical_cxr_vqa", help=" | ".join(STYLES))
-    ap.add_argument(
+    s.add_argument("--style", default="medical_cxr_vqa", help=" | ".join(STYLES))
+    s.add_argument(
         "--templates", type=_optional, default=None, help="template file (default: the style's own)"
     )
-    ap.add_argument("--levels", default=str(REPO / "libs" / "levels.csv"))
-    ap.add_argument("--level-word-min-count", type=int, default=10)
-    ap.add_argument("--vocabulary", default=str(REPO / "libs" / "vocabulary.yaml"))
-    ap.add_argument(
+    s.add_argument("--levels", default=str(REPO / "libs" / "levels.csv"))
+    s.add_argument("--level-word-min-count", type=int, default=10)
+    s.add_argument("--vocabulary", default=str(REPO / "libs" / "vocabulary.yaml"))
+    s.add_argument(
         "--names",
         type=_optional,
         default=None,
         help="findings lib with name,vqa_name columns (optional; 'None' or '' = canonical names)",
     )
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--exclude-names", nargs="*", default=["support device"])
-    ap.add_argument("--abnormality-no-finding-rate", type=float, default=1.0)
-    ap.add_argument("--explicit-negative-weight", type=float, default=4.0)
-    ap.add_argument("--laterality-flip-share", type=float, default=0.5)
-    ap.add_argument("--view-balance", type=_flag, default=True, help="true/false")
-    ap.add_argument("--leak-probe-max", type=int, default=200_000)
-    ap.add_argument("--questions", required=True)
-    ap.add_argument("--csv", required=True)
-    ap.add_argument("--stats", required=True)
-    ap.add_argument("--stats-csv", required=True)
-    ap.add_argument("--leak", default=None)
-    ap.add_argument("--rejects", required=True)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--exclude-names", nargs="*", default=["support device"])
+    s.add_argument("--abnormality-no-finding-rate", type=float, default=1.0)
+    s.add_argument("--explicit-negative-weight", type=float, default=4.0)
+    s.add_argument("--laterality-flip-share", type=float, default=0.5)
+    s.add_argument("--view-balance", type=_flag, default=True, help="true/false")
+    s.add_argument("--shard", type=int, default=0)
+    s.add_argument("--shards", type=int, default=1)
+    s.add_argument("--questions", required=True)
+    s.add_argument("--rejects", required=True)
+    m = sub.add_parser("merge", help="the stage's outputs from every shard's")
+    m.add_argument("--shard-questions", nargs="+", required=True, help="in shard order")
+    m.add_argument("--shard-rejects", nargs="+", required=True)
+    m.add_argument("--seed", type=int, default=0, help="the leak probe's sample")
+    m.add_argument("--leak-probe-max", type=int, default=200_000)
+    m.add_argument("--questions", required=True)
+    m.add_argument("--csv", required=True)
+    m.add_argument("--stats", required=True)
+    m.add_argument("--stats-csv", required=True)
+    m.add_argument("--leak", default=None)
+    m.add_argument("--rejects", required=True)
     args = ap.parse_args(argv)
     cli.setup_logging(args.verbose)
-    run(args)
+    {"shard": shard, "merge": merge}[args.command](args)
 
 
 if __name__ == "__main__":

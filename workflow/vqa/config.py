@@ -38,3 +38,7 @@ class VqaConfig:
     view_balance: bool = True
     # presence/abnormality/view questions used by the text-only leak probe (0 = no probe)
     leak_probe_max: int = 200_000
+    # the questions of the patients with subject_id % shards == shard (one job each, merged after);
+    # every random choice of a shard derives from (seed, shard), so the sample depends on ``shards``
+    shards: int = 1
+    shard: int = 0

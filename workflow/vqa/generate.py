@@ -13,7 +13,7 @@ from workflow.vqa.config import QUESTION_TYPES, REPO, STYLES, VIEWS, VqaConfig
 from workflow.vqa.levels import load_level_lib
 from workflow.vqa.libs import Templates
 from workflow.vqa.phrases import location_phrase
-from workflow.vqa.prepare import Prepared, prepare
+from workflow.vqa.prepare import Corpus, Prepared, prepare
 from workflow.vqa.questions.abnormality import build_abnormality
 from workflow.vqa.questions.attribute import build_attribute
 from workflow.vqa.questions.location import build_location
@@ -78,12 +78,14 @@ def generate(
     display: list[str] | None = None,
     keyinfo_studies: pd.DataFrame | None = None,
     level_lib: dict[str, str] | None = None,
+    corpus: Corpus | None = None,
 ) -> tuple[pa.Table, Prepared, dict]:
     """Build the QUESTIONS table; also returns the prepared inputs (rejects, counts) and run info.
 
     ``keyinfo_studies``: the key-information stage's per-study status (KEYINFO_STUDIES); ``level_lib``:
     levels.csv as read by :func:`load_level_lib` (default: libs/levels.csv), used by the
-    medical_cxr_vqa style only.
+    medical_cxr_vqa style only. ``corpus``: the whole corpus's facts when the inputs are one shard of
+    it (``cfg.shard`` of ``cfg.shards``; :func:`corpus_facts`).
     """
     cfg = cfg or VqaConfig()
     if cfg.style not in STYLES:
@@ -100,6 +102,7 @@ def generate(
         keyinfo_studies=keyinfo_studies,
         level_lib=level_lib if cfg.style == "medical_cxr_vqa" else None,
         level_word_min_count=cfg.level_word_min_count,
+        corpus=corpus,
     )
     # each builder reads the prepared inputs only and returns its questions and counts
     built = {

@@ -46,6 +46,7 @@ class Prepared:
     rejects: Rejects
     n_studies_in: int
     counts: dict[str, int]
+    corpus: Corpus | None = None  # set when these are one shard's studies
 
 
 def _clean(col) -> pa.Array:
@@ -78,36 +79,16 @@ def frontal_images(images: pd.DataFrame) -> pd.DataFrame:
     return frontal.drop_duplicates("study_id", keep="first")
 
 
-def prepare(
-    findings: pd.DataFrame,
-    images: pd.DataFrame,
-    studies: pd.DataFrame,
-    names: list[str],
-    display: list[str] | None = None,
-    exclude_names: tuple[str, ...] = (),
-    keyinfo_studies: pd.DataFrame | None = None,
-    level_lib: dict[str, str] | None = None,
-    level_word_min_count: int = 10,
-) -> Prepared:
-    """Frontal studies and their usable findings.
+def frontal_studies(images: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame:
+    """One row per study with a frontal image, by study_id: its split and first frontal image's view.
 
-    ``keyinfo_studies`` (KEYINFO_STUDIES: study_id, status) says which studies the key-information stage
-    read and found normal; without it a study with findings rows and no positive/uncertain finding counts
-    as normal. ``level_lib`` (levels.csv) switches levels to the report's level words (medical_cxr_vqa
-    style, see :func:`level_words`).
+    ``view``: 0 PA, 1 AP, -1 frontal of unknown projection; ``dicom_id`` / ``image_path`` when
+    ``images`` has them. ``studies`` holds one row per study.
     """
-    rejects = Rejects(STAGE)
-    studies = studies.drop_duplicates("study_id")
     frontal = frontal_images(images)
-    has_image = studies["study_id"].isin(images["study_id"])
-    has_frontal = studies["study_id"].isin(frontal["study_id"])
-    for sid in studies.loc[~has_image, "study_id"]:
-        rejects.add(int(sid), "no_image")
-    for sid in studies.loc[has_image & ~has_frontal, "study_id"]:
-        rejects.add(int(sid), "no_frontal_image")
-
-    cols = ["study_id", "dicom_id", "image_path", "view"]
+    cols = [c for c in ("study_id", "dicom_id", "image_path", "view") if c in frontal]
     cols += [c for c in ("split", "view_code_meaning") if c in frontal]
+    has_frontal = studies["study_id"].isin(frontal["study_id"])
     st = studies.loc[has_frontal, ["subject_id", "study_id", "split"]].merge(
         frontal[cols], on="study_id", how="left", suffixes=("", "_image")
     )
@@ -120,6 +101,97 @@ def prepare(
         # IU X-Ray says only "frontal" (ingest files it as PA): frontal, but no view question
         unknown_view = st.pop("view_code_meaning").astype("string").str.strip().str.lower() == "frontal"
         st.loc[unknown_view.fillna(False).to_numpy(bool), "view"] = -1
+    return st
+
+
+@dataclass(frozen=True)
+class Corpus:
+    """What a shard must know of the whole corpus (it sees only its own patients' studies), so that
+    its questions follow the same rules as one run over everything."""
+
+    # splits with both PA and AP frontal studies: the view question is PA/AP balanced there
+    view_splits: frozenset[str]
+    # medical_cxr_vqa style: positive usable findings per level word (the level_word_min_count test)
+    level_word_counts: dict[str, int] | None = None
+
+
+def view_splits(st: pd.DataFrame) -> frozenset[str]:
+    """The splits of ``st`` (:func:`frontal_studies`) with both a PA and an AP study."""
+    split = st["split"].to_numpy(dtype=object)
+    view = st["view"].to_numpy()
+    return frozenset(set(split[view == 0]) & set(split[view == 1]))
+
+
+def corpus_facts(
+    findings: pd.DataFrame,
+    images: pd.DataFrame,
+    studies: pd.DataFrame,
+    names: list[str],
+    exclude_names: tuple[str, ...] = (),
+    level_lib: dict[str, str] | None = None,
+) -> Corpus:
+    """:class:`Corpus` of the whole corpus. ``findings`` needs only the rows with a level (and only
+    when ``level_lib`` is given: the medical_cxr_vqa style's level words)."""
+    st = frontal_studies(images, studies.drop_duplicates("study_id"))
+    counts = None
+    if level_lib is not None:
+        f = findings[findings["study_id"].isin(st["study_id"]).to_numpy()]
+        code, _ = _codes(_clean(f["name"]), list(names))
+        presence, _ = _codes(_clean(f["presence"]), list(_PRESENCE_CODE))
+        sel = (code >= 0) & (presence == 0)
+        sel[sel] = _usable(names, exclude_names)[code[sel]]
+        ordinal = pd.Series(_clean(f["level"]).filter(pa.array(sel)).to_pandas().to_numpy(), dtype=object)
+        words = positive_level_words(f, sel, ordinal, level_lib)
+        counts = {str(k): int(v) for k, v in words.value_counts().items()}
+    return Corpus(view_splits(st), counts)
+
+
+def _usable(names: list[str], exclude_names: tuple[str, ...]) -> np.ndarray:
+    usable = np.ones(len(names), dtype=bool)
+    usable[[names.index(n) for n in exclude_names if n in names]] = False
+    return usable
+
+
+def positive_level_words(f: pd.DataFrame, sel: np.ndarray, ordinal: pd.Series, level_lib) -> pd.Series:
+    """The level word (:func:`level_words`) of the findings rows ``f[sel]`` (``ordinal``: their cleaned
+    levels), from where the report's words survive standardisation: the surface name and the evidence
+    quote."""
+    surface = [f[c].astype("string").fillna("") for c in ("raw_name", "evidence") if c in f]
+    text = surface[0] if surface else pd.Series("", index=f.index)
+    if len(surface) == 2:
+        text = surface[0] + " " + surface[1]
+    return level_words(ordinal, pd.Series(text[sel].to_numpy(), dtype=object), level_lib)
+
+
+def prepare(
+    findings: pd.DataFrame,
+    images: pd.DataFrame,
+    studies: pd.DataFrame,
+    names: list[str],
+    display: list[str] | None = None,
+    exclude_names: tuple[str, ...] = (),
+    keyinfo_studies: pd.DataFrame | None = None,
+    level_lib: dict[str, str] | None = None,
+    level_word_min_count: int = 10,
+    corpus: Corpus | None = None,
+) -> Prepared:
+    """Frontal studies and their usable findings.
+
+    ``keyinfo_studies`` (KEYINFO_STUDIES: study_id, status) says which studies the key-information stage
+    read and found normal; without it a study with findings rows and no positive/uncertain finding counts
+    as normal. ``level_lib`` (levels.csv) switches levels to the report's level words (medical_cxr_vqa
+    style, see :func:`level_words`). ``corpus``: the whole corpus's facts when these inputs are one
+    shard of it (:func:`corpus_facts`); without it the inputs are the whole corpus.
+    """
+    rejects = Rejects(STAGE)
+    studies = studies.drop_duplicates("study_id")
+    st = frontal_studies(images, studies)
+    has_image = studies["study_id"].isin(images["study_id"])
+    has_frontal = studies["study_id"].isin(st["study_id"])
+    for sid in studies.loc[~has_image, "study_id"]:
+        rejects.add(int(sid), "no_image")
+    for sid in studies.loc[has_image & ~has_frontal, "study_id"]:
+        rejects.add(int(sid), "no_frontal_image")
 
     n_s, n_n = len(st), len(names)
     s = pd.Index(st["study_id"]).get_indexer(findings["study_id"])
@@ -176,8 +248,7 @@ def prepare(
     else:
         normal = has_rows.copy()  # refined below: no positive or uncertain finding
 
-    usable = np.ones(n_n, dtype=bool)
-    usable[[names.index(n) for n in exclude_names if n in names]] = False
+    usable = _usable(names, exclude_names)
     ok = (code >= 0) & (presence >= 0)
     ok[ok] = usable[code[ok]]
     mats = []
@@ -199,15 +270,13 @@ def prepare(
     loc_codes, locations = _codes(_clean(f["location"]).filter(mask))
     level_col = _clean(f["level"]).filter(mask)
     if level_lib is not None:
-        # where the report's words survive standardisation: the surface name and the evidence quote
-        surface = [f[c].astype("string").fillna("") for c in ("raw_name", "evidence") if c in f]
-        text = surface[0] if surface else pd.Series("", index=f.index)
-        if len(surface) == 2:
-            text = surface[0] + " " + surface[1]
-        lev = pd.Series(level_col.to_pandas().to_numpy(), dtype=object)
-        words = level_words(lev, pd.Series(text[sel].to_numpy(), dtype=object), level_lib)
-        rare = words.map(words.value_counts()) < level_word_min_count
-        words = words.where(~rare.fillna(False), lev)
+        ordinal = pd.Series(level_col.to_pandas().to_numpy(), dtype=object)
+        words = positive_level_words(f, sel, ordinal, level_lib)
+        if corpus is not None and corpus.level_word_counts is None:
+            raise ValueError("corpus facts without level word counts (corpus_facts needs level_lib)")
+        seen = words.value_counts() if corpus is None else pd.Series(corpus.level_word_counts, dtype="int64")
+        rare = words.map(seen) < level_word_min_count
+        words = words.where(~rare.fillna(False), ordinal)
         counts["level_words_rare_to_ordinal"] = int(rare.fillna(False).sum())
         level_col = pa.array(words.to_numpy(), type=pa.string(), from_pandas=True)
     lev_codes, levels = _codes(level_col)
@@ -235,4 +304,5 @@ def prepare(
         rejects=rejects,
         n_studies_in=len(studies),
         counts=counts,
+        corpus=corpus,
     )

@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from workflow.vqa.config import QUESTION_TYPES
+from workflow.vqa.config import QUESTION_TYPES, VqaConfig
 from workflow.vqa.libs import Templates
 
 
-def type_rng(seed: int, qtype: str) -> np.random.Generator:
-    return np.random.default_rng([seed, QUESTION_TYPES.index(qtype)])
+def type_rng(cfg: VqaConfig, qtype: str) -> np.random.Generator:
+    """The generator of one question type; a shard's own one when the corpus is split in shards."""
+    entropy = [cfg.seed, QUESTION_TYPES.index(qtype)]
+    if cfg.shards > 1:
+        entropy.append(cfg.shard)
+    return np.random.default_rng(entropy)
 
 
 def take_codes(values: np.ndarray, codes: np.ndarray, fill: int = -1) -> np.ndarray:

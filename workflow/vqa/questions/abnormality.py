@@ -13,7 +13,7 @@ from workflow.vqa.sampling import choose_family, pick_one_per_group, type_rng, u
 
 
 def build_abnormality(p: Prepared, tpl: Templates, cfg: VqaConfig) -> tuple[pd.DataFrame, dict]:
-    rng = type_rng(cfg.seed, "abnormality")
+    rng = type_rng(cfg, "abnormality")
     info = {}
     n_s = len(p.studies)
     has_pos = p.pos.any(axis=1)

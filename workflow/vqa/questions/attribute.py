@@ -15,7 +15,7 @@ from workflow.vqa.sampling import pick_one_per_group, type_rng, uniform_template
 def build_attribute(p: Prepared, tpl: Templates, cfg: VqaConfig, qtype: str) -> tuple[pd.DataFrame, dict]:
     """``qtype`` "level" or "type": the question asks the finding's value of that attribute."""
     values = {"level": p.levels, "type": p.types}[qtype]
-    rng = type_rng(cfg.seed, qtype)
+    rng = type_rng(cfg, qtype)
     info = {}
     inst = p.instances
     have = inst[inst[qtype] >= 0]

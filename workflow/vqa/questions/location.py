@@ -13,7 +13,7 @@ from workflow.vqa.sampling import choose_family, pick_one_per_group, type_rng, u
 
 
 def build_location(p: Prepared, tpl: Templates, cfg: VqaConfig) -> tuple[pd.DataFrame, dict]:
-    rng = type_rng(cfg.seed, "location")
+    rng = type_rng(cfg, "location")
     info = {}
     compat = cfg.style == "medical_cxr_vqa"
     inst = p.instances

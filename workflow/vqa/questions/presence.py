@@ -22,7 +22,7 @@ from workflow.vqa.sampling import (
 
 
 def build_presence(p: Prepared, tpl: Templates, cfg: VqaConfig) -> tuple[pd.DataFrame, dict]:
-    rng = type_rng(cfg.seed, "presence")
+    rng = type_rng(cfg, "presence")
     n_s, n_n = p.pos.shape
     has_pos = p.pos.any(axis=1)
     n_pos = int(has_pos.sum())

@@ -7,27 +7,25 @@ import pandas as pd
 
 from workflow.vqa.config import VIEWS, VqaConfig
 from workflow.vqa.libs import Templates
-from workflow.vqa.prepare import Prepared
+from workflow.vqa.prepare import Prepared, view_splits
 from workflow.vqa.questions.frame import question_frame
 from workflow.vqa.sampling import choose_family, pair_yes_no, type_rng, uniform_template
 
 
 def build_view(p: Prepared, tpl: Templates, cfg: VqaConfig) -> tuple[pd.DataFrame, dict]:
-    rng = type_rng(cfg.seed, "view")
+    rng = type_rng(cfg, "view")
     info = {}
     st = p.studies
     known = np.flatnonzero(st["view"].to_numpy() >= 0)
     view = st["view"].to_numpy().astype(np.int64)
-    split_code = pd.factorize(st["split"])[0].astype(np.int64)
+    split_code, splits = pd.factorize(st["split"])
     info["view: frontal studies of unknown projection (no view question)"] = int(len(st) - len(known))
     if cfg.view_balance and len(known):
         # balance PA against AP only in splits that have both; a one-view split (a PA-only corpus)
-        # keeps every study, or the whole type would vanish
-        pa_split = np.zeros(split_code.max() + 1, dtype=bool)
-        pa_split[split_code[known][view[known] == 0]] = True
-        ap_split = np.zeros_like(pa_split)
-        ap_split[split_code[known][view[known] == 1]] = True
-        both = pa_split & ap_split
+        # keeps every study, or the whole type would vanish. Both views in the whole corpus: a shard
+        # that sees one view of such a split keeps none of it (its own PA = AP = 0)
+        two_views = p.corpus.view_splits if p.corpus else view_splits(st)
+        both = np.array([split in two_views for split in splits], dtype=bool)
         bal = known[both[split_code[known]]]
         rows, pair = pair_yes_no(split_code[bal], view[bal] == 0, rng)
         rows = bal[rows]
