@@ -154,16 +154,26 @@ _R2GEN: dict = {}  # what the forked R2Gen writer inherits (never pickled)
 
 
 def _r2gen_export() -> tuple[dict[str, int], list[int]]:
-    """Build and write the R2Gen annotation; (items per split, exported study ids)."""
+    """Build and write the R2Gen annotation; (items per split, exported study ids). MIMIC's is streamed
+    a chunk of items at a time."""
     studies, images, sections, paths, dataset, report_sections, clean, iu_images = _R2GEN["args"]
     if dataset == "iu":
         annotation = r2gen.iu_annotation(studies, images, sections, report_sections, clean, iu_images)
-        exported = sorted({int(i) for i in _iu_study_ids(annotation, images)})
+        exported = {int(i) for i in _iu_study_ids(annotation, images)}
+        chunks = annotation.items()
     else:
-        annotation = r2gen.mimic_annotation(studies, images, sections, report_sections, clean)
-        exported = sorted({item["study_id"] for items in annotation.values() for item in items})
-    write_json(annotation, paths.r2gen)
-    return {split: len(items) for split, items in annotation.items()}, exported
+        exported = set()
+
+        def noting_studies(items):
+            for split, chunk in items:
+                exported.update(item["study_id"] for item in chunk)
+                yield split, chunk
+
+        chunks = noting_studies(r2gen.mimic_items(studies, images, sections, report_sections, clean))
+    paths.r2gen.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(paths.r2gen) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        counts = r2gen.write_annotation(chunks, fh)
+    return counts, sorted(exported)
 
 
 def _write_radialog(rg: list[str], ins: list[str], paths: OutputPaths) -> None:
@@ -257,7 +267,8 @@ def main(argv: list[str] | None = None) -> dict:
     studies = read_table(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
     images = read_table(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
     sections = read_table(args.sections, ["study_id", "findings", "impression"]).to_pandas()
-    findings = read_table(args.findings, ["study_id", "name", "presence", "section", "start"]).to_pandas()
+    findings = read_table(args.findings, ["study_id", "name", "presence", "section", "start"])
+    findings = findings.filter(radialog.LABELLED_ROWS).to_pandas()
     result = run(
         studies,
         images,

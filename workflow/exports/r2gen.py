@@ -20,8 +20,11 @@ default leaves text as written).
 
 from __future__ import annotations
 
+import json
 import re
+from collections.abc import Iterable, Iterator
 
+import numpy as np
 import pandas as pd
 
 from workflow.exports.cleaners import CLEANERS
@@ -72,6 +75,94 @@ def _finish(items: pd.DataFrame, dataset: str, clean: bool) -> dict[str, list[di
     return out
 
 
+def _chunks(series: pd.Series, size: int = 65_536) -> Iterator[list]:
+    """A column's values as Python objects, ``size`` at a time (never the whole column at once)."""
+    for start in range(0, len(series), size):
+        yield series.iloc[start : start + size].tolist()
+
+
+def _has_text(value) -> bool:
+    """The section normalises to a non-empty text (``str.split`` and ``str.isspace`` agree on what
+    whitespace is)."""
+    return isinstance(value, str) and value != "" and not value.isspace()
+
+
+def _report(findings: str, impression, which: str) -> str:
+    """What :func:`report_texts` makes of one study with findings."""
+    text = " ".join(findings.split())
+    if which == "findings_impression":
+        rest = " ".join(impression.split()) if isinstance(impression, str) else ""
+        text = (text + " " + rest).strip()
+    return text
+
+
+def mimic_rows(studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame) -> pd.DataFrame:
+    """The MIMIC annotation's images in file order (split, subject, study, dicom): ``dicom_id``,
+    ``study_id``, ``subject_id``, ``split`` and the positions of the image's row in ``images``
+    (``img_row``) and of its study's row in ``sections`` (``sec_row``); the texts stay there until a
+    chunk of items is made."""
+    has_findings = [_has_text(v) for values in _chunks(sections["findings"]) for v in values]
+    sec = sections[["study_id"]].assign(sec_row=np.arange(len(sections)), has_findings=has_findings)
+    sec = sec.drop_duplicates("study_id")
+    sec = sec.loc[sec["has_findings"], ["study_id", "sec_row"]]
+    st = studies[["subject_id", "study_id", "split"]].drop_duplicates("study_id")
+    st = st.assign(split=st["split"].map(SPLIT_NAMES))
+    st = st[st["split"].notna()].merge(sec, on="study_id")
+    img = images[["dicom_id", "study_id"]].assign(img_row=np.arange(len(images)))
+    img = img.merge(st, on="study_id", how="inner")
+    return img.sort_values(["split", "subject_id", "study_id", "dicom_id"], kind="stable")
+
+
+def mimic_items(
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    which: str = "findings",
+    clean: bool = False,
+    chunk: int = 20_000,
+) -> Iterator[tuple[str, list[dict]]]:
+    """The MIMIC-CXR annotation's items ``chunk`` at a time, as (split, items), the splits in
+    :data:`SPLITS` order: one item per image of every study with findings."""
+    rows = mimic_rows(studies, images, sections)
+    for split in SPLITS:
+        part = rows[rows["split"] == split]
+        for start in range(0, len(part), chunk):
+            piece = part.iloc[start : start + chunk]
+            sec_rows = piece["sec_row"].to_numpy()
+            texts = zip(
+                sec_rows.tolist(),
+                sections["findings"].take(sec_rows).tolist(),
+                sections["impression"].take(sec_rows).tolist(),
+                strict=True,
+            )
+            reports: dict[int, str] = {}  # sec_row -> report (a study's images are neighbours)
+            for row, findings, impression in texts:
+                if row not in reports:
+                    report = _report(findings, impression, which)
+                    reports[row] = CLEANERS["mimic"](report) if clean else report
+            yield (
+                split,
+                [
+                    {
+                        "id": dicom,
+                        "study_id": study,
+                        "subject_id": subject,
+                        "report": reports[row],
+                        "image_path": [path[6:] if path.startswith("files/") else path],
+                        "split": split,
+                    }
+                    for dicom, study, subject, row, path in zip(
+                        piece["dicom_id"].tolist(),
+                        piece["study_id"].astype("int64").tolist(),
+                        piece["subject_id"].astype("int64").tolist(),
+                        sec_rows.tolist(),
+                        images["image_path"].take(piece["img_row"].to_numpy()).tolist(),
+                        strict=True,
+                    )
+                ],
+            )
+
+
 def mimic_annotation(
     studies: pd.DataFrame,
     images: pd.DataFrame,
@@ -79,36 +170,38 @@ def mimic_annotation(
     which: str = "findings",
     clean: bool = False,
 ) -> dict[str, list[dict]]:
-    reports = report_texts(sections, which)
-    st = studies[["subject_id", "study_id", "split"]].drop_duplicates("study_id")
-    st = st.assign(split=st["split"].map(SPLIT_NAMES), report=st["study_id"].map(reports).fillna(""))
-    st = st[(st["report"] != "") & st["split"].notna()]
-    img = images[["dicom_id", "study_id", "image_path"]].merge(st, on="study_id", how="inner")
-    img = img.sort_values(["split", "subject_id", "study_id", "dicom_id"], kind="stable")
-    reports = img["report"].tolist()
-    if clean:
-        reports = [CLEANERS["mimic"](r) for r in reports]
+    """The whole MIMIC-CXR annotation in memory (the rule streams :func:`mimic_items` instead)."""
     out = {split: [] for split in SPLITS}
-    for dicom, study, subject, report, path, split in zip(
-        img["dicom_id"].tolist(),
-        img["study_id"].astype("int64").tolist(),
-        img["subject_id"].astype("int64").tolist(),
-        reports,
-        img["image_path"].tolist(),
-        img["split"].tolist(),
-        strict=True,
-    ):
-        out[split].append(
-            {
-                "id": dicom,
-                "study_id": study,
-                "subject_id": subject,
-                "report": report,
-                "image_path": [path[6:] if path.startswith("files/") else path],
-                "split": split,
-            }
-        )
+    for split, items in mimic_items(studies, images, sections, which, clean):
+        out[split].extend(items)
     return out
+
+
+def write_annotation(chunks: Iterable[tuple[str, list[dict]]], fh) -> dict[str, int]:
+    """Write (split, items) chunks, splits in :data:`SPLITS` order, as ``annotation.json``: the characters
+    of ``json.dumps({"train": [...], "val": [...], "test": [...]}, ensure_ascii=False)`` without the
+    whole document in memory. Returns the items per split."""
+    encode = json.JSONEncoder(ensure_ascii=False).encode
+    counts = dict.fromkeys(SPLITS, 0)
+    opened = 0  # how many splits' keys are written
+
+    def open_through(k: int) -> None:
+        nonlocal opened
+        while opened <= k:
+            fh.write(("{" if opened == 0 else "], ") + encode(SPLITS[opened]) + ": [")
+            opened += 1
+
+    for split, items in chunks:
+        k = SPLITS.index(split)
+        if k < opened - 1:
+            raise ValueError(f"annotation chunks out of split order: {split} after {SPLITS[opened - 1]}")
+        open_through(k)
+        if items:
+            fh.write((", " if counts[split] else "") + encode(items)[1:-1])
+            counts[split] += len(items)
+    open_through(len(SPLITS) - 1)
+    fh.write("]}")
+    return counts
 
 
 _IU_STEM = re.compile(r"^(\d+_IM-\d+)")

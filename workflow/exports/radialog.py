@@ -33,9 +33,12 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from json.encoder import encode_basestring  # JSONEncoder(ensure_ascii=False).encode of a str
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
 import yaml
 
 from workflow.exports.prompt_source import ExternalPrompts
@@ -85,9 +88,15 @@ def conversation(system: str, turns: list[tuple[str, str | None]]) -> str:
 # --- labels -----------------------------------------------------------------------------------------------
 
 
-def _in_findings(section) -> bool:
-    """The finding was read in the findings section (a missing section counts as findings)."""
-    return section is None or section != section or section == "findings"
+# the findings rows the labels and the evidence read (the stage reads no others)
+LABELLED_ROWS = pc.field("presence").isin(["positive", "uncertain"]) & (
+    pc.field("section").is_null() | (pc.field("section") == "findings")
+)
+
+
+def in_findings_section(section: pd.Series) -> pd.Series:
+    """Which findings were read in the findings section (a missing section counts as findings)."""
+    return section.isna() | (section == "findings")
 
 
 def chexpert_of() -> dict[str, str]:
@@ -105,17 +114,15 @@ def chexpert_labels(
     positive: dict[int, set[str]] = {}
     uncertain: dict[int, set[str]] = {}
     target = {"positive": positive, "uncertain": uncertain}
-    for sid, name, presence, section in zip(
-        findings["study_id"].tolist(),
-        findings["name"].tolist(),
-        findings["presence"].tolist(),
-        findings["section"].tolist(),
-        strict=True,
+    labelled = findings[
+        findings["presence"].isin(list(target))
+        & findings["name"].isin(list(mapping))
+        & in_findings_section(findings["section"])
+    ]
+    for sid, name, presence in zip(
+        labelled["study_id"].tolist(), labelled["name"].tolist(), labelled["presence"].tolist(), strict=True
     ):
-        label = mapping.get(name)
-        into = target.get(presence)
-        if label is not None and into is not None and _in_findings(section):
-            into.setdefault(int(sid), set()).add(label)
+        target[presence].setdefault(int(sid), set()).add(mapping[name])
     return {k: sorted(v, key=rank.__getitem__) for k, v in positive.items()}, uncertain
 
 
@@ -156,7 +163,7 @@ def evidence_sentences(text: str, starts: list[int]) -> list[int]:
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class Image:
     dicom: str
     study_id: int
@@ -164,14 +171,43 @@ class Image:
     impression: str
     labels: list[str]  # positives incl. No Finding
     uncertain: set[str]
-    text: str = ""  # the findings as one line (the RG target)
+    text: str | None = None  # the findings as one line (the RG target); None: made from ``findings``
 
     def __post_init__(self):
-        self.text = _norm(self.findings)
+        if self.text is None:
+            self.text = _norm(self.findings)
 
 
 def _norm(text: str) -> str:
     return " ".join(text.split())
+
+
+class Evidence:
+    """study_id -> canonical name -> evidence offsets in the findings section, of the positive findings
+    (a name without offsets maps to ``[]``). Kept as arrays sorted by study and unpacked one study at a
+    time: a dict per study would take GBs at a million studies."""
+
+    def __init__(self, findings: pd.DataFrame):
+        rows = findings[(findings["presence"] == "positive") & in_findings_section(findings["section"])]
+        order = np.argsort(rows["study_id"].to_numpy(), kind="stable")  # a study's rows keep their order
+        study_ids = rows["study_id"].to_numpy()[order]
+        self._studies, self._first = np.unique(study_ids, return_index=True)
+        self._end = np.append(self._first[1:], len(study_ids))
+        names = pd.Categorical(rows["name"].to_numpy()[order])
+        self._names, self._name_codes = list(names.categories), names.codes
+        # LLM findings may come without a span: NaN
+        self._starts = pd.to_numeric(rows["start"], errors="coerce").to_numpy(dtype="float64")[order]
+
+    def get(self, study_id: int, default=None) -> dict[str, list[int]] | None:
+        k = int(np.searchsorted(self._studies, study_id))
+        if k == len(self._studies) or self._studies[k] != study_id:
+            return default
+        out: dict[str, list[int]] = {}
+        for r in range(self._first[k], self._end[k]):
+            offsets = out.setdefault(self._names[self._name_codes[r]], [])
+            if self._starts[r] == self._starts[r]:
+                offsets.append(int(self._starts[r]))
+        return out
 
 
 class Builder:
@@ -192,20 +228,7 @@ class Builder:
             self.p["image_block"], image_tokens=self.p["image_token"] * int(self.p["image_token_count"])
         )
         self._prompts: dict[tuple, str] = {}  # (template, labels) -> rendered RG prompt
-        # study_id -> canonical name -> evidence offsets in the findings section (positives only)
-        self.evidence: dict[int, dict[str, list[int]]] = {}
-        for sid, name, presence, section, start in zip(
-            evidence["study_id"].tolist(),
-            evidence["name"].tolist(),
-            evidence["presence"].tolist(),
-            evidence["section"].tolist(),
-            evidence["start"].tolist(),
-            strict=True,
-        ):
-            if presence == "positive" and _in_findings(section):
-                offsets = self.evidence.setdefault(int(sid), {}).setdefault(name, [])
-                if start is not None and start == start:  # LLM findings may come without a span
-                    offsets.append(int(start))
+        self.evidence = Evidence(evidence)
 
     def rg_prompt(self, img: Image, rng: random.Random) -> str:
         k = rng.randrange(len(self.p["rg"]))  # drawn with RaDialog's prompt too: the same seed, same records
@@ -391,27 +414,44 @@ class Builder:
 def train_images(
     studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame, findings: pd.DataFrame, prompts: dict
 ) -> list[Image]:
-    """Every image of a train study with a findings section, with its labels (sorted by dicom id)."""
+    """Every image of a train study with a findings section, with its labels (sorted by dicom id). The
+    images of a study share its texts and labels (one copy per study, not per image)."""
     positives, uncertain = chexpert_labels(findings, prompts)
     st = studies[studies["split"] == "train"][["study_id"]].drop_duplicates()
-    sec = sections.drop_duplicates("study_id")[["study_id", "findings", "impression"]]
-    sec = sec[sec["findings"].fillna("").str.strip() != ""]
+    has_findings = (sections["findings"].fillna("").str.strip() != "").to_numpy()
+    sec = sections[["study_id"]].assign(sec_row=np.arange(len(sections)), has_findings=has_findings)
+    sec = sec.drop_duplicates("study_id")
+    sec = sec.loc[sec["has_findings"], ["study_id", "sec_row"]]
     img = images[["dicom_id", "study_id"]].merge(st, on="study_id").merge(sec, on="study_id")
     img = img.sort_values("dicom_id", kind="stable")
-    out = []
-    for dicom, sid, f, i in img[["dicom_id", "study_id", "findings", "impression"]].itertuples(index=False):
-        sid = int(sid)
-        unc = uncertain.get(sid, set())
-        out.append(
-            Image(
-                dicom,
-                sid,
-                f,
-                i if isinstance(i, str) else "",
-                with_no_finding(positives.get(sid, []), unc),
-                unc,
-            )
+    sec_rows = np.unique(img["sec_row"].to_numpy())
+    texts = dict(
+        zip(
+            sec_rows.tolist(),
+            zip(
+                sections["findings"].take(sec_rows).tolist(),
+                sections["impression"].take(sec_rows).tolist(),
+                strict=True,
+            ),
+            strict=True,
         )
+    )
+    first: dict[int, Image] = {}  # sec_row -> the study's first image
+    out = []
+    for dicom, sid, row in zip(
+        img["dicom_id"].tolist(), img["study_id"].tolist(), img["sec_row"].tolist(), strict=True
+    ):
+        study = first.get(row)
+        if study is None:
+            f, i = texts.pop(row)
+            unc = uncertain.get(sid, set())
+            labels = with_no_finding(positives.get(sid, []), unc)
+            image = first[row] = Image(dicom, sid, f, i if isinstance(i, str) else "", labels, unc)
+        else:
+            image = Image(
+                dicom, sid, study.findings, study.impression, study.labels, study.uncertain, study.text
+            )
+        out.append(image)
     return out
 
 
@@ -465,17 +505,30 @@ def build_encoded(builder: Builder, generator=None) -> tuple[list[str], list[str
             head = heads[record["instruction"]] = (
                 '{"instruction": ' + encode(record["instruction"]) + ', "input": ' + encode(record["input"])
             )
-        return head, ', "output": ' + encode(record["output"]) + ', "dicom": ' + encode(record["dicom"]) + "}"
+        # the output and dicom are the image's own strings: encoded when written (twice, RG and INS)
+        return head, record["output"], record["dicom"]
 
     return _assemble(builder, builder.rg(encode_rg), generator, encode)
 
 
-def write_json_list(encoded: list[str | tuple[str, str]], fh, chunk: int = 20_000) -> None:
-    """A JSON array of already encoded records (a string, or two strings to concatenate), streamed (no
-    second copy of a ~GB document)."""
+def write_json_list(encoded: list[str | tuple[str, str, str]], fh, chunk: int = 20_000) -> None:
+    """A JSON array of already encoded records, streamed (no second copy of a ~GB document): a record's
+    JSON, or an RG record as (its encoded head up to the input, its output, its dicom)."""
     fh.write("[")
     for start in range(0, len(encoded), chunk):
         if start:
             fh.write(", ")
-        fh.write(", ".join(e if isinstance(e, str) else e[0] + e[1] for e in encoded[start : start + chunk]))
+        fh.write(
+            ", ".join(
+                e
+                if isinstance(e, str)
+                else e[0]
+                + ', "output": '
+                + encode_basestring(e[1])
+                + ', "dicom": '
+                + encode_basestring(e[2])
+                + "}"
+                for e in encoded[start : start + chunk]
+            )
+        )
     fh.write("]")
