@@ -375,7 +375,7 @@ def _renumber(sentences: list[str]) -> list[str]:
 NO_COUNTS: Counter = Counter()  # shared, never mutated
 
 
-@dataclass
+@dataclass(slots=True)  # one per distinct text is cached (see RulesRewriter.text)
 class TextEdit:
     text: str | None  # None when every sentence was removed
     sentences: int
@@ -400,6 +400,7 @@ class RulesRewriter:
         self._split: dict[str, list[str]] = {}
         self._labels_equal: dict[tuple[str, str | None], bool] = {}
         self._text_found: dict[str, frozenset[str]] = {}  # text -> union of its sentences' categories
+        self._as_written: dict[str, TextEdit] = {}  # text -> its edit when nothing is removed from it
         self._last_text: tuple | None = None
         # text -> whether its label vector names a finding, learnt from the label checks of the edits (kept
         # after the run: the token weights' emphasis asks the same of the same sentences)
@@ -414,6 +415,7 @@ class RulesRewriter:
 
     def clear_caches(self) -> None:
         self._found, self._edits, self._split, self._labels_equal, self._text_found = {}, {}, {}, {}, {}
+        self._as_written = {}
         self._last_text = None
 
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
@@ -496,28 +498,42 @@ class RulesRewriter:
         return sentences
 
     def text(self, text: str | None, removes: frozenset[str]) -> TextEdit:
+        """The edit of ``text`` for a scenario removing ``removes`` (the same object for the same text and
+        categories to remove in a row: a study's scenarios; never mutate it)."""
         if not text:
             return TextEdit(None, 0, NO_COUNTS, NO_COUNTS)
         sentences = self.split(text)
         eff = self._text_found[text] & removes
         if not eff:  # nothing to remove: the text as written (single-spaced, so the sentences joined)
-            return TextEdit(" ".join(sentences), len(sentences), NO_COUNTS, NO_COUNTS)
+            same = self._as_written.get(text)
+            if same is None:
+                joined = " ".join(sentences)
+                # the text itself where it is single-spaced already (one object: no copy per scenario)
+                same = self._as_written[text] = TextEdit(
+                    text if joined == text else joined, len(sentences), NO_COUNTS, NO_COUNTS
+                )
+            return same
         # the scenarios of a study come in a row; those removing the same of its categories share the edit
         key = (text, eff)
         last = self._last_text
         if last is not None and last[0] == key:
             return last[1]
-        kept, removed, rephrased, changed, residual = [], Counter(), Counter(), [], set()
+        kept, removed, rephrased, changed, residual = [], [], [], [], set()
         foreign, lost = None, False
+        found_in, edits = self._found, self._edits
         for s in sentences:
-            edit = self.sentence(s, eff)
+            found = found_in[s] & eff
+            if not found:  # kept as written (what self.sentence would say, without making the edit)
+                kept.append(s)
+                continue
+            edit = edits.get((s, found)) or self.sentence(s, eff)
             foreign = foreign or edit.foreign
             if edit.action == "removed":
                 lost = lost or edit.lost_finding
-                removed.update(edit.categories)
+                removed.extend(edit.categories)
                 changed.append((s, None))
             elif edit.action == "rephrased":
-                rephrased.update(edit.categories)
+                rephrased.extend(edit.categories)
                 changed.append((s, edit.text))
                 residual |= edit.residual
             if edit.text is not None:
@@ -527,8 +543,8 @@ class RulesRewriter:
         result = TextEdit(
             " ".join(kept) or None,
             len(sentences),
-            removed,
-            rephrased,
+            Counter(removed) if removed else NO_COUNTS,
+            Counter(rephrased) if rephrased else NO_COUNTS,
             changed,
             frozenset(residual),
             foreign,

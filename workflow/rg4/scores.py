@@ -129,6 +129,9 @@ class TokenScorer:
         self._counts: dict[tuple[str, bool], int] = {}
         self._splits: dict[str, tuple[tuple[str, ...], bool]] = {}
         self._parts: dict[tuple[str, bool], tuple | None] = {}
+        # raw sentence -> (its parts as a target's first sentence, after a sentence that ends clean): what
+        # _joined looks up per sentence occurrence
+        self._joinable: dict[str, tuple[tuple | None, tuple | None]] = {}
         self._sentence_copies: dict[str, str] = {}
         self._anchor = len(self.tokenizer.encode("a", add_special_tokens=False).ids)
         self._bos = self.tokenizer.token_to_id("<s>")
@@ -146,10 +149,7 @@ class TokenScorer:
     def clear_caches(self) -> None:
         """Forget the sentences and sections seen (hundreds of MB at MIMIC scale; the word counts stay)."""
         self._sentence_cache, self._splits, self._parts, self._sentence_copies = {}, {}, {}, {}
-
-    def _one(self, sentence: str) -> str:
-        """One object per distinct sentence (millions of occurrences, a tenth as many distinct)."""
-        return self._sentence_copies.setdefault(sentence, sentence)
+        self._joinable = {}
 
     def _sentence_emphasised(self, raw_sentence: str) -> bool:
         hit = self._sentence_cache.get(raw_sentence)
@@ -245,13 +245,12 @@ class TokenScorer:
         spaces) (cached: sections repeat across scenarios)."""
         got = self._splits.get(text)
         if got is None:
-            sentences, pos, single = [], 0, True
-            for m in _SENTENCE_END.finditer(text):
-                sentences.append(self._one(text[pos : m.start()]))
-                single = single and m.group() == " "
-                pos = m.end()
-            sentences.append(self._one(text[pos:]))
-            got = self._splits[text] = (tuple(sentences), single)
+            sentences = _SENTENCE_END.split(text)
+            # single spaces between them: the separators (one or more white-space characters each) add up
+            # to one character per break
+            single = len(text) == sum(map(len, sentences)) + len(sentences) - 1
+            one = self._sentence_copies.setdefault  # one object per distinct sentence (a tenth as many)
+            got = self._splits[text] = (tuple([one(x, x) for x in sentences]), single)
         return got
 
     def sentences(self, targets: list[tuple[str | None, str | None]]) -> list[str]:
@@ -287,6 +286,19 @@ class TokenScorer:
             numbered = _CROSSING_NUMBER.match(sentence)
             if numbered:
                 self._parts[(sentence[numbered.end() :], emphasised)] = rest_parts
+            self._joinable[sentence] = (parts, rest_parts if numbered else parts)
+
+    def _joinable_parts(self, sentence: str) -> tuple[tuple | None, tuple | None]:
+        """(the parts of a raw sentence as the first of a target, as one following a sentence that ends
+        clean: "<word>. 2. <Word>", the cleaner drops the "2. "), cached."""
+        got = self._joinable.get(sentence)
+        if got is None:
+            emphasised = self._sentence_emphasised(sentence)
+            first = self._sentence_parts(sentence, emphasised)
+            numbered = _CROSSING_NUMBER.match(sentence)
+            later = self._sentence_parts(sentence[numbered.end() :], emphasised) if numbered else first
+            got = self._joinable[sentence] = (first, later)
+        return got
 
     def _sentence_parts(self, sentence: str, emphasised: bool) -> tuple | None:
         """For the text of one raw sentence: (its cleaned pieces' weights as not-first and as first text of
@@ -305,14 +317,16 @@ class TokenScorer:
                 ok = [p.replace(MARK, "") for p in marked] == pieces
                 flags = [MARK in p for p in marked]
         if ok:
-            weights = []
-            for first in (False, True):
-                values = bytearray()
-                for k, (piece, flag) in enumerate(zip(pieces, flags, strict=True)):
-                    words = (*piece.split(" "), ".")  # a cleaned sentence's full stop goes with it
-                    n = sum(self._count(w, first and k == 0 and j == 0) for j, w in enumerate(words))
-                    values += bytes([flag]) * n
-                weights.append(bytes(values))
+            values, count, lead = bytearray(), self._count, None
+            for piece, flag in zip(pieces, flags, strict=True):
+                # a cleaned sentence's full stop goes with it
+                n = sum(count(w, False) for w in piece.split(" ")) + count(".", False)
+                values += bytes([flag]) * n
+                lead = n if lead is None else lead
+            # as the first text of a target, only its first word counts differently (no space before it)
+            head = pieces[0].split(" ", 1)[0]
+            n = lead - count(head, False) + count(head, True)
+            weights = (bytes(values), bytes([flags[0]]) * n + values[lead:])
             # no pass of the cleaner may match across the space between two sentences (then each cleans as
             # if alone): the earlier one ends with "." but not with a list number ("1. ", " 2. ", ". 2. "
             # would take the space), the later one does not start with one (but see _CROSSING_NUMBER)
@@ -324,6 +338,7 @@ class TokenScorer:
     def _joined(self, finding: str | None, impression: str | None) -> bytes | None:
         """A target's weights from its sentences' (see :meth:`scores_bytes`), or None."""
         values, previous_ends_clean = [b"\x00"], None  # BOS
+        joinable = self._joinable
         for text in (finding, impression):
             if not text:
                 continue
@@ -331,19 +346,15 @@ class TokenScorer:
             if not single:
                 return None
             for sentence in sentences:
-                emphasised = self._sentence_emphasised(sentence)
+                first, later = joinable.get(sentence) or self._joinable_parts(sentence)
                 if previous_ends_clean is None:
-                    parts = self._sentence_parts(sentence, emphasised)
-                    if parts is None:
+                    if first is None:
                         return None
-                    values.append(parts[1])
+                    values.append(first[1])
+                    parts = first
                 else:
-                    numbered = _CROSSING_NUMBER.match(sentence) if previous_ends_clean else None
-                    if numbered:  # "<word>. 2. <Word>": the cleaner drops the "2. "
-                        parts = self._sentence_parts(sentence[numbered.end() :], emphasised)
-                    else:
-                        parts = self._sentence_parts(sentence, emphasised)
-                    if parts is None or not (previous_ends_clean and parts[3]):
+                    parts = later
+                    if not previous_ends_clean or parts is None or not parts[3]:
                         return None
                     values.append(parts[0])
                 previous_ends_clean = parts[2]
