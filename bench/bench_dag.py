@@ -45,6 +45,7 @@ class Job:
     start: float
     end: float
     peak_mb: float = 0.0
+    cpu: float = 0.0  # CPU seconds of its process tree (the last 50 ms before it ends are not seen)
 
 
 @dataclass
@@ -94,19 +95,23 @@ def overlay(data: Path, outdir: Path, overrides: dict | None = None) -> Path:
     return path
 
 
-def _job_memory(proc) -> int:
-    """PSS of a job's process tree (its worker processes included; shared pages counted once)."""
+def _job_usage(proc) -> tuple[int, float]:
+    """(PSS, CPU seconds) of a job's process tree: its worker processes included, shared pages counted
+    once, and the CPU of workers that already ended (reaped by their parent) counted via its children's
+    times."""
     import psutil
 
     try:
         tree = [proc, *proc.children(recursive=True)]
     except psutil.Error:  # the job ended between two samples
-        return 0
-    total = 0
+        return 0, 0.0
+    memory, cpu = 0, 0.0
     for p in tree:
         with contextlib.suppress(psutil.Error):
-            total += process_memory(p)[1]
-    return total
+            memory += process_memory(p)[1]
+            t = p.cpu_times()
+            cpu += t.user + t.system + t.children_user + t.children_system
+    return memory, cpu
 
 
 def parse_overrides(items: list[str]) -> dict:
@@ -157,7 +162,9 @@ def run_dag(studies: int, cores: int, seed: int, overrides: dict | None = None) 
                     continue
                 job = jobs.setdefault(child.pid, Job(match.group(1), now, now))
                 job.end = now
-                job.peak_mb = max(job.peak_mb, _job_memory(child) / 2**20)
+                memory, cpu = _job_usage(child)
+                job.peak_mb = max(job.peak_mb, memory / 2**20)
+                job.cpu = max(job.cpu, cpu)
             time.sleep(0.05)
     wall = time.perf_counter() - start
     after = os.times()
@@ -175,7 +182,7 @@ def timeline(run: DagRun, width: int = 60) -> list[str]:
         left = int(job.start * scale)
         bar = max(1, int((job.end - job.start) * scale))
         lines.append(
-            f"    {job.rule:<18} {job.start:6.1f}–{job.end:6.1f} s {job.peak_mb:6.0f} MB "
+            f"    {job.rule:<20} {job.start:6.1f}–{job.end:6.1f} s {job.cpu:5.1f} s CPU {job.peak_mb:6.0f} MB "
             f"|{' ' * left}{'#' * bar}{' ' * max(0, width - left - bar)}|"
         )
     return lines
@@ -242,7 +249,12 @@ def main(argv: list[str] | None = None) -> None:
         "",
     ]
     for r in runs:
-        block += [f"Timeline at {r.studies:,} studies (job start–end, peak MB):", "", *timeline(r), ""]
+        block += [
+            f"Timeline at {r.studies:,} studies (job start–end, CPU of its process tree, peak MB):",
+            "",
+            *timeline(r),
+            "",
+        ]
     if len(runs) > 1:
         block += [f"![growth curve]({PLOT.name})", ""]
     text = "\n".join(block)

@@ -901,7 +901,7 @@ def test_two_shards_keep_every_guarantee_on_the_merged_output(tmp_path):
     assert len(per_q) > 50 and (per_q["yes"] == per_q["no"]).all()
     # presence: exact yes/no balance per (finding, location) stratum
     pres = q[q["question_type"] == "presence"]
-    slots = _parse(pres, COMPAT_TEMPLATES).fillna("-")
+    slots = _parse(pres, COMPAT_TEMPLATES)[["name", "location"]].astype(object).fillna("-")
     strata = pres.assign(**slots).groupby(["name", "location"])["answer"].value_counts().unstack(fill_value=0)
     assert len(strata) > 20 and (strata["yes"] == strata["no"]).all()
     # view: as many AP as PA per split (the view of the question's image)
