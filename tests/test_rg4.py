@@ -836,7 +836,7 @@ def test_a_shard_takes_whole_patients(tmp_path):
     run_shards(inputs, tmp_path, 3)
     for shard, subjects in ((0, {30, 51}), (1, {10, 40}), (2, {20, 50})):
         folder = rg4.ShardPaths(tmp_path / "rg4" / f"shard{shard}")
-        assert set(read_table(folder.sn).column("subject_id").to_pylist()) <= subjects
+        assert set(read_table(folder.tables["sn"]).column("subject_id").to_pylist()) <= subjects
         rejected = set(read_table(folder.rejects).column("study_id").to_pylist())
         assert {sid // 10 for sid in rejected} <= subjects  # study ids here are subject * 10 + k
         facts = json.loads(folder.facts.read_text())
