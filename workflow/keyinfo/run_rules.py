@@ -179,11 +179,10 @@ def _in_order(pool: ProcessPoolExecutor, fn, items, window: int):
         yield pending.popleft().result()
 
 
-def stats_table(findings: Path) -> pa.Table:
-    """Per finding name: rows by presence and studies (vectorised over the written findings table)."""
-    t = pq.read_table(findings, columns=["study_id", "name", "presence"])
-    by_presence = t.group_by(["name", "presence"]).aggregate([([], "count_all")]).to_pylist()
-    studies = t.group_by("name").aggregate([("study_id", "count_distinct")]).to_pylist()
+def stats_table(findings: pa.Table) -> pa.Table:
+    """Per finding name of a findings table: rows by presence and studies (vectorised group-bys)."""
+    by_presence = findings.group_by(["name", "presence"]).aggregate([([], "count_all")]).to_pylist()
+    studies = findings.group_by("name").aggregate([("study_id", "count_distinct")]).to_pylist()
     counts = {(r["name"], r["presence"]): r["count_all"] for r in by_presence}
     names = sorted(r["name"] for r in studies)
     n_studies = {r["name"]: r["study_id_count_distinct"] for r in studies}
@@ -197,6 +196,15 @@ def stats_table(findings: Path) -> pa.Table:
         },
         schema=KEYINFO_STATS,
     )
+
+
+def summed_stats(parts: Sequence[pa.Table]) -> pa.Table:
+    """The KEYINFO_STATS of tables whose studies are disjoint (batches, shards) from theirs: every count,
+    studies included, is the sum of the parts' counts."""
+    counts = [f.name for f in KEYINFO_STATS if f.name != "name"]
+    t = pa.concat_tables(parts) if parts else KEYINFO_STATS.empty_table()
+    t = t.group_by("name").aggregate([(c, "sum") for c in counts]).sort_by("name")
+    return pa.table([t["name"], *(t[f"{c}_sum"] for c in counts)], schema=KEYINFO_STATS)
 
 
 def shard_study_ids(sections: Path, shard: int = 0, shards: int = 1) -> pa.ChunkedArray:
@@ -248,6 +256,7 @@ def run(sections: Path, findings: Path, stats: Path, rejects: Path, batch_size: 
     """Extract shard ``shard`` of ``shards`` (all studies by default) into findings, stats and rejects, and
     with ``normal_statements`` the normal statement of every study read (NORMAL_STATEMENTS)."""
     rej = Rejects(STAGE)
+    batch_stats: list[pa.Table] = []
     slices = plan_slices(sections, reports, lenient, batch_size, shard, shards)
     n_in = slices[-1].stop if slices else 0
     with (
@@ -266,13 +275,14 @@ def run(sections: Path, findings: Path, stats: Path, rejects: Path, batch_size: 
                 for sid in part.empty:
                     rej.add(sid, "no_report_text", "no findings, impression or last paragraph")
                 writer.write(part.findings)
+                batch_stats.append(stats_table(part.findings))  # a study's rows are all in one batch
                 if said is not None:
                     said.write(part.statements)
                 bar.update(part.n_studies)
         finally:
             if pool:
                 pool.shutdown()
-    table = stats_table(findings)
+    table = summed_stats(batch_stats)
     write_table(table, stats, KEYINFO_STATS)
     rej.write(rejects)
     summary(STAGE if shards == 1 else f"{STAGE} shard {shard} of {shards}", n_in, n_in - len(rej), len(rej))
@@ -337,15 +347,6 @@ def in_sections_order(batches: Sequence[pa.Array], shard_tables: Sequence[Path])
             )
 
 
-def summed_stats(shard_stats: Sequence[Path]) -> pa.Table:
-    """The corpus' KEYINFO_STATS from the shards': the shards split the studies, so every count (studies
-    included) is the sum of the shards' counts."""
-    counts = [f.name for f in KEYINFO_STATS if f.name != "name"]
-    t = pa.concat_tables(pq.read_table(p) for p in shard_stats)
-    t = t.group_by("name").aggregate([(c, "sum") for c in counts]).sort_by("name")
-    return pa.table([t["name"], *(t[f"{c}_sum"] for c in counts)], schema=KEYINFO_STATS)
-
-
 def merge(sections: Path, shard_findings: Sequence[Path], shard_stats: Sequence[Path],
           shard_rejects: Sequence[Path], findings: Path, stats: Path, rejects: Path,
           shard_statements: Sequence[Path] = (), normal_statements: Path | None = None,
@@ -361,7 +362,7 @@ def merge(sections: Path, shard_findings: Sequence[Path], shard_stats: Sequence[
                 said.write(rows)
     rejected = pa.concat_tables(in_sections_order(batches, shard_rejects)).combine_chunks()
     write_table(rejected, rejects, REJECTS)
-    table = summed_stats(shard_stats)
+    table = summed_stats([pq.read_table(p) for p in shard_stats])
     write_table(table, stats, KEYINFO_STATS)
     n_in = sum(len(b) for b in batches)
     summary(STAGE, n_in, n_in - rejected.num_rows, rejected.num_rows)
