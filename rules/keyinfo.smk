@@ -25,6 +25,8 @@ rule keyinfo_rules_shard:
         logfile("keyinfo_rules_shard{shard}"),
     wildcard_constraints:
         shard="[0-9]+",
+    # first when cores are short: exports and vqa wait on this chain, rg4 does not
+    priority: 3
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -72,6 +74,7 @@ rule keyinfo_rules:
         normal_statements=out("keyinfo", "rules", "normal_statements.parquet"),
     log:
         logfile("keyinfo_rules"),
+    priority: 3  # as keyinfo_rules_shard
     conda:
         "../envs/core.yaml"
     resources:
@@ -101,6 +104,7 @@ rule keyinfo_studies:
         studies=out("keyinfo", "studies.parquet"),
     log:
         logfile("keyinfo_studies"),
+    priority: 3  # as keyinfo_rules_shard
     conda:
         "../envs/core.yaml"
     resources:
