@@ -496,6 +496,7 @@ def build_encoded(builder: Builder, generator=None) -> tuple[list[str], list[str
 
     encode = json.JSONEncoder(ensure_ascii=False).encode
     heads: dict[str, str] = {}
+    first_turns: dict[str, str] = {}
 
     def encode_rg(record: dict) -> tuple[str, str]:
         # the RG instructions are a few thousand prompts: their encoding is made once and shared by the
@@ -508,27 +509,36 @@ def build_encoded(builder: Builder, generator=None) -> tuple[list[str], list[str
         # the output and dicom are the image's own strings: encoded when written (twice, RG and INS)
         return head, record["output"], record["dicom"]
 
-    return _assemble(builder, builder.rg(encode_rg), generator, encode)
+    def encode_instruct(record: dict) -> tuple[str, str]:
+        # its first turn (system message and RG prompt, up to the first ASSISTANT:) is one of the few
+        # thousand RG prompts too: kept once, the rest of the record's JSON beside it
+        text = encode(record)
+        cut = text.find(_FIRST_REPLY) + len(_FIRST_REPLY)
+        return first_turns.setdefault(text[:cut], text[:cut]), text[cut:]
+
+    return _assemble(builder, builder.rg(encode_rg), generator, encode_instruct)
 
 
-def write_json_list(encoded: list[str | tuple[str, str, str]], fh, chunk: int = 20_000) -> None:
+_FIRST_REPLY = " ASSISTANT:"
+
+
+def _json_of(encoded: str | tuple[str, ...]) -> str:
+    """One record's JSON from what :func:`build_encoded` keeps of it."""
+    if isinstance(encoded, str):
+        return encoded
+    if len(encoded) == 2:
+        return encoded[0] + encoded[1]
+    head, output, dicom = encoded
+    return head + ', "output": ' + encode_basestring(output) + ', "dicom": ' + encode_basestring(dicom) + "}"
+
+
+def write_json_list(encoded: list[str | tuple[str, ...]], fh, chunk: int = 20_000) -> None:
     """A JSON array of already encoded records, streamed (no second copy of a ~GB document): a record's
-    JSON, or an RG record as (its encoded head up to the input, its output, its dicom)."""
+    JSON, its JSON in two pieces, or an RG record as (its encoded head up to the input, its output, its
+    dicom)."""
     fh.write("[")
     for start in range(0, len(encoded), chunk):
         if start:
             fh.write(", ")
-        fh.write(
-            ", ".join(
-                e
-                if isinstance(e, str)
-                else e[0]
-                + ', "output": '
-                + encode_basestring(e[1])
-                + ', "dicom": '
-                + encode_basestring(e[2])
-                + "}"
-                for e in encoded[start : start + chunk]
-            )
-        )
+        fh.write(", ".join(_json_of(e) for e in encoded[start : start + chunk]))
     fh.write("]")
