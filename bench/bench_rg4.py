@@ -2,12 +2,16 @@
 with the token weights computed, peak RSS ≤ 2 GB).
 
     python -m bench.bench_rg4 [--studies 227835 --patients 65379 --seed 1] [--prepare-only] [--no-write]
+    python -m bench.bench_rg4 --inputs bench/cache/dag/out_227835 [--out /tmp/rg4bench] [--no-write]
 
 Inputs are the synthetic corpus at full scale run through the real upstream steps, so the rewriter
 sees realistic report text: ``tools.synth`` (zip only) → ``workflow.ingest`` → ``workflow.sections``
 → ``workflow.keyinfo.run_rules`` (the findings table the exports read), cached under
 ``bench/cache/rg4/`` (gitignored), with the tiny local tokenizer the tests build (for ``new_scores``).
-Upstream steps are not timed. Then ``python -m workflow.rg4`` (rules rewriter, token weights) and
+Upstream steps are not timed. ``--inputs DIR`` takes them instead from a whole-DAG run's output folder
+(``DIR/ingest/{studies,images}.parquet``, ``DIR/sections/sections.parquet``,
+``DIR/keyinfo/rules/findings.parquet``, as ``bench/bench_dag.py`` leaves them), read only; the outputs and
+the tokenizer then go to ``--out`` (default ``bench/cache/rg4/``). Then ``python -m workflow.rg4`` (rules rewriter, token weights) and
 ``python -m workflow.exports`` run as subprocesses with the flags their rules pass (file names from
 ``rules/*.smk``), and their wall time, CPU time and peak RSS (``/usr/bin/time -v``) are reported and
 written to ``bench/RESULTS.md`` under "## RG4 and exports".
@@ -131,11 +135,25 @@ def prepare(studies: int, patients: int, seed: int) -> Path:
     return WORK
 
 
+def dag_inputs(folder: Path) -> dict[str, Path]:
+    """The upstream tables of a whole-DAG run's output folder (checked to exist)."""
+    inputs = {
+        "studies": folder / "ingest" / "studies.parquet",
+        "images": folder / "ingest" / "images.parquet",
+        "sections": folder / "sections" / "sections.parquet",
+        "findings": folder / "keyinfo" / "rules" / "findings.parquet",
+    }
+    missing = [str(path) for path in inputs.values() if not path.is_file()]
+    if missing:
+        raise SystemExit(f"--inputs {folder}: missing {', '.join(missing)}")
+    return inputs
+
+
 def tiny_tokenizer(folder: Path) -> Path:
     """The tiny local tokenizer the tests build (byte-level BPE on the demo reports, with BOS/EOS), for the
     token weights (``rg4.scores.tokenizer``); built once."""
     if not (folder / "tokenizer.json").exists():
-        from workflow.tiny_model import iter_corpus_text, train_tokenizer, vocabulary_text
+        from tools.tiny_model import iter_corpus_text, train_tokenizer, vocabulary_text
 
         folder.mkdir(parents=True, exist_ok=True)
         texts = list(iter_corpus_text([REPO / "data" / "demo" / "mimic-cxr-reports.zip"])) + vocabulary_text(
@@ -175,13 +193,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=1)
     p.add_argument("--prepare-only", action="store_true")
     p.add_argument("--no-write", action="store_true", help="do not touch bench/RESULTS.md")
+    p.add_argument(
+        "--inputs",
+        type=Path,
+        help="a whole-DAG output folder to read the upstream tables from (instead of generating the corpus)",
+    )
+    p.add_argument("--out", type=Path, default=WORK, help="folder for the outputs and the tokenizer")
     args = p.parse_args(argv)
-    WORK.mkdir(parents=True, exist_ok=True)
-    work = prepare(args.studies, args.patients, args.seed)
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.inputs is not None:
+        inputs = dag_inputs(args.inputs)
+        source = f"the whole-DAG run's tables in `{args.inputs}`"
+    else:
+        WORK.mkdir(parents=True, exist_ok=True)
+        prepare(args.studies, args.patients, args.seed)
+        inputs = {name: WORK / f"{name}.parquet" for name in ("studies", "images", "sections", "findings")}
+        source = "`tools.synth` → ingest → sections → keyinfo rules, cached under `bench/cache/rg4/`"
+    work = args.out
     if args.prepare_only:
         return
     tokenizer = tiny_tokenizer(work / "tokenizer")
-    inputs = {name: work / f"{name}.parquet" for name in ("studies", "images", "sections", "findings")}
     out = {
         "rg4": rule_outputs("rg4", work / "out"),
         "exports": rule_outputs("exports", work / "out"),
@@ -203,16 +234,16 @@ def main(argv: list[str] | None = None) -> None:
         ],
         work / "exports.log",
     )
-    n_studies = pq.ParquetFile(work / "studies.parquet").metadata.num_rows
-    n_images = pq.ParquetFile(work / "images.parquet").metadata.num_rows
+    n_studies = pq.ParquetFile(inputs["studies"]).metadata.num_rows
+    n_images = pq.ParquetFile(inputs["images"]).metadata.num_rows
     counts = pq.read_table(out["rg4"]["counts"]).to_pylist()
     stats = pq.read_table(out["rg4"]["stats"]).to_pylist()
     summary = json.loads(out["exports"]["summary"].read_text())
-    report = render(n_studies, n_images, rg4, exports, counts, stats, summary)
+    report = render(n_studies, n_images, rg4, exports, counts, stats, summary, source)
     publish(HEADING, report, write=not args.no_write)
 
 
-def render(n_studies, n_images, rg4, exports, counts, stats, summary) -> str:
+def render(n_studies, n_images, rg4, exports, counts, stats, summary, source: str) -> str:
     total = rg4["wall"] + exports["wall"]
     load = os.getloadavg()[0]
     lines = [
@@ -222,8 +253,7 @@ def render(n_studies, n_images, rg4, exports, counts, stats, summary) -> str:
         "local tokenizer the tests build) and `python -m workflow.exports` with the flags their rules pass",
         "(subprocesses reading and writing Parquet/JSON; wall, user + sys CPU and the largest process's peak RSS",
         "from `/usr/bin/time -v`). **Inputs**: the synthetic corpus at",
-        f"full scale ({n_studies:,} studies, {n_images:,} images; `tools.synth` → ingest → sections → keyinfo rules,",
-        "cached under `bench/cache/rg4/`, not timed).",
+        f"full scale ({n_studies:,} studies, {n_images:,} images; {source}, not timed).",
         "",
         f"**Speed** ({platform.machine()}, {os.cpu_count()} cores shared with other jobs; load average before each step,",
         f"{load:.1f} at the end):",

@@ -182,6 +182,23 @@ def test_mimic_annotation_shape(tmp_path):
     assert first["report"] == clean_mimic(REPORTS[501][2] + " " + REPORTS[501][3])
 
 
+def test_streamed_annotation_is_the_json_document(tmp_path):
+    """The rule writes annotation.json a chunk of items at a time: the same characters as json.dumps of
+    the whole annotation, an empty split included; chunks out of split order are refused."""
+    import io
+
+    f = frames(write_inputs(tmp_path))
+    whole = r2gen.mimic_annotation(f["studies"], f["images"], f["sections"], "findings_impression")
+    assert whole["test"] == [] and len(whole["train"]) > 2
+    buf = io.StringIO()
+    chunks = r2gen.mimic_items(f["studies"], f["images"], f["sections"], "findings_impression", chunk=2)
+    counts = r2gen.write_annotation(chunks, buf)
+    assert buf.getvalue() == json.dumps(whole, ensure_ascii=False)
+    assert counts == {split: len(items) for split, items in whole.items()}
+    with pytest.raises(ValueError, match="out of split order"):
+        r2gen.write_annotation([("val", whole["val"]), ("train", whole["train"])], io.StringIO())
+
+
 def test_iu_annotation_constructed(tmp_path):
     f = frames(write_inputs(tmp_path))
     ann = r2gen.iu_annotation(f["studies"], f["images"], f["sections"])
@@ -191,6 +208,12 @@ def test_iu_annotation_constructed(tmp_path):
     assert [it["image_path"][0].rsplit("/", 1)[1] for it in items] == ["i501a.jpg", "i504.jpg"]
     assert r2gen.iu_id("2384_IM-0942-1001.dcm") == "CXR2384_IM-0942"
     assert r2gen.iu_id("21_IM-0729-1001-0001.dcm") == "CXR21_IM-0729"
+    # the rule writes it with the MIMIC writer: the characters of json.dumps
+    import io
+
+    buf = io.StringIO()
+    r2gen.write_annotation(ann.items(), buf)
+    assert buf.getvalue() == json.dumps(ann, ensure_ascii=False)
 
 
 @pytest.mark.skipif(not (IU_DIR / "indiana_reports.csv").exists(), reason="IU X-Ray reports not available")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
+import pyarrow as pa
 
 from workflow.cli import add_llm_task_args, setup_logging
 from workflow.cli import parser as cli_parser
@@ -243,6 +244,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     gc.disable()  # ~1M records of small objects and no cycles: the cyclic GC would only rescan them
+    # Arrow's default pool (mimalloc) keeps what the readers and string kernels free for Arrow alone; the
+    # system allocator hands it back to the Python objects that fill the rest of the run
+    pa.set_memory_pool(pa.system_memory_pool())
     paths = OutputPaths(
         args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects, args.card
     )

@@ -47,23 +47,29 @@ def report_sections(dataset: str, configured: str | None = None) -> str:
     return configured
 
 
-def _norm(series: pd.Series) -> pd.Series:
-    return pd.Series(
-        [" ".join(v.split()) if isinstance(v, str) else "" for v in series.tolist()],
-        index=series.index,
-        dtype=object,
-    )
+def _has_text(value) -> bool:
+    """The section normalises to a non-empty text (``str.split`` and ``str.isspace`` agree on what
+    whitespace is)."""
+    return isinstance(value, str) and value != "" and not value.isspace()
+
+
+def _report(findings: str, impression, which: str) -> str:
+    """A study's report: its findings, with ``which="findings_impression"`` its impression appended,
+    whitespace-normalised (the study has findings: :func:`_has_text`)."""
+    text = " ".join(findings.split())
+    if which == "findings_impression":
+        rest = " ".join(impression.split()) if isinstance(impression, str) else ""
+        text = (text + " " + rest).strip()
+    return text
 
 
 def report_texts(sections: pd.DataFrame, which: str) -> pd.Series:
     """study_id → report text ('' when the study has no findings)."""
     sec = sections.drop_duplicates("study_id").set_index("study_id")
-    findings = _norm(sec["findings"])
-    if which == "findings_impression":
-        impression = _norm(sec["impression"])
-        text = (findings + " " + impression).str.strip()
-        return text.where(findings != "", "")
-    return findings
+    texts = zip(sec["findings"].tolist(), sec["impression"].tolist(), strict=True)
+    return pd.Series(
+        [_report(f, i, which) if _has_text(f) else "" for f, i in texts], index=sec.index, dtype=object
+    )
 
 
 def _finish(items: pd.DataFrame, dataset: str, clean: bool) -> dict[str, list[dict]]:
@@ -79,21 +85,6 @@ def _chunks(series: pd.Series, size: int = 65_536) -> Iterator[list]:
     """A column's values as Python objects, ``size`` at a time (never the whole column at once)."""
     for start in range(0, len(series), size):
         yield series.iloc[start : start + size].tolist()
-
-
-def _has_text(value) -> bool:
-    """The section normalises to a non-empty text (``str.split`` and ``str.isspace`` agree on what
-    whitespace is)."""
-    return isinstance(value, str) and value != "" and not value.isspace()
-
-
-def _report(findings: str, impression, which: str) -> str:
-    """What :func:`report_texts` makes of one study with findings."""
-    text = " ".join(findings.split())
-    if which == "findings_impression":
-        rest = " ".join(impression.split()) if isinstance(impression, str) else ""
-        text = (text + " " + rest).strip()
-    return text
 
 
 def mimic_rows(studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame) -> pd.DataFrame:

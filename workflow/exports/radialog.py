@@ -154,9 +154,10 @@ def sentence_spans(text: str) -> list[tuple[int, int]]:
     return [(a, b) for a, b in spans if text[a:b].strip()]
 
 
-def evidence_sentences(text: str, starts: list[int]) -> list[int]:
-    """Indices of the sentences of ``text`` containing the given evidence offsets."""
-    spans = sentence_spans(text)
+def evidence_sentences(text: str, starts: list[int], spans: list[tuple[int, int]] | None = None) -> list[int]:
+    """Indices of the sentences of ``text`` containing the given evidence offsets (``spans``: its
+    :func:`sentence_spans`, when the caller has them)."""
+    spans = sentence_spans(text) if spans is None else spans
     begins = [a for a, _ in spans]
     return sorted(
         {max(0, bisect_right(begins, s) - 1) for s in starts if s is not None and 0 <= s < len(text)}
@@ -364,7 +365,7 @@ class Builder:
             spans = sentence_spans(img.findings)
             quoted = " ".join(
                 _norm(img.findings[a:b])
-                for a, b in (spans[i] for i in evidence_sentences(img.findings, starts))
+                for a, b in (spans[i] for i in evidence_sentences(img.findings, starts, spans))
             )
             answer = fill(self.p["region_answer_yes"], evidence=quoted)
         elif present:  # positive findings without evidence offsets: name them
@@ -383,7 +384,7 @@ class Builder:
         droppable = {}
         for label in img.labels:
             starts = [s for name, offs in ev.items() if mapping.get(name) == label for s in offs]
-            idx = evidence_sentences(img.findings, starts)
+            idx = evidence_sentences(img.findings, starts, spans)
             if idx and len(idx) < len(spans):
                 droppable[label] = idx
         addable = [
@@ -496,6 +497,8 @@ def build_encoded(builder: Builder, generator=None) -> tuple[list[str], list[str
 
     encode = json.JSONEncoder(ensure_ascii=False).encode
     heads: dict[str, str] = {}
+    first_turns: dict[str, str] = {}
+    outputs: dict[str, str] = {}
 
     def encode_rg(record: dict) -> tuple[str, str]:
         # the RG instructions are a few thousand prompts: their encoding is made once and shared by the
@@ -505,30 +508,43 @@ def build_encoded(builder: Builder, generator=None) -> tuple[list[str], list[str
             head = heads[record["instruction"]] = (
                 '{"instruction": ' + encode(record["instruction"]) + ', "input": ' + encode(record["input"])
             )
-        # the output and dicom are the image's own strings: encoded when written (twice, RG and INS)
-        return head, record["output"], record["dicom"]
+        # the output is the study's findings: encoded once for its images (and its repeats); the dicom
+        # is the image's own string, encoded when written
+        output = outputs.get(record["output"])
+        if output is None:
+            output = outputs[record["output"]] = ', "output": ' + encode(record["output"])
+        return head, output, record["dicom"]
 
-    return _assemble(builder, builder.rg(encode_rg), generator, encode)
+    def encode_instruct(record: dict) -> tuple[str, str]:
+        # its first turn (system message and RG prompt, up to the first ASSISTANT:) is one of the few
+        # thousand RG prompts too: kept once, the rest of the record's JSON beside it
+        text = encode(record)
+        cut = text.find(_FIRST_REPLY) + len(_FIRST_REPLY)
+        return first_turns.setdefault(text[:cut], text[:cut]), text[cut:]
+
+    return _assemble(builder, builder.rg(encode_rg), generator, encode_instruct)
 
 
-def write_json_list(encoded: list[str | tuple[str, str, str]], fh, chunk: int = 20_000) -> None:
+_FIRST_REPLY = " ASSISTANT:"
+
+
+def _json_of(encoded: str | tuple[str, ...]) -> str:
+    """One record's JSON from what :func:`build_encoded` keeps of it."""
+    if isinstance(encoded, str):
+        return encoded
+    if len(encoded) == 2:
+        return encoded[0] + encoded[1]
+    head, output, dicom = encoded
+    return head + output + ', "dicom": ' + encode_basestring(dicom) + "}"
+
+
+def write_json_list(encoded: list[str | tuple[str, ...]], fh, chunk: int = 20_000) -> None:
     """A JSON array of already encoded records, streamed (no second copy of a ~GB document): a record's
-    JSON, or an RG record as (its encoded head up to the input, its output, its dicom)."""
+    JSON, its JSON in two pieces, or an RG record as (its encoded head up to the input, its encoded
+    output, its dicom)."""
     fh.write("[")
     for start in range(0, len(encoded), chunk):
         if start:
             fh.write(", ")
-        fh.write(
-            ", ".join(
-                e
-                if isinstance(e, str)
-                else e[0]
-                + ', "output": '
-                + encode_basestring(e[1])
-                + ', "dicom": '
-                + encode_basestring(e[2])
-                + "}"
-                for e in encoded[start : start + chunk]
-            )
-        )
+        fh.write(", ".join(_json_of(e) for e in encoded[start : start + chunk]))
     fh.write("]")

@@ -190,7 +190,9 @@ class RulesJobRunner:
             reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
             # the edits' counters are shared (cached edits): added only when both count something
             removed = f.removed + i.removed if f.removed and i.removed else f.removed or i.removed
-            rephrased = f.rephrased + i.rephrased if f.rephrased and i.rephrased else f.rephrased or i.rephrased
+            rephrased = (
+                f.rephrased + i.rephrased if f.rephrased and i.rephrased else f.rephrased or i.rephrased
+            )
             if mark_same:  # for a worker's answer: a compact tuple
                 finding = _SAME_MARK if f.text == job.finding and f.text is not None else f.text
                 impression = _SAME_MARK if i.text == job.impression and i.text is not None else i.text

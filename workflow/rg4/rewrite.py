@@ -269,6 +269,9 @@ def _apply(
     the input's words."""
     if rule.kind == "sub":
         inserted: list[str] = []
+        if "\\" not in rule.replacement:  # no group reference: the replacement as written (no template parse)
+            new, n = rule.pattern.subn(rule.replacement, text)
+            return new, " ".join([rule.replacement] * n)
 
         def replace(m: re.Match) -> str:
             new = m.expand(rule.replacement)
