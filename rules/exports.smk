@@ -25,9 +25,12 @@ rule exports:
         llm_requests=out("exports", "llm_requests.parquet"),
     log:
         logfile("exports"),
+    priority: 1
     conda:
         "../envs/core.yaml"
-    threads: 2
+    # one process: on a laptop's cores it runs beside the rg4 and vqa shards (its --workers 2 overlap of
+    # R2Gen and RaDialog saves less than it blocks)
+    threads: 1
     resources:
         **llm_resources(
             config["exports"]["radialog"]["llm"]["endpoint"]

@@ -28,6 +28,7 @@ rule rg4_shard:
         facts=out("rg4", "shard{shard}", "facts.json"),
     log:
         logfile("rg4_shard{shard}"),
+    priority: 2  # the longest jobs: started first, the short ones fill around them
     conda:
         rg4_conda_env()
     # one process: the shards are the parallelism
@@ -81,6 +82,7 @@ rule rg4:
         llm_requests=out("rg4", "llm_requests.parquet"),
     log:
         logfile("rg4"),
+    priority: 1  # the report waits on it; release_rg4 (priority 0) does not hold anything up
     conda:
         "../envs/core.yaml"
     threads: 1

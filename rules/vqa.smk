@@ -16,6 +16,7 @@ rule vqa_shard:
         rejects=out("vqa", "shard{shard}", "rejects.parquet"),
     log:
         logfile("vqa_shard{shard}"),
+    priority: 1  # before release_rg4: the report waits on the vqa chain
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -64,6 +65,7 @@ rule vqa:
         rejects=out("vqa", "rejects.parquet"),
     log:
         logfile("vqa"),
+    priority: 1  # as vqa_shard
     conda:
         "../envs/core.yaml"
     threads: 1
