@@ -587,21 +587,26 @@ def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
     return out
 
 
+def _on_range(fn, start: int, end: int) -> list:
+    """``fn`` on a range of the items a forked worker inherited (the items are not pickled to it)."""
+    return fn(_WORKER["items"][start:end])
+
+
 def _pool_map(fn, items: list, workers: int, rewriter: RulesRewriter, label_vector) -> list:
     """``fn`` over chunks of ``items`` (in order), in ``workers`` forked processes when worth it."""
     if not items:
         return []
-    _WORKER.update(rewriter=rewriter, label_vector=label_vector)
+    _WORKER.update(rewriter=rewriter, label_vector=label_vector, items=items)
     size = max(MIN_CHUNK, min(4096, len(items) // (8 * max(workers, 1)) or 1))
-    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    ranges = [(fn, start, min(start + size, len(items))) for start in range(0, len(items), size)]
     try:
-        if workers > 1 and len(chunks) > 1:
+        if workers > 1 and len(ranges) > 1:
             import multiprocessing as mp
 
             with mp.get_context("fork").Pool(workers) as pool:
-                parts = pool.map(fn, chunks, chunksize=1)
+                parts = pool.starmap(_on_range, ranges, chunksize=1)
         else:
-            parts = [fn(c) for c in chunks]
+            parts = [_on_range(*r) for r in ranges]
     finally:
         _WORKER.clear()
     return [x for part in parts for x in part]
