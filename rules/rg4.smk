@@ -23,7 +23,7 @@ rule rg4_shard:
         json_mw=out("rg4", "shard{shard}", "rg4_mw.jsonl"),
         counts=out("rg4", "shard{shard}", "counts.parquet"),
         stats=out("rg4", "shard{shard}", "rewrite_stats.parquet"),
-        rejects=out("rg4", "shard{shard}", "rejects.parquet"),
+        rejects=out("rg4", "shard{shard}", "rejects_to_merge.parquet"),
         llm_requests=out("rg4", "shard{shard}", "llm_requests.parquet"),
         facts=out("rg4", "shard{shard}", "facts.json"),
     log:

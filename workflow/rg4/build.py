@@ -773,7 +773,7 @@ class ShardPaths:
 
     @property
     def rejects(self) -> Path:
-        return self.folder / "rejects.parquet"
+        return self.folder / "rejects_to_merge.parquet"  # REJECTS + a sort key: not a rejects table yet
 
     @property
     def llm_requests(self) -> Path:
