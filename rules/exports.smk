@@ -25,7 +25,7 @@ rule exports:
         llm_requests=out("exports", "llm_requests.parquet"),
     log:
         logfile("exports"),
-    priority: 1
+    priority: 2  # after the rg4 shards, before the short vqa jobs (the report waits on it)
     conda:
         "../envs/core.yaml"
     # one process: on a laptop's cores it runs beside the rg4 and vqa shards (its --workers 2 overlap of

@@ -26,7 +26,7 @@ rule keyinfo_rules_shard:
     wildcard_constraints:
         shard="[0-9]+",
     # first when cores are short: exports and vqa wait on this chain, rg4 does not
-    priority: 3
+    priority: 4
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -74,7 +74,7 @@ rule keyinfo_rules:
         normal_statements=out("keyinfo", "rules", "normal_statements.parquet"),
     log:
         logfile("keyinfo_rules"),
-    priority: 3  # as keyinfo_rules_shard
+    priority: 4  # as keyinfo_rules_shard
     conda:
         "../envs/core.yaml"
     resources:
@@ -104,7 +104,7 @@ rule keyinfo_studies:
         studies=out("keyinfo", "studies.parquet"),
     log:
         logfile("keyinfo_studies"),
-    priority: 3  # as keyinfo_rules_shard
+    priority: 4  # as keyinfo_rules_shard
     conda:
         "../envs/core.yaml"
     resources:

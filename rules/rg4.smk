@@ -28,7 +28,7 @@ rule rg4_shard:
         facts=out("rg4", "shard{shard}", "facts.json"),
     log:
         logfile("rg4_shard{shard}"),
-    priority: 2  # the longest jobs: started first, the short ones fill around them
+    priority: 3  # the longest jobs: started first, the short ones fill around them
     conda:
         rg4_conda_env()
     # one process: the shards are the parallelism
