@@ -835,13 +835,13 @@ def _unsqueeze_span(starts: list[int], dropped: list[int], start: int, end: int)
     return _unsqueeze(starts, dropped, start), _unsqueeze(starts, dropped, end - 1) + 1
 
 
-# a cached row: the fields of a findings row the text does not give, the raw words' and the evidence's
-# offsets in the squeezed sentence, and the row's instance key (:func:`row_laterality`)
-_NAME, _PRESENCE, _LOCATION, _LEVEL, _TYPE, _CHANGE = range(6)
-_RAW_START, _RAW_END, _EV_START, _EV_END, _KEY = range(6, 11)
+# A cached row (:func:`_sentence_rows`): the fields of a findings row the text does not give (name, presence,
+# location, level, type, change), the raw words' and the evidence's offsets in the squeezed sentence, and the
+# row's instance key (:func:`row_laterality`).
 
 # The extractor's rows are lists in the findings table's column order (extract_sections gives them as dicts):
-# a study's rows are merged in place and the batch's columns are the rows transposed, no dict per row.
+# a study's rows are merged in place, no dict per row, and a batch's values go into one flat list whose
+# slices are its columns (run_rules.rules_findings_table).
 ROW_COLUMNS = ("name", "raw_name", "presence", "location", "level", "type", "change", "section", "start", "end",
                "evidence")  # fmt: skip
 _AT = {name: k for k, name in enumerate(ROW_COLUMNS)}
@@ -861,9 +861,9 @@ def _sentence_rows(squeezed: str, libs: Libs, conv: Conventions) -> tuple[tuple,
 
 
 def _normal_span(pattern: re.Pattern | None, sentence: str) -> tuple[int, int] | None:
-    """Where the first normal statement of ``sentence`` is (its phrases hold neither periods nor runs of
-    spaces, and ``\\b`` sees the same at a sentence's edges, so a section's first one is in its first
-    sentence that has one, at the same offset)."""
+    """Where the first normal statement of ``sentence`` is: its phrases hold no period and ``\\b`` sees the
+    same at a sentence's edges, so a section's first one is in its first sentence that has one, at the
+    same offset there."""
     m = pattern.search(sentence) if pattern is not None else None
     return m.span() if m else None
 
@@ -888,7 +888,8 @@ def _section_rows(
             cache[squeezed] = entry
         cached, said = entry
         if said is not None and normal is None:
-            # a statement in the sentence as written is one in its squeezed copy, not always the reverse
+            # the cache knows whether the sentence has one; where it is in the sentence as written, the
+            # written sentence tells
             said = _normal_span(libs.normal_statements, sentence) if spaced else said
             if said is not None:
                 normal = text[a + said[0] : a + said[1]]
