@@ -6,10 +6,12 @@ from __future__ import annotations
 import gc
 
 import pyarrow as pa
+import pytest
 
 from workflow.contract import SECTIONS
-from workflow.keyinfo.extract import extract_sections, normalise, sentences, squeeze
+from workflow.keyinfo.extract import ROW_COLUMNS, extract_sections, normalise, sentences, squeeze, study_rows
 from workflow.keyinfo.run_rules import run
+from workflow.keyinfo.studies import normal_statement
 from workflow.tables import write_table
 
 
@@ -65,6 +67,22 @@ def test_a_sentence_reads_the_same_however_wrapped_and_its_offsets_index_each_re
     effusion = next(r for r in again if r["name"] == "pleural effusion")
     assert effusion["raw_name"] == "PLEURAL   EFFUSION"
     assert effusion["evidence"] == "SMALL LEFT\n   PLEURAL   EFFUSION"
+
+
+@pytest.mark.parametrize(
+    "sections",
+    [
+        {"findings": "Lungs are clear.", "impression": "No acute\n   cardiopulmonary  process.  Stable."},
+        {"findings": "Heart normal.  NO ACUTE CARDIOPULMONARY PROCESS.", "impression": "No acute process."},
+        {"findings": None, "impression": "Small effusion. No  acute disease;  no acute process."},
+        {"last_paragraph": "Stable. No acute\n cardiopulmonary abnormality."},
+        {"findings": "Small left effusion.", "impression": "Unchanged."},
+    ],
+)
+def test_the_normal_statement_comes_with_the_rows_from_the_same_reading(sections):
+    rows, statement = study_rows(sections)
+    assert statement == normal_statement(sections)
+    assert [dict(zip(ROW_COLUMNS, r, strict=True)) for r in rows] == extract_sections(sections)
 
 
 def test_a_cached_sentence_keeps_the_section_it_was_found_in():

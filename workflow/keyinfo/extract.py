@@ -764,13 +764,13 @@ def extract_mentions(
     return out
 
 
-# Squeezed sentence -> its mention rows, per reading convention. What a sentence says depends on its own
-# normalised words only (clauses never cross a sentence end; case, line breaks, hyphens and runs of spaces
-# change no reading: the matcher takes " +" between words and word counts split on white space), and
-# reports repeat sentences ("The lungs are clear.", "No pneumothorax.") across a corpus, so each distinct
-# squeezed sentence is read once per process; offsets are mapped back and raw text sliced from the report.
-# Bounded.
-_SENTENCE_ROWS: dict[Conventions, dict[str, tuple[tuple, ...]]] = {}
+# Squeezed sentence -> its mention rows and where a normal statement sits in it, per reading convention.
+# What a sentence says depends on its own normalised words only (clauses never cross a sentence end; case,
+# line breaks, hyphens and runs of spaces change no reading: the matcher takes " +" between words and word
+# counts split on white space), and reports repeat sentences ("The lungs are clear.", "No pneumothorax.")
+# across a corpus, so each distinct squeezed sentence is read once per process; offsets are mapped back and
+# raw text sliced from the report. Bounded.
+_SENTENCE_ROWS: dict[Conventions, dict[str, tuple[tuple[tuple, ...], tuple[int, int] | None]]] = {}
 _SENTENCE_ROWS_MAX = 200_000
 _SPACE_RUN = re.compile(r" {2,}")
 # A sentence-ending period (and the spaces after it): before white space, after a word that is no
@@ -804,22 +804,47 @@ def squeeze(sentence: str) -> tuple[str, list[int], list[int]]:
     """``sentence`` with every run of spaces as one, and the way back: ``starts`` (ascending squeezed
     offsets) and ``dropped`` (spaces removed before each); the character at squeezed offset ``c`` is at
     ``c + dropped[k]`` in ``sentence``, ``k`` the last start ≤ ``c``."""
-    starts, dropped = [0], [0]
-    for run in _SPACE_RUN.finditer(sentence):
+    first = sentence.find("  ")
+    if first < 0:
+        return sentence, [0], [0]
+    end = len(sentence) - len(sentence[first:].lstrip(" "))
+    if sentence.find("  ", end) < 0:  # one run, as a wrapped line leaves (most): no scan
+        return sentence[: first + 1] + sentence[end:], [0, first + 1], [0, end - first - 1]
+    starts, dropped, pieces = [0], [0], []
+    kept = 0  # the end of the text copied so far
+    for run in _SPACE_RUN.finditer(sentence, first):
         s, e = run.span()
-        starts.append(e - dropped[-1] - (e - s - 1))
+        pieces.append(sentence[kept : s + 1])
+        kept = e
         dropped.append(dropped[-1] + e - s - 1)
-    return _SPACE_RUN.sub(" ", sentence), starts, dropped
+        starts.append(e - dropped[-1])
+    pieces.append(sentence[kept:])
+    return "".join(pieces), starts, dropped
 
 
 def _unsqueeze(starts: list[int], dropped: list[int], c: int) -> int:
     return c + dropped[bisect.bisect_right(starts, c) - 1]
 
 
-# a cached row: the fields of a findings row the text does not give, the raw words' and the evidence's
-# offsets in the squeezed sentence, and the row's instance key (:func:`row_laterality`)
-_NAME, _PRESENCE, _LOCATION, _LEVEL, _TYPE, _CHANGE = range(6)
-_RAW_START, _RAW_END, _EV_START, _EV_END, _KEY = range(6, 11)
+def _unsqueeze_span(starts: list[int], dropped: list[int], start: int, end: int) -> tuple[int, int]:
+    """A span of a squeezed sentence in the sentence (:func:`squeeze`); the end is mapped through its last
+    character, as spaces may have been dropped after it."""
+    if len(starts) == 2:  # one run: the offsets past it move by the spaces it lost
+        cut, shift = starts[1], dropped[1]
+        return start + shift if start >= cut else start, end + shift if end > cut else end
+    return _unsqueeze(starts, dropped, start), _unsqueeze(starts, dropped, end - 1) + 1
+
+
+# A cached row (:func:`_sentence_rows`): the fields of a findings row the text does not give (name, presence,
+# location, level, type, change), the raw words' and the evidence's offsets in the squeezed sentence, and the
+# row's instance key (:func:`row_laterality`).
+
+# The extractor's rows are lists in the findings table's column order (extract_sections gives them as dicts):
+# a study's rows are merged in place, no dict per row, and a batch's values go into one flat list whose
+# slices are its columns (run_rules.rules_findings_table).
+ROW_COLUMNS = ("name", "raw_name", "presence", "location", "level", "type", "change", "section", "start", "end",
+               "evidence")  # fmt: skip
+_AT = {name: k for k, name in enumerate(ROW_COLUMNS)}
 
 
 def _sentence_rows(squeezed: str, libs: Libs, conv: Conventions) -> tuple[tuple, ...]:
@@ -835,41 +860,48 @@ def _sentence_rows(squeezed: str, libs: Libs, conv: Conventions) -> tuple[tuple,
     return tuple(rows)
 
 
+def _normal_span(pattern: re.Pattern | None, sentence: str) -> tuple[int, int] | None:
+    """Where the first normal statement of ``sentence`` is: its phrases hold no period and ``\\b`` sees the
+    same at a sentence's edges, so a section's first one is in its first sentence that has one, at the
+    same offset there."""
+    m = pattern.search(sentence) if pattern is not None else None
+    return m.span() if m else None
+
+
 def _section_rows(
-    text: str, section: str, libs: Libs, conv: Conventions, keys: list[str | None]
-) -> list[dict]:
-    """The mention rows of one section (offsets in ``text``); their instance keys are appended to ``keys``."""
+    text: str, section: str, libs: Libs, conv: Conventions, rows: list[list], keys: list[str | None]
+) -> str | None:
+    """Append the mention rows of one section (offsets in ``text``) to ``rows`` and their instance keys to
+    ``keys``; the section's first normal statement as written (studies.normal_statement), or None."""
     cache = _SENTENCE_ROWS.get(conv)
     if cache is None:
         cache = _SENTENCE_ROWS[conv] = {}
-    rows: list[dict] = []
+    normal = None
     for a, sentence in sentences(normalise(text)):
-        squeezed = _SPACE_RUN.sub(" ", sentence) if "  " in sentence else sentence
-        cached = cache.get(squeezed)
-        if cached is None:
-            cached = _sentence_rows(squeezed, libs, conv)
+        spaced = "  " in sentence
+        squeezed, starts, dropped = squeeze(sentence) if spaced else (sentence, None, None)
+        entry = cache.get(squeezed)
+        if entry is None:
+            entry = (_sentence_rows(squeezed, libs, conv), _normal_span(libs.normal_statements, squeezed))
             if len(cache) >= _SENTENCE_ROWS_MAX:
                 cache.clear()
-            cache[squeezed] = cached
-        if not cached:
-            continue
-        if squeezed is not sentence:
-            _, starts, dropped = squeeze(sentence)
-        for r in cached:
-            if squeezed is sentence:
-                raw_start, raw_end = a + r[_RAW_START], a + r[_RAW_END]
-                start, end = a + r[_EV_START], a + r[_EV_END]
-            else:  # ends are mapped through their last character: spaces may have been dropped after it
-                raw_start = a + _unsqueeze(starts, dropped, r[_RAW_START])
-                raw_end = a + _unsqueeze(starts, dropped, r[_RAW_END] - 1) + 1
-                start = a + _unsqueeze(starts, dropped, r[_EV_START])
-                end = a + _unsqueeze(starts, dropped, r[_EV_END] - 1) + 1
-            raw = text[raw_start:raw_end]
-            rows.append({"name": r[_NAME], "raw_name": raw, "presence": r[_PRESENCE], "location": r[_LOCATION],
-                         "level": r[_LEVEL], "type": r[_TYPE], "change": r[_CHANGE], "section": section,
-                         "start": start, "end": end, "evidence": text[start:end] or raw})  # fmt: skip
-            keys.append(r[_KEY])
-    return rows
+            cache[squeezed] = entry
+        cached, said = entry
+        if said is not None and normal is None:
+            # the cache knows whether the sentence has one; where it is in the sentence as written, the
+            # written sentence tells
+            said = _normal_span(libs.normal_statements, sentence) if spaced else said
+            if said is not None:
+                normal = text[a + said[0] : a + said[1]]
+        for name, presence, location, level, type_, change, raw_start, raw_end, start, end, key in cached:
+            if spaced:
+                raw_start, raw_end = _unsqueeze_span(starts, dropped, raw_start, raw_end)
+                start, end = _unsqueeze_span(starts, dropped, start, end)
+            raw = text[a + raw_start : a + raw_end]
+            rows.append([name, raw, presence, location, level, type_, change, section, a + start, a + end,
+                         text[a + start : a + end] or raw])  # fmt: skip
+            keys.append(key)
+    return normal
 
 
 LATERALITY = ("left", "right", "bilateral")
@@ -896,6 +928,7 @@ def row_laterality(row: dict) -> str | None:
 
 
 ATTRS = ("location", "level", "type", "change")
+_ATTRS_AT = tuple(_AT[name] for name in ATTRS)
 
 
 def merge_rows(rows: list[dict]) -> list[dict]:
@@ -905,35 +938,15 @@ def merge_rows(rows: list[dict]) -> list[dict]:
     one without laterality). Presence: positive > uncertain > negative; attributes are filled from rows that
     share the winning presence; the evidence of the first winning row is kept.
     """
-    return _merge_instances(rows, [row_laterality(row) for row in rows], copy=True)
-
-
-def _merge_instances(rows: list[dict], keys: list[str | None], copy: bool) -> list[dict]:
-    """:func:`merge_rows` with each row's :func:`row_laterality` given (``keys``); without ``copy`` the first
-    row of each instance becomes the instance (for rows nobody else holds)."""
     by_name: dict[str, list[list]] = {}  # name -> its instances: [row, laterality]
     order: list[list] = []
-    for row, lat in zip(rows, keys, strict=True):
-        insts = by_name.get(row["name"])
-        if insts is None:
-            inst = [dict(row) if copy else row, lat]
-            by_name[row["name"]] = [inst]
-            order.append(inst)
-            continue
-        target = None
-        if lat is not None:
-            target = next((x for x in insts if x[1] == lat), None)
-            if target is None and len(insts) == 1 and insts[0][1] is None:
-                target = insts[0]
-                target[1] = lat
-        elif len(insts) == 1:
-            target = insts[0]
-        else:
-            target = next((x for x in insts if x[1] is None), None)
+    for row in rows:
+        lat = row_laterality(row)
+        insts = by_name.setdefault(row["name"], [])
+        target = _instance_to_join(insts, lat)
         if target is None:
-            inst = [dict(row) if copy else row, lat]
-            insts.append(inst)
-            order.append(inst)
+            insts.append([dict(row), lat])
+            order.append(insts[-1])
             continue
         merged = target[0]
         if RANK[row["presence"]] > RANK[merged["presence"]]:
@@ -949,20 +962,75 @@ def _merge_instances(rows: list[dict], keys: list[str | None], copy: bool) -> li
     return [inst[0] for inst in order]
 
 
+def _instance_to_join(insts: list[list], lat: str | None) -> list | None:
+    """Which of a name's instances ([row, laterality]) a row with laterality ``lat`` joins (None: a new
+    one); a lateral row that joins the only, non-lateral instance gives it its side."""
+    if lat is not None:
+        target = next((x for x in insts if x[1] == lat), None)
+        if target is None and len(insts) == 1 and insts[0][1] is None:
+            target = insts[0]
+            target[1] = lat
+        return target
+    if len(insts) == 1:
+        return insts[0]
+    return next((x for x in insts if x[1] is None), None)
+
+
+def _merge_instances(rows: list[list], keys: list[str | None]) -> list[list]:
+    """:func:`merge_rows` of the extractor's list rows (ROW_COLUMNS) with each row's :func:`row_laterality`
+    given (``keys``); the rows are merged in place (nobody else holds them)."""
+    name_at, presence_at, location_at = _AT["name"], _AT["presence"], _AT["location"]
+    by_name: dict[str, list[list]] = {}
+    order: list[list] = []
+    for row, lat in zip(rows, keys, strict=True):
+        insts = by_name.get(row[name_at])
+        if insts is None:  # most names are named once in a report
+            order.append([row, lat])
+            by_name[row[name_at]] = [order[-1]]
+            continue
+        target = _instance_to_join(insts, lat)
+        if target is None:
+            insts.append([row, lat])
+            order.append(insts[-1])
+            continue
+        merged = target[0]
+        rank, merged_rank = RANK[row[presence_at]], RANK[merged[presence_at]]
+        if rank > merged_rank:  # the row replaces the instance's fields (its location kept when it has none)
+            if row[location_at] is None and lat is None:
+                row[location_at] = merged[location_at]
+            target[0] = row
+            target[1] = lat or target[1]
+        elif rank == merged_rank:
+            for k in _ATTRS_AT:
+                if merged[k] is None and row[k] is not None:
+                    merged[k] = row[k]
+    return [inst[0] for inst in order]
+
+
+def study_rows(
+    sections: dict[str, str | None], conventions: Conventions | None = None
+) -> tuple[list[list], str | None]:
+    """The findings rows of one study as lists in ROW_COLUMNS order, and its first normal statement as
+    written (:func:`workflow.keyinfo.studies.normal_statement`), both from one reading of its sections."""
+    libs = load_libs()
+    conv = conventions or DEFAULT_CONVENTIONS
+    rows: list[list] = []
+    keys: list[str | None] = []
+    normal = None
+    for section in sections_read(sections):
+        text = sections.get(section)
+        if text:
+            said = _section_rows(text, section, libs, conv, rows, keys)
+            normal = normal if normal is not None else said
+    return _merge_instances(rows, keys), normal
+
+
 def extract_sections(sections: dict[str, str | None], conventions: Conventions | None = None) -> list[dict]:
     """Findings rows (name, raw_name, presence, location, level, type, change, section, start, end) of one study.
 
     Reads only ``findings`` and ``impression``.
     """
-    libs = load_libs()
-    conv = conventions or DEFAULT_CONVENTIONS
-    rows: list[dict] = []
-    keys: list[str | None] = []
-    for section in sections_read(sections):
-        text = sections.get(section)
-        if text:
-            rows.extend(_section_rows(text, section, libs, conv, keys))
-    return _merge_instances(rows, keys, copy=False)
+    return [dict(zip(ROW_COLUMNS, row, strict=True)) for row in study_rows(sections, conventions)[0]]
 
 
 # A header in any case at a line start ("Findings:", "IMPRESSION :"): MIT-LCP's parser knows upper case only.

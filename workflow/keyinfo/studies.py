@@ -59,29 +59,38 @@ def normal_statement(sections: dict[str, str | None], libs: Libs | None = None) 
     return None
 
 
-def study_status(n_positive: int, n_uncertain: int, n_negative: int, evidence: str | None) -> str:
-    """``abnormal`` with any positive or uncertain finding (devices aside); ``normal`` when the report says
-    so or denies at least one finding; ``unknown`` when it names nothing and makes no normal statement."""
-    if n_positive or n_uncertain:
-        return "abnormal"
-    if evidence or n_negative:
-        return "normal"
-    return "unknown"
+PRESENCES = ("positive", "uncertain", "negative")
 
 
-def presence_counts(findings: Path) -> dict[int, tuple[int, int, int]]:
-    """study_id -> (positive, uncertain, negative) finding rows, devices aside (vectorised group-by)."""
+def presence_counts(findings: Path) -> pa.Table:
+    """study_id and n_positive / n_uncertain / n_negative: finding rows by presence, devices aside, of every
+    study with any (one vectorised group-by)."""
     t = pq.read_table(findings, columns=["study_id", "name", "presence"])
     t = t.filter(pc.not_equal(t["name"], DEVICE))
-    out: dict[int, list[int]] = {}
-    if t.num_rows:
-        g = t.group_by(["study_id", "presence"]).aggregate([([], "count_all")])
-        slot = {"positive": 0, "uncertain": 1, "negative": 2}
-        for sid, presence, n in zip(
-            g["study_id"].to_pylist(), g["presence"].to_pylist(), g["count_all"].to_pylist(), strict=True
-        ):
-            out.setdefault(sid, [0, 0, 0])[slot[presence]] = n
-    return {k: tuple(v) for k, v in out.items()}
+    flags = {f"n_{p}": pc.cast(pc.equal(t["presence"], p), pa.int32()) for p in PRESENCES}
+    g = (
+        pa.table({"study_id": t["study_id"], **flags})
+        .group_by("study_id")
+        .aggregate([(k, "sum") for k in flags])
+    )
+    return pa.table({"study_id": g["study_id"], **{k: pc.cast(g[f"{k}_sum"], pa.int32()) for k in flags}})
+
+
+def studies_table(read: pa.Table, counts: pa.Table) -> pa.Table:
+    """KEYINFO_STUDIES of NORMAL_STATEMENTS rows and the :func:`presence_counts` of their studies (zero for
+    a study without rows), column-wise. Status: ``abnormal`` with any positive or uncertain finding
+    (devices aside); ``normal`` when the report says so or denies at least one finding; ``unknown`` when it
+    names nothing and makes no normal statement."""
+    at = pc.index_in(read["study_id"], value_set=counts["study_id"])
+    n = {k: pc.fill_null(pc.take(counts[k], at), 0) for k in ("n_positive", "n_uncertain", "n_negative")}
+    evidence = read["normal_evidence"]
+    said = pc.fill_null(pc.greater(pc.utf8_length(evidence), 0), False)  # a non-empty statement
+    abnormal = pc.greater(pc.add(n["n_positive"], n["n_uncertain"]), 0)
+    normal = pc.or_(said, pc.greater(n["n_negative"], 0))
+    status = pc.if_else(abnormal, "abnormal", pc.if_else(normal, "normal", "unknown"))
+    columns = {"subject_id": read["subject_id"], "study_id": read["study_id"], "status": status,
+               "normal_evidence": evidence, **n}  # fmt: skip
+    return pa.table([columns[f.name] for f in KEYINFO_STUDIES], schema=KEYINFO_STUDIES)
 
 
 def reports_for(reports: Path | None, study_ids: set[int]) -> dict[int, str]:
@@ -117,16 +126,10 @@ def run(sections: Path, normal_statements: Path, findings: Path, out: Path) -> N
     read = pq.ParquetFile(normal_statements)
     with TableWriter(out, KEYINFO_STUDIES) as writer:
         for group in range(read.num_row_groups):  # one per batch of sections, as the extractor wrote them
-            d = read.read_row_group(group).to_pydict()
-            cols: dict[str, list] = {**d, "status": [], "n_positive": [], "n_uncertain": [], "n_negative": []}
-            for study, evidence in zip(d["study_id"], d["normal_evidence"], strict=True):
-                pos, unc, neg = counts.get(study, (0, 0, 0))
-                status = study_status(pos, unc, neg, evidence)
-                by_status[status] += 1
-                for key, value in (("status", status), ("n_positive", pos), ("n_uncertain", unc),
-                                   ("n_negative", neg)):  # fmt: skip
-                    cols[key].append(value)
-            writer.write(pa.Table.from_pydict(cols, schema=KEYINFO_STUDIES))
+            table = studies_table(read.read_row_group(group), counts)
+            for row in pc.value_counts(table["status"]).to_pylist():
+                by_status[row["values"]] += row["counts"]
+            writer.write(table)
     n_in = pq.ParquetFile(sections).metadata.num_rows
     by_status["no text"] = n_in - writer.rows  # rejected by the extractor (no_report_text): not read
     summary(STAGE, n_in, writer.rows, by_status["no text"])
