@@ -72,11 +72,18 @@ def stage_counts(stages: list[tuple[str, str | None, str | None, str]]) -> tuple
     table (e.g. JSON exports) its output is its input less what it rejected.
     """
     rows, reasons = [], []
+    distinct: dict[str, int] = {}  # stages share tables (sections.parquet is three stages' input)
+
+    def studies_in(path: str) -> int:
+        if path not in distinct:
+            distinct[path] = _distinct_studies(path)
+        return distinct[path]
+
     for stage, source, output, rejects in stages:
         rej = pq.read_table(rejects).to_pandas()
         n_rejected = _rejected_studies(rej)
-        n_out = _distinct_studies(output) if output else None
-        n_in = _distinct_studies(source) if source else n_out + n_rejected
+        n_out = studies_in(output) if output else None
+        n_in = studies_in(source) if source else n_out + n_rejected
         if n_out is None:
             n_out = n_in - n_rejected
         rows.append({"stage": stage, "in": n_in, "out": n_out, "rejected": n_rejected})
@@ -118,11 +125,13 @@ def label_prevalence(findings_path: str | Path) -> pd.DataFrame:
     # a study's merged presence for a finding is its best-ranked mention: the minimum rank per (study, name)
     ranks = pa.array(list(PRESENCE_COLOURS))
     rank = pc.index_in(f["presence"], value_set=ranks)
+    # single-threaded: Arrow's threaded hash grouping of a million rows costs twice the CPU (and more
+    # wall on a busy machine); the row order it would change is sorted away by the pivot below
     merged = (
         pa.table({"study_id": f["study_id"], "name": f["name"], "rank": rank})
-        .group_by(["study_id", "name"])
+        .group_by(["study_id", "name"], use_threads=False)
         .aggregate([("rank", "min")])
-        .group_by(["name", "rank_min"])
+        .group_by(["name", "rank_min"], use_threads=False)
         .aggregate([("study_id", "count")])
         .to_pandas()
     )

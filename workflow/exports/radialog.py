@@ -245,12 +245,11 @@ class Builder:
         return prompt
 
     def record(self, img: Image, turns: list[tuple[str, str | None]], output: str) -> dict:
-        return {
-            "instruction": conversation(self.system, turns),
-            "input": "",
-            "output": output,
-            "dicom": img.dicom,
-        }
+        return self._record(img, conversation(self.system, turns), output)
+
+    @staticmethod
+    def _record(img: Image, instruction: str, output: str) -> dict:
+        return {"instruction": instruction, "input": "", "output": output, "dicom": img.dicom}
 
     # RG ------------------------------------------------------------------------------------------------
     def rg(self, encode: Callable[[dict], object] | None = None) -> list:
@@ -262,7 +261,18 @@ class Builder:
         n_normal = min(len(without), int(2 * len(with_finding) / 13))
         chosen = with_finding + with_finding + rng.sample(without, n_normal)
         keep = encode or (lambda record: record)
-        return [keep(self.record(img, [(self.rg_prompt(img, rng), None)], img.text)) for img in chosen]
+        # an RG instruction is one of the few thousand prompts in its conversation: rendered once per
+        # prompt, the records share the string (and its hash, which ``encode`` looks up)
+        instructions: dict[str, str] = {}
+
+        def record(img: Image) -> dict:
+            prompt = self.rg_prompt(img, rng)
+            instruction = instructions.get(prompt)
+            if instruction is None:
+                instruction = instructions[prompt] = conversation(self.system, [(prompt, None)])
+            return self._record(img, instruction, img.text)
+
+        return [keep(record(img)) for img in chosen]
 
     # INS -----------------------------------------------------------------------------------------------
     def _parts(self) -> tuple[list[list[Image]], random.Random]:
@@ -528,23 +538,26 @@ def build_encoded(builder: Builder, generator=None) -> tuple[list[str], list[str
 _FIRST_REPLY = " ASSISTANT:"
 
 
-def _json_of(encoded: str | tuple[str, ...]) -> str:
-    """One record's JSON from what :func:`build_encoded` keeps of it."""
-    if isinstance(encoded, str):
-        return encoded
-    if len(encoded) == 2:
-        return encoded[0] + encoded[1]
-    head, output, dicom = encoded
-    return head + output + ', "dicom": ' + encode_basestring(dicom) + "}"
-
-
 def write_json_list(encoded: list[str | tuple[str, ...]], fh, chunk: int = 20_000) -> None:
     """A JSON array of already encoded records, streamed (no second copy of a ~GB document): a record's
     JSON, its JSON in two pieces, or an RG record as (its encoded head up to the input, its encoded
     output, its dicom)."""
     fh.write("[")
     for start in range(0, len(encoded), chunk):
+        # the pieces of a chunk's records joined once: no string per record in between (the RG
+        # records are a head of ~1 KB shared by thousands, copied once more per record otherwise)
+        pieces: list[str] = []
+        add, extend = pieces.append, pieces.extend
+        for e in encoded[start : start + chunk]:
+            if isinstance(e, str):
+                add(e)
+            elif len(e) == 2:
+                extend(e)
+            else:
+                extend((e[0], e[1], ', "dicom": ', encode_basestring(e[2]), "}"))
+            add(", ")
+        pieces.pop()
         if start:
             fh.write(", ")
-        fh.write(", ".join(_json_of(e) for e in encoded[start : start + chunk]))
+        fh.write("".join(pieces))
     fh.write("]")

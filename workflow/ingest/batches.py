@@ -105,6 +105,11 @@ def reader_pool(spec: tuple, workers: int, max_bytes: int = DEFAULT_MAX_REPORT_B
     if workers <= 1:
         yield None
         return
+    # pyarrow imports pandas the first time it converts a Python object (a list, a Python scalar in a
+    # compute call), which each worker and this process do: imported before the fork, it is inherited
+    # instead of imported once per worker (~0.3 s CPU each, while the workers should be inflating)
+    import pandas  # noqa: F401
+
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with context.Pool(workers, initializer=_worker_init, initargs=(spec, max_bytes)) as pool:
         yield pool
