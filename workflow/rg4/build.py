@@ -342,44 +342,93 @@ def scenario_table(
 SECTION_PREFIXES = ("finding: ", "impression: ")
 
 
-def loader_record(c: dict[str, list], k: int, scenario: str, label_sections: bool, scores) -> dict:
-    """Row ``k`` of a scenario's columns ``c`` (name -> values) as the LLM-RG4 JSON writes it: exact field
-    names and sentinels. ``label_sections`` prefixes findings and impressions (targets and prior report)
-    with ``SECTION_PREFIXES``; ``scores`` ((finding, impression) as written -> the weights, see
-    :func:`score_targets`) fills ``new_scores`` (otherwise ``[]``)."""
+def _json_values(column: pa.ChunkedArray | pa.Array, encode: Callable[[object], str]) -> pa.Array:
+    """``encode(value)`` (the value's JSON text) for each value of ``column`` (None for a null), called once
+    per distinct value (view flags, contexts and prior reports repeat)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    codes = pc.dictionary_encode(column)
+    texts = pa.array([encode(v) for v in codes.dictionary.to_pylist()], pa.string()).take(codes.indices)
+    return texts.fill_null(encode(None)) if texts.null_count else texts
+
+
+_json_string = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
+
+
+def _json_or_null(value) -> str:
+    return "null" if value is None else _json_string(value)
+
+
+def _json_section(prefix: str) -> Callable[[str | None], str]:
+    """A finding / impression as the loader reads it: with its section label, ``"s"`` when missing."""
+    return lambda value: _json_string(prefix + value) if value else _json_string(MISSING_SECTION)
+
+
+def _json_context(value: str | None) -> str:
+    """An indication / history as the loader reads it: integer 0 when absent."""
+    return _json_string(value) if value else json.dumps(MISSING_CONTEXT)
+
+
+def loader_lines(
+    part: pa.Table,
+    split_index: int,
+    positions: np.ndarray,
+    scenario: str,
+    label_sections: bool,
+    scores: Mapping[tuple, bytes] | None,
+) -> tuple[str, int, int]:
+    """Rows of a scenario table (all of one split) as :func:`write_loader_fragment` writes them: one line
+    ``<split index>\\t<position>\\t<record>`` each, the record byte for byte as ``json.dumps(...,
+    ensure_ascii=False)`` writes the dict of the loader's field names (in this order) and sentinels
+    (findings / impressions with ``SECTION_PREFIXES`` when ``label_sections``, ``"s"`` when missing;
+    indication / history integer 0 when absent; ``new_scores`` from ``scores``, (finding, impression) as
+    written -> the weights, see :func:`score_targets`, otherwise ``[]``). Each field is encoded column by
+    column and the lines joined in Arrow: no dict per record. Returns (the lines, emphasised and total
+    target positions of their weights)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
-    finding, impression = c["finding"][k], c["impression"][k]
-    finding = fp + finding if finding else MISSING_SECTION
-    impression = ip + impression if impression else MISSING_SECTION
-    rec = {
-        "id": c["id"][k],
-        "study_id": c["study_id"][k],
-        "subject_id": c["subject_id"][k],
-        "finding": finding,
-        "impression": impression,
-        "APPA_flag": c["APPA_flag"][k],
-        "APPA_imagepath": c["APPA_imagepath"][k],
-        "indication": c["indication"][k] or MISSING_CONTEXT,
-        "history": c["history"][k] or MISSING_CONTEXT,
-        "new_scores": NO_SCORES,
+    emphasised = total = 0
+    if scores is None:
+        new_scores = "[]"
+    else:
+        weights = [
+            scores[(fp + f if f else None, ip + i if i else None)]
+            for f, i in zip(
+                part.column("finding").to_pylist(), part.column("impression").to_pylist(), strict=True
+            )
+        ]
+        emphasised, total = sum(map(sum, weights)), sum(map(len, weights))
+        # json.dumps of the list of ints, once per distinct weights (binary: many targets share them)
+        encoded: dict[bytes, str] = {}
+        for w in weights:
+            if w not in encoded:
+                encoded[w] = json.dumps(list(w))
+        new_scores = pa.array([encoded[w] for w in weights], pa.string())
+    fields = {
+        "id": _json_values(part.column("id"), _json_or_null),
+        "study_id": pc.cast(part.column("study_id"), pa.string()),
+        "subject_id": pc.cast(part.column("subject_id"), pa.string()),
+        "finding": _json_values(part.column("finding"), _json_section(fp)),
+        "impression": _json_values(part.column("impression"), _json_section(ip)),
+        "APPA_flag": _json_values(part.column("APPA_flag"), _json_or_null),
+        "APPA_imagepath": _json_values(part.column("APPA_imagepath"), _json_or_null),
+        "indication": _json_values(part.column("indication"), _json_context),
+        "history": _json_values(part.column("history"), _json_context),
+        "new_scores": new_scores,
     }
     if scenario in ("mn", "mw"):
-        rec["lateral_imagepath"] = c["lateral_imagepath"][k]
+        fields["lateral_imagepath"] = _json_values(part.column("lateral_imagepath"), _json_or_null)
     if scenario in ("sw", "mw"):
-        last_finding, last_impression = c["last_finding"][k], c["last_impression"][k]
-        rec["last_finding"] = fp + last_finding if last_finding else MISSING_SECTION
-        rec["last_impression"] = ip + last_impression if last_impression else MISSING_SECTION
-        rec["last_APPA_imagepath"] = c["last_APPA_imagepath"][k]
-    if scores is not None:
-        target = (
-            None if finding == MISSING_SECTION else finding,
-            None if impression == MISSING_SECTION else impression,
-        )
-        rec["new_scores"] = list(scores[target])
-    return rec
+        fields["last_finding"] = _json_values(part.column("last_finding"), _json_section(fp))
+        fields["last_impression"] = _json_values(part.column("last_impression"), _json_section(ip))
+        fields["last_APPA_imagepath"] = _json_values(part.column("last_APPA_imagepath"), _json_or_null)
+    pieces = [f"{split_index}\t", pa.array(positions, pa.int64()).cast(pa.string()), "\t{"]
+    for k, (name, values) in enumerate(fields.items()):
+        pieces += [f"{', ' if k else ''}{_json_string(name)}: ", values]
+    pieces.append("}\n")
+    lines = pc.binary_join_element_wise(*pieces, "")
+    return "".join(lines.to_pylist()), emphasised, total
 
 
-NO_SCORES: list = []  # shared by every record without weights (json.dumps writes it as [])
 JSON_CHUNK = 20_000  # records encoded at a time
 
 
@@ -391,12 +440,11 @@ def write_loader_fragment(
     label_sections: bool = True,
     scores: Mapping[tuple, bytes] | None = None,
 ) -> tuple[int, int]:
-    """A scenario's records for the LLM-RG4 JSON file, one line each: ``<split index>\t<position>\t<record
-    as json.dumps writes it>``, split by split (``RG4_SPLITS`` order), in table order within a split. The
-    merge (:mod:`workflow.rg4.merge`) joins the shards' lines by (split, position) into the loader's
-    ``{"train": [...], "val": [...], "test": [...]}`` without parsing a record. Encoded a chunk of rows at a
-    time (the whole scenario as dicts would be gigabytes at MIMIC scale). Returns (emphasised, total)
-    target positions of the weights."""
+    """A scenario's records for the LLM-RG4 JSON file, one line each (:func:`loader_lines`), split by split
+    (``RG4_SPLITS`` order), in table order within a split. The merge (:mod:`workflow.rg4.merge`) joins the
+    shards' lines by (split, position) into the loader's ``{"train": [...], "val": [...], "test": [...]}``
+    without parsing a record. Encoded a chunk of rows at a time (the whole scenario at once would cost
+    gigabytes at MIMIC scale). Returns (emphasised, total) target positions of the weights."""
     from workflow.tables import atomic_path
 
     split = np.asarray(table.column("split").to_pylist(), dtype=object)
@@ -408,15 +456,12 @@ def write_loader_fragment(
             for start in range(0, len(rows), JSON_CHUNK):
                 chunk = rows[start : start + JSON_CHUNK]
                 part = table.take(pa.array(chunk, pa.int64()))
-                c = {col: part.column(col).to_pylist() for col in part.column_names}
-                lines = []
-                for k, pos in enumerate(position[chunk].tolist()):
-                    rec = loader_record(c, k, scenario, label_sections, scores)
-                    if scores is not None:
-                        emphasised += sum(rec["new_scores"])
-                        total += len(rec["new_scores"])
-                    lines.append(f"{index}\t{pos}\t{json.dumps(rec, ensure_ascii=False)}\n")
-                fh.write("".join(lines))
+                lines, n_emphasised, n_total = loader_lines(
+                    part, index, position[chunk], scenario, label_sections, scores
+                )
+                fh.write(lines)
+                emphasised += n_emphasised
+                total += n_total
     return emphasised, total
 
 
