@@ -1055,6 +1055,7 @@ def main(argv: list[str] | None = None) -> BuildResult:
                 default_emphasis(),
                 args.scores_max_length,
                 Path(args.scores_tokenizer).name,
+                section_labels=SECTION_PREFIXES if args.label_sections else (),
             )
         except ScoresConfigError as exc:
             p.error(str(exc))
