@@ -369,6 +369,17 @@ def _json_context(value: str | None) -> str:
     return _json_string(value) if value else json.dumps(MISSING_CONTEXT)
 
 
+# byte k -> the digit k (0 ... 9; the weights are binary)
+_DIGITS = bytes(ord("0") + k if k < 10 else 0 for k in range(256))
+
+
+def _json_weights(values: bytes) -> str:
+    """``json.dumps(list(values))``, made from the digits of the bytes (no list of ints per record)."""
+    if values and max(values) > 9:
+        return json.dumps(list(values))
+    return "[" + ", ".join(values.translate(_DIGITS).decode("ascii")) + "]"
+
+
 def loader_lines(
     part: pa.Table,
     split_index: int,
@@ -381,8 +392,8 @@ def loader_lines(
     ``<split index>\\t<position>\\t<record>`` each, the record byte for byte as ``json.dumps(...,
     ensure_ascii=False)`` writes the dict of the loader's field names (in this order) and sentinels
     (findings / impressions with ``SECTION_PREFIXES`` when ``label_sections``, ``"s"`` when missing;
-    indication / history integer 0 when absent; ``new_scores`` from ``scores``, (finding, impression) as
-    written -> the weights, see :func:`score_targets`, otherwise ``[]``). Each field is encoded column by
+    indication / history integer 0 when absent; ``new_scores`` from ``scores``, the table's (finding,
+    impression) -> the weights, see :func:`score_targets`, otherwise ``[]``). Each field is encoded column by
     column and the lines joined in Arrow: no dict per record. Returns (the lines, emphasised and total
     target positions of their weights)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
@@ -391,18 +402,13 @@ def loader_lines(
         new_scores = "[]"
     else:
         weights = [
-            scores[(fp + f if f else None, ip + i if i else None)]
-            for f, i in zip(
+            scores[target]
+            for target in zip(
                 part.column("finding").to_pylist(), part.column("impression").to_pylist(), strict=True
             )
         ]
         emphasised, total = sum(map(sum, weights)), sum(map(len, weights))
-        # json.dumps of the list of ints, once per distinct weights (binary: many targets share them)
-        encoded: dict[bytes, str] = {}
-        for w in weights:
-            if w not in encoded:
-                encoded[w] = json.dumps(list(w))
-        new_scores = pa.array([encoded[w] for w in weights], pa.string())
+        new_scores = pa.array([_json_weights(w) for w in weights], pa.string())
     fields = {
         "id": _json_values(part.column("id"), _json_or_null),
         "study_id": pc.cast(part.column("study_id"), pa.string()),
@@ -469,18 +475,21 @@ def score_targets(
     tables: dict[str, pa.Table], label_sections: bool, scorer: TokenScorer, workers: int = 1
 ) -> dict[tuple, bytes]:
     """The weights of every distinct (finding, impression) target of all scenarios (sn and mn, sw and mw
-    mostly share targets), scored once; one byte per position (a list of 100 ints costs 850 bytes: at
-    MIMIC scale that is the difference of half a gigabyte). On ``workers`` forked processes: first the
-    distinct sentences (emphasis, cleaning, token counts: most of the work, each sentence once), then the
-    targets in chunks, which inherit the sentences' results."""
+    mostly share targets), scored once, by the tables' (finding, impression); the target scored is the
+    loader's (with the section labels when ``label_sections``). One byte per position (a list of 100 ints
+    costs 850 bytes: at MIMIC scale that is the difference of half a gigabyte). On ``workers`` forked
+    processes: first the distinct sentences (emphasis, cleaning, token counts: most of the work, each
+    sentence once), then the targets in chunks, which inherit the sentences' results."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
     distinct: dict[tuple, None] = {}
     for table in tables.values():
-        for f, i in zip(
-            table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True
-        ):
-            distinct.setdefault((fp + f if f else None, ip + i if i else None), None)
-    raws = list(distinct)
+        distinct.update(
+            dict.fromkeys(
+                zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True)
+            )
+        )
+    keys = list(distinct)
+    raws = [(fp + f if f else None, ip + i if i else None) for f, i in keys]
     _SCORE["scorer"] = scorer
     try:
         if scorer.word_by_word and scorer.by_sentence:
@@ -494,11 +503,7 @@ def score_targets(
     finally:
         _SCORE.clear()
         scorer.clear_caches()
-    return {
-        raw: values
-        for chunk, part in zip(chunks, parts, strict=True)
-        for raw, values in zip(chunk, part, strict=True)
-    }
+    return dict(zip(keys, (values for part in parts for values in part), strict=True))
 
 
 _SCORE: dict = {}  # what forked scorers inherit
