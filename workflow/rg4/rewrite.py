@@ -198,8 +198,11 @@ def fix_articles(sentence: str) -> str:
     """Articles agreeing with the word after them, and one article where a removal left two in a row
     ("an interval placement of a catheter" -> "an catheter" -> "a catheter")."""
     s = _DOUBLED_ARTICLE.sub(r"\1 ", sentence)
-    letters = [c for c in s if c.isalpha()]
-    all_caps = bool(letters) and all(c.isupper() for c in letters)
+    if s.isascii():  # every ASCII letter is cased: "all letters upper case" is str.isupper
+        all_caps = s.isupper()
+    else:
+        letters = [c for c in s if c.isalpha()]
+        all_caps = bool(letters) and all(c.isupper() for c in letters)
 
     def agree(m: re.Match) -> str:
         article = m.group(1)
