@@ -167,12 +167,7 @@ def test_parallel_scoring_gives_the_same_weights(scorer, monkeypatch):
     monkeypatch.setattr(rg4, "SCORE_CHUNK", 2)
     parallel = rg4.score_targets(result.tables, True, scorer, workers=2)
     assert parallel == serial and len(serial) > 4
-    # by the tables' texts (the loader's target, with its section labels, is what is scored)
-    assert ("Small left pleural effusion.", "Small left pleural effusion.") in serial
-    labelled = ("finding: Small left pleural effusion.", "impression: Small left pleural effusion.")
-    assert serial[("Small left pleural effusion.", "Small left pleural effusion.")] == bytes(
-        scorer.scores([labelled])[0]
-    )
+    assert ("finding: Small left pleural effusion.", "impression: Small left pleural effusion.") in serial
     assert all(len(v) == 100 and set(v) <= {0, 1} for v in serial.values())
 
 

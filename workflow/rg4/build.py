@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -392,8 +392,8 @@ def loader_lines(
     ``<split index>\\t<position>\\t<record>`` each, the record byte for byte as ``json.dumps(...,
     ensure_ascii=False)`` writes the dict of the loader's field names (in this order) and sentinels
     (findings / impressions with ``SECTION_PREFIXES`` when ``label_sections``, ``"s"`` when missing;
-    indication / history integer 0 when absent; ``new_scores`` from ``scores``, the table's (finding,
-    impression) -> the weights, see :func:`score_targets`, otherwise ``[]``). Each field is encoded column by
+    indication / history integer 0 when absent; ``new_scores`` from ``scores``, see :func:`score_targets`,
+    otherwise ``[]``). Each field is encoded column by
     column and the lines joined in Arrow: no dict per record. Returns (the lines, emphasised and total
     target positions of their weights)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
@@ -401,12 +401,7 @@ def loader_lines(
     if scores is None:
         new_scores = "[]"
     else:
-        weights = [
-            scores[target]
-            for target in zip(
-                part.column("finding").to_pylist(), part.column("impression").to_pylist(), strict=True
-            )
-        ]
+        weights = [scores[target] for target in loader_targets(part, label_sections)]
         emphasised, total = sum(map(sum, weights)), sum(map(len, weights))
         new_scores = pa.array([_json_weights(w) for w in weights], pa.string())
     fields = {
@@ -435,7 +430,7 @@ def loader_lines(
     return "".join(lines.to_pylist()), emphasised, total
 
 
-JSON_CHUNK = 20_000  # records encoded at a time
+JSON_CHUNK = 5_000  # records encoded at a time (their Arrow columns: 20,000 cost +100 MB peak RSS)
 
 
 def write_loader_fragment(
@@ -475,21 +470,15 @@ def score_targets(
     tables: dict[str, pa.Table], label_sections: bool, scorer: TokenScorer, workers: int = 1
 ) -> dict[tuple, bytes]:
     """The weights of every distinct (finding, impression) target of all scenarios (sn and mn, sw and mw
-    mostly share targets), scored once, by the tables' (finding, impression); the target scored is the
-    loader's (with the section labels when ``label_sections``). One byte per position (a list of 100 ints
-    costs 850 bytes: at MIMIC scale that is the difference of half a gigabyte). On ``workers`` forked
-    processes: first the distinct sentences (emphasis, cleaning, token counts: most of the work, each
-    sentence once), then the targets in chunks, which inherit the sentences' results."""
-    fp, ip = SECTION_PREFIXES if label_sections else ("", "")
+    mostly share targets), scored once, by the target as the loader reads it (see :func:`loader_targets`);
+    one byte per position (a list of 100 ints costs 850 bytes: at MIMIC scale that is the difference of
+    half a gigabyte). On ``workers`` forked processes: first the distinct sentences (emphasis, cleaning,
+    token counts: most of the work, each sentence once), then the targets in chunks, which inherit the
+    sentences' results."""
     distinct: dict[tuple, None] = {}
     for table in tables.values():
-        distinct.update(
-            dict.fromkeys(
-                zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True)
-            )
-        )
-    keys = list(distinct)
-    raws = [(fp + f if f else None, ip + i if i else None) for f, i in keys]
+        distinct.update(dict.fromkeys(loader_targets(table, label_sections)))
+    raws = list(distinct)
     _SCORE["scorer"] = scorer
     try:
         if scorer.word_by_word and scorer.by_sentence:
@@ -503,7 +492,16 @@ def score_targets(
     finally:
         _SCORE.clear()
         scorer.clear_caches()
-    return dict(zip(keys, (values for part in parts for values in part), strict=True))
+    return dict(zip(raws, (values for part in parts for values in part), strict=True))
+
+
+def loader_targets(table: pa.Table, label_sections: bool) -> Iterator[tuple[str | None, str | None]]:
+    """Each row's (finding, impression) as the loader reads them: with the section labels when
+    ``label_sections``, None when missing (the key of its weights in :func:`score_targets`); one at a
+    time (most repeat: sn and mn, sw and mw share targets)."""
+    fp, ip = SECTION_PREFIXES if label_sections else ("", "")
+    for f, i in zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True):
+        yield fp + f if f else None, ip + i if i else None
 
 
 _SCORE: dict = {}  # what forked scorers inherit
