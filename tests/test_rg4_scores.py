@@ -277,6 +277,24 @@ def test_emphasis_learnt_from_the_label_checks_is_the_extractors(scorer):
     assert rg4.score_targets(result.tables, True, learnt) == rg4.score_targets(result.tables, True, fresh)
 
 
+def test_emphasis_asked_without_the_section_labels_is_the_same(scorer):
+    """The section labels are no report text: asking the extractor about a labelled first sentence without
+    its label (what the rule does, so the label checks' answers serve) gives the same weights."""
+    from test_rg4 import patients, tables
+
+    from workflow.keyinfo.extract import label_vector
+
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
+    unlabelled = TokenScorer(
+        scorer.tokenizer, scorer.emphasised, 100, "tiny", section_labels=rg4.SECTION_PREFIXES
+    )
+    labelled = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny")
+    assert rg4.score_targets(result.tables, True, unlabelled) == rg4.score_targets(
+        result.tables, True, labelled
+    )
+
+
 def test_shards_write_the_weights_of_one_job(tmp_path, tokenizer_dir):
     """rg4.shards: each shard scores its own targets; the merged files (weights, their note) are one job's."""
     inputs = write_inputs(tmp_path, sharded_patients())

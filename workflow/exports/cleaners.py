@@ -25,6 +25,8 @@ _NUMBERING = (
 
 def _repeat(text: str, old: str, new: str, times: int) -> str:
     for _ in range(times):
+        if old not in text:  # nor will it be after another pass: the passes left are no-ops
+            break
         text = text.replace(old, new)
     return text
 

@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,45 +342,95 @@ def scenario_table(
 SECTION_PREFIXES = ("finding: ", "impression: ")
 
 
-def loader_record(c: dict[str, list], k: int, scenario: str, label_sections: bool, scores) -> dict:
-    """Row ``k`` of a scenario's columns ``c`` (name -> values) as the LLM-RG4 JSON writes it: exact field
-    names and sentinels. ``label_sections`` prefixes findings and impressions (targets and prior report)
-    with ``SECTION_PREFIXES``; ``scores`` ((finding, impression) as written -> the weights, see
-    :func:`score_targets`) fills ``new_scores`` (otherwise ``[]``)."""
+def _json_values(column: pa.ChunkedArray | pa.Array, encode: Callable[[object], str]) -> pa.Array:
+    """``encode(value)`` (the value's JSON text) for each value of ``column`` (None for a null), called once
+    per distinct value (view flags, contexts and prior reports repeat)."""
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    codes = pc.dictionary_encode(column)
+    texts = pa.array([encode(v) for v in codes.dictionary.to_pylist()], pa.string()).take(codes.indices)
+    return texts.fill_null(encode(None)) if texts.null_count else texts
+
+
+_json_string = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
+
+
+def _json_or_null(value) -> str:
+    return "null" if value is None else _json_string(value)
+
+
+def _json_section(prefix: str) -> Callable[[str | None], str]:
+    """A finding / impression as the loader reads it: with its section label, ``"s"`` when missing."""
+    return lambda value: _json_string(prefix + value) if value else _json_string(MISSING_SECTION)
+
+
+def _json_context(value: str | None) -> str:
+    """An indication / history as the loader reads it: integer 0 when absent."""
+    return _json_string(value) if value else json.dumps(MISSING_CONTEXT)
+
+
+# byte k -> the digit k (0 ... 9; the weights are binary)
+_DIGITS = bytes(ord("0") + k if k < 10 else 0 for k in range(256))
+
+
+def _json_weights(values: bytes) -> str:
+    """``json.dumps(list(values))``, made from the digits of the bytes (no list of ints per record)."""
+    if values and max(values) > 9:
+        return json.dumps(list(values))
+    return "[" + ", ".join(values.translate(_DIGITS).decode("ascii")) + "]"
+
+
+def loader_lines(
+    part: pa.Table,
+    split_index: int,
+    positions: np.ndarray,
+    scenario: str,
+    label_sections: bool,
+    scores: Mapping[tuple, bytes] | None,
+) -> tuple[str, int, int]:
+    """Rows of a scenario table (all of one split) as :func:`write_loader_fragment` writes them: one line
+    ``<split index>\\t<position>\\t<record>`` each, the record byte for byte as ``json.dumps(...,
+    ensure_ascii=False)`` writes the dict of the loader's field names (in this order) and sentinels
+    (findings / impressions with ``SECTION_PREFIXES`` when ``label_sections``, ``"s"`` when missing;
+    indication / history integer 0 when absent; ``new_scores`` from ``scores``, see :func:`score_targets`,
+    otherwise ``[]``). Each field is encoded column by
+    column and the lines joined in Arrow: no dict per record. Returns (the lines, emphasised and total
+    target positions of their weights)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
-    finding, impression = c["finding"][k], c["impression"][k]
-    finding = fp + finding if finding else MISSING_SECTION
-    impression = ip + impression if impression else MISSING_SECTION
-    rec = {
-        "id": c["id"][k],
-        "study_id": c["study_id"][k],
-        "subject_id": c["subject_id"][k],
-        "finding": finding,
-        "impression": impression,
-        "APPA_flag": c["APPA_flag"][k],
-        "APPA_imagepath": c["APPA_imagepath"][k],
-        "indication": c["indication"][k] or MISSING_CONTEXT,
-        "history": c["history"][k] or MISSING_CONTEXT,
-        "new_scores": NO_SCORES,
+    emphasised = total = 0
+    if scores is None:
+        new_scores = "[]"
+    else:
+        weights = [scores[target] for target in loader_targets(part, label_sections)]
+        emphasised, total = sum(map(sum, weights)), sum(map(len, weights))
+        new_scores = pa.array([_json_weights(w) for w in weights], pa.string())
+    fields = {
+        "id": _json_values(part.column("id"), _json_or_null),
+        "study_id": pc.cast(part.column("study_id"), pa.string()),
+        "subject_id": pc.cast(part.column("subject_id"), pa.string()),
+        "finding": _json_values(part.column("finding"), _json_section(fp)),
+        "impression": _json_values(part.column("impression"), _json_section(ip)),
+        "APPA_flag": _json_values(part.column("APPA_flag"), _json_or_null),
+        "APPA_imagepath": _json_values(part.column("APPA_imagepath"), _json_or_null),
+        "indication": _json_values(part.column("indication"), _json_context),
+        "history": _json_values(part.column("history"), _json_context),
+        "new_scores": new_scores,
     }
     if scenario in ("mn", "mw"):
-        rec["lateral_imagepath"] = c["lateral_imagepath"][k]
+        fields["lateral_imagepath"] = _json_values(part.column("lateral_imagepath"), _json_or_null)
     if scenario in ("sw", "mw"):
-        last_finding, last_impression = c["last_finding"][k], c["last_impression"][k]
-        rec["last_finding"] = fp + last_finding if last_finding else MISSING_SECTION
-        rec["last_impression"] = ip + last_impression if last_impression else MISSING_SECTION
-        rec["last_APPA_imagepath"] = c["last_APPA_imagepath"][k]
-    if scores is not None:
-        target = (
-            None if finding == MISSING_SECTION else finding,
-            None if impression == MISSING_SECTION else impression,
-        )
-        rec["new_scores"] = list(scores[target])
-    return rec
+        fields["last_finding"] = _json_values(part.column("last_finding"), _json_section(fp))
+        fields["last_impression"] = _json_values(part.column("last_impression"), _json_section(ip))
+        fields["last_APPA_imagepath"] = _json_values(part.column("last_APPA_imagepath"), _json_or_null)
+    pieces = [f"{split_index}\t", pa.array(positions, pa.int64()).cast(pa.string()), "\t{"]
+    for k, (name, values) in enumerate(fields.items()):
+        pieces += [f"{', ' if k else ''}{_json_string(name)}: ", values]
+    pieces.append("}\n")
+    lines = pc.binary_join_element_wise(*pieces, "")
+    return "".join(lines.to_pylist()), emphasised, total
 
 
-NO_SCORES: list = []  # shared by every record without weights (json.dumps writes it as [])
-JSON_CHUNK = 20_000  # records encoded at a time
+JSON_CHUNK = 5_000  # records encoded at a time (their Arrow columns: 20,000 cost +100 MB peak RSS)
 
 
 def write_loader_fragment(
@@ -391,12 +441,11 @@ def write_loader_fragment(
     label_sections: bool = True,
     scores: Mapping[tuple, bytes] | None = None,
 ) -> tuple[int, int]:
-    """A scenario's records for the LLM-RG4 JSON file, one line each: ``<split index>\t<position>\t<record
-    as json.dumps writes it>``, split by split (``RG4_SPLITS`` order), in table order within a split. The
-    merge (:mod:`workflow.rg4.merge`) joins the shards' lines by (split, position) into the loader's
-    ``{"train": [...], "val": [...], "test": [...]}`` without parsing a record. Encoded a chunk of rows at a
-    time (the whole scenario as dicts would be gigabytes at MIMIC scale). Returns (emphasised, total)
-    target positions of the weights."""
+    """A scenario's records for the LLM-RG4 JSON file, one line each (:func:`loader_lines`), split by split
+    (``RG4_SPLITS`` order), in table order within a split. The merge (:mod:`workflow.rg4.merge`) joins the
+    shards' lines by (split, position) into the loader's ``{"train": [...], "val": [...], "test": [...]}``
+    without parsing a record. Encoded a chunk of rows at a time (the whole scenario at once would cost
+    gigabytes at MIMIC scale). Returns (emphasised, total) target positions of the weights."""
     from workflow.tables import atomic_path
 
     split = np.asarray(table.column("split").to_pylist(), dtype=object)
@@ -408,15 +457,12 @@ def write_loader_fragment(
             for start in range(0, len(rows), JSON_CHUNK):
                 chunk = rows[start : start + JSON_CHUNK]
                 part = table.take(pa.array(chunk, pa.int64()))
-                c = {col: part.column(col).to_pylist() for col in part.column_names}
-                lines = []
-                for k, pos in enumerate(position[chunk].tolist()):
-                    rec = loader_record(c, k, scenario, label_sections, scores)
-                    if scores is not None:
-                        emphasised += sum(rec["new_scores"])
-                        total += len(rec["new_scores"])
-                    lines.append(f"{index}\t{pos}\t{json.dumps(rec, ensure_ascii=False)}\n")
-                fh.write("".join(lines))
+                lines, n_emphasised, n_total = loader_lines(
+                    part, index, position[chunk], scenario, label_sections, scores
+                )
+                fh.write(lines)
+                emphasised += n_emphasised
+                total += n_total
     return emphasised, total
 
 
@@ -424,17 +470,14 @@ def score_targets(
     tables: dict[str, pa.Table], label_sections: bool, scorer: TokenScorer, workers: int = 1
 ) -> dict[tuple, bytes]:
     """The weights of every distinct (finding, impression) target of all scenarios (sn and mn, sw and mw
-    mostly share targets), scored once; one byte per position (a list of 100 ints costs 850 bytes: at
-    MIMIC scale that is the difference of half a gigabyte). On ``workers`` forked processes: first the
-    distinct sentences (emphasis, cleaning, token counts: most of the work, each sentence once), then the
-    targets in chunks, which inherit the sentences' results."""
-    fp, ip = SECTION_PREFIXES if label_sections else ("", "")
+    mostly share targets), scored once, by the target as the loader reads it (see :func:`loader_targets`);
+    one byte per position (a list of 100 ints costs 850 bytes: at MIMIC scale that is the difference of
+    half a gigabyte). On ``workers`` forked processes: first the distinct sentences (emphasis, cleaning,
+    token counts: most of the work, each sentence once), then the targets in chunks, which inherit the
+    sentences' results."""
     distinct: dict[tuple, None] = {}
     for table in tables.values():
-        for f, i in zip(
-            table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True
-        ):
-            distinct.setdefault((fp + f if f else None, ip + i if i else None), None)
+        distinct.update(dict.fromkeys(loader_targets(table, label_sections)))
     raws = list(distinct)
     _SCORE["scorer"] = scorer
     try:
@@ -449,11 +492,16 @@ def score_targets(
     finally:
         _SCORE.clear()
         scorer.clear_caches()
-    return {
-        raw: values
-        for chunk, part in zip(chunks, parts, strict=True)
-        for raw, values in zip(chunk, part, strict=True)
-    }
+    return dict(zip(raws, (values for part in parts for values in part), strict=True))
+
+
+def loader_targets(table: pa.Table, label_sections: bool) -> Iterator[tuple[str | None, str | None]]:
+    """Each row's (finding, impression) as the loader reads them: with the section labels when
+    ``label_sections``, None when missing (the key of its weights in :func:`score_targets`); one at a
+    time (most repeat: sn and mn, sw and mw share targets)."""
+    fp, ip = SECTION_PREFIXES if label_sections else ("", "")
+    for f, i in zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True):
+        yield fp + f if f else None, ip + i if i else None
 
 
 _SCORE: dict = {}  # what forked scorers inherit
@@ -486,23 +534,24 @@ def consistency_problems(tables: dict[str, pa.Table]) -> list[str]:
     """Every broken invariant (empty list when the scenario tables are consistent)."""
     ids = {s: set(t.column("study_id").to_pylist()) for s, t in tables.items()}
     problems = nesting_problems(ids)
-    subject_splits: dict[int, set] = {}
+    subject_splits = []
     for scenario, t in tables.items():
-        df = t.select(["split", "id", "subject_id", "finding", "impression"]).to_pandas()
+        df = t.select(["split", "id", "subject_id"]).to_pandas()  # the texts are counted in Arrow
         dup = df.duplicated(["split", "id"]).sum()
         if dup:
             problems.append(f"{scenario}: {dup} duplicated ids")
-        empty = (df["finding"].isna() & df["impression"].isna()).sum()
+        empty = pc.sum(pc.and_(pc.is_null(t.column("finding")), pc.is_null(t.column("impression")))).as_py()
         if empty:
             problems.append(f"{scenario}: {empty} records with neither finding nor impression")
         bad_split = set(df["split"]) - set(RG4_SPLITS)
         if bad_split:
             problems.append(f"{scenario}: unknown splits {sorted(bad_split)}")
-        for subject, split in df[["subject_id", "split"]].drop_duplicates().itertuples(index=False):
-            subject_splits.setdefault(subject, set()).add(split)
-    crossing = [s for s, sp in subject_splits.items() if len(sp) > 1]
-    if crossing:
-        problems.append(f"{len(crossing)} subjects in more than one split")
+        subject_splits.append(df[["subject_id", "split"]].drop_duplicates())
+    if subject_splits:
+        pairs = pd.concat(subject_splits)
+        crossing = int((pairs.groupby("subject_id")["split"].nunique(dropna=False) > 1).sum())
+        if crossing:
+            problems.append(f"{crossing} subjects in more than one split")
     if tables["sw"].num_rows and tables["sw"].column("last_APPA_imagepath").null_count:
         problems.append("sw: records without a prior image")
     return problems
@@ -1010,6 +1059,7 @@ def main(argv: list[str] | None = None) -> BuildResult:
                 default_emphasis(),
                 args.scores_max_length,
                 Path(args.scores_tokenizer).name,
+                section_labels=SECTION_PREFIXES if args.label_sections else (),
             )
         except ScoresConfigError as exc:
             p.error(str(exc))

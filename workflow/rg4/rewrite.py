@@ -198,8 +198,11 @@ def fix_articles(sentence: str) -> str:
     """Articles agreeing with the word after them, and one article where a removal left two in a row
     ("an interval placement of a catheter" -> "an catheter" -> "a catheter")."""
     s = _DOUBLED_ARTICLE.sub(r"\1 ", sentence)
-    letters = [c for c in s if c.isalpha()]
-    all_caps = bool(letters) and all(c.isupper() for c in letters)
+    if s.isascii():  # every ASCII letter is cased: "all letters upper case" is str.isupper
+        all_caps = s.isupper()
+    else:
+        letters = [c for c in s if c.isalpha()]
+        all_caps = bool(letters) and all(c.isupper() for c in letters)
 
     def agree(m: re.Match) -> str:
         article = m.group(1)
@@ -376,6 +379,7 @@ def _renumber(sentences: list[str]) -> list[str]:
 
 
 NO_COUNTS: Counter = Counter()  # shared, never mutated
+RECENT_TEXT_EDITS = 8  # see RulesRewriter._text_edits
 
 
 @dataclass(slots=True)  # one per distinct text is cached (see RulesRewriter.text)
@@ -404,7 +408,10 @@ class RulesRewriter:
         self._labels_equal: dict[tuple[str, str | None], bool] = {}
         self._text_found: dict[str, frozenset[str]] = {}  # text -> union of its sentences' categories
         self._as_written: dict[str, TextEdit] = {}  # text -> its edit when nothing is removed from it
-        self._last_text: tuple | None = None
+        # (text, the categories removed from it) -> its edit, for the last few texts: a study's scenarios ask
+        # for the edits of its two texts in turn (sn, sw, mn, mw remove different categories); kept few, as
+        # a TextEdit with its counters costs about a kilobyte
+        self._text_edits: dict[tuple[str, frozenset], TextEdit] = {}
         # text -> whether its label vector names a finding, learnt from the label checks of the edits (kept
         # after the run: the token weights' emphasis asks the same of the same sentences)
         self.finding_in: dict[str, bool] = {}
@@ -418,8 +425,7 @@ class RulesRewriter:
 
     def clear_caches(self) -> None:
         self._found, self._edits, self._split, self._labels_equal, self._text_found = {}, {}, {}, {}, {}
-        self._as_written = {}
-        self._last_text = None
+        self._as_written, self._text_edits = {}, {}
 
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
         """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
@@ -501,8 +507,8 @@ class RulesRewriter:
         return sentences
 
     def text(self, text: str | None, removes: frozenset[str]) -> TextEdit:
-        """The edit of ``text`` for a scenario removing ``removes`` (the same object for the same text and
-        categories to remove in a row: a study's scenarios; never mutate it)."""
+        """The edit of ``text`` for a scenario removing ``removes`` (cached: the same object for the same text
+        and categories to remove from it; never mutate it)."""
         if not text:
             return TextEdit(None, 0, NO_COUNTS, NO_COUNTS)
         sentences = self.split(text)
@@ -516,11 +522,10 @@ class RulesRewriter:
                     text if joined == text else joined, len(sentences), NO_COUNTS, NO_COUNTS
                 )
             return same
-        # the scenarios of a study come in a row; those removing the same of its categories share the edit
         key = (text, eff)
-        last = self._last_text
-        if last is not None and last[0] == key:
-            return last[1]
+        cached = self._text_edits.get(key)
+        if cached is not None:
+            return cached
         kept, removed, rephrased, changed, residual = [], [], [], [], set()
         foreign, lost = None, False
         found_in, edits = self._found, self._edits
@@ -553,7 +558,9 @@ class RulesRewriter:
             foreign,
             lost,
         )
-        self._last_text = (key, result)
+        if len(self._text_edits) >= RECENT_TEXT_EDITS:
+            self._text_edits.clear()
+        self._text_edits[key] = result
         return result
 
 

@@ -123,6 +123,10 @@ class TokenScorer:
     name: str = ""
     word_by_word: bool = True  # the fast path (see scores); switched off by a failed verification
     by_sentence: bool = True  # its sentence-by-sentence part (see scores_bytes; off: target by target)
+    # the section labels the targets' texts start with (workflow.rg4.build.SECTION_PREFIXES): no report text,
+    # so a sentence's emphasis is asked of it without its label, which the rewriter's label checks mostly
+    # asked already (see learn_emphasis)
+    section_labels: tuple[str, ...] = ()
 
     def __post_init__(self):
         self._sentence_cache: dict[str, bool] = {}
@@ -154,10 +158,20 @@ class TokenScorer:
     def _sentence_emphasised(self, raw_sentence: str) -> bool:
         hit = self._sentence_cache.get(raw_sentence)
         if hit is None:
-            hit = self._sentence_cache[raw_sentence] = bool(raw_sentence.strip()) and self.emphasised(
-                raw_sentence
-            )
+            unlabelled = self._unlabelled(raw_sentence)
+            if unlabelled is not raw_sentence:
+                hit = self._sentence_emphasised(unlabelled)
+            else:
+                hit = bool(raw_sentence.strip()) and self.emphasised(raw_sentence)
+            self._sentence_cache[raw_sentence] = hit
         return hit
+
+    def _unlabelled(self, raw_sentence: str) -> str:
+        """``raw_sentence`` without the section label it starts with (itself when it has none)."""
+        for label in self.section_labels:
+            if raw_sentence.startswith(label):
+                return raw_sentence[len(label) :]
+        return raw_sentence
 
     def _marked(self, text: str) -> str:
         """``text`` with MARK before every word of its emphasised sentences."""
