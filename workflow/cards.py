@@ -23,7 +23,6 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
-from huggingface_hub import DatasetCard, DatasetCardData
 
 from workflow.cli import parser, setup_logging
 from workflow.tables import atomic_path
@@ -286,6 +285,10 @@ def render_card(
     facts: dict[str, str] | None = None,
     notes: list[str] | None = None,
 ) -> str:
+    # imported here, not at the top: the Snakefile imports this module while it parses the release rules,
+    # and huggingface_hub is ~0.5 s of every snakemake start-up (dry runs included)
+    from huggingface_hub import DatasetCard, DatasetCardData
+
     total = sum(sum(c.values()) for c in counts.values())
     card_data = DatasetCardData(
         pretty_name=spec.title,
