@@ -180,9 +180,9 @@ def test_strict_sections_are_kept_when_the_parser_found_them():
     ],
 )
 def test_normal_statements_are_found_as_written(impression, expected):
-    from workflow.keyinfo.studies import normal_statement
+    from workflow.keyinfo.extract import study_rows
 
-    assert normal_statement({"findings": None, "impression": impression}) == expected
+    assert study_rows({"findings": None, "impression": impression})[1] == expected
 
 
 def test_study_status_tells_normal_from_silent_and_abnormal(tmp_path):

@@ -872,7 +872,8 @@ def _section_rows(
     text: str, section: str, libs: Libs, conv: Conventions, rows: list[list], keys: list[str | None]
 ) -> str | None:
     """Append the mention rows of one section (offsets in ``text``) to ``rows`` and their instance keys to
-    ``keys``; the section's first normal statement as written (studies.normal_statement), or None."""
+    ``keys``; the section's first normal statement as written (libs/triggers.yaml ``normal_statements``), or
+    None."""
     cache = _SENTENCE_ROWS.get(conv)
     if cache is None:
         cache = _SENTENCE_ROWS[conv] = {}
@@ -1011,7 +1012,8 @@ def study_rows(
     sections: dict[str, str | None], conventions: Conventions | None = None
 ) -> tuple[list[list], str | None]:
     """The findings rows of one study as lists in ROW_COLUMNS order, and its first normal statement as
-    written (:func:`workflow.keyinfo.studies.normal_statement`), both from one reading of its sections."""
+    written (the first match of ``normal_statements`` in the sections read, keyinfo_studies' text half),
+    both from one reading of its sections."""
     libs = load_libs()
     conv = conventions or DEFAULT_CONVENTIONS
     rows: list[list] = []

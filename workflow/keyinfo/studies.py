@@ -29,10 +29,7 @@ from workflow.keyinfo.extract import (
     DEVICE,
     FALLBACK_SECTION,
     READ_SECTIONS,
-    normalise,
-    sections_read,
 )
-from workflow.keyinfo.libs import Libs, load_libs
 from workflow.tables import TableWriter, summary
 
 log = logging.getLogger(__name__)
@@ -44,19 +41,6 @@ TEXT_COLUMNS = (*READ_SECTIONS, FALLBACK_SECTION)
 NORMAL_STATEMENTS = pa.schema(
     [KEYINFO_STUDIES.field(n) for n in ("subject_id", "study_id", "normal_evidence")]
 )
-
-
-def normal_statement(sections: dict[str, str | None], libs: Libs | None = None) -> str | None:
-    """The first normal statement of the sections the extractor reads, as written; None if there is none."""
-    libs = libs or load_libs()
-    for section in sections_read(sections):
-        text = sections.get(section)
-        if not text:
-            continue
-        m = libs.normal_statements.search(normalise(text))
-        if m:
-            return text[m.start() : m.end()]
-    return None
 
 
 PRESENCES = ("positive", "uncertain", "negative")
@@ -82,7 +66,7 @@ def studies_table(read: pa.Table, counts: pa.Table) -> pa.Table:
     (devices aside); ``normal`` when the report says so or denies at least one finding; ``unknown`` when it
     names nothing and makes no normal statement."""
     at = pc.index_in(read["study_id"], value_set=counts["study_id"])
-    n = {k: pc.fill_null(pc.take(counts[k], at), 0) for k in ("n_positive", "n_uncertain", "n_negative")}
+    n = {k: pc.fill_null(pc.take(counts[k], at), 0) for k in (f"n_{p}" for p in PRESENCES)}
     evidence = read["normal_evidence"]
     said = pc.fill_null(pc.greater(pc.utf8_length(evidence), 0), False)  # a non-empty statement
     abnormal = pc.greater(pc.add(n["n_positive"], n["n_uncertain"]), 0)
