@@ -7,6 +7,7 @@ recomputes a stage: counts come from the stages' own outputs and `rejects` table
 
 from __future__ import annotations
 
+import functools
 import logging
 from html import escape
 from pathlib import Path
@@ -72,12 +73,7 @@ def stage_counts(stages: list[tuple[str, str | None, str | None, str]]) -> tuple
     table (e.g. JSON exports) its output is its input less what it rejected.
     """
     rows, reasons = [], []
-    distinct: dict[str, int] = {}  # stages share tables (sections.parquet is three stages' input)
-
-    def studies_in(path: str) -> int:
-        if path not in distinct:
-            distinct[path] = _distinct_studies(path)
-        return distinct[path]
+    studies_in = functools.cache(_distinct_studies)  # stages share tables (sections.parquet: three inputs)
 
     for stage, source, output, rejects in stages:
         rej = pq.read_table(rejects).to_pandas()
