@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from workflow.keyinfo.libs import DEVICE, Libs, Tok, load_libs
@@ -929,7 +930,7 @@ def row_laterality(row: dict) -> str | None:
 
 
 ATTRS = ("location", "level", "type", "change")
-_ATTRS_AT = tuple(_AT[name] for name in ATTRS)
+_BY_NAME = {name: name for name in ROW_COLUMNS}  # merge_rows' dict rows: a field is row[name]
 
 
 def merge_rows(rows: list[dict]) -> list[dict]:
@@ -937,30 +938,11 @@ def merge_rows(rows: list[dict]) -> list[dict]:
 
     Left and right stay two instances; a row without laterality joins the only instance of its name (or the
     one without laterality). Presence: positive > uncertain > negative; attributes are filled from rows that
-    share the winning presence; the evidence of the first winning row is kept.
+    share the winning presence; the evidence of the first winning row is kept. The rows (each with a name,
+    presence and ATTRS, as the standardiser writes them) are not changed: the instances are copies.
     """
-    by_name: dict[str, list[list]] = {}  # name -> its instances: [row, laterality]
-    order: list[list] = []
-    for row in rows:
-        lat = row_laterality(row)
-        insts = by_name.setdefault(row["name"], [])
-        target = _instance_to_join(insts, lat)
-        if target is None:
-            insts.append([dict(row), lat])
-            order.append(insts[-1])
-            continue
-        merged = target[0]
-        if RANK[row["presence"]] > RANK[merged["presence"]]:
-            old_location = merged["location"]
-            merged.update(row)
-            target[1] = lat or target[1]
-            if merged["location"] is None and lat is None:
-                merged["location"] = old_location
-        elif row["presence"] == merged["presence"]:
-            for key in ATTRS:
-                if merged.get(key) is None and row.get(key) is not None:
-                    merged[key] = row[key]
-    return [inst[0] for inst in order]
+    copies = [dict(row) for row in rows]
+    return _merge_instances(copies, [row_laterality(row) for row in copies], _BY_NAME)
 
 
 def _instance_to_join(insts: list[list], lat: str | None) -> list | None:
@@ -977,10 +959,12 @@ def _instance_to_join(insts: list[list], lat: str | None) -> list | None:
     return next((x for x in insts if x[1] is None), None)
 
 
-def _merge_instances(rows: list[list], keys: list[str | None]) -> list[list]:
-    """:func:`merge_rows` of the extractor's list rows (ROW_COLUMNS) with each row's :func:`row_laterality`
-    given (``keys``); the rows are merged in place (nobody else holds them)."""
-    name_at, presence_at, location_at = _AT["name"], _AT["presence"], _AT["location"]
+def _merge_instances(rows: list, keys: list[str | None], at: Mapping[str, object] = _AT) -> list:
+    """:func:`merge_rows` of rows whose fields are ``row[at[name]]`` (the extractor's list rows in ROW_COLUMNS
+    order by default; dicts with ``_BY_NAME``), each row's :func:`row_laterality` given (``keys``); the rows
+    are merged in place (nobody else holds them)."""
+    name_at, presence_at, location_at = at["name"], at["presence"], at["location"]
+    attrs_at = [at[name] for name in ATTRS]
     by_name: dict[str, list[list]] = {}
     order: list[list] = []
     for row, lat in zip(rows, keys, strict=True):
@@ -1002,7 +986,7 @@ def _merge_instances(rows: list[list], keys: list[str | None]) -> list[list]:
             target[0] = row
             target[1] = lat or target[1]
         elif rank == merged_rank:
-            for k in _ATTRS_AT:
+            for k in attrs_at:
                 if merged[k] is None and row[k] is not None:
                     merged[k] = row[k]
     return [inst[0] for inst in order]
