@@ -62,7 +62,8 @@ REPORTS = {
     502: (
         2,
         "train",
-        "The lungs are clear. No pleural effusion. Odd text {findings} and {0} braces }{.",
+        # braces, quotes, a backslash and a non-ASCII letter: JSON escapes them, templates ignore them
+        'The lungs are clear. No pleural effusion. Odd text {findings} and {0} braces }{. A "quote", \\ and café.',
         None,
         [("i502", "PA")],
         [("pleural effusion", "negative", 22)],
@@ -210,6 +211,11 @@ def test_streamed_annotation_is_the_json_document(tmp_path):
     buf = io.StringIO()
     chunks = r2gen.mimic_items(f["studies"], f["images"], f["sections"], "findings_impression", chunk=2)
     counts = r2gen.write_annotation(chunks, buf)
+    assert buf.getvalue() == json.dumps(whole, ensure_ascii=False)
+    # the items as JSON texts, made without the dicts (the rule's way): the same characters
+    buf = io.StringIO()
+    texts = r2gen.mimic_json_items(f["studies"], f["images"], f["sections"], "findings_impression", chunk=2)
+    assert r2gen.write_annotation(((split, items) for split, _, items in texts), buf) == counts
     assert buf.getvalue() == json.dumps(whole, ensure_ascii=False)
     assert counts == {split: len(items) for split, items in whole.items()}
     with pytest.raises(ValueError, match="out of split order"):

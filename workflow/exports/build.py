@@ -157,11 +157,11 @@ def r2gen_part(
         exported = set()
 
         def noting_studies(items):  # MIMIC's annotation is streamed a chunk of items at a time
-            for split, chunk in items:
-                exported.update(item["study_id"] for item in chunk)
+            for split, study_ids, chunk in items:
+                exported.update(study_ids)
                 yield split, chunk
 
-        chunks = noting_studies(r2gen.mimic_items(studies, images, sections, report_sections, clean))
+        chunks = noting_studies(r2gen.mimic_json_items(studies, images, sections, report_sections, clean))
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         counts = r2gen.write_annotation(chunks, fh)
     rejects = rejects_for(studies, sections, exported, dataset)
@@ -329,14 +329,20 @@ def parser(command: str | None) -> argparse.ArgumentParser:
     return p
 
 
+def _read(path: Path, columns: list[str]) -> pa.Table:
+    # one chunk per column: the builders take rows at random a chunk of items at a time, and Arrow
+    # takes from a many-chunk column (a Parquet row group each) by concatenating it first, every time
+    return read_table(path, columns).combine_chunks()
+
+
 def _read_inputs(args, findings: bool) -> tuple[pd.DataFrame, ...]:
-    studies = read_table(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
-    images = read_table(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
-    sections = read_table(args.sections, ["study_id", "findings", "impression"]).to_pandas()
+    studies = _read(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
+    images = _read(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
+    sections = _read(args.sections, ["study_id", "findings", "impression"]).to_pandas()
     if not findings:
         return studies, images, sections
     table = read_table(args.findings, ["study_id", "name", "presence", "section", "start"])
-    return studies, images, sections, table.filter(radialog.LABELLED_ROWS).to_pandas()
+    return studies, images, sections, table.filter(radialog.LABELLED_ROWS).combine_chunks().to_pandas()
 
 
 def _r2gen(args, studies, images, sections) -> tuple[dict, Rejects]:

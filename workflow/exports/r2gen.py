@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
+from json.encoder import encode_basestring  # JSONEncoder(ensure_ascii=False).encode of a str
 
 import numpy as np
 import pandas as pd
@@ -104,16 +105,16 @@ def mimic_rows(studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFra
     return img.sort_values(["split", "subject_id", "study_id", "dicom_id"], kind="stable")
 
 
-def mimic_items(
+def _mimic_columns(
     studies: pd.DataFrame,
     images: pd.DataFrame,
     sections: pd.DataFrame,
-    which: str = "findings",
-    clean: bool = False,
-    chunk: int = 20_000,
-) -> Iterator[tuple[str, list[dict]]]:
-    """The MIMIC-CXR annotation's items ``chunk`` at a time, as (split, items), the splits in
-    :data:`SPLITS` order: one item per image of every study with findings."""
+    which: str,
+    clean: bool,
+    chunk: int,
+) -> Iterator[tuple[str, list[str], list[int], list[int], list[str], list[str]]]:
+    """The MIMIC annotation's items ``chunk`` at a time, as columns: (split, dicom ids, study ids,
+    subject ids, reports, image paths); a study's images share its report string."""
     rows = mimic_rows(studies, images, sections)
     for split in SPLITS:
         part = rows[rows["split"] == split]
@@ -133,25 +134,78 @@ def mimic_items(
                     reports[row] = CLEANERS["mimic"](report) if clean else report
             yield (
                 split,
+                piece["dicom_id"].tolist(),
+                piece["study_id"].astype("int64").tolist(),
+                piece["subject_id"].astype("int64").tolist(),
+                [reports[row] for row in sec_rows.tolist()],
                 [
-                    {
-                        "id": dicom,
-                        "study_id": study,
-                        "subject_id": subject,
-                        "report": reports[row],
-                        "image_path": [path[6:] if path.startswith("files/") else path],
-                        "split": split,
-                    }
-                    for dicom, study, subject, row, path in zip(
-                        piece["dicom_id"].tolist(),
-                        piece["study_id"].astype("int64").tolist(),
-                        piece["subject_id"].astype("int64").tolist(),
-                        sec_rows.tolist(),
-                        images["image_path"].take(piece["img_row"].to_numpy()).tolist(),
-                        strict=True,
-                    )
+                    path[6:] if path.startswith("files/") else path
+                    for path in images["image_path"].take(piece["img_row"].to_numpy()).tolist()
                 ],
             )
+
+
+def mimic_items(
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    which: str = "findings",
+    clean: bool = False,
+    chunk: int = 20_000,
+) -> Iterator[tuple[str, list[dict]]]:
+    """The MIMIC-CXR annotation's items ``chunk`` at a time, as (split, items), the splits in
+    :data:`SPLITS` order: one item per image of every study with findings."""
+    for split, dicoms, study_ids, subject_ids, reports, paths in _mimic_columns(
+        studies, images, sections, which, clean, chunk
+    ):
+        yield (
+            split,
+            [
+                {
+                    "id": dicom,
+                    "study_id": study,
+                    "subject_id": subject,
+                    "report": report,
+                    "image_path": [path],
+                    "split": split,
+                }
+                for dicom, study, subject, report, path in zip(
+                    dicoms, study_ids, subject_ids, reports, paths, strict=True
+                )
+            ],
+        )
+
+
+def mimic_json_items(
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    which: str = "findings",
+    clean: bool = False,
+    chunk: int = 20_000,
+) -> Iterator[tuple[str, list[int], list[str]]]:
+    """:func:`mimic_items` as (split, the items' study ids, the items' JSON texts): the characters
+    ``json.dumps(item, ensure_ascii=False)`` writes, made field by field without the dicts (a study's
+    report is encoded once for its images)."""
+    for split, dicoms, study_ids, subject_ids, reports, paths in _mimic_columns(
+        studies, images, sections, which, clean, chunk
+    ):
+        encoded: dict[str, str] = {}  # report -> its JSON string
+        for report in reports:
+            if report not in encoded:
+                encoded[report] = encode_basestring(report)
+        tail = ', "split": ' + encode_basestring(split) + "}"
+        yield (
+            split,
+            study_ids,
+            [
+                f'{{"id": {encode_basestring(dicom)}, "study_id": {study}, "subject_id": {subject}, '
+                f'"report": {encoded[report]}, "image_path": [{encode_basestring(path)}]{tail}'
+                for dicom, study, subject, report, path in zip(
+                    dicoms, study_ids, subject_ids, reports, paths, strict=True
+                )
+            ],
+        )
 
 
 def mimic_annotation(
@@ -168,10 +222,11 @@ def mimic_annotation(
     return out
 
 
-def write_annotation(chunks: Iterable[tuple[str, list[dict]]], fh) -> dict[str, int]:
+def write_annotation(chunks: Iterable[tuple[str, list[dict] | list[str]]], fh) -> dict[str, int]:
     """Write (split, items) chunks, splits in :data:`SPLITS` order, as ``annotation.json``: the characters
     of ``json.dumps({"train": [...], "val": [...], "test": [...]}, ensure_ascii=False)`` without the
-    whole document in memory. Returns the items per split."""
+    whole document in memory. Items are dicts or their JSON texts (:func:`mimic_json_items`). Returns
+    the items per split."""
     encode = json.JSONEncoder(ensure_ascii=False).encode
     counts = dict.fromkeys(SPLITS, 0)
     opened = 0  # how many splits' keys are written
@@ -188,7 +243,8 @@ def write_annotation(chunks: Iterable[tuple[str, list[dict]]], fh) -> dict[str, 
             raise ValueError(f"annotation chunks out of split order: {split} after {SPLITS[opened - 1]}")
         open_through(k)
         if items:
-            fh.write((", " if counts[split] else "") + encode(items)[1:-1])
+            text = ", ".join(items) if isinstance(items[0], str) else encode(items)[1:-1]
+            fh.write((", " if counts[split] else "") + text)
             counts[split] += len(items)
     open_through(len(SPLITS) - 1)
     fh.write("]}")
