@@ -21,8 +21,8 @@ Command lines:
   the R2Gen export decides which studies are in none;
 * ``python -m workflow.exports radialog ...`` — the two RaDialog files, with their part of the summary and
   the language tasks' LLM requests (with ``llm.backend: llm`` the only part that asks an LLM);
-* ``python -m workflow.exports summary ...`` — summary.json, the card, the rejects and the LLM requests
-  from the parts;
+* ``python -m workflow.exports summary ...`` (:mod:`workflow.exports.summary`) — summary.json, the card,
+  the rejects and the LLM requests from the parts;
 * ``python -m workflow.exports ...`` (no command) — all of it in one process, the same files.
 
 The rules run the first three as separate jobs (rules/exports.smk): R2Gen and RaDialog build side by side,
@@ -33,9 +33,7 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import logging
-import shutil
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -45,37 +43,18 @@ import pyarrow as pa
 
 from workflow.cli import add_llm_task_args, setup_logging
 from workflow.cli import parser as cli_parser
-from workflow.exports import card, llm_tasks, prompt_source, r2gen, radialog
+from workflow.exports import llm_tasks, prompt_source, r2gen, radialog
+from workflow.exports import summary as exports_summary
 from workflow.exports.llm_tasks import InstructGenerator
 from workflow.exports.prompt_source import ExternalPrompts
 from workflow.llm.stages import write_requests
-from workflow.tables import Rejects, atomic_path, read_table, summary
+from workflow.tables import Rejects, atomic_path, read_table
 
 log = logging.getLogger(__name__)
 STAGE = "exports"
 OWN_PROMPTS = (
     "ours: libs/radialog_prompts.yaml (paraphrases; RaDialog's wording needs exports.radialog.prompts_from)"
 )
-# summary.json's keys, in its order, and the part that gives each
-R2GEN_KEYS = ("r2gen", "r2gen_report_sections")
-RADIALOG_KEYS = ("radialog_rg", "radialog_ins", "radialog_tasks", "radialog_prompts", "radialog_llm_tasks")
-
-
-def write_json(data, path: Path) -> None:
-    write_text(json.dumps(data, ensure_ascii=False), path)  # dumps uses the C encoder, dump does not
-
-
-def write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
-def copy_file(source: Path, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        shutil.copyfile(source, tmp)
-
-
 # each command line's path flags, by the names rules/exports.smk gives the inputs and outputs (None: the
 # whole stage in one process)
 RULE_FLAGS: dict[str | None, dict[str, str]] = {
@@ -210,16 +189,6 @@ def radialog_part(
     }
 
 
-def write_summary(r2gen_info: dict, radialog_info: dict, summary_path: Path, card_path: Path) -> dict:
-    """summary.json and the card from the two parts; the summary's counts."""
-    counts = {**{k: r2gen_info[k] for k in R2GEN_KEYS}, **{k: radialog_info[k] for k in RADIALOG_KEYS}}
-    write_json(counts, summary_path)
-    write_text(card.render(counts, r2gen_info["dataset"], r2gen_info["clean"]), card_path)
-    log.info("exports: %s", json.dumps(counts))
-    summary(STAGE, r2gen_info["studies"], r2gen_info["exported"], r2gen_info["rejected"])
-    return counts
-
-
 def prompt_summary(prompts: ExternalPrompts | None) -> dict:
     """Which prompt source a build used (summary.json, the log): files and key, and a digest of the
     wording, never RaDialog's text itself."""
@@ -310,13 +279,7 @@ def parser(command: str | None) -> argparse.ArgumentParser:
         _radialog_args(p)
         p.add_argument("--part", type=Path, required=True, help="its part of summary.json (JSON)")
     elif command == "summary":
-        p = cli_parser("The exports' summary.json, card, rejects and LLM requests from the parts")
-        p.add_argument("--r2gen-part", type=Path, required=True)
-        p.add_argument("--r2gen-rejects", type=Path, required=True)
-        p.add_argument("--radialog-part", type=Path, required=True)
-        p.add_argument("--radialog-llm-requests", type=Path, required=True)
-        _output_args(p)
-        p.add_argument("--llm-requests", type=Path, required=True)
+        p = exports_summary.parser()
     else:
         p = cli_parser(
             "R2GenGPT/MeGPT annotation.json and RaDialog RG/INS training files (the whole stage in one "
@@ -394,17 +357,11 @@ def _radialog(p: argparse.ArgumentParser, args, studies, images, sections, findi
 def main(argv: list[str] | None = None) -> dict:
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv[:1] and argv[0] in COMMANDS else None
+    if command == "summary":
+        return exports_summary.main(argv[1:])
     p = parser(command)
     args = p.parse_args(argv[1:] if command else argv)
     setup_logging(args.verbose)
-    if command == "summary":
-        r2gen_info = json.loads(args.r2gen_part.read_text())
-        counts = write_summary(
-            r2gen_info, json.loads(args.radialog_part.read_text()), args.summary, args.card
-        )
-        copy_file(args.r2gen_rejects, args.rejects)
-        copy_file(args.radialog_llm_requests, args.llm_requests)
-        return counts
     gc.disable()  # ~1M records of small objects and no cycles: the cyclic GC would only rescan them
     # Arrow's default pool (mimalloc) keeps what the readers and string kernels free for Arrow alone; the
     # system allocator hands it back to the Python objects that fill the rest of the run
@@ -412,18 +369,18 @@ def main(argv: list[str] | None = None) -> dict:
     if command == "r2gen":
         part, rejects = _r2gen(args, *_read_inputs(args, findings=False))
         rejects.write(args.rejects)
-        write_json(part, args.part)
+        exports_summary.write_json(part, args.part)
         return part
     inputs = _read_inputs(args, findings=True)
     if command == "radialog":
         part, requests = _radialog(p, args, *inputs)
         if args.llm_requests:
             write_requests(requests, args.llm_requests)
-        write_json(part, args.part)
+        exports_summary.write_json(part, args.part)
         return part
     r2gen_info, rejects = _r2gen(args, *inputs[:3])
     radialog_info, requests = _radialog(p, args, *inputs)
-    counts = write_summary(r2gen_info, radialog_info, args.summary, args.card)
+    counts = exports_summary.write_summary(r2gen_info, radialog_info, args.summary, args.card)
     rejects.write(args.rejects)
     if args.llm_requests:
         write_requests(requests, args.llm_requests)

@@ -28,13 +28,11 @@ from json.encoder import encode_basestring  # JSONEncoder(ensure_ascii=False).en
 import numpy as np
 import pandas as pd
 
+from workflow.exports import DEFAULT_SECTIONS, SECTION_CHOICES
 from workflow.exports.cleaners import CLEANERS
 from workflow.rg4.scenarios import SPLIT_NAMES
 
 SPLITS = ("train", "val", "test")
-SECTION_CHOICES = ("findings", "findings_impression")
-# the report of each corpus's reference annotation: R2GenGPT's MIMIC file / R2Gen's IU X-Ray file
-DEFAULT_SECTIONS = {"mimic": "findings_impression", "iu": "findings"}
 
 
 def report_sections(dataset: str, configured: str | None = None) -> str:
