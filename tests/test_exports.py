@@ -214,8 +214,8 @@ def test_streamed_annotation_is_the_json_document(tmp_path):
     assert buf.getvalue() == json.dumps(whole, ensure_ascii=False)
     # the items as JSON texts, made without the dicts (the rule's way): the same characters
     buf = io.StringIO()
-    texts = r2gen.mimic_json_items(f["studies"], f["images"], f["sections"], "findings_impression", chunk=2)
-    assert r2gen.write_annotation(((split, items) for split, _, items in texts), buf) == counts
+    columns = r2gen.mimic_columns(f["studies"], f["images"], f["sections"], "findings_impression", chunk=2)
+    assert r2gen.write_annotation(((c.split, r2gen.item_json(c)) for c in columns), buf) == counts
     assert buf.getvalue() == json.dumps(whole, ensure_ascii=False)
     assert counts == {split: len(items) for split, items in whole.items()}
     with pytest.raises(ValueError, match="out of split order"):

@@ -135,12 +135,12 @@ def r2gen_part(
     else:
         exported = set()
 
-        def noting_studies(items):  # MIMIC's annotation is streamed a chunk of items at a time
-            for split, study_ids, chunk in items:
-                exported.update(study_ids)
-                yield split, chunk
+        def noting_studies(columns):  # MIMIC's annotation is streamed a chunk of items at a time
+            for c in columns:
+                exported.update(c.study_ids)
+                yield c.split, r2gen.item_json(c)
 
-        chunks = noting_studies(r2gen.mimic_json_items(studies, images, sections, report_sections, clean))
+        chunks = noting_studies(r2gen.mimic_columns(studies, images, sections, report_sections, clean))
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
         counts = r2gen.write_annotation(chunks, fh)
     rejects = rejects_for(studies, sections, exported, dataset)

@@ -24,6 +24,7 @@ import json
 import re
 from collections.abc import Iterable, Iterator
 from json.encoder import encode_basestring  # JSONEncoder(ensure_ascii=False).encode of a str
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -103,16 +104,27 @@ def mimic_rows(studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFra
     return img.sort_values(["split", "subject_id", "study_id", "dicom_id"], kind="stable")
 
 
-def _mimic_columns(
+class Columns(NamedTuple):
+    """A chunk of the MIMIC annotation's items as columns; a study's images share its report string."""
+
+    split: str
+    dicom_ids: list[str]
+    study_ids: list[int]
+    subject_ids: list[int]
+    reports: list[str]
+    image_paths: list[str]
+
+
+def mimic_columns(
     studies: pd.DataFrame,
     images: pd.DataFrame,
     sections: pd.DataFrame,
-    which: str,
-    clean: bool,
-    chunk: int,
-) -> Iterator[tuple[str, list[str], list[int], list[int], list[str], list[str]]]:
-    """The MIMIC annotation's items ``chunk`` at a time, as columns: (split, dicom ids, study ids,
-    subject ids, reports, image paths); a study's images share its report string."""
+    which: str = "findings",
+    clean: bool = False,
+    chunk: int = 20_000,
+) -> Iterator[Columns]:
+    """The MIMIC-CXR annotation's items ``chunk`` at a time, the splits in :data:`SPLITS` order: one item
+    per image of every study with findings (:func:`item_dicts`, :func:`item_json`)."""
     rows = mimic_rows(studies, images, sections)
     for split in SPLITS:
         part = rows[rows["split"] == split]
@@ -130,7 +142,7 @@ def _mimic_columns(
                 if row not in reports:
                     report = _report(findings, impression, which)
                     reports[row] = CLEANERS["mimic"](report) if clean else report
-            yield (
+            yield Columns(
                 split,
                 piece["dicom_id"].tolist(),
                 piece["study_id"].astype("int64").tolist(),
@@ -143,67 +155,44 @@ def _mimic_columns(
             )
 
 
-def mimic_items(
-    studies: pd.DataFrame,
-    images: pd.DataFrame,
-    sections: pd.DataFrame,
-    which: str = "findings",
-    clean: bool = False,
-    chunk: int = 20_000,
-) -> Iterator[tuple[str, list[dict]]]:
-    """The MIMIC-CXR annotation's items ``chunk`` at a time, as (split, items), the splits in
-    :data:`SPLITS` order: one item per image of every study with findings."""
-    for split, dicoms, study_ids, subject_ids, reports, paths in _mimic_columns(
-        studies, images, sections, which, clean, chunk
-    ):
-        yield (
-            split,
-            [
-                {
-                    "id": dicom,
-                    "study_id": study,
-                    "subject_id": subject,
-                    "report": report,
-                    "image_path": [path],
-                    "split": split,
-                }
-                for dicom, study, subject, report, path in zip(
-                    dicoms, study_ids, subject_ids, reports, paths, strict=True
-                )
-            ],
-        )
+def _rows(c: Columns):
+    return zip(c.dicom_ids, c.study_ids, c.subject_ids, c.reports, c.image_paths, strict=True)
 
 
-def mimic_json_items(
-    studies: pd.DataFrame,
-    images: pd.DataFrame,
-    sections: pd.DataFrame,
-    which: str = "findings",
-    clean: bool = False,
-    chunk: int = 20_000,
-) -> Iterator[tuple[str, list[int], list[str]]]:
-    """:func:`mimic_items` as (split, the items' study ids, the items' JSON texts): the characters
-    ``json.dumps(item, ensure_ascii=False)`` writes, made field by field without the dicts (a study's
-    report is encoded once for its images)."""
-    for split, dicoms, study_ids, subject_ids, reports, paths in _mimic_columns(
-        studies, images, sections, which, clean, chunk
-    ):
-        encoded: dict[str, str] = {}  # report -> its JSON string
-        for report in reports:
-            if report not in encoded:
-                encoded[report] = encode_basestring(report)
-        tail = ', "split": ' + encode_basestring(split) + "}"
-        yield (
-            split,
-            study_ids,
-            [
-                f'{{"id": {encode_basestring(dicom)}, "study_id": {study}, "subject_id": {subject}, '
-                f'"report": {encoded[report]}, "image_path": [{encode_basestring(path)}]{tail}'
-                for dicom, study, subject, report, path in zip(
-                    dicoms, study_ids, subject_ids, reports, paths, strict=True
-                )
-            ],
-        )
+def item_dicts(c: Columns) -> list[dict]:
+    """The items of a chunk."""
+    return [
+        {
+            "id": dicom,
+            "study_id": study,
+            "subject_id": subject,
+            "report": report,
+            "image_path": [path],
+            "split": c.split,
+        }
+        for dicom, study, subject, report, path in _rows(c)
+    ]
+
+
+def item_json(c: Columns) -> list[str]:
+    """The JSON texts of :func:`item_dicts`: the characters ``json.dumps(item, ensure_ascii=False)``
+    writes, made field by field without the dicts (a study's report encoded once for its images)."""
+    encoded: dict[str, str] = {}  # report -> its JSON string
+    for report in c.reports:
+        if report not in encoded:
+            encoded[report] = encode_basestring(report)
+    tail = ', "split": ' + encode_basestring(c.split) + "}"
+    return [
+        f'{{"id": {encode_basestring(dicom)}, "study_id": {study}, "subject_id": {subject}, '
+        f'"report": {encoded[report]}, "image_path": [{encode_basestring(path)}]{tail}'
+        for dicom, study, subject, report, path in _rows(c)
+    ]
+
+
+def mimic_items(*args, **kwargs) -> Iterator[tuple[str, list[dict]]]:
+    """:func:`mimic_columns` (the same arguments) as (split, items)."""
+    for c in mimic_columns(*args, **kwargs):
+        yield c.split, item_dicts(c)
 
 
 def mimic_annotation(
@@ -223,7 +212,7 @@ def mimic_annotation(
 def write_annotation(chunks: Iterable[tuple[str, list[dict] | list[str]]], fh) -> dict[str, int]:
     """Write (split, items) chunks, splits in :data:`SPLITS` order, as ``annotation.json``: the characters
     of ``json.dumps({"train": [...], "val": [...], "test": [...]}, ensure_ascii=False)`` without the
-    whole document in memory. Items are dicts or their JSON texts (:func:`mimic_json_items`). Returns
+    whole document in memory. Items are dicts or their JSON texts (:func:`item_json`). Returns
     the items per split."""
     encode = json.JSONEncoder(ensure_ascii=False).encode
     counts = dict.fromkeys(SPLITS, 0)
