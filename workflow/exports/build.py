@@ -259,12 +259,6 @@ def _radialog_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def _output_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--summary", type=Path, required=True)
-    p.add_argument("--card", type=Path, required=True, help="README.md")
-    p.add_argument("--rejects", type=Path, required=True)
-
-
 def parser(command: str | None) -> argparse.ArgumentParser:
     """The command line of ``command`` (None: the whole stage in one process)."""
     if command == "r2gen":
@@ -288,7 +282,9 @@ def parser(command: str | None) -> argparse.ArgumentParser:
         _input_args(p, findings=True)
         _r2gen_args(p)
         _radialog_args(p)
-        _output_args(p)
+        p.add_argument("--summary", type=Path, required=True)
+        p.add_argument("--card", type=Path, required=True, help="README.md")
+        p.add_argument("--rejects", type=Path, required=True)
     return p
 
 
