@@ -12,8 +12,8 @@ Upstream steps are not timed. ``--inputs DIR`` takes them instead from a whole-D
 (``DIR/ingest/{studies,images}.parquet``, ``DIR/sections/sections.parquet``,
 ``DIR/keyinfo/rules/findings.parquet``, as ``bench/bench_dag.py`` leaves them), read only; the outputs and
 the tokenizer then go to ``--out`` (default ``bench/cache/rg4/``). Then ``python -m workflow.rg4`` (rules rewriter, token weights) and
-``python -m workflow.exports`` run as subprocesses with the flags their rules pass (file names from
-``rules/*.smk``), and their wall time, CPU time and peak RSS (``/usr/bin/time -v``) are reported and
+``python -m workflow.exports`` (the whole stage in one process; the DAG runs its R2Gen and RaDialog parts as
+two jobs) run as subprocesses with the flags their rules pass (file names from ``rules/*.smk``), and their wall time, CPU time and peak RSS (``/usr/bin/time -v``) are reported and
 written to ``bench/RESULTS.md`` under "## RG4 and exports".
 """
 
@@ -215,7 +215,12 @@ def main(argv: list[str] | None = None) -> None:
     tokenizer = tiny_tokenizer(work / "tokenizer")
     out = {
         "rg4": rule_outputs("rg4", work / "out"),
-        "exports": rule_outputs("exports", work / "out"),
+        # the outputs of the three exports rules: the stage runs in one process here
+        "exports": {
+            name: path
+            for rule in ("exports_r2gen", "exports_radialog", "exports")
+            for name, path in rule_outputs(rule, work / "out", "exports").items()
+        },
     }
     # the stage as its rule runs it: the rule's path flags, 2 threads, token weights with a tokenizer
     rg4 = measure(
@@ -224,14 +229,7 @@ def main(argv: list[str] | None = None) -> None:
         work / "rg4.log",
     )
     exports = measure(
-        [
-            PY,
-            "-m",
-            "workflow.exports",
-            *exports_build.rule_args({**inputs, **out["exports"]}),
-            "--workers",
-            "2",
-        ],
+        [PY, "-m", "workflow.exports", *exports_build.rule_args({**inputs, **out["exports"]})],
         work / "exports.log",
     )
     n_studies = pq.ParquetFile(inputs["studies"]).metadata.num_rows

@@ -180,6 +180,8 @@ ALL_RULES = {
     "vqa_shard",
     "rg4_shard",
     "rg4",
+    "exports_r2gen",
+    "exports_radialog",
     "exports",
     "release_vqa",
     "release_rg4",
@@ -329,7 +331,9 @@ def test_slurm_profile_asks_for_each_rules_own_resources(tmp_path):
         ("ingest", 2000, 30),
         ("rg4_shard", 4000, 60),
         ("rg4", 2000, 30),
-        ("exports", 4000, 60),
+        ("exports_r2gen", 2000, 30),
+        ("exports_radialog", 4000, 60),
+        ("exports", 500, 10),
         ("vqa", 2000, 30),
     ):
         assert f"mem_mb={mem_mb}," in blocks[rule] and f"runtime={runtime}" in blocks[rule], blocks[rule]

@@ -8,10 +8,10 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from workflow_run import run_stage
+from workflow_run import rule_outputs
 
 from workflow.contract import FINDINGS, IMAGES, SECTIONS, STUDIES
-from workflow.exports import r2gen, radialog
+from workflow.exports import build, r2gen, radialog
 from workflow.exports.cleaners import clean_iu, clean_mimic
 from workflow.tables import read_table, write_table
 
@@ -62,7 +62,8 @@ REPORTS = {
     502: (
         2,
         "train",
-        "The lungs are clear. No pleural effusion. Odd text {findings} and {0} braces }{.",
+        # braces, quotes, a backslash and a non-ASCII letter: JSON escapes them, templates ignore them
+        'The lungs are clear. No pleural effusion. Odd text {findings} and {0} braces }{. A "quote", \\ and café.',
         None,
         [("i502", "PA")],
         [("pleural effusion", "negative", 22)],
@@ -160,6 +161,23 @@ def frames(paths):
     return {k: read_table(p).to_pandas() for k, p in paths.items()}
 
 
+EXPORT_RULES = ("exports_r2gen", "exports_radialog", "exports")  # rules/exports.smk
+
+
+def exports_outputs(outdir: Path) -> dict[str, Path]:
+    """Every output of the exports rules, by name, under ``outdir``."""
+    return {
+        name: path for rule in EXPORT_RULES for name, path in rule_outputs(rule, outdir, "exports").items()
+    }
+
+
+def run_exports(inputs: dict[str, Path], outdir: Path, *options: str) -> dict[str, Path]:
+    """The whole stage in one process (``python -m workflow.exports``), with the rules' file names."""
+    outputs = exports_outputs(outdir)
+    build.main([*build.rule_args({**inputs, **outputs}), *options])
+    return outputs
+
+
 # --- R2Gen annotation -------------------------------------------------------------------------------------
 
 
@@ -193,6 +211,11 @@ def test_streamed_annotation_is_the_json_document(tmp_path):
     buf = io.StringIO()
     chunks = r2gen.mimic_items(f["studies"], f["images"], f["sections"], "findings_impression", chunk=2)
     counts = r2gen.write_annotation(chunks, buf)
+    assert buf.getvalue() == json.dumps(whole, ensure_ascii=False)
+    # the items as JSON texts, made without the dicts (the rule's way): the same characters
+    buf = io.StringIO()
+    columns = r2gen.mimic_columns(f["studies"], f["images"], f["sections"], "findings_impression", chunk=2)
+    assert r2gen.write_annotation(((c.split, r2gen.item_json(c)) for c in columns), buf) == counts
     assert buf.getvalue() == json.dumps(whole, ensure_ascii=False)
     assert counts == {split: len(items) for split, items in whole.items()}
     with pytest.raises(ValueError, match="out of split order"):
@@ -323,11 +346,11 @@ def test_radialog_files(tmp_path):
 
     docs = []
     for encoded in radialog.build_encoded(radialog_builder(f, 3))[:2]:
-        buf = io.StringIO()
+        buf = io.BytesIO()
         radialog.write_json_list(encoded, buf, chunk=7)
         docs.append(buf.getvalue())
-    # the same characters as json.dumps of the records (the RG instructions are encoded once, shared)
-    assert docs == [json.dumps(rg, ensure_ascii=False), json.dumps(ins, ensure_ascii=False)]
+    # the bytes of json.dumps of the records (the RG instructions are encoded once, shared)
+    assert docs == [json.dumps(r, ensure_ascii=False).encode() for r in (rg, ins)]
     # deterministic for a seed, different for another
     again = radialog.build(radialog_builder(f, 3))
     assert again[1] == ins
@@ -362,17 +385,29 @@ def test_radialog_instruct_answers(tmp_path):
 
 def test_exports_rule(tmp_path):
     paths = write_inputs(tmp_path)
-    out = run_stage("exports", paths, tmp_path / "one")
+    out = run_exports(paths, tmp_path / "one")
     ann = json.loads(out["r2gen"].read_text())
     assert sum(len(v) for v in ann.values()) == 7
     assert json.loads(out["radialog_rg"].read_text())
     assert json.loads(out["summary"].read_text())["r2gen"] == {"train": 5, "val": 2, "test": 0}
     rejects = read_table(out["rejects"]).to_pylist()
     assert [(r["study_id"], r["reason"]) for r in rejects] == [(505, "no_findings")]
-    # two processes (R2Gen beside RaDialog) write the same files
-    out2 = run_stage("exports", paths, tmp_path / "two", "--workers", "2")
-    for name in ("r2gen", "radialog_rg", "radialog_ins", "summary"):
-        assert out[name].read_text() == out2[name].read_text()
+
+
+def test_rules_parts_write_the_stage_files(tmp_path):
+    """The rules' jobs (R2Gen, RaDialog, then the summary from their parts) write the files of the whole
+    stage in one process, byte for byte."""
+    paths = write_inputs(tmp_path, big_corpus())
+    options = ("--seed", "2")  # a RaDialog option: given to its job
+    whole = run_exports(paths, tmp_path / "one", *options)
+    parts = exports_outputs(tmp_path / "parts")
+    for command in ("r2gen", "radialog", "summary"):
+        build.main(
+            [*build.rule_args({**paths, **parts}, command), *(options if command == "radialog" else ())]
+        )
+    for name in ("r2gen", "radialog_rg", "radialog_ins", "summary", "card", "rejects", "llm_requests"):
+        assert parts[name].read_bytes() == whole[name].read_bytes(), name
+    assert json.loads(parts["summary"].read_text())["radialog_tasks"]["report_generation"] > 0
 
 
 def test_region_qa_without_evidence_spans():
@@ -393,7 +428,7 @@ def test_region_qa_without_evidence_spans():
         }
     )
     builder = radialog.Builder([img], findings, seed=0)
-    answers = {builder.region_qa(img, random.Random(seed))["output"] for seed in range(60)}
+    answers = {builder.region_qa(img, random.Random(seed)).output for seed in range(60)}
     assert "Yes, there is cardiomegaly." in answers
     assert "No, the lungs appear clear." in answers
     assert not any(a.startswith("No, the heart") for a in answers)
@@ -405,7 +440,7 @@ def test_region_qa_without_evidence_spans():
 def test_report_sections_default_per_corpus(tmp_path):
     """MIMIC: findings + impression (R2GenGPT's own MIMIC file); IU X-Ray: findings only (R2Gen's)."""
     paths = write_inputs(tmp_path)
-    mimic = run_stage("exports", paths, tmp_path / "mimic")
+    mimic = run_exports(paths, tmp_path / "mimic")
     ann = json.loads(mimic["r2gen"].read_text())
     reports = {it["id"]: it["report"] for items in ann.values() for it in items}
     assert reports["i501a"] == REPORTS[501][2] + " " + REPORTS[501][3]
@@ -418,7 +453,7 @@ def test_report_sections_default_per_corpus(tmp_path):
     assert "the default for this corpus" in card
     assert "Easy language, reasoning: absent" in card  # rules backend
 
-    iu = run_stage("exports", paths, tmp_path / "iu", "--dataset", "iu")
+    iu = run_exports(paths, tmp_path / "iu", "--dataset", "iu")
     ann = json.loads(iu["r2gen"].read_text())
     assert [it["report"] for items in ann.values() for it in items] == [REPORTS[501][2], REPORTS[504][2]]
     assert json.loads(iu["summary"].read_text())["r2gen_report_sections"] == "findings"
@@ -426,7 +461,7 @@ def test_report_sections_default_per_corpus(tmp_path):
     assert "Corpus: IU X-Ray" in card and "`report`: findings only (R2Gen's convention" in card
 
     # an explicit choice wins over the corpus default
-    only = run_stage("exports", paths, tmp_path / "only", "--report-sections", "findings")
+    only = run_exports(paths, tmp_path / "only", "--report-sections", "findings")
     ann = json.loads(only["r2gen"].read_text())
     assert next(it for it in ann["train"] if it["id"] == "i501a")["report"] == REPORTS[501][2]
     assert (
@@ -473,7 +508,7 @@ def fake_checkout(root: Path, system_in_json: bool = False, scripts: bool = True
 def test_radialog_prompts_from_checkout(tmp_path):
     checkout = fake_checkout(tmp_path / "RaDialog")
     paths = write_inputs(tmp_path, big_corpus())
-    out = run_stage("exports", paths, tmp_path / "theirs", "--radialog-prompts-from", str(checkout))
+    out = run_exports(paths, tmp_path / "theirs", "--radialog-prompts-from", str(checkout))
     rg = json.loads(out["radialog_rg"].read_text())
     ins = json.loads(out["radialog_ins"].read_text())
     before, after = FAKE_INSTRUCTION.split("{findings}")
@@ -486,7 +521,7 @@ def test_radialog_prompts_from_checkout(tmp_path):
     filled = {r["instruction"].split(before, 1)[1].split(after, 1)[0] for r in rg}
     assert "cardiomegaly, pleural effusion" in filled and "no finding" in filled
     # the same records as with our prompts, only the wording differs
-    own = run_stage("exports", paths, tmp_path / "own")
+    own = run_exports(paths, tmp_path / "own")
     own_rg = json.loads(own["radialog_rg"].read_text())
     assert [(r["dicom"], r["output"]) for r in own_rg] == [(r["dicom"], r["output"]) for r in rg]
     # summary.json says which source, by file and key, never the text

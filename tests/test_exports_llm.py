@@ -18,9 +18,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI  # noqa: E402
-from test_exports import big_corpus, write_inputs  # noqa: E402
+from test_exports import big_corpus, exports_outputs, run_exports, write_inputs  # noqa: E402
 from test_rg4_llm import llm_config  # noqa: E402
-from workflow_run import rule_outputs, run_stage  # noqa: E402
 
 from workflow.exports import llm_tasks  # noqa: E402
 
@@ -56,7 +55,7 @@ def test_llm_tasks_against_loopback_server(tmp_path):
     cache = tmp_path / "cache.sqlite"
     with InstructServer(faults={"500": 0.3}, seed=3) as srv:
         extra = ("--llm-config", llm_config(srv.base_url), "--llm-cache", str(cache), "--llm-endpoint", "e")
-        a = run_stage("exports", paths, tmp_path / "a", *extra)
+        a = run_exports(paths, tmp_path / "a", *extra)
         assert srv.count("500") > 0 and srv.count("ok") > 0
         summary = json.loads(a["summary"].read_text())
         ins = json.loads(a["radialog_ins"].read_text())
@@ -85,7 +84,7 @@ def test_llm_tasks_against_loopback_server(tmp_path):
         assert f"{stats['accepted']:,} of {stats['jobs']:,} jobs accepted" in card
         assert "| easy_language |" in card and "| reasoning |" in card
         # the rules tasks are the same records as without the LLM
-        rules_out = run_stage("exports", paths, tmp_path / "rules")
+        rules_out = run_exports(paths, tmp_path / "rules")
         rules_summary = json.loads(rules_out["summary"].read_text())
         assert rules_summary["radialog_llm_tasks"] == llm_tasks.ABSENT
         assert "easy_language" not in rules_summary["radialog_tasks"]
@@ -96,7 +95,7 @@ def test_llm_tasks_against_loopback_server(tmp_path):
         )
         # a re-run is answered from the cache: nothing is sent, the files are the same
         srv.reset_counts()
-        b = run_stage("exports", paths, tmp_path / "b", *extra)
+        b = run_exports(paths, tmp_path / "b", *extra)
         assert srv.count() == 0
         assert b["radialog_ins"].read_text() == a["radialog_ins"].read_text()
         assert json.loads(b["summary"].read_text())["radialog_llm_tasks"]["sent"] == 0
@@ -107,8 +106,7 @@ def test_credentialed_corpus_refused_for_public_endpoint(tmp_path):
     paths = write_inputs(tmp_path, big_corpus(30))
     config = json.loads(llm_config("https://api.openai.com/v1"))
     with pytest.raises(Exception, match=r"(?i)public|credentialed|DUA"):
-        run_stage(
-            "exports",
+        run_exports(
             paths,
             tmp_path / "x",
             "--llm-config",
@@ -118,7 +116,7 @@ def test_credentialed_corpus_refused_for_public_endpoint(tmp_path):
             "--llm-endpoint",
             "e",
         )
-    assert not rule_outputs("exports", tmp_path / "x")["radialog_ins"].exists()
+    assert not exports_outputs(tmp_path / "x")["radialog_ins"].exists()
 
 
 def test_rule_passes_the_llm_only_with_the_llm_backend():

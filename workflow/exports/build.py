@@ -1,4 +1,4 @@
-"""The exports rule: the training files of the other seeds from our tables.
+"""The exports stage: the training files of the other seeds from our tables.
 
 Writes (one flag per file, named as rules/exports.smk names them; :func:`rule_args` builds the flags
 from those names):
@@ -11,16 +11,31 @@ from those names):
   source and the LLM tasks' accounting (or why they are absent);
 * ``--card`` (README.md) — the same as a card for readers (:mod:`workflow.exports.card`);
 * ``--rejects`` — studies in no export: ``no_findings`` (R2Gen and RaDialog train on findings),
-  ``too_few_images`` (IU needs ``--iu-images``), ``not_in_split``.
+  ``too_few_images`` (IU needs ``--iu-images``), ``not_in_split``;
+* ``--llm-requests`` — the language tasks' LLM_REQUESTS rows (empty with the rules backend).
+
+Command lines:
+
+* ``python -m workflow.exports r2gen ...`` — the R2Gen annotation, with its part of the summary
+  (``--part``, JSON) and the stage's rejects (``--rejects``): every RaDialog image is an R2Gen item, so
+  the R2Gen export decides which studies are in none;
+* ``python -m workflow.exports radialog ...`` — the two RaDialog files, with their part of the summary and
+  the language tasks' LLM requests (with ``llm.backend: llm`` the only part that asks an LLM);
+* ``python -m workflow.exports summary ...`` (:mod:`workflow.exports.summary`) — summary.json, the card,
+  the rejects and the LLM requests from the parts;
+* ``python -m workflow.exports ...`` (no command) — all of it in one process, the same files.
+
+The rules run the first three as separate jobs (rules/exports.smk): R2Gen and RaDialog build side by side,
+and R2Gen needs no findings, so it starts as soon as the sections exist.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
-import json
 import logging
+import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -28,119 +43,150 @@ import pyarrow as pa
 
 from workflow.cli import add_llm_task_args, setup_logging
 from workflow.cli import parser as cli_parser
-from workflow.exports import card, llm_tasks, prompt_source, r2gen, radialog
+from workflow.exports import llm_tasks, prompt_source, r2gen, radialog
+from workflow.exports import summary as exports_summary
 from workflow.exports.llm_tasks import InstructGenerator
 from workflow.exports.prompt_source import ExternalPrompts
 from workflow.llm.stages import write_requests
-from workflow.tables import Rejects, atomic_path, read_table, summary
+from workflow.tables import Rejects, atomic_path, read_table
 
 log = logging.getLogger(__name__)
 STAGE = "exports"
 OWN_PROMPTS = (
     "ours: libs/radialog_prompts.yaml (paraphrases; RaDialog's wording needs exports.radialog.prompts_from)"
 )
-
-
-def write_json(data, path: Path) -> None:
-    write_text(json.dumps(data, ensure_ascii=False), path)  # dumps uses the C encoder, dump does not
-
-
-def write_text(text: str, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-
-
-@dataclass
-class OutputPaths:
-    r2gen: Path
-    radialog_rg: Path
-    radialog_ins: Path
-    summary: Path
-    rejects: Path
-    card: Path  # README.md: what the files hold and how they were made
-
-
-# rules/exports.smk's input and output names -> this stage's path flags
-RULE_FLAGS = {
-    "studies": "--studies",
-    "images": "--images",
-    "sections": "--sections",
-    "findings": "--findings",
-    "r2gen": "--r2gen",
-    "radialog_rg": "--radialog-rg",
-    "radialog_ins": "--radialog-ins",
-    "summary": "--summary",
-    "card": "--card",
-    "rejects": "--rejects",
-    "llm_requests": "--llm-requests",
+# each command line's path flags, by the names rules/exports.smk gives the inputs and outputs (None: the
+# whole stage in one process)
+RULE_FLAGS: dict[str | None, dict[str, str]] = {
+    "r2gen": {
+        "studies": "--studies",
+        "images": "--images",
+        "sections": "--sections",
+        "r2gen": "--r2gen",
+        "r2gen_part": "--part",
+        "r2gen_rejects": "--rejects",
+    },
+    "radialog": {
+        "studies": "--studies",
+        "images": "--images",
+        "sections": "--sections",
+        "findings": "--findings",
+        "radialog_rg": "--radialog-rg",
+        "radialog_ins": "--radialog-ins",
+        "radialog_part": "--part",
+        "radialog_llm_requests": "--llm-requests",
+    },
+    "summary": {
+        "r2gen_part": "--r2gen-part",
+        "r2gen_rejects": "--r2gen-rejects",
+        "radialog_part": "--radialog-part",
+        "radialog_llm_requests": "--radialog-llm-requests",
+        "summary": "--summary",
+        "card": "--card",
+        "rejects": "--rejects",
+        "llm_requests": "--llm-requests",
+    },
+    None: {
+        "studies": "--studies",
+        "images": "--images",
+        "sections": "--sections",
+        "findings": "--findings",
+        "r2gen": "--r2gen",
+        "radialog_rg": "--radialog-rg",
+        "radialog_ins": "--radialog-ins",
+        "summary": "--summary",
+        "card": "--card",
+        "rejects": "--rejects",
+        "llm_requests": "--llm-requests",
+    },
 }
+COMMANDS = tuple(c for c in RULE_FLAGS if c)
 
 
-def rule_args(paths: Mapping[str, Path]) -> list[str]:
-    """The path flags of rules/exports.smk's shell line, from the names of its inputs and outputs: tests
-    and bench/ run the stage the way the rule does. Names the shell line does not pass are ignored."""
-    return [x for name, flag in RULE_FLAGS.items() for x in (flag, str(paths[name]))]
+def rule_args(paths: Mapping[str, Path], command: str | None = None) -> list[str]:
+    """The command and path flags of a shell line of rules/exports.smk, from the names of its rule's
+    inputs and outputs (``command`` None: the whole stage, from the names of all its rules): tests and
+    bench/ run the stage the way the rules do. Names the command line does not take are ignored."""
+    flags = [x for name, flag in RULE_FLAGS[command].items() for x in (flag, str(paths[name]))]
+    return [command, *flags] if command else flags
 
 
-def run(
+# --- the parts --------------------------------------------------------------------------------------------
+
+
+def r2gen_part(
     studies: pd.DataFrame,
     images: pd.DataFrame,
     sections: pd.DataFrame,
-    findings: pd.DataFrame,
-    paths: OutputPaths,
+    path: Path,
     dataset: str = "mimic",
     report_sections: str | None = None,
     clean: bool = False,
     iu_images: int = 2,
+) -> tuple[dict, Rejects]:
+    """Write the R2Gen annotation; (its part of the summary, the stage's rejects). ``report_sections``
+    None: the corpus default (:func:`workflow.exports.r2gen.report_sections`)."""
+    report_sections = r2gen.report_sections(dataset, report_sections)
+    log.info("r2gen annotation: report = %s", report_sections.replace("_", " + "))
+    if dataset == "iu":
+        annotation = r2gen.iu_annotation(studies, images, sections, report_sections, clean, iu_images)
+        exported = {int(i) for i in _iu_study_ids(annotation, images)}
+        chunks = annotation.items()
+    else:
+        exported = set()
+
+        def noting_studies(columns):  # MIMIC's annotation is streamed a chunk of items at a time
+            for c in columns:
+                exported.update(c.study_ids)
+                yield c.split, r2gen.item_json(c)
+
+        chunks = noting_studies(r2gen.mimic_columns(studies, images, sections, report_sections, clean))
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        counts = r2gen.write_annotation(chunks, fh)
+    rejects = rejects_for(studies, sections, exported, dataset)
+    part = {
+        "r2gen": counts,
+        "r2gen_report_sections": report_sections,
+        "dataset": dataset,
+        "clean": clean,
+        "studies": len(studies),
+        "exported": len(exported),
+        "rejected": len(rejects),
+    }
+    return part, rejects
+
+
+def radialog_part(
+    studies: pd.DataFrame,
+    images: pd.DataFrame,
+    sections: pd.DataFrame,
+    findings: pd.DataFrame,
+    rg_path: Path,
+    ins_path: Path,
     seed: int = 0,
-    workers: int = 1,
     prompts: ExternalPrompts | None = None,
     generator: InstructGenerator | None = None,
 ) -> dict:
-    """Write every export; with ``workers`` > 1 the R2Gen annotation is built on a forked process while
-    this one builds the RaDialog files. ``report_sections`` None: the corpus default
-    (:func:`workflow.exports.r2gen.report_sections`); ``prompts``: RaDialog's own RG instruction and
-    system message (:func:`workflow.exports.prompt_source.load`), else our paraphrases."""
-    report_sections = r2gen.report_sections(dataset, report_sections)
-    log.info("r2gen annotation: report = %s", report_sections.replace("_", " + "))
+    """Write the RaDialog RG and INS files; their part of the summary. ``prompts``: RaDialog's own RG
+    instruction and system message (:func:`workflow.exports.prompt_source.load`), else our paraphrases;
+    ``generator``: the LLM layer for the easy-language and reasoning tasks (None: not built)."""
     prompt_info = prompt_summary(prompts)
     log.info("radialog prompts: %s", prompt_info["source"])
-    _R2GEN.update(args=(studies, images, sections, paths, dataset, report_sections, clean, iu_images))
-    try:
-        if workers > 1:
-            import multiprocessing as mp
-            from concurrent.futures import ProcessPoolExecutor
-
-            with ProcessPoolExecutor(1, mp_context=mp.get_context("fork")) as pool:
-                future = pool.submit(_r2gen_export)
-                # built after the fork: the RaDialog side overlaps the R2Gen one from its first step
-                builder = radialog.builder_for(studies, images, sections, findings, seed, prompts)
-                rg, ins, task_counts = radialog.build_encoded(builder, generator)
-                _write_radialog(rg, ins, paths)
-                r2gen_counts, exported = future.result()
-        else:
-            r2gen_counts, exported = _r2gen_export()
-            builder = radialog.builder_for(studies, images, sections, findings, seed, prompts)
-            rg, ins, task_counts = radialog.build_encoded(builder, generator)
-            _write_radialog(rg, ins, paths)
-    finally:
-        _R2GEN.clear()
+    builder = radialog.builder_for(studies, images, sections, findings, seed, prompts)
+    rg, ins, task_counts = radialog.build_encoded(builder, generator)
+    for records, path in ((rg, rg_path), (ins, ins_path)):
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            radialog.write_json_list(records, fh)
+    if generator is None:
+        log.info("radialog llm tasks: %s", llm_tasks.ABSENT)
     n_rg = task_counts["report_generation"]
-    counts = {
-        "r2gen": r2gen_counts,
-        "r2gen_report_sections": report_sections,
+    return {
         "radialog_rg": n_rg,
         "radialog_ins": n_rg + sum(v for k, v in task_counts.items() if k != "report_generation"),
         "radialog_tasks": task_counts,
         "radialog_prompts": prompt_info,
         "radialog_llm_tasks": generator.stats if generator else llm_tasks.ABSENT,
     }
-    if generator is None:
-        log.info("radialog llm tasks: %s", llm_tasks.ABSENT)
-    write_json(counts, paths.summary)
-    write_text(card.render(counts, dataset, clean), paths.card)
-    return {"counts": counts, "exported": set(exported)}
 
 
 def prompt_summary(prompts: ExternalPrompts | None) -> dict:
@@ -149,39 +195,6 @@ def prompt_summary(prompts: ExternalPrompts | None) -> dict:
     if prompts is None:
         return {"source": OWN_PROMPTS, "sha256": None}
     return {"source": prompts.description, "sha256": prompts.digest()}
-
-
-_R2GEN: dict = {}  # what the forked R2Gen writer inherits (never pickled)
-
-
-def _r2gen_export() -> tuple[dict[str, int], list[int]]:
-    """Build and write the R2Gen annotation; (items per split, exported study ids). MIMIC's is streamed
-    a chunk of items at a time."""
-    studies, images, sections, paths, dataset, report_sections, clean, iu_images = _R2GEN["args"]
-    if dataset == "iu":
-        annotation = r2gen.iu_annotation(studies, images, sections, report_sections, clean, iu_images)
-        exported = {int(i) for i in _iu_study_ids(annotation, images)}
-        chunks = annotation.items()
-    else:
-        exported = set()
-
-        def noting_studies(items):
-            for split, chunk in items:
-                exported.update(item["study_id"] for item in chunk)
-                yield split, chunk
-
-        chunks = noting_studies(r2gen.mimic_items(studies, images, sections, report_sections, clean))
-    paths.r2gen.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(paths.r2gen) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        counts = r2gen.write_annotation(chunks, fh)
-    return counts, sorted(exported)
-
-
-def _write_radialog(rg: list[str], ins: list[str], paths: OutputPaths) -> None:
-    for records, path in ((rg, paths.radialog_rg), (ins, paths.radialog_ins)):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-            radialog.write_json_list(records, fh)
 
 
 def _iu_study_ids(annotation: dict, images: pd.DataFrame) -> list[int]:
@@ -207,18 +220,19 @@ def rejects_for(studies: pd.DataFrame, sections: pd.DataFrame, exported: set[int
     return rejects
 
 
-def main(argv: list[str] | None = None) -> dict:
-    p = cli_parser("R2GenGPT/MeGPT annotation.json and RaDialog RG/INS training files")
+# --- command lines ----------------------------------------------------------------------------------------
+
+
+def _input_args(p: argparse.ArgumentParser, findings: bool) -> None:
     p.add_argument("--studies", required=True, type=Path)
     p.add_argument("--images", required=True, type=Path)
     p.add_argument("--sections", required=True, type=Path)
-    p.add_argument("--findings", required=True, type=Path)
+    if findings:
+        p.add_argument("--findings", required=True, type=Path)
+
+
+def _r2gen_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--r2gen", type=Path, required=True, help="annotation.json")
-    p.add_argument("--radialog-rg", type=Path, required=True, help="mimic_cxr_reports_stratified.json")
-    p.add_argument("--radialog-ins", type=Path, required=True, help="mimic_cxr_instruct_stratified.json")
-    p.add_argument("--summary", type=Path, required=True)
-    p.add_argument("--rejects", type=Path, required=True)
-    p.add_argument("--card", type=Path, required=True, help="README.md")
     p.add_argument("--dataset", choices=("mimic", "iu"), default="mimic")
     p.add_argument(
         "--report-sections",
@@ -230,6 +244,11 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument(
         "--iu-images", type=int, default=2, help="IU: images per item (items with fewer are skipped)"
     )
+
+
+def _radialog_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--radialog-rg", type=Path, required=True, help="mimic_cxr_reports_stratified.json")
+    p.add_argument("--radialog-ins", type=Path, required=True, help="mimic_cxr_instruct_stratified.json")
     p.add_argument(
         "--radialog-prompts-from",
         type=Path,
@@ -238,19 +257,68 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--radialog-prompt-key", default=prompt_source.DEFAULT_PROMPT_KEY)
     add_llm_task_args(p, "the easy-language and reasoning tasks", max_tokens=300)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--workers", type=int, default=1, help="2: build the R2Gen and RaDialog files side by side"
-    )
-    args = p.parse_args(argv)
-    setup_logging(args.verbose)
-    gc.disable()  # ~1M records of small objects and no cycles: the cyclic GC would only rescan them
-    # Arrow's default pool (mimalloc) keeps what the readers and string kernels free for Arrow alone; the
-    # system allocator hands it back to the Python objects that fill the rest of the run
-    pa.set_memory_pool(pa.system_memory_pool())
-    paths = OutputPaths(
-        args.r2gen, args.radialog_rg, args.radialog_ins, args.summary, args.rejects, args.card
+
+
+def parser(command: str | None) -> argparse.ArgumentParser:
+    """The command line of ``command`` (None: the whole stage in one process)."""
+    if command == "r2gen":
+        p = cli_parser("R2GenGPT/MeGPT annotation.json, its part of the exports' summary and the rejects")
+        _input_args(p, findings=False)
+        _r2gen_args(p)
+        p.add_argument("--part", type=Path, required=True, help="its part of summary.json (JSON)")
+        p.add_argument("--rejects", type=Path, required=True, help="the stage's rejects")
+    elif command == "radialog":
+        p = cli_parser("RaDialog RG/INS training files and their part of the exports' summary")
+        _input_args(p, findings=True)
+        _radialog_args(p)
+        p.add_argument("--part", type=Path, required=True, help="its part of summary.json (JSON)")
+    elif command == "summary":
+        p = exports_summary.parser()
+    else:
+        p = cli_parser(
+            "R2GenGPT/MeGPT annotation.json and RaDialog RG/INS training files (the whole stage in one "
+            f"process; the rules run its parts: python -m workflow.exports {{{','.join(COMMANDS)}}} -h)"
+        )
+        _input_args(p, findings=True)
+        _r2gen_args(p)
+        _radialog_args(p)
+        p.add_argument("--summary", type=Path, required=True)
+        p.add_argument("--card", type=Path, required=True, help="README.md")
+        p.add_argument("--rejects", type=Path, required=True)
+    return p
+
+
+def _read(path: Path, columns: list[str]) -> pa.Table:
+    # one chunk per column: the builders take rows at random a chunk of items at a time, and Arrow
+    # takes from a many-chunk column (a Parquet row group each) by concatenating it first, every time
+    return read_table(path, columns).combine_chunks()
+
+
+def _read_inputs(args, findings: bool) -> tuple[pd.DataFrame, ...]:
+    studies = _read(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
+    images = _read(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
+    sections = _read(args.sections, ["study_id", "findings", "impression"]).to_pandas()
+    if not findings:
+        return studies, images, sections
+    table = read_table(args.findings, ["study_id", "name", "presence", "section", "start"])
+    return studies, images, sections, table.filter(radialog.LABELLED_ROWS).combine_chunks().to_pandas()
+
+
+def _r2gen(args, studies, images, sections) -> tuple[dict, Rejects]:
+    return r2gen_part(
+        studies,
+        images,
+        sections,
+        args.r2gen,
+        args.dataset,
+        args.report_sections,
+        args.clean,
+        args.iu_images,
     )
 
+
+def _radialog(p: argparse.ArgumentParser, args, studies, images, sections, findings) -> tuple[dict, list]:
+    """The RaDialog part from its command line; (its summary part, its LLM_REQUESTS rows)."""
     prompts = (
         prompt_source.load(args.radialog_prompts_from, args.radialog_prompt_key)
         if args.radialog_prompts_from
@@ -268,33 +336,51 @@ def main(argv: list[str] | None = None) -> dict:
             args.llm_endpoint,
             {"temperature": args.temperature, "max_tokens": args.max_tokens},
         )
-    studies = read_table(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
-    images = read_table(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
-    sections = read_table(args.sections, ["study_id", "findings", "impression"]).to_pandas()
-    findings = read_table(args.findings, ["study_id", "name", "presence", "section", "start"])
-    findings = findings.filter(radialog.LABELLED_ROWS).to_pandas()
-    result = run(
+    part = radialog_part(
         studies,
         images,
         sections,
         findings,
-        paths,
-        args.dataset,
-        args.report_sections,
-        args.clean,
-        args.iu_images,
+        args.radialog_rg,
+        args.radialog_ins,
         args.seed,
-        args.workers,
         prompts,
         generator,
     )
-    rejects = rejects_for(studies, sections, result["exported"], args.dataset)
-    rejects.write(paths.rejects)
+    return part, generator.requests if generator else []
+
+
+def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    command = argv[0] if argv[:1] and argv[0] in COMMANDS else None
+    if command == "summary":
+        return exports_summary.main(argv[1:])
+    p = parser(command)
+    args = p.parse_args(argv[1:] if command else argv)
+    setup_logging(args.verbose)
+    gc.disable()  # ~1M records of small objects and no cycles: the cyclic GC would only rescan them
+    # Arrow's default pool (mimalloc) keeps what the readers and string kernels free for Arrow alone; the
+    # system allocator hands it back to the Python objects that fill the rest of the run
+    pa.set_memory_pool(pa.system_memory_pool())
+    if command == "r2gen":
+        part, rejects = _r2gen(args, *_read_inputs(args, findings=False))
+        rejects.write(args.rejects)
+        exports_summary.write_json(part, args.part)
+        return part
+    inputs = _read_inputs(args, findings=True)
+    if command == "radialog":
+        part, requests = _radialog(p, args, *inputs)
+        if args.llm_requests:
+            write_requests(requests, args.llm_requests)
+        exports_summary.write_json(part, args.part)
+        return part
+    r2gen_info, rejects = _r2gen(args, *inputs[:3])
+    radialog_info, requests = _radialog(p, args, *inputs)
+    counts = exports_summary.write_summary(r2gen_info, radialog_info, args.summary, args.card)
+    rejects.write(args.rejects)
     if args.llm_requests:
-        write_requests(generator.requests if generator else [], args.llm_requests)
-    log.info("exports: %s", json.dumps(result["counts"]))
-    summary(STAGE, len(studies), len(result["exported"]), len(rejects))
-    return result
+        write_requests(requests, args.llm_requests)
+    return counts
 
 
 if __name__ == "__main__":

@@ -8,8 +8,7 @@ easy-language and reasoning tasks are in the files (only with an LLM backend) or
 
 from __future__ import annotations
 
-from workflow.exports.llm_tasks import ABSENT
-from workflow.exports.r2gen import DEFAULT_SECTIONS
+from workflow.exports import DEFAULT_SECTIONS
 
 CORPUS_NAMES = {"mimic": "MIMIC-CXR", "iu": "IU X-Ray"}
 _SECTIONS_WHY = {
@@ -54,8 +53,8 @@ def render(counts: dict, dataset: str, clean: bool) -> str:
         *(f"| {task} | {n:,} |" for task, n in tasks.items()),
         "",
     ]
-    if llm == ABSENT or not isinstance(llm, dict):
-        lines.append(f"* Easy language, reasoning: {ABSENT}.")
+    if not isinstance(llm, dict):  # the reason they are absent (workflow.exports.llm_tasks.ABSENT)
+        lines.append(f"* Easy language, reasoning: {llm}.")
     else:
         dropped = ", ".join(f"{k} {v}" for k, v in llm["dropped"].items()) or "none"
         lines.append(

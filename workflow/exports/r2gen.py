@@ -23,17 +23,17 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Iterable, Iterator
+from json.encoder import encode_basestring  # JSONEncoder(ensure_ascii=False).encode of a str
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
 
+from workflow.exports import DEFAULT_SECTIONS, SECTION_CHOICES
 from workflow.exports.cleaners import CLEANERS
 from workflow.rg4.scenarios import SPLIT_NAMES
 
 SPLITS = ("train", "val", "test")
-SECTION_CHOICES = ("findings", "findings_impression")
-# the report of each corpus's reference annotation: R2GenGPT's MIMIC file / R2Gen's IU X-Ray file
-DEFAULT_SECTIONS = {"mimic": "findings_impression", "iu": "findings"}
 
 
 def report_sections(dataset: str, configured: str | None = None) -> str:
@@ -104,16 +104,27 @@ def mimic_rows(studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFra
     return img.sort_values(["split", "subject_id", "study_id", "dicom_id"], kind="stable")
 
 
-def mimic_items(
+class Columns(NamedTuple):
+    """A chunk of the MIMIC annotation's items as columns; a study's images share its report string."""
+
+    split: str
+    dicom_ids: list[str]
+    study_ids: list[int]
+    subject_ids: list[int]
+    reports: list[str]
+    image_paths: list[str]
+
+
+def mimic_columns(
     studies: pd.DataFrame,
     images: pd.DataFrame,
     sections: pd.DataFrame,
     which: str = "findings",
     clean: bool = False,
     chunk: int = 20_000,
-) -> Iterator[tuple[str, list[dict]]]:
-    """The MIMIC-CXR annotation's items ``chunk`` at a time, as (split, items), the splits in
-    :data:`SPLITS` order: one item per image of every study with findings."""
+) -> Iterator[Columns]:
+    """The MIMIC-CXR annotation's items ``chunk`` at a time, the splits in :data:`SPLITS` order: one item
+    per image of every study with findings (:func:`item_dicts`, :func:`item_json`)."""
     rows = mimic_rows(studies, images, sections)
     for split in SPLITS:
         part = rows[rows["split"] == split]
@@ -131,27 +142,57 @@ def mimic_items(
                 if row not in reports:
                     report = _report(findings, impression, which)
                     reports[row] = CLEANERS["mimic"](report) if clean else report
-            yield (
+            yield Columns(
                 split,
+                piece["dicom_id"].tolist(),
+                piece["study_id"].astype("int64").tolist(),
+                piece["subject_id"].astype("int64").tolist(),
+                [reports[row] for row in sec_rows.tolist()],
                 [
-                    {
-                        "id": dicom,
-                        "study_id": study,
-                        "subject_id": subject,
-                        "report": reports[row],
-                        "image_path": [path[6:] if path.startswith("files/") else path],
-                        "split": split,
-                    }
-                    for dicom, study, subject, row, path in zip(
-                        piece["dicom_id"].tolist(),
-                        piece["study_id"].astype("int64").tolist(),
-                        piece["subject_id"].astype("int64").tolist(),
-                        sec_rows.tolist(),
-                        images["image_path"].take(piece["img_row"].to_numpy()).tolist(),
-                        strict=True,
-                    )
+                    path[6:] if path.startswith("files/") else path
+                    for path in images["image_path"].take(piece["img_row"].to_numpy()).tolist()
                 ],
             )
+
+
+def _rows(c: Columns):
+    return zip(c.dicom_ids, c.study_ids, c.subject_ids, c.reports, c.image_paths, strict=True)
+
+
+def item_dicts(c: Columns) -> list[dict]:
+    """The items of a chunk."""
+    return [
+        {
+            "id": dicom,
+            "study_id": study,
+            "subject_id": subject,
+            "report": report,
+            "image_path": [path],
+            "split": c.split,
+        }
+        for dicom, study, subject, report, path in _rows(c)
+    ]
+
+
+def item_json(c: Columns) -> list[str]:
+    """The JSON texts of :func:`item_dicts`: the characters ``json.dumps(item, ensure_ascii=False)``
+    writes, made field by field without the dicts (a study's report encoded once for its images)."""
+    encoded: dict[str, str] = {}  # report -> its JSON string
+    for report in c.reports:
+        if report not in encoded:
+            encoded[report] = encode_basestring(report)
+    tail = ', "split": ' + encode_basestring(c.split) + "}"
+    return [
+        f'{{"id": {encode_basestring(dicom)}, "study_id": {study}, "subject_id": {subject}, '
+        f'"report": {encoded[report]}, "image_path": [{encode_basestring(path)}]{tail}'
+        for dicom, study, subject, report, path in _rows(c)
+    ]
+
+
+def mimic_items(*args, **kwargs) -> Iterator[tuple[str, list[dict]]]:
+    """:func:`mimic_columns` (the same arguments) as (split, items)."""
+    for c in mimic_columns(*args, **kwargs):
+        yield c.split, item_dicts(c)
 
 
 def mimic_annotation(
@@ -168,10 +209,11 @@ def mimic_annotation(
     return out
 
 
-def write_annotation(chunks: Iterable[tuple[str, list[dict]]], fh) -> dict[str, int]:
+def write_annotation(chunks: Iterable[tuple[str, list[dict] | list[str]]], fh) -> dict[str, int]:
     """Write (split, items) chunks, splits in :data:`SPLITS` order, as ``annotation.json``: the characters
     of ``json.dumps({"train": [...], "val": [...], "test": [...]}, ensure_ascii=False)`` without the
-    whole document in memory. Returns the items per split."""
+    whole document in memory. Items are dicts or their JSON texts (:func:`item_json`). Returns
+    the items per split."""
     encode = json.JSONEncoder(ensure_ascii=False).encode
     counts = dict.fromkeys(SPLITS, 0)
     opened = 0  # how many splits' keys are written
@@ -188,7 +230,8 @@ def write_annotation(chunks: Iterable[tuple[str, list[dict]]], fh) -> dict[str, 
             raise ValueError(f"annotation chunks out of split order: {split} after {SPLITS[opened - 1]}")
         open_through(k)
         if items:
-            fh.write((", " if counts[split] else "") + encode(items)[1:-1])
+            text = ", ".join(items) if isinstance(items[0], str) else encode(items)[1:-1]
+            fh.write((", " if counts[split] else "") + text)
             counts[split] += len(items)
     open_through(len(SPLITS) - 1)
     fh.write("]}")

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from functools import cache
 from json.encoder import encode_basestring  # JSONEncoder(ensure_ascii=False).encode of a str
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -77,12 +78,12 @@ def join_names(names: list[str]) -> str:
 
 def conversation(system: str, turns: list[tuple[str, str | None]]) -> str:
     """Vicuna v1.1 rendering; the last turn's reply is None (the training target follows ``ASSISTANT:``)."""
-    out = system + " "
+    pieces = [system, " "]
     for user, reply in turns:
-        out += "USER: " + user + " ASSISTANT:"
+        pieces += ("USER: ", user, " ASSISTANT:")
         if reply is not None:
-            out += " " + reply + "</s>"
-    return out
+            pieces += (" ", reply, "</s>")
+    return "".join(pieces)
 
 
 # --- labels -----------------------------------------------------------------------------------------------
@@ -110,20 +111,32 @@ def chexpert_labels(
     """study_id → positive CheXpert labels (RaDialog's order, incl. No Finding) and → uncertain labels,
     from the findings of the findings section (RaDialog labels the findings text)."""
     mapping = chexpert_of()
-    rank = {name: i for i, name in enumerate(prompts["chexpert_labels"])}
-    positive: dict[int, set[str]] = {}
-    uncertain: dict[int, set[str]] = {}
-    target = {"positive": positive, "uncertain": uncertain}
+    # the classes in RaDialog's order (a study's positive labels are listed in it), then any others
+    classes = list(dict.fromkeys([*prompts["chexpert_labels"], *sorted(set(mapping.values()))]))
+    index = {cls: i for i, cls in enumerate(classes)}
     labelled = findings[
-        findings["presence"].isin(list(target))
+        findings["presence"].isin(["positive", "uncertain"])
         & findings["name"].isin(list(mapping))
         & in_findings_section(findings["section"])
     ]
-    for sid, name, presence in zip(
-        labelled["study_id"].tolist(), labelled["name"].tolist(), labelled["presence"].tolist(), strict=True
-    ):
-        target[presence].setdefault(int(sid), set()).add(mapping[name])
-    return {k: sorted(v, key=rank.__getitem__) for k, v in positive.items()}, uncertain
+    # one (study, class) key per row, by array: sorted unique keys give each study's classes in order
+    codes, names = pd.factorize(labelled["name"])
+    class_of_name = np.array([index[mapping[name]] for name in names.tolist()] or [0], dtype=np.int64)
+    keys = labelled["study_id"].to_numpy(dtype=np.int64) * len(classes) + class_of_name[codes]
+    is_positive = (labelled["presence"] == "positive").to_numpy(dtype=bool)
+    positive: dict[int, list[str]] = {}
+    uncertain: dict[int, set[str]] = {}
+    for key in _distinct(keys[is_positive]):
+        positive.setdefault(key // len(classes), []).append(classes[key % len(classes)])
+    for key in _distinct(keys[~is_positive]):
+        uncertain.setdefault(key // len(classes), set()).add(classes[key % len(classes)])
+    return positive, uncertain
+
+
+def _distinct(keys: np.ndarray) -> list[int]:
+    """The distinct keys, ascending (by a sort: numpy's hashing unique costs more on these)."""
+    keys = np.sort(keys)
+    return keys[np.r_[True, keys[1:] != keys[:-1]]].tolist() if len(keys) else []
 
 
 def with_no_finding(labels: list[str], uncertain: set[str]) -> list[str]:
@@ -185,30 +198,46 @@ def _norm(text: str) -> str:
 
 class Evidence:
     """study_id -> canonical name -> evidence offsets in the findings section, of the positive findings
-    (a name without offsets maps to ``[]``). Kept as arrays sorted by study and unpacked one study at a
-    time: a dict per study would take GBs at a million studies."""
+    (a name without offsets maps to ``[]``). Kept as flat lists sorted by study and unpacked one study at
+    a time: a dict per study would take GBs at a million studies."""
 
     def __init__(self, findings: pd.DataFrame):
         rows = findings[(findings["presence"] == "positive") & in_findings_section(findings["section"])]
         order = np.argsort(rows["study_id"].to_numpy(), kind="stable")  # a study's rows keep their order
         study_ids = rows["study_id"].to_numpy()[order]
-        self._studies, self._first = np.unique(study_ids, return_index=True)
-        self._end = np.append(self._first[1:], len(study_ids))
-        names = pd.Categorical(rows["name"].to_numpy()[order])
-        self._names, self._name_codes = list(names.categories), names.codes
+        studies, first = np.unique(study_ids, return_index=True)
+        end = np.append(first[1:], len(study_ids))
+        # study -> its rows (Python ints and lists: the builder asks one study at a time, where numpy's
+        # scalar lookups cost more than the work)
+        self._rows = dict(zip(studies.tolist(), zip(first.tolist(), end.tolist(), strict=True), strict=True))
+        codes, names = pd.factorize(rows["name"])
+        names = names.tolist()
+        self._names = [names[c] for c in codes[order].tolist()]  # one string object per name
         # LLM findings may come without a span: NaN
-        self._starts = pd.to_numeric(rows["start"], errors="coerce").to_numpy(dtype="float64")[order]
+        starts = pd.to_numeric(rows["start"], errors="coerce").to_numpy(dtype="float64")[order]
+        self._starts = [None if s != s else int(s) for s in starts.tolist()]
 
     def get(self, study_id: int, default=None) -> dict[str, list[int]] | None:
-        k = int(np.searchsorted(self._studies, study_id))
-        if k == len(self._studies) or self._studies[k] != study_id:
+        span = self._rows.get(study_id)
+        if span is None:
             return default
         out: dict[str, list[int]] = {}
-        for r in range(self._first[k], self._end[k]):
-            offsets = out.setdefault(self._names[self._name_codes[r]], [])
-            if self._starts[r] == self._starts[r]:
-                offsets.append(int(self._starts[r]))
+        for r in range(*span):
+            offsets = out.setdefault(self._names[r], [])
+            if self._starts[r] is not None:
+                offsets.append(self._starts[r])
         return out
+
+
+class TwoTurns(NamedTuple):
+    """An instruct record before it is rendered: the RG turn (its prompt and the report the assistant
+    gave), then the task and its answer (the training target)."""
+
+    dicom: str
+    prompt: str
+    report: str
+    task: str
+    output: str
 
 
 class Builder:
@@ -229,7 +258,13 @@ class Builder:
             self.p["image_block"], image_tokens=self.p["image_token"] * int(self.p["image_token_count"])
         )
         self._prompts: dict[tuple, str] = {}  # (template, labels) -> rendered RG prompt
+        # an RG instruction is one of the few thousand prompts in its conversation: rendered once per
+        # prompt, the records share the string
+        self._instructions: dict[str, str] = {}
         self.evidence = Evidence(evidence)
+        self.chexpert = chexpert_of()
+        self._regions = sorted(self.p["region_qa"])
+        self._region_names = {region: set(self.p["regions"][region]) for region in self._regions}
 
     def rg_prompt(self, img: Image, rng: random.Random) -> str:
         k = rng.randrange(len(self.p["rg"]))  # drawn with RaDialog's prompt too: the same seed, same records
@@ -244,35 +279,37 @@ class Builder:
             self._prompts[key] = prompt
         return prompt
 
-    def record(self, img: Image, turns: list[tuple[str, str | None]], output: str) -> dict:
-        return self._record(img, conversation(self.system, turns), output)
+    def instruction(self, prompt: str) -> str:
+        """The RG record's instruction: the conversation up to the report (shared by the records of a
+        prompt, and their first turn in an instruct record)."""
+        instruction = self._instructions.get(prompt)
+        if instruction is None:
+            instruction = self._instructions[prompt] = conversation(self.system, [(prompt, None)])
+        return instruction
 
-    @staticmethod
-    def _record(img: Image, instruction: str, output: str) -> dict:
-        return {"instruction": instruction, "input": "", "output": output, "dicom": img.dicom}
+    def rg_record(self, img: Image, prompt: str) -> dict:
+        return {"instruction": self.instruction(prompt), "input": "", "output": img.text, "dicom": img.dicom}
+
+    def instruct_instruction(self, turns: TwoTurns) -> str:
+        """An instruct record's instruction: the RG turn with its report, then the task."""
+        return conversation(self.system, [(turns.prompt, turns.report), (turns.task, None)])
+
+    def record(self, turns: TwoTurns) -> dict:
+        instruction = self.instruct_instruction(turns)
+        return {"instruction": instruction, "input": "", "output": turns.output, "dicom": turns.dicom}
 
     # RG ------------------------------------------------------------------------------------------------
-    def rg(self, encode: Callable[[dict], object] | None = None) -> list:
-        """The RG records; ``encode`` turns each into what is kept as soon as it is made (e.g. its JSON, so
+    def rg(self, keep: Callable[[Image, str], object] | None = None) -> list:
+        """The RG records, as ``keep(image, RG prompt)`` (default :meth:`rg_record`; e.g. their JSON, so
         that half a million dicts never exist at once)."""
         rng = random.Random(f"rg:{self.seed}")
         with_finding = [i for i in self.images if has_finding(i.labels)]
         without = [i for i in self.images if not has_finding(i.labels)]
         n_normal = min(len(without), int(2 * len(with_finding) / 13))
         chosen = with_finding + with_finding + rng.sample(without, n_normal)
-        keep = encode or (lambda record: record)
-        # an RG instruction is one of the few thousand prompts in its conversation: rendered once per
-        # prompt, the records share the string (and its hash, which ``encode`` looks up)
-        instructions: dict[str, str] = {}
-
-        def record(img: Image) -> dict:
-            prompt = self.rg_prompt(img, rng)
-            instruction = instructions.get(prompt)
-            if instruction is None:
-                instruction = instructions[prompt] = conversation(self.system, [(prompt, None)])
-            return self._record(img, instruction, img.text)
-
-        return [keep(record(img)) for img in chosen]
+        keep = keep or self.rg_record
+        prompt = self.rg_prompt
+        return [keep(img, prompt(img, rng)) for img in chosen]
 
     # INS -----------------------------------------------------------------------------------------------
     def _parts(self) -> tuple[list[list[Image]], random.Random]:
@@ -301,11 +338,12 @@ class Builder:
     def ins(
         self,
         generated: dict[tuple[str, str], str] | None = None,
-        encode: Callable[[dict], object] | None = None,
+        keep: Callable[[TwoTurns], object] | None = None,
     ) -> tuple[list, dict[str, int]]:
         """Instruct records and counts per task; ``generated`` = the LLM answers of :meth:`llm_jobs`
-        (None: the rules backend, the two LLM tasks are not built); ``encode`` as in :meth:`rg`."""
-        keep = encode or (lambda record: record)
+        (None: the rules backend, the two LLM tasks are not built); each record as ``keep(turns)``
+        (default :meth:`record`), like :meth:`rg`."""
+        keep = keep or self.record
         parts, rng = self._parts()
         tasks = {"correction": parts[2], "summarise": parts[3], "region_qa": parts[5]}
         half = len(parts[4]) // 2
@@ -317,7 +355,7 @@ class Builder:
                 rec = getattr(self, task)(img, rng)
                 if rec is None:  # e.g. summarisation without an impression: ask for the findings instead
                     rec = self.all_findings_qa(img, rng)
-                if rec is not None and rec["output"].strip():
+                if rec is not None and rec.output.strip():
                     records.append(keep(rec))
                     made += 1
             counts[task] = made
@@ -340,11 +378,11 @@ class Builder:
 
     def _two_turns(
         self, img: Image, rng: random.Random, task: str, answer: str, report: str | None = None
-    ) -> dict:
-        first = (self.rg_prompt(img, rng), report if report is not None else img.text)
-        return self.record(img, [first, (task, None)], answer)
+    ) -> TwoTurns:
+        prompt = self.rg_prompt(img, rng)
+        return TwoTurns(img.dicom, prompt, report if report is not None else img.text, task, answer)
 
-    def binary_qa(self, img: Image, rng: random.Random) -> dict:
+    def binary_qa(self, img: Image, rng: random.Random) -> TwoTurns:
         labels = [x for x in self.p["chexpert_labels"] if x != "No Finding"]
         positives = [x for x in img.labels if x != "No Finding"]
         if positives and rng.random() < 0.6:
@@ -354,19 +392,19 @@ class Builder:
             label, answer = rng.choice(candidates), "No."
         return self._two_turns(img, rng, fill(rng.choice(self.p["binary_qa"]), label=label), answer)
 
-    def all_findings_qa(self, img: Image, rng: random.Random) -> dict:
+    def all_findings_qa(self, img: Image, rng: random.Random) -> TwoTurns:
         answer = findings_slot(img.labels, self.p)
         return self._two_turns(img, rng, rng.choice(self.p["all_findings_qa"]), answer)
 
-    def summarise(self, img: Image, rng: random.Random) -> dict | None:
+    def summarise(self, img: Image, rng: random.Random) -> TwoTurns | None:
         impression = _norm(img.impression)
         if not impression:
             return None
         return self._two_turns(img, rng, rng.choice(self.p["summarise"]), impression)
 
-    def region_qa(self, img: Image, rng: random.Random) -> dict:
-        region = rng.choice(sorted(self.p["region_qa"]))
-        names = set(self.p["regions"][region])
+    def region_qa(self, img: Image, rng: random.Random) -> TwoTurns:
+        region = rng.choice(self._regions)
+        names = self._region_names[region]
         ev = self.evidence.get(img.study_id, {})
         present = sorted(name for name in ev if name in names)
         starts = [s for name in present for s in ev[name]]
@@ -384,17 +422,18 @@ class Builder:
             answer = self.p["region_answer_no"][region]
         return self._two_turns(img, rng, question, answer)
 
-    def correction(self, img: Image, rng: random.Random) -> dict | None:
+    def correction(self, img: Image, rng: random.Random) -> TwoTurns | None:
         """The assistant first wrote an edited report; the user asks to add what it dropped and remove
         what it invented; the answer is the true report."""
-        mapping = chexpert_of()
-        ev = self.evidence.get(img.study_id, {})
+        mapping = self.chexpert
+        starts_of: dict[str | None, list[int]] = {}  # CheXpert label -> its findings' evidence offsets
+        for name, offsets in self.evidence.get(img.study_id, {}).items():
+            starts_of.setdefault(mapping.get(name), []).extend(offsets)
         spans = sentence_spans(img.findings)
         # labels whose every sentence can be dropped without emptying the report
         droppable = {}
         for label in img.labels:
-            starts = [s for name, offs in ev.items() if mapping.get(name) == label for s in offs]
-            idx = evidence_sentences(img.findings, starts, spans)
+            idx = evidence_sentences(img.findings, starts_of.get(label, []), spans)
             if idx and len(idx) < len(spans):
                 droppable[label] = idx
         addable = [
@@ -436,34 +475,29 @@ def train_images(
     img = images[["dicom_id", "study_id"]].merge(st, on="study_id").merge(sec, on="study_id")
     img = img.sort_values("dicom_id", kind="stable")
     sec_rows = np.unique(img["sec_row"].to_numpy())
-    texts = dict(
-        zip(
-            sec_rows.tolist(),
-            zip(
-                sections["findings"].take(sec_rows).tolist(),
-                sections["impression"].take(sec_rows).tolist(),
-                strict=True,
-            ),
-            strict=True,
-        )
-    )
-    first: dict[int, Image] = {}  # sec_row -> the study's first image
-    out = []
-    for dicom, sid, row in zip(
-        img["dicom_id"].tolist(), img["study_id"].tolist(), img["sec_row"].tolist(), strict=True
+    # sec_row -> what the study's images share: findings, impression, labels, uncertain labels, RG target
+    shared: dict[int, tuple] = {}
+    for row, sid, f, i in zip(
+        sec_rows.tolist(),
+        sections["study_id"].take(sec_rows).tolist(),
+        sections["findings"].take(sec_rows).tolist(),
+        sections["impression"].take(sec_rows).tolist(),
+        strict=True,
     ):
-        study = first.get(row)
-        if study is None:
-            f, i = texts.pop(row)
-            unc = uncertain.get(sid, set())
-            labels = with_no_finding(positives.get(sid, []), unc)
-            image = first[row] = Image(dicom, sid, f, i if isinstance(i, str) else "", labels, unc)
-        else:
-            image = Image(
-                dicom, sid, study.findings, study.impression, study.labels, study.uncertain, study.text
-            )
-        out.append(image)
-    return out
+        unc = uncertain.get(sid, set())
+        shared[row] = (
+            f,
+            i if isinstance(i, str) else "",
+            with_no_finding(positives.get(sid, []), unc),
+            unc,
+            _norm(f),
+        )
+    return [
+        Image(dicom, sid, *shared[row])
+        for dicom, sid, row in zip(
+            img["dicom_id"].tolist(), img["study_id"].tolist(), img["sec_row"].tolist(), strict=True
+        )
+    ]
 
 
 def builder_for(
@@ -484,13 +518,16 @@ def builder_for(
 def build(builder: Builder, generator=None) -> tuple[list[dict], list[dict], dict[str, int]]:
     """(RG records, INS records = RG + instruct shuffled, task counts). ``generator``: an
     :class:`~workflow.exports.llm_tasks.InstructGenerator` for the easy-language and reasoning tasks."""
-    return _assemble(builder, builder.rg(), generator)
+    rg = builder.rg()
+    fused, counts = _instruct(builder, rg, generator, builder.record)
+    return rg, fused, counts
 
 
-def _assemble(builder: Builder, rg: list, generator, encode=None) -> tuple[list, list, dict[str, int]]:
-    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None, encode)
+def _instruct(builder: Builder, rg: list, generator, keep) -> tuple[list, dict[str, int]]:
+    """The INS file's records (RG and instruct shuffled together) and the counts per task."""
+    ins, counts = builder.ins(generator.answer(builder.llm_jobs()) if generator else None, keep)
     counts["report_generation"] = len(rg)
-    return rg, fuse(rg, ins, builder.seed), counts
+    return fuse(rg, ins, builder.seed), counts
 
 
 def fuse(rg: list, instruct: list, seed: int) -> list:
@@ -500,64 +537,83 @@ def fuse(rg: list, instruct: list, seed: int) -> list:
     return fused
 
 
-def build_encoded(builder: Builder, generator=None) -> tuple[list[str], list[str], dict[str, int]]:
-    """:func:`build` with every record JSON-encoded once (the INS file repeats all RG records): the
-    encoded records of the two files, in order (write them with :func:`write_json_list`)."""
-    import json
+class JsonPieces:
+    """Records as their JSON (the characters of ``json.dumps(record, ensure_ascii=False)``) in UTF-8
+    pieces, for :func:`write_json_list`. What many records hold is encoded once and shared: an RG
+    instruction (system message and RG prompt: a few thousand distinct, ~1 KB each), and a study's
+    findings (the RG output of its images and their repeats). JSON escapes character by character, so
+    the encoding of a string is the encodings of its parts joined."""
 
-    encode = json.JSONEncoder(ensure_ascii=False).encode
-    heads: dict[str, str] = {}
-    first_turns: dict[str, str] = {}
-    outputs: dict[str, str] = {}
+    def __init__(self, builder: Builder):
+        self.builder = builder
+        self._instructions: dict[str, str] = {}  # RG prompt -> its instruction's JSON string
+        self._heads: dict[str, bytes] = {}  # RG prompt -> an RG record's JSON up to its output
+        self._first_turns: dict[str, bytes] = {}  # RG prompt -> an instruct record's up to the report
+        self._outputs: dict[str, bytes] = {}  # findings text -> an RG record's output field
 
-    def encode_rg(record: dict) -> tuple[str, str]:
-        # the RG instructions are a few thousand prompts: their encoding is made once and shared by the
-        # records (hundreds of MB at MIMIC scale); json.dumps writes the same characters
-        head = heads.get(record["instruction"])
+    def _instruction(self, prompt: str) -> str:
+        encoded = self._instructions.get(prompt)
+        if encoded is None:
+            encoded = self._instructions[prompt] = encode_basestring(self.builder.instruction(prompt))
+        return encoded
+
+    def rg(self, img: Image, prompt: str) -> tuple[bytes, bytes, bytes]:
+        """The JSON of :meth:`Builder.rg_record` as (head, output, dicom) pieces."""
+        head = self._heads.get(prompt)
         if head is None:
-            head = heads[record["instruction"]] = (
-                '{"instruction": ' + encode(record["instruction"]) + ', "input": ' + encode(record["input"])
-            )
-        # the output is the study's findings: encoded once for its images (and its repeats); the dicom
-        # is the image's own string, encoded when written
-        output = outputs.get(record["output"])
+            head = self._heads[prompt] = (
+                '{"instruction": ' + self._instruction(prompt) + ', "input": ""'
+            ).encode()
+        output = self._outputs.get(img.text)
         if output is None:
-            output = outputs[record["output"]] = ', "output": ' + encode(record["output"])
-        return head, output, record["dicom"]
+            output = self._outputs[img.text] = (', "output": ' + encode_basestring(img.text)).encode()
+        return head, output, (', "dicom": ' + encode_basestring(img.dicom) + "}").encode()
 
-    def encode_instruct(record: dict) -> tuple[str, str]:
-        # its first turn (system message and RG prompt, up to the first ASSISTANT:) is one of the few
-        # thousand RG prompts too: kept once, the rest of the record's JSON beside it
-        text = encode(record)
-        cut = text.find(_FIRST_REPLY) + len(_FIRST_REPLY)
-        return first_turns.setdefault(text[:cut], text[:cut]), text[cut:]
+    def instruct(self, turns: TwoTurns) -> tuple[bytes, bytes]:
+        """The JSON of :meth:`Builder.record` as (the first turn up to its reply, the rest)."""
+        first = self._first_turns.get(turns.prompt)
+        if first is None:
+            first = self._first_turns[turns.prompt] = (
+                '{"instruction": ' + self._instruction(turns.prompt)[:-1]
+            ).encode()
+        # the RG instruction is the start of the instruct one (the same first turn, without its reply)
+        rest = self.builder.instruct_instruction(turns)[len(self.builder.instruction(turns.prompt)) :]
+        return first, (
+            encode_basestring(rest)[1:]
+            + ', "input": "", "output": '
+            + encode_basestring(turns.output)
+            + ', "dicom": '
+            + encode_basestring(turns.dicom)
+            + "}"
+        ).encode()
 
-    return _assemble(builder, builder.rg(encode_rg), generator, encode_instruct)
+
+def build_encoded(
+    builder: Builder, generator=None, instruct: bool = True
+) -> tuple[list[tuple[bytes, ...]], list[tuple[bytes, ...]] | None, dict[str, int]]:
+    """:func:`build` with every record JSON-encoded once (the INS file repeats all RG records) as
+    :class:`JsonPieces`: the encoded records of the two files, in order (write them with
+    :func:`write_json_list`). ``instruct=False``: the RG file's only (no INS records, no instruct tasks
+    built, counts of report generation only)."""
+    pieces = JsonPieces(builder)
+    rg = builder.rg(pieces.rg)
+    if not instruct:
+        return rg, None, {"report_generation": len(rg)}
+    fused, counts = _instruct(builder, rg, generator, pieces.instruct)
+    return rg, fused, counts
 
 
-_FIRST_REPLY = " ASSISTANT:"
-
-
-def write_json_list(encoded: list[str | tuple[str, ...]], fh, chunk: int = 20_000) -> None:
-    """A JSON array of already encoded records, streamed (no second copy of a ~GB document): a record's
-    JSON, its JSON in two pieces, or an RG record as (its encoded head up to the input, its encoded
-    output, its dicom)."""
-    fh.write("[")
+def write_json_list(encoded: list[tuple[bytes, ...]], fh, chunk: int = 2_000) -> None:
+    """A JSON array of encoded records (each a tuple of UTF-8 pieces, :class:`JsonPieces`) to a binary
+    file, streamed: the pieces of ``chunk`` records at a time joined into one write (no string per
+    record in between, and a buffer of a size the allocator reuses)."""
+    fh.write(b"[")
     for start in range(0, len(encoded), chunk):
-        # the pieces of a chunk's records joined once: no string per record in between (the RG
-        # records are a head of ~1 KB shared by thousands, copied once more per record otherwise)
-        pieces: list[str] = []
+        pieces: list[bytes] = [b", "] if start else []
         add, extend = pieces.append, pieces.extend
         for e in encoded[start : start + chunk]:
-            if isinstance(e, str):
-                add(e)
-            elif len(e) == 2:
-                extend(e)
-            else:
-                extend((e[0], e[1], ', "dicom": ', encode_basestring(e[2]), "}"))
-            add(", ")
+            extend(e)
+            add(b", ")
         pieces.pop()
-        if start:
-            fh.write(", ")
-        fh.write("".join(pieces))
-    fh.write("]")
+        fh.write(b"".join(pieces))
+    fh.write(b"]")
