@@ -1,8 +1,7 @@
 import sys
 
-if sys.argv[1:2] == [
-    "summary"
-]:  # the stage's last job: without the builders' imports (pandas, the LLM layer)
+# the stage's last job (summary) starts without the builders' imports (pandas, the LLM layer)
+if sys.argv[1:2] == ["summary"]:
     from workflow.exports.summary import main
 
     main(sys.argv[2:])
