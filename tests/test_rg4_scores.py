@@ -142,6 +142,32 @@ def test_rule_writes_weights_with_a_tokenizer(tmp_path, tokenizer_dir):
     assert any(line.startswith("new_scores: binary") and "span-based" in line for line in notes)
 
 
+def test_loader_files_are_what_json_dumps_writes(tmp_path, tokenizer_dir):
+    """Texts with characters JSON escapes (quotes, backslashes, tabs) and without: the records are written
+    column by column, byte for byte as json.dumps writes the loaded document."""
+    rows = [
+        *ROWS,
+        _study(
+            2,
+            21,
+            "train",
+            datetime(2150, 3, 1),
+            'Small "left" pleural effusion.\tNo pneumothorax.',
+            "Mild edema \\ stable.",
+            indication='Cough, "rule out" pneumonia.',
+            history="Fever\\chills.",
+            images=[("d", "PA")],
+        ),
+    ]
+    out = run_rule(tmp_path, rows, extra=["--scores-tokenizer", str(tokenizer_dir)])
+    for scenario in ("sn", "sw", "mn", "mw"):
+        text = out[f"json_{scenario}"].read_text()
+        assert text == json.dumps(json.loads(text), ensure_ascii=False)
+    records = {r["study_id"]: r for r in json.loads(out["json_sn"].read_text())["train"]}
+    assert records[21]["indication"] == 'Cough, "rule out" pneumonia.' and "\\" in records[21]["history"]
+    assert '"' in records[21]["finding"] and records[12]["history"] == 0
+
+
 def test_without_a_tokenizer_the_files_keep_empty_weights_and_say_so(tmp_path, capsys):
     out = run_rule(tmp_path, ROWS)  # the rule logs to stderr
     recs = json.loads(out["json_sn"].read_text())["train"]

@@ -342,31 +342,28 @@ def scenario_table(
 SECTION_PREFIXES = ("finding: ", "impression: ")
 
 
-def _json_values(column: pa.ChunkedArray | pa.Array, encode: Callable[[object], str]) -> pa.Array:
-    """``encode(value)`` (the value's JSON text) for each value of ``column`` (None for a null), called once
-    per distinct value (view flags, contexts and prior reports repeat)."""
+_json_string = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
+_JSON_ESCAPED = r'["\\\x00-\x1f]'  # the characters it escapes (in an RE2 class); others it writes as they are
+
+
+def _json_strings(
+    column: pa.ChunkedArray | pa.Array, prefix: str = "", missing: str | None = None
+) -> pa.Array:
+    """The JSON text of each value of a string column, ``json.dumps(prefix + value, ensure_ascii=False)``,
+    quoted in Arrow (only values with a character to escape are encoded in Python); ``missing`` for a
+    null or "" (None: ``null`` for a null)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    codes = pc.dictionary_encode(column)
-    texts = pa.array([encode(v) for v in codes.dictionary.to_pylist()], pa.string()).take(codes.indices)
-    return texts.fill_null(encode(None)) if texts.null_count else texts
-
-
-_json_string = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
-
-
-def _json_or_null(value) -> str:
-    return "null" if value is None else _json_string(value)
-
-
-def _json_section(prefix: str) -> Callable[[str | None], str]:
-    """A finding / impression as the loader reads it: with its section label, ``"s"`` when missing."""
-    return lambda value: _json_string(prefix + value) if value else _json_string(MISSING_SECTION)
-
-
-def _json_context(value: str | None) -> str:
-    """An indication / history as the loader reads it: integer 0 when absent."""
-    return _json_string(value) if value else json.dumps(MISSING_CONTEXT)
+    texts = pc.binary_join_element_wise(_json_string(prefix)[:-1], column, '"', "")  # null for a null
+    escaped = pc.match_substring_regex(column, _JSON_ESCAPED).fill_null(False)
+    if pc.any(escaped).as_py():
+        values = pc.filter(column, escaped).to_pylist()
+        texts = pc.replace_with_mask(
+            texts, escaped, pa.array([_json_string(prefix + v) for v in values], pa.string())
+        )
+    if missing is None:
+        return texts.fill_null("null")
+    return pc.if_else(pc.equal(column, "").fill_null(True), missing, texts)
 
 
 def _json_weights(values: np.ndarray) -> pa.Array:
@@ -398,6 +395,8 @@ def loader_lines(
     column and the lines joined in Arrow: no dict per record. Returns (the lines, emphasised and total
     target positions of their weights)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
+    # the loader's sentinels: "s" for a missing finding / impression, integer 0 for an absent context
+    section_missing, context_missing = _json_string(MISSING_SECTION), json.dumps(MISSING_CONTEXT)
     emphasised = total = 0
     if weights is None:
         new_scores = "[]"
@@ -405,23 +404,23 @@ def loader_lines(
         emphasised, total = int(weights.sum()), weights.size
         new_scores = _json_weights(weights)
     fields = {
-        "id": _json_values(part.column("id"), _json_or_null),
+        "id": _json_strings(part.column("id")),
         "study_id": pc.cast(part.column("study_id"), pa.string()),
         "subject_id": pc.cast(part.column("subject_id"), pa.string()),
-        "finding": _json_values(part.column("finding"), _json_section(fp)),
-        "impression": _json_values(part.column("impression"), _json_section(ip)),
-        "APPA_flag": _json_values(part.column("APPA_flag"), _json_or_null),
-        "APPA_imagepath": _json_values(part.column("APPA_imagepath"), _json_or_null),
-        "indication": _json_values(part.column("indication"), _json_context),
-        "history": _json_values(part.column("history"), _json_context),
+        "finding": _json_strings(part.column("finding"), fp, section_missing),
+        "impression": _json_strings(part.column("impression"), ip, section_missing),
+        "APPA_flag": _json_strings(part.column("APPA_flag")),
+        "APPA_imagepath": _json_strings(part.column("APPA_imagepath")),
+        "indication": _json_strings(part.column("indication"), missing=context_missing),
+        "history": _json_strings(part.column("history"), missing=context_missing),
         "new_scores": new_scores,
     }
     if scenario in ("mn", "mw"):
-        fields["lateral_imagepath"] = _json_values(part.column("lateral_imagepath"), _json_or_null)
+        fields["lateral_imagepath"] = _json_strings(part.column("lateral_imagepath"))
     if scenario in ("sw", "mw"):
-        fields["last_finding"] = _json_values(part.column("last_finding"), _json_section(fp))
-        fields["last_impression"] = _json_values(part.column("last_impression"), _json_section(ip))
-        fields["last_APPA_imagepath"] = _json_values(part.column("last_APPA_imagepath"), _json_or_null)
+        fields["last_finding"] = _json_strings(part.column("last_finding"), fp, section_missing)
+        fields["last_impression"] = _json_strings(part.column("last_impression"), ip, section_missing)
+        fields["last_APPA_imagepath"] = _json_strings(part.column("last_APPA_imagepath"))
     pieces = [f"{split_index}\t", pa.array(positions, pa.int64()).cast(pa.string()), "\t{"]
     for k, (name, values) in enumerate(fields.items()):
         pieces += [f"{', ' if k else ''}{_json_string(name)}: ", values]

@@ -87,6 +87,14 @@ def _marked_pieces(sentence: str, pieces: list[str]) -> list[bool] | None:
     return [MARK in p for p in marked]
 
 
+# _RUNS[flag][n]: n weights ``flag``, one object per run (most sentences are one run of one flag)
+_RUNS = tuple(tuple(bytes([flag]) * n for n in range(256)) for flag in (0, 1))
+
+
+def _run(flag: bool, n: int) -> bytes:
+    return _RUNS[flag][n] if n < 256 else bytes([flag]) * n
+
+
 def _split(text: str) -> tuple[list[str], bool]:
     """(the sentences of a section, as :meth:`TokenScorer._marked` cuts them; whether they are separated
     by single spaces)."""
@@ -371,23 +379,24 @@ class TokenScorer:
         if sentence.isascii() and all(p and p.strip() == p for p in pieces):
             flags = _marked_pieces(sentence, pieces) if emphasised else [False] * len(pieces)
         if flags is not None:
-            later, values, lead, head = self._later_counts, bytearray(), None, ""
+            later, runs, lead, head = self._later_counts, [], 0, ""
             for piece, flag in zip(pieces, flags, strict=True):
                 # a word-by-word tokenizer splits a piece at its single spaces: "of  the" (the cleaner's
                 # "___," removed) is one unit
                 words = _SINGLE_SPACE.split(piece) if "  " in piece else piece.split(" ")
                 # a cleaned sentence's full stop goes with it
                 n = sum(map(later.__getitem__, words)) + later["."]
-                values += bytes([flag]) * n
-                if lead is None:
+                runs.append(_run(flag, n))
+                if len(runs) == 1:
                     lead, head = n, words[0]
             # as the first text of a target, only its first word counts differently (no space before it)
-            n = lead - later[head] + self._first_counts[head]
-            weights = (bytes(values), bytes([flags[0]]) * n + values[lead:])
+            rest = b"".join(runs[1:])
+            weights = (runs[0] + rest, _run(flags[0], lead - later[head] + self._first_counts[head]) + rest)
             # no pass of the cleaner may match across the space between two sentences (then each cleans as
             # if alone): the earlier one ends with "." but not with a list number ("1. ", " 2. ", ". 2. "
             # would take the space), the later one does not start with one (but see _CROSSING_NUMBER)
-            ends_clean = inner.endswith(".") and not _NUMBER_END.search(inner)
+            # (a match is at most 3 characters and ends at the end (or a final newline): searched there)
+            ends_clean = inner.endswith(".") and not _NUMBER_END.search(inner, max(len(inner) - 4, 0))
             parts = (weights[0], weights[1], ends_clean, not _NUMBER_START.match(inner))
         self._parts[key] = parts
         return parts
