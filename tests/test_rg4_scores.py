@@ -130,6 +130,9 @@ def test_rule_writes_weights_with_a_tokenizer(tmp_path, tokenizer_dir):
         for recs in json.loads(out[f"json_{scenario}"].read_text()).values():
             for rec in recs:
                 assert len(rec["new_scores"]) == 100 and set(rec["new_scores"]) <= {0, 1}
+        # byte for byte what json.dumps writes (the weights' digits are written into a template)
+        text = out[f"json_{scenario}"].read_text()
+        assert text == json.dumps(json.loads(text), ensure_ascii=False)
     sn = {r["study_id"]: r for r in json.loads(out["json_sn"].read_text())["train"]}
     sw = {r["study_id"]: r for r in json.loads(out["json_sw"].read_text())["train"]}
     assert sum(sn[11]["new_scores"]) > 0 and sum(sn[12]["new_scores"]) > 0  # effusion; cardiomegaly
@@ -137,6 +140,32 @@ def test_rule_writes_weights_with_a_tokenizer(tmp_path, tokenizer_dir):
     assert sw[12]["new_scores"] != sn[12]["new_scores"]
     notes = json.loads(out["notes"].read_text())
     assert any(line.startswith("new_scores: binary") and "span-based" in line for line in notes)
+
+
+def test_loader_files_are_what_json_dumps_writes(tmp_path, tokenizer_dir):
+    """Texts with characters JSON escapes (quotes, backslashes, tabs) and without: the records are written
+    column by column, byte for byte as json.dumps writes the loaded document."""
+    rows = [
+        *ROWS,
+        _study(
+            2,
+            21,
+            "train",
+            datetime(2150, 3, 1),
+            'Small "left" pleural effusion.\tNo pneumothorax.',
+            "Mild edema \\ stable.",
+            indication='Cough, "rule out" pneumonia.',
+            history="Fever\\chills.",
+            images=[("d", "PA")],
+        ),
+    ]
+    out = run_rule(tmp_path, rows, extra=["--scores-tokenizer", str(tokenizer_dir)])
+    for scenario in ("sn", "sw", "mn", "mw"):
+        text = out[f"json_{scenario}"].read_text()
+        assert text == json.dumps(json.loads(text), ensure_ascii=False)
+    records = {r["study_id"]: r for r in json.loads(out["json_sn"].read_text())["train"]}
+    assert records[21]["indication"] == 'Cough, "rule out" pneumonia.' and "\\" in records[21]["history"]
+    assert '"' in records[21]["finding"] and records[12]["history"] == 0
 
 
 def test_without_a_tokenizer_the_files_keep_empty_weights_and_say_so(tmp_path, capsys):
@@ -163,12 +192,45 @@ def test_parallel_scoring_gives_the_same_weights(scorer, monkeypatch):
 
     st, im, sec = (t.to_pandas() for t in tables(patients()))
     result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
-    serial = rg4.score_targets(result.tables, True, scorer, workers=1)
+    serial = rg4.score_targets(result.tables, True, scorer, workers=1).by_target()
     monkeypatch.setattr(rg4, "SCORE_CHUNK", 2)
-    parallel = rg4.score_targets(result.tables, True, scorer, workers=2)
+    parallel = rg4.score_targets(result.tables, True, scorer, workers=2).by_target()
     assert parallel == serial and len(serial) > 4
     assert ("finding: Small left pleural effusion.", "impression: Small left pleural effusion.") in serial
     assert all(len(v) == 100 and set(v) <= {0, 1} for v in serial.values())
+
+
+def test_each_row_has_its_loader_targets_weights(scorer):
+    """The distinct targets are the rows' (finding, impression) as the loader reads them, in the order the
+    rows first have them; each row's weights are its target's (a missing or empty section is "s")."""
+    import pyarrow as pa
+    from test_rg4 import patients, tables
+
+    from workflow.keyinfo.extract import label_vector
+
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    built = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector)).tables
+    extra = pa.table(
+        {"finding": ["", None, "Small left pleural effusion."], "impression": ["Edema.", "Edema.", None]}
+    )
+    for label_sections in (True, False):
+        fp, ip = rg4.SECTION_PREFIXES if label_sections else ("", "")
+        scenarios = {**built, "extra": extra}
+        weights = rg4.score_targets(scenarios, label_sections, scorer)
+        rows = [
+            (fp + f if f else None, ip + i if i else None)
+            for t in scenarios.values()
+            for f, i in zip(t.column("finding").to_pylist(), t.column("impression").to_pylist(), strict=True)
+        ]
+        assert weights.targets == list(dict.fromkeys(rows))
+        got = [weights.targets[k] for s in scenarios for k in weights.rows[s]]
+        assert got == rows
+        assert weights.values.shape == (len(weights.targets), 100)
+        by_target = weights.by_target()
+        assert by_target == dict(
+            zip(weights.targets, map(bytes, scorer.scores(weights.targets)), strict=True)
+        )
+        assert weights.rows["extra"][0] == weights.rows["extra"][1]  # "" and null: no finding
 
 
 def _demo_targets():
@@ -237,13 +299,20 @@ def test_sentence_by_sentence_weights_equal_target_by_target(scorer):
         ("finding: Tube tip at T4. 2. No pneumothorax.", "impression: Grade 1. Mild edema."),
         ("finding: Effusion!  Possible pneumonia? Edema", "impression: 2. 3 cm nodule. No edema."),
         ("finding: Cardiomegaly. 5. 6. Effusion. 2.", None),
+        # emphasised sentences whose cleaned pieces hold no word the emphasis marks ("2x": a letter after a
+        # digit), letters after digits and "_" elsewhere, and the cleaner's "of  the" ("___," removed)
+        (
+            "finding: Large right pleural effusion, e.g. 2x. Moderate cardiomegaly at T4 level, x_ray 5cm.",
+            "impression: In comparison with the study of ___, there is a large right pleural effusion.",
+        ),
     ]
     by_sentence = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny")
     by_target = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny", by_sentence=False)
     assert by_sentence.scores(targets) == by_target.scores(targets)
-    # most targets took the sentence way; the numbered lists too
+    # most targets took the sentence way; the numbered lists and the cleaner's double spaces too
     assert sum(by_sentence._joined(f, i) is not None for f, i in targets) >= len(targets) - 4
-    assert by_sentence._joined(*targets[-4]) is not None
+    assert by_sentence._joined(*targets[-5]) is not None and by_sentence._joined(*targets[-1]) is not None
+    assert 0 < sum(by_sentence.scores(targets[-1:])[0]) < 90  # the "2x" piece is not emphasised
     # a scenario's targets scored on two processes, sentences first: the same bytes
     from test_rg4 import patients, tables
 
@@ -252,8 +321,9 @@ def test_sentence_by_sentence_weights_equal_target_by_target(scorer):
     st, im, sec = (t.to_pandas() for t in tables(patients()))
     result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
     fresh = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny", by_sentence=False)
-    assert rg4.score_targets(result.tables, True, by_sentence, workers=2) == rg4.score_targets(
-        result.tables, True, fresh, workers=1
+    assert (
+        rg4.score_targets(result.tables, True, by_sentence, workers=2).by_target()
+        == rg4.score_targets(result.tables, True, fresh, workers=1).by_target()
     )
 
 
@@ -274,7 +344,10 @@ def test_emphasis_learnt_from_the_label_checks_is_the_extractors(scorer):
     learnt = TokenScorer(scorer.tokenizer, emphasised, 100, "tiny")
     learnt.learn_emphasis(known)
     fresh = TokenScorer(scorer.tokenizer, emphasised, 100, "tiny")
-    assert rg4.score_targets(result.tables, True, learnt) == rg4.score_targets(result.tables, True, fresh)
+    assert (
+        rg4.score_targets(result.tables, True, learnt).by_target()
+        == rg4.score_targets(result.tables, True, fresh).by_target()
+    )
 
 
 def test_emphasis_asked_without_the_section_labels_is_the_same(scorer):
@@ -290,8 +363,9 @@ def test_emphasis_asked_without_the_section_labels_is_the_same(scorer):
         scorer.tokenizer, scorer.emphasised, 100, "tiny", section_labels=rg4.SECTION_PREFIXES
     )
     labelled = TokenScorer(scorer.tokenizer, scorer.emphasised, 100, "tiny")
-    assert rg4.score_targets(result.tables, True, unlabelled) == rg4.score_targets(
-        result.tables, True, labelled
+    assert (
+        rg4.score_targets(result.tables, True, unlabelled).by_target()
+        == rg4.score_targets(result.tables, True, labelled).by_target()
     )
 
 

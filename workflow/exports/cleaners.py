@@ -32,6 +32,8 @@ def _repeat(text: str, old: str, new: str, times: int) -> str:
 
 
 def _numbering(text: str) -> str:
+    if ". " not in text:  # in every pattern (most of rg4's single sentences have none)
+        return text
     for old, new in _NUMBERING:
         text = text.replace(old, new)
     return text

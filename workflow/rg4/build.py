@@ -34,7 +34,7 @@ import json
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -342,42 +342,40 @@ def scenario_table(
 SECTION_PREFIXES = ("finding: ", "impression: ")
 
 
-def _json_values(column: pa.ChunkedArray | pa.Array, encode: Callable[[object], str]) -> pa.Array:
-    """``encode(value)`` (the value's JSON text) for each value of ``column`` (None for a null), called once
-    per distinct value (view flags, contexts and prior reports repeat)."""
+_json_string = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
+_JSON_ESCAPED = r'["\\\x00-\x1f]'  # the characters it escapes (in an RE2 class); others it writes as they are
+
+
+def _json_strings(
+    column: pa.ChunkedArray | pa.Array, prefix: str = "", missing: str | None = None
+) -> pa.Array:
+    """The JSON text of each value of a string column, ``json.dumps(prefix + value, ensure_ascii=False)``,
+    quoted in Arrow (only values with a character to escape are encoded in Python); ``missing`` for a
+    null or "" (None: ``null`` for a null)."""
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    codes = pc.dictionary_encode(column)
-    texts = pa.array([encode(v) for v in codes.dictionary.to_pylist()], pa.string()).take(codes.indices)
-    return texts.fill_null(encode(None)) if texts.null_count else texts
+    texts = pc.binary_join_element_wise(_json_string(prefix)[:-1], column, '"', "")  # null for a null
+    escaped = pc.match_substring_regex(column, _JSON_ESCAPED).fill_null(False)
+    if pc.any(escaped).as_py():
+        values = pc.filter(column, escaped).to_pylist()
+        texts = pc.replace_with_mask(
+            texts, escaped, pa.array([_json_string(prefix + v) for v in values], pa.string())
+        )
+    if missing is None:
+        return texts.fill_null("null")
+    return pc.if_else(pc.equal(column, "").fill_null(True), missing, texts)
 
 
-_json_string = json.encoder.encode_basestring  # what json.dumps(..., ensure_ascii=False) writes for a str
-
-
-def _json_or_null(value) -> str:
-    return "null" if value is None else _json_string(value)
-
-
-def _json_section(prefix: str) -> Callable[[str | None], str]:
-    """A finding / impression as the loader reads it: with its section label, ``"s"`` when missing."""
-    return lambda value: _json_string(prefix + value) if value else _json_string(MISSING_SECTION)
-
-
-def _json_context(value: str | None) -> str:
-    """An indication / history as the loader reads it: integer 0 when absent."""
-    return _json_string(value) if value else json.dumps(MISSING_CONTEXT)
-
-
-# byte k -> the digit k (0 ... 9; the weights are binary)
-_DIGITS = bytes(ord("0") + k if k < 10 else 0 for k in range(256))
-
-
-def _json_weights(values: bytes) -> str:
-    """``json.dumps(list(values))``, made from the digits of the bytes (no list of ints per record)."""
-    if values and max(values) > 9:
-        return json.dumps(list(values))
-    return "[" + ", ".join(values.translate(_DIGITS).decode("ascii")) + "]"
+def _json_weights(values: np.ndarray) -> pa.Array:
+    """``json.dumps(list(row))`` for each row of a uint8 matrix of weights, as Arrow strings: the digits
+    written into a ``[0, 0, ...]`` template (binary weights: one digit each), no list of ints per record."""
+    n, width = values.shape
+    if not n or not width or values.max() > 9:
+        return pa.array([json.dumps(row.tolist()) for row in values], pa.string())
+    text = np.tile(np.frombuffer(("[" + ", ".join("0" * width) + "]").encode(), np.uint8), (n, 1))
+    text[:, 1::3] = values + ord("0")
+    offsets = np.arange(n + 1, dtype=np.int32) * text.shape[1]
+    return pa.Array.from_buffers(pa.string(), n, [None, pa.py_buffer(offsets), pa.py_buffer(text)])
 
 
 def loader_lines(
@@ -386,42 +384,43 @@ def loader_lines(
     positions: np.ndarray,
     scenario: str,
     label_sections: bool,
-    scores: Mapping[tuple, bytes] | None,
+    weights: np.ndarray | None,
 ) -> tuple[str, int, int]:
     """Rows of a scenario table (all of one split) as :func:`write_loader_fragment` writes them: one line
     ``<split index>\\t<position>\\t<record>`` each, the record byte for byte as ``json.dumps(...,
     ensure_ascii=False)`` writes the dict of the loader's field names (in this order) and sentinels
     (findings / impressions with ``SECTION_PREFIXES`` when ``label_sections``, ``"s"`` when missing;
-    indication / history integer 0 when absent; ``new_scores`` from ``scores``, see :func:`score_targets`,
-    otherwise ``[]``). Each field is encoded column by
+    indication / history integer 0 when absent; ``new_scores`` the rows' ``weights``, one row of a uint8
+    matrix each, see :func:`score_targets`, otherwise ``[]``). Each field is encoded column by
     column and the lines joined in Arrow: no dict per record. Returns (the lines, emphasised and total
     target positions of their weights)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
+    # the loader's sentinels: "s" for a missing finding / impression, integer 0 for an absent context
+    section_missing, context_missing = _json_string(MISSING_SECTION), json.dumps(MISSING_CONTEXT)
     emphasised = total = 0
-    if scores is None:
+    if weights is None:
         new_scores = "[]"
     else:
-        weights = [scores[target] for target in loader_targets(part, label_sections)]
-        emphasised, total = sum(map(sum, weights)), sum(map(len, weights))
-        new_scores = pa.array([_json_weights(w) for w in weights], pa.string())
+        emphasised, total = int(weights.sum()), weights.size
+        new_scores = _json_weights(weights)
     fields = {
-        "id": _json_values(part.column("id"), _json_or_null),
+        "id": _json_strings(part.column("id")),
         "study_id": pc.cast(part.column("study_id"), pa.string()),
         "subject_id": pc.cast(part.column("subject_id"), pa.string()),
-        "finding": _json_values(part.column("finding"), _json_section(fp)),
-        "impression": _json_values(part.column("impression"), _json_section(ip)),
-        "APPA_flag": _json_values(part.column("APPA_flag"), _json_or_null),
-        "APPA_imagepath": _json_values(part.column("APPA_imagepath"), _json_or_null),
-        "indication": _json_values(part.column("indication"), _json_context),
-        "history": _json_values(part.column("history"), _json_context),
+        "finding": _json_strings(part.column("finding"), fp, section_missing),
+        "impression": _json_strings(part.column("impression"), ip, section_missing),
+        "APPA_flag": _json_strings(part.column("APPA_flag")),
+        "APPA_imagepath": _json_strings(part.column("APPA_imagepath")),
+        "indication": _json_strings(part.column("indication"), missing=context_missing),
+        "history": _json_strings(part.column("history"), missing=context_missing),
         "new_scores": new_scores,
     }
     if scenario in ("mn", "mw"):
-        fields["lateral_imagepath"] = _json_values(part.column("lateral_imagepath"), _json_or_null)
+        fields["lateral_imagepath"] = _json_strings(part.column("lateral_imagepath"))
     if scenario in ("sw", "mw"):
-        fields["last_finding"] = _json_values(part.column("last_finding"), _json_section(fp))
-        fields["last_impression"] = _json_values(part.column("last_impression"), _json_section(ip))
-        fields["last_APPA_imagepath"] = _json_values(part.column("last_APPA_imagepath"), _json_or_null)
+        fields["last_finding"] = _json_strings(part.column("last_finding"), fp, section_missing)
+        fields["last_impression"] = _json_strings(part.column("last_impression"), ip, section_missing)
+        fields["last_APPA_imagepath"] = _json_strings(part.column("last_APPA_imagepath"))
     pieces = [f"{split_index}\t", pa.array(positions, pa.int64()).cast(pa.string()), "\t{"]
     for k, (name, values) in enumerate(fields.items()):
         pieces += [f"{', ' if k else ''}{_json_string(name)}: ", values]
@@ -439,7 +438,7 @@ def write_loader_fragment(
     path: Path,
     scenario: str,
     label_sections: bool = True,
-    scores: Mapping[tuple, bytes] | None = None,
+    scores: TargetWeights | None = None,
 ) -> tuple[int, int]:
     """A scenario's records for the LLM-RG4 JSON file, one line each (:func:`loader_lines`), split by split
     (``RG4_SPLITS`` order), in table order within a split. The merge (:mod:`workflow.rg4.merge`) joins the
@@ -450,6 +449,7 @@ def write_loader_fragment(
 
     split = np.asarray(table.column("split").to_pylist(), dtype=object)
     position = np.asarray(positions, dtype=np.int64)
+    targets = None if scores is None else scores.rows[scenario]
     emphasised = total = 0
     with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
         for index, name in enumerate(RG4_SPLITS):
@@ -457,8 +457,9 @@ def write_loader_fragment(
             for start in range(0, len(rows), JSON_CHUNK):
                 chunk = rows[start : start + JSON_CHUNK]
                 part = table.take(pa.array(chunk, pa.int64()))
+                weights = None if scores is None else scores.values[targets[chunk]]
                 lines, n_emphasised, n_total = loader_lines(
-                    part, index, position[chunk], scenario, label_sections, scores
+                    part, index, position[chunk], scenario, label_sections, weights
                 )
                 fh.write(lines)
                 emphasised += n_emphasised
@@ -466,22 +467,41 @@ def write_loader_fragment(
     return emphasised, total
 
 
+class _Codes(dict):
+    """value -> its code; a new value gets the next code."""
+
+    def __missing__(self, value) -> int:
+        k = self[value] = len(self)
+        return k
+
+
+@dataclass
+class TargetWeights:
+    """The token weights of every distinct (finding, impression) target of the scenario tables, and which
+    target each of their rows has (see :func:`score_targets`)."""
+
+    targets: list[tuple[str | None, str | None]]  # as the loader reads them (see distinct_targets)
+    values: np.ndarray  # uint8, a row of max_length weights per target
+    rows: dict[str, np.ndarray]  # scenario -> the index of each row's target in ``targets``
+
+    def by_target(self) -> dict[tuple, bytes]:
+        return {target: values.tobytes() for target, values in zip(self.targets, self.values, strict=True)}
+
+
 def score_targets(
     tables: dict[str, pa.Table], label_sections: bool, scorer: TokenScorer, workers: int = 1
-) -> dict[tuple, bytes]:
+) -> TargetWeights:
     """The weights of every distinct (finding, impression) target of all scenarios (sn and mn, sw and mw
-    mostly share targets), scored once, by the target as the loader reads it (see :func:`loader_targets`);
-    one byte per position (a list of 100 ints costs 850 bytes: at MIMIC scale that is the difference of
-    half a gigabyte). On ``workers`` forked processes: first the distinct sentences (emphasis, cleaning,
-    token counts: most of the work, each sentence once), then the targets in chunks, which inherit the
-    sentences' results."""
-    distinct: dict[tuple, None] = {}
-    for table in tables.values():
-        distinct.update(dict.fromkeys(loader_targets(table, label_sections)))
-    raws = list(distinct)
+    mostly share targets), scored once, by the target as the loader reads it (see
+    :func:`distinct_targets`); one byte per position (a list of 100 ints costs 850 bytes: at MIMIC scale
+    that is the difference of half a gigabyte). On ``workers`` forked processes: first the distinct
+    sentences (emphasis, cleaning, token counts: most of the work, each sentence once), then the targets
+    in chunks, which inherit the sentences' results (in one process, the targets work out their
+    sentences' as they meet them)."""
+    raws, rows = distinct_targets(tables, label_sections)
     _SCORE["scorer"] = scorer
     try:
-        if scorer.word_by_word and scorer.by_sentence:
+        if scorer.word_by_word and scorer.by_sentence and workers > 1:
             sentences = scorer.sentences(raws)
             chunks = _chunks(sentences, workers)
             parts = _map(_prepare_sentences, chunks, workers)
@@ -492,16 +512,44 @@ def score_targets(
     finally:
         _SCORE.clear()
         scorer.clear_caches()
-    return dict(zip(raws, (values for part in parts for values in part), strict=True))
+    values = b"".join(values for part in parts for values in part)
+    return TargetWeights(raws, np.frombuffer(values, np.uint8).reshape(len(raws), scorer.max_length), rows)
 
 
-def loader_targets(table: pa.Table, label_sections: bool) -> Iterator[tuple[str | None, str | None]]:
-    """Each row's (finding, impression) as the loader reads them: with the section labels when
-    ``label_sections``, None when missing (the key of its weights in :func:`score_targets`); one at a
-    time (most repeat: sn and mn, sw and mw share targets)."""
+def distinct_targets(
+    tables: dict[str, pa.Table], label_sections: bool
+) -> tuple[list[tuple[str | None, str | None]], dict[str, np.ndarray]]:
+    """The distinct (finding, impression) targets of the tables' rows as the loader reads them (with the
+    section labels when ``label_sections``, None when missing), in the order the rows first have them,
+    and the index of each row's target (by scenario): each section text coded and labelled once, the
+    (finding, impression) pairs made distinct in NumPy (most rows repeat a target: sn and mn, sw and mw
+    share them)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
-    for f, i in zip(table.column("finding").to_pylist(), table.column("impression").to_pylist(), strict=True):
-        yield fp + f if f else None, ip + i if i else None
+
+    def codes(column: str, prefix: str) -> tuple[list[str | None], np.ndarray]:
+        code = _Codes.fromkeys((None, ""), 0)  # null and "" are both a missing section
+        rows = [
+            np.fromiter(map(code.__getitem__, t.column(column).to_pylist()), np.int64)
+            for t in tables.values()
+        ]
+        rows = np.concatenate([*rows, np.zeros(0, np.int64)])
+        texts: list[str | None] = [None] * len(code)
+        for value, k in code.items():
+            texts[k] = prefix + value if value else None
+        return texts, rows
+
+    findings, finding_codes = codes("finding", fp)
+    impressions, impression_codes = codes("impression", ip)
+    keys = finding_codes.astype(np.int64) * len(impressions) + impression_codes
+    distinct, first_rows, row_keys = np.unique(keys, return_index=True, return_inverse=True)
+    order = np.argsort(first_rows)
+    rank = np.empty(len(order), np.int64)
+    rank[order] = np.arange(len(order))
+    f, i = np.divmod(distinct[order], len(impressions))
+    targets = [(findings[a], impressions[b]) for a, b in zip(f.tolist(), i.tolist(), strict=True)]
+    ends = np.cumsum([t.num_rows for t in tables.values()])
+    rows = dict(zip(tables, np.split(rank[row_keys.reshape(-1)], ends[:-1]), strict=True))
+    return targets, rows
 
 
 _SCORE: dict = {}  # what forked scorers inherit
@@ -875,7 +923,9 @@ def write_shard(
         t0 = time.perf_counter()
         weights = score_targets(result.tables, label_sections, scorer, workers)
         log.info(
-            "rg4 new_scores: %d distinct targets scored in %.1f s", len(weights), time.perf_counter() - t0
+            "rg4 new_scores: %d distinct targets scored in %.1f s",
+            len(weights.targets),
+            time.perf_counter() - t0,
         )
     _WRITE.update(result=result, shard=shard, label_sections=label_sections, weights=weights)
     try:

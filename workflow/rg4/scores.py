@@ -65,6 +65,45 @@ _NUMBER_END = re.compile(r"1\.$|(?:^|\s)[2-5]\.$")
 _NUMBER_START = re.compile(r"[2-5]\. ")
 
 
+# The letters _WORD_START does not mark: after a digit or "_" (word characters that are not letters).
+_UNMARKED_LETTER = re.compile(r"[0-9_][A-Za-z]")
+_LETTER = re.compile(r"[a-z]")
+# The spaces between two words of a cleaned sentence, not those next to another space ("of  the": "___,"
+# removed by the cleaner): a word-by-word tokenizer splits a text there and nowhere else.
+_SINGLE_SPACE = re.compile(r"(?<! ) (?! )")
+
+
+def _marked_pieces(sentence: str, pieces: list[str]) -> list[bool] | None:
+    """Which of the cleaned ``pieces`` of an ASCII ``sentence`` hold words MARK-ed by :meth:`TokenScorer._marked`
+    (None when the marked sentence cleans differently). No step of the cleaner matches a letter or MARK,
+    so the marked sentence cleans to the pieces with MARK before the same letters; and every run of
+    letters starts with a marked one unless it follows a digit or "_" (neither cleaned away with a
+    letter, nor split from one): without those, a piece holds MARK exactly when it holds a letter."""
+    if not _UNMARKED_LETTER.search(sentence):
+        return [_LETTER.search(p) is not None for p in pieces]
+    marked = clean_pieces(_WORD_START.sub(MARK, sentence))[1]
+    if [p.replace(MARK, "") for p in marked] != pieces:  # unless the cleaner learns to touch MARK
+        return None
+    return [MARK in p for p in marked]
+
+
+# _RUNS[flag][n]: n weights ``flag``, one object per run (most sentences are one run of one flag)
+_RUNS = tuple(tuple(bytes([flag]) * n for n in range(256)) for flag in (0, 1))
+
+
+def _run(flag: bool, n: int) -> bytes:
+    return _RUNS[flag][n] if n < 256 else bytes([flag]) * n
+
+
+def _split(text: str) -> tuple[list[str], bool]:
+    """(the sentences of a section, as :meth:`TokenScorer._marked` cuts them; whether they are separated
+    by single spaces)."""
+    sentences = _SENTENCE_END.split(text)
+    # single spaces between them: the separators (one or more white-space characters each) add up to one
+    # character per break
+    return sentences, len(text) == sum(map(len, sentences)) + len(sentences) - 1
+
+
 def _pieces(cleaned: str) -> list[str]:
     """The cleaned sentences: the cleaner joins them with " . " and ends with " .", and removes every "."
     inside them, so splitting undoes the join exactly."""
@@ -112,6 +151,18 @@ def load_tokenizer(path: str | Path):
         raise ScoresConfigError(f"rg4.scores.tokenizer: {file} is not a tokenizer.json ({exc})") from exc
 
 
+class _TokenCounts(dict):
+    """word -> its number of tokens, counted (by ``count``) on its first look-up."""
+
+    def __init__(self, count: Callable[[str], int]):
+        super().__init__()
+        self._count_new = count
+
+    def __missing__(self, word: str) -> int:
+        n = self[word] = self._count_new(word)
+        return n
+
+
 @dataclass
 class TokenScorer:
     """Binary ``new_scores`` per raw target: 1 on the tokens of emphasised sentences, 0 on BOS, EOS,
@@ -130,7 +181,13 @@ class TokenScorer:
 
     def __post_init__(self):
         self._sentence_cache: dict[str, bool] = {}
-        self._counts: dict[tuple[str, bool], int] = {}
+        # a word's tokens as the first of a text, and after a space
+        self._first_counts = _TokenCounts(
+            lambda word: len(self.tokenizer.encode(word, add_special_tokens=False).ids)
+        )
+        self._later_counts = _TokenCounts(
+            lambda word: len(self.tokenizer.encode("a " + word, add_special_tokens=False).ids) - self._anchor
+        )
         self._splits: dict[str, tuple[tuple[str, ...], bool]] = {}
         self._parts: dict[tuple[str, bool], tuple | None] = {}
         # raw sentence -> (its parts as a target's first sentence, after a sentence that ends clean): what
@@ -259,21 +316,17 @@ class TokenScorer:
         spaces) (cached: sections repeat across scenarios)."""
         got = self._splits.get(text)
         if got is None:
-            sentences = _SENTENCE_END.split(text)
-            # single spaces between them: the separators (one or more white-space characters each) add up
-            # to one character per break
-            single = len(text) == sum(map(len, sentences)) + len(sentences) - 1
+            sentences, single = _split(text)
             one = self._sentence_copies.setdefault  # one object per distinct sentence (a tenth as many)
             got = self._splits[text] = (tuple([one(x, x) for x in sentences]), single)
         return got
 
     def sentences(self, targets: list[tuple[str | None, str | None]]) -> list[str]:
         """The distinct raw sentences of ``targets`` (what :meth:`prepare_sentences` takes)."""
+        texts = dict.fromkeys(text for target in targets for text in target if text)  # sections repeat
         seen: dict[str, None] = {}
-        for target in targets:
-            for text in target:
-                if text:
-                    seen.update(dict.fromkeys(self._split(text)[0]))
+        for text in texts:
+            seen.update(dict.fromkeys(self._split(text)[0]))
         return list(seen)
 
     def prepare_sentences(self, sentences: list[str]) -> list[tuple]:
@@ -321,30 +374,29 @@ class TokenScorer:
         key = (sentence, emphasised)
         if key in self._parts:
             return self._parts[key]
-        parts = None
+        parts = flags = None
         inner, pieces = clean_pieces(sentence)
-        ok = sentence.isascii() and all(p and "  " not in p and p.strip() == p for p in pieces)
-        if ok:
-            flags = [False] * len(pieces)
-            if emphasised:
-                marked = clean_pieces(_WORD_START.sub(MARK, sentence))[1]
-                ok = [p.replace(MARK, "") for p in marked] == pieces
-                flags = [MARK in p for p in marked]
-        if ok:
-            values, count, lead = bytearray(), self._count, None
+        if sentence.isascii() and all(p and p.strip() == p for p in pieces):
+            flags = _marked_pieces(sentence, pieces) if emphasised else [False] * len(pieces)
+        if flags is not None:
+            later, runs, lead, head = self._later_counts, [], 0, ""
             for piece, flag in zip(pieces, flags, strict=True):
+                # a word-by-word tokenizer splits a piece at its single spaces: "of  the" (the cleaner's
+                # "___," removed) is one unit
+                words = _SINGLE_SPACE.split(piece) if "  " in piece else piece.split(" ")
                 # a cleaned sentence's full stop goes with it
-                n = sum(count(w, False) for w in piece.split(" ")) + count(".", False)
-                values += bytes([flag]) * n
-                lead = n if lead is None else lead
+                n = sum(map(later.__getitem__, words)) + later["."]
+                runs.append(_run(flag, n))
+                if len(runs) == 1:
+                    lead, head = n, words[0]
             # as the first text of a target, only its first word counts differently (no space before it)
-            head = pieces[0].split(" ", 1)[0]
-            n = lead - count(head, False) + count(head, True)
-            weights = (bytes(values), bytes([flags[0]]) * n + values[lead:])
+            rest = b"".join(runs[1:])
+            weights = (runs[0] + rest, _run(flags[0], lead - later[head] + self._first_counts[head]) + rest)
             # no pass of the cleaner may match across the space between two sentences (then each cleans as
             # if alone): the earlier one ends with "." but not with a list number ("1. ", " 2. ", ". 2. "
             # would take the space), the later one does not start with one (but see _CROSSING_NUMBER)
-            ends_clean = inner.endswith(".") and not _NUMBER_END.search(inner)
+            # (a match is at most 3 characters and ends at the end (or a final newline): searched there)
+            ends_clean = inner.endswith(".") and not _NUMBER_END.search(inner, max(len(inner) - 4, 0))
             parts = (weights[0], weights[1], ends_clean, not _NUMBER_START.match(inner))
         self._parts[key] = parts
         return parts
@@ -356,7 +408,8 @@ class TokenScorer:
         for text in (finding, impression):
             if not text:
                 continue
-            sentences, single = self._split(text)
+            # not kept: a section text is in one or two distinct targets, mostly
+            sentences, single = self._splits.get(text) or _split(text)
             if not single:
                 return None
             for sentence in sentences:
@@ -381,15 +434,7 @@ class TokenScorer:
         return None if values is None else bytes(values)
 
     def _count(self, word: str, first: bool) -> int:
-        key = (word, first)
-        n = self._counts.get(key)
-        if n is None:
-            if first:
-                n = len(self.tokenizer.encode(word, add_special_tokens=False).ids)
-            else:
-                n = len(self.tokenizer.encode("a " + word, add_special_tokens=False).ids) - self._anchor
-            n = self._counts[key] = n
-        return n
+        return (self._first_counts if first else self._later_counts)[word]
 
     def _by_words(self, cleaned: str, ends: list[int], flags: list[bool]) -> list[int] | None:
         """The weights from cached per-word token counts; None where the text is not single-spaced
