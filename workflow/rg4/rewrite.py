@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from operator import itemgetter
 from pathlib import Path
 
 import yaml
@@ -51,7 +52,8 @@ class Rule:
     kind: str  # sub / predicate / negate
     pattern: re.Pattern
     replacement: str = ""
-    guard: re.Pattern | None = None  # the rule is tried only where this matches (cheap; speed only)
+    # the rule is tried only where one of these (lower-case) substrings occurs (cheap; speed only)
+    guard: frozenset[str] = frozenset()
     number: int = 0  # position in its category's list in libs/rg4_rules.yaml (for error messages)
 
     @property
@@ -80,24 +82,23 @@ class RuleSet:
     detect: dict[str, re.Pattern]  # category -> one alternation of its patterns
     any_trigger: re.Pattern  # union of every category (fast path: most sentences match nothing)
     rules: dict[str, tuple[Rule, ...]]
+    # category -> [k]: the guard substrings of its rules from the k-th on (those present in a sentence are
+    # looked up once, and again after a rule changed it, for the rules left)
+    guard_words: dict[str, tuple[tuple[str, ...], ...]]
     scenario_removes: dict[str, frozenset[str]]
     finding_words: re.Pattern
     glue_words: frozenset[str]
 
 
-def _guard(words: list[str] | None) -> re.Pattern | None:
-    return re.compile("|".join(re.escape(w.lower()) for w in words)) if words else None
-
-
-def _union(patterns: list[str]) -> re.Pattern:
+def _union(patterns: list[str]) -> str:
     """One alternation, matched against lower-cased text (no re.IGNORECASE: several times faster)."""
-    return re.compile("|".join(f"(?:{p})" for p in patterns))
+    return "|".join(f"(?:{p})" for p in patterns)
 
 
 @cache
 def load_rules(path: str | None = None) -> RuleSet:
     data = yaml.safe_load(Path(path or RULES_PATH).read_text())
-    detect = {cat: _union(data["detect"][cat]) for cat in CATEGORIES}
+    detect = {cat: re.compile(_union(data["detect"][cat])) for cat in CATEGORIES}
     rules = {
         cat: tuple(
             Rule(
@@ -105,7 +106,7 @@ def load_rules(path: str | None = None) -> RuleSet:
                 r["kind"],
                 re.compile(whole_words(r["find"]), re.IGNORECASE),
                 r.get("to", ""),
-                _guard(r.get("when")),
+                frozenset(w.lower() for w in r.get("when") or ()),
                 number,
             )
             for number, r in enumerate(data["rephrase"].get(cat, []))
@@ -115,8 +116,15 @@ def load_rules(path: str | None = None) -> RuleSet:
     words = data["finding_words"]
     return RuleSet(
         detect=detect,
-        any_trigger=_union([p for cat in CATEGORIES for p in data["detect"][cat]]),
+        any_trigger=re.compile(_union([p for cat in CATEGORIES for p in data["detect"][cat]])),
         rules=rules,
+        guard_words={
+            cat: tuple(
+                tuple(sorted({w for rule in rules[cat][k:] for w in rule.guard}))
+                for k in range(len(rules[cat]))
+            )
+            for cat in CATEGORIES
+        },
         scenario_removes={s: frozenset(c) for s, c in data["scenario_removes"].items()},
         finding_words=re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE),
         glue_words=frozenset(data["glue_words"]),
@@ -140,18 +148,36 @@ def detect(text: str, categories=CATEGORIES, rules: RuleSet | None = None) -> se
     """The input-agnostic categories (among ``categories``) that ``text`` still contains."""
     rules = rules or load_rules()
     lower = text.lower()
-    if not rules.any_trigger.search(lower):
+    first = rules.any_trigger.search(lower)
+    if first is None:
         return set()
-    return {cat for cat in categories if rules.detect[cat].search(lower)}
+    # no category matches left of the union's first match, so each is searched from there on (a search
+    # from a position still sees the text before it, for \b and lookbehinds; "^" matches at 0 only)
+    start = first.start()
+    return {cat for cat in categories if rules.detect[cat].search(lower, start)}
 
 
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)])")
+# White space before punctuation (the punctuation is looked at, not replaced: a literal replacement, which
+# the regex engine applies without a template).
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[,.;:!?)])")
 _DOUBLE_PUNCT = re.compile(r"([,;:])\s*([,;:.])")
 _LEADING_JUNK = re.compile(r"^[\s,;:.)-]+|^(?:and|but|however|then|also|with)\b[\s,]*", re.IGNORECASE)
-_TRAILING_DANGLER = re.compile(
-    r"(?:\s+(?:and|or|but|with|of|in|on|at|to|from|by|as|is|are|was|were|has|have|the|a|an|which|that))+\s*([.!?]?)$",
-    re.IGNORECASE,
-)
+_DANGLING_WORDS = "and|or|but|with|of|in|on|at|to|from|by|as|is|are|was|were|has|have|the|a|an|which|that"
+_TRAILING_DANGLER = re.compile(rf"(?:\s+(?:{_DANGLING_WORDS}))+\s*([.!?]?)$", re.IGNORECASE)
+_DANGLING = frozenset(_DANGLING_WORDS.split("|"))
+# A group of a match (Pattern.sub with a function: a template such as r"\2" costs a Python call per sub)
+_GROUP_2 = itemgetter(2)
+
+
+def _may_dangle(body: str) -> bool:
+    """False where ``_TRAILING_DANGLER`` cannot match ``body``: where its last word, after white space and
+    an end mark, is not preceded by white space or is an ASCII word that no dangling word is (the regex,
+    case-insensitive, is left to judge a non-ASCII word)."""
+    tail = body.rstrip().rstrip(".!?").rstrip()
+    word = tail.rsplit(None, 1)[-1] if tail else ""
+    if not word or len(word) == len(tail):
+        return False
+    return not word.isascii() or word.lower() in _DANGLING
 
 
 # --- articles: a removal can leave "a" before a vowel ("a new endotracheal tube" -> "a endotracheal
@@ -194,10 +220,14 @@ def takes_an(word: str, all_caps_text: bool = False) -> bool:
     return bool(_VOWEL_SOUND_H.match(lower))
 
 
+def _first_and_space(m: re.Match) -> str:
+    return m[1] + " "
+
+
 def fix_articles(sentence: str) -> str:
     """Articles agreeing with the word after them, and one article where a removal left two in a row
     ("an interval placement of a catheter" -> "an catheter" -> "a catheter")."""
-    s = _DOUBLED_ARTICLE.sub(r"\1 ", sentence)
+    s = _DOUBLED_ARTICLE.sub(_first_and_space, sentence)
     if s.isascii():  # every ASCII letter is cased: "all letters upper case" is str.isupper
         all_caps = s.isupper()
     else:
@@ -229,23 +259,28 @@ def tidy(sentence: str) -> str:
     full stop."""
     s = " ".join(sentence.split())
     s = s.replace("()", "").replace("( )", "")
-    s = _SPACE_BEFORE_PUNCT.sub(r"\1", s)
-    s = _DOUBLE_PUNCT.sub(r"\2", s)
+    s = _SPACE_BEFORE_PUNCT.sub("", s)
+    s = _DOUBLE_PUNCT.sub(_GROUP_2, s)
     s = _LEADING_JUNK.sub("", s).strip()
     s = fix_articles(s)
     s = s.rstrip(" ,;:")
     body = s.rstrip(".!?")
     end = s[len(body) :] or "."
-    body = _TRAILING_DANGLER.sub("", body).rstrip(" ,;:")
+    if _may_dangle(body):
+        body = _TRAILING_DANGLER.sub("", body)
+    body = body.rstrip(" ,;:")
     if not body:
         return ""
     return body[0].upper() + body[1:] + end[0]
 
 
+_CONTENT_WORD = re.compile(r"[A-Za-z]{3,}")
+
+
 def has_content(sentence: str, rules: RuleSet | None = None) -> bool:
     """At least one word that is not glue ("There is." or "Patient is." say nothing)."""
     glue = (rules or load_rules()).glue_words
-    return any(w.lower() not in glue for w in re.findall(r"[A-Za-z]{3,}", sentence))
+    return not glue.issuperset(map(str.lower, _CONTENT_WORD.findall(sentence)))
 
 
 # --- the rules rewriter -----------------------------------------------------------------------------------
@@ -315,11 +350,14 @@ def rewrite_sentence(
     removes: frozenset[str],
     rules: RuleSet | None = None,
     names_finding: Callable[[str], bool] | None = None,
+    found: frozenset[str] | None = None,
 ) -> SentenceEdit:
     """Rephrase or remove one sentence for a scenario removing ``removes``; ``names_finding(phrase)``
-    decides whether "<phrase> is unchanged" keeps "<phrase> is present." (default: ``finding_words``)."""
+    decides whether "<phrase> is unchanged" keeps "<phrase> is present." (default: ``finding_words``).
+    ``found``: ``detect(sentence, removes)``, when the caller knows it already."""
     rules = rules or load_rules()
-    found = frozenset(detect(sentence, removes, rules))
+    if found is None:
+        found = frozenset(detect(sentence, removes, rules))
     if not found:
         return SentenceEdit(sentence, found, "kept")
     prefix = _SENTENCE_PREFIX.match(sentence).group()
@@ -333,27 +371,38 @@ def rewrite_sentence(
         lost = found != {"comm"} and carries_finding(sentence, rules, names_finding)
         return SentenceEdit(None, found, "removed", foreign=foreign, lost_finding=lost)
 
+    body_tokens = None  # tokens(body), once needed (for the corruption check only, so while foreign is None)
     for cat in _RULE_ORDER:
         if cat not in found:
             continue
-        for rule in rules.rules[cat]:
-            if rule.guard is not None and not rule.guard.search(lower):
+        # the guard substrings present in the sentence as it is now (found again after every change)
+        guard_words = rules.guard_words[cat]
+        present = frozenset(filter(lower.__contains__, guard_words[0])) if guard_words else frozenset()
+        for k, rule in enumerate(rules.rules[cat]):
+            if rule.guard and present.isdisjoint(rule.guard):
                 continue
             new, inserted = _apply(rule, body, rules, names_finding)
             if new != body:
                 if foreign is None:
-                    extra = tokens(new) - tokens(body) - tokens(inserted)
+                    new_tokens = tokens(new)
+                    extra = new_tokens - (body_tokens if body_tokens is not None else tokens(body))
+                    if extra and inserted:
+                        extra -= tokens(inserted)
                     if extra:
                         foreign = (min(extra), rule.name)
+                    body_tokens = new_tokens
                 if not new.strip():
                     return removed()
                 body, lower = new, new.lower()
+                if k + 1 < len(guard_words):
+                    present = frozenset(filter(lower.__contains__, guard_words[k + 1]))
     before_tidy = body
     body = tidy(body)
     if foreign is None:  # tidying deletes, re-cases and turns "a" into "an" (or back): any other new
         # token means it glued two words
-        extra = tokens(body) - tokens(before_tidy)
-        if tokens(before_tidy) & _ARTICLES:
+        before_tokens = body_tokens if body_tokens is not None else tokens(before_tidy)
+        extra = tokens(body) - before_tokens
+        if before_tokens & _ARTICLES:
             extra -= _ARTICLES
         if extra:
             foreign = (min(extra), "tidy")
@@ -436,7 +485,8 @@ class RulesRewriter:
         new_texts = []
         for text, _ in items:
             if text and text not in self._split:
-                self._split[text] = [intern.setdefault(x, x) for x in split_sentences(text)]
+                sentences = split_sentences(text)
+                self._split[text] = list(map(intern.setdefault, sentences, sentences))
                 new_texts.append(text)
         t0 = time.perf_counter()
         todo = [x for x in intern if x not in self._found]
@@ -444,15 +494,35 @@ class RulesRewriter:
             todo, _pool_map(_detect_worker, todo, workers, self, label_vector), strict=True
         ):
             self._found[sentence] = cats
+        found_of = self._found.__getitem__
         for text in new_texts:
-            self._text_found[text] = frozenset().union(*(self._found[x] for x in self._split[text]))
+            self._text_found[text] = frozenset().union(*map(found_of, self._split[text]))
+        # the (sentence, categories to remove that it contains) edits the items ask for: the sentences of the
+        # texts are gathered by the categories removed from them (few distinct sets), each visited once per set
+        text_found, edits, split = self._text_found, self._edits, self._split
+        meet: dict[tuple[frozenset, frozenset], frozenset] = {}  # (text's categories, removes) -> both
+        asked: dict[
+            frozenset, set[str]
+        ] = {}  # categories removed -> sentences of texts they are removed from
+        for text, removes in items:
+            if text:
+                categories = text_found[text]
+                if categories and not categories.isdisjoint(removes):
+                    eff = meet.get((categories, removes))
+                    if eff is None:
+                        eff = meet[(categories, removes)] = categories & removes
+                    sentences = asked.get(eff)
+                    if sentences is None:
+                        sentences = asked[eff] = set()
+                    sentences.update(split[text])
         keys: dict[tuple[str, frozenset], None] = {}
-        pairs = {(text, self._text_found[text] & removes) for text, removes in items if text}
-        for text, eff in pairs:
-            if eff:
-                for x in self._split[text]:
-                    found = self._found[x] & eff
-                    if found and (x, found) not in self._edits:
+        for eff, sentences in asked.items():
+            for x in sentences:
+                found = found_of(x)
+                if found and not found.isdisjoint(eff):
+                    if not found <= eff:
+                        found &= eff
+                    if (x, found) not in edits:
                         keys[(x, found)] = None
         todo_keys = list(keys)
         t1 = time.perf_counter()
@@ -495,7 +565,7 @@ class RulesRewriter:
         key = (sentence, found)
         edit = self._edits.get(key)
         if edit is None:
-            edit = self._edits[key] = rewrite_sentence(sentence, found, self.rules, self.names_finding)
+            edit = self._edits[key] = rewrite_sentence(sentence, found, self.rules, self.names_finding, found)
         return edit
 
     def split(self, text: str) -> list[str]:
@@ -511,30 +581,37 @@ class RulesRewriter:
         and categories to remove from it; never mutate it)."""
         if not text:
             return TextEdit(None, 0, NO_COUNTS, NO_COUNTS)
-        sentences = self.split(text)
-        eff = self._text_found[text] & removes
-        if not eff:  # nothing to remove: the text as written (single-spaced, so the sentences joined)
+        text_found = self._text_found.get(text)
+        if text_found is None:
+            self.split(text)
+            text_found = self._text_found[text]
+        if text_found.isdisjoint(removes):  # nothing to remove: the text as written (single-spaced, so the
+            # sentences joined)
             same = self._as_written.get(text)
             if same is None:
+                sentences = self._split[text]
                 joined = " ".join(sentences)
                 # the text itself where it is single-spaced already (one object: no copy per scenario)
                 same = self._as_written[text] = TextEdit(
                     text if joined == text else joined, len(sentences), NO_COUNTS, NO_COUNTS
                 )
             return same
+        eff = text_found & removes
         key = (text, eff)
         cached = self._text_edits.get(key)
         if cached is not None:
             return cached
+        sentences = self._split[text]
         kept, removed, rephrased, changed, residual = [], [], [], [], set()
         foreign, lost = None, False
         found_in, edits = self._found, self._edits
         for s in sentences:
-            found = found_in[s] & eff
-            if not found:  # kept as written (what self.sentence would say, without making the edit)
+            found = found_in[s]
+            if not found or found.isdisjoint(eff):  # kept as written (what self.sentence would say,
+                # without making the edit)
                 kept.append(s)
                 continue
-            edit = edits.get((s, found)) or self.sentence(s, eff)
+            edit = edits.get((s, found if found <= eff else found & eff)) or self.sentence(s, eff)
             foreign = foreign or edit.foreign
             if edit.action == "removed":
                 lost = lost or edit.lost_finding
@@ -585,7 +662,7 @@ def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
     rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
     out = []
     for sentence, found in keys:
-        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding)
+        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found)
         if lv is None:
             out.append((edit, None, None, None))
             continue
