@@ -82,12 +82,57 @@ class RuleSet:
     detect: dict[str, re.Pattern]  # category -> one alternation of its patterns
     any_trigger: re.Pattern  # union of every category (fast path: most sentences match nothing)
     rules: dict[str, tuple[Rule, ...]]
-    # category -> [k]: the guard substrings of its rules from the k-th on (those present in a sentence are
-    # looked up once, and again after a rule changed it, for the rules left)
-    guard_words: dict[str, tuple[tuple[str, ...], ...]]
+    guards: dict[str, Guards]  # category -> which of its rules a sentence lets the rewriter try
     scenario_removes: dict[str, frozenset[str]]
     finding_words: re.Pattern
     glue_words: frozenset[str]
+
+
+_LETTER_RUN = re.compile(r"[a-z]+")
+
+
+class Guards:
+    """Which rules of a category the rewriter tries on a sentence: a rule whose guard (``when``) has no
+    substring in the lower-cased sentence is not tried. A guard substring of letters only occurs within one
+    run of letters, so the rules such substrings let through are looked up per word (and remembered: a
+    corpus has few distinct words), instead of searching the sentence for each substring."""
+
+    __slots__ = ("_by_word", "_letters", "_others", "_unguarded")
+
+    def __init__(self, rules: tuple[Rule, ...]):
+        rules_of: dict[str, list[int]] = {}  # guard substring -> the rules it lets through
+        for k, rule in enumerate(rules):
+            for w in rule.guard:
+                rules_of.setdefault(w, []).append(k)
+        groups = [(w, frozenset(ks)) for w, ks in sorted(rules_of.items())]
+        self._letters = [(w, ks) for w, ks in groups if _LETTER_RUN.fullmatch(w)]
+        self._others = [(w, ks) for w, ks in groups if not _LETTER_RUN.fullmatch(w)]
+        self._unguarded = frozenset(k for k, rule in enumerate(rules) if not rule.guard)
+        self._by_word: dict[
+            str, frozenset[int]
+        ] = {}  # run of letters -> the rules its substrings let through
+
+    def _word(self, word: str) -> frozenset[int]:
+        found = frozenset().union(*(ks for w, ks in self._letters if w in word))
+        return self._by_word.setdefault(word, found or _NO_RULES)
+
+    def candidates(self, lower: str, start: int = 0) -> list[int]:
+        """In order, the rules from the ``start``-th on to try on the lower-cased sentence ``lower``."""
+        by_word = self._by_word
+        tried = set(self._unguarded)
+        for word in set(_LETTER_RUN.findall(lower)):
+            rules = by_word.get(word)
+            if rules is None:
+                rules = self._word(word)
+            if rules:
+                tried.update(rules)
+        for w, ks in self._others:
+            if w in lower:
+                tried.update(ks)
+        return sorted(k for k in tried if k >= start)
+
+
+_NO_RULES: frozenset[int] = frozenset()
 
 
 def _union(patterns: list[str]) -> str:
@@ -118,13 +163,7 @@ def load_rules(path: str | None = None) -> RuleSet:
         detect=detect,
         any_trigger=re.compile(_union([p for cat in CATEGORIES for p in data["detect"][cat]])),
         rules=rules,
-        guard_words={
-            cat: tuple(
-                tuple(sorted({w for rule in rules[cat][k:] for w in rule.guard}))
-                for k in range(len(rules[cat]))
-            )
-            for cat in CATEGORIES
-        },
+        guards={cat: Guards(rules[cat]) for cat in CATEGORIES},
         scenario_removes={s: frozenset(c) for s, c in data["scenario_removes"].items()},
         finding_words=re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE),
         glue_words=frozenset(data["glue_words"]),
@@ -375,27 +414,29 @@ def rewrite_sentence(
     for cat in _RULE_ORDER:
         if cat not in found:
             continue
-        # the guard substrings present in the sentence as it is now (found again after every change)
-        guard_words = rules.guard_words[cat]
-        present = frozenset(filter(lower.__contains__, guard_words[0])) if guard_words else frozenset()
-        for k, rule in enumerate(rules.rules[cat]):
-            if rule.guard and present.isdisjoint(rule.guard):
-                continue
+        # the category's rules in order, each where its guard lets it; after a change, the guards are asked
+        # again for the rules after the one that made it
+        cat_rules, guards = rules.rules[cat], rules.guards[cat]
+        todo, n = guards.candidates(lower), 0
+        while n < len(todo):
+            k = todo[n]
+            n += 1
+            rule = cat_rules[k]
             new, inserted = _apply(rule, body, rules, names_finding)
-            if new != body:
-                if foreign is None:
-                    new_tokens = tokens(new)
-                    extra = new_tokens - (body_tokens if body_tokens is not None else tokens(body))
-                    if extra and inserted:
-                        extra -= tokens(inserted)
-                    if extra:
-                        foreign = (min(extra), rule.name)
-                    body_tokens = new_tokens
-                if not new.strip():
-                    return removed()
-                body, lower = new, new.lower()
-                if k + 1 < len(guard_words):
-                    present = frozenset(filter(lower.__contains__, guard_words[k + 1]))
+            if new == body:
+                continue
+            if foreign is None:
+                new_tokens = tokens(new)
+                extra = new_tokens - (body_tokens if body_tokens is not None else tokens(body))
+                if extra and inserted:
+                    extra -= tokens(inserted)
+                if extra:
+                    foreign = (min(extra), rule.name)
+                body_tokens = new_tokens
+            if not new.strip():
+                return removed()
+            body, lower = new, new.lower()
+            todo, n = guards.candidates(lower, k + 1), 0
     before_tidy = body
     body = tidy(body)
     if foreign is None:  # tidying deletes, re-cases and turns "a" into "an" (or back): any other new
