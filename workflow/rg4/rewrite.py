@@ -46,7 +46,7 @@ _LIST_MARKER = re.compile(r"^(\d{1,2})[.)]\s+")
 _SENTENCE_PREFIX = re.compile(r"^(?:[A-Z][A-Z ]{2,30}:\s*)?(?:\d{1,2}[.)]\s+)?")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     category: str
     kind: str  # sub / predicate / negate
@@ -374,7 +374,7 @@ def _apply(
     return f"{subject} {'are' if plural else 'is'} present.", "are is present"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SentenceEdit:
     text: str | None  # None: removed
     categories: frozenset[str]  # removed categories the original sentence contained
@@ -469,6 +469,7 @@ def _renumber(sentences: list[str]) -> list[str]:
 
 
 NO_COUNTS: Counter = Counter()  # shared, never mutated
+_NO_CATEGORIES: frozenset[str] = frozenset()
 RECENT_TEXT_EDITS = 8  # see RulesRewriter._text_edits
 
 
@@ -484,6 +485,17 @@ class TextEdit:
     lost_finding: bool = False  # a removed sentence named a finding
 
 
+@dataclass(slots=True)
+class _Text:
+    """What the rewriter knows of a text: its sentences, their categories (all of them, not only those a
+    scenario removes), their union, and its edit when nothing is removed from it (made once needed)."""
+
+    sentences: list[str]
+    found: tuple[frozenset[str], ...] = ()
+    categories: frozenset[str] = frozenset()
+    as_written: TextEdit | None = None
+
+
 class RulesRewriter:
     """The embedded rewriter: deterministic; detection is cached per sentence and edits per (sentence,
     categories to remove that the sentence contains), so scenarios share the work."""
@@ -494,10 +506,11 @@ class RulesRewriter:
         self.rules = rules or load_rules()
         self._found: dict[str, frozenset[str]] = {}
         self._edits: dict[tuple[str, frozenset], SentenceEdit] = {}
-        self._split: dict[str, list[str]] = {}
+        self._texts: dict[str, _Text] = {}
         self._labels_equal: dict[tuple[str, str | None], bool] = {}
-        self._text_found: dict[str, frozenset[str]] = {}  # text -> union of its sentences' categories
-        self._as_written: dict[str, TextEdit] = {}  # text -> its edit when nothing is removed from it
+        # the categories of the sentences removed / rephrased in a text, in order -> their counts (few distinct:
+        # one shared Counter each, never mutated, like NO_COUNTS)
+        self._counts: dict[tuple[str, ...], Counter] = {}
         # (text, the categories removed from it) -> its edit, for the last few texts: a study's scenarios ask
         # for the edits of its two texts in turn (sn, sw, mn, mw remove different categories); kept few, as
         # a TextEdit with its counters costs about a kilobyte
@@ -514,8 +527,8 @@ class RulesRewriter:
         )
 
     def clear_caches(self) -> None:
-        self._found, self._edits, self._split, self._labels_equal, self._text_found = {}, {}, {}, {}, {}
-        self._as_written, self._text_edits = {}, {}
+        self._found, self._edits, self._texts, self._labels_equal = {}, {}, {}, {}
+        self._counts, self._text_edits = {}, {}
 
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
         """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
@@ -523,12 +536,13 @@ class RulesRewriter:
         label-checked, on ``workers`` processes (fork), so no work is repeated or serial."""
         items = items if isinstance(items, list) else list(items)
         intern: dict[str, str] = {}
-        new_texts = []
+        texts: dict[str, _Text] = self._texts
+        new_texts: list[_Text] = []
         for text, _ in items:
-            if text and text not in self._split:
+            if text and text not in texts:
                 sentences = split_sentences(text)
-                self._split[text] = list(map(intern.setdefault, sentences, sentences))
-                new_texts.append(text)
+                texts[text] = record = _Text(list(map(intern.setdefault, sentences, sentences)))
+                new_texts.append(record)
         t0 = time.perf_counter()
         todo = [x for x in intern if x not in self._found]
         for sentence, cats in zip(
@@ -536,18 +550,19 @@ class RulesRewriter:
         ):
             self._found[sentence] = cats
         found_of = self._found.__getitem__
-        for text in new_texts:
-            self._text_found[text] = frozenset().union(*map(found_of, self._split[text]))
+        for record in new_texts:
+            record.found = tuple(map(found_of, record.sentences))
+            record.categories = frozenset().union(*record.found)
         # the (sentence, categories to remove that it contains) edits the items ask for: the sentences of the
         # texts are gathered by the categories removed from them (few distinct sets), each visited once per set
-        text_found, edits, split = self._text_found, self._edits, self._split
+        edits = self._edits
         meet: dict[tuple[frozenset, frozenset], frozenset] = {}  # (text's categories, removes) -> both
-        asked: dict[
-            frozenset, set[str]
-        ] = {}  # categories removed -> sentences of texts they are removed from
+        # categories removed -> the sentences of the texts they are removed from
+        asked: dict[frozenset, set[str]] = {}
         for text, removes in items:
             if text:
-                categories = text_found[text]
+                record = texts[text]
+                categories = record.categories
                 if categories and not categories.isdisjoint(removes):
                     eff = meet.get((categories, removes))
                     if eff is None:
@@ -555,7 +570,7 @@ class RulesRewriter:
                     sentences = asked.get(eff)
                     if sentences is None:
                         sentences = asked[eff] = set()
-                    sentences.update(split[text])
+                    sentences.update(record.sentences)
         keys: dict[tuple[str, frozenset], None] = {}
         for eff, sentences in asked.items():
             for x in sentences:
@@ -609,45 +624,52 @@ class RulesRewriter:
             edit = self._edits[key] = rewrite_sentence(sentence, found, self.rules, self.names_finding, found)
         return edit
 
+    def _text(self, text: str) -> _Text:
+        """What is known of ``text`` (cached: a study's text is rewritten for each of its scenarios)."""
+        record = self._texts.get(text)
+        if record is None:
+            record = self._texts[text] = _Text(split_sentences(text))
+            record.found = tuple(map(self.found, record.sentences))
+            record.categories = frozenset().union(*record.found)
+        return record
+
     def split(self, text: str) -> list[str]:
-        """Sentences of ``text`` (cached: a study's text is rewritten for each of its scenarios)."""
-        sentences = self._split.get(text)
-        if sentences is None:
-            sentences = self._split[text] = split_sentences(text)
-            self._text_found[text] = frozenset().union(*(self.found(x) for x in sentences))
-        return sentences
+        """Sentences of ``text``."""
+        return self._text(text).sentences
+
+    def _counter(self, categories: list[str]) -> Counter:
+        key = tuple(categories)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = Counter(key)
+        return counts
 
     def text(self, text: str | None, removes: frozenset[str]) -> TextEdit:
         """The edit of ``text`` for a scenario removing ``removes`` (cached: the same object for the same text
         and categories to remove from it; never mutate it)."""
         if not text:
             return TextEdit(None, 0, NO_COUNTS, NO_COUNTS)
-        text_found = self._text_found.get(text)
-        if text_found is None:
-            self.split(text)
-            text_found = self._text_found[text]
-        if text_found.isdisjoint(removes):  # nothing to remove: the text as written (single-spaced, so the
-            # sentences joined)
-            same = self._as_written.get(text)
+        record = self._texts.get(text) or self._text(text)
+        sentences = record.sentences
+        if record.categories.isdisjoint(removes):  # nothing to remove: the text as written (single-spaced,
+            # so the sentences joined)
+            same = record.as_written
             if same is None:
-                sentences = self._split[text]
                 joined = " ".join(sentences)
                 # the text itself where it is single-spaced already (one object: no copy per scenario)
-                same = self._as_written[text] = TextEdit(
+                same = record.as_written = TextEdit(
                     text if joined == text else joined, len(sentences), NO_COUNTS, NO_COUNTS
                 )
             return same
-        eff = text_found & removes
+        eff = record.categories & removes
         key = (text, eff)
         cached = self._text_edits.get(key)
         if cached is not None:
             return cached
-        sentences = self._split[text]
         kept, removed, rephrased, changed, residual = [], [], [], [], set()
         foreign, lost = None, False
-        found_in, edits = self._found, self._edits
-        for s in sentences:
-            found = found_in[s]
+        edits = self._edits
+        for s, found in zip(sentences, record.found, strict=True):
             if not found or found.isdisjoint(eff):  # kept as written (what self.sentence would say,
                 # without making the edit)
                 kept.append(s)
@@ -669,10 +691,10 @@ class RulesRewriter:
         result = TextEdit(
             " ".join(kept) or None,
             len(sentences),
-            Counter(removed) if removed else NO_COUNTS,
-            Counter(rephrased) if rephrased else NO_COUNTS,
+            self._counter(removed) if removed else NO_COUNTS,
+            self._counter(rephrased) if rephrased else NO_COUNTS,
             changed,
-            frozenset(residual),
+            frozenset(residual) if residual else _NO_CATEGORIES,
             foreign,
             lost,
         )
