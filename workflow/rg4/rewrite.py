@@ -108,9 +108,8 @@ class Guards:
         self._letters = [(w, ks) for w, ks in groups if _LETTER_RUN.fullmatch(w)]
         self._others = [(w, ks) for w, ks in groups if not _LETTER_RUN.fullmatch(w)]
         self._unguarded = frozenset(k for k, rule in enumerate(rules) if not rule.guard)
-        self._by_word: dict[
-            str, frozenset[int]
-        ] = {}  # run of letters -> the rules its substrings let through
+        # run of letters -> the rules its substrings let through
+        self._by_word: dict[str, frozenset[int]] = {}
 
     def _word(self, word: str) -> frozenset[int]:
         found = frozenset().union(*(ks for w, ks in self._letters if w in word))
