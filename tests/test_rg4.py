@@ -439,6 +439,95 @@ def test_a_corrupting_rule_fails_the_rule(tmp_path):
         rg4.build(st, im, sec, runner)
 
 
+# --- the rewriter's fast paths, against the definitions they replace ----------------------------------------
+
+# Corpus sentences, with the kinds of text the fast paths reason about: guard substrings inside longer
+# words, guards that are not words, non-ASCII letters, dangling words in any case, stray spaces.
+_TRICKY = [
+    "The effusion is redemonstrated, stable since the prior exam.",
+    "S/P CABG; no longer seen. Status-post lobectomy.",
+    "Unchanged ET tube , , and .",
+    "Findings discussed with Dr. ___ by telephone at 10:15 and",
+    "Lateral view shows a small effusion which",
+    "Stable appearance of the chest AND",
+    "Previously noted opacity has resolved. Now clear.",
+    "Pneumothorax, now smaller, as before ;",
+    "Névus stable; the hilar contours are unchanged THE",
+    "Cardiomegaly is similar to ___ ( ) with",
+    "xnew prenow nowhere interval-ly a",
+    "Heart size is normal.",
+    "",
+]
+
+
+def _fast_path_inputs() -> list[str]:
+    rows = read_corpus()
+    sentences = [s for _, s, _ in rows] + [e for _, _, e in rows if not e.startswith("<")] + _TRICKY
+    return sentences + [s.upper() for s in sentences] + [s.lower() for s in sentences]
+
+
+def test_detect_finds_what_each_category_finds_on_its_own():
+    """detect searches each category from the union's first match on: the same categories as searching
+    each category over the whole text."""
+    for text in _fast_path_inputs():
+        lower = text.lower()
+        assert detect(text) == {c for c in RULES.detect if RULES.detect[c].search(lower)}, text
+
+
+def test_guards_let_through_exactly_the_rules_whose_substrings_occur():
+    for text in _fast_path_inputs():
+        lower = text.lower()
+        for cat, cat_rules in RULES.rules.items():
+            for start in (0, 1, len(cat_rules) // 2, len(cat_rules)):
+                expected = [
+                    k
+                    for k in range(start, len(cat_rules))
+                    if not cat_rules[k].guard or any(w in lower for w in cat_rules[k].guard)
+                ]
+                assert RULES.guards[cat].candidates(lower, start) == expected, (cat, start, text)
+
+
+def test_tidy_shortcuts_match_their_regexes():
+    """The trailing-dangler regex is skipped only where it cannot match; white space before punctuation
+    goes as with the former group replacement; has_content as its definition."""
+    import random
+
+    from workflow.rg4 import rewrite
+
+    rng = random.Random(0)
+    pieces = [
+        "and",
+        "AND",
+        "Or",
+        "the",
+        "a",
+        "An",
+        "haſ",
+        "İs",
+        "effusion",
+        "x",
+        ",",
+        ".",
+        ";",
+        "!",
+        "?",
+        "(",
+    ]
+    pieces += [")", "  ", " ", "\t", "1."]
+    texts = _fast_path_inputs() + [
+        "".join(rng.choice(pieces) + rng.choice(["", " "]) for _ in range(rng.randint(1, 8)))
+        for _ in range(3000)
+    ]
+    glue = RULES.glue_words
+    for text in texts:
+        body = text.rstrip(".!?")
+        if rewrite._TRAILING_DANGLER.sub("", body) != body:
+            assert rewrite._may_dangle(body), text
+        assert rewrite._SPACE_BEFORE_PUNCT.sub("", text) == re.sub(r"\s+([,.;:!?)])", r"\1", text)
+        words = re.findall(r"[A-Za-z]{3,}", text)
+        assert rewrite.has_content(text) == any(w.lower() not in glue for w in words), text
+
+
 def test_numbered_impression_is_renumbered():
     text = "1. No change compared to the prior study. 2. Stable small left effusion. 3. Mild edema."
     assert RulesRewriter().text(text, REMOVES["sn"]).text == "1. Small left effusion. 2. Mild edema."

@@ -22,6 +22,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
+from operator import itemgetter
 from pathlib import Path
 
 import yaml
@@ -45,13 +46,14 @@ _LIST_MARKER = re.compile(r"^(\d{1,2})[.)]\s+")
 _SENTENCE_PREFIX = re.compile(r"^(?:[A-Z][A-Z ]{2,30}:\s*)?(?:\d{1,2}[.)]\s+)?")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Rule:
     category: str
     kind: str  # sub / predicate / negate
     pattern: re.Pattern
     replacement: str = ""
-    guard: re.Pattern | None = None  # the rule is tried only where this matches (cheap; speed only)
+    # the rule is tried only where one of these (lower-case) substrings occurs (cheap; speed only)
+    guard: frozenset[str] = frozenset()
     number: int = 0  # position in its category's list in libs/rg4_rules.yaml (for error messages)
 
     @property
@@ -80,24 +82,67 @@ class RuleSet:
     detect: dict[str, re.Pattern]  # category -> one alternation of its patterns
     any_trigger: re.Pattern  # union of every category (fast path: most sentences match nothing)
     rules: dict[str, tuple[Rule, ...]]
+    guards: dict[str, Guards]  # category -> which of its rules a sentence lets the rewriter try
     scenario_removes: dict[str, frozenset[str]]
     finding_words: re.Pattern
     glue_words: frozenset[str]
 
 
-def _guard(words: list[str] | None) -> re.Pattern | None:
-    return re.compile("|".join(re.escape(w.lower()) for w in words)) if words else None
+_LETTER_RUN = re.compile(r"[a-z]+")
 
 
-def _union(patterns: list[str]) -> re.Pattern:
+class Guards:
+    """Which rules of a category the rewriter tries on a sentence: a rule whose guard (``when``) has no
+    substring in the lower-cased sentence is not tried. A guard substring of letters only occurs within one
+    run of letters, so the rules such substrings let through are looked up per word (and remembered: a
+    corpus has few distinct words), instead of searching the sentence for each substring."""
+
+    __slots__ = ("_by_word", "_letters", "_others", "_unguarded")
+
+    def __init__(self, rules: tuple[Rule, ...]):
+        rules_of: dict[str, list[int]] = {}  # guard substring -> the rules it lets through
+        for k, rule in enumerate(rules):
+            for w in rule.guard:
+                rules_of.setdefault(w, []).append(k)
+        groups = [(w, frozenset(ks)) for w, ks in sorted(rules_of.items())]
+        self._letters = [(w, ks) for w, ks in groups if _LETTER_RUN.fullmatch(w)]
+        self._others = [(w, ks) for w, ks in groups if not _LETTER_RUN.fullmatch(w)]
+        self._unguarded = frozenset(k for k, rule in enumerate(rules) if not rule.guard)
+        # run of letters -> the rules its substrings let through
+        self._by_word: dict[str, frozenset[int]] = {}
+
+    def _word(self, word: str) -> frozenset[int]:
+        found = frozenset().union(*(ks for w, ks in self._letters if w in word))
+        return self._by_word.setdefault(word, found or _NO_RULES)
+
+    def candidates(self, lower: str, start: int = 0) -> list[int]:
+        """In order, the rules from the ``start``-th on to try on the lower-cased sentence ``lower``."""
+        by_word = self._by_word
+        tried = set(self._unguarded)
+        for word in set(_LETTER_RUN.findall(lower)):
+            rules = by_word.get(word)
+            if rules is None:
+                rules = self._word(word)
+            if rules:
+                tried.update(rules)
+        for w, ks in self._others:
+            if w in lower:
+                tried.update(ks)
+        return sorted(k for k in tried if k >= start)
+
+
+_NO_RULES: frozenset[int] = frozenset()
+
+
+def _union(patterns: list[str]) -> str:
     """One alternation, matched against lower-cased text (no re.IGNORECASE: several times faster)."""
-    return re.compile("|".join(f"(?:{p})" for p in patterns))
+    return "|".join(f"(?:{p})" for p in patterns)
 
 
 @cache
 def load_rules(path: str | None = None) -> RuleSet:
     data = yaml.safe_load(Path(path or RULES_PATH).read_text())
-    detect = {cat: _union(data["detect"][cat]) for cat in CATEGORIES}
+    detect = {cat: re.compile(_union(data["detect"][cat])) for cat in CATEGORIES}
     rules = {
         cat: tuple(
             Rule(
@@ -105,7 +150,7 @@ def load_rules(path: str | None = None) -> RuleSet:
                 r["kind"],
                 re.compile(whole_words(r["find"]), re.IGNORECASE),
                 r.get("to", ""),
-                _guard(r.get("when")),
+                frozenset(w.lower() for w in r.get("when") or ()),
                 number,
             )
             for number, r in enumerate(data["rephrase"].get(cat, []))
@@ -115,8 +160,9 @@ def load_rules(path: str | None = None) -> RuleSet:
     words = data["finding_words"]
     return RuleSet(
         detect=detect,
-        any_trigger=_union([p for cat in CATEGORIES for p in data["detect"][cat]]),
+        any_trigger=re.compile(_union([p for cat in CATEGORIES for p in data["detect"][cat]])),
         rules=rules,
+        guards={cat: Guards(rules[cat]) for cat in CATEGORIES},
         scenario_removes={s: frozenset(c) for s, c in data["scenario_removes"].items()},
         finding_words=re.compile(r"\b(?:" + "|".join(map(re.escape, words)) + r")\b", re.IGNORECASE),
         glue_words=frozenset(data["glue_words"]),
@@ -140,18 +186,36 @@ def detect(text: str, categories=CATEGORIES, rules: RuleSet | None = None) -> se
     """The input-agnostic categories (among ``categories``) that ``text`` still contains."""
     rules = rules or load_rules()
     lower = text.lower()
-    if not rules.any_trigger.search(lower):
+    first = rules.any_trigger.search(lower)
+    if first is None:
         return set()
-    return {cat for cat in categories if rules.detect[cat].search(lower)}
+    # no category matches left of the union's first match, so each is searched from there on (a search
+    # from a position still sees the text before it, for \b and lookbehinds; "^" matches at 0 only)
+    start = first.start()
+    return {cat for cat in categories if rules.detect[cat].search(lower, start)}
 
 
-_SPACE_BEFORE_PUNCT = re.compile(r"\s+([,.;:!?)])")
+# White space before punctuation (the punctuation is looked at, not replaced: a literal replacement, which
+# the regex engine applies without a template).
+_SPACE_BEFORE_PUNCT = re.compile(r"\s+(?=[,.;:!?)])")
 _DOUBLE_PUNCT = re.compile(r"([,;:])\s*([,;:.])")
 _LEADING_JUNK = re.compile(r"^[\s,;:.)-]+|^(?:and|but|however|then|also|with)\b[\s,]*", re.IGNORECASE)
-_TRAILING_DANGLER = re.compile(
-    r"(?:\s+(?:and|or|but|with|of|in|on|at|to|from|by|as|is|are|was|were|has|have|the|a|an|which|that))+\s*([.!?]?)$",
-    re.IGNORECASE,
-)
+_DANGLING_WORDS = "and|or|but|with|of|in|on|at|to|from|by|as|is|are|was|were|has|have|the|a|an|which|that"
+_TRAILING_DANGLER = re.compile(rf"(?:\s+(?:{_DANGLING_WORDS}))+\s*([.!?]?)$", re.IGNORECASE)
+_DANGLING = frozenset(_DANGLING_WORDS.split("|"))
+# A group of a match (Pattern.sub with a function: a template such as r"\2" costs a Python call per sub)
+_GROUP_2 = itemgetter(2)
+
+
+def _may_dangle(body: str) -> bool:
+    """False where ``_TRAILING_DANGLER`` cannot match ``body``: where its last word, after white space and
+    an end mark, is not preceded by white space or is an ASCII word that no dangling word is (the regex,
+    case-insensitive, is left to judge a non-ASCII word)."""
+    tail = body.rstrip().rstrip(".!?").rstrip()
+    word = tail.rsplit(None, 1)[-1] if tail else ""
+    if not word or len(word) == len(tail):
+        return False
+    return not word.isascii() or word.lower() in _DANGLING
 
 
 # --- articles: a removal can leave "a" before a vowel ("a new endotracheal tube" -> "a endotracheal
@@ -194,10 +258,14 @@ def takes_an(word: str, all_caps_text: bool = False) -> bool:
     return bool(_VOWEL_SOUND_H.match(lower))
 
 
+def _first_and_space(m: re.Match) -> str:
+    return m[1] + " "
+
+
 def fix_articles(sentence: str) -> str:
     """Articles agreeing with the word after them, and one article where a removal left two in a row
     ("an interval placement of a catheter" -> "an catheter" -> "a catheter")."""
-    s = _DOUBLED_ARTICLE.sub(r"\1 ", sentence)
+    s = _DOUBLED_ARTICLE.sub(_first_and_space, sentence)
     if s.isascii():  # every ASCII letter is cased: "all letters upper case" is str.isupper
         all_caps = s.isupper()
     else:
@@ -229,23 +297,28 @@ def tidy(sentence: str) -> str:
     full stop."""
     s = " ".join(sentence.split())
     s = s.replace("()", "").replace("( )", "")
-    s = _SPACE_BEFORE_PUNCT.sub(r"\1", s)
-    s = _DOUBLE_PUNCT.sub(r"\2", s)
+    s = _SPACE_BEFORE_PUNCT.sub("", s)
+    s = _DOUBLE_PUNCT.sub(_GROUP_2, s)
     s = _LEADING_JUNK.sub("", s).strip()
     s = fix_articles(s)
     s = s.rstrip(" ,;:")
     body = s.rstrip(".!?")
     end = s[len(body) :] or "."
-    body = _TRAILING_DANGLER.sub("", body).rstrip(" ,;:")
+    if _may_dangle(body):
+        body = _TRAILING_DANGLER.sub("", body)
+    body = body.rstrip(" ,;:")
     if not body:
         return ""
     return body[0].upper() + body[1:] + end[0]
 
 
+_CONTENT_WORD = re.compile(r"[A-Za-z]{3,}")
+
+
 def has_content(sentence: str, rules: RuleSet | None = None) -> bool:
     """At least one word that is not glue ("There is." or "Patient is." say nothing)."""
     glue = (rules or load_rules()).glue_words
-    return any(w.lower() not in glue for w in re.findall(r"[A-Za-z]{3,}", sentence))
+    return not glue.issuperset(map(str.lower, _CONTENT_WORD.findall(sentence)))
 
 
 # --- the rules rewriter -----------------------------------------------------------------------------------
@@ -300,7 +373,7 @@ def _apply(
     return f"{subject} {'are' if plural else 'is'} present.", "are is present"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SentenceEdit:
     text: str | None  # None: removed
     categories: frozenset[str]  # removed categories the original sentence contained
@@ -315,11 +388,14 @@ def rewrite_sentence(
     removes: frozenset[str],
     rules: RuleSet | None = None,
     names_finding: Callable[[str], bool] | None = None,
+    found: frozenset[str] | None = None,
 ) -> SentenceEdit:
     """Rephrase or remove one sentence for a scenario removing ``removes``; ``names_finding(phrase)``
-    decides whether "<phrase> is unchanged" keeps "<phrase> is present." (default: ``finding_words``)."""
+    decides whether "<phrase> is unchanged" keeps "<phrase> is present." (default: ``finding_words``).
+    ``found``: ``detect(sentence, removes)``, when the caller knows it already."""
     rules = rules or load_rules()
-    found = frozenset(detect(sentence, removes, rules))
+    if found is None:
+        found = frozenset(detect(sentence, removes, rules))
     if not found:
         return SentenceEdit(sentence, found, "kept")
     prefix = _SENTENCE_PREFIX.match(sentence).group()
@@ -333,27 +409,40 @@ def rewrite_sentence(
         lost = found != {"comm"} and carries_finding(sentence, rules, names_finding)
         return SentenceEdit(None, found, "removed", foreign=foreign, lost_finding=lost)
 
+    body_tokens = None  # tokens(body), once needed (for the corruption check only, so while foreign is None)
     for cat in _RULE_ORDER:
         if cat not in found:
             continue
-        for rule in rules.rules[cat]:
-            if rule.guard is not None and not rule.guard.search(lower):
-                continue
+        # the category's rules in order, each where its guard lets it; after a change, the guards are asked
+        # again for the rules after the one that made it
+        cat_rules, guards = rules.rules[cat], rules.guards[cat]
+        todo, n = guards.candidates(lower), 0
+        while n < len(todo):
+            k = todo[n]
+            n += 1
+            rule = cat_rules[k]
             new, inserted = _apply(rule, body, rules, names_finding)
-            if new != body:
-                if foreign is None:
-                    extra = tokens(new) - tokens(body) - tokens(inserted)
-                    if extra:
-                        foreign = (min(extra), rule.name)
-                if not new.strip():
-                    return removed()
-                body, lower = new, new.lower()
+            if new == body:
+                continue
+            if foreign is None:
+                new_tokens = tokens(new)
+                extra = new_tokens - (body_tokens if body_tokens is not None else tokens(body))
+                if extra and inserted:
+                    extra -= tokens(inserted)
+                if extra:
+                    foreign = (min(extra), rule.name)
+                body_tokens = new_tokens
+            if not new.strip():
+                return removed()
+            body, lower = new, new.lower()
+            todo, n = guards.candidates(lower, k + 1), 0
     before_tidy = body
     body = tidy(body)
     if foreign is None:  # tidying deletes, re-cases and turns "a" into "an" (or back): any other new
         # token means it glued two words
-        extra = tokens(body) - tokens(before_tidy)
-        if tokens(before_tidy) & _ARTICLES:
+        before_tokens = body_tokens if body_tokens is not None else tokens(before_tidy)
+        extra = tokens(body) - before_tokens
+        if before_tokens & _ARTICLES:
             extra -= _ARTICLES
         if extra:
             foreign = (min(extra), "tidy")
@@ -379,6 +468,7 @@ def _renumber(sentences: list[str]) -> list[str]:
 
 
 NO_COUNTS: Counter = Counter()  # shared, never mutated
+_NO_CATEGORIES: frozenset[str] = frozenset()
 RECENT_TEXT_EDITS = 8  # see RulesRewriter._text_edits
 
 
@@ -394,6 +484,17 @@ class TextEdit:
     lost_finding: bool = False  # a removed sentence named a finding
 
 
+@dataclass(slots=True)
+class _Text:
+    """What the rewriter knows of a text: its sentences, their categories (all of them, not only those a
+    scenario removes), their union, and its edit when nothing is removed from it (made once needed)."""
+
+    sentences: list[str]
+    found: tuple[frozenset[str], ...] = ()
+    categories: frozenset[str] = frozenset()
+    as_written: TextEdit | None = None
+
+
 class RulesRewriter:
     """The embedded rewriter: deterministic; detection is cached per sentence and edits per (sentence,
     categories to remove that the sentence contains), so scenarios share the work."""
@@ -404,10 +505,11 @@ class RulesRewriter:
         self.rules = rules or load_rules()
         self._found: dict[str, frozenset[str]] = {}
         self._edits: dict[tuple[str, frozenset], SentenceEdit] = {}
-        self._split: dict[str, list[str]] = {}
+        self._texts: dict[str, _Text] = {}
         self._labels_equal: dict[tuple[str, str | None], bool] = {}
-        self._text_found: dict[str, frozenset[str]] = {}  # text -> union of its sentences' categories
-        self._as_written: dict[str, TextEdit] = {}  # text -> its edit when nothing is removed from it
+        # the categories of the sentences removed / rephrased in a text, in order -> their counts (few distinct:
+        # one shared Counter each, never mutated, like NO_COUNTS)
+        self._counts: dict[tuple[str, ...], Counter] = {}
         # (text, the categories removed from it) -> its edit, for the last few texts: a study's scenarios ask
         # for the edits of its two texts in turn (sn, sw, mn, mw remove different categories); kept few, as
         # a TextEdit with its counters costs about a kilobyte
@@ -424,8 +526,8 @@ class RulesRewriter:
         )
 
     def clear_caches(self) -> None:
-        self._found, self._edits, self._split, self._labels_equal, self._text_found = {}, {}, {}, {}, {}
-        self._as_written, self._text_edits = {}, {}
+        self._found, self._edits, self._texts, self._labels_equal = {}, {}, {}, {}
+        self._counts, self._text_edits = {}, {}
 
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
         """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
@@ -433,26 +535,49 @@ class RulesRewriter:
         label-checked, on ``workers`` processes (fork), so no work is repeated or serial."""
         items = items if isinstance(items, list) else list(items)
         intern: dict[str, str] = {}
-        new_texts = []
+        texts: dict[str, _Text] = self._texts
+        new_texts: list[_Text] = []
         for text, _ in items:
-            if text and text not in self._split:
-                self._split[text] = [intern.setdefault(x, x) for x in split_sentences(text)]
-                new_texts.append(text)
+            if text and text not in texts:
+                sentences = split_sentences(text)
+                texts[text] = record = _Text(list(map(intern.setdefault, sentences, sentences)))
+                new_texts.append(record)
         t0 = time.perf_counter()
         todo = [x for x in intern if x not in self._found]
         for sentence, cats in zip(
             todo, _pool_map(_detect_worker, todo, workers, self, label_vector), strict=True
         ):
             self._found[sentence] = cats
-        for text in new_texts:
-            self._text_found[text] = frozenset().union(*(self._found[x] for x in self._split[text]))
+        found_of = self._found.__getitem__
+        for record in new_texts:
+            record.found = tuple(map(found_of, record.sentences))
+            record.categories = frozenset().union(*record.found)
+        # the (sentence, categories to remove that it contains) edits the items ask for: the sentences of the
+        # texts are gathered by the categories removed from them (few distinct sets), each visited once per set
+        edits = self._edits
+        meet: dict[tuple[frozenset, frozenset], frozenset] = {}  # (text's categories, removes) -> both
+        # categories removed -> the sentences of the texts they are removed from
+        asked: dict[frozenset, set[str]] = {}
+        for text, removes in items:
+            if text:
+                record = texts[text]
+                categories = record.categories
+                if categories and not categories.isdisjoint(removes):
+                    eff = meet.get((categories, removes))
+                    if eff is None:
+                        eff = meet[(categories, removes)] = categories & removes
+                    sentences = asked.get(eff)
+                    if sentences is None:
+                        sentences = asked[eff] = set()
+                    sentences.update(record.sentences)
         keys: dict[tuple[str, frozenset], None] = {}
-        pairs = {(text, self._text_found[text] & removes) for text, removes in items if text}
-        for text, eff in pairs:
-            if eff:
-                for x in self._split[text]:
-                    found = self._found[x] & eff
-                    if found and (x, found) not in self._edits:
+        for eff, sentences in asked.items():
+            for x in sentences:
+                found = found_of(x)
+                if found and not found.isdisjoint(eff):
+                    if not found <= eff:
+                        found &= eff
+                    if (x, found) not in edits:
                         keys[(x, found)] = None
         todo_keys = list(keys)
         t1 = time.perf_counter()
@@ -495,46 +620,60 @@ class RulesRewriter:
         key = (sentence, found)
         edit = self._edits.get(key)
         if edit is None:
-            edit = self._edits[key] = rewrite_sentence(sentence, found, self.rules, self.names_finding)
+            edit = self._edits[key] = rewrite_sentence(sentence, found, self.rules, self.names_finding, found)
         return edit
 
+    def _text(self, text: str) -> _Text:
+        """What is known of ``text`` (cached: a study's text is rewritten for each of its scenarios)."""
+        record = self._texts.get(text)
+        if record is None:
+            record = self._texts[text] = _Text(split_sentences(text))
+            record.found = tuple(map(self.found, record.sentences))
+            record.categories = frozenset().union(*record.found)
+        return record
+
     def split(self, text: str) -> list[str]:
-        """Sentences of ``text`` (cached: a study's text is rewritten for each of its scenarios)."""
-        sentences = self._split.get(text)
-        if sentences is None:
-            sentences = self._split[text] = split_sentences(text)
-            self._text_found[text] = frozenset().union(*(self.found(x) for x in sentences))
-        return sentences
+        """Sentences of ``text``."""
+        return self._text(text).sentences
+
+    def _counter(self, categories: list[str]) -> Counter:
+        key = tuple(categories)
+        counts = self._counts.get(key)
+        if counts is None:
+            counts = self._counts[key] = Counter(key)
+        return counts
 
     def text(self, text: str | None, removes: frozenset[str]) -> TextEdit:
         """The edit of ``text`` for a scenario removing ``removes`` (cached: the same object for the same text
         and categories to remove from it; never mutate it)."""
         if not text:
             return TextEdit(None, 0, NO_COUNTS, NO_COUNTS)
-        sentences = self.split(text)
-        eff = self._text_found[text] & removes
-        if not eff:  # nothing to remove: the text as written (single-spaced, so the sentences joined)
-            same = self._as_written.get(text)
+        record = self._texts.get(text) or self._text(text)
+        sentences = record.sentences
+        if record.categories.isdisjoint(removes):  # nothing to remove: the text as written (single-spaced,
+            # so the sentences joined)
+            same = record.as_written
             if same is None:
                 joined = " ".join(sentences)
                 # the text itself where it is single-spaced already (one object: no copy per scenario)
-                same = self._as_written[text] = TextEdit(
+                same = record.as_written = TextEdit(
                     text if joined == text else joined, len(sentences), NO_COUNTS, NO_COUNTS
                 )
             return same
+        eff = record.categories & removes
         key = (text, eff)
         cached = self._text_edits.get(key)
         if cached is not None:
             return cached
         kept, removed, rephrased, changed, residual = [], [], [], [], set()
         foreign, lost = None, False
-        found_in, edits = self._found, self._edits
-        for s in sentences:
-            found = found_in[s] & eff
-            if not found:  # kept as written (what self.sentence would say, without making the edit)
+        edits = self._edits
+        for s, found in zip(sentences, record.found, strict=True):
+            if not found or found.isdisjoint(eff):  # kept as written (what self.sentence would say,
+                # without making the edit)
                 kept.append(s)
                 continue
-            edit = edits.get((s, found)) or self.sentence(s, eff)
+            edit = edits.get((s, found if found <= eff else found & eff)) or self.sentence(s, eff)
             foreign = foreign or edit.foreign
             if edit.action == "removed":
                 lost = lost or edit.lost_finding
@@ -551,10 +690,10 @@ class RulesRewriter:
         result = TextEdit(
             " ".join(kept) or None,
             len(sentences),
-            Counter(removed) if removed else NO_COUNTS,
-            Counter(rephrased) if rephrased else NO_COUNTS,
+            self._counter(removed) if removed else NO_COUNTS,
+            self._counter(rephrased) if rephrased else NO_COUNTS,
             changed,
-            frozenset(residual),
+            frozenset(residual) if residual else _NO_CATEGORIES,
             foreign,
             lost,
         )
@@ -585,7 +724,7 @@ def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
     rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
     out = []
     for sentence, found in keys:
-        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding)
+        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found)
         if lv is None:
             out.append((edit, None, None, None))
             continue
