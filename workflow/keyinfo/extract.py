@@ -180,14 +180,14 @@ def _scan(norm: str, libs: Libs) -> list[tuple[int, list[tuple[int, int, Tok]]]]
                 if cut is not None:
                     # the head holds words only (phrases have no punctuation); it is not cut again
                     for h in matcher.finditer(norm, s, cut):
-                        _, head_marks, htok = _entry(h.group(), table)
+                        htok = _tok(h.group(), libs.tokens)
                         if htok.hard:
                             if cur:
                                 clauses.append((marks, cur))
                                 cur, marks = [], 0
                         else:
                             cur.append((h.start(), h.end(), htok))
-                            marks |= head_marks
+                            marks |= _marks(htok)
                     resume = cut
                     break
                 if not tok.hard:
@@ -201,10 +201,6 @@ def _scan(norm: str, libs: Libs) -> list[tuple[int, list[tuple[int, int, Tok]]]]
     if cur:
         clauses.append((marks, cur))
     return clauses
-
-
-def _entry(g: str, table: dict[str, tuple[int, int, Tok]]) -> tuple[int, int, Tok]:
-    return table.get(g) or table[" ".join(g.split())]
 
 
 def _tok(g: str, tokens: dict[str, Tok]) -> Tok:
@@ -237,7 +233,7 @@ def _words(norm: str, a: int, b: int) -> int:
 def _beyond(norm: str, a: int, b: int, limit: int) -> bool:
     """``_words(norm, a, b) > limit``, counted only when it can be: ``b - a`` characters hold at most
     ``(b - a + 1) // 2`` words, so a gap of fewer than ``2 * limit - 1`` characters is never beyond."""
-    return b - a >= 2 * limit - 1 and len(norm[a:b].split()) + 1 > limit
+    return b - a >= 2 * limit - 1 and b > a and len(norm[a:b].split()) + 1 > limit
 
 
 ABSENT = "absent"  # a request or a mimic: the mention is no finding at all
