@@ -69,8 +69,12 @@ class Mention:
     def add_loc(self, tok: Tok) -> None:
         if tok.lat:
             self.lat.add(tok.lat)
-        self.zones.extend(z for z in tok.zones if z not in self.zones)
-        self.structs.extend(s for s in tok.structs if s not in self.structs)
+        for zone in tok.zones:
+            if zone not in self.zones:
+                self.zones.append(zone)
+        for struct in tok.structs:
+            if struct not in self.structs:
+                self.structs.append(struct)
 
     def laterality(self) -> str | None:
         if not self.lat:
@@ -91,8 +95,51 @@ class Mention:
         return " ".join(parts) or None
 
 
-def _scan(norm: str, libs: Libs) -> list[list[tuple[int, int, Tok]]]:
-    """Clauses of (start, end, Tok): the matcher's tokens cut at sentence ends, ';', ':' and boundary words.
+# What a clause holds as a whole, OR-ed over its tokens by the scan (:func:`_scan`), so that the readings that
+# only matter when a clause holds some role (a scope trigger, a list comma, a mimic, ...) are skipped
+# without walking the clause again.
+HEAD, SCOPED, LIST, CAUSAL, CHANGE, MIMIC, ALT = 1, 2, 4, 8, 16, 32, 64
+
+
+def _marks(tok: Tok) -> int:
+    return (
+        (HEAD if tok.finding or tok.anchors else 0)
+        | (SCOPED if tok.scoped else 0)
+        | (LIST if tok is _COMMA else 0)
+        | (CAUSAL if tok.causal else 0)
+        | (CHANGE if tok.change is not None else 0)
+        | (MIMIC if tok.mimic else 0)
+        | (ALT if tok.alt else 0)
+    )
+
+
+# how the scan treats a match: a word of interest or a list mark (, /), a phrase that may hide a finding, a
+# clause boundary word, a period, other sentence or clause punctuation (; : ! ?)
+_WORD, _HIDES, _HARD, _PERIOD, _STOP = range(5)
+_SCAN_TABLE: list = [None, None]  # the Libs of the last table built, and the table
+
+
+def _scan_table(libs: Libs) -> dict[str, tuple[int, int, Tok]]:
+    """Every phrase (with single spaces) and punctuation mark the matcher yields -> (how the scan treats
+    it, its marks, its Tok); built when the Libs differs from the last one's."""
+    if _SCAN_TABLE[0] is libs:
+        return _SCAN_TABLE[1]
+    table = {
+        phrase: (_HIDES if tok.hides else _HARD if tok.hard else _WORD, _marks(tok), tok)
+        for phrase, tok in libs.tokens.items()
+    }
+    table[","] = (_WORD, _marks(_COMMA), _COMMA)
+    table["/"] = (_WORD, _marks(_SLASH), _SLASH)
+    table["."] = (_PERIOD, 0, None)
+    for ch in ";:!?":
+        table[ch] = (_STOP, 0, None)
+    _SCAN_TABLE[:] = [libs, table]
+    return table
+
+
+def _scan(norm: str, libs: Libs) -> list[tuple[int, list[tuple[int, int, Tok]]]]:
+    """Clauses of (start, end, Tok), each with its marks (``HEAD | SCOPED | ...`` of its tokens): the
+    matcher's tokens cut at sentence ends, ';', ':' and boundary words.
 
     The matcher takes the leftmost phrase, longest first; a finding phrase that starts inside a longer
     non-finding phrase and ends after it would be hidden ("no enlargement" + "of the cardiomediastinal
@@ -100,61 +147,59 @@ def _scan(norm: str, libs: Libs) -> list[list[tuple[int, int, Tok]]]:
     is cut where the finding starts: its head is matched again on its own ("no") and the scan resumes at
     the finding.
     """
-    tokens = libs.tokens
+    table = _SCAN_TABLE[1] if _SCAN_TABLE[0] is libs else _scan_table(libs)
     matcher = libs.matcher
-    clauses: list[list[tuple[int, int, Tok]]] = []
+    clauses: list[tuple[int, list[tuple[int, int, Tok]]]] = []
     cur: list[tuple[int, int, Tok]] = []
+    marks = 0
     pos: int | None = 0
     while pos is not None:
         resume = None
         for m in matcher.finditer(norm, pos):
-            s, e = m.span()
-            if m.lastgroup == "p":
-                ch = norm[s]
-                if ch == ",":
-                    cur.append((s, e, _COMMA))
-                    continue
-                if ch == "/":
-                    cur.append((s, e, _SLASH))
-                    continue
-                if ch == ".":
-                    nxt = norm[e : e + 1]
-                    if nxt and not nxt.isspace():
-                        continue  # decimal point, "x.ray", abbreviation without space
-                    word = norm[max(0, s - 6) : s].rsplit(" ", 1)[-1]
-                    if word in ABBREVIATIONS and not (word == "no" and nxt == ""):
-                        continue
-                if cur:
-                    clauses.append(cur)
-                    cur = []
-                continue
             g = m.group()
-            tok = tokens.get(g) or tokens[" ".join(g.split())]
-            if tok.hides:
+            entry = table.get(g)
+            if entry is None:  # a phrase matched over a run of spaces
+                entry = table[" ".join(g.split())]
+            kind, tok_marks, tok = entry
+            if not kind:  # _WORD
+                s, e = m.span()
+                cur.append((s, e, tok))
+                marks |= tok_marks
+                continue
+            if kind == _PERIOD:
+                s, e = m.span()
+                nxt = norm[e : e + 1]
+                if nxt and not nxt.isspace():
+                    continue  # decimal point, "x.ray", abbreviation without space
+                word = norm[max(0, s - 6) : s].rsplit(" ", 1)[-1]
+                if word in ABBREVIATIONS and not (word == "no" and nxt == ""):
+                    continue
+            elif kind == _HIDES:
+                s, e = m.span()
                 cut = _finding_start_inside(norm, s, e, libs)
                 if cut is not None:
                     # the head holds words only (phrases have no punctuation); it is not cut again
-                    head = [
-                        (h.start(), h.end(), _tok(h.group(), tokens)) for h in matcher.finditer(norm, s, cut)
-                    ]
-                    for hs, he, htok in head:
+                    for h in matcher.finditer(norm, s, cut):
+                        htok = _tok(h.group(), libs.tokens)
                         if htok.hard:
                             if cur:
-                                clauses.append(cur)
-                                cur = []
+                                clauses.append((marks, cur))
+                                cur, marks = [], 0
                         else:
-                            cur.append((hs, he, htok))
+                            cur.append((h.start(), h.end(), htok))
+                            marks |= _marks(htok)
                     resume = cut
                     break
-            if tok.hard:
-                if cur:
-                    clauses.append(cur)
-                    cur = []
-                continue
-            cur.append((s, e, tok))
+                if not tok.hard:
+                    cur.append((s, e, tok))
+                    marks |= tok_marks
+                    continue
+            if cur:  # a sentence end, a clause punctuation mark or a boundary word
+                clauses.append((marks, cur))
+                cur, marks = [], 0
         pos = resume
     if cur:
-        clauses.append(cur)
+        clauses.append((marks, cur))
     return clauses
 
 
@@ -183,6 +228,12 @@ _INNER_WORD = re.compile(r" +(?=\S)")
 def _words(norm: str, a: int, b: int) -> int:
     """Words between two offsets, plus one (runs of spaces left by de-identification count once)."""
     return len(norm[a:b].split()) + 1 if b > a else 0
+
+
+def _beyond(norm: str, a: int, b: int, limit: int) -> bool:
+    """``_words(norm, a, b) > limit``, counted only when it can be: ``b - a`` characters hold at most
+    ``(b - a + 1) // 2`` words, so a gap of fewer than ``2 * limit - 1`` characters is never beyond."""
+    return b - a >= 2 * limit - 1 and b > a and len(norm[a:b].split()) + 1 > limit
 
 
 ABSENT = "absent"  # a request or a mimic: the mention is no finding at all
@@ -227,18 +278,17 @@ class Scope:
 
     __slots__ = ("clause", "norm", "toks", "closed", "_back", "_back_unc", "_fwd")
 
-    def __init__(self, clause, norm: str):
+    def __init__(self, clause, norm: str, marks: int):
         self.clause = clause
         self.norm = norm
         self.toks = toks = [c[2] for c in clause]
         n = len(clause)
-        has_list = any(t is _COMMA for t in toks)
-        self.closed = self._closed_lists() if has_list else None
+        self.closed = self._closed_lists() if marks & LIST else None
         self._back: list[str | None] = [None] * n
         self._back_unc: list[str | None] = [None] * n
         self._fwd: list[str | None] = [None] * n
         back, back_unc = self._back, self._back_unc
-        causal = any(t.causal for t in toks)  # the hedge-only walk is read only past a causal link
+        causal = marks & CAUSAL  # the hedge-only walk is read only past a causal link
         for k in range(n):  # left to right: f(k) needs f(k - 1) only
             back[k] = self._step(k, False)
             if causal:
@@ -304,7 +354,7 @@ class Scope:
         end = clause[k][1]
         for j in range(k + 1, len(clause)):
             s, _, tok = clause[j]
-            if _words(norm, end, s) > POST_TRIGGER_WORDS:
+            if _beyond(norm, end, s, POST_TRIGGER_WORDS):
                 return None
             if tok.neg_post:
                 return NEG
@@ -363,7 +413,7 @@ def _anchor_predicate(clause, i: int, norm: str, libs: Libs, group: str):
     negated = False
     for j in range(i + 1, len(clause)):
         s, _, tok = clause[j]
-        if _words(norm, end, s) > libs.anchor_window:
+        if _beyond(norm, end, s, libs.anchor_window):
             break
         found = _pred_lookup(preds, tok.pred) if tok.pred else None
         if found and not (tok.finding or _attr_of_next_finding(clause, j)):
@@ -377,7 +427,7 @@ def _anchor_predicate(clause, i: int, norm: str, libs: Libs, group: str):
             level = tok.level
     for j in range(i - 1, -1, -1):
         s, e, tok = clause[j]
-        if _words(norm, e, start) > 4:
+        if _beyond(norm, e, start, 4):
             break
         found = _pred_lookup(preds, tok.pred) if tok.pred else None
         if found:
@@ -406,7 +456,7 @@ def _attr_of_next_finding(clause, j: int) -> bool:
 
 
 def _clause_mentions(
-    clause, norm: str, text: str, section: str, libs: Libs, conv: Conventions = DEFAULT_CONVENTIONS
+    marks: int, clause, norm: str, text: str, section: str, libs: Libs, conv: Conventions
 ) -> list[Mention]:
     """The finding mentions of one clause of (start, end, Tok), in text order.
 
@@ -415,26 +465,29 @@ def _clause_mentions(
     right lower lobe" before the next finding's pre-window looks); a change word shared by the whole
     clause; alternatives; and the final clean-up (mimics, negated changes, evidence, extra names, devices).
     """
-    if not any(tok.finding or tok.anchors for _, _, tok in clause):
+    if not marks & HEAD:
         return []
     claimed = [False] * len(clause)  # clause positions whose words a mention has taken
-    mentions, heads = _head_mentions(clause, norm, text, section, libs, conv, claimed)
+    mentions, heads = _head_mentions(marks, clause, norm, text, section, libs, conv, claimed)
     for k, i in enumerate(heads):
         stop = heads[k + 1] if k + 1 < len(heads) else len(clause)
-        _take_post_window(clause, norm, mentions[k], i, stop, claimed)
+        if i + 1 < stop:
+            _take_post_window(clause, norm, mentions[k], i, stop, claimed)
     _take_pre_windows(clause, norm, mentions, heads, claimed)
-    _share_change(clause, heads, mentions)
-    _mark_alternatives(clause, heads, mentions, conv)
-    return _finish(clause, text, heads, mentions)
+    if marks & CHANGE:
+        _share_change(clause, heads, mentions)
+    if marks & ALT:
+        _mark_alternatives(clause, heads, mentions, conv)
+    return _finish(marks, clause, text, heads, mentions)
 
 
 def _head_mentions(
-    clause, norm: str, text: str, section: str, libs: Libs, conv: Conventions, claimed: list[bool]
+    marks: int, clause, norm: str, text: str, section: str, libs: Libs, conv: Conventions, claimed: list[bool]
 ) -> tuple[list[Mention], list[int]]:
     """(mentions, clause index of each): one per finding phrase and one per anchor group a predicate speaks
     about ("the heart is enlarged"), with the presence the scopes around it give."""
     # a clause without any trigger, breaker or list word ("Small left pleural effusion") is positive throughout
-    scope = Scope(clause, norm) if any(tok.scoped for _, _, tok in clause) else None
+    scope = Scope(clause, norm, marks) if marks & SCOPED else None
     mentions: list[Mention] = []
     heads: list[int] = []
     for i, (s, e, tok) in enumerate(clause):
@@ -500,8 +553,7 @@ def _take_post_window(clause, norm: str, m: Mention, i: int, stop: int, claimed:
         s, e, tok = clause[j]
         if claimed[j] and not (tok.anchors and tok.is_loc):
             break
-        words = _words(norm, end, s)
-        if words > POST_WORDS:
+        if _beyond(norm, end, s, POST_WORDS):
             break
         if tok is _COMMA:
             _take_trailing_change(clause, j, m, claimed)
@@ -519,7 +571,9 @@ def _take_post_window(clause, norm: str, m: Mention, i: int, stop: int, claimed:
             break
         if tok.prep:
             prep_seen = True
-        if not m.from_anchor and _take_attributes(m, tok, prep_seen or tok.adverbial or words <= 1):
+        # (right after it: no word between, i.e. _words(norm, end, s) <= 1)
+        near = prep_seen or tok.adverbial or s <= end or norm[end:s].isspace()
+        if not m.from_anchor and _take_attributes(m, tok, near):
             claimed[j] = True
             m.ev_end = max(m.ev_end, e)
 
@@ -566,10 +620,15 @@ def _take_pre_windows(
     extra: list[tuple[int, Mention]] = []
     for k, i in enumerate(heads):
         m = mentions[k]
-        if m.from_anchor:
-            continue
+        if m.from_anchor or i == 0 or claimed[i - 1]:
+            continue  # (nothing before it to take)
         segments = _pre_segments(clause, norm, i, m, claimed)
-        if len(segments) > 1 and all(any(t.lat for t in seg) for seg in segments):
+        if not segments:
+            continue
+        if len(segments) == 1:
+            _apply_pre(m, segments[0])
+            continue
+        if all(any(t.lat for t in seg) for seg in segments):
             for seg in segments[1:]:
                 twin = Mention(m.name, m.raw, m.start, m.end, m.section)
                 twin.presence = m.presence
@@ -586,7 +645,9 @@ def _pre_segments(clause, norm: str, i: int, m: Mention, claimed: list[bool]) ->
     """The unclaimed attribute words before the finding at ``i`` (nearest first), split at "and" into
     segments; claims them and widens the evidence over the first segment."""
     start = clause[i][0]
-    segments: list[list[Tok]] = [[]]
+    first: list[Tok] = []
+    segments = [first]
+    seg = first
     for j in range(i - 1, -1, -1):
         s, e, tok = clause[j]
         if (
@@ -599,15 +660,18 @@ def _pre_segments(clause, norm: str, i: int, m: Mention, claimed: list[bool]) ->
             and not tok.is_loc
         ):
             break
-        if _words(norm, e, start) > PRE_WORDS * len(segments):
+        if _beyond(norm, e, start, PRE_WORDS * len(segments)):
             break
         if tok.conj:
-            segments.append([])
+            seg = []
+            segments.append(seg)
             continue
-        segments[-1].append(tok)
+        seg.append(tok)
         claimed[j] = True
-        if len(segments) == 1:
-            m.ev_start = min(m.ev_start, s)
+        if seg is first and s < m.ev_start:
+            m.ev_start = s
+    if len(segments) == 1:
+        return segments if first else []
     return [seg for seg in segments if seg]
 
 
@@ -616,9 +680,8 @@ def _share_change(clause, heads: list[int], mentions: list[Mention]) -> None:
     if not mentions:
         return
     first, last = heads[0], heads[-1]
-    shared = [
-        t.change for j, (_, _, t) in enumerate(clause) if t.change is not None and (j < first or j > last)
-    ]
+    shared = [t.change for _, _, t in clause[:first] if t.change is not None]
+    shared += [t.change for _, _, t in clause[last + 1 :] if t.change is not None]
     if len(set(shared)) == 1:
         for m in mentions:
             if m.change is None:
@@ -638,20 +701,32 @@ def _mark_alternatives(clause, heads: list[int], mentions: list[Mention], conv: 
                     m.presence = UNC
 
 
-def _finish(clause, text: str, heads: list[int], mentions: list[Mention]) -> list[Mention]:
+def _finish(marks: int, clause, text: str, heads: list[int], mentions: list[Mention]) -> list[Mention]:
     """The clause's final mentions: those a mimic explains away dropped, no change on a negated mention
     (except "resolved"), evidence text set, extra names a phrase carries added, one device per clause."""
-    for k in _explained_away(clause, heads, mentions):
-        mentions[k].presence = ABSENT
-    if any(m.presence == ABSENT for m in mentions):
-        mentions = [m for m in mentions if m.presence != ABSENT]
-    for m in mentions:
-        if m.presence == NEG and m.change != "resolved":
+    if marks & MIMIC:
+        for k in _explained_away(clause, heads, mentions):
+            mentions[k].presence = ABSENT
+    absent = also = False
+    devices = 0
+    for m in mentions:  # (the evidence of a mention about to be dropped is never read)
+        presence = m.presence
+        if presence == ABSENT:
+            absent = True
+            continue
+        if presence == NEG and m.change != "resolved":
             m.change = None
         m.evidence = text[m.ev_start : m.ev_end]
-    if any(m.also for m in mentions):
+        if m.also:
+            also = True
+        if m.name == DEVICE:
+            devices += 1
+    if absent:
+        mentions = [m for m in mentions if m.presence != ABSENT]
+    if also:
         mentions = [x for m in mentions for x in (m, *(_renamed(m, name) for name in m.also))]
-    if sum(m.name == DEVICE for m in mentions) > 1:
+        devices = sum(m.name == DEVICE for m in mentions)
+    if devices > 1:
         mentions = _merge_devices(mentions)
     return mentions
 
@@ -740,7 +815,10 @@ def _apply_pre(m: Mention, toks: list[Tok]) -> None:
 def sections_read(sections: dict[str, str | None]) -> tuple[str, ...]:
     """The sections the extractor reads: findings and impression, or the last paragraph when a report has
     neither (the MIT-LCP / CheXpert fallback)."""
-    return READ_SECTIONS if any(sections.get(s) for s in READ_SECTIONS) else (FALLBACK_SECTION,)
+    for section in READ_SECTIONS:
+        if sections.get(section):
+            return READ_SECTIONS
+    return (FALLBACK_SECTION,)
 
 
 def extract_mentions(
@@ -752,16 +830,15 @@ def extract_mentions(
     from its ``last_paragraph`` (the MIT-LCP / CheXpert fallback).
     """
     libs = libs or load_libs()
+    conv = conventions or DEFAULT_CONVENTIONS
     out: list[Mention] = []
     for section in sections_read(sections):
         text = sections.get(section)
         if not text:
             continue
         norm = normalise(text)
-        for clause in _scan(norm, libs):
-            out.extend(
-                _clause_mentions(clause, norm, text, section, libs, conventions or DEFAULT_CONVENTIONS)
-            )
+        for marks, clause in _scan(norm, libs):
+            out.extend(_clause_mentions(marks, clause, norm, text, section, libs, conv))
     return out
 
 
@@ -851,8 +928,8 @@ _AT = {name: k for k, name in enumerate(ROW_COLUMNS)}
 def _sentence_rows(squeezed: str, libs: Libs, conv: Conventions) -> tuple[tuple, ...]:
     """The mentions of one squeezed sentence as cached rows."""
     rows = []
-    for clause in _scan(squeezed, libs):
-        for m in _clause_mentions(clause, squeezed, squeezed, "", libs, conv):
+    for marks, clause in _scan(squeezed, libs):
+        for m in _clause_mentions(marks, clause, squeezed, squeezed, "", libs, conv):
             location = m.location(libs)
             # the raw words are normalised already: row_laterality's key without normalising again
             key = device_key(squeezed[m.start : m.end]) if m.name == DEVICE else location_side(location)
@@ -895,13 +972,17 @@ def _section_rows(
             said = _normal_span(libs.normal_statements, sentence) if spaced else said
             if said is not None:
                 normal = text[a + said[0] : a + said[1]]
+        if not cached:
+            continue
         for name, presence, location, level, type_, change, raw_start, raw_end, start, end, key in cached:
             if spaced:
                 raw_start, raw_end = _unsqueeze_span(starts, dropped, raw_start, raw_end)
                 start, end = _unsqueeze_span(starts, dropped, start, end)
             raw = text[a + raw_start : a + raw_end]
-            rows.append([name, raw, presence, location, level, type_, change, section, a + start, a + end,
-                         text[a + start : a + end] or raw])  # fmt: skip
+            start += a
+            end += a
+            rows.append([name, raw, presence, location, level, type_, change, section, start, end,
+                         text[start:end] or raw])  # fmt: skip
             keys.append(key)
     return normal
 
@@ -964,6 +1045,8 @@ def _merge_instances(rows: list, keys: list[str | None], at: Mapping[str, object
     order by default; dicts with ``_BY_NAME``), each row's :func:`row_laterality` given (``keys``); the rows
     are merged in place (nobody else holds them)."""
     name_at, presence_at, location_at = at["name"], at["presence"], at["location"]
+    if len({row[name_at] for row in rows}) == len(rows):
+        return list(rows)  # every name once (most reports): every row is an instance of its own, unchanged
     attrs_at = [at[name] for name in ATTRS]
     by_name: dict[str, list[list]] = {}
     order: list[list] = []
