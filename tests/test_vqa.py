@@ -20,6 +20,7 @@ from workflow.vqa.__main__ import main
 from workflow.vqa.config import QUESTION_TYPES, VqaConfig
 from workflow.vqa.generate import generate
 from workflow.vqa.leak import leak_report, text_only_probe
+from workflow.vqa.levels import level_words, load_level_lib
 from workflow.vqa.libs import (
     STYLE_TEMPLATES,
     Templates,
@@ -32,6 +33,7 @@ from workflow.vqa.phrases import flip_laterality, location_phrase
 from workflow.vqa.prepare import prepare
 from workflow.vqa.questions.abnormality import build_abnormality
 from workflow.vqa.questions.attribute import build_attribute
+from workflow.vqa.questions.frame import distinct_join
 from workflow.vqa.questions.location import build_location
 from workflow.vqa.questions.presence import build_presence
 from workflow.vqa.questions.view import build_view
@@ -709,6 +711,40 @@ def test_compatible_style_answer_forms_on_constructed_studies():
     normal_abn = by["abnormality"][kind[by["abnormality"].index] == 3]
     assert len(normal_abn) == 15 and set(normal_abn["answer"]) == {"no"}
     assert set(normal_abn["question"]) == {"is there evidence of any abnormalities in this image?"}
+
+
+def test_level_words_follow_each_rows_own_level_and_text():
+    # texts repeat across rows (they are searched once per distinct text); each row keeps its own level
+    lib = load_level_lib(Path(__file__).resolve().parents[1] / "libs" / "levels.csv")
+    text = [
+        "Mild to moderate effusion",
+        "mild to moderate effusion",
+        "mildly enlarged heart",
+        "effusion",
+        None,
+    ]
+    level = ["moderate", "mild", "mild", "mild", None]
+    words = level_words(pd.Series(level * 2, dtype=object), pd.Series(text * 2, dtype=object), lib)
+    expected = ["mild to moderate", "mild", "mild", "mild", None]  # no level: no word
+    assert [None if pd.isna(w) else w for w in words] == expected * 2
+    arrow_text = level_words(pd.Series(level, dtype=object), pa.array(text, pa.string()), lib)
+    assert [None if pd.isna(w) else w for w in arrow_text] == expected
+
+
+def test_distinct_join_is_the_same_for_a_vocabulary_too_big_for_a_bit_set():
+    groups = pd.DataFrame(
+        {"s": [0, 0, 0, 0, 1, 1, 2, 3], "name": [1, 1, 1, 1, 2, 2, 0, 0], "v": [2, 0, 1, 2, -1, 3, 1, 3]}
+    )
+    small = ["right", "left", "left", "basal"]  # unsorted, one string under two codes
+    joined = distinct_join(groups, small, "v")
+    assert joined.to_dict() == {
+        0 * 1_000_003 + 1: "left, left, right",
+        1 * 1_000_003 + 2: "basal",
+        2 * 1_000_003: "left",
+        3 * 1_000_003: "basal",
+    }
+    big = distinct_join(groups, small + [f"unused {i}" for i in range(70)], "v")
+    assert sorted(big.items()) == sorted(joined.items())
 
 
 def test_unknown_status_is_never_called_normal():

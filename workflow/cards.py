@@ -236,8 +236,8 @@ def breakdown_sections(tables: dict[str, pa.Table], spec: CardSpec) -> list[str]
     for name, table in tables.items():
         if not col or col not in table.column_names or not table.num_rows:
             continue
-        df = table.select([c for c in (col, "split", answers) if c]).to_pandas()
-        df["split"] = df["split"].map(hf_split)
+        df = table.select([c for c in (col, "split", answers) if c])
+        df = df.set_column(df.column_names.index("split"), "split", hf_splits(df["split"])).to_pandas()
         counts = df.groupby([col, "split"]).size().unstack(fill_value=0)
         splits = [s for s in SPLIT_ORDER if s in counts.columns] + sorted(
             set(counts.columns) - set(SPLIT_ORDER)

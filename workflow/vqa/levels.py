@@ -17,29 +17,48 @@ def load_level_lib(path: str | Path) -> dict[str, str]:
     return dict(zip(df["phrase"].str.strip().str.lower(), df["level"].str.strip(), strict=True))
 
 
-def level_words(level: pd.Series, text: pd.Series, lib: dict[str, str]) -> pd.Series:
+def level_words(level: pd.Series, text, lib: dict[str, str]) -> pd.Series:
     """The report's own level word of each finding row, as the original's key information writes it.
 
     ``level`` is the standardised (ordinal) level, ``text`` the row's surface text (raw name and
-    evidence). The word is the first phrase of ``levels.csv`` in the text that maps to the row's level
-    (the longest one at that position), written as an adjective ("mildly" -> "mild"); without one the
-    ordinal level itself. Null where the row has no level.
+    evidence; a Series or a pyarrow string array). The word is the first phrase of ``levels.csv`` in the
+    text that maps to the row's level (the longest one at that position), written as an adjective
+    ("mildly" -> "mild"); without one the ordinal level itself. Null where the row has no level.
     """
-    lev = pa.array(level.to_numpy(), type=pa.string(), from_pandas=True)
-    txt = pc.utf8_lower(pa.array(text.to_numpy(), type=pa.string(), from_pandas=True).fill_null(""))
-    out = level.to_numpy(dtype=object).copy()  # default: the ordinal level itself
+    out = level.to_numpy(dtype=object).copy()  # default (and the rows without a level): the ordinal level
+    lev = pa.array(out, type=pa.string(), from_pandas=True).dictionary_encode()
+    # the result depends on the row's (level, text) only; sentences and stock phrasings repeat (4x at
+    # 228k studies), so each distinct text is searched once and words are worked on as codes into
+    # ``words`` (the levels, then the phrases found), not as one Python string per row
+    words = [str(w) for w in lev.dictionary.to_pylist()]
+    code = lev.indices.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    txt = _strings(text).fill_null("").dictionary_encode()
+    distinct_text = pc.utf8_lower(txt.dictionary)
+    text_code = txt.indices.to_numpy(zero_copy_only=False)
     for value in sorted({v for v in lib.values()}):
-        rows = np.flatnonzero(pc.fill_null(pc.equal(lev, value), False).to_numpy(zero_copy_only=False))
-        if not len(rows):
+        if value not in words[: len(lev.dictionary)]:
             continue
+        rows = np.flatnonzero(code == words.index(value))
         phrases = sorted((k for k, v in lib.items() if v == value), key=len, reverse=True)
-        # RE2 in C++ over all rows at once; at one position the longest phrase wins (longest first)
+        # RE2 in C++ over all texts at once; at one position the longest phrase wins (longest first)
         pattern = r"\b(?P<w>" + "|".join(re.escape(x) for x in phrases) + r")\b"
-        found = pc.struct_field(pc.extract_regex(txt.take(pa.array(rows)), pattern), "w")
-        words = np.asarray(found.to_pylist(), dtype=object)
-        hit = pd.notna(words)
-        out[rows[hit]] = words[hit]
-    adjective = {w: (w[:-2] if w.endswith("ly") and w[:-2] in lib else w) for w in set(out[pd.notna(out)])}
-    has = pd.notna(out)
-    out[has] = [adjective[w] for w in out[has]]
+        searched, row_text = np.unique(text_code[rows], return_inverse=True)
+        found = pc.struct_field(pc.extract_regex(distinct_text.take(pa.array(searched)), pattern), "w")
+        found = found.dictionary_encode()
+        found_code = found.indices.fill_null(-1).to_numpy(zero_copy_only=False)[row_text]
+        hit = found_code >= 0
+        code[rows[hit]] = len(words) + found_code[hit]
+        words += found.dictionary.to_pylist()
+    adjective = np.asarray([w[:-2] if w.endswith("ly") and w[:-2] in lib else w for w in words], dtype=object)
+    has = code >= 0
+    out[has] = adjective[code[has]]
     return pd.Series(out, index=level.index)
+
+
+def _strings(values) -> pa.Array:
+    """``values`` (a pandas Series, array or pyarrow array) as one pyarrow string array."""
+    if isinstance(values, pa.ChunkedArray):
+        values = values.combine_chunks()
+    if isinstance(values, pa.Array):
+        return values.cast(pa.string())
+    return pa.array(np.asarray(values, dtype=object), type=pa.string(), from_pandas=True)

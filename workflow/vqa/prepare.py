@@ -56,9 +56,13 @@ def _clean(col) -> pa.Array:
         if isinstance(col, pa.Array | pa.ChunkedArray)
         else pa.array(col, type=pa.string(), from_pandas=True)
     )
-    arr = pc.utf8_lower(pc.utf8_trim_whitespace(arr.cast(pa.string())))
-    arr = pc.replace_substring_regex(arr, r"\s+", " ")
-    return pc.if_else(pc.equal(arr, ""), pa.scalar(None, pa.string()), arr)
+    # cleaned once per distinct value: the columns are a few dozen words repeated over the rows
+    arr = arr.cast(pa.string())
+    distinct = (arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr).dictionary_encode()
+    values = pc.utf8_lower(pc.utf8_trim_whitespace(distinct.dictionary))
+    values = pc.replace_substring_regex(values, r"\s+", " ")
+    values = pc.if_else(pc.equal(values, ""), pa.scalar(None, pa.string()), values)
+    return values.take(distinct.indices)
 
 
 def _codes(arr, values: list[str] | None = None) -> tuple[np.ndarray, list[str]]:
@@ -71,12 +75,28 @@ def _codes(arr, values: list[str] | None = None) -> tuple[np.ndarray, list[str]]
 
 def frontal_images(images: pd.DataFrame) -> pd.DataFrame:
     """The first PA/AP image of every study, in table order (the original's rule, on ViewPosition)."""
+    # worked out once per distinct (view_position, view_code_meaning): a handful over 100k+ images
+    columns = [c for c in ("view_position", "view_code_meaning") if c in images]
+    pair = np.zeros(len(images), dtype=np.int64)
+    for c in columns:
+        codes, uniques = pd.factorize(images[c], use_na_sentinel=False)
+        pair = pair * max(len(uniques), 1) + codes
+    pair, distinct = pd.factorize(pair)
+    first = np.zeros(len(distinct), dtype=np.int64)
+    first[pair[::-1]] = np.arange(len(pair))[::-1]
+    view = _view(images[columns].iloc[first].reset_index(drop=True))
+    is_frontal = view.isin(VIEWS).fillna(False).to_numpy(bool)[pair]
+    frontal = images.assign(view=view.array.take(pair))[is_frontal]
+    return frontal.drop_duplicates("study_id", keep="first")
+
+
+def _view(images: pd.DataFrame) -> pd.Series:
+    """PA/AP of each image: its ViewPosition, else its view's meaning (null when neither says)."""
     view = images["view_position"].astype("string").str.strip().str.upper()
     if "view_code_meaning" in images:
         meaning = images["view_code_meaning"].astype("string").str.strip().str.lower().map(_VIEW_MEANING)
         view = view.where(view.isin(VIEWS), meaning.astype("string"))
-    frontal = images.assign(view=view)[view.isin(VIEWS).fillna(False).to_numpy(bool)]
-    return frontal.drop_duplicates("study_id", keep="first")
+    return view
 
 
 def frontal_studies(images: pd.DataFrame, studies: pd.DataFrame) -> pd.DataFrame:
@@ -156,11 +176,16 @@ def positive_level_words(f: pd.DataFrame, sel: np.ndarray, ordinal: pd.Series, l
     """The level word (:func:`level_words`) of the findings rows ``f[sel]`` (``ordinal``: their cleaned
     levels), from where the report's words survive standardisation: the surface name and the evidence
     quote."""
-    surface = [f[c].astype("string").fillna("") for c in ("raw_name", "evidence") if c in f]
-    text = surface[0] if surface else pd.Series("", index=f.index)
+    rows = pa.array(sel)
+    surface = [
+        pa.array(f[c], type=pa.string(), from_pandas=True).filter(rows).fill_null("")
+        for c in ("raw_name", "evidence")
+        if c in f
+    ]
+    text = surface[0] if surface else pa.array([""] * int(sel.sum()), pa.string())
     if len(surface) == 2:
-        text = surface[0] + " " + surface[1]
-    return level_words(ordinal, pd.Series(text[sel].to_numpy(), dtype=object), level_lib)
+        text = pc.binary_join_element_wise(surface[0], surface[1], " ")
+    return level_words(ordinal, text, level_lib)
 
 
 def prepare(

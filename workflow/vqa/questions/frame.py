@@ -42,12 +42,27 @@ def join_names(pairs: pd.DataFrame, display: np.ndarray) -> pd.Series:
 def distinct_join(groups: pd.DataFrame, values: list[str], col: str) -> pd.Series:
     """Per (s, name): distinct non-null ``col`` values, sorted, comma-joined (fast path for one value)."""
     g = groups[groups[col] >= 0][["s", "name", col]].drop_duplicates()
-    vals = np.asarray(values, dtype=object)[g[col].to_numpy()]
-    g = g.assign(v=vals).sort_values(["s", "name", "v"], kind="stable")
-    key = g["s"].to_numpy() * 1_000_003 + g["name"].to_numpy()
+    values = np.asarray(values, dtype=object)
+    # sorted as the values' strings (a code's rank among them) without sorting Python strings per row
+    rank = np.empty(len(values), dtype=np.int64)
+    rank[np.argsort(values.astype(str), kind="stable")] = np.arange(len(values))
+    s, name, code = (g[c].to_numpy() for c in ("s", "name", col))
+    order = np.lexsort((rank[code], name, s))
+    key = s[order] * 1_000_003 + name[order]
+    code = code[order]
     multi = pd.Series(key).duplicated(keep=False).to_numpy()
-    out = pd.Series(g["v"].to_numpy()[~multi], index=key[~multi])
+    out = pd.Series(values[code[~multi]], index=key[~multi])
     if multi.any():
-        joined = pd.Series(g["v"].to_numpy()[multi], index=key[multi]).groupby(level=0).agg(", ".join)
+        key, code = key[multi], code[multi]
+        if len(values) <= 62:
+            # a group's codes as one int64 bit set; each distinct set is joined once
+            start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
+            sets = np.add.reduceat(np.left_shift(np.int64(1), code), start)
+            uniq, inv = np.unique(sets, return_inverse=True)
+            by_rank = np.argsort(rank)
+            texts = [", ".join(values[j] for j in by_rank if (int(m) >> j) & 1) for m in uniq]
+            joined = pd.Series(np.asarray(texts, dtype=object)[inv.ravel()], index=key[start])
+        else:
+            joined = pd.Series(values[code], index=key).groupby(level=0).agg(", ".join)
         out = pd.concat([out, joined])
     return out
