@@ -945,3 +945,20 @@ def test_the_dag_has_one_job_per_shard_and_one_merge(tmp_path):
     assert sorted(jobs) == ["rg4", "rg4_shard", "rg4_shard", "rg4_shard"]
     shards = re.findall(r"--shard (\d) --shards 3 --shard-dir", run.stdout)
     assert sorted(shards) == ["0", "1", "2"], run.stdout[-3000:]
+
+
+def test_loader_lines_are_written_as_their_utf8_text():
+    """The loader fragment writes its lines' Arrow bytes: what encoding their Python text would write,
+    for sliced, chunked and non-ASCII columns too."""
+    import io
+
+    lines = ['0\t1\t{"finding": "é 1 cm"}\n', "0\t2\t{}\n", '1\t3\t{"x": "→"}\n']
+    for values in (
+        pa.array(lines),
+        pa.array(lines).slice(1),
+        pa.chunked_array([pa.array(lines[:1]), pa.array([], pa.string()), pa.array(lines[1:])]),
+        pa.array(lines, pa.large_string()),
+    ):
+        out = io.BytesIO()
+        rg4._write_utf8(out, values)
+        assert out.getvalue() == "".join(values.to_pylist()).encode("utf-8")

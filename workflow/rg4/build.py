@@ -385,15 +385,15 @@ def loader_lines(
     scenario: str,
     label_sections: bool,
     weights: np.ndarray | None,
-) -> tuple[str, int, int]:
+) -> tuple[pa.ChunkedArray | pa.Array, int, int]:
     """Rows of a scenario table (all of one split) as :func:`write_loader_fragment` writes them: one line
     ``<split index>\\t<position>\\t<record>`` each, the record byte for byte as ``json.dumps(...,
     ensure_ascii=False)`` writes the dict of the loader's field names (in this order) and sentinels
     (findings / impressions with ``SECTION_PREFIXES`` when ``label_sections``, ``"s"`` when missing;
     indication / history integer 0 when absent; ``new_scores`` the rows' ``weights``, one row of a uint8
     matrix each, see :func:`score_targets`, otherwise ``[]``). Each field is encoded column by
-    column and the lines joined in Arrow: no dict per record. Returns (the lines, emphasised and total
-    target positions of their weights)."""
+    column and the lines joined in Arrow: no dict per record. Returns (the lines, a string
+    column, see :func:`_write_utf8`; emphasised and total target positions of their weights)."""
     fp, ip = SECTION_PREFIXES if label_sections else ("", "")
     # the loader's sentinels: "s" for a missing finding / impression, integer 0 for an absent context
     section_missing, context_missing = _json_string(MISSING_SECTION), json.dumps(MISSING_CONTEXT)
@@ -426,7 +426,21 @@ def loader_lines(
         pieces += [f"{', ' if k else ''}{_json_string(name)}: ", values]
     pieces.append("}\n")
     lines = pc.binary_join_element_wise(*pieces, "")
-    return "".join(lines.to_pylist()), emphasised, total
+    return lines, emphasised, total
+
+
+def _write_utf8(fh, values: pa.ChunkedArray | pa.Array) -> None:
+    """Write a string column without nulls to the binary file ``fh`` as ``"".join(values.to_pylist())``
+    encoded in UTF-8 (no Python string per value): each chunk's data buffer between its first and last
+    offset."""
+    if values.null_count:
+        raise ValueError("a loader line is null")
+    for chunk in values.chunks if isinstance(values, pa.ChunkedArray) else [values]:
+        if len(chunk):
+            offset_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+            offsets = np.frombuffer(chunk.buffers()[1], offset_type)
+            first, last = offsets[chunk.offset], offsets[chunk.offset + len(chunk)]
+            fh.write(memoryview(chunk.buffers()[2])[first:last])
 
 
 JSON_CHUNK = 5_000  # records encoded at a time (their Arrow columns: 20,000 cost +100 MB peak RSS)
@@ -451,7 +465,7 @@ def write_loader_fragment(
     position = np.asarray(positions, dtype=np.int64)
     targets = None if scores is None else scores.rows[scenario]
     emphasised = total = 0
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as fh:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         for index, name in enumerate(RG4_SPLITS):
             rows = np.flatnonzero(split == name)
             for start in range(0, len(rows), JSON_CHUNK):
@@ -461,7 +475,7 @@ def write_loader_fragment(
                 lines, n_emphasised, n_total = loader_lines(
                     part, index, position[chunk], scenario, label_sections, weights
                 )
-                fh.write(lines)
+                _write_utf8(fh, lines)
                 emphasised += n_emphasised
                 total += n_total
     return emphasised, total
