@@ -148,7 +148,7 @@ CONCLUSION_ORDER = ("impression", "findings", "last_paragraph", "comparison")
 MIT_CSV_HEADER = ("study",) + CONCLUSION_ORDER
 
 _DROPPED_WHEN_EMPTY = frozenset(("impression", "findings"))
-_find_headers = HEADER.finditer
+_split_headers = HEADER.split
 _NAME_CACHE: dict[str, str] = {}
 _NAME_CACHE_MAX = 100_000
 
@@ -293,23 +293,22 @@ def section_batch(subject_ids: list[int], study_ids: list[int], reports: list[st
 
 def split_report_fast(text: str) -> dict[str, str]:
     """``split_report`` of text with universal newlines, without the None-filled keys: only the names
-    present. The hot loop of the rule: the same parse as ``section_text`` without offsets or lists."""
-    matches = _find_headers(text)
-    first = next(matches, None)
-    if first is None:
+    present. The hot loop of the rule: the same parse as ``section_text`` without offsets or lists.
+
+    ``HEADER.split`` gives [text before the first header, name, body, name, body, ...] as strings, with
+    no match object per header (a third of the rule's CPU went into them). Each body is the text
+    between one header's end and the next header's start, as in ``section_text``; the preamble gets
+    back the ``"\\n "`` its header match starts with, because ``section_text`` ends it at the name.
+    """
+    parts = _split_headers(text)
+    if len(parts) == 1:
         kept = [("full report", text)]
     else:
-        kept = [("preamble", text[: first.start(1)])]
-        name, start = _NAME_CACHE.get(first.group(1)) or normalize_section_name(first.group(1)), first.end()
-        for match in matches:
-            body = text[start : match.start()]
+        kept = [("preamble", parts[0] + "\n ")]
+        for raw, body in zip(parts[1::2], parts[2::2], strict=True):
+            name = _NAME_CACHE.get(raw) or normalize_section_name(raw)
             if (body and not body.isspace()) or name not in _DROPPED_WHEN_EMPTY:
                 kept.append((name, body))
-            raw = match.group(1)
-            name, start = _NAME_CACHE.get(raw) or normalize_section_name(raw), match.end()
-        body = text[start:]
-        if (body and not body.isspace()) or name not in _DROPPED_WHEN_EMPTY:
-            kept.append((name, body))
     result = {name: body.strip() for name, body in kept}
     if "impression" not in result and "findings" not in result:
         last_name, last_body = kept[-1]
