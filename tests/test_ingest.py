@@ -17,6 +17,7 @@ import pytest
 from tools.synth import METADATA_COLUMNS as MIMIC_METADATA_COLUMNS
 from workflow import sections
 from workflow.contract import IMAGES, REJECTS, STUDIES
+from workflow.ingest import sources
 from workflow.ingest.__main__ import main
 from workflow.ingest.common import InputError
 from workflow.ingest.iu import ingest_iu, iu_report_text, iu_split
@@ -590,6 +591,41 @@ def test_fast_central_directory_matches_zipfile_on_zip64_and_prefixed_archives(t
     _, plain = run(tmp_path, corpus, corpus.zip, "plain")
     _, shifted = run(tmp_path, corpus, prefixed, "prefixed")
     assert plain["studies"]["report"].equals(shifted["studies"]["report"])
+
+
+def test_vectorised_central_directory_matches_the_one_by_one_walk_and_zipfile(tmp_path):
+    # Names with and without the UTF-8 flag, a symlink entry, comments and extra fields, and a name
+    # holding the entry signature itself (which must send the reader back to the one-by-one walk).
+    def archive(path, names):
+        with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
+            for i, name in enumerate(names):
+                info = zipfile.ZipInfo(name)
+                info.comment = b"c" * i
+                info.extra = b"\xfe\xca\x02\x00ab" if i % 2 else b""
+                if i == 2:
+                    info.create_system = 3
+                    info.external_attr = 0o120777 << 16
+                zf.writestr(info, f"report {i}\n")
+        return str(path)
+
+    plain = ["files/p10/p10000001/s50000001.txt", "files/p10/p10000001/s5000000\u00e9.txt", "link", "README"]
+    hostile = [*plain, "files/p10/PK\x01\x02/s50000009.txt"]
+    for path in (archive(tmp_path / "a.zip", plain), archive(tmp_path / "b.zip", hostile)):
+        names, table = central_directory(path)
+        ref_names, ref_table = zipfile_directory(path)
+        assert names == ref_names and (table == ref_table).all()
+    # The plain archive is read without the walk; the hostile one through it.
+    for name, n_entries, vectorised in (("a.zip", 4, True), ("b.zip", 5, False)):
+        with zipfile.ZipFile(tmp_path / name) as zf:
+            start = zf.start_dir
+        data = (tmp_path / name).read_bytes()
+        cd = data[start : data.rindex(b"PK\x05\x06")]
+        fast = sources._entries_vectorised(cd, n_entries, 0)
+        assert (fast is not None) == vectorised
+        if fast is not None:
+            walked = sources._entries_one_by_one(cd, n_entries, 0)
+            assert fast[0] == walked[0] and (fast[1] == walked[1]).all()
+    assert table[names.index("link"), 5] & sources.SYMLINK_FLAG
 
 
 def test_unreadable_zip_is_a_clear_error(tmp_path):

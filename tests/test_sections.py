@@ -8,6 +8,7 @@ import csv
 import io
 import random
 import re
+import tempfile
 from pathlib import Path
 
 import pyarrow as pa
@@ -519,10 +520,14 @@ def test_rule_outputs(studies, tmp_path):
     ]
 
 
-def test_rule_batches_and_workers_do_not_change_outputs(studies, tmp_path):
+def test_rule_batches_and_workers_do_not_change_outputs(studies, tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     run(studies, a / "s.parquet", a / "m.csv", a / "r.parquet", batch_size=1000, workers=1)
+    scratch = tmp_path / "scratch"  # where the pool's workers hand their chunks back
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     run(studies, b / "s.parquet", b / "m.csv", b / "r.parquet", batch_size=2, workers=2)  # 3 chunks, a pool
+    assert list(scratch.iterdir()) == []
     assert pq.read_table(a / "s.parquet").equals(pq.read_table(b / "s.parquet"))
     assert (a / "m.csv").read_bytes() == (b / "m.csv").read_bytes()
     assert pq.read_table(a / "r.parquet").equals(pq.read_table(b / "r.parquet"))

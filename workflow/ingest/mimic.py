@@ -123,6 +123,27 @@ def _resolve(catalog: pa.Table, facts: pa.Table, rejects: Rejects) -> tuple[pa.T
     return joined, keep & ~missing & ~mismatch & ~conflict
 
 
+def _image_rows(images: pa.Table, studies: pa.Table) -> pa.Table:
+    """The contract's images rows of ``studies`` (study_id, split): sorted, with their image_path."""
+    images = images.join(studies, "study_id", join_type="inner").sort_by(
+        [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
+    )
+    subject = pc.cast(images["subject_id"], pa.string())
+    image_path = pc.binary_join_element_wise(
+        "files/p",
+        pc.utf8_slice_codeunits(subject, 0, 2),
+        "/p",
+        subject,
+        "/s",
+        pc.cast(images["study_id"], pa.string()),
+        "/",
+        images["dicom_id"],
+        ".jpg",
+        "",
+    )
+    return images.append_column("image_path", image_path).select(IMAGES.names)
+
+
 def ingest_mimic(
     reports: str | os.PathLike,
     split: str | os.PathLike,
@@ -173,7 +194,11 @@ def ingest_mimic(
         log.info("tables: %d images of %d studies", images.num_rows, facts.num_rows)
 
         joined, accepted = _resolve(catalog, facts, rejects)
-        written = []
+        # The image rows of every study the tables accept, joined, sorted and given their paths while the
+        # workers are still inflating reports, rather than after the last batch with the cores idle;
+        # only the studies whose report then fails to read (rare) are taken out at the end.
+        images = _image_rows(images, joined.filter(pa.array(accepted)).select(["study_id", "split"]))
+        unread = []  # accepted studies whose report file was rejected when read
         bar = tqdm(total=len(locators), unit="study", desc="ingest", mininterval=2, disable=None)
         with TableWriter(studies_out, STUDIES) as writer:
             start = 0
@@ -184,7 +209,8 @@ def ingest_mimic(
                 start += n
                 for i, reason, detail in problems:
                     if wanted[i]:  # a member rejected by the tables keeps that first reason
-                        rejects.add(chunk["study_id"][i].as_py(), reason, f"{chunk['path'][i]}: {detail}")
+                        unread.append(chunk["study_id"][i].as_py())
+                        rejects.add(unread[-1], reason, f"{chunk['path'][i]}: {detail}")
                 mask = pa.array(wanted & ok)
                 chunk = chunk.filter(mask)
                 writer.write(
@@ -199,7 +225,6 @@ def ingest_mimic(
                         }
                     )
                 )
-                written.append(chunk.select(["study_id", "split"]))
                 bar.update(n)
             bar.close()
             n_out = writer.rows
@@ -212,28 +237,8 @@ def ingest_mimic(
                 no_report[int(study_id)].as_py(), "no_report", "in the split/metadata tables, no report file"
             )
 
-        kept = (
-            pa.concat_tables(written)
-            if written
-            else pa.table({"study_id": pa.array([], pa.int64()), "split": pa.array([], pa.string())})
-        )
-        images = images.join(kept, "study_id", join_type="inner").sort_by(
-            [("subject_id", "ascending"), ("study_id", "ascending"), ("dicom_id", "ascending")]
-        )
-        subject = pc.cast(images["subject_id"], pa.string())
-        image_path = pc.binary_join_element_wise(
-            "files/p",
-            pc.utf8_slice_codeunits(subject, 0, 2),
-            "/p",
-            subject,
-            "/s",
-            pc.cast(images["study_id"], pa.string()),
-            "/",
-            images["dicom_id"],
-            ".jpg",
-            "",
-        )
-        images = images.append_column("image_path", image_path).select(IMAGES.names)
+        if unread:
+            images = images.filter(pc.invert(pc.is_in(images["study_id"], pa.array(unread, pa.int64()))))
         write_table(images, images_out, IMAGES)
         rejects.write(rejects_out)
         # In: every report file found (parsable or not), every table study without one, and every table

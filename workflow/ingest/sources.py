@@ -67,7 +67,8 @@ _ZIP64_EOCD = struct.Struct("<4sQ2H2L4Q")
 def central_directory(path: str) -> tuple[list[str], np.ndarray]:
     """Names and (offset, compressed size, size, crc, method, flags) of every zip entry, in one pass.
 
-    About 5x faster than ``zipfile.ZipFile`` on 227k entries because no ZipInfo objects are built.
+    About 8x faster than ``zipfile.ZipFile`` on 227k entries because no ZipInfo objects are built and
+    the headers are read as one numpy record array.
     Handles ZIP64 archives (MIMIC's 227,835 members need it) and data prepended to the archive.
     """
     with open(path, "rb") as fh:
@@ -96,6 +97,72 @@ def central_directory(path: str) -> tuple[list[str], np.ndarray]:
             raise zipfile.BadZipFile("central directory offset out of range")
         fh.seek(cd_offset + concat)
         cd = fh.read(cd_size)
+    entries = _entries_vectorised(cd, n_entries, concat)
+    return entries if entries is not None else _entries_one_by_one(cd, n_entries, concat)
+
+
+# The central directory file header as a numpy record, to read every entry's fields at once.
+_CENTRAL_RECORD = np.dtype(
+    [
+        ("signature", "S4"), ("made_by", "<u2"), ("version_needed", "<u2"), ("flags", "<u2"),
+        ("method", "<u2"), ("time", "<u2"), ("date", "<u2"), ("crc", "<u4"), ("csize", "<u4"),
+        ("usize", "<u4"), ("n_name", "<u2"), ("n_extra", "<u2"), ("n_comment", "<u2"),
+        ("disk", "<u2"), ("internal_attr", "<u2"), ("external_attr", "<u4"), ("offset", "<u4"),
+    ]
+)  # fmt: skip
+assert _CENTRAL_RECORD.itemsize == _CENTRAL.size
+
+
+def _entries_vectorised(cd: bytes, n_entries: int, concat: int) -> tuple[list[str], np.ndarray] | None:
+    """``_entries_one_by_one`` without a Python step per entry (0.4 s -> 0.1 s for MIMIC's 227k).
+
+    Every entry signature in the directory is taken as an entry start; that guess is used only when the
+    starts chain exactly (each entry ends where the next begins, the first at 0, as many as the end
+    record says), which is precisely the sequence the one-by-one walk visits. Anything else (a name that
+    happens to hold a signature, a truncated directory) returns None and the walk decides.
+    """
+    data = np.frombuffer(cd, np.uint8)
+    if n_entries == 0 or len(data) < _CENTRAL.size:
+        return None
+    starts = np.flatnonzero(data[:-3] == 0x50)  # "P", then the other three signature bytes
+    starts = starts[(data[starts + 1] == 0x4B) & (data[starts + 2] == 1) & (data[starts + 3] == 2)]
+    if len(starts) != n_entries or starts[0] != 0 or starts[-1] + _CENTRAL.size > len(data):
+        return None
+    headers = data[starts[:, None] + np.arange(_CENTRAL.size)].view(_CENTRAL_RECORD).ravel()
+    name_starts = starts + _CENTRAL.size
+    name_ends = name_starts + headers["n_name"]
+    ends = name_ends + headers["n_extra"] + headers["n_comment"]
+    if (ends[:-1] != starts[1:]).any() or ends[-1] > len(data):
+        return None
+    flags = headers["flags"].astype(np.int64)
+    mode = headers["external_attr"] >> 16
+    symlink = (headers["made_by"] >> 8 == 3) & (mode & 0o170000 == stat.S_IFLNK)
+    flags[symlink] |= SYMLINK_FLAG
+    table = np.empty((n_entries, 6), dtype=np.int64)
+    table[:, 0] = headers["offset"]
+    table[:, 1] = headers["csize"]
+    table[:, 2] = headers["usize"]
+    table[:, 3] = headers["crc"]
+    table[:, 4] = headers["method"]
+    table[:, 5] = flags
+    zip64 = (table[:, 0] == 0xFFFFFFFF) | (table[:, 1] == 0xFFFFFFFF) | (table[:, 2] == 0xFFFFFFFF)
+    for i in np.flatnonzero(zip64).tolist():
+        offset, csize, usize = table[i, :3].tolist()
+        usize, csize, offset = _zip64_extra(
+            cd[name_ends[i] : name_ends[i] + headers["n_extra"][i]], usize, csize, offset
+        )
+        table[i, :3] = (offset, csize, usize)
+    table[:, 0] += concat
+    utf8 = (flags & 0x800).astype(bool).tolist()
+    names = [
+        cd[start:end].decode("utf-8" if is_utf8 else "cp437")
+        for start, end, is_utf8 in zip(name_starts.tolist(), name_ends.tolist(), utf8, strict=True)
+    ]
+    return names, table
+
+
+def _entries_one_by_one(cd: bytes, n_entries: int, concat: int) -> tuple[list[str], np.ndarray]:
+    """The entries of a central directory, walked one header after the other."""
     names: list[str] = []
     table = np.zeros((n_entries, 6), dtype=np.int64)
     pos = 0
