@@ -10,6 +10,7 @@ import pytest
 
 from workflow.contract import SECTIONS
 from workflow.keyinfo.extract import (
+    _SENTENCE_END,
     ROW_COLUMNS,
     extract_sections,
     normalise,
@@ -39,6 +40,40 @@ def test_sentences_end_at_periods_but_not_at_abbreviations_or_decimals():
         "effusion: no. size approx. 2 cm.",
         "pneumothorax: no.",
     ]
+
+
+def sentences_by_matches(norm: str) -> list[tuple[int, str]]:
+    """The definition :func:`sentences` implements with one ``split``: each sentence ends at a match of
+    _SENTENCE_END (its period kept, the spaces after it dropped)."""
+    out = []
+    start = len(norm) - len(norm.lstrip(" "))
+    for m in _SENTENCE_END.finditer(norm):
+        out.append((start, norm[start : m.start() + 1]))
+        start = m.end()
+    last = norm[start:].rstrip(" ")
+    if last:
+        out.append((start, last))
+    return out
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "   ",
+        "No effusion",
+        "No effusion.",
+        "  No effusion.  ",
+        "Lungs clear. . No effusion",
+        "Lungs clear.\x0bNo effusion. Dr. Smith. No. 2 tube.",
+        "Heart size is top normal, i.e. no cardiomegaly.  A 2.3 cm nodule vs. a nipple shadow. No effusion",
+        "Effusion: no. Size approx. 2 cm. Pneumothorax: no.",
+        "..  A. B.C.  D .  ",
+    ],
+)
+def test_sentences_are_cut_at_every_sentence_end_match(text):
+    norm = normalise(text)
+    assert sentences(norm) == sentences_by_matches(norm)
 
 
 def test_squeeze_keeps_one_space_per_run_and_says_where_the_characters_were():

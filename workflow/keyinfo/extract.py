@@ -864,15 +864,28 @@ _SENTENCE_END = re.compile(
 )
 
 
+# _SENTENCE_END with the spaces after the period as a group, for ``split``: it cuts a section into its
+# sentences (each without its period) and the spaces between them in one call, with no match object per
+# sentence (``finditer`` made them: ~20 % of the splitting's CPU)
+_SENTENCE_SPLIT = re.compile(_SENTENCE_END.pattern.removesuffix(r"(?: +|(?=\s))") + r"( +|(?=\s))")
+
+
 def sentences(norm: str) -> list[tuple[int, str]]:
     """(offset, text) of the sentences of a normalised section, without the spaces around them: cut
-    exactly where :func:`_scan` ends a sentence at a period."""
+    exactly where :func:`_scan` ends a sentence at a period (at each :data:`_SENTENCE_END`)."""
+    parts = _SENTENCE_SPLIT.split(norm)  # sentence, spaces, sentence, ..., the text after the last end
+    lead = len(norm) - len(norm.lstrip(" "))
+    rest = parts.pop()
+    if parts:
+        parts[0] = parts[0][lead:]
+    else:
+        rest = rest[lead:]
     out = []
-    start = len(norm) - len(norm.lstrip(" "))
-    for m in _SENTENCE_END.finditer(norm):
-        out.append((start, norm[start : m.start() + 1]))
-        start = m.end()
-    last = norm[start:].rstrip(" ")
+    start = lead
+    for piece, spaces in zip(parts[::2], parts[1::2], strict=True):
+        out.append((start, piece + "."))
+        start += len(piece) + 1 + len(spaces)
+    last = rest.rstrip(" ")
     if last:
         out.append((start, last))
     return out
