@@ -31,12 +31,18 @@ def join_names(pairs: pd.DataFrame, display: np.ndarray) -> pd.Series:
     name = pairs["name"].to_numpy()
     if len(display) > 62:  # too many names for a bit set: join per study
         return pd.Series(display[name], index=s).groupby(level=0).agg(", ".join)
-    # a study's name set as one int64 bit set; each distinct set is formatted once
-    start = np.flatnonzero(np.r_[True, s[1:] != s[:-1]]) if len(s) else np.zeros(0, dtype=np.int64)
-    sets = np.add.reduceat(np.left_shift(np.int64(1), name), start) if len(s) else np.zeros(0, np.int64)
+    return _join_bit_sets(s, name, display, range(len(display)))
+
+
+def _join_bit_sets(keys: np.ndarray, codes: np.ndarray, texts: np.ndarray, order) -> pd.Series:
+    """Per run of equal ``keys`` (grouped): its ``codes`` (distinct within a run, each < 63) as ``texts``
+    listed in ``order``, comma-joined. A run's codes become one int64 bit set, and each distinct set is
+    joined once (the same few sets repeat over thousands of studies)."""
+    start = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]]) if len(keys) else np.zeros(0, dtype=np.int64)
+    sets = np.add.reduceat(np.left_shift(np.int64(1), codes), start) if len(keys) else np.zeros(0, np.int64)
     uniq, inv = np.unique(sets, return_inverse=True)
-    texts = [", ".join(display[j] for j in range(len(display)) if (int(m) >> j) & 1) for m in uniq]
-    return pd.Series(np.asarray(texts, dtype=object)[inv.ravel()], index=s[start])
+    joined = [", ".join(texts[j] for j in order if (int(m) >> j) & 1) for m in uniq]
+    return pd.Series(np.asarray(joined, dtype=object)[inv.ravel()], index=keys[start])
 
 
 def distinct_join(groups: pd.DataFrame, values: list[str], col: str) -> pd.Series:
@@ -55,13 +61,7 @@ def distinct_join(groups: pd.DataFrame, values: list[str], col: str) -> pd.Serie
     if multi.any():
         key, code = key[multi], code[multi]
         if len(values) <= 62:
-            # a group's codes as one int64 bit set; each distinct set is joined once
-            start = np.flatnonzero(np.r_[True, key[1:] != key[:-1]])
-            sets = np.add.reduceat(np.left_shift(np.int64(1), code), start)
-            uniq, inv = np.unique(sets, return_inverse=True)
-            by_rank = np.argsort(rank)
-            texts = [", ".join(values[j] for j in by_rank if (int(m) >> j) & 1) for m in uniq]
-            joined = pd.Series(np.asarray(texts, dtype=object)[inv.ravel()], index=key[start])
+            joined = _join_bit_sets(key, code, values, np.argsort(rank))
         else:
             joined = pd.Series(values[code], index=key).groupby(level=0).agg(", ".join)
         out = pd.concat([out, joined])
