@@ -85,6 +85,14 @@ def atomic_path(path: str | os.PathLike):
             tmp.unlink()
 
 
+def write_json(data, path: str | os.PathLike) -> None:
+    """``data`` as one JSON document (UTF-8, non-ASCII kept), written atomically."""
+    import json
+
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(json.dumps(data, ensure_ascii=False))  # dumps uses the C encoder, dump does not
+
+
 def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
     """Cast ``table`` to ``schema`` (column order and types); a missing or extra column is an error."""
     missing = [f.name for f in schema if f.name not in table.column_names]

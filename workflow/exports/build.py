@@ -48,7 +48,7 @@ from workflow.exports import summary as exports_summary
 from workflow.exports.llm_tasks import InstructGenerator
 from workflow.exports.prompt_source import ExternalPrompts
 from workflow.llm.stages import write_requests
-from workflow.tables import Rejects, atomic_path, read_table
+from workflow.tables import Rejects, atomic_path, read_table, write_json
 
 log = logging.getLogger(__name__)
 STAGE = "exports"
@@ -365,14 +365,14 @@ def main(argv: list[str] | None = None) -> dict:
     if command == "r2gen":
         part, rejects = _r2gen(args, *_read_inputs(args, findings=False))
         rejects.write(args.rejects)
-        exports_summary.write_json(part, args.part)
+        write_json(part, args.part)
         return part
     inputs = _read_inputs(args, findings=True)
     if command == "radialog":
         part, requests = _radialog(p, args, *inputs)
         if args.llm_requests:
             write_requests(requests, args.llm_requests)
-        exports_summary.write_json(part, args.part)
+        write_json(part, args.part)
         return part
     r2gen_info, rejects = _r2gen(args, *inputs[:3])
     radialog_info, requests = _radialog(p, args, *inputs)

@@ -1,6 +1,6 @@
 """``python -m workflow.exports summary``: the exports' summary.json, card, rejects and LLM requests from
 the parts the R2Gen and RaDialog jobs leave (:mod:`workflow.exports.build`). A job of its own at the end
-of the stage, so it imports no table library: JSON, the card and two file copies."""
+of the stage, so it imports neither pandas nor the builders: JSON, the card and two file copies."""
 
 from __future__ import annotations
 
@@ -13,17 +13,13 @@ from pathlib import Path
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.exports import card
-from workflow.tables import atomic_path, summary
+from workflow.tables import atomic_path, summary, write_json
 
 log = logging.getLogger(__name__)
 STAGE = "exports"
 # summary.json's keys, in its order, and the part that gives each
 R2GEN_KEYS = ("r2gen", "r2gen_report_sections")
 RADIALOG_KEYS = ("radialog_rg", "radialog_ins", "radialog_tasks", "radialog_prompts", "radialog_llm_tasks")
-
-
-def write_json(data, path: Path) -> None:
-    write_text(json.dumps(data, ensure_ascii=False), path)  # dumps uses the C encoder, dump does not
 
 
 def write_text(text: str, path: Path) -> None:

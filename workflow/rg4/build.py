@@ -79,7 +79,7 @@ from workflow.rg4.scores import (
     default_emphasis,
     load_tokenizer,
 )
-from workflow.tables import Rejects, read_table, write_table
+from workflow.tables import Rejects, read_table, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -967,7 +967,7 @@ def write_shard(
         "emphasised": sum(t[0] for t in totals),
         "positions": sum(t[1] for t in totals),
     }
-    _write_json(facts, shard.facts)
+    write_json(facts, shard.facts)
 
 
 def write_outputs(
@@ -1017,13 +1017,6 @@ def build_notes(reasons: Iterable[str], label_sections: bool, rewriter: str = "r
         + " (reasons in rejects.parquet).",
     ]
     return lines
-
-
-def _write_json(data, path: Path) -> None:
-    from workflow.tables import atomic_path
-
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(json.dumps(data, ensure_ascii=False))  # dumps uses the C encoder, dump does not
 
 
 def log_figures(counts: pa.Table, stats: pa.Table) -> None:

@@ -43,7 +43,6 @@ from workflow.rg4.build import (
     ConsistencyError,
     OutputPaths,
     ShardPaths,
-    _write_json,
     add_output_args,
     build_notes,
     log_figures,
@@ -52,7 +51,7 @@ from workflow.rg4.build import (
 )
 from workflow.rg4.scenarios import nesting_problems
 from workflow.rg4.scores import note as scores_note
-from workflow.tables import atomic_path, read_table, summary, write_table
+from workflow.tables import atomic_path, read_table, summary, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -177,7 +176,7 @@ def merge(shards: list[ShardPaths], paths: OutputPaths) -> list[str]:
         sum(f["positions"] for f in facts),
     )
     notes.append(weights)
-    _write_json(notes, paths.notes)
+    write_json(notes, paths.notes)
     for line in notes:
         log.info("%s", line)
     log_figures(counts, stats)
