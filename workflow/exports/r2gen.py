@@ -189,12 +189,6 @@ def item_json(c: Columns) -> list[str]:
     ]
 
 
-def mimic_items(*args, **kwargs) -> Iterator[tuple[str, list[dict]]]:
-    """:func:`mimic_columns` (the same arguments) as (split, items)."""
-    for c in mimic_columns(*args, **kwargs):
-        yield c.split, item_dicts(c)
-
-
 def mimic_annotation(
     studies: pd.DataFrame,
     images: pd.DataFrame,
@@ -202,10 +196,11 @@ def mimic_annotation(
     which: str = "findings",
     clean: bool = False,
 ) -> dict[str, list[dict]]:
-    """The whole MIMIC-CXR annotation in memory (the rule streams :func:`mimic_items` instead)."""
+    """The whole MIMIC-CXR annotation in memory, as dicts (the rule streams :func:`mimic_columns` as
+    :func:`item_json` texts instead)."""
     out = {split: [] for split in SPLITS}
-    for split, items in mimic_items(studies, images, sections, which, clean):
-        out[split].extend(items)
+    for c in mimic_columns(studies, images, sections, which, clean):
+        out[c.split].extend(item_dicts(c))
     return out
 
 
