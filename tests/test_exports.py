@@ -209,8 +209,8 @@ def test_streamed_annotation_is_the_json_document(tmp_path):
     whole = r2gen.mimic_annotation(f["studies"], f["images"], f["sections"], "findings_impression")
     assert whole["test"] == [] and len(whole["train"]) > 2
     buf = io.StringIO()
-    chunks = r2gen.mimic_items(f["studies"], f["images"], f["sections"], "findings_impression", chunk=2)
-    counts = r2gen.write_annotation(chunks, buf)
+    columns = r2gen.mimic_columns(f["studies"], f["images"], f["sections"], "findings_impression", chunk=2)
+    counts = r2gen.write_annotation(((c.split, r2gen.item_dicts(c)) for c in columns), buf)
     assert buf.getvalue() == json.dumps(whole, ensure_ascii=False)
     # the items as JSON texts, made without the dicts (the rule's way): the same characters
     buf = io.StringIO()
