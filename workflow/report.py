@@ -16,15 +16,15 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and in CI
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.compute as pc  # noqa: E402
-import pyarrow.parquet as pq  # noqa: E402
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
 from pandas.api.types import is_integer_dtype, is_numeric_dtype  # noqa: E402
 
 from workflow.cli import parser, setup_logging  # noqa: E402
-from workflow.tables import atomic_path  # noqa: E402
+from workflow.tables import atomic_path, read_table  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def _split_order(splits) -> list[str]:
 
 
 def _distinct_studies(path: str | Path) -> int:
-    return len(pq.read_table(path, columns=["study_id"]).column("study_id").unique())
+    return len(read_table(path, ["study_id"]).column("study_id").unique())
 
 
 def _rejected_studies(rejects: pd.DataFrame) -> int:
@@ -76,7 +76,7 @@ def stage_counts(stages: list[tuple[str, str | None, str | None, str]]) -> tuple
     studies_in = functools.cache(_distinct_studies)  # stages share tables (sections.parquet: three inputs)
 
     for stage, source, output, rejects in stages:
-        rej = pq.read_table(rejects).to_pandas()
+        rej = read_table(rejects).to_pandas()
         n_rejected = _rejected_studies(rej)
         n_out = studies_in(output) if output else None
         n_in = studies_in(source) if source else n_out + n_rejected
@@ -115,22 +115,39 @@ def plot_stage_counts(counts: pd.DataFrame, reasons: pd.DataFrame, png: str | Pa
     _save(fig, png)
 
 
+def merged_presence_counts(findings: pa.Table) -> pa.Table:
+    """Studies per canonical finding and merged presence: per (study, name) the best-ranked mention
+    (positive > uncertain > negative; a presence outside these three counts for nothing), then studies per
+    (name, that rank). Columns name, rank_min (0 = positive), study_id_count; only the pairs that occur.
+
+    Dense (study, name) codes and numpy, not a hash group-by over (study_id, name): the group-by of a million
+    findings rows was most of the figure job's work besides drawing."""
+    studies = pc.dictionary_encode(findings["study_id"].combine_chunks())
+    names = pc.dictionary_encode(findings["name"].combine_chunks())
+    n_names = len(names.dictionary)
+    pair = studies.indices.to_numpy().astype(np.int64) * n_names + names.indices.to_numpy()
+    ranks = pa.array(list(PRESENCE_COLOURS))
+    unranked = len(ranks)
+    rank = pc.fill_null(pc.index_in(findings["presence"], value_set=ranks), unranked).to_numpy()
+    best = np.full(len(studies.dictionary) * n_names, unranked, dtype=np.int8)
+    for r in reversed(range(unranked)):  # better ranks last: they overwrite
+        best[pair[rank == r]] = r
+    best = best.reshape(-1, n_names)
+    per_rank = [(best == r).sum(axis=0) for r in range(unranked)]  # studies per name, one array per rank
+    name_at, rank_at = np.nonzero(np.stack(per_rank, axis=1))  # the (name, rank) pairs that occur
+    return pa.table(
+        {
+            "name": names.dictionary.take(pa.array(name_at)),
+            "rank_min": pa.array(rank_at.astype(np.int32)),
+            "study_id_count": pa.array(np.stack(per_rank, axis=1)[name_at, rank_at].astype(np.int64)),
+        }
+    )
+
+
 def label_prevalence(findings_path: str | Path) -> pd.DataFrame:
     """Studies per canonical finding and merged presence (positive > uncertain > negative)."""
-    f = pq.read_table(findings_path, columns=["study_id", "name", "presence"])
-    # a study's merged presence for a finding is its best-ranked mention: the minimum rank per (study, name)
-    ranks = pa.array(list(PRESENCE_COLOURS))
-    rank = pc.index_in(f["presence"], value_set=ranks)
-    # single-threaded: Arrow's threaded hash grouping of a million rows costs twice the CPU (and more
-    # wall on a busy machine); the row order it would change is sorted away by the pivot below
-    merged = (
-        pa.table({"study_id": f["study_id"], "name": f["name"], "rank": rank})
-        .group_by(["study_id", "name"], use_threads=False)
-        .aggregate([("rank", "min")])
-        .group_by(["name", "rank_min"], use_threads=False)
-        .aggregate([("study_id", "count")])
-        .to_pandas()
-    )
+    f = read_table(findings_path, ["study_id", "name", "presence"])
+    merged = merged_presence_counts(f).to_pandas()
     merged["presence"] = merged["rank_min"].map(dict(enumerate(PRESENCE_COLOURS)))
     table = merged.pivot_table(index="name", columns="presence", values="study_id_count", aggfunc="sum")
     table = table.reindex(columns=list(PRESENCE_COLOURS)).fillna(0).astype(int)
@@ -156,10 +173,16 @@ def plot_label_prevalence(table: pd.DataFrame, png: str | Path) -> None:
 
 def question_counts(questions_path: str | Path) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Questions per type and split, and answers per type and split (QUESTIONS table)."""
-    q = pq.read_table(questions_path, columns=["split", "question_type", "answer"]).to_pandas()
-    splits = _split_order(q["split"].unique())
-    per_type = q.groupby(["question_type", "split"]).size().unstack(fill_value=0)[splits]
-    answers = q.groupby(["question_type", "answer", "split"]).size().unstack(fill_value=0)[splits]
+    keys = ["question_type", "answer", "split"]
+    q = read_table(questions_path, ["split", "question_type", "answer"])
+    # counted in Arrow (a million rows), shaped in pandas (a few hundred rows); pandas' group-by leaves out
+    # the rows with a null key, so these sums do too
+    counted = q.group_by(keys, use_threads=False).aggregate([([], "count_all")]).to_pandas()
+    counted = counted[counted["question_type"].notna() & counted["split"].notna()]
+    splits = _split_order(counted["split"].unique())
+    per_type = counted.groupby(["question_type", "split"])["count_all"].sum().rename(None)
+    answers = counted[counted["answer"].notna()].set_index(keys)["count_all"].sort_index().rename(None)
+    return per_type.unstack(fill_value=0)[splits], answers.unstack(fill_value=0)[splits]
     return per_type, answers
 
 
@@ -200,7 +223,7 @@ def plot_answers(answers: pd.DataFrame, qtype: str, png: str | Path, top: int = 
 
 def type_mix(stats_path: str | Path) -> pd.DataFrame:
     """Per question type: our count and share next to the released Medical-CXR-VQA's (vqa/stats.parquet)."""
-    stats = pq.read_table(stats_path).to_pandas()
+    stats = read_table(stats_path).to_pandas()
     mix = stats.loc[
         stats["split"] == "all", ["question_type", "n_questions", "share", "released_n", "released_share"]
     ]
@@ -225,8 +248,8 @@ def plot_type_mix(mix: pd.DataFrame, png: str | Path) -> None:
 
 def plot_rg4(counts_path: str | Path, stats_path: str | Path, png: str | Path) -> None:
     """Scenario sizes per split (RG4_COUNTS), and the share of sentences each rewrite category touched."""
-    counts = pq.read_table(counts_path).to_pandas()
-    stats = pq.read_table(stats_path).to_pandas()
+    counts = read_table(counts_path).to_pandas()
+    stats = read_table(stats_path).to_pandas()
     fig, (ax, ax2) = plt.subplots(1, 2, figsize=(12, 4))
     per_split = counts.pivot_table(index="scenario", columns="split", values="records", aggfunc="sum")
     per_split[_split_order(per_split.columns)].plot.bar(ax=ax, stacked=True, rot=0)
@@ -246,7 +269,7 @@ def llm_usage(requests_paths: list[str | Path]) -> pd.DataFrame:
     an earlier stage already asked (same model, same prompt) was sent once and is counted once, at the
     first stage that asked it. Requests never sent (``not_sent``) are counted but cost nothing.
     """
-    frame = pd.concat([pq.read_table(p).to_pandas() for p in requests_paths], ignore_index=True)
+    frame = pd.concat([read_table(p).to_pandas() for p in requests_paths], ignore_index=True)
     frame = frame.drop_duplicates("request_key", keep="first")
     frame["stage"] = frame["stage"] + frame["round"].map(lambda r: "" if pd.isna(r) else f" r{int(r)}")
     grouped = frame.groupby("stage", sort=False)
@@ -326,7 +349,7 @@ def _save_table(frame: pd.DataFrame, stem: Path, title: str, note: str = "", tot
 
 
 def plot_llm(usage: pd.DataFrame, followup_stats: str | Path, png: str | Path) -> None:
-    stats = pq.read_table(followup_stats).to_pandas()
+    stats = read_table(followup_stats).to_pandas()
     fig, (ax, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4))
     usage.set_index("stage")[["prompt_tokens", "completion_tokens"]].plot.bar(ax=ax, stacked=True, rot=30)
     ax.set_title("Tokens per LLM stage")

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 
 from workflow.cli import parser as cli_parser
@@ -30,7 +29,7 @@ from workflow.keyinfo.extract import (
     FALLBACK_SECTION,
     READ_SECTIONS,
 )
-from workflow.tables import TableWriter, summary
+from workflow.tables import TableWriter, read_table, summary
 
 log = logging.getLogger(__name__)
 STAGE = "keyinfo_studies"
@@ -49,7 +48,7 @@ PRESENCES = ("positive", "uncertain", "negative")
 def presence_counts(findings: Path) -> pa.Table:
     """study_id and n_positive / n_uncertain / n_negative: finding rows by presence, devices aside, of every
     study with any (one vectorised group-by)."""
-    t = pq.read_table(findings, columns=["study_id", "name", "presence"])
+    t = read_table(findings, ["study_id", "name", "presence"])
     t = t.filter(pc.not_equal(t["name"], DEVICE))
     flags = {f"n_{p}": pc.cast(pc.equal(t["presence"], p), pa.int32()) for p in PRESENCES}
     g = (
@@ -81,6 +80,8 @@ def reports_for(reports: Path | None, study_ids: set[int]) -> dict[int, str]:
     """study_id -> report text of the studies.parquet rows asked for (the few the lenient reading needs)."""
     if reports is None or not study_ids:
         return {}
+    import pyarrow.dataset as ds  # here: importing it imports pandas, which no other step needs
+
     table = ds.dataset(reports).to_table(
         columns=["study_id", "report"], filter=pc.field("study_id").isin(pa.array(sorted(study_ids)))
     )
@@ -89,7 +90,7 @@ def reports_for(reports: Path | None, study_ids: set[int]) -> dict[int, str]:
 
 def strict_silent(sections: Path) -> set[int]:
     """Study ids whose MIT-compatible sections have neither findings nor impression."""
-    t = pq.read_table(sections, columns=["study_id", *READ_SECTIONS])
+    t = read_table(sections, ["study_id", *READ_SECTIONS])
     empty = None
     for name in READ_SECTIONS:
         col = t[name]
@@ -108,12 +109,18 @@ def run(sections: Path, normal_statements: Path, findings: Path, out: Path) -> N
     counts = presence_counts(findings)
     by_status = dict.fromkeys(("normal", "abnormal", "unknown"), 0)
     read = pq.ParquetFile(normal_statements)
+    groups = [read.read_row_group(group) for group in range(read.num_row_groups)]
     with TableWriter(out, KEYINFO_STUDIES) as writer:
-        for group in range(read.num_row_groups):  # one per batch of sections, as the extractor wrote them
-            table = studies_table(read.read_row_group(group), counts)
+        if groups:
+            # all row groups at once: index_in hashes the counts' study ids on every call; the columns keep
+            # the row groups' chunks, so each group's slice is what the group alone would give
+            table = studies_table(pa.concat_tables(groups), counts)
             for row in pc.value_counts(table["status"]).to_pylist():
                 by_status[row["values"]] += row["counts"]
-            writer.write(table)
+            offset = 0
+            for group in groups:  # one row group per batch of sections, as the extractor wrote them
+                writer.write(table.slice(offset, group.num_rows))
+                offset += group.num_rows
     n_in = pq.ParquetFile(sections).metadata.num_rows
     by_status["no text"] = n_in - writer.rows  # rejected by the extractor (no_report_text): not read
     summary(STAGE, n_in, writer.rows, by_status["no text"])
