@@ -244,3 +244,45 @@ def test_evidence_is_the_noun_phrase_with_its_attribute_words(text, evidence):
     (row,) = extract_sections({"findings": text})
     assert row["evidence"] == evidence
     assert text[row["start"] : row["end"]] == row["evidence"]  # the span indexes the section text
+
+
+def test_study_status_row_groups_are_those_of_each_group_alone(tmp_path):
+    """The counts are looked up for all row groups at once; each written row group is what its group of
+    normal statements alone gives, with the statuses of every kind."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from workflow.contract import FINDINGS, SECTIONS
+    from workflow.keyinfo.studies import NORMAL_STATEMENTS, presence_counts, studies_table
+    from workflow.keyinfo.studies import run as run_studies
+
+    ids = list(range(1, 31))
+    statements = pa.table(
+        {"subject_id": [100 + i for i in ids], "study_id": ids,
+         "normal_evidence": ["No acute process" if i % 5 == 0 else None for i in ids]},
+        schema=NORMAL_STATEMENTS,
+    )  # fmt: skip
+    pq.write_table(statements, tmp_path / "n.parquet", row_group_size=8)  # 4 row groups
+    rows = [(i, "pleural effusion", ("positive", "uncertain", "negative")[i % 3]) for i in ids if i % 4]
+    findings = {name: [None] * len(rows) for name in FINDINGS.names}
+    findings.update(study_id=[r[0] for r in rows], subject_id=[100 + r[0] for r in rows],
+                    name=[r[1] for r in rows], presence=[r[2] for r in rows], source=["rules"] * len(rows))  # fmt: skip
+    pq.write_table(pa.Table.from_pydict(findings, schema=FINDINGS), tmp_path / "f.parquet")
+    sections = {name: [None] * len(ids) for name in SECTIONS.names}
+    sections.update(subject_id=[100 + i for i in ids], study_id=ids)
+    pq.write_table(pa.Table.from_pydict(sections, schema=SECTIONS), tmp_path / "sections.parquet")
+
+    run_studies(
+        tmp_path / "sections.parquet", tmp_path / "n.parquet", tmp_path / "f.parquet", tmp_path / "k.parquet"
+    )
+    written = pq.ParquetFile(tmp_path / "k.parquet")
+    source = pq.ParquetFile(tmp_path / "n.parquet")
+    counts = presence_counts(tmp_path / "f.parquet")
+    assert written.num_row_groups == source.num_row_groups == 4
+    for group in range(4):
+        assert written.read_row_group(group).equals(studies_table(source.read_row_group(group), counts))
+    assert set(pq.read_table(tmp_path / "k.parquet")["status"].to_pylist()) == {
+        "normal",
+        "abnormal",
+        "unknown",
+    }

@@ -68,3 +68,29 @@ def test_a_killed_writers_temporary_is_removed_when_the_stage_starts_again(tmp_p
         live.kill()
         live.wait()
     assert tables.clean_stale_temporaries(out) == [running]
+
+
+def _chunks(table: pa.Table) -> list[list[int]]:
+    return [[len(chunk) for chunk in column.chunks] for column in table.columns]
+
+
+def test_read_table_is_pyarrows_read_table_chunk_for_chunk(tmp_path):
+    """Same values, schema (metadata included) and chunks as ``pq.read_table``: the stages compute from and
+    write what they read, and a Parquet file's bytes depend on the chunks it is written from."""
+    import pyarrow.parquet as pq
+
+    n = 300_000  # a row group of more than the scanner's 2**17-row batches, and smaller ones
+    table = pa.table(
+        {"study_id": pa.array(range(n), pa.int64()), "text": [f"report {i % 977}" for i in range(n)]}
+    )
+    table = table.replace_schema_metadata({b"note": b"kept"})
+    pq.write_table(table, tmp_path / "t.parquet", row_group_size=200_000)
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
+    with pq.ParquetWriter(tmp_path / "no_row_groups.parquet", table.schema):
+        pass
+    for name in ("t", "empty", "no_row_groups"):
+        for columns in (None, ["text"], ["text", "study_id"]):
+            want = pq.read_table(tmp_path / f"{name}.parquet", columns=columns)
+            got = tables.read_table(tmp_path / f"{name}.parquet", columns)
+            assert got.equals(want) and got.schema.equals(want.schema, check_metadata=True), (name, columns)
+            assert _chunks(got) == _chunks(want), (name, columns)
