@@ -38,7 +38,7 @@ from workflow.vqa.questions.location import build_location
 from workflow.vqa.questions.presence import build_presence
 from workflow.vqa.questions.view import build_view
 from workflow.vqa.stats import question_counts, question_stats
-from workflow.vqa.writer import CSV_COLUMNS
+from workflow.vqa.writer import CSV_COLUMNS, LEAK_TYPES
 
 REPO = Path(__file__).resolve().parents[1]
 TEMPLATES = load_templates(REPO / "libs" / "vqa_templates.yaml")
@@ -955,6 +955,10 @@ def test_two_shards_keep_every_guarantee_on_the_merged_output(tmp_path):
     # the statistics are those of the merged questions
     assert pq.read_table(out["stats"]).equals(_stats_of(pq.read_table(out["questions"])))
     assert set(pd.read_csv(out["leak"])["question_type"]) == {"presence", "abnormality", "view"}
+    # the leak probe (kept from the merge's own read of the shards) is the probe of the merged questions
+    merged = pq.read_table(out["questions"], columns=["question_type", "question", "answer"]).to_pandas()
+    yes_no = merged[merged["question_type"].isin(LEAK_TYPES)].reset_index(drop=True)
+    pd.testing.assert_frame_equal(pd.read_csv(out["leak"]), leak_report(yes_no, 4))
 
 
 def test_a_shard_follows_the_whole_corpus_for_view_balance_and_level_words(tmp_path):
