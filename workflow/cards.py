@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from workflow.cli import parser, setup_logging
-from workflow.tables import atomic_path
+from workflow.tables import atomic_path, read_table
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def write_release(
     out_dir = Path(out_dir)
     counts, schema, read = {}, None, {}
     for name, path in tables.items():
-        table = pq.read_table(path)
+        table = read_table(path)
         if "split" not in table.column_names:
             raise ValueError(f"{path}: a released table needs a `split` column")
         counts[name] = _split_files(table, out_dir / name)

@@ -53,7 +53,7 @@ def presence_counts(findings: Path) -> pa.Table:
     flags = {f"n_{p}": pc.cast(pc.equal(t["presence"], p), pa.int32()) for p in PRESENCES}
     g = (
         pa.table({"study_id": t["study_id"], **flags})
-        .group_by("study_id")
+        .group_by("study_id", use_threads=False)  # threaded: twice the CPU; the order is looked up away
         .aggregate([(k, "sum") for k in flags])
     )
     return pa.table({"study_id": g["study_id"], **{k: pc.cast(g[f"{k}_sum"], pa.int32()) for k in flags}})

@@ -65,10 +65,10 @@ def merge_table(parts: list[Path], path: Path) -> None:
     columns = []
     for field in RG4_RECORDS:
         chunks = [chunk for f in files for chunk in f.read(columns=[field.name]).column(0).chunks]
-        column = pa.chunked_array(chunks, type=field.type)
-        if order is not None:
-            column = column.take(order)
-        columns.append(column.combine_chunks())  # one chunk per column, as the unsharded writer's table
+        # one chunk per column, as the unsharded writer's table; combined before the take, which costs
+        # half as much on one array as on the shards' chunks
+        column = pa.chunked_array(chunks, type=field.type).combine_chunks()
+        columns.append(column if order is None else column.take(order))
         del chunks, column
     write_table(pa.Table.from_arrays(columns, schema=RG4_RECORDS), path, RG4_RECORDS)
 
