@@ -183,7 +183,6 @@ def question_counts(questions_path: str | Path) -> tuple[pd.DataFrame, pd.DataFr
     per_type = counted.groupby(["question_type", "split"])["count_all"].sum().rename(None)
     answers = counted[counted["answer"].notna()].set_index(keys)["count_all"].sort_index().rename(None)
     return per_type.unstack(fill_value=0)[splits], answers.unstack(fill_value=0)[splits]
-    return per_type, answers
 
 
 def _short(label: str, width: int = 40) -> str:
