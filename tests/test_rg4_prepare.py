@@ -269,3 +269,23 @@ def test_json_strings_are_json_dumps():
     assert rg4._json_strings(array, "finding: ").to_pylist() == want
     missing = ['"s"' if not v else json.dumps(v, ensure_ascii=False) for v in values]
     assert rg4._json_strings(array, "", '"s"').to_pylist() == missing
+
+
+def test_texts_are_normalised_as_normalise_space():
+    """ASCII texts are single-spaced in their bytes, the others in Python: both as str.split() splits."""
+    rng = random.Random(5)
+    ascii_spaces = [" ", "  ", "\n ", "\t", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f"]
+    values = [None, "", " ", "a", " a", "a ", "\x1f\x1fa\t\tb\n", "\x01 x", "x \x7f y"]
+    for _ in range(3000):
+        text = "".join(
+            rng.choice([*ascii_spaces, "a", "bc", "No.", "\x01"]) for _ in range(rng.randint(0, 12))
+        )
+        values.append(text if rng.random() < 0.9 else text + rng.choice(SPACES[-4:]) + "é")
+    values += values[:500]  # repeated texts
+    array = pa.array(["pad", *values], pa.string()).slice(1)
+    assert rg4.normalise_texts(array).to_pylist() == [_text(v) for v in values]
+    only_ascii = [v for v in values if v is None or v.isascii()]
+    assert rg4.normalise_texts(pa.array(only_ascii, pa.string())).to_pylist() == [
+        _text(v) for v in only_ascii
+    ]
+    assert rg4.normalise_texts(pa.array([None, None], pa.string())).to_pylist() == [None, None]
