@@ -289,3 +289,9 @@ def test_texts_are_normalised_as_normalise_space():
         _text(v) for v in only_ascii
     ]
     assert rg4.normalise_texts(pa.array([None, None], pa.string())).to_pylist() == [None, None]
+
+
+def test_whitespace_is_what_str_strip_strips():
+    from workflow.rg4.scenarios import WHITESPACE
+
+    assert "".join(chr(c) for c in range(0x110000) if chr(c).isspace()) == WHITESPACE
