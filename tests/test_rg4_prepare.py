@@ -272,7 +272,7 @@ def test_json_strings_are_json_dumps():
 
 
 def test_texts_are_normalised_as_normalise_space():
-    """ASCII texts are single-spaced in their bytes, the others in Python: both as str.split() splits."""
+    """White space of every kind, ASCII and not, as str.split() splits on it."""
     rng = random.Random(5)
     ascii_spaces = [" ", "  ", "\n ", "\t", "\r\n", "\x0b", "\x0c", "\x1c", "\x1d", "\x1e", "\x1f"]
     values = [None, "", " ", "a", " a", "a ", "\x1f\x1fa\t\tb\n", "\x01 x", "x \x7f y"]

@@ -255,10 +255,10 @@ def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
 
 def normalise_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Each text as a target holds it: ``rewrite.normalise_space`` (``" ".join(text.split())``); "" and
-    missing: null. (In Python: Arrow's regex replace is slower than str.split at this.)"""
-    codes = pc.dictionary_encode(_array(values))  # each distinct text once (a quarter repeat)
-    texts = [" ".join(v.split()) or None for v in codes.dictionary.to_pylist()]
-    return pa.array(texts, pa.string()).take(codes.indices)
+    missing: null. In Python: Arrow's regex replace is slower than str.split at this, and coding the texts
+    to normalise each distinct one once costs what it saves."""
+    texts = [(" ".join(v.split()) or None) if v is not None else None for v in values.to_pylist()]
+    return pa.array(texts, pa.string())
 
 
 def stripped_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
