@@ -36,6 +36,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -180,18 +181,16 @@ class RulesJobRunner:
 
     def _run_range(self, jobs: list[Job], start: int, end: int, mark_same: bool = False) -> list[Outcome]:
         rw, lv = self.rewriter, self.label_vector
-
-        def same(before: str, after: str | None) -> bool:
-            return rw.labels_equal(before, after, lv)
-
+        text = rw.text
+        same = partial(rw.labels_equal, label_vector=lv)  # (before, after): whether their labels agree
         outcomes = []
-        for k in tqdm(
-            range(start, end), desc="rg4 rewrite (rules)", unit="target", mininterval=5, disable=None
+        for job in tqdm(
+            jobs[start:end], desc="rg4 rewrite (rules)", unit="target", mininterval=5, disable=None
         ):
-            job = jobs[k]
-            f = rw.text(job.finding, job.removes)
-            i = rw.text(job.impression, job.removes)
-            raise_if_corrupt((f, i), job.study_id, job.scenario)
+            f = text(job.finding, job.removes)
+            i = text(job.impression, job.removes)
+            if f.foreign or i.foreign:
+                raise_if_corrupt((f, i), job.study_id, job.scenario)
             reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
             # the edits' counters are shared (cached edits): added only when both count something
             removed = f.removed + i.removed if f.removed and i.removed else f.removed or i.removed
@@ -799,13 +798,16 @@ def build_prepared(prepared: Prepared, runner) -> BuildResult:
     sentences = Counter()
     for (scenario, pos), job, outcome in zip(index, jobs, outcomes, strict=True):
         sentences[scenario] += outcome.sentences
-        for cat, n in outcome.removed.items():
-            stats[(scenario, cat)]["removed"] += n
-        for cat, n in outcome.rephrased.items():
-            stats[(scenario, cat)]["rephrased"] += n
+        if outcome.removed:  # most targets lose and rephrase nothing
+            for cat, n in outcome.removed.items():
+                stats[(scenario, cat)]["removed"] += n
+        if outcome.rephrased:
+            for cat, n in outcome.rephrased.items():
+                stats[(scenario, cat)]["rephrased"] += n
         if outcome.reason is None:
-            by_scenario[scenario][0].append(pos)
-            by_scenario[scenario][1].append(outcome)
+            kept_rows, kept_outcomes = by_scenario[scenario]
+            kept_rows.append(pos)
+            kept_outcomes.append(outcome)
         else:
             rejects.add(job.study_id, f"{scenario}:{outcome.reason}")
             reject_order.append(_reject_key(1, row_position[pos], scenario_index[scenario]))
