@@ -73,6 +73,7 @@ from workflow.rg4.scenarios import (
     first_rows,
     nest,
     nesting_problems,
+    one_array,
     relative_to_files,
     scenario_members,
 )
@@ -248,10 +249,6 @@ def default_label_vector() -> Callable[[str], dict]:
 # --- building the scenarios -------------------------------------------------------------------------------
 
 
-def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
-    return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
-
-
 def normalise_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Each text as a target holds it: ``rewrite.normalise_space`` (``" ".join(text.split())``); "" and
     missing: null. In Python: Arrow's regex replace is slower than str.split at this, and coding the texts
@@ -262,7 +259,7 @@ def normalise_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
 
 def stripped_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Each indication / history as the records hold it, ``str.strip()``, in Arrow ("" and missing: null)."""
-    stripped = pc.utf8_trim(_array(values), WHITESPACE)
+    stripped = pc.utf8_trim(one_array(values), WHITESPACE)
     return pc.if_else(pc.equal(stripped, ""), pa.scalar(None, pa.string()), stripped)
 
 
@@ -274,11 +271,11 @@ def prepare(studies: pa.Table, images: pa.Table, sections: pa.Table):
     for col in ("findings", "impression"):
         df = df.set_column(df.schema.get_field_index(col), col, normalise_texts(df.column(col)))
     for col in ("frontal_image_path", "lateral_image_path"):
-        df = df.set_column(df.schema.get_field_index(col), col, relative_to_files(_array(df.column(col))))
-    prior = pc.index_in(df.column("last_study_id"), value_set=_array(df.column("study_id")))
-    df = df.append_column("last_finding", _array(df.column("findings")).take(prior))
-    df = df.append_column("last_impression", _array(df.column("impression")).take(prior))
-    df = df.append_column("last_APPA_imagepath", _array(df.column("frontal_image_path")).take(prior))
+        df = df.set_column(df.schema.get_field_index(col), col, relative_to_files(one_array(df.column(col))))
+    prior = pc.index_in(df.column("last_study_id"), value_set=one_array(df.column("study_id")))
+    df = df.append_column("last_finding", one_array(df.column("findings")).take(prior))
+    df = df.append_column("last_impression", one_array(df.column("impression")).take(prior))
+    df = df.append_column("last_APPA_imagepath", one_array(df.column("frontal_image_path")).take(prior))
     return df, scenario_members(df), rejected, reasons
 
 
@@ -288,7 +285,7 @@ class Columns:
 
     def __init__(self, df: pa.Table):
         def column(name: str) -> pa.Array:
-            return _array(df.column(name))
+            return one_array(df.column(name))
 
         self.study_id = column("study_id").to_pylist()
         self.arrays = {
@@ -729,7 +726,7 @@ class Prepared:
             )
         studies, images, sections = map(_table, (studies, images, sections))
         first = first_rows(studies.column("study_id"))
-        study_ids = _array(studies.column("study_id")).take(pa.array(first, pa.int64()))
+        study_ids = one_array(studies.column("study_id")).take(pa.array(first, pa.int64()))
         return cls(*prepare(studies, images, sections), study_ids, positions[first], studies.num_rows)
 
     def position_of(self, study_ids: pa.Array | pa.ChunkedArray) -> list[int]:
@@ -1138,12 +1135,12 @@ def read_inputs(
     if shards == 1:
         images, sections = _read(images_path, columns[0]), _read(sections_path, columns[1])
         return studies, np.arange(studies.num_rows, dtype=np.int64), images, sections, studies.num_rows
-    mine = _array(studies.column("subject_id")).to_numpy() % shards == shard
+    mine = one_array(studies.column("subject_id")).to_numpy() % shards == shard
     first = np.zeros(studies.num_rows, bool)
     first[first_rows(studies.column("study_id"))] = True
     rows = np.flatnonzero(mine & first)
     studies = studies.take(pa.array(rows, pa.int64()))
-    ids = _array(studies.column("study_id"))
+    ids = one_array(studies.column("study_id"))
     images, sections = _read(images_path, columns[0], ids), _read(sections_path, columns[1], ids)
     return studies, rows, images, sections, int(mine.sum())
 

@@ -34,14 +34,15 @@ def relative_to_files(paths: pa.Array) -> pa.Array:
     return pc.replace_substring_regex(paths, "^files/", "")
 
 
-def _array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+def one_array(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """A column as one array (its chunks combined)."""
     return column.combine_chunks() if isinstance(column, pa.ChunkedArray) else column
 
 
 def _by_value(column: pa.Array, fn, type_: pa.DataType) -> pa.Array:
     """``fn`` of each value of a string column (None for a null), called once per distinct value (a few:
     views, splits)."""
-    codes = pc.dictionary_encode(_array(column))
+    codes = pc.dictionary_encode(one_array(column))
     mapped = pa.array([fn(v) for v in codes.dictionary.to_pylist()], type_)
     return mapped.take(codes.indices)
 
@@ -49,7 +50,7 @@ def _by_value(column: pa.Array, fn, type_: pa.DataType) -> pa.Array:
 def first_rows(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     """The rows holding each id's first occurrence, in row order (``drop_duplicates(keep="first")``): Arrow
     codes the ids in the order they first appear, so a row is a first one when its code exceeds all before."""
-    codes = pc.dictionary_encode(_array(ids)).indices.to_numpy()
+    codes = pc.dictionary_encode(one_array(ids)).indices.to_numpy()
     if not len(codes):
         return np.zeros(0, np.int64)
     return np.flatnonzero(np.r_[True, codes[1:] > np.maximum.accumulate(codes)[:-1]])
@@ -100,20 +101,20 @@ def eligible_studies(
     df = studies.select(["subject_id", "study_id", "split", "study_datetime"]).take(
         first_rows(studies.column("study_id"))
     )
-    study_id = _array(df.column("study_id"))
+    study_id = one_array(df.column("study_id"))
     split = _by_value(df.column("split"), SPLIT_NAMES.get, pa.string())
     df = df.set_column(2, "split", split)
     # each study's rows in sections (its first) and in the chosen images (null: none), the texts and paths
     # taken once, for the eligible studies only (they are most of the bytes)
     first_section = first_rows(sections.column("study_id"))
-    section_ids = _array(sections.column("study_id")).take(pa.array(first_section, pa.int64()))
+    section_ids = one_array(sections.column("study_id")).take(pa.array(first_section, pa.int64()))
     section_of = _rows_of(study_id, section_ids).to_numpy(zero_copy_only=False)  # float, NaN: none
     no_sections = np.isnan(section_of)
     section_row = np.where(no_sections, 0, section_of).astype(np.int64)
     present = _present(sections.column("findings")) | _present(sections.column("impression"))
     has_report = ~no_sections & present[first_section[section_row]] if sections.num_rows else ~no_sections
     chosen = {"frontal": pick_view(images, FRONTAL_VIEWS), "lateral": pick_view(images, LATERAL_VIEWS)}
-    image_of = {p: _rows_of(study_id, _array(t.column("study_id"))) for p, t in chosen.items()}
+    image_of = {p: _rows_of(study_id, one_array(t.column("study_id"))) for p, t in chosen.items()}
 
     reason = np.full(df.num_rows, None, object)  # the last that applies wins
     reason[image_of["frontal"].is_null().to_numpy(zero_copy_only=False)] = "no_frontal_image"
@@ -126,11 +127,11 @@ def eligible_studies(
     df = df.take(kept)
     rows = pa.array(first_section[section_row[ok]], pa.int64())
     for name in ("indication", "history", "findings", "impression"):
-        df = df.append_column(name, _array(sections.column(name)).take(rows))
+        df = df.append_column(name, one_array(sections.column(name)).take(rows))
     for prefix, table in chosen.items():
         rows = image_of[prefix].take(kept)
         for name in ("dicom_id", "image_path", "view"):
-            df = df.append_column(f"{prefix}_{name}", _array(table.column(name)).take(rows))
+            df = df.append_column(f"{prefix}_{name}", one_array(table.column(name)).take(rows))
     return df, study_id.take(pa.array(rejected, pa.int64())), reason[rejected].tolist()
 
 
@@ -142,14 +143,14 @@ def attach_priors(eligible: pa.Table) -> pa.Table:
     """
     n = eligible.num_rows
     timed = np.flatnonzero(
-        _array(eligible.column("study_datetime")).is_valid().to_numpy(zero_copy_only=False)
+        one_array(eligible.column("study_datetime")).is_valid().to_numpy(zero_copy_only=False)
     )
-    subject = _array(eligible.column("subject_id")).to_numpy()[timed]
-    when = pc.cast(_array(eligible.column("study_datetime")), pa.int64()).to_numpy(zero_copy_only=False)[
+    subject = one_array(eligible.column("subject_id")).to_numpy()[timed]
+    when = pc.cast(one_array(eligible.column("study_datetime")), pa.int64()).to_numpy(zero_copy_only=False)[
         timed
     ]
-    study = _array(eligible.column("study_id")).to_numpy()[timed]
-    split = pc.dictionary_encode(_array(eligible.column("split"))).indices.to_numpy(zero_copy_only=False)[
+    study = one_array(eligible.column("study_id")).to_numpy()[timed]
+    split = pc.dictionary_encode(one_array(eligible.column("split"))).indices.to_numpy(zero_copy_only=False)[
         timed
     ]
     order = np.lexsort((study, when, subject))
