@@ -36,10 +36,12 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
+from operator import attrgetter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 from tqdm import tqdm
@@ -61,15 +63,17 @@ from workflow.rg4.rewrite import (
     RulesRewriter,
     check_edits,
     load_rules,
-    normalise_space,
     raise_if_corrupt,
 )
 from workflow.rg4.scenarios import (
     PARENTS,
+    WHITESPACE,
     attach_priors,
     eligible_studies,
+    first_rows,
     nest,
     nesting_problems,
+    one_array,
     relative_to_files,
     scenario_members,
 )
@@ -80,6 +84,9 @@ from workflow.rg4.scores import (
     load_tokenizer,
 )
 from workflow.tables import Rejects, read_table, write_json, write_table
+
+if TYPE_CHECKING:
+    import pandas as pd  # the tests' inputs; the stage reads Arrow tables (no pandas import)
 
 log = logging.getLogger(__name__)
 
@@ -175,18 +182,16 @@ class RulesJobRunner:
 
     def _run_range(self, jobs: list[Job], start: int, end: int, mark_same: bool = False) -> list[Outcome]:
         rw, lv = self.rewriter, self.label_vector
-
-        def same(before: str, after: str | None) -> bool:
-            return rw.labels_equal(before, after, lv)
-
+        text = rw.text
+        same = partial(rw.labels_equal, label_vector=lv)  # (before, after): whether their labels agree
         outcomes = []
-        for k in tqdm(
-            range(start, end), desc="rg4 rewrite (rules)", unit="target", mininterval=5, disable=None
+        for job in tqdm(
+            jobs[start:end], desc="rg4 rewrite (rules)", unit="target", mininterval=5, disable=None
         ):
-            job = jobs[k]
-            f = rw.text(job.finding, job.removes)
-            i = rw.text(job.impression, job.removes)
-            raise_if_corrupt((f, i), job.study_id, job.scenario)
+            f = text(job.finding, job.removes)
+            i = text(job.impression, job.removes)
+            if f.foreign or i.foreign:
+                raise_if_corrupt((f, i), job.study_id, job.scenario)
             reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
             # the edits' counters are shared (cached edits): added only when both count something
             removed = f.removed + i.removed if f.removed and i.removed else f.removed or i.removed
@@ -244,95 +249,105 @@ def default_label_vector() -> Callable[[str], dict]:
 # --- building the scenarios -------------------------------------------------------------------------------
 
 
-def _text(value) -> str | None:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return None
-    value = normalise_space(value)
-    return value or None
+def normalise_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each text as a target holds it: ``rewrite.normalise_space`` (``" ".join(text.split())``); "" and
+    missing: null. In Python: Arrow's regex replace is slower than str.split at this, and coding the texts
+    to normalise each distinct one once costs what it saves."""
+    texts = [(" ".join(v.split()) or None) if v is not None else None for v in values.to_pylist()]
+    return pa.array(texts, pa.string())
 
 
-def prepare(studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame):
-    """(eligible studies with priors and per-scenario masks, rejected studies)."""
-    eligible, rejected = eligible_studies(studies, images, sections)
+def stripped_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
+    """Each indication / history as the records hold it, ``str.strip()``, in Arrow ("" and missing: null)."""
+    stripped = pc.utf8_trim(one_array(values), WHITESPACE)
+    return pc.if_else(pc.equal(stripped, ""), pa.scalar(None, pa.string()), stripped)
+
+
+def prepare(studies: pa.Table, images: pa.Table, sections: pa.Table):
+    """(eligible studies with priors, their per-scenario masks, the rejected study ids, their reasons):
+    the texts normalised, the image paths relative to ``files/`` and the prior's texts and image added."""
+    eligible, rejected, reasons = eligible_studies(studies, images, sections)
     df = attach_priors(eligible)
-    for col in ("findings", "impression"):  # object dtype: pandas' string dtype would turn None into NaN
-        df[col] = pd.Series([_text(v) for v in df[col]], index=df.index, dtype=object)
+    for col in ("findings", "impression"):
+        df = df.set_column(df.schema.get_field_index(col), col, normalise_texts(df.column(col)))
     for col in ("frontal_image_path", "lateral_image_path"):
-        df[col] = relative_to_files(df[col].astype("string"))
-    by_id = df.set_index("study_id")
-    prior = by_id.reindex(df["last_study_id"].astype("float").astype("Int64"))
-    df["last_finding"] = pd.Series(prior["findings"].to_numpy(), index=df.index, dtype=object)
-    df["last_impression"] = pd.Series(prior["impression"].to_numpy(), index=df.index, dtype=object)
-    df["last_APPA_imagepath"] = prior["frontal_image_path"].to_numpy()
-    masks = scenario_members(df)
-    return df, masks, rejected
-
-
-def _context(value) -> str | None:
-    if value is None or (not isinstance(value, str) and pd.isna(value)):
-        return None
-    value = value.strip()
-    return value or None
-
-
-def _pylist(series: pd.Series) -> list:
-    """Column values as Python objects, None where missing (NaN / NA)."""
-    return [None if v is None or (not isinstance(v, str) and pd.isna(v)) else v for v in series.tolist()]
+        df = df.set_column(df.schema.get_field_index(col), col, relative_to_files(one_array(df.column(col))))
+    prior = pc.index_in(df.column("last_study_id"), value_set=one_array(df.column("study_id")))
+    df = df.append_column("last_finding", one_array(df.column("findings")).take(prior))
+    df = df.append_column("last_impression", one_array(df.column("impression")).take(prior))
+    df = df.append_column("last_APPA_imagepath", one_array(df.column("frontal_image_path")).take(prior))
+    return df, scenario_members(df), rejected, reasons
 
 
 class Columns:
-    """The eligible studies' columns as Python lists (built once; gathered by position per scenario)."""
+    """The eligible studies' columns as Arrow arrays by their name in ``contract.RG4_RECORDS`` (built once;
+    taken by position per scenario), and the ids and texts the jobs are made of as lists."""
 
-    def __init__(self, df: pd.DataFrame):
-        self.split = _pylist(df["split"])
-        self.id = _pylist(df["frontal_dicom_id"])
-        self.subject_id = [int(v) for v in df["subject_id"]]
-        self.study_id = [int(v) for v in df["study_id"]]
-        self.flag = _pylist(df["frontal_view"])
-        self.image = _pylist(df["frontal_image_path"])
-        self.lateral = _pylist(df["lateral_image_path"])
-        self.last_study_id = [None if pd.isna(v) else int(v) for v in df["last_study_id"]]
-        self.last_finding = _pylist(df["last_finding"])
-        self.last_impression = _pylist(df["last_impression"])
-        self.last_image = _pylist(df["last_APPA_imagepath"])
-        self.indication = [_context(v) for v in df["indication"]]
-        self.history = [_context(v) for v in df["history"]]
-        self.findings = _pylist(df["findings"])
-        self.impression = _pylist(df["impression"])
+    def __init__(self, df: pa.Table):
+        def column(name: str) -> pa.Array:
+            return one_array(df.column(name))
+
+        self.study_id = column("study_id").to_pylist()
+        self.arrays = {
+            "split": column("split"),
+            "id": column("frontal_dicom_id"),
+            "subject_id": column("subject_id"),
+            "study_id": column("study_id"),
+            "APPA_flag": column("frontal_view"),
+            "APPA_imagepath": column("frontal_image_path"),
+            "lateral_imagepath": column("lateral_image_path"),
+            "last_study_id": column("last_study_id"),
+            "last_finding": column("last_finding"),
+            "last_impression": column("last_impression"),
+            "last_APPA_imagepath": column("last_APPA_imagepath"),
+            "indication": stripped_texts(column("indication")),
+            "history": stripped_texts(column("history")),
+            "original_finding": column("findings"),
+            "original_impression": column("impression"),
+        }
+        self.findings = self.arrays["original_finding"].to_pylist()
+        self.impression = self.arrays["original_impression"].to_pylist()
+
+
+_NOT_IN = {  # the columns a scenario's records leave null (its inputs have no prior / no lateral image)
+    "sn": ("lateral_imagepath", "last_study_id", "last_finding", "last_impression", "last_APPA_imagepath"),
+    "sw": ("lateral_imagepath",),
+    "mn": ("last_study_id", "last_finding", "last_impression", "last_APPA_imagepath"),
+    "mw": (),
+}
+
+
+def _rewritten(cols: Columns, name: str, pos: list[int], rows: pa.Array, texts: list[str | None]) -> pa.Array:
+    """The column ``name`` (finding / impression) of rewritten ``texts`` of the eligible rows ``pos``: the
+    original column taken, and only the texts that differ from it converted (most are left as written)."""
+    original = cols.findings if name == "finding" else cols.impression
+    changed = [k for k, (p, text) in enumerate(zip(pos, texts, strict=True)) if text != original[p]]
+    column = cols.arrays[f"original_{name}"].take(rows)
+    if not changed:
+        return column
+    mask = np.zeros(len(pos), bool)
+    mask[changed] = True
+    return pc.replace_with_mask(column, pa.array(mask), pa.array([texts[k] for k in changed], pa.string()))
 
 
 def scenario_table(
     cols: Columns, pos: list[int], scenario: str, outcomes: list[Outcome], rewriter: str
 ) -> pa.Table:
-    with_prior = scenario in ("sw", "mw")
-    with_lateral = scenario in ("mn", "mw")
-    none = [None] * len(pos)
-
-    def take(values: list) -> list:
-        return [values[p] for p in pos]
-
-    data = {
-        "split": take(cols.split),
-        "id": take(cols.id),
-        "subject_id": take(cols.subject_id),
-        "study_id": take(cols.study_id),
-        "finding": [o.finding for o in outcomes],
-        "impression": [o.impression for o in outcomes],
-        "APPA_flag": take(cols.flag),
-        "APPA_imagepath": take(cols.image),
-        "lateral_imagepath": take(cols.lateral) if with_lateral else none,
-        "last_study_id": take(cols.last_study_id) if with_prior else none,
-        "last_finding": take(cols.last_finding) if with_prior else none,
-        "last_impression": take(cols.last_impression) if with_prior else none,
-        "last_APPA_imagepath": take(cols.last_image) if with_prior else none,
-        "indication": take(cols.indication),
-        "history": take(cols.history),
-        "original_finding": take(cols.findings),
-        "original_impression": take(cols.impression),
-        "rewriter": [rewriter] * len(pos),
-        "request_hash": [o.request_hash for o in outcomes],
-    }
-    return pa.Table.from_pydict(data, schema=RG4_RECORDS)
+    rows = pa.array(pos, pa.int64())
+    n = len(pos)
+    arrays = []
+    for f in RG4_RECORDS:
+        if f.name in ("finding", "impression"):
+            arrays.append(_rewritten(cols, f.name, pos, rows, list(map(attrgetter(f.name), outcomes))))
+        elif f.name == "request_hash":
+            arrays.append(pa.array(list(map(attrgetter(f.name), outcomes)), f.type))
+        elif f.name == "rewriter":
+            arrays.append(pa.array([rewriter] * n, f.type))
+        elif f.name in _NOT_IN[scenario]:
+            arrays.append(pa.nulls(n, f.type))
+        else:
+            arrays.append(cols.arrays[f.name].take(rows))
+    return pa.Table.from_arrays(arrays, schema=RG4_RECORDS)
 
 
 # The released MIMIC-RG4 targets carry section labels (reference/mimic_rg4.md §2.2, §4.3: LLM-RG4's
@@ -346,6 +361,24 @@ _json_string = json.encoder.encode_basestring  # what json.dumps(..., ensure_asc
 _JSON_ESCAPED = r'["\\\x00-\x1f]'  # the characters it escapes (in an RE2 class); others it writes as they are
 
 
+def _to_escape(column: pa.Array) -> pa.Array | None:
+    """Which values of a string array hold a character JSON escapes (None: none does), found in the bytes of
+    its data buffer at once (in UTF-8 no byte of a multi-byte character is below 0x80): for short values a
+    regex match per value costs far more."""
+    if not pa.types.is_string(column.type) or column.buffers()[2] is None:
+        escaped = pc.match_substring_regex(column, _JSON_ESCAPED).fill_null(False)
+        return escaped if pc.any(escaped).as_py() else None
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + len(column) + 1]
+    data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    at = np.flatnonzero((data < 0x20) | (data == ord('"')) | (data == ord("\\"))) + offsets[0]
+    if not len(at):
+        return None
+    rows = np.zeros(len(column), bool)
+    rows[np.searchsorted(offsets, at, side="right") - 1] = True  # the value whose bytes hold the character
+    escaped = pa.array(rows)
+    return pc.and_(escaped, column.is_valid()) if column.null_count else escaped
+
+
 def _json_strings(
     column: pa.ChunkedArray | pa.Array, prefix: str = "", missing: str | None = None
 ) -> pa.Array:
@@ -355,8 +388,8 @@ def _json_strings(
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     texts = pc.binary_join_element_wise(_json_string(prefix)[:-1], column, '"', "")  # null for a null
-    escaped = pc.match_substring_regex(column, _JSON_ESCAPED).fill_null(False)
-    if pc.any(escaped).as_py():
+    escaped = _to_escape(column)
+    if escaped is not None:
         values = pc.filter(column, escaped).to_pylist()
         texts = pc.replace_with_mask(
             texts, escaped, pa.array([_json_string(prefix + v) for v in values], pa.string())
@@ -461,13 +494,13 @@ def write_loader_fragment(
     gigabytes at MIMIC scale). Returns (emphasised, total) target positions of the weights."""
     from workflow.tables import atomic_path
 
-    split = np.asarray(table.column("split").to_pylist(), dtype=object)
+    split = table.column("split")
     position = np.asarray(positions, dtype=np.int64)
     targets = None if scores is None else scores.rows[scenario]
     emphasised = total = 0
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         for index, name in enumerate(RG4_SPLITS):
-            rows = np.flatnonzero(split == name)
+            rows = np.flatnonzero(pc.equal(split, name).fill_null(False).to_numpy(zero_copy_only=False))
             for start in range(0, len(rows), JSON_CHUNK):
                 chunk = rows[start : start + JSON_CHUNK]
                 part = table.take(pa.array(chunk, pa.int64()))
@@ -598,20 +631,23 @@ def consistency_problems(tables: dict[str, pa.Table]) -> list[str]:
     problems = nesting_problems(ids)
     subject_splits = []
     for scenario, t in tables.items():
-        df = t.select(["split", "id", "subject_id"]).to_pandas()  # the texts are counted in Arrow
-        dup = df.duplicated(["split", "id"]).sum()
+        pairs = t.select(["split", "id"]).group_by(["split", "id"], use_threads=False).aggregate([])
+        dup = t.num_rows - pairs.num_rows
         if dup:
             problems.append(f"{scenario}: {dup} duplicated ids")
         empty = pc.sum(pc.and_(pc.is_null(t.column("finding")), pc.is_null(t.column("impression")))).as_py()
         if empty:
             problems.append(f"{scenario}: {empty} records with neither finding nor impression")
-        bad_split = set(df["split"]) - set(RG4_SPLITS)
+        bad_split = set(pc.unique(t.column("split")).to_pylist()) - set(RG4_SPLITS)
         if bad_split:
             problems.append(f"{scenario}: unknown splits {sorted(bad_split)}")
-        subject_splits.append(df[["subject_id", "split"]].drop_duplicates())
+        subject_splits.append(t.select(["subject_id", "split"]))
     if subject_splits:
-        pairs = pd.concat(subject_splits)
-        crossing = int((pairs.groupby("subject_id")["split"].nunique(dropna=False) > 1).sum())
+        pairs = pa.concat_tables(subject_splits).group_by(["subject_id", "split"], use_threads=False)
+        per_subject = (
+            pairs.aggregate([]).group_by("subject_id", use_threads=False).aggregate([([], "count_all")])
+        )
+        crossing = pc.sum(pc.greater(per_subject.column("count_all"), 1)).as_py() or 0
         if crossing:
             problems.append(f"{crossing} subjects in more than one split")
     if tables["sw"].num_rows and tables["sw"].column("last_APPA_imagepath").null_count:
@@ -660,47 +696,85 @@ def _reject_key(group: int, position: int, minor: int = 0) -> int:
 @dataclass
 class Prepared:
     """What :func:`build_prepared` needs of the input tables (which can be freed once it is made): the
-    eligible studies and their scenario masks (:func:`prepare`), the rejected ones, each study's position
-    (its row label in the studies table) and the number of studies read."""
+    eligible studies and their scenario masks (:func:`prepare`), the rejected ones and their reasons, each
+    study's position (its row in the studies table read: ``study_ids`` -> ``positions``) and the number of
+    studies read."""
 
-    df: pd.DataFrame | None
-    masks: dict[str, pd.Series]
-    rejected: pd.DataFrame
-    position_of: pd.Series
+    df: pa.Table | None
+    masks: dict[str, np.ndarray]
+    rejected: pa.Array
+    reasons: list[str]
+    study_ids: pa.Array
+    positions: np.ndarray
     n_studies: int
 
     @classmethod
-    def of(cls, studies: pd.DataFrame, images: pd.DataFrame, sections: pd.DataFrame) -> Prepared:
-        first = studies.drop_duplicates("study_id")
-        position_of = pd.Series(first.index.to_numpy(dtype=np.int64), index=first["study_id"].to_numpy())
-        return cls(*prepare(studies, images, sections), position_of, len(studies))
+    def of(
+        cls,
+        studies: pa.Table | pd.DataFrame,
+        images: pa.Table | pd.DataFrame,
+        sections: pa.Table | pd.DataFrame,
+        positions: np.ndarray | None = None,
+    ) -> Prepared:
+        """``positions``: each studies row's position (default: its row label in a frame, its row number
+        in a table)."""
+        if positions is None:
+            positions = (
+                np.arange(studies.num_rows, dtype=np.int64)
+                if isinstance(studies, pa.Table)
+                else np.asarray(studies.index, np.int64)
+            )
+        studies, images, sections = map(_table, (studies, images, sections))
+        first = first_rows(studies.column("study_id"))
+        study_ids = one_array(studies.column("study_id")).take(pa.array(first, pa.int64()))
+        return cls(*prepare(studies, images, sections), study_ids, positions[first], studies.num_rows)
+
+    def position_of(self, study_ids: pa.Array | pa.ChunkedArray) -> list[int]:
+        rows = pc.index_in(study_ids, value_set=self.study_ids).to_numpy(zero_copy_only=False)
+        return self.positions[rows].tolist()
+
+
+def _table(frame: pa.Table | pd.DataFrame) -> pa.Table:
+    """An input as an Arrow table (a frame's columns of None only as strings)."""
+    if isinstance(frame, pa.Table):
+        return frame
+    table = pa.Table.from_pandas(frame, preserve_index=False)
+    for k, f in enumerate(table.schema):
+        if pa.types.is_null(f.type):
+            table = table.set_column(k, f.name, table.column(k).cast(pa.string()))
+    return table
 
 
 def build(
-    studies: pd.DataFrame,
-    images: pd.DataFrame,
-    sections: pd.DataFrame,
+    studies: pa.Table | pd.DataFrame,
+    images: pa.Table | pd.DataFrame,
+    sections: pa.Table | pd.DataFrame,
     runner,
 ) -> BuildResult:
     return build_prepared(Prepared.of(studies, images, sections), runner)
+
+
+def _split_counts(splits: pa.Array | pa.ChunkedArray) -> dict[str, int]:
+    counts = pc.value_counts(splits)
+    return dict(zip(counts.field("values").to_pylist(), counts.field("counts").to_pylist(), strict=True))
 
 
 def build_prepared(prepared: Prepared, runner) -> BuildResult:
     """The scenario tables, counts, stats and rejects; consumes ``prepared.df`` (the frame is freed once its
     columns are lists, before the rewriter runs)."""
     rules = load_rules()
-    df, masks, rejected, position_of = prepared.df, prepared.masks, prepared.rejected, prepared.position_of
+    df, masks = prepared.df, prepared.masks
     prepared.df = None
     rejects, reject_order = Rejects(STAGE), []
-    for (sid, reason), position in zip(
-        rejected.itertuples(index=False), position_of.reindex(rejected["study_id"]).tolist(), strict=True
+    for sid, reason, position in zip(
+        prepared.rejected.to_pylist(), prepared.reasons, prepared.position_of(prepared.rejected), strict=True
     ):
-        rejects.add(int(sid), reason)
+        rejects.add(sid, reason)
         reject_order.append(_reject_key(0, position))
 
     cols = Columns(df)
-    row_position = position_of.reindex(df["study_id"]).tolist()
-    eligible = {s: df.loc[masks[s], "split"].value_counts() for s in RG4_SCENARIOS}
+    row_position = prepared.position_of(df.column("study_id"))
+    eligible = {s: _split_counts(pc.filter(cols.arrays["split"], masks[s])) for s in RG4_SCENARIOS}
     del df
     scenario_index = {s: k for k, s in enumerate(RG4_SCENARIOS)}
     # jobs study by study, so the rewriter splits each text once for all of its scenarios
@@ -721,13 +795,16 @@ def build_prepared(prepared: Prepared, runner) -> BuildResult:
     sentences = Counter()
     for (scenario, pos), job, outcome in zip(index, jobs, outcomes, strict=True):
         sentences[scenario] += outcome.sentences
-        for cat, n in outcome.removed.items():
-            stats[(scenario, cat)]["removed"] += n
-        for cat, n in outcome.rephrased.items():
-            stats[(scenario, cat)]["rephrased"] += n
+        if outcome.removed:  # most targets lose and rephrase nothing
+            for cat, n in outcome.removed.items():
+                stats[(scenario, cat)]["removed"] += n
+        if outcome.rephrased:
+            for cat, n in outcome.rephrased.items():
+                stats[(scenario, cat)]["rephrased"] += n
         if outcome.reason is None:
-            by_scenario[scenario][0].append(pos)
-            by_scenario[scenario][1].append(outcome)
+            kept_rows, kept_outcomes = by_scenario[scenario]
+            kept_rows.append(pos)
+            kept_outcomes.append(outcome)
         else:
             rejects.add(job.study_id, f"{scenario}:{outcome.reason}")
             reject_order.append(_reject_key(1, row_position[pos], scenario_index[scenario]))
@@ -758,7 +835,7 @@ def build_prepared(prepared: Prepared, runner) -> BuildResult:
         del positions, outs
     counts = {"scenario": [], "split": [], "records": [], "rejected": []}
     for s in RG4_SCENARIOS:
-        got = pd.Series(tables[s].column("split").to_pylist()).value_counts()
+        got = _split_counts(tables[s].column("split"))
         for split in RG4_SPLITS:
             counts["scenario"].append(s)
             counts["split"].append(split)
@@ -1020,48 +1097,52 @@ def build_notes(reasons: Iterable[str], label_sections: bool, rewriter: str = "r
 
 
 def log_figures(counts: pa.Table, stats: pa.Table) -> None:
-    for row in counts.to_pandas().itertuples(index=False):
+    for row in counts.to_pylist():
         log.info(
             "%s %-5s %7d records, %5d dropped by the check",
-            row.scenario,
-            row.split,
-            row.records,
-            row.rejected,
+            row["scenario"],
+            row["split"],
+            row["records"],
+            row["rejected"],
         )
-    for row in stats.to_pandas().itertuples(index=False):
+    for row in stats.to_pylist():
         log.info(
             "%s %-4s removed %.2f%% rephrased %.2f%% of %d sentences",
-            row.scenario,
-            row.category,
-            100 * row.share_removed,
-            100 * row.share_rephrased,
-            row.sentences,
+            row["scenario"],
+            row["category"],
+            100 * row["share_removed"],
+            100 * row["share_rephrased"],
+            row["sentences"],
         )
 
 
-def _read(path: Path, columns: list[str], study_ids: pa.Array | None = None) -> pd.DataFrame:
+def _read(path: Path, columns: list[str], study_ids: pa.Array | None = None) -> pa.Table:
     table = read_table(path, columns)
-    if study_ids is not None:  # filtered in Arrow: the whole input never becomes a frame
+    if study_ids is not None:
         table = table.filter(pc.is_in(table.column("study_id"), value_set=study_ids))
-    return table.to_pandas()
+    return table
 
 
 def read_inputs(
     studies_path: Path, images_path: Path, sections_path: Path, shard: int = 0, shards: int = 1
-) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame, int]:
-    """(studies, images, sections, studies read) of one shard: the patients with ``subject_id % shards ==
-    shard`` (a patient's studies, priors and split stay together), their images and sections. The studies
-    keep their row labels in the whole table (each row's position: the merge restores the order by it);
-    a study listed twice belongs to the shard of its first row, as the unsharded build keeps that one."""
+) -> tuple[pa.Table, np.ndarray, pa.Table, pa.Table, int]:
+    """(studies, their positions, images, sections, studies read) of one shard: the patients with
+    ``subject_id % shards == shard`` (a patient's studies, priors and split stay together), their images and
+    sections. Each study's position is its row in the whole table (the merge restores the order by it); a
+    study listed twice belongs to the shard of its first row, as the unsharded build keeps that one."""
     studies = _read(studies_path, ["subject_id", "study_id", "split", "study_datetime"])
     columns = (["dicom_id", "study_id", "view_position", "image_path"], ["study_id", *SECTION_COLUMNS])
     if shards == 1:
-        return studies, _read(images_path, columns[0]), _read(sections_path, columns[1]), len(studies)
-    mine = (studies["subject_id"] % shards == shard).to_numpy()
-    n_read = int(mine.sum())
-    studies = studies[mine & ~studies["study_id"].duplicated().to_numpy()]
-    ids = pa.array(studies["study_id"].to_numpy(), pa.int64())
-    return studies, _read(images_path, columns[0], ids), _read(sections_path, columns[1], ids), n_read
+        images, sections = _read(images_path, columns[0]), _read(sections_path, columns[1])
+        return studies, np.arange(studies.num_rows, dtype=np.int64), images, sections, studies.num_rows
+    mine = one_array(studies.column("subject_id")).to_numpy() % shards == shard
+    first = np.zeros(studies.num_rows, bool)
+    first[first_rows(studies.column("study_id"))] = True
+    rows = np.flatnonzero(mine & first)
+    studies = studies.take(pa.array(rows, pa.int64()))
+    ids = one_array(studies.column("study_id"))
+    images, sections = _read(images_path, columns[0], ids), _read(sections_path, columns[1], ids)
+    return studies, rows, images, sections, int(mine.sum())
 
 
 SECTION_COLUMNS = ["indication", "history", "findings", "impression"]
@@ -1125,10 +1206,10 @@ def main(argv: list[str] | None = None) -> BuildResult:
     # whole heap again and again (it doubled the run time at MIMIC scale)
     gc.disable()
     t0 = time.perf_counter()
-    studies, images, sections, n_read = read_inputs(
+    studies, positions, images, sections, n_read = read_inputs(
         args.studies, args.images, args.sections, args.shard, args.shards
     )
-    prepared = Prepared.of(studies, images, sections)
+    prepared = Prepared.of(studies, images, sections, positions)
     prepared.n_studies = n_read
     del studies, images, sections  # what the build needs of them is in `prepared`
     label_vector = default_label_vector()
