@@ -368,3 +368,50 @@ def test_the_dag_runs_one_rules_job_per_shard_and_one_merge(tmp_path):
     jobs = re.findall(r"^rule (\w+):", run.stdout, re.MULTILINE)
     assert jobs.count("keyinfo_rules_shard") == 3 and jobs.count("keyinfo_rules") == 1
     assert sorted(re.findall(r"--shard (\d) --shards 3 --workers 1 ", run.stdout)) == ["0", "1", "2"]
+
+
+@pytest.mark.parametrize("shards", [1, 2])
+def test_each_shard_reads_the_reports_the_lenient_reading_needs(tmp_path, shards):
+    """The shard's own lenient look-up (blank findings and impression, one studies.parquet pass) gives every
+    study the sections that the whole table's look-up (studies.lenient_texts: white space counts as
+    blank) gives it."""
+    import pyarrow as pa
+
+    from workflow.contract import STUDIES
+    from workflow.keyinfo.extract import sections_for_reading
+    from workflow.keyinfo.run_rules import _sections_table, plan_slices
+    from workflow.keyinfo.studies import lenient_texts
+
+    blanks = [None, "", " \n ", "Small left effusion."]
+    ids = list(range(200, 232))
+    sections = {f.name: [None] * len(ids) for f in SECTIONS}
+    sections["subject_id"] = ids
+    sections["study_id"] = ids
+    sections["findings"] = [blanks[k % 4] for k in range(len(ids))]
+    sections["impression"] = [blanks[(k // 4) % 4] for k in range(len(ids))]
+    sections["last_paragraph"] = ["Impression: No pneumothorax." if k % 3 else None for k in range(len(ids))]
+    write_table(pa.Table.from_pydict(sections, schema=SECTIONS), tmp_path / "sections.parquet", SECTIONS)
+    reported = ids[::2]  # some studies have no report row; one report has no header, one is empty
+    reports = [
+        ("Findings: No effusion.\nImpression: No pneumothorax." if k % 5 else "No header.") for k in reported
+    ]
+    reports[1] = ""
+    studies = {"subject_id": reported, "study_id": reported, "split": ["train"] * len(reported),
+               "study_datetime": [None] * len(reported), "report": reports, "source_path": ["x"] * len(reported)}  # fmt: skip
+    write_table(pa.Table.from_pydict(studies, schema=STUDIES), tmp_path / "studies.parquet", STUDIES)
+    whole = lenient_texts(tmp_path / "sections.parquet", tmp_path / "studies.parquet", True)
+    for shard in range(shards):
+        slices = plan_slices(
+            tmp_path / "sections.parquet", tmp_path / "studies.parquet", True, 5, shard, shards
+        )
+        table = _sections_table(str(tmp_path / "sections.parquet"), shard, shards).to_pylist()
+        assert [r["study_id"] for r in table] == [i for i in ids if i % shards == shard]
+        given = {sid: text for part in slices for sid, text in part.lenient.items()}
+        for row in table:
+            sid = row["study_id"]
+            strict = {name: row[name] for name in ("findings", "impression", "last_paragraph")}
+            mine = sections_for_reading(strict, given[sid]) if sid in given else strict
+            theirs = sections_for_reading(strict, whole.get(sid))
+            assert mine == theirs
+    assert any(sections_for_reading({"findings": None, "impression": None}, t) != {"findings": None,
+               "impression": None} for t in whole.values())  # fmt: skip

@@ -40,8 +40,14 @@ from tqdm import tqdm
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.contract import FINDINGS, KEYINFO_STATS, REJECTS
-from workflow.keyinfo.extract import ROW_COLUMNS, Conventions, sections_for_reading, study_rows
-from workflow.keyinfo.studies import NORMAL_STATEMENTS, TEXT_COLUMNS, lenient_texts
+from workflow.keyinfo.extract import (
+    READ_SECTIONS,
+    ROW_COLUMNS,
+    Conventions,
+    sections_for_reading,
+    study_rows,
+)
+from workflow.keyinfo.studies import NORMAL_STATEMENTS, TEXT_COLUMNS
 from workflow.tables import Rejects, TableWriter, summary, write_table
 
 log = logging.getLogger(__name__)
@@ -206,20 +212,42 @@ def summed_stats(parts: Sequence[pa.Table]) -> pa.Table:
     return pa.table([t["name"], *(t[f"{c}_sum"] for c in counts)], schema=KEYINFO_STATS)
 
 
-def shard_study_ids(sections: Path, shard: int = 0, shards: int = 1) -> pa.ChunkedArray:
-    """The study ids of the shard, in the sections table's order."""
-    ids = pq.read_table(sections, columns=["study_id"])["study_id"]
-    return ids if shards == 1 else ids.filter(in_shard(ids, shard, shards))
+def lenient_reports(shard: pa.Table, reports: Path | None) -> dict[int, str]:
+    """study_id -> report text of the shard's studies whose findings and impression are both missing or
+    empty: the only ones :func:`sections_for_reading` reads the report of (a section of white space only
+    is read as it is). Found in the shard's own table (not in every shard's sections read again) and read
+    from studies.parquet's row groups that hold any (no ``pyarrow.dataset`` scan)."""
+    if reports is None:
+        return {}
+    silent = pa.array([True] * shard.num_rows)
+    for name in READ_SECTIONS:
+        if name in shard.column_names:
+            blank = pc.fill_null(pc.equal(pc.binary_length(shard[name]), 0), True)
+            silent = pc.and_(silent, blank)
+    wanted = shard["study_id"].filter(silent).combine_chunks()
+    texts: dict[int, str] = {}
+    if not len(wanted):
+        return texts
+    source = pq.ParquetFile(reports)
+    for group in range(source.num_row_groups):
+        ids = source.read_row_group(group, columns=["study_id"])["study_id"]
+        mask = pc.is_in(ids, value_set=wanted)
+        if pc.any(mask).as_py():
+            report = source.read_row_group(group, columns=["report"])["report"].filter(mask)
+            texts.update(zip(ids.filter(mask).to_pylist(), report.to_pylist(), strict=True))
+    return texts
 
 
 def plan_slices(sections: Path, reports: Path | None, lenient: bool, batch_size: int, shard: int = 0,
                 shards: int = 1) -> list[Slice]:  # fmt: skip
-    ids = shard_study_ids(sections, shard, shards)
-    texts = lenient_texts(sections, reports, lenient)
-    ids_list = ids.to_pylist() if texts else []
+    # the shard's table, read here once: the extraction reuses it (in this process; forked pool workers
+    # inherit it)
+    table = _sections_table(str(sections), shard, shards)
+    texts = lenient_reports(table, reports) if lenient else {}
+    ids_list = table["study_id"].to_pylist() if texts else []
     out = []
-    for start in range(0, len(ids), batch_size):
-        stop = min(start + batch_size, len(ids))
+    for start in range(0, table.num_rows, batch_size):
+        stop = min(start + batch_size, table.num_rows)
         part = {sid: texts[sid] for sid in ids_list[start:stop] if sid in texts} if texts else {}
         out.append(Slice(str(sections), start, stop, part, shard, shards))
     return out
