@@ -76,34 +76,6 @@ def studies_table(read: pa.Table, counts: pa.Table) -> pa.Table:
     return pa.table([columns[f.name] for f in KEYINFO_STUDIES], schema=KEYINFO_STUDIES)
 
 
-def reports_for(reports: Path | None, study_ids: set[int]) -> dict[int, str]:
-    """study_id -> report text of the studies.parquet rows asked for (the few the lenient reading needs)."""
-    if reports is None or not study_ids:
-        return {}
-    import pyarrow.dataset as ds  # here: importing it imports pandas, which no other step needs
-
-    table = ds.dataset(reports).to_table(
-        columns=["study_id", "report"], filter=pc.field("study_id").isin(pa.array(sorted(study_ids)))
-    )
-    return dict(zip(table["study_id"].to_pylist(), table["report"].to_pylist(), strict=True))
-
-
-def strict_silent(sections: Path) -> set[int]:
-    """Study ids whose MIT-compatible sections have neither findings nor impression."""
-    t = read_table(sections, ["study_id", *READ_SECTIONS])
-    empty = None
-    for name in READ_SECTIONS:
-        col = t[name]
-        blank = pc.or_kleene(pc.is_null(col), pc.equal(pc.utf8_trim_whitespace(col), ""))
-        empty = blank if empty is None else pc.and_kleene(empty, blank)
-    return set(t.filter(empty)["study_id"].to_pylist())
-
-
-def lenient_texts(sections: Path, reports: Path | None, lenient: bool) -> dict[int, str]:
-    """study_id -> report text of the studies the lenient section reading needs (none when it is off)."""
-    return reports_for(reports, strict_silent(sections)) if lenient else {}
-
-
 def run(sections: Path, normal_statements: Path, findings: Path, out: Path) -> None:
     """KEYINFO_STUDIES: every study read (NORMAL_STATEMENTS, in its row groups) with its finding counts."""
     counts = presence_counts(findings)
