@@ -484,7 +484,7 @@ def test_guards_let_through_exactly_the_rules_whose_substrings_occur():
                     for k in range(start, len(cat_rules))
                     if not cat_rules[k].guard or any(w in lower for w in cat_rules[k].guard)
                 ]
-                assert RULES.guards[cat].candidates(lower, start) == expected, (cat, start, text)
+                assert RULES.guards[cat].candidates(lower, start) == tuple(expected), (cat, start, text)
 
 
 def test_tidy_shortcuts_match_their_regexes():

@@ -95,43 +95,48 @@ class Guards:
     """Which rules of a category the rewriter tries on a sentence: a rule whose guard (``when``) has no
     substring in the lower-cased sentence is not tried. A guard substring of letters only occurs within one
     run of letters, so the rules such substrings let through are looked up per word (and remembered: a
-    corpus has few distinct words), instead of searching the sentence for each substring."""
+    corpus has few distinct words), instead of searching the sentence for each substring. Sets of rules are
+    bit masks (rule k: bit k), and each mask's rules in order are remembered too (few distinct masks)."""
 
-    __slots__ = ("_by_word", "_letters", "_others", "_unguarded")
+    __slots__ = ("_by_word", "_letters", "_order", "_others", "_unguarded")
 
     def __init__(self, rules: tuple[Rule, ...]):
-        rules_of: dict[str, list[int]] = {}  # guard substring -> the rules it lets through
+        mask_of: dict[str, int] = {}  # guard substring -> the rules it lets through
         for k, rule in enumerate(rules):
             for w in rule.guard:
-                rules_of.setdefault(w, []).append(k)
-        groups = [(w, frozenset(ks)) for w, ks in sorted(rules_of.items())]
-        self._letters = [(w, ks) for w, ks in groups if _LETTER_RUN.fullmatch(w)]
-        self._others = [(w, ks) for w, ks in groups if not _LETTER_RUN.fullmatch(w)]
-        self._unguarded = frozenset(k for k, rule in enumerate(rules) if not rule.guard)
+                mask_of[w] = mask_of.get(w, 0) | 1 << k
+        groups = sorted(mask_of.items())
+        self._letters = [(w, mask) for w, mask in groups if _LETTER_RUN.fullmatch(w)]
+        self._others = [(w, mask) for w, mask in groups if not _LETTER_RUN.fullmatch(w)]
+        self._unguarded = sum(1 << k for k, rule in enumerate(rules) if not rule.guard)
         # run of letters -> the rules its substrings let through
-        self._by_word: dict[str, frozenset[int]] = {}
+        self._by_word: dict[str, int] = {}
+        # rules (a mask) -> their numbers in order
+        self._order: dict[int, tuple[int, ...]] = {}
 
-    def _word(self, word: str) -> frozenset[int]:
-        found = frozenset().union(*(ks for w, ks in self._letters if w in word))
-        return self._by_word.setdefault(word, found or _NO_RULES)
+    def _word(self, word: str) -> int:
+        mask = 0
+        for w, rules in self._letters:
+            if w in word:
+                mask |= rules
+        self._by_word[word] = mask
+        return mask
 
-    def candidates(self, lower: str, start: int = 0) -> list[int]:
+    def candidates(self, lower: str, start: int = 0) -> tuple[int, ...]:
         """In order, the rules from the ``start``-th on to try on the lower-cased sentence ``lower``."""
         by_word = self._by_word
-        tried = set(self._unguarded)
-        for word in set(_LETTER_RUN.findall(lower)):
+        mask = self._unguarded
+        for word in _LETTER_RUN.findall(lower):
             rules = by_word.get(word)
-            if rules is None:
-                rules = self._word(word)
-            if rules:
-                tried.update(rules)
-        for w, ks in self._others:
+            mask |= self._word(word) if rules is None else rules
+        for w, rules in self._others:
             if w in lower:
-                tried.update(ks)
-        return sorted(k for k in tried if k >= start)
-
-
-_NO_RULES: frozenset[int] = frozenset()
+                mask |= rules
+        mask = mask >> start << start
+        order = self._order.get(mask)
+        if order is None:
+            order = self._order[mask] = tuple(k for k in range(mask.bit_length()) if mask >> k & 1)
+        return order
 
 
 def _union(patterns: list[str]) -> str:
@@ -383,76 +388,116 @@ class SentenceEdit:
     lost_finding: bool = False  # removed although it names a finding the rules could not keep
 
 
+def _rephrase(
+    body: str,
+    order: tuple[str, ...],
+    at: int,
+    start: int,
+    rules: RuleSet,
+    names_finding: Callable[[str], bool] | None,
+    memo: dict,
+    body_tokens: set[str] | None = None,
+) -> tuple[str, tuple[str, str] | None]:
+    """(``body`` rephrased by the rules of the categories ``order[at:]``, from the ``start``-th rule of
+    ``order[at]`` on; "" when a rule left nothing), and the first corrupting token (with the rule's name)
+    those rules made, or None. Each category's rules are tried in order where their guards let them; after
+    a change, the guards are asked again for the rules after the one that made it.
+
+    The rephrasing from a given body on is the same whichever sentence it came from, so it is remembered
+    in ``memo`` for each body reached (sentences differing in what a first rule cuts, "Compared to the prior
+    study, X" and "In comparison with the study of ___, X", go on from the same "X")."""
+    key = (body, order, at, start)
+    done = memo.get(key)
+    if done is not None:
+        return done
+    lower = body.lower()
+    for c in range(at, len(order)):
+        cat = order[c]
+        cat_rules = rules.rules[cat]
+        for k in rules.guards[cat].candidates(lower, start if c == at else 0):
+            rule = cat_rules[k]
+            new, inserted = _apply(rule, body, rules, names_finding)
+            if new == body:
+                continue
+            new_tokens = tokens(new)
+            extra = new_tokens - (body_tokens if body_tokens is not None else tokens(body))
+            if extra and inserted:
+                extra -= tokens(inserted)
+            foreign = (min(extra), rule.name) if extra else None
+            if not new.strip():
+                done = ("", foreign)
+            else:
+                rest, later = _rephrase(new, order, c, k + 1, rules, names_finding, memo, new_tokens)
+                done = (rest, foreign or later)
+            memo[key] = done
+            return done
+    done = memo[key] = (body, None)
+    return done
+
+
+def _tidied(before: str, rules: RuleSet, memo: dict) -> tuple[str, tuple[str, str] | None]:
+    """(the rephrased body tidied, "" when nothing with content is left; the first token tidying made that
+    it may not make, or None), remembered in ``memo``."""
+    key = ("tidy", before)
+    done = memo.get(key)
+    if done is not None:
+        return done
+    body = tidy(before)
+    # tidying deletes, re-cases and turns "a" into "an" (or back): any other new token means it glued two
+    # words
+    before_tokens = tokens(before)
+    extra = tokens(body) - before_tokens
+    if before_tokens & _ARTICLES:
+        extra -= _ARTICLES
+    foreign = (min(extra), "tidy") if extra else None
+    if body and not has_content(body, rules):
+        body = ""
+    done = memo[key] = (body, foreign)
+    return done
+
+
 def rewrite_sentence(
     sentence: str,
     removes: frozenset[str],
     rules: RuleSet | None = None,
     names_finding: Callable[[str], bool] | None = None,
     found: frozenset[str] | None = None,
+    memo: dict | None = None,
 ) -> SentenceEdit:
     """Rephrase or remove one sentence for a scenario removing ``removes``; ``names_finding(phrase)``
     decides whether "<phrase> is unchanged" keeps "<phrase> is present." (default: ``finding_words``).
-    ``found``: ``detect(sentence, removes)``, when the caller knows it already."""
+    ``found``: ``detect(sentence, removes)``, when the caller knows it already. ``memo``: what rephrasing
+    learnt from earlier sentences with the same ``rules`` and ``names_finding`` (a dict the caller keeps)."""
     rules = rules or load_rules()
     if found is None:
         found = frozenset(detect(sentence, removes, rules))
     if not found:
         return SentenceEdit(sentence, found, "kept")
+    if memo is None:
+        memo = {}
     prefix = _SENTENCE_PREFIX.match(sentence).group()
-    body = sentence[len(prefix) :]
-    lower = body.lower()
-    foreign = None
+    order = _order_of(found)
+    body, foreign = _rephrase(sentence[len(prefix) :], order, 0, 0, rules, names_finding, memo)
+    if body:
+        body, tidy_foreign = _tidied(body, rules, memo)
+        foreign = foreign or tidy_foreign
+    if body:
+        text = prefix + body
+        # the prefix too: a heading may say "lateral"
+        residual = memo.get(text)
+        if residual is None:
+            residual = memo[text] = frozenset(detect(text, CATEGORIES, rules))
+        if residual.isdisjoint(removes):
+            return SentenceEdit(text, found, "rephrased", residual, foreign)
+    # a sentence naming a finding that the rules could not rephrase: the caller drops the target rather than
+    # lose the finding silently (communication sentences carry none worth keeping)
+    lost = found != {"comm"} and carries_finding(sentence, rules, names_finding)
+    return SentenceEdit(None, found, "removed", foreign=foreign, lost_finding=lost)
 
-    def removed() -> SentenceEdit:
-        # a sentence naming a finding that the rules could not rephrase: the caller drops the target
-        # rather than lose the finding silently (communication sentences carry none worth keeping)
-        lost = found != {"comm"} and carries_finding(sentence, rules, names_finding)
-        return SentenceEdit(None, found, "removed", foreign=foreign, lost_finding=lost)
 
-    body_tokens = None  # tokens(body), once needed (for the corruption check only, so while foreign is None)
-    for cat in _RULE_ORDER:
-        if cat not in found:
-            continue
-        # the category's rules in order, each where its guard lets it; after a change, the guards are asked
-        # again for the rules after the one that made it
-        cat_rules, guards = rules.rules[cat], rules.guards[cat]
-        todo, n = guards.candidates(lower), 0
-        while n < len(todo):
-            k = todo[n]
-            n += 1
-            rule = cat_rules[k]
-            new, inserted = _apply(rule, body, rules, names_finding)
-            if new == body:
-                continue
-            if foreign is None:
-                new_tokens = tokens(new)
-                extra = new_tokens - (body_tokens if body_tokens is not None else tokens(body))
-                if extra and inserted:
-                    extra -= tokens(inserted)
-                if extra:
-                    foreign = (min(extra), rule.name)
-                body_tokens = new_tokens
-            if not new.strip():
-                return removed()
-            body, lower = new, new.lower()
-            todo, n = guards.candidates(lower, k + 1), 0
-    before_tidy = body
-    body = tidy(body)
-    if foreign is None:  # tidying deletes, re-cases and turns "a" into "an" (or back): any other new
-        # token means it glued two words
-        before_tokens = body_tokens if body_tokens is not None else tokens(before_tidy)
-        extra = tokens(body) - before_tokens
-        if before_tokens & _ARTICLES:
-            extra -= _ARTICLES
-        if extra:
-            foreign = (min(extra), "tidy")
-    if not body or not has_content(body, rules):
-        return removed()
-    text = prefix + body
-    residual = frozenset(detect(text, CATEGORIES, rules))  # the prefix too: a heading may say "lateral"
-    if residual & removes:
-        return removed()
-    return SentenceEdit(text, found, "rephrased", residual, foreign)
+@cache
+def _order_of(found: frozenset[str]) -> tuple[str, ...]:
+    return tuple(c for c in _RULE_ORDER if c in found)
 
 
 def _renumber(sentences: list[str]) -> list[str]:
@@ -514,6 +559,8 @@ class RulesRewriter:
         # for the edits of its two texts in turn (sn, sw, mn, mw remove different categories); kept few, as
         # a TextEdit with its counters costs about a kilobyte
         self._text_edits: dict[tuple[str, frozenset], TextEdit] = {}
+        # what rephrasing learnt (see rewrite_sentence)
+        self._rephrased: dict = {}
         # text -> whether its label vector names a finding, learnt from the label checks of the edits (kept
         # after the run: the token weights' emphasis asks the same of the same sentences)
         self.finding_in: dict[str, bool] = {}
@@ -527,7 +574,7 @@ class RulesRewriter:
 
     def clear_caches(self) -> None:
         self._found, self._edits, self._texts, self._labels_equal = {}, {}, {}, {}
-        self._counts, self._text_edits = {}, {}
+        self._counts, self._text_edits, self._rephrased = {}, {}, {}
 
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
         """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
@@ -620,7 +667,9 @@ class RulesRewriter:
         key = (sentence, found)
         edit = self._edits.get(key)
         if edit is None:
-            edit = self._edits[key] = rewrite_sentence(sentence, found, self.rules, self.names_finding, found)
+            edit = self._edits[key] = rewrite_sentence(
+                sentence, found, self.rules, self.names_finding, found, self._rephrased
+            )
         return edit
 
     def _text(self, text: str) -> _Text:
@@ -724,7 +773,7 @@ def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
     rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
     out = []
     for sentence, found in keys:
-        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found)
+        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found, rw._rephrased)
         if lv is None:
             out.append((edit, None, None, None))
             continue
