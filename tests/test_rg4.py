@@ -487,6 +487,24 @@ def test_guards_let_through_exactly_the_rules_whose_substrings_occur():
                 assert RULES.guards[cat].candidates(lower, start) == tuple(expected), (cat, start, text)
 
 
+def test_sentence_splitting_as_the_end_pattern_splits():
+    """split_sentences finds the ends from their end mark on: the pieces of _SENTENCE_END.split."""
+    import random
+
+    from workflow.rg4 import rewrite
+
+    rng = random.Random(0)
+    sentences = _fast_path_inputs() + ["Dr. X.", "1. A.", "No. 2 tube.", "12. B", "e.g. C", "a.m. D", "(E) F"]
+    texts = sentences + [
+        rng.choice(["", " ", "\n "]).join(rng.choice(sentences) for _ in range(rng.randint(2, 6)))
+        for _ in range(2000)
+    ]
+    for text in texts:
+        single = rewrite.normalise_space(text)
+        expected = [s for s in rewrite._SENTENCE_END.split(single) if s] if single else []
+        assert split_sentences(text) == expected, text
+
+
 def test_tidy_shortcuts_match_their_regexes():
     """The trailing-dangler regex is skipped only where it cannot match; white space before punctuation
     goes as with the former group replacement; has_content as its definition."""

@@ -39,6 +39,9 @@ _SENTENCE_END = re.compile(
     r"(?<=[.!?])(?<!\bDr\.)(?<!\bDrs\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bMrs\.)(?<!\bvs\.)(?<!\be\.g\.)"
     r"(?<!\bi\.e\.)(?<!\bapprox\.)(?<!\bSt\.)(?<!\bNo\.)(?<!\s\d\.)(?<!^\d\.)(?<!\s\d\d\.)\s+(?=[A-Z0-9_\"'(\[])"
 )
+# The same ends for the splitter, as a match from the end mark on: a pattern that starts with a character
+# set, which the regex engine scans for in C (a pattern starting with a lookbehind is tried at every position)
+_SENTENCE_BREAK = re.compile(r"[.!?]" + _SENTENCE_END.pattern.removeprefix(r"(?<=[.!?])"))
 _LIST_MARKER = re.compile(r"^(\d{1,2})[.)]\s+")
 # What a sentence starts with that is not its content: a section heading left inside the text ("IMPRESSION:",
 # when a report's sections were not split) and/or a list number. The rules, many anchored at the sentence
@@ -183,8 +186,16 @@ def normalise_space(text: str) -> str:
 
 
 def split_sentences(text: str) -> list[str]:
+    """``text``'s sentences: ``_SENTENCE_END.split`` of the single-spaced text, without empty pieces."""
     text = normalise_space(text)
-    return [s for s in _SENTENCE_END.split(text) if s] if text else []
+    if not text:
+        return []
+    sentences, start = [], 0
+    for m in _SENTENCE_BREAK.finditer(text):
+        sentences.append(text[start : m.start() + 1])  # with its end mark
+        start = m.end()
+    sentences.append(text[start:])
+    return [s for s in sentences if s]
 
 
 def detect(text: str, categories=CATEGORIES, rules: RuleSet | None = None) -> set[str]:
