@@ -474,11 +474,13 @@ def rewrite_sentence(
     names_finding: Callable[[str], bool] | None = None,
     found: frozenset[str] | None = None,
     memo: dict | None = None,
+    detected: dict[str, frozenset[str]] | None = None,
 ) -> SentenceEdit:
     """Rephrase or remove one sentence for a scenario removing ``removes``; ``names_finding(phrase)``
     decides whether "<phrase> is unchanged" keeps "<phrase> is present." (default: ``finding_words``).
     ``found``: ``detect(sentence, removes)``, when the caller knows it already. ``memo``: what rephrasing
-    learnt from earlier sentences with the same ``rules`` and ``names_finding`` (a dict the caller keeps)."""
+    learnt from earlier sentences with the same ``rules`` and ``names_finding`` (a dict the caller keeps).
+    ``detected``: text -> ``frozenset(detect(text))`` of texts detected already (looked up and added to)."""
     rules = rules or load_rules()
     if found is None:
         found = frozenset(detect(sentence, removes, rules))
@@ -486,6 +488,8 @@ def rewrite_sentence(
         return SentenceEdit(sentence, found, "kept")
     if memo is None:
         memo = {}
+    if detected is None:
+        detected = {}
     prefix = _SENTENCE_PREFIX.match(sentence).group()
     order = _order_of(found)
     body, foreign = _rephrase(sentence[len(prefix) :], order, 0, 0, rules, names_finding, memo)
@@ -495,9 +499,9 @@ def rewrite_sentence(
     if body:
         text = prefix + body
         # the prefix too: a heading may say "lateral"
-        residual = memo.get(text)
+        residual = detected.get(text)
         if residual is None:
-            residual = memo[text] = frozenset(detect(text, CATEGORIES, rules))
+            residual = detected[text] = frozenset(detect(text, CATEGORIES, rules))
         if residual.isdisjoint(removes):
             return SentenceEdit(text, found, "rephrased", residual, foreign)
     # a sentence naming a finding that the rules could not rephrase: the caller drops the target rather than
@@ -538,6 +542,9 @@ class TextEdit:
     residual: frozenset[str] = frozenset()  # categories the detector finds in rephrased sentences
     foreign: tuple[str, str] | None = None  # (token, rule name) of the first corrupting edit
     lost_finding: bool = False  # a removed sentence named a finding
+
+
+NO_TEXT = TextEdit(None, 0, NO_COUNTS, NO_COUNTS)  # the edit of no text (shared, never mutated)
 
 
 @dataclass(slots=True)
@@ -679,7 +686,7 @@ class RulesRewriter:
         edit = self._edits.get(key)
         if edit is None:
             edit = self._edits[key] = rewrite_sentence(
-                sentence, found, self.rules, self.names_finding, found, self._rephrased
+                sentence, found, self.rules, self.names_finding, found, self._rephrased, self._found
             )
         return edit
 
@@ -707,11 +714,12 @@ class RulesRewriter:
         """The edit of ``text`` for a scenario removing ``removes`` (cached: the same object for the same text
         and categories to remove from it; never mutate it)."""
         if not text:
-            return TextEdit(None, 0, NO_COUNTS, NO_COUNTS)
+            return NO_TEXT
         record = self._texts.get(text) or self._text(text)
         sentences = record.sentences
-        if record.categories.isdisjoint(removes):  # nothing to remove: the text as written (single-spaced,
-            # so the sentences joined)
+        categories = record.categories
+        if categories.isdisjoint(removes):  # nothing to remove: the text as written (single-spaced, so the
+            # sentences joined)
             same = record.as_written
             if same is None:
                 joined = " ".join(sentences)
@@ -720,31 +728,35 @@ class RulesRewriter:
                     text if joined == text else joined, len(sentences), NO_COUNTS, NO_COUNTS
                 )
             return same
-        eff = record.categories & removes
+        eff = categories if categories <= removes else categories & removes
         key = (text, eff)
         cached = self._text_edits.get(key)
         if cached is not None:
             return cached
         kept, removed, rephrased, changed, residual = [], [], [], [], set()
+        keep = kept.append
         foreign, lost = None, False
         edits = self._edits
         for s, found in zip(sentences, record.found, strict=True):
             if not found or found.isdisjoint(eff):  # kept as written (what self.sentence would say,
                 # without making the edit)
-                kept.append(s)
+                keep(s)
                 continue
             edit = edits.get((s, found if found <= eff else found & eff)) or self.sentence(s, eff)
-            foreign = foreign or edit.foreign
-            if edit.action == "removed":
+            if edit.foreign and not foreign:
+                foreign = edit.foreign
+            new = edit.text
+            if new is None:  # removed
                 lost = lost or edit.lost_finding
-                removed.extend(edit.categories)
+                removed += edit.categories
                 changed.append((s, None))
-            elif edit.action == "rephrased":
-                rephrased.extend(edit.categories)
-                changed.append((s, edit.text))
-                residual |= edit.residual
-            if edit.text is not None:
-                kept.append(edit.text)
+            else:
+                if edit.action == "rephrased":
+                    rephrased += edit.categories
+                    changed.append((s, new))
+                    if edit.residual:
+                        residual |= edit.residual
+                keep(new)
         if removed and any(_LIST_MARKER.match(s) for s in kept):
             kept = _renumber(kept)
         result = TextEdit(
@@ -776,7 +788,7 @@ def _detect_worker(sentences: list[str]) -> list[frozenset[str]]:
 
 def names_a_finding(labels: dict[str, str]) -> bool:
     """Whether a label vector holds a positive or uncertain finding."""
-    return any(v != "negative" for v in labels.values())
+    return list(labels.values()).count("negative") != len(labels)
 
 
 def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
@@ -784,7 +796,7 @@ def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
     rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
     out = []
     for sentence, found in keys:
-        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found, rw._rephrased)
+        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found, rw._rephrased, rw._found)
         if lv is None:
             out.append((edit, None, None, None))
             continue
