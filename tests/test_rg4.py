@@ -485,6 +485,26 @@ def test_guards_let_through_exactly_the_rules_whose_substrings_occur():
                     if not cat_rules[k].guard or any(w in lower for w in cat_rules[k].guard)
                 ]
                 assert RULES.guards[cat].candidates(lower, start) == tuple(expected), (cat, start, text)
+                assert RULES.guards[cat].candidates(lower, start, tokens(text)) == tuple(expected), text
+
+
+def test_normalise_space_as_split_and_join():
+    """The already-single-spaced shortcut: every white space character but " " is unprintable, and texts of
+    any white space come out as " ".join(text.split())."""
+    import random
+    import sys
+
+    from workflow.rg4.rewrite import normalise_space
+
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    assert [c for c in spaces if c.isprintable()] == [" "]
+    rng = random.Random(0)
+    pieces = ["a", "B", " ", "  ", "é", "ſ", ".", "_", *spaces]
+    texts = _fast_path_inputs() + [
+        "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))) for _ in range(20_000)
+    ]
+    for text in texts:
+        assert normalise_space(text) == " ".join(text.split()), repr(text)
 
 
 def test_sentence_splitting_as_the_end_pattern_splits():

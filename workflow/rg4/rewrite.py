@@ -19,7 +19,7 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from operator import itemgetter
@@ -125,11 +125,13 @@ class Guards:
         self._by_word[word] = mask
         return mask
 
-    def candidates(self, lower: str, start: int = 0) -> tuple[int, ...]:
-        """In order, the rules from the ``start``-th on to try on the lower-cased sentence ``lower``."""
+    def candidates(self, lower: str, start: int = 0, words: Iterable[str] | None = None) -> tuple[int, ...]:
+        """In order, the rules from the ``start``-th on to try on the lower-cased sentence ``lower``.
+        ``words``: its runs of letters, or any words of it that hold them (such as its ``tokens``: a guard
+        of letters that occurs in ``lower`` occurs within one of its runs of word characters)."""
         by_word = self._by_word
         mask = self._unguarded
-        for word in _LETTER_RUN.findall(lower):
+        for word in _LETTER_RUN.findall(lower) if words is None else words:
             rules = by_word.get(word)
             mask |= self._word(word) if rules is None else rules
         for w, rules in self._others:
@@ -182,6 +184,10 @@ def load_rules(path: str | None = None) -> RuleSet:
 
 def normalise_space(text: str) -> str:
     """MIMIC wraps lines with ``"\\n "``; targets are single-spaced text."""
+    # a text already single-spaced is returned as it is (most are: the rg4 build reads them normalised):
+    # every white space character but " " is unprintable, so a printable text's only white space is " "
+    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text
     return " ".join(text.split())
 
 
@@ -407,7 +413,7 @@ def _rephrase(
     rules: RuleSet,
     names_finding: Callable[[str], bool] | None,
     memo: dict,
-    body_tokens: set[str] | None = None,
+    body_tokens: set[str] | None = None,  # tokens(body), when known
 ) -> tuple[str, tuple[str, str] | None]:
     """(``body`` rephrased by the rules of the categories ``order[at:]``, from the ``start``-th rule of
     ``order[at]`` on; "" when a rule left nothing), and the first corrupting token (with the rule's name)
@@ -422,16 +428,18 @@ def _rephrase(
     if done is not None:
         return done
     lower = body.lower()
+    if body_tokens is None:
+        body_tokens = set(_TOKEN.findall(lower))
     for c in range(at, len(order)):
         cat = order[c]
         cat_rules = rules.rules[cat]
-        for k in rules.guards[cat].candidates(lower, start if c == at else 0):
+        for k in rules.guards[cat].candidates(lower, start if c == at else 0, body_tokens):
             rule = cat_rules[k]
             new, inserted = _apply(rule, body, rules, names_finding)
             if new == body:
                 continue
             new_tokens = tokens(new)
-            extra = new_tokens - (body_tokens if body_tokens is not None else tokens(body))
+            extra = new_tokens - body_tokens
             if extra and inserted:
                 extra -= tokens(inserted)
             foreign = (min(extra), rule.name) if extra else None
