@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
-from operator import itemgetter
+from operator import add, itemgetter
 from pathlib import Path
 
 import yaml
@@ -39,9 +39,10 @@ _SENTENCE_END = re.compile(
     r"(?<=[.!?])(?<!\bDr\.)(?<!\bDrs\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bMrs\.)(?<!\bvs\.)(?<!\be\.g\.)"
     r"(?<!\bi\.e\.)(?<!\bapprox\.)(?<!\bSt\.)(?<!\bNo\.)(?<!\s\d\.)(?<!^\d\.)(?<!\s\d\d\.)\s+(?=[A-Z0-9_\"'(\[])"
 )
-# The same ends for the splitter, as a match from the end mark on: a pattern that starts with a character
-# set, which the regex engine scans for in C (a pattern starting with a lookbehind is tried at every position)
-_SENTENCE_BREAK = re.compile(r"[.!?]" + _SENTENCE_END.pattern.removeprefix(r"(?<=[.!?])"))
+# The same ends for the splitter, as a match from the end mark on (kept by its group): a pattern that starts
+# with a character set, which the regex engine scans for in C (one starting with a lookbehind is tried at
+# every position)
+_SENTENCE_BREAK = re.compile(r"([.!?])" + _SENTENCE_END.pattern.removeprefix(r"(?<=[.!?])"))
 _LIST_MARKER = re.compile(r"^(\d{1,2})[.)]\s+")
 # What a sentence starts with that is not its content: a section heading left inside the text ("IMPRESSION:",
 # when a report's sections were not split) and/or a list number. The rules, many anchored at the sentence
@@ -196,12 +197,14 @@ def split_sentences(text: str) -> list[str]:
     text = normalise_space(text)
     if not text:
         return []
-    sentences, start = [], 0
-    for m in _SENTENCE_BREAK.finditer(text):
-        sentences.append(text[start : m.start() + 1])  # with its end mark
-        start = m.end()
-    sentences.append(text[start:])
-    return [s for s in sentences if s]
+    # [sentence without its end mark, end mark, ..., last sentence]; no piece is empty (an end follows an
+    # end mark and precedes a capital, a digit, ...)
+    parts = _SENTENCE_BREAK.split(text)
+    if len(parts) == 1:
+        return parts
+    sentences = list(map(add, parts[0:-1:2], parts[1::2]))
+    sentences.append(parts[-1])
+    return sentences
 
 
 def detect(text: str, categories=CATEGORIES, rules: RuleSet | None = None) -> set[str]:
