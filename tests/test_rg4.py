@@ -523,6 +523,8 @@ def test_sentence_splitting_as_the_end_pattern_splits():
         single = rewrite.normalise_space(text)
         expected = [s for s in rewrite._SENTENCE_END.split(single) if s] if single else []
         assert split_sentences(text) == expected, text
+        # what RulesRewriter.text returns for a text it removes nothing from
+        assert " ".join(expected) == single, text
 
 
 def test_tidy_shortcuts_match_their_regexes():

@@ -733,7 +733,7 @@ class RulesRewriter:
             # sentences joined)
             same = record.as_written
             if same is None:
-                joined = " ".join(sentences)
+                joined = normalise_space(text)  # " ".join(sentences): they were split from it at spaces
                 # the text itself where it is single-spaced already (one object: no copy per scenario)
                 same = record.as_written = TextEdit(
                     text if joined == text else joined, len(sentences), NO_COUNTS, NO_COUNTS
