@@ -609,25 +609,27 @@ class RulesRewriter:
         """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
         distinct sentences are detected, and the distinct (sentence, categories) edits made and
         label-checked, on ``workers`` processes (fork), so no work is repeated or serial."""
-        items = items if isinstance(items, list) else list(items)
+        # the distinct (text, removes) pairs, in order (a study's text comes once per scenario)
+        items = dict.fromkeys(items)
         intern: dict[str, str] = {}
         texts: dict[str, _Text] = self._texts
         new_texts: list[_Text] = []
-        for text, _ in items:
+        for text in dict.fromkeys(map(itemgetter(0), items)):
             if text and text not in texts:
                 sentences = split_sentences(text)
                 texts[text] = record = _Text(list(map(intern.setdefault, sentences, sentences)))
                 new_texts.append(record)
         t0 = time.perf_counter()
         todo = [x for x in intern if x not in self._found]
-        for sentence, cats in zip(
-            todo, _pool_map(_detect_worker, todo, workers, self, label_vector), strict=True
-        ):
-            self._found[sentence] = cats
+        # one object per distinct set of categories (a handful): compact, and compared by identity
+        shared: dict[frozenset[str], frozenset[str]] = {}
+        found = _pool_map(_detect_worker, todo, workers, self, label_vector)
+        self._found.update(zip(todo, [shared.setdefault(c, c) for c in found], strict=True))
         found_of = self._found.__getitem__
         for record in new_texts:
-            record.found = tuple(map(found_of, record.sentences))
-            record.categories = frozenset().union(*record.found)
+            record.found = found = tuple(map(found_of, record.sentences))
+            categories = frozenset().union(*found)
+            record.categories = shared.setdefault(categories, categories)
         # the (sentence, categories to remove that it contains) edits the items ask for: the sentences of the
         # texts are gathered by the categories removed from them (few distinct sets), each visited once per set
         edits = self._edits
