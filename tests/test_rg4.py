@@ -488,6 +488,26 @@ def test_guards_let_through_exactly_the_rules_whose_substrings_occur():
                 assert RULES.guards[cat].candidates(lower, start, tokens(text)) == tuple(expected), text
 
 
+def test_rephrasing_remembered_across_sentences_as_made_alone():
+    """rewrite_sentence with one memo (and detection cache) for all sentences, as RulesRewriter keeps them:
+    the same edits as each sentence rewritten on its own, whichever sentences came before."""
+    from workflow.rg4.rewrite import rewrite_sentence
+
+    clauses = [
+        "",
+        "Compared to the prior study, ",
+        "In comparison with the study of ___, ",
+        "1. ",
+        "IMPRESSION: ",
+    ]
+    sentences = [c + s for s in _fast_path_inputs() if s for c in clauses]
+    memo, detected = {}, {}
+    for removes in (REMOVES["sn"], REMOVES["sw"], REMOVES["mn"], frozenset({"pc"})):
+        for sentence in sentences + sentences[::-1]:
+            shared = rewrite_sentence(sentence, removes, RULES, None, None, memo, detected)
+            assert shared == rewrite_sentence(sentence, removes, RULES), (sentence, removes)
+
+
 def test_normalise_space_as_split_and_join():
     """The already-single-spaced shortcut: every white space character but " " is unprintable, and texts of
     any white space come out as " ".join(text.split())."""
