@@ -484,7 +484,67 @@ def test_guards_let_through_exactly_the_rules_whose_substrings_occur():
                     for k in range(start, len(cat_rules))
                     if not cat_rules[k].guard or any(w in lower for w in cat_rules[k].guard)
                 ]
-                assert RULES.guards[cat].candidates(lower, start) == expected, (cat, start, text)
+                assert RULES.guards[cat].candidates(lower, start) == tuple(expected), (cat, start, text)
+                assert RULES.guards[cat].candidates(lower, start, tokens(text)) == tuple(expected), text
+
+
+def test_rephrasing_remembered_across_sentences_as_made_alone():
+    """rewrite_sentence with one memo (and detection cache) for all sentences, as RulesRewriter keeps them:
+    the same edits as each sentence rewritten on its own, whichever sentences came before."""
+    from workflow.rg4.rewrite import rewrite_sentence
+
+    clauses = [
+        "",
+        "Compared to the prior study, ",
+        "In comparison with the study of ___, ",
+        "1. ",
+        "IMPRESSION: ",
+    ]
+    sentences = [c + s for s in _fast_path_inputs() if s for c in clauses]
+    memo, detected = {}, {}
+    for removes in (REMOVES["sn"], REMOVES["sw"], REMOVES["mn"], frozenset({"pc"})):
+        for sentence in sentences + sentences[::-1]:
+            shared = rewrite_sentence(sentence, removes, RULES, None, None, memo, detected)
+            assert shared == rewrite_sentence(sentence, removes, RULES), (sentence, removes)
+
+
+def test_normalise_space_as_split_and_join():
+    """The already-single-spaced shortcut: every white space character but " " is unprintable, and texts of
+    any white space come out as " ".join(text.split())."""
+    import random
+    import sys
+
+    from workflow.rg4.rewrite import normalise_space
+
+    spaces = [chr(c) for c in range(sys.maxunicode + 1) if chr(c).isspace()]
+    assert [c for c in spaces if c.isprintable()] == [" "]
+    rng = random.Random(0)
+    pieces = ["a", "B", " ", "  ", "é", "ſ", ".", "_", *spaces]
+    texts = _fast_path_inputs() + [
+        "".join(rng.choice(pieces) for _ in range(rng.randint(0, 8))) for _ in range(20_000)
+    ]
+    for text in texts:
+        assert normalise_space(text) == " ".join(text.split()), repr(text)
+
+
+def test_sentence_splitting_as_the_end_pattern_splits():
+    """split_sentences finds the ends from their end mark on: the pieces of _SENTENCE_END.split."""
+    import random
+
+    from workflow.rg4 import rewrite
+
+    rng = random.Random(0)
+    sentences = _fast_path_inputs() + ["Dr. X.", "1. A.", "No. 2 tube.", "12. B", "e.g. C", "a.m. D", "(E) F"]
+    texts = sentences + [
+        rng.choice(["", " ", "\n "]).join(rng.choice(sentences) for _ in range(rng.randint(2, 6)))
+        for _ in range(2000)
+    ]
+    for text in texts:
+        single = rewrite.normalise_space(text)
+        expected = [s for s in rewrite._SENTENCE_END.split(single) if s] if single else []
+        assert split_sentences(text) == expected, text
+        # what RulesRewriter.text returns for a text it removes nothing from
+        assert " ".join(expected) == single, text
 
 
 def test_tidy_shortcuts_match_their_regexes():

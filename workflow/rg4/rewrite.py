@@ -19,10 +19,10 @@ import logging
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
-from operator import itemgetter
+from operator import add, itemgetter
 from pathlib import Path
 
 import yaml
@@ -39,6 +39,10 @@ _SENTENCE_END = re.compile(
     r"(?<=[.!?])(?<!\bDr\.)(?<!\bDrs\.)(?<!\bMr\.)(?<!\bMs\.)(?<!\bMrs\.)(?<!\bvs\.)(?<!\be\.g\.)"
     r"(?<!\bi\.e\.)(?<!\bapprox\.)(?<!\bSt\.)(?<!\bNo\.)(?<!\s\d\.)(?<!^\d\.)(?<!\s\d\d\.)\s+(?=[A-Z0-9_\"'(\[])"
 )
+# The same ends for the splitter, as a match from the end mark on (kept by its group): a pattern that starts
+# with a character set, which the regex engine scans for in C (one starting with a lookbehind is tried at
+# every position)
+_SENTENCE_BREAK = re.compile(r"([.!?])" + _SENTENCE_END.pattern.removeprefix(r"(?<=[.!?])"))
 _LIST_MARKER = re.compile(r"^(\d{1,2})[.)]\s+")
 # What a sentence starts with that is not its content: a section heading left inside the text ("IMPRESSION:",
 # when a report's sections were not split) and/or a list number. The rules, many anchored at the sentence
@@ -95,43 +99,50 @@ class Guards:
     """Which rules of a category the rewriter tries on a sentence: a rule whose guard (``when``) has no
     substring in the lower-cased sentence is not tried. A guard substring of letters only occurs within one
     run of letters, so the rules such substrings let through are looked up per word (and remembered: a
-    corpus has few distinct words), instead of searching the sentence for each substring."""
+    corpus has few distinct words), instead of searching the sentence for each substring. Sets of rules are
+    bit masks (rule k: bit k), and each mask's rules in order are remembered too (few distinct masks)."""
 
-    __slots__ = ("_by_word", "_letters", "_others", "_unguarded")
+    __slots__ = ("_by_word", "_letters", "_order", "_others", "_unguarded")
 
     def __init__(self, rules: tuple[Rule, ...]):
-        rules_of: dict[str, list[int]] = {}  # guard substring -> the rules it lets through
+        mask_of: dict[str, int] = {}  # guard substring -> the rules it lets through
         for k, rule in enumerate(rules):
             for w in rule.guard:
-                rules_of.setdefault(w, []).append(k)
-        groups = [(w, frozenset(ks)) for w, ks in sorted(rules_of.items())]
-        self._letters = [(w, ks) for w, ks in groups if _LETTER_RUN.fullmatch(w)]
-        self._others = [(w, ks) for w, ks in groups if not _LETTER_RUN.fullmatch(w)]
-        self._unguarded = frozenset(k for k, rule in enumerate(rules) if not rule.guard)
+                mask_of[w] = mask_of.get(w, 0) | 1 << k
+        groups = sorted(mask_of.items())
+        self._letters = [(w, mask) for w, mask in groups if _LETTER_RUN.fullmatch(w)]
+        self._others = [(w, mask) for w, mask in groups if not _LETTER_RUN.fullmatch(w)]
+        self._unguarded = sum(1 << k for k, rule in enumerate(rules) if not rule.guard)
         # run of letters -> the rules its substrings let through
-        self._by_word: dict[str, frozenset[int]] = {}
+        self._by_word: dict[str, int] = {}
+        # rules (a mask) -> their numbers in order
+        self._order: dict[int, tuple[int, ...]] = {}
 
-    def _word(self, word: str) -> frozenset[int]:
-        found = frozenset().union(*(ks for w, ks in self._letters if w in word))
-        return self._by_word.setdefault(word, found or _NO_RULES)
+    def _word(self, word: str) -> int:
+        mask = 0
+        for w, rules in self._letters:
+            if w in word:
+                mask |= rules
+        self._by_word[word] = mask
+        return mask
 
-    def candidates(self, lower: str, start: int = 0) -> list[int]:
-        """In order, the rules from the ``start``-th on to try on the lower-cased sentence ``lower``."""
+    def candidates(self, lower: str, start: int = 0, words: Iterable[str] | None = None) -> tuple[int, ...]:
+        """In order, the rules from the ``start``-th on to try on the lower-cased sentence ``lower``.
+        ``words``: its runs of letters, or any words of it that hold them (such as its ``tokens``: a guard
+        of letters that occurs in ``lower`` occurs within one of its runs of word characters)."""
         by_word = self._by_word
-        tried = set(self._unguarded)
-        for word in set(_LETTER_RUN.findall(lower)):
+        mask = self._unguarded
+        for word in _LETTER_RUN.findall(lower) if words is None else words:
             rules = by_word.get(word)
-            if rules is None:
-                rules = self._word(word)
-            if rules:
-                tried.update(rules)
-        for w, ks in self._others:
+            mask |= self._word(word) if rules is None else rules
+        for w, rules in self._others:
             if w in lower:
-                tried.update(ks)
-        return sorted(k for k in tried if k >= start)
-
-
-_NO_RULES: frozenset[int] = frozenset()
+                mask |= rules
+        mask = mask >> start << start
+        order = self._order.get(mask)
+        if order is None:
+            order = self._order[mask] = tuple(k for k in range(mask.bit_length()) if mask >> k & 1)
+        return order
 
 
 def _union(patterns: list[str]) -> str:
@@ -174,12 +185,26 @@ def load_rules(path: str | None = None) -> RuleSet:
 
 def normalise_space(text: str) -> str:
     """MIMIC wraps lines with ``"\\n "``; targets are single-spaced text."""
+    # a text already single-spaced is returned as it is (most are: the rg4 build reads them normalised):
+    # every white space character but " " is unprintable, so a printable text's only white space is " "
+    if text.isprintable() and "  " not in text and text[:1] != " " and text[-1:] != " ":
+        return text
     return " ".join(text.split())
 
 
 def split_sentences(text: str) -> list[str]:
+    """``text``'s sentences: ``_SENTENCE_END.split`` of the single-spaced text, without empty pieces."""
     text = normalise_space(text)
-    return [s for s in _SENTENCE_END.split(text) if s] if text else []
+    if not text:
+        return []
+    # [sentence without its end mark, end mark, ..., last sentence]; no piece is empty (an end follows an
+    # end mark and precedes a capital, a digit, ...)
+    parts = _SENTENCE_BREAK.split(text)
+    if len(parts) == 1:
+        return parts
+    sentences = list(map(add, parts[0:-1:2], parts[1::2]))
+    sentences.append(parts[-1])
+    return sentences
 
 
 def detect(text: str, categories=CATEGORIES, rules: RuleSet | None = None) -> set[str]:
@@ -383,76 +408,122 @@ class SentenceEdit:
     lost_finding: bool = False  # removed although it names a finding the rules could not keep
 
 
+def _rephrase(
+    body: str,
+    order: tuple[str, ...],
+    at: int,
+    start: int,
+    rules: RuleSet,
+    names_finding: Callable[[str], bool] | None,
+    memo: dict,
+    body_tokens: set[str] | None = None,  # tokens(body), when known
+) -> tuple[str, tuple[str, str] | None]:
+    """(``body`` rephrased by the rules of the categories ``order[at:]``, from the ``start``-th rule of
+    ``order[at]`` on; "" when a rule left nothing), and the first corrupting token (with the rule's name)
+    those rules made, or None. Each category's rules are tried in order where their guards let them; after
+    a change, the guards are asked again for the rules after the one that made it.
+
+    The rephrasing from a given body on is the same whichever sentence it came from, so it is remembered
+    in ``memo`` for each body reached (sentences differing in what a first rule cuts, "Compared to the prior
+    study, X" and "In comparison with the study of ___, X", go on from the same "X")."""
+    key = (body, order, at, start)
+    done = memo.get(key)
+    if done is not None:
+        return done
+    lower = body.lower()
+    if body_tokens is None:
+        body_tokens = set(_TOKEN.findall(lower))
+    for c in range(at, len(order)):
+        cat = order[c]
+        cat_rules = rules.rules[cat]
+        for k in rules.guards[cat].candidates(lower, start if c == at else 0, body_tokens):
+            rule = cat_rules[k]
+            new, inserted = _apply(rule, body, rules, names_finding)
+            if new == body:
+                continue
+            new_tokens = tokens(new)
+            extra = new_tokens - body_tokens
+            if extra and inserted:
+                extra -= tokens(inserted)
+            foreign = (min(extra), rule.name) if extra else None
+            if not new.strip():
+                done = ("", foreign)
+            else:
+                rest, later = _rephrase(new, order, c, k + 1, rules, names_finding, memo, new_tokens)
+                done = (rest, foreign or later)
+            memo[key] = done
+            return done
+    done = memo[key] = (body, None)
+    return done
+
+
+def _tidied(before: str, rules: RuleSet, memo: dict) -> tuple[str, tuple[str, str] | None]:
+    """(the rephrased body tidied, "" when nothing with content is left; the first token tidying made that
+    it may not make, or None), remembered in ``memo``."""
+    key = ("tidy", before)
+    done = memo.get(key)
+    if done is not None:
+        return done
+    body = tidy(before)
+    # tidying deletes, re-cases and turns "a" into "an" (or back): any other new token means it glued two
+    # words
+    before_tokens = tokens(before)
+    extra = tokens(body) - before_tokens
+    if before_tokens & _ARTICLES:
+        extra -= _ARTICLES
+    foreign = (min(extra), "tidy") if extra else None
+    if body and not has_content(body, rules):
+        body = ""
+    done = memo[key] = (body, foreign)
+    return done
+
+
 def rewrite_sentence(
     sentence: str,
     removes: frozenset[str],
     rules: RuleSet | None = None,
     names_finding: Callable[[str], bool] | None = None,
     found: frozenset[str] | None = None,
+    memo: dict | None = None,
+    detected: dict[str, frozenset[str]] | None = None,
 ) -> SentenceEdit:
     """Rephrase or remove one sentence for a scenario removing ``removes``; ``names_finding(phrase)``
     decides whether "<phrase> is unchanged" keeps "<phrase> is present." (default: ``finding_words``).
-    ``found``: ``detect(sentence, removes)``, when the caller knows it already."""
+    ``found``: ``detect(sentence, removes)``, when the caller knows it already. ``memo``: what rephrasing
+    learnt from earlier sentences with the same ``rules`` and ``names_finding`` (a dict the caller keeps).
+    ``detected``: text -> ``frozenset(detect(text))`` of texts detected already (looked up and added to)."""
     rules = rules or load_rules()
     if found is None:
         found = frozenset(detect(sentence, removes, rules))
     if not found:
         return SentenceEdit(sentence, found, "kept")
+    if memo is None:
+        memo = {}
+    if detected is None:
+        detected = {}
     prefix = _SENTENCE_PREFIX.match(sentence).group()
-    body = sentence[len(prefix) :]
-    lower = body.lower()
-    foreign = None
+    order = _order_of(found)
+    body, foreign = _rephrase(sentence[len(prefix) :], order, 0, 0, rules, names_finding, memo)
+    if body:
+        body, tidy_foreign = _tidied(body, rules, memo)
+        foreign = foreign or tidy_foreign
+    if body:
+        text = prefix + body
+        # the prefix too: a heading may say "lateral"
+        residual = detected.get(text)
+        if residual is None:
+            residual = detected[text] = frozenset(detect(text, CATEGORIES, rules))
+        if residual.isdisjoint(removes):
+            return SentenceEdit(text, found, "rephrased", residual, foreign)
+    # a sentence naming a finding that the rules could not rephrase: the caller drops the target rather than
+    # lose the finding silently (communication sentences carry none worth keeping)
+    lost = found != {"comm"} and carries_finding(sentence, rules, names_finding)
+    return SentenceEdit(None, found, "removed", foreign=foreign, lost_finding=lost)
 
-    def removed() -> SentenceEdit:
-        # a sentence naming a finding that the rules could not rephrase: the caller drops the target
-        # rather than lose the finding silently (communication sentences carry none worth keeping)
-        lost = found != {"comm"} and carries_finding(sentence, rules, names_finding)
-        return SentenceEdit(None, found, "removed", foreign=foreign, lost_finding=lost)
 
-    body_tokens = None  # tokens(body), once needed (for the corruption check only, so while foreign is None)
-    for cat in _RULE_ORDER:
-        if cat not in found:
-            continue
-        # the category's rules in order, each where its guard lets it; after a change, the guards are asked
-        # again for the rules after the one that made it
-        cat_rules, guards = rules.rules[cat], rules.guards[cat]
-        todo, n = guards.candidates(lower), 0
-        while n < len(todo):
-            k = todo[n]
-            n += 1
-            rule = cat_rules[k]
-            new, inserted = _apply(rule, body, rules, names_finding)
-            if new == body:
-                continue
-            if foreign is None:
-                new_tokens = tokens(new)
-                extra = new_tokens - (body_tokens if body_tokens is not None else tokens(body))
-                if extra and inserted:
-                    extra -= tokens(inserted)
-                if extra:
-                    foreign = (min(extra), rule.name)
-                body_tokens = new_tokens
-            if not new.strip():
-                return removed()
-            body, lower = new, new.lower()
-            todo, n = guards.candidates(lower, k + 1), 0
-    before_tidy = body
-    body = tidy(body)
-    if foreign is None:  # tidying deletes, re-cases and turns "a" into "an" (or back): any other new
-        # token means it glued two words
-        before_tokens = body_tokens if body_tokens is not None else tokens(before_tidy)
-        extra = tokens(body) - before_tokens
-        if before_tokens & _ARTICLES:
-            extra -= _ARTICLES
-        if extra:
-            foreign = (min(extra), "tidy")
-    if not body or not has_content(body, rules):
-        return removed()
-    text = prefix + body
-    residual = frozenset(detect(text, CATEGORIES, rules))  # the prefix too: a heading may say "lateral"
-    if residual & removes:
-        return removed()
-    return SentenceEdit(text, found, "rephrased", residual, foreign)
+@cache
+def _order_of(found: frozenset[str]) -> tuple[str, ...]:
+    return tuple(c for c in _RULE_ORDER if c in found)
 
 
 def _renumber(sentences: list[str]) -> list[str]:
@@ -482,6 +553,9 @@ class TextEdit:
     residual: frozenset[str] = frozenset()  # categories the detector finds in rephrased sentences
     foreign: tuple[str, str] | None = None  # (token, rule name) of the first corrupting edit
     lost_finding: bool = False  # a removed sentence named a finding
+
+
+NO_TEXT = TextEdit(None, 0, NO_COUNTS, NO_COUNTS)  # the edit of no text (shared, never mutated)
 
 
 @dataclass(slots=True)
@@ -514,6 +588,8 @@ class RulesRewriter:
         # for the edits of its two texts in turn (sn, sw, mn, mw remove different categories); kept few, as
         # a TextEdit with its counters costs about a kilobyte
         self._text_edits: dict[tuple[str, frozenset], TextEdit] = {}
+        # what rephrasing learnt (see rewrite_sentence)
+        self._rephrased: dict = {}
         # text -> whether its label vector names a finding, learnt from the label checks of the edits (kept
         # after the run: the token weights' emphasis asks the same of the same sentences)
         self.finding_in: dict[str, bool] = {}
@@ -527,31 +603,33 @@ class RulesRewriter:
 
     def clear_caches(self) -> None:
         self._found, self._edits, self._texts, self._labels_equal = {}, {}, {}, {}
-        self._counts, self._text_edits = {}, {}
+        self._counts, self._text_edits, self._rephrased = {}, {}, {}
 
     def prepare(self, items, workers: int = 1, label_vector: Callable[[str], dict] | None = None) -> None:
         """Fill the caches for ``items`` ((text, removes) pairs) before rewriting them one by one: the
         distinct sentences are detected, and the distinct (sentence, categories) edits made and
         label-checked, on ``workers`` processes (fork), so no work is repeated or serial."""
-        items = items if isinstance(items, list) else list(items)
+        # the distinct (text, removes) pairs, in order (a study's text comes once per scenario)
+        items = dict.fromkeys(items)
         intern: dict[str, str] = {}
         texts: dict[str, _Text] = self._texts
         new_texts: list[_Text] = []
-        for text, _ in items:
+        for text in dict.fromkeys(map(itemgetter(0), items)):
             if text and text not in texts:
                 sentences = split_sentences(text)
                 texts[text] = record = _Text(list(map(intern.setdefault, sentences, sentences)))
                 new_texts.append(record)
         t0 = time.perf_counter()
         todo = [x for x in intern if x not in self._found]
-        for sentence, cats in zip(
-            todo, _pool_map(_detect_worker, todo, workers, self, label_vector), strict=True
-        ):
-            self._found[sentence] = cats
+        # one object per distinct set of categories (a handful): compact, and compared by identity
+        shared: dict[frozenset[str], frozenset[str]] = {}
+        found = _pool_map(_detect_worker, todo, workers, self, label_vector)
+        self._found.update(zip(todo, [shared.setdefault(c, c) for c in found], strict=True))
         found_of = self._found.__getitem__
         for record in new_texts:
-            record.found = tuple(map(found_of, record.sentences))
-            record.categories = frozenset().union(*record.found)
+            record.found = found = tuple(map(found_of, record.sentences))
+            categories = frozenset().union(*found)
+            record.categories = shared.setdefault(categories, categories)
         # the (sentence, categories to remove that it contains) edits the items ask for: the sentences of the
         # texts are gathered by the categories removed from them (few distinct sets), each visited once per set
         edits = self._edits
@@ -620,7 +698,9 @@ class RulesRewriter:
         key = (sentence, found)
         edit = self._edits.get(key)
         if edit is None:
-            edit = self._edits[key] = rewrite_sentence(sentence, found, self.rules, self.names_finding, found)
+            edit = self._edits[key] = rewrite_sentence(
+                sentence, found, self.rules, self.names_finding, found, self._rephrased, self._found
+            )
         return edit
 
     def _text(self, text: str) -> _Text:
@@ -647,44 +727,49 @@ class RulesRewriter:
         """The edit of ``text`` for a scenario removing ``removes`` (cached: the same object for the same text
         and categories to remove from it; never mutate it)."""
         if not text:
-            return TextEdit(None, 0, NO_COUNTS, NO_COUNTS)
+            return NO_TEXT
         record = self._texts.get(text) or self._text(text)
         sentences = record.sentences
-        if record.categories.isdisjoint(removes):  # nothing to remove: the text as written (single-spaced,
-            # so the sentences joined)
+        categories = record.categories
+        if categories.isdisjoint(removes):  # nothing to remove: the text as written (single-spaced, so the
+            # sentences joined)
             same = record.as_written
             if same is None:
-                joined = " ".join(sentences)
+                joined = normalise_space(text)  # " ".join(sentences): they were split from it at spaces
                 # the text itself where it is single-spaced already (one object: no copy per scenario)
                 same = record.as_written = TextEdit(
                     text if joined == text else joined, len(sentences), NO_COUNTS, NO_COUNTS
                 )
             return same
-        eff = record.categories & removes
+        eff = categories if categories <= removes else categories & removes
         key = (text, eff)
         cached = self._text_edits.get(key)
         if cached is not None:
             return cached
         kept, removed, rephrased, changed, residual = [], [], [], [], set()
+        keep = kept.append
         foreign, lost = None, False
         edits = self._edits
         for s, found in zip(sentences, record.found, strict=True):
             if not found or found.isdisjoint(eff):  # kept as written (what self.sentence would say,
                 # without making the edit)
-                kept.append(s)
+                keep(s)
                 continue
             edit = edits.get((s, found if found <= eff else found & eff)) or self.sentence(s, eff)
-            foreign = foreign or edit.foreign
-            if edit.action == "removed":
+            if edit.foreign and not foreign:
+                foreign = edit.foreign
+            new = edit.text
+            if new is None:  # removed
                 lost = lost or edit.lost_finding
-                removed.extend(edit.categories)
+                removed += edit.categories
                 changed.append((s, None))
-            elif edit.action == "rephrased":
-                rephrased.extend(edit.categories)
-                changed.append((s, edit.text))
-                residual |= edit.residual
-            if edit.text is not None:
-                kept.append(edit.text)
+            else:
+                if edit.action == "rephrased":
+                    rephrased += edit.categories
+                    changed.append((s, new))
+                    if edit.residual:
+                        residual |= edit.residual
+                keep(new)
         if removed and any(_LIST_MARKER.match(s) for s in kept):
             kept = _renumber(kept)
         result = TextEdit(
@@ -716,7 +801,7 @@ def _detect_worker(sentences: list[str]) -> list[frozenset[str]]:
 
 def names_a_finding(labels: dict[str, str]) -> bool:
     """Whether a label vector holds a positive or uncertain finding."""
-    return any(v != "negative" for v in labels.values())
+    return list(labels.values()).count("negative") != len(labels)
 
 
 def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
@@ -724,7 +809,7 @@ def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
     rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
     out = []
     for sentence, found in keys:
-        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found)
+        edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found, rw._rephrased, rw._found)
         if lv is None:
             out.append((edit, None, None, None))
             continue
