@@ -1037,3 +1037,26 @@ def test_a_shard_reads_the_rows_and_columns_arrows_filtered_read_returns(tmp_pat
     pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
     (empty,) = vqa_shard._read(tmp_path / "empty.parquet", (None, shard_rows))
     assert empty.num_rows == 0 and empty.column_names == present
+
+
+def test_the_leak_probe_of_an_arrow_table_is_the_probe_of_its_frame():
+    """leak_report on Arrow (questions as dictionary codes) against the pandas definition, with and
+    without the row sample (max_rows), nulls in the answers and a non-yes/no answer."""
+    rng = np.random.default_rng(5)
+    n = 6_000
+    qtype = rng.choice(["presence", "abnormality", "view", "level"], n)
+    texts = np.array(
+        [f"is there {w} in the {s} lung?" for w in ("effusion", "edema", "a mass") for s in ("left", "right")]
+    )
+    table = pa.table(
+        {
+            "question_type": pa.array(qtype),
+            "question": pa.array(np.where(qtype == "view", "is this a PA view?", rng.choice(texts, n))),
+            "answer": pa.array(rng.choice(["yes", "no", "mild", None], n, p=[0.45, 0.45, 0.05, 0.05])),
+        }
+    )
+    frame = table.to_pandas()
+    for max_rows in (200_000, 1_000):
+        got = leak_report(table, seed=3, max_rows=max_rows)
+        pd.testing.assert_frame_equal(got, leak_report(frame, seed=3, max_rows=max_rows))
+        assert set(got["question_type"]) == {"presence", "abnormality", "view"}
