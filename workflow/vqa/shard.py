@@ -73,10 +73,11 @@ def read_inputs(
         return inputs, None
 
     shard_studies = all_studies[in_shard(all_studies["subject_id"], shard, shards).to_numpy()]
-    ids = pa.array(shard_studies["study_id"].unique(), pa.int64())
+    # one hash table of the shard's studies for every row group (pc.is_in would build one per call)
+    ids = pd.Index(shard_studies["study_id"].unique())
 
     def of_shard(table: pa.Table) -> pa.Table:
-        return table.filter(pc.is_in(table["study_id"], value_set=ids))
+        return table.filter(ids.get_indexer(table["study_id"].to_numpy()) >= 0)
 
     def with_level(table: pa.Table) -> pa.Table:
         return table.filter(pc.is_valid(table["level"]))
