@@ -7,6 +7,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
+import pytest
 
 from workflow import report
 
@@ -93,3 +94,80 @@ def test_question_counts_are_the_pandas_counts_of_the_questions(tmp_path):
     want_answers = frame.groupby(["question_type", "answer", "split"]).size().unstack(fill_value=0)[splits]
     pd.testing.assert_frame_equal(per_type, want_types)
     pd.testing.assert_frame_equal(answers, want_answers)
+
+
+def _report_inputs(folder) -> list[str]:
+    """A small run's tables, as the report rule passes them (stages, findings, questions, statistics, RG4)."""
+    rng = np.random.default_rng(2)
+    n = 3_000
+    studies = pa.table({"study_id": pa.array(np.arange(500), pa.int64())})
+    rejects = pa.table({"study_id": pa.array([3, 3, 7], pa.int64()), "reason": ["short", "empty", "short"]})
+    questions = pa.table(
+        {
+            "study_id": pa.array(rng.integers(0, 500, n), pa.int64()),
+            "split": rng.choice(["train", "validate", "test"], n, p=[0.8, 0.1, 0.1]),
+            "question_type": rng.choice(["presence", "view", "level"], n),
+            "answer": rng.choice(["yes", "no", "PA view", "small", "large"], n),
+        }
+    )
+    stats = pa.table(
+        {
+            "split": ["all", "all", "all"],
+            "question_type": ["presence", "view", "level"],
+            "n_questions": pa.array([1_000, 1_000, 1_000], pa.int64()),
+            "share": [1 / 3, 1 / 3, 1 / 3],
+            "released_n": pa.array([500, 300, None], pa.int64()),
+            "released_share": [0.625, 0.375, None],
+        }
+    )
+    counts = pa.table(
+        {"scenario": ["sn", "sn", "mw"], "split": ["train", "test", "train"], "records": [300, 20, 120]}
+    )
+    rewrite = pa.table(
+        {
+            "category": ["comparison", "comparison", "prior"],
+            "scenario": ["sn", "mw", "sn"],
+            "share_removed": [0.1, 0.2, 0.05],
+            "share_rephrased": [0.02, 0.01, 0.0],
+        }
+    )
+    tables = {
+        "studies": studies,
+        "rejects": rejects,
+        "findings": _findings(2_000),
+        "questions": questions,
+        "stats": stats,
+        "counts": counts,
+        "rewrite": rewrite,
+    }
+    paths = {}
+    for name, table in tables.items():
+        paths[name] = str(folder / f"{name}.parquet")
+        pq.write_table(table, paths[name])
+    return [
+        *("--stage", f"ingest=,{paths['studies']},{paths['rejects']}"),
+        *("--stage", f"vqa={paths['studies']},{paths['questions']},{paths['rejects']}"),
+        *("--findings", paths["findings"], "--questions", paths["questions"], "--vqa-stats", paths["stats"]),
+        *("--rg4-counts", paths["counts"], "--rg4-stats", paths["rewrite"]),
+    ]
+
+
+def test_figures_drawn_in_worker_processes_are_the_bytes_drawn_in_one(tmp_path):
+    args = _report_inputs(tmp_path)
+    report.main([*args, "--outdir", str(tmp_path / "one")])
+    report.main([*args, "--workers", "2", "--outdir", str(tmp_path / "two")])
+    one = sorted(p.relative_to(tmp_path / "one") for p in (tmp_path / "one").rglob("*") if p.is_file())
+    two = sorted(p.relative_to(tmp_path / "two") for p in (tmp_path / "two").rglob("*") if p.is_file())
+    assert one == two
+    assert {"stage_counts.png", "label_prevalence.png", "rg4.png", "answers/presence.png"} <= set(
+        map(str, one)
+    )
+    for path in one:
+        assert (tmp_path / "one" / path).read_bytes() == (tmp_path / "two" / path).read_bytes(), path
+
+
+def test_an_error_in_a_worker_process_fails_the_report(tmp_path):
+    args = _report_inputs(tmp_path)
+    (tmp_path / "rewrite.parquet").write_bytes(b"not parquet")
+    with pytest.raises(pa.ArrowInvalid):
+        report.main([*args, "--workers", "2", "--outdir", str(tmp_path / "out")])

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from workflow_run import demo_corpus, prepare_workdir, run_snakemake
@@ -996,3 +997,66 @@ def test_the_dag_has_one_job_per_shard_and_one_merge(tmp_path):
     assert sorted(jobs) == [("vqa_shard", "0"), ("vqa_shard", "1"), ("vqa_shard", "2")]
     assert len(re.findall(r"^rule vqa:$", log, re.MULTILINE)) == 1
     assert "--shard 2 --shards 3" in log
+
+
+def test_a_shard_reads_the_rows_and_columns_arrows_filtered_read_returns(tmp_path):
+    """shard._read (each table once, row group by row group, several selections) against the definition:
+    one pq.read_table with a filter per selection; an optional column may be absent, a file may be empty."""
+    from workflow.vqa import shard as vqa_shard
+
+    rng = np.random.default_rng(3)
+    n = 5_000
+    table = pa.table(
+        {
+            "study_id": pa.array(rng.integers(0, 800, n), pa.int64()),
+            "name": pa.array(rng.choice(["effusion", "edema", "atelectasis"], n)),
+            "level": pa.array([None if x < 0.6 else str(x)[:4] for x in rng.random(n)], pa.string()),
+            "evidence": pa.array(rng.choice(["small effusion", "mild edema", None], n), pa.string()),
+        }
+    )
+    path = tmp_path / "findings.parquet"
+    pq.write_table(table, path, row_group_size=700)
+    ids = pa.array(np.arange(0, 800, 3), pa.int64())
+    shard_rows = ["study_id", "name", "location", "level", "evidence"]  # no `location` in this file
+    level_rows = ["study_id", "level", "name"]
+    present = ["study_id", "name", "level", "evidence"]
+    of_shard = pq.read_table(path, columns=present, filters=pc.field("study_id").isin(ids))
+    with_level = pq.read_table(path, columns=level_rows, filters=~pc.field("level").is_null())
+    got = vqa_shard._read(
+        path,
+        (lambda t: t.filter(pc.is_in(t["study_id"], value_set=ids)), shard_rows),
+        (lambda t: t.filter(pc.is_valid(t["level"])), level_rows),
+        (None, ["name", "study_id"]),
+    )
+    pd.testing.assert_frame_equal(got[0].to_pandas(), of_shard.to_pandas())
+    pd.testing.assert_frame_equal(got[1].to_pandas(), with_level.to_pandas())
+    pd.testing.assert_frame_equal(
+        got[2].to_pandas(), pq.read_table(path, columns=["name", "study_id"]).to_pandas()
+    )
+
+    pq.write_table(table.slice(0, 0), tmp_path / "empty.parquet")
+    (empty,) = vqa_shard._read(tmp_path / "empty.parquet", (None, shard_rows))
+    assert empty.num_rows == 0 and empty.column_names == present
+
+
+def test_the_leak_probe_of_an_arrow_table_is_the_probe_of_its_frame():
+    """leak_report on Arrow (questions as dictionary codes) against the pandas definition, with and
+    without the row sample (max_rows), nulls in the answers and a non-yes/no answer."""
+    rng = np.random.default_rng(5)
+    n = 6_000
+    qtype = rng.choice(["presence", "abnormality", "view", "level"], n)
+    texts = np.array(
+        [f"is there {w} in the {s} lung?" for w in ("effusion", "edema", "a mass") for s in ("left", "right")]
+    )
+    table = pa.table(
+        {
+            "question_type": pa.array(qtype),
+            "question": pa.array(np.where(qtype == "view", "is this a PA view?", rng.choice(texts, n))),
+            "answer": pa.array(rng.choice(["yes", "no", "mild", None], n, p=[0.45, 0.45, 0.05, 0.05])),
+        }
+    )
+    frame = table.to_pandas()
+    for max_rows in (200_000, 1_000):
+        got = leak_report(table, seed=3, max_rows=max_rows)
+        pd.testing.assert_frame_equal(got, leak_report(frame, seed=3, max_rows=max_rows))
+        assert set(got["question_type"]) == {"presence", "abnormality", "view"}

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import logging
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
 from html import escape
 from pathlib import Path
 
@@ -361,6 +363,68 @@ def plot_llm(usage: pd.DataFrame, followup_stats: str | Path, png: str | Path) -
     _save(fig, png)
 
 
+def _stage_outputs(stages: list[tuple[str, str | None, str | None, str]], out: Path) -> None:
+    counts, reasons = stage_counts(stages)
+    _save_table(counts, out / "stage_counts", "Studies in, out and rejected per stage")
+    _save_table(reasons, out / "rejects_by_reason", "Rejects rows per stage and reason")
+    plot_stage_counts(counts, reasons, out / "stage_counts.png")
+
+
+def _prevalence_outputs(findings: str, out: Path) -> None:
+    prevalence = label_prevalence(findings)
+    _save_table(
+        prevalence,
+        out / "label_prevalence",
+        "Studies per finding and merged presence",
+        "<code>prevalence</code>: share of all studies with the finding positive.",
+    )
+    plot_label_prevalence(prevalence, out / "label_prevalence.png")
+
+
+def _question_outputs(questions: str, out: Path) -> None:
+    per_type, answers = question_counts(questions)
+    plot_questions(per_type, out / "questions.png")
+    answers_dir = out / "answers"
+    answers_dir.mkdir(parents=True, exist_ok=True)
+    for qtype in per_type.index:
+        plot_answers(answers, qtype, answers_dir / f"{qtype}.png")
+
+
+def _type_mix_outputs(vqa_stats: str, out: Path) -> None:
+    mix = type_mix(vqa_stats)
+    _save_table(mix, out / "vqa_type_mix", "Question-type mix: this build and the released Medical-CXR-VQA")
+    plot_type_mix(mix, out / "vqa_type_mix.png")
+
+
+def _llm_outputs(requests: list[str], followup_stats: str, out: Path) -> None:
+    usage = llm_usage(requests)
+    _save_table(
+        usage,
+        out / "llm_usage",
+        "LLM requests, tokens and cost per stage",
+        "One row per request sent, at the first stage that sent it; tokens as the endpoint's "
+        "<code>usage</code> returned them; cost from <code>llm.prices</code>.",
+        total=True,
+    )
+    plot_llm(usage, followup_stats, out / "llm.png")
+
+
+def run_all(parts: list[tuple], workers: int = 1) -> None:
+    """Call each ``(function, *args)`` of ``parts``: in this process, or in ``workers`` forked processes.
+
+    The parts write disjoint files and share nothing, so their order does not matter; each figure's
+    bytes are the same whichever process draws it (same code, same matplotlib settings)."""
+    if workers <= 1 or len(parts) <= 1:
+        for fn, *fn_args in parts:
+            fn(*fn_args)
+        return
+    # forked: the children start with matplotlib, pandas and pyarrow already imported
+    context = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(min(workers, len(parts)), mp_context=context) as pool:
+        for future in [pool.submit(fn, *fn_args) for fn, *fn_args in parts]:
+            future.result()  # re-raises a part's error here
+
+
 def main(argv=None) -> None:
     p = parser("Figures and tables for the Snakemake report")
     p.add_argument(
@@ -374,6 +438,7 @@ def main(argv=None) -> None:
     p.add_argument("--llm-requests", nargs="*", default=[])
     p.add_argument("--followup-stats")
     p.add_argument("--outdir", required=True)
+    p.add_argument("--workers", type=int, default=1, help="processes drawing the figures")
     args = p.parse_args(argv)
     setup_logging(args.verbose)
     out = Path(args.outdir)
@@ -382,46 +447,21 @@ def main(argv=None) -> None:
         name, paths = item.split("=", 1)
         source, output, rejects = paths.split(",")
         stages.append((name, source or None, output or None, rejects))
-    if stages:
-        counts, reasons = stage_counts(stages)
-        _save_table(counts, out / "stage_counts", "Studies in, out and rejected per stage")
-        _save_table(reasons, out / "rejects_by_reason", "Rejects rows per stage and reason")
-        plot_stage_counts(counts, reasons, out / "stage_counts.png")
-    if args.findings:
-        prevalence = label_prevalence(args.findings)
-        _save_table(
-            prevalence,
-            out / "label_prevalence",
-            "Studies per finding and merged presence",
-            "<code>prevalence</code>: share of all studies with the finding positive.",
-        )
-        plot_label_prevalence(prevalence, out / "label_prevalence.png")
+    # the biggest part first: the questions' figures (one per question type) take longest
+    parts = []
     if args.questions:
-        per_type, answers = question_counts(args.questions)
-        plot_questions(per_type, out / "questions.png")
-        answers_dir = out / "answers"
-        answers_dir.mkdir(parents=True, exist_ok=True)
-        for qtype in per_type.index:
-            plot_answers(answers, qtype, answers_dir / f"{qtype}.png")
-    if args.vqa_stats:
-        mix = type_mix(args.vqa_stats)
-        _save_table(
-            mix, out / "vqa_type_mix", "Question-type mix: this build and the released Medical-CXR-VQA"
-        )
-        plot_type_mix(mix, out / "vqa_type_mix.png")
+        parts.append((_question_outputs, args.questions, out))
+    if args.findings:
+        parts.append((_prevalence_outputs, args.findings, out))
+    if stages:
+        parts.append((_stage_outputs, stages, out))
     if args.rg4_counts:
-        plot_rg4(args.rg4_counts, args.rg4_stats, out / "rg4.png")
+        parts.append((plot_rg4, args.rg4_counts, args.rg4_stats, out / "rg4.png"))
+    if args.vqa_stats:
+        parts.append((_type_mix_outputs, args.vqa_stats, out))
     if args.llm_requests:
-        usage = llm_usage(args.llm_requests)
-        _save_table(
-            usage,
-            out / "llm_usage",
-            "LLM requests, tokens and cost per stage",
-            "One row per request sent, at the first stage that sent it; tokens as the endpoint's "
-            "<code>usage</code> returned them; cost from <code>llm.prices</code>.",
-            total=True,
-        )
-        plot_llm(usage, args.followup_stats, out / "llm.png")
+        parts.append((_llm_outputs, args.llm_requests, args.followup_stats, out))
+    run_all(parts, args.workers)
     log.info("report figures in %s", out)
 
 

@@ -25,7 +25,7 @@ from workflow.vqa.libs import (
     load_templates,
     load_vocabulary,
 )
-from workflow.vqa.shard import read_corpus, read_shard
+from workflow.vqa.shard import read_inputs
 from workflow.vqa.writer import merge_outputs
 
 log = logging.getLogger(__name__)
@@ -53,13 +53,18 @@ def shard(args) -> dict:
         shard=args.shard,
     )
     level_lib = load_level_lib(args.levels)
-    inputs = read_shard(
-        args.findings, args.images, args.studies, args.keyinfo_studies, args.shard, args.shards
+    compat = level_lib if args.style == "medical_cxr_vqa" else None
+    inputs, corpus = read_inputs(
+        args.findings,
+        args.images,
+        args.studies,
+        args.keyinfo_studies,
+        args.shard,
+        args.shards,
+        names,
+        cfg.exclude_names,
+        compat,
     )
-    corpus = None
-    if args.shards > 1:
-        compat = level_lib if args.style == "medical_cxr_vqa" else None
-        corpus = read_corpus(args.findings, args.images, args.studies, names, cfg.exclude_names, compat)
     table, p, info = generate(
         **inputs, tpl=tpl, names=names, cfg=cfg, display=display, level_lib=level_lib, corpus=corpus
     )

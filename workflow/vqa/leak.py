@@ -6,6 +6,8 @@ import re
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from workflow.contract import VQA_LEAK
 
@@ -52,9 +54,18 @@ def text_only_probe(questions: pd.Series, answers: pd.Series, seed: int = 0, max
     the exact question's majority answer (the best any text-only model can do on seen questions).
     ``gain`` = best accuracy - majority-answer accuracy on the held-out rows.
     """
-    mask = answers.isin(["yes", "no"]).to_numpy()
-    q = questions[mask].to_numpy()
-    y = (answers[mask] == "yes").to_numpy()
+    codes, texts = pd.factorize(questions.to_numpy())
+    return _probe(
+        codes, texts, answers.isin(["yes", "no"]).to_numpy(), (answers == "yes").to_numpy(), seed, max_rows
+    )
+
+
+def _probe(
+    question: np.ndarray, texts, is_yes_no: np.ndarray, is_yes: np.ndarray, seed: int, max_rows: int
+) -> dict:
+    """:func:`text_only_probe` of the rows whose questions are ``texts[question]`` (distinct texts)."""
+    q = question[is_yes_no]
+    y = is_yes[is_yes_no]
     rng = np.random.default_rng(seed)
     if len(q) > max_rows:
         take = rng.choice(len(q), size=max_rows, replace=False)
@@ -63,7 +74,9 @@ def text_only_probe(questions: pd.Series, answers: pd.Series, seed: int = 0, max
     if n < 20:
         return {"n": n}
     test = rng.random(n) < 0.2
-    codes, uniq = pd.factorize(q)
+    # the distinct questions in order of first appearance among the rows probed
+    codes, distinct = pd.factorize(q)
+    uniq = [texts[i] for i in distinct]
     u = len(uniq)
     yes_tr = np.bincount(codes[~test & y], minlength=u).astype(float)
     no_tr = np.bincount(codes[~test & ~y], minlength=u).astype(float)
@@ -78,7 +91,7 @@ def text_only_probe(questions: pd.Series, answers: pd.Series, seed: int = 0, max
 
     seen = (yes_tr + no_tr) > 0
     lookup = np.where(seen, yes_tr > no_tr, majority_yes) | (seen & (yes_tr == no_tr) & majority_yes)
-    x, _ = _features(list(uniq))
+    x, _ = _features(uniq)
     # Bernoulli naive Bayes with Laplace smoothing
     fy = (x * yes_tr[:, None]).sum(0)
     fn = (x * no_tr[:, None]).sum(0)
@@ -105,11 +118,32 @@ def text_only_probe(questions: pd.Series, answers: pd.Series, seed: int = 0, max
     }
 
 
-def leak_report(questions: pd.DataFrame, seed: int = 0, max_rows: int = 200_000) -> pd.DataFrame:
+def leak_report(questions: pd.DataFrame | pa.Table, seed: int = 0, max_rows: int = 200_000) -> pd.DataFrame:
+    """:func:`text_only_probe` of each yes/no question type of ``questions`` (question_type, question,
+    answer). An Arrow table stays in Arrow: the questions as codes of their distinct texts, not a
+    Python string per row."""
+    if isinstance(questions, pa.Table):
+        text = questions["question"].combine_chunks().dictionary_encode()
+        codes = text.indices.to_numpy(zero_copy_only=False)
+        texts = text.dictionary.to_pylist()
+        qtypes = questions["question_type"]
+        answers = questions["answer"]
+        is_yes_no = pc.fill_null(pc.is_in(answers, value_set=pa.array(["yes", "no"])), False).to_numpy()
+        is_yes = pc.fill_null(pc.equal(answers, "yes"), False).to_numpy()
+
+        def probe(qtype: str) -> dict:
+            of_type = pc.fill_null(pc.equal(qtypes, qtype), False).to_numpy()
+            return _probe(codes[of_type], texts, is_yes_no[of_type], is_yes[of_type], seed, max_rows)
+
+    else:
+
+        def probe(qtype: str) -> dict:
+            sub = questions[questions["question_type"] == qtype]
+            return text_only_probe(sub["question"], sub["answer"], seed, max_rows)
+
     rows = []
     for qtype in ("presence", "abnormality", "view"):
-        sub = questions[questions["question_type"] == qtype]
-        r = text_only_probe(sub["question"], sub["answer"], seed, max_rows)
+        r = probe(qtype)
         if r.get("n", 0) >= 20:
             rows.append({"question_type": qtype, **r})
     cols = VQA_LEAK.names

@@ -87,10 +87,7 @@ def write_stats(counts, stats_path, stats_csv_path) -> pd.DataFrame:
 
 def write_leak(yes_no: pa.Table, leak_path, seed: int, max_rows: int) -> pd.DataFrame:
     """The text-only leak probe over the yes/no questions of all shards (:func:`merge_questions`)."""
-    if max_rows:
-        leak = leak_report(yes_no.to_pandas(), seed, max_rows)
-    else:
-        leak = pd.DataFrame(columns=VQA_LEAK.names)
+    leak = leak_report(yes_no, seed, max_rows) if max_rows else pd.DataFrame(columns=VQA_LEAK.names)
     with atomic_path(leak_path) as tmp:
         leak.to_csv(tmp, index=False)
     for r in leak.itertuples():
