@@ -82,6 +82,9 @@ rule report_figures:
         logfile("report_figures"),
     conda:
         "../envs/core.yaml"
+    # the figures drawn by two processes forked after the imports (what --workers sets); with fewer
+    # cores Snakemake gives it fewer threads, so fewer processes
+    threads: 2
     resources:
         mem_mb=per_attempt(2000),
         runtime=per_attempt(30),
@@ -89,14 +92,10 @@ rule report_figures:
         py=PY,
         stages=report_stage_args,
         outdir=first_output_dir,
-    # --workers 2: two drawing processes on one declared core. This is the DAG's last job: it runs next
-    # to release_vqa (~1.6 s), then alone (~2 s at 228k studies) with the other core idle; with
-    # `threads: 2` Snakemake would run the two one after the other, which takes longer. (A literal, not
-    # a param of the core count: a param would re-run the report whenever --cores changes.)
     shell:
         "{params.py} -m workflow.report {params.stages} --findings {input.findings:q}"
         " --questions {input.questions:q} --vqa-stats {input.vqa_stats:q} --rg4-counts {input.rg4_counts:q} --rg4-stats {input.rg4_stats:q}"
-        " --workers 2 --outdir {params.outdir:q} 2> {log:q}"
+        " --workers {threads} --outdir {params.outdir:q} 2> {log:q}"
 
 
 ALL_TARGETS += rules.report_figures.output
