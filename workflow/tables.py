@@ -153,8 +153,8 @@ def read_table(path: str | os.PathLike, columns: Iterable[str] | None = None) ->
     written from it stays the same, chunk for chunk."""
     wanted = list(columns) if columns is not None else None
     with pq.ParquetFile(path) as source:
-        # one thread: threaded decoding costs a third more CPU or more for the same table, and the other core
-        # runs another job
+        # one thread: a DAG job has one core (the other runs another job); decoding on more threads costs
+        # no less CPU
         groups = [
             source.read_row_group(i, columns=wanted, use_threads=False) for i in range(source.num_row_groups)
         ]
