@@ -281,6 +281,36 @@ def test_safe_templating():
         radialog.fill("{unknown}")
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 20, 2**16 + 1, 2**31 + 5, 2**32 - 1, 2**32, 2**40 + 3])
+def test_bulk_draws_are_random_randrange(n):
+    """The builders' bulk draws are random.Random's own: the same values and the generator left in the
+    same state (n past 32 bits: drawn one at a time), for counts up to past a batch's rejections."""
+    import random
+
+    for count in (0, 1, 5, 1000):
+        ours, reference = random.Random(f"draws:{n}"), random.Random(f"draws:{n}")
+        assert radialog.randbelow_many(ours, n, count) == [reference.randrange(n) for _ in range(count)]
+        assert ours.getstate() == reference.getstate()
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 100, 4097])
+def test_shuffle_is_random_shuffle(size):
+    import random
+
+    ours, reference = list(range(size)), list(range(size))
+    rng, reference_rng = random.Random(size), random.Random(size)
+    radialog.shuffle(rng, ours)
+    reference_rng.shuffle(reference)
+    assert ours == reference and rng.getstate() == reference_rng.getstate()
+
+
+def test_continuation_extends_the_conversation():
+    turns = [("first {x} question", "a reply }{")]
+    before = radialog.conversation("system", [*turns, ("second", None)])
+    after = radialog.conversation("system", [*turns, ("second", "its reply"), ("third", None)])
+    assert after == before + radialog.continuation("its reply", "third")
+
+
 def test_chexpert_labels_from_canonical_findings(tmp_path):
     f = frames(write_inputs(tmp_path))
     prompts = radialog.load_prompts()
