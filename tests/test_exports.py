@@ -424,6 +424,33 @@ def test_exports_rule(tmp_path):
     assert [(r["study_id"], r["reason"]) for r in rejects] == [(505, "no_findings")]
 
 
+@pytest.mark.parametrize("dataset", ["mimic", "iu"])
+def test_rejects_name_why_a_study_is_in_no_export(dataset):
+    """Every study in no export, in the studies' order, with the first reason that applies: outside the
+    splits, then without findings, then without (enough) images; exported studies are not rejects."""
+    import pandas as pd
+
+    studies = pd.DataFrame(
+        {
+            "study_id": [7, 1, 2, 3, 4, 5, 6, 3],
+            "split": ["train", "train", None, "other", "validate", "test", "train", "other"],
+        }
+    )
+    sections = pd.DataFrame({"study_id": [1, 2, 3, 4, 5, 6], "findings": ["a", "b", "c", None, "  ", "d"]})
+    rejects = build.rejects_for(studies, sections, {1}, dataset).rows
+    no_images = "too_few_images" if dataset == "iu" else "no_images"
+    assert list(zip(rejects["study_id"], rejects["reason"], strict=True)) == [
+        (7, "no_findings"),  # no sections row
+        (2, "not_in_split"),
+        (3, "not_in_split"),
+        (4, "no_findings"),
+        (5, "no_findings"),
+        (6, no_images),
+        (3, "not_in_split"),
+    ]
+    assert set(rejects["stage"]) == {"exports"}
+
+
 def test_rules_parts_write_the_stage_files(tmp_path):
     """The rules' jobs (R2Gen, RaDialog, then the summary from their parts) write the files of the whole
     stage in one process, byte for byte."""
