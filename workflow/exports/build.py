@@ -210,12 +210,16 @@ def _iu_study_ids(annotation: dict, images: pd.DataFrame) -> list[int]:
 
 
 def rejects_for(studies: pd.DataFrame, sections: pd.DataFrame, exported: set[int], dataset: str) -> Rejects:
-    """The studies in no export, in study order, with why (by array: a study's checks are set lookups)."""
+    """The studies in no export, in study order, with why (by array: a study's checks are set lookups;
+    only the sections of studies in no export are read)."""
     rejects = Rejects(STAGE)
-    with_findings = sections.loc[sections["findings"].fillna("").str.strip() != "", "study_id"]
     study_ids = studies["study_id"].to_numpy(dtype=np.int64)
+    rejected = ~np.isin(study_ids, np.fromiter(exported, dtype=np.int64, count=len(exported)))
+    study_ids = study_ids[rejected]
+    sections = sections[np.isin(sections["study_id"].to_numpy(dtype=np.int64), study_ids)]
+    with_findings = sections.loc[sections["findings"].fillna("").str.strip() != "", "study_id"]
     reasons = np.where(
-        ~studies["split"].isin(["train", "validate", "test"]).to_numpy(dtype=bool),
+        ~studies["split"].isin(["train", "validate", "test"]).to_numpy(dtype=bool)[rejected],
         "not_in_split",
         np.where(
             np.isin(study_ids, with_findings.to_numpy(dtype=np.int64)),
@@ -223,8 +227,7 @@ def rejects_for(studies: pd.DataFrame, sections: pd.DataFrame, exported: set[int
             "no_findings",
         ),
     )
-    rejected = ~np.isin(study_ids, np.fromiter(exported, dtype=np.int64, count=len(exported)))
-    for sid, reason in zip(study_ids[rejected].tolist(), reasons[rejected].tolist(), strict=True):
+    for sid, reason in zip(study_ids.tolist(), reasons.tolist(), strict=True):
         rejects.add(sid, reason)
     return rejects
 
