@@ -308,11 +308,16 @@ def _read(path: Path, columns: list[str]) -> pa.Table:
     return read_table(path, columns).combine_chunks()
 
 
-def _read_inputs(args, findings: bool) -> tuple[pd.DataFrame, ...]:
+def _read_inputs(args, command: str | None) -> tuple[pd.DataFrame, ...]:
+    """The tables ``command`` reads (the R2Gen part reads no findings; the RaDialog part reads an image's
+    ids only)."""
     studies = _read(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
-    images = _read(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
+    image_columns = ["dicom_id", "study_id"]
+    if command != "radialog":
+        image_columns += ["view_position", "image_path"]
+    images = _read(args.images, image_columns).to_pandas()
     sections = _read(args.sections, ["study_id", "findings", "impression"]).to_pandas()
-    if not findings:
+    if command == "r2gen":
         return studies, images, sections
     from workflow.exports.radialog import LABELLED_ROWS
 
@@ -382,13 +387,13 @@ def main(argv: list[str] | None = None) -> dict:
     # system allocator hands it back to the Python objects that fill the rest of the run
     pa.set_memory_pool(pa.system_memory_pool())
     if command == "r2gen":
-        part, rejects = _r2gen(args, *_read_inputs(args, findings=False))
+        part, rejects = _r2gen(args, *_read_inputs(args, command))
         rejects.write(args.rejects)
         write_json(part, args.part)
         return part
     from workflow.llm.stages import write_requests
 
-    inputs = _read_inputs(args, findings=True)
+    inputs = _read_inputs(args, command)
     if command == "radialog":
         part, requests = _radialog(p, args, *inputs)
         if args.llm_requests:
