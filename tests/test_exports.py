@@ -281,6 +281,36 @@ def test_safe_templating():
         radialog.fill("{unknown}")
 
 
+@pytest.mark.parametrize("n", [1, 2, 3, 7, 20, 2**16 + 1, 2**31 + 5, 2**32 - 1, 2**32, 2**40 + 3])
+def test_bulk_draws_are_random_randrange(n):
+    """The builders' bulk draws are random.Random's own: the same values and the generator left in the
+    same state (n past 32 bits: drawn one at a time), for counts up to past a batch's rejections."""
+    import random
+
+    for count in (0, 1, 5, 1000):
+        ours, reference = random.Random(f"draws:{n}"), random.Random(f"draws:{n}")
+        assert radialog.randbelow_many(ours, n, count) == [reference.randrange(n) for _ in range(count)]
+        assert ours.getstate() == reference.getstate()
+
+
+@pytest.mark.parametrize("size", [0, 1, 2, 3, 100, 4097])
+def test_shuffle_is_random_shuffle(size):
+    import random
+
+    ours, reference = list(range(size)), list(range(size))
+    rng, reference_rng = random.Random(size), random.Random(size)
+    radialog.shuffle(rng, ours)
+    reference_rng.shuffle(reference)
+    assert ours == reference and rng.getstate() == reference_rng.getstate()
+
+
+def test_continuation_extends_the_conversation():
+    turns = [("first {x} question", "a reply }{")]
+    before = radialog.conversation("system", [*turns, ("second", None)])
+    after = radialog.conversation("system", [*turns, ("second", "its reply"), ("third", None)])
+    assert after == before + radialog.continuation("its reply", "third")
+
+
 def test_chexpert_labels_from_canonical_findings(tmp_path):
     f = frames(write_inputs(tmp_path))
     prompts = radialog.load_prompts()
@@ -392,6 +422,33 @@ def test_exports_rule(tmp_path):
     assert json.loads(out["summary"].read_text())["r2gen"] == {"train": 5, "val": 2, "test": 0}
     rejects = read_table(out["rejects"]).to_pylist()
     assert [(r["study_id"], r["reason"]) for r in rejects] == [(505, "no_findings")]
+
+
+@pytest.mark.parametrize("dataset", ["mimic", "iu"])
+def test_rejects_name_why_a_study_is_in_no_export(dataset):
+    """Every study in no export, in the studies' order, with the first reason that applies: outside the
+    splits, then without findings, then without (enough) images; exported studies are not rejects."""
+    import pandas as pd
+
+    studies = pd.DataFrame(
+        {
+            "study_id": [7, 1, 2, 3, 4, 5, 6, 3],
+            "split": ["train", "train", None, "other", "validate", "test", "train", "other"],
+        }
+    )
+    sections = pd.DataFrame({"study_id": [1, 2, 3, 4, 5, 6], "findings": ["a", "b", "c", None, "  ", "d"]})
+    rejects = build.rejects_for(studies, sections, {1}, dataset).rows
+    no_images = "too_few_images" if dataset == "iu" else "no_images"
+    assert list(zip(rejects["study_id"], rejects["reason"], strict=True)) == [
+        (7, "no_findings"),  # no sections row
+        (2, "not_in_split"),
+        (3, "not_in_split"),
+        (4, "no_findings"),
+        (5, "no_findings"),
+        (6, no_images),
+        (3, "not_in_split"),
+    ]
+    assert set(rejects["stage"]) == {"exports"}
 
 
 def test_rules_parts_write_the_stage_files(tmp_path):

@@ -37,18 +37,23 @@ import logging
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 
 from workflow.cli import add_llm_task_args, setup_logging
 from workflow.cli import parser as cli_parser
-from workflow.exports import llm_tasks, prompt_source, r2gen, radialog
+from workflow.exports import r2gen
 from workflow.exports import summary as exports_summary
-from workflow.exports.llm_tasks import InstructGenerator
-from workflow.exports.prompt_source import ExternalPrompts
-from workflow.llm.stages import write_requests
 from workflow.tables import Rejects, atomic_path, read_table, write_json
+
+# RaDialog's modules (its builder, prompt sources, the LLM layer) are imported where the RaDialog part
+# runs: the R2Gen job needs none of them
+if TYPE_CHECKING:
+    from workflow.exports.llm_tasks import InstructGenerator
+    from workflow.exports.prompt_source import ExternalPrompts
 
 log = logging.getLogger(__name__)
 STAGE = "exports"
@@ -170,6 +175,8 @@ def radialog_part(
     """Write the RaDialog RG and INS files; their part of the summary. ``prompts``: RaDialog's own RG
     instruction and system message (:func:`workflow.exports.prompt_source.load`), else our paraphrases;
     ``generator``: the LLM layer for the easy-language and reasoning tasks (None: not built)."""
+    from workflow.exports import llm_tasks, radialog
+
     prompt_info = prompt_summary(prompts)
     log.info("radialog prompts: %s", prompt_info["source"])
     builder = radialog.builder_for(studies, images, sections, findings, seed, prompts)
@@ -203,20 +210,25 @@ def _iu_study_ids(annotation: dict, images: pd.DataFrame) -> list[int]:
 
 
 def rejects_for(studies: pd.DataFrame, sections: pd.DataFrame, exported: set[int], dataset: str) -> Rejects:
+    """The studies in no export, in study order, with why (by array: a study's checks are set lookups;
+    only the sections of studies in no export are read)."""
     rejects = Rejects(STAGE)
-    has_findings = set(
-        sections.loc[sections["findings"].fillna("").str.strip() != "", "study_id"].astype(int)
+    study_ids = studies["study_id"].to_numpy(dtype=np.int64)
+    rejected = ~np.isin(study_ids, np.fromiter(exported, dtype=np.int64, count=len(exported)))
+    study_ids = study_ids[rejected]
+    sections = sections[np.isin(sections["study_id"].to_numpy(dtype=np.int64), study_ids)]
+    with_findings = sections.loc[sections["findings"].fillna("").str.strip() != "", "study_id"]
+    reasons = np.where(
+        ~studies["split"].isin(["train", "validate", "test"]).to_numpy(dtype=bool)[rejected],
+        "not_in_split",
+        np.where(
+            np.isin(study_ids, with_findings.to_numpy(dtype=np.int64)),
+            "too_few_images" if dataset == "iu" else "no_images",
+            "no_findings",
+        ),
     )
-    for sid, split in studies[["study_id", "split"]].itertuples(index=False):
-        sid = int(sid)
-        if sid in exported:
-            continue
-        if split not in ("train", "validate", "test"):
-            rejects.add(sid, "not_in_split")
-        elif sid not in has_findings:
-            rejects.add(sid, "no_findings")
-        else:
-            rejects.add(sid, "too_few_images" if dataset == "iu" else "no_images")
+    for sid, reason in zip(study_ids.tolist(), reasons.tolist(), strict=True):
+        rejects.add(sid, reason)
     return rejects
 
 
@@ -247,6 +259,8 @@ def _r2gen_args(p: argparse.ArgumentParser) -> None:
 
 
 def _radialog_args(p: argparse.ArgumentParser) -> None:
+    from workflow.exports import prompt_source
+
     p.add_argument("--radialog-rg", type=Path, required=True, help="mimic_cxr_reports_stratified.json")
     p.add_argument("--radialog-ins", type=Path, required=True, help="mimic_cxr_instruct_stratified.json")
     p.add_argument(
@@ -294,14 +308,21 @@ def _read(path: Path, columns: list[str]) -> pa.Table:
     return read_table(path, columns).combine_chunks()
 
 
-def _read_inputs(args, findings: bool) -> tuple[pd.DataFrame, ...]:
+def _read_inputs(args, command: str | None) -> tuple[pd.DataFrame, ...]:
+    """The tables ``command`` reads (the R2Gen part reads no findings; the RaDialog part reads an image's
+    ids only)."""
     studies = _read(args.studies, ["subject_id", "study_id", "split"]).to_pandas()
-    images = _read(args.images, ["dicom_id", "study_id", "view_position", "image_path"]).to_pandas()
+    image_columns = ["dicom_id", "study_id"]
+    if command != "radialog":
+        image_columns += ["view_position", "image_path"]
+    images = _read(args.images, image_columns).to_pandas()
     sections = _read(args.sections, ["study_id", "findings", "impression"]).to_pandas()
-    if not findings:
+    if command == "r2gen":
         return studies, images, sections
+    from workflow.exports.radialog import LABELLED_ROWS
+
     table = read_table(args.findings, ["study_id", "name", "presence", "section", "start"])
-    return studies, images, sections, table.filter(radialog.LABELLED_ROWS).combine_chunks().to_pandas()
+    return studies, images, sections, table.filter(LABELLED_ROWS).combine_chunks().to_pandas()
 
 
 def _r2gen(args, studies, images, sections) -> tuple[dict, Rejects]:
@@ -319,6 +340,9 @@ def _r2gen(args, studies, images, sections) -> tuple[dict, Rejects]:
 
 def _radialog(p: argparse.ArgumentParser, args, studies, images, sections, findings) -> tuple[dict, list]:
     """The RaDialog part from its command line; (its summary part, its LLM_REQUESTS rows)."""
+    from workflow.exports import prompt_source
+    from workflow.exports.llm_tasks import InstructGenerator
+
     prompts = (
         prompt_source.load(args.radialog_prompts_from, args.radialog_prompt_key)
         if args.radialog_prompts_from
@@ -363,11 +387,13 @@ def main(argv: list[str] | None = None) -> dict:
     # system allocator hands it back to the Python objects that fill the rest of the run
     pa.set_memory_pool(pa.system_memory_pool())
     if command == "r2gen":
-        part, rejects = _r2gen(args, *_read_inputs(args, findings=False))
+        part, rejects = _r2gen(args, *_read_inputs(args, command))
         rejects.write(args.rejects)
         write_json(part, args.part)
         return part
-    inputs = _read_inputs(args, findings=True)
+    from workflow.llm.stages import write_requests
+
+    inputs = _read_inputs(args, command)
     if command == "radialog":
         part, requests = _radialog(p, args, *inputs)
         if args.llm_requests:

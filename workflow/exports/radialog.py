@@ -33,6 +33,7 @@ from bisect import bisect_right
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cache
+from itertools import compress
 from json.encoder import encode_basestring  # JSONEncoder(ensure_ascii=False).encode of a str
 from pathlib import Path
 from typing import NamedTuple
@@ -84,6 +85,48 @@ def conversation(system: str, turns: list[tuple[str, str | None]]) -> str:
         if reply is not None:
             pieces += (" ", reply, "</s>")
     return "".join(pieces)
+
+
+def continuation(reply: str, user: str) -> str:
+    """What a conversation that ends in ``ASSISTANT:`` grows by when the assistant answers ``reply`` and
+    the user then says ``user``: ``conversation(s, [*turns, (u, reply), (user, None)])`` is
+    ``conversation(s, [*turns, (u, None)]) + continuation(reply, user)``."""
+    return "".join((" ", reply, "</s>", "USER: ", user, " ASSISTANT:"))
+
+
+# --- draws ------------------------------------------------------------------------------------------------
+# The builders draw from random.Random exactly as its methods do, but without a Python call per draw where
+# a file takes hundreds of thousands: randrange(n) and shuffle take 32-bit words of the generator, each
+# draw below n being getrandbits(n.bit_length()) = (the next word >> (32 - n.bit_length())) until one is
+# below n (tests/test_exports.py checks both against random.Random, values and the state after).
+
+
+def randbelow_many(rng: random.Random, n: int, count: int) -> list[int]:
+    """``[rng.randrange(n) for _ in range(count)]``, leaving ``rng`` in the same state: the words drawn
+    in bulk (``getrandbits(32 * m)`` is the next ``m`` words, the first one lowest), never more than the
+    draws need (each draw takes at least one word)."""
+    k = n.bit_length()
+    if not 0 < k <= 32:
+        return [rng.randrange(n) for _ in range(count)]
+    out: list[int] = []
+    while len(out) < count:
+        m = count - len(out)
+        words = np.frombuffer(rng.getrandbits(32 * m).to_bytes(4 * m, "little"), dtype="<u4")
+        values = words >> np.uint32(32 - k)
+        out.extend(values[values < n].tolist())
+    return out
+
+
+def shuffle(rng: random.Random, x: list) -> None:
+    """``rng.shuffle(x)``: the same permutation and generator state, without a method call per item."""
+    getrandbits = rng.getrandbits
+    for i in reversed(range(1, len(x))):
+        n = i + 1
+        k = n.bit_length()
+        j = getrandbits(k)
+        while j >= n:
+            j = getrandbits(k)
+        x[i], x[j] = x[j], x[i]
 
 
 # --- labels -----------------------------------------------------------------------------------------------
@@ -267,11 +310,15 @@ class Builder:
         self._region_names = {region: set(self.p["regions"][region]) for region in self._regions}
 
     def rg_prompt(self, img: Image, rng: random.Random) -> str:
-        k = rng.randrange(len(self.p["rg"]))  # drawn with RaDialog's prompt too: the same seed, same records
-        key = (k, tuple(img.labels))
+        # drawn with RaDialog's prompt too: the same seed, same records
+        return self._rg_prompt(rng.randrange(len(self.p["rg"])), img.labels)
+
+    def _rg_prompt(self, k: int, labels: list[str]) -> str:
+        """The RG prompt of template ``k`` (the draw of :meth:`rg_prompt`) for an image's labels."""
+        key = (k, tuple(labels))
         prompt = self._prompts.get(key)
         if prompt is None:
-            findings = findings_slot(img.labels, self.p)
+            findings = findings_slot(labels, self.p)
             if self.external is not None:  # RaDialog trains and evaluates on its one RG instruction
                 prompt = self.external.instruction(findings)
             else:
@@ -291,8 +338,9 @@ class Builder:
         return {"instruction": self.instruction(prompt), "input": "", "output": img.text, "dicom": img.dicom}
 
     def instruct_instruction(self, turns: TwoTurns) -> str:
-        """An instruct record's instruction: the RG turn with its report, then the task."""
-        return conversation(self.system, [(turns.prompt, turns.report), (turns.task, None)])
+        """An instruct record's instruction: the RG turn with its report, then the task
+        (``conversation(system, [(prompt, report), (task, None)])``, from the RG record's instruction)."""
+        return self.instruction(turns.prompt) + continuation(turns.report, turns.task)
 
     def record(self, turns: TwoTurns) -> dict:
         instruction = self.instruct_instruction(turns)
@@ -303,20 +351,23 @@ class Builder:
         """The RG records, as ``keep(image, RG prompt)`` (default :meth:`rg_record`; e.g. their JSON, so
         that half a million dicts never exist at once)."""
         rng = random.Random(f"rg:{self.seed}")
-        with_finding = [i for i in self.images if has_finding(i.labels)]
-        without = [i for i in self.images if not has_finding(i.labels)]
+        finding = [has_finding(i.labels) for i in self.images]
+        with_finding = list(compress(self.images, finding))
+        without = [i for i, f in zip(self.images, finding, strict=True) if not f]
         n_normal = min(len(without), int(2 * len(with_finding) / 13))
         chosen = with_finding + with_finding + rng.sample(without, n_normal)
         keep = keep or self.rg_record
-        prompt = self.rg_prompt
-        return [keep(img, prompt(img, rng)) for img in chosen]
+        # the records' rg_prompt draws, in record order (nothing else draws from rng in between)
+        draws = randbelow_many(rng, len(self.p["rg"]), len(chosen))
+        prompt = self._rg_prompt
+        return [keep(img, prompt(k, img.labels)) for img, k in zip(chosen, draws, strict=True)]
 
     # INS -----------------------------------------------------------------------------------------------
     def _parts(self) -> tuple[list[list[Image]], random.Random]:
         """The train images shuffled and cut in six equal parts, and the generator the tasks draw from."""
         rng = random.Random(f"ins:{self.seed}")
         order = list(self.images)
-        rng.shuffle(order)
+        shuffle(rng, order)
         n = len(order) // 6
         return [order[k * n : (k + 1) * n] for k in range(6)], rng
 
@@ -533,7 +584,7 @@ def _instruct(builder: Builder, rg: list, generator, keep) -> tuple[list, dict[s
 def fuse(rg: list, instruct: list, seed: int) -> list:
     """RG and instruct records shuffled together (works on records or on their JSON encodings)."""
     fused = rg + instruct
-    random.Random(f"fuse:{seed}").shuffle(fused)
+    shuffle(random.Random(f"fuse:{seed}"), fused)
     return fused
 
 
@@ -577,15 +628,9 @@ class JsonPieces:
                 '{"instruction": ' + self._instruction(turns.prompt)[:-1]
             ).encode()
         # the RG instruction is the start of the instruct one (the same first turn, without its reply)
-        rest = self.builder.instruct_instruction(turns)[len(self.builder.instruction(turns.prompt)) :]
-        return first, (
-            encode_basestring(rest)[1:]
-            + ', "input": "", "output": '
-            + encode_basestring(turns.output)
-            + ', "dicom": '
-            + encode_basestring(turns.dicom)
-            + "}"
-        ).encode()
+        rest = encode_basestring(continuation(turns.report, turns.task))
+        output, dicom = encode_basestring(turns.output), encode_basestring(turns.dicom)
+        return first, f'{rest[1:]}, "input": "", "output": {output}, "dicom": {dicom}}}'.encode()
 
 
 def build_encoded(
