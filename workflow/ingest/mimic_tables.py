@@ -28,7 +28,8 @@ def _drop_duplicate_keys(table: pa.Table, key: str, what: str) -> pa.Table:
         .aggregate([("_row", "min")])["_row_min"]
     )
     log.warning("%s: %d duplicate %s rows ignored", what, table.num_rows - len(first), key)
-    return table.take(pc.sort_indices(first))
+    # The kept row numbers in input order (not the order of those numbers: that took the first rows).
+    return table.take(first.take(pc.sort_indices(first)))
 
 
 def study_datetime(dates: pa.ChunkedArray, times: pa.ChunkedArray) -> pa.Array:
