@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import multiprocessing
+import os
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -19,6 +20,7 @@ from workflow.ingest.sources import BadSymlink, CorruptMember, MemberReader, Too
 # of MIMIC-CXR's reports (~1.5 KB each) hold. A bound in bytes, not batches, lets the workers keep
 # inflating shorter reports while this process reads the split/metadata tables, instead of idling.
 PREFETCH_BYTES = 75 << 20
+WORKER_NICENESS = 5
 TYPICAL_REPORT_BYTES = 1536  # what a report file is taken to hold when its size is not known up front
 
 
@@ -99,6 +101,9 @@ _worker_reader: MemberReader | None = None
 
 def _worker_init(spec: tuple, max_bytes: int) -> None:
     global _worker_reader
+    # The parent's steps (tables, joins, writing) are the run's critical path and the read-ahead has
+    # slack: on a busy core the workers yield to the parent rather than share it evenly.
+    os.nice(WORKER_NICENESS)
     _worker_reader = MemberReader(spec, max_bytes)
 
 
