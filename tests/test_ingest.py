@@ -11,6 +11,8 @@ import zipfile
 from collections import Counter
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -19,9 +21,10 @@ from workflow import sections
 from workflow.contract import IMAGES, REJECTS, STUDIES
 from workflow.ingest import sources
 from workflow.ingest.__main__ import main
-from workflow.ingest.common import InputError
+from workflow.ingest.common import InputError, read_csv_arrow
 from workflow.ingest.iu import ingest_iu, iu_report_text, iu_split
 from workflow.ingest.mimic import ingest_mimic
+from workflow.ingest.mimic_tables import _drop_duplicate_keys
 from workflow.ingest.sources import central_directory, zipfile_directory
 
 REPO = Path(__file__).resolve().parents[1]
@@ -307,6 +310,78 @@ def test_subject_mismatch(tmp_path):
     result, tables = run(tmp_path, corpus, corpus.zip)
     check_contract(result, tables)
     assert rejected(tables, "subject_mismatch") == {50000002}
+
+
+def first_row_of_each_key(table: pa.Table, key: str) -> pa.Table:
+    """What ``mimic_tables._drop_duplicate_keys`` promises, row by row: rows with a null key dropped,
+    then the first row of each key kept, in input order."""
+    seen: set = set()
+    rows = []
+    for i, value in enumerate(table[key].to_pylist()):
+        if value is not None and value not in seen:
+            seen.add(value)
+            rows.append(i)
+    return table.take(pa.array(rows, pa.int64()))
+
+
+def has_repeats_by_sorting(table: pa.Table, key: str) -> bool:
+    """How ``_drop_duplicate_keys`` found repeats before it hashed: sorted keys equal to a neighbour."""
+    keys = table.filter(pc.is_valid(table[key]))[key]
+    keys = keys.take(pc.sort_indices(keys))
+    return len(keys) > 1 and pc.any(pc.equal(keys.slice(1), keys.slice(0, len(keys) - 1))).as_py()
+
+
+def repeated_dicom_corpus(root: Path) -> Corpus:
+    """Both tables repeat dicom_ids: the first row of an image wins, so a repeat naming another study
+    leaves that study out of the table (no_metadata) and a repeat naming another patient is ignored."""
+    corpus = Corpus(root)
+    for k in range(6):
+        corpus.study(10000001 + k, 50000001 + k, views=("PA", "LATERAL", "AP")[: 1 + k % 3])
+    corpus.study(10000009, 50000009, tables=False)  # its only table rows repeat an image of another study
+    dicom = corpus.split_rows[0][0]  # the PA of study 50000001
+    corpus.split_rows.append([dicom, 50000009, 10000009, "train"])
+    corpus.meta_rows.append([dicom, 10000009, 50000009, "", "PA", 1, 1, "21800101", "0", "", "", ""])
+    corpus.split_rows.insert(4, list(corpus.split_rows[3]))  # an exact repeat
+    corpus.meta_rows.append([corpus.meta_rows[5][0], 10000099, 50000003, "", "AP", 1, 1, "", "", "", "", ""])
+    corpus.split_rows.append(["", 50000002, 10000002, "train"])  # an empty id, twice: one image row
+    corpus.split_rows.append(["", 50000002, 10000002, "train"])
+    return corpus.write()
+
+
+def test_repeated_dicom_ids_keep_the_first_row_of_each_image(tmp_path, caplog):
+    corpus = repeated_dicom_corpus(tmp_path / "corpus")
+    split = read_csv_arrow(corpus.split, SPLIT_HEADER, ids=("study_id", "subject_id"))
+    meta = read_csv_arrow(corpus.metadata, META_HEADER, ids=("study_id", "subject_id"))
+    nulls = pa.table({c: pa.nulls(2, split[c].type) for c in SPLIT_HEADER})
+    with_nulls = pa.concat_tables([split.slice(0, 5), nulls, split.slice(5)])
+    tables = (split, meta, with_nulls, with_nulls.slice(4), split.slice(0, 3), nulls, split.slice(5, 8))
+    for table in tables:
+        kept = _drop_duplicate_keys(table, "dicom_id", "table")
+        assert kept.equals(first_row_of_each_key(table, "dicom_id"))
+        repeats = kept.num_rows < table.num_rows - table["dicom_id"].null_count
+        assert repeats == has_repeats_by_sorting(table, "dicom_id")
+    assert has_repeats_by_sorting(split, "dicom_id") and has_repeats_by_sorting(meta, "dicom_id")
+
+    caplog.clear()
+    result, tables = run(tmp_path, corpus, corpus.zip, workers=2)
+    check_contract(result, tables)
+    # The split table's repeat of 50000001's PA for 50000009 is ignored: 50000009 has no split rows.
+    assert {(r["study_id"], r["reason"]) for r in tables["rejects"].to_pylist()} == {
+        (50000009, "no_metadata")
+    }
+    images = tables["images"].to_pylist()
+    assert [r["study_id"] for r in images] == [50000001, 50000002, 50000002, 50000002, *[50000003] * 3] + [
+        50000004,
+        *[50000005] * 2,
+        *[50000006] * 3,
+    ]
+    assert [r["dicom_id"] for r in images].count("") == 1  # an empty id is an id: kept once
+    assert all(r["subject_id"] != 10000099 for r in images)  # the metadata repeat naming another patient
+    warnings = [r.getMessage() for r in caplog.records if "duplicate dicom_id" in r.getMessage()]
+    assert [w.split()[0] for w in warnings] == ["split", "metadata"]
+    assert [w.rsplit(": ", 1)[1] for w in warnings] == [
+        f"{n} duplicate dicom_id rows ignored" for n in (3, 2)
+    ]
 
 
 def corrupt(zip_path: Path, member: str, how: str) -> None:

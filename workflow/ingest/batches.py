@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-import itertools
 import multiprocessing
+import os
 import sys
 from collections import deque
 from collections.abc import Iterator
@@ -16,7 +16,20 @@ import pyarrow.compute as pc
 from workflow.ingest.common import DEFAULT_MAX_REPORT_BYTES
 from workflow.ingest.sources import BadSymlink, CorruptMember, MemberReader, TooLarge
 
-PREFETCH_BATCHES = 6  # batches read ahead by the workers (~50k reports, ~75 MB of MIMIC text at most)
+# Report text the workers read ahead of this process (the memory bound of the read-ahead): what 6 batches
+# of MIMIC-CXR's reports (~1.5 KB each) hold. A bound in bytes, not batches, lets the workers keep
+# inflating shorter reports while this process reads the split/metadata tables, instead of idling.
+PREFETCH_BYTES = 75 << 20
+WORKER_NICENESS = 5
+TYPICAL_REPORT_BYTES = 1536  # what a report file is taken to hold when its size is not known up front
+
+
+def batch_bytes(spec: tuple, locators: np.ndarray, max_bytes: int = DEFAULT_MAX_REPORT_BYTES) -> int:
+    """The text a batch is expected to hold: the zip members' declared sizes (a member declaring more
+    than ``max_bytes`` is rejected unread), a typical size per report file for a folder."""
+    if spec[0] == "zip":
+        return int(np.minimum(spec[2][locators, 2], max_bytes + 1).sum())
+    return len(locators) * TYPICAL_REPORT_BYTES
 
 
 def read_batch(reader: MemberReader, locators: np.ndarray) -> tuple[pa.StringArray, np.ndarray, list]:
@@ -88,6 +101,9 @@ _worker_reader: MemberReader | None = None
 
 def _worker_init(spec: tuple, max_bytes: int) -> None:
     global _worker_reader
+    # The parent's steps (tables, joins, writing) are the run's critical path and the read-ahead has
+    # slack: on a busy core the workers yield to the parent rather than share it evenly.
+    os.nice(WORKER_NICENESS)
     _worker_reader = MemberReader(spec, max_bytes)
 
 
@@ -118,9 +134,9 @@ def reader_pool(spec: tuple, workers: int, max_bytes: int = DEFAULT_MAX_REPORT_B
 class BatchResults:
     """read_batch results in job order, read in this process or by the pool.
 
-    With a pool, the first ``window`` jobs are submitted at once, so the workers inflate reports while
-    this process reads the split/metadata tables; never more than ``window`` batches are in flight, so
-    memory stays bounded whatever the corpus size.
+    With a pool, jobs are submitted up front until ``window_bytes`` of report text is in flight, so the
+    workers inflate reports while this process reads the split/metadata tables; then one more each time
+    a result is taken, so memory stays bounded whatever the corpus size (one job is always in flight).
     """
 
     def __init__(
@@ -128,15 +144,26 @@ class BatchResults:
         spec: tuple,
         jobs: list[np.ndarray],
         pool,
-        window: int = PREFETCH_BATCHES,
+        window_bytes: int = PREFETCH_BYTES,
         max_bytes: int = DEFAULT_MAX_REPORT_BYTES,
     ):
         self.spec, self.jobs, self.pool, self.max_bytes = spec, jobs, pool, max_bytes
+        self.window_bytes = window_bytes
         self._queue = iter(jobs)
-        self._pending: deque = deque()
+        self._next = next(self._queue, None)
+        self._pending: deque = deque()  # (async result, its expected bytes)
+        self._in_flight = 0
         if pool is not None:
-            for locators in itertools.islice(self._queue, max(1, window)):
-                self._pending.append(pool.apply_async(_worker_batch, (locators,)))
+            self._submit()
+
+    def _submit(self) -> None:
+        while self._next is not None:
+            size = batch_bytes(self.spec, self._next, self.max_bytes)
+            if self._pending and self._in_flight + size > self.window_bytes:
+                return
+            self._pending.append((self.pool.apply_async(_worker_batch, (self._next,)), size))
+            self._in_flight += size
+            self._next = next(self._queue, None)
 
     def __iter__(self) -> Iterator:
         if self.pool is None:
@@ -148,8 +175,8 @@ class BatchResults:
                 reader.close()
             return
         while self._pending:
-            result = self._pending.popleft().get()
-            nxt = next(self._queue, None)
-            if nxt is not None:
-                self._pending.append(self.pool.apply_async(_worker_batch, (nxt,)))
+            pending, size = self._pending.popleft()
+            result = pending.get()
+            self._in_flight -= size
+            self._submit()
             yield result
