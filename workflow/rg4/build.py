@@ -36,7 +36,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -63,6 +62,7 @@ from workflow.rg4.rewrite import (
     RulesRewriter,
     check_edits,
     load_rules,
+    normalise_space,
     raise_if_corrupt,
 )
 from workflow.rg4.scenarios import (
@@ -183,7 +183,7 @@ class RulesJobRunner:
     def _run_range(self, jobs: list[Job], start: int, end: int, mark_same: bool = False) -> list[Outcome]:
         rw, lv = self.rewriter, self.label_vector
         text = rw.text
-        same = partial(rw.labels_equal, label_vector=lv)  # (before, after): whether their labels agree
+        same = rw.labels_check(lv)  # (before, after): whether their labels agree
         outcomes = []
         for job in tqdm(
             jobs[start:end], desc="rg4 rewrite (rules)", unit="target", mininterval=5, disable=None
@@ -253,7 +253,9 @@ def normalise_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Each text as a target holds it: ``rewrite.normalise_space`` (``" ".join(text.split())``); "" and
     missing: null. In Python: Arrow's regex replace is slower than str.split at this, and coding the texts
     to normalise each distinct one once costs what it saves."""
-    texts = [(" ".join(v.split()) or None) if v is not None else None for v in values.to_pylist()]
+    # (normalise_space returns a text already single-spaced as it is, without splitting and joining it:
+    # most are)
+    texts = [(normalise_space(v) or None) if v is not None else None for v in values.to_pylist()]
     return pa.array(texts, pa.string())
 
 
