@@ -478,6 +478,11 @@ def _write_utf8(fh, values: pa.ChunkedArray | pa.Array) -> None:
             fh.write(memoryview(chunk.buffers()[2])[first:last])
 
 
+# The columns of a scenario table that loader_lines reads
+LOADER_COLUMNS = frozenset(
+    {"id", "study_id", "subject_id", "finding", "impression", "APPA_flag", "APPA_imagepath", "indication"}
+    | {"history", "lateral_imagepath", "last_finding", "last_impression", "last_APPA_imagepath"}
+)
 JSON_CHUNK = 5_000  # records encoded at a time (their Arrow columns: 20,000 cost +100 MB peak RSS)
 
 
@@ -497,6 +502,8 @@ def write_loader_fragment(
     from workflow.tables import atomic_path
 
     split = table.column("split")
+    # only the columns the records are made of are taken chunk by chunk (not the audit's original texts)
+    table = table.select([name for name in table.column_names if name in LOADER_COLUMNS])
     position = np.asarray(positions, dtype=np.int64)
     targets = None if scores is None else scores.rows[scenario]
     emphasised = total = 0
