@@ -62,7 +62,6 @@ from workflow.rg4.rewrite import (
     RulesRewriter,
     check_edits,
     load_rules,
-    normalise_space,
     raise_if_corrupt,
 )
 from workflow.rg4.scenarios import (
@@ -253,9 +252,7 @@ def normalise_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Each text as a target holds it: ``rewrite.normalise_space`` (``" ".join(text.split())``); "" and
     missing: null. In Python: Arrow's regex replace is slower than str.split at this, and coding the texts
     to normalise each distinct one once costs what it saves."""
-    # (normalise_space returns a text already single-spaced as it is, without splitting and joining it:
-    # most are)
-    texts = [(normalise_space(v) or None) if v is not None else None for v in values.to_pylist()]
+    texts = [(" ".join(v.split()) or None) if v is not None else None for v in values.to_pylist()]
     return pa.array(texts, pa.string())
 
 
