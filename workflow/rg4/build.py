@@ -36,7 +36,6 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from functools import partial
 from operator import attrgetter
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,7 +182,7 @@ class RulesJobRunner:
     def _run_range(self, jobs: list[Job], start: int, end: int, mark_same: bool = False) -> list[Outcome]:
         rw, lv = self.rewriter, self.label_vector
         text = rw.text
-        same = partial(rw.labels_equal, label_vector=lv)  # (before, after): whether their labels agree
+        same = rw.labels_check(lv)  # (before, after): whether their labels agree
         outcomes = []
         for job in tqdm(
             jobs[start:end], desc="rg4 rewrite (rules)", unit="target", mininterval=5, disable=None
@@ -251,10 +250,23 @@ def default_label_vector() -> Callable[[str], dict]:
 
 def normalise_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
     """Each text as a target holds it: ``rewrite.normalise_space`` (``" ".join(text.split())``); "" and
-    missing: null. In Python: Arrow's regex replace is slower than str.split at this, and coding the texts
-    to normalise each distinct one once costs what it saves."""
-    texts = [(" ".join(v.split()) or None) if v is not None else None for v in values.to_pylist()]
-    return pa.array(texts, pa.string())
+    missing: null. In Arrow (split at white space and joined) where it splits as ``str.split``: Arrow's
+    ASCII white space is Python's but for the separators U+001C-U+001F, so the texts holding one of them or a
+    non-ASCII character (a byte >= 0x80; it may be white space) are normalised in Python."""
+    column = one_array(values)
+    if not pa.types.is_string(column.type):  # (large_string: its buffers are laid out otherwise)
+        return pa.array(
+            [(" ".join(v.split()) or None) if v else None for v in column.to_pylist()], pa.string()
+        )
+    texts = pc.binary_join(pc.ascii_split_whitespace(pc.ascii_trim_whitespace(column)), " ")
+    python = _rows_with_bytes(column, lambda data: (data >= 0x80) | ((data >= 0x1C) & (data <= 0x1F)))
+    if python is not None:
+        texts = pc.replace_with_mask(
+            texts,
+            python,
+            pa.array([" ".join(v.split()) for v in pc.filter(column, python).to_pylist()], pa.string()),
+        )
+    return pc.if_else(pc.equal(texts, ""), pa.scalar(None, pa.string()), texts)
 
 
 def stripped_texts(values: pa.Array | pa.ChunkedArray) -> pa.Array:
@@ -361,22 +373,30 @@ _json_string = json.encoder.encode_basestring  # what json.dumps(..., ensure_asc
 _JSON_ESCAPED = r'["\\\x00-\x1f]'  # the characters it escapes (in an RE2 class); others it writes as they are
 
 
+def _rows_with_bytes(column: pa.Array, test) -> pa.Array | None:
+    """Which values of a string array hold a byte of UTF-8 for which ``test`` (of a uint8 array of the data
+    buffer) is true (None: none does), found in the data buffer at once."""
+    if not len(column) or column.buffers()[2] is None:
+        return None
+    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + len(column) + 1]
+    data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
+    at = np.flatnonzero(test(data)) + offsets[0]
+    if not len(at):
+        return None
+    rows = np.zeros(len(column), bool)
+    rows[np.searchsorted(offsets, at, side="right") - 1] = True  # the value whose bytes hold the byte
+    found = pa.array(rows)
+    return pc.and_(found, column.is_valid()) if column.null_count else found
+
+
 def _to_escape(column: pa.Array) -> pa.Array | None:
     """Which values of a string array hold a character JSON escapes (None: none does), found in the bytes of
     its data buffer at once (in UTF-8 no byte of a multi-byte character is below 0x80): for short values a
     regex match per value costs far more."""
-    if not pa.types.is_string(column.type) or column.buffers()[2] is None:
+    if not pa.types.is_string(column.type):
         escaped = pc.match_substring_regex(column, _JSON_ESCAPED).fill_null(False)
         return escaped if pc.any(escaped).as_py() else None
-    offsets = np.frombuffer(column.buffers()[1], np.int32)[column.offset : column.offset + len(column) + 1]
-    data = np.frombuffer(column.buffers()[2], np.uint8)[offsets[0] : offsets[-1]]
-    at = np.flatnonzero((data < 0x20) | (data == ord('"')) | (data == ord("\\"))) + offsets[0]
-    if not len(at):
-        return None
-    rows = np.zeros(len(column), bool)
-    rows[np.searchsorted(offsets, at, side="right") - 1] = True  # the value whose bytes hold the character
-    escaped = pa.array(rows)
-    return pc.and_(escaped, column.is_valid()) if column.null_count else escaped
+    return _rows_with_bytes(column, lambda data: (data < 0x20) | (data == ord('"')) | (data == ord("\\")))
 
 
 def _json_strings(
@@ -476,6 +496,11 @@ def _write_utf8(fh, values: pa.ChunkedArray | pa.Array) -> None:
             fh.write(memoryview(chunk.buffers()[2])[first:last])
 
 
+# The columns of a scenario table that loader_lines reads
+LOADER_COLUMNS = frozenset(
+    {"id", "study_id", "subject_id", "finding", "impression", "APPA_flag", "APPA_imagepath", "indication"}
+    | {"history", "lateral_imagepath", "last_finding", "last_impression", "last_APPA_imagepath"}
+)
 JSON_CHUNK = 5_000  # records encoded at a time (their Arrow columns: 20,000 cost +100 MB peak RSS)
 
 
@@ -495,6 +520,8 @@ def write_loader_fragment(
     from workflow.tables import atomic_path
 
     split = table.column("split")
+    # only the columns the records are made of are taken chunk by chunk (not the audit's original texts)
+    table = table.select([name for name in table.column_names if name in LOADER_COLUMNS])
     position = np.asarray(positions, dtype=np.int64)
     targets = None if scores is None else scores.rows[scenario]
     emphasised = total = 0
