@@ -82,9 +82,10 @@ rule report_figures:
         logfile("report_figures"),
     conda:
         "../envs/core.yaml"
-    # the figures drawn by two processes forked after the imports (what --workers sets); with fewer
-    # cores Snakemake gives it fewer threads, so fewer processes
-    threads: 2
+    # one process: at the end of the DAG it runs beside release_vqa, which needs the other core (two
+    # forked drawing processes took both cores and left release_vqa waiting). More threads
+    # (--set-threads report_figures=N) draw the figures in N processes forked after the imports
+    threads: 1
     resources:
         mem_mb=per_attempt(2000),
         runtime=per_attempt(30),
