@@ -18,7 +18,7 @@ rule exports_r2gen:
         r2gen_rejects=out("exports", "parts", "rejects.parquet"),
     log:
         logfile("exports_r2gen"),
-    priority: 2  # after the rg4 shards, before the short vqa jobs (the report waits on it)
+    priority: 2  # after the rg4 shards (the report waits on it)
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -61,7 +61,7 @@ rule exports_radialog:
         radialog_llm_requests=out("exports", "parts", "llm_requests.parquet"),
     log:
         logfile("exports_radialog"),
-    priority: 2  # after the rg4 shards, before the short vqa jobs (the report waits on it)
+    priority: 2  # after the rg4 shards (the report waits on it)
     conda:
         "../envs/core.yaml"
     threads: 1

@@ -16,7 +16,9 @@ rule vqa_shard:
         rejects=out("vqa", "shard{shard}", "rejects.parquet"),
     log:
         logfile("vqa_shard{shard}"),
-    priority: 1  # before release_rg4: the report waits on the vqa chain
+    # as soon as keyinfo is done, ahead of the second rg4 shard: the vqa chain (shards -> merge ->
+    # release_vqa and the report) is the DAG's longest tail, the rg4 and exports jobs fill around it
+    priority: 5
     conda:
         "../envs/core.yaml"
     threads: 1
@@ -65,7 +67,7 @@ rule vqa:
         rejects=out("vqa", "rejects.parquet"),
     log:
         logfile("vqa"),
-    priority: 1  # as vqa_shard
+    priority: 5  # as vqa_shard
     conda:
         "../envs/core.yaml"
     threads: 1
