@@ -26,6 +26,7 @@ from workflow.rg4.rewrite import (
     RULES_PATH,
     RewriteCorruption,
     RulesRewriter,
+    anchored_at_start,
     check,
     detect,
     load_rules,
@@ -411,6 +412,48 @@ def test_rules_match_whole_words_only():
     # a pattern that can only match inside a word does not match at all
     assert not re.compile(whole_words("exam")).search("examination")
     assert not re.compile(whole_words("ination")).search("examination")
+
+
+def starts_with_an_anchor(pattern: str) -> bool:
+    """The regex parser's reading: the pattern's first item is "^" (a "|" at the top level would make the
+    whole pattern one branch item)."""
+    from re import _constants, _parser
+
+    items = _parser.parse(pattern).data
+    return bool(items) and items[0] == (_constants.AT, _constants.AT_BEGINNING)
+
+
+@pytest.mark.parametrize(
+    "pattern", ["^a|b", "^(a|b)", "^[|]", "^[]|]", r"^\|b", "^[^]|]x", r"^[\]|]", "a|^b", "^", "^(a)(b|c)|d"]
+)
+def test_an_anchored_pattern_is_told_apart_from_an_alternation(pattern):
+    assert anchored_at_start(pattern) == starts_with_an_anchor(pattern)
+
+
+def test_anchored_rules_match_what_the_word_boundary_form_matches():
+    """An anchored rule is compiled with its "^" first (the engine tries the start only); it matches and
+    substitutes what the wrapped form does, on every rule of libs/rg4_rules.yaml."""
+    import yaml
+
+    finds = [
+        r["find"] for rules in yaml.safe_load(RULES_PATH.read_text())["rephrase"].values() for r in rules
+    ]
+    assert sum(map(anchored_at_start, finds)) >= 20
+    texts = [
+        "Compared to the prior study, the heart size is unchanged.",
+        "Again seen is a small left pleural effusion",
+        "In the interval, the right chest tube has been removed.",
+        "The lateral view shows no effusion.",
+        "There has been no significant change.",
+        "Stable position of the endotracheal tube.",
+        " comparison: ___",
+    ]
+    for find in finds:
+        assert anchored_at_start(find) == starts_with_an_anchor(find), find
+        fast = re.compile(whole_words(find), re.IGNORECASE)
+        wrapped = re.compile(rf"(?:(?<!\w)|(?!\w))(?:{find})(?:(?<!\w)|(?!\w))", re.IGNORECASE)
+        for text in texts:
+            assert fast.subn("<>", text) == wrapped.subn("<>", text), (find, text)
 
 
 def test_a_corrupting_rule_fails_the_rule(tmp_path):
