@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from datetime import datetime
@@ -23,11 +24,13 @@ from workflow.contract import (
 from workflow.keyinfo.extract import label_vector
 from workflow.rg4 import build as rg4
 from workflow.rg4.rewrite import (
+    NO_TEXT,
     RULES_PATH,
     RewriteCorruption,
     RulesRewriter,
     anchored_at_start,
     check,
+    check_edits,
     detect,
     load_rules,
     split_sentences,
@@ -651,6 +654,30 @@ def test_check_catches_residue_and_label_changes():
     assert check(original, ("Stable small left pleural effusion.", None), sn, label_vector) == "residual_pc"
     assert check(original, ("No pneumothorax.", None), sn, label_vector) == "labels_changed"
     assert check(original, (None, ""), sn, label_vector) == "empty"
+
+
+@pytest.mark.parametrize(
+    "finding",
+    [
+        "Heart and mediastinum are stable with normal size heart. No pneumothorax.",
+        "Compared to the prior study, the small left pleural effusion is unchanged. No pneumothorax.",
+        "The right chest tube has been removed. No pneumothorax is seen.",
+        "Lungs are clear.",
+    ],
+)
+def test_the_label_checks_an_edit_carries_decide_as_the_sentence_checks_do(finding):
+    """A text's edit carries what the label checks of its changed sentences said (looked up once per
+    edit): check_edits decides the same as when it asks for each sentence's check."""
+    rewriter = RulesRewriter(label_vector=label_vector)
+    rewriter.prepare([(finding, REMOVES["sn"]), (None, REMOVES["sn"])], 1, label_vector)
+    edit = rewriter.text(finding, REMOVES["sn"])
+    assert edit.labels_kept is not None or not edit.changed
+    unknown = dataclasses.replace(edit, labels_kept=None)
+    same = rewriter.labels_check(label_vector)
+    args = ((finding, None), REMOVES["sn"], label_vector, same)
+    assert check_edits(args[0], (edit, NO_TEXT), *args[1:]) == check_edits(
+        args[0], (unknown, NO_TEXT), *args[1:]
+    )
 
 
 def test_label_check_drops_a_study_with_a_reason(tmp_path):

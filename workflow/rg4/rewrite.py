@@ -591,6 +591,9 @@ class TextEdit:
     residual: frozenset[str] = frozenset()  # categories the detector finds in rephrased sentences
     foreign: tuple[str, str] | None = None  # (token, rule name) of the first corrupting edit
     lost_finding: bool = False  # a removed sentence named a finding
+    # whether every changed sentence keeps its label vector, as the label checks made so far say (None: one
+    # was not checked yet; check_edits asks its sentence_labels_equal)
+    labels_kept: bool | None = None
 
 
 NO_TEXT = TextEdit(None, 0, NO_COUNTS, NO_COUNTS)  # the edit of no text (shared, never mutated)
@@ -824,6 +827,15 @@ class RulesRewriter:
                 keep(new)
         if removed and any(_LIST_MARKER.match(s) for s in kept):
             kept = _renumber(kept)
+        # the label checks of the changed sentences, looked up once per edit of a text (check_edits asks for
+        # them for each target the edit is in: a study's scenarios share it)
+        labels_kept: bool | None = True
+        checked = self._labels_equal
+        for pair in changed:
+            same = checked.get(pair)
+            if not same:
+                labels_kept = None if same is None else False
+                break
         result = TextEdit(
             " ".join(kept) or None,
             len(sentences),
@@ -833,6 +845,7 @@ class RulesRewriter:
             frozenset(residual) if residual else _NO_CATEGORIES,
             foreign,
             lost,
+            labels_kept,
         )
         if len(self._text_edits) >= RECENT_TEXT_EDITS:
             self._text_edits.clear()
@@ -951,11 +964,13 @@ def check_edits(
         return "residual_" + "_".join(c for c in CATEGORIES if c in residual)
     same = sentence_labels_equal or (lambda before, after: label_vector(before) == label_vector(after or ""))
     for e in edits:
-        for before, after in e.changed:
-            if not same(before, after):
-                if label_vector(joined(*original)) != label_vector(joined(*rewrite)):
-                    return "labels_changed"
-                return None
+        kept = e.labels_kept
+        if kept is None:
+            kept = all(same(before, after) for before, after in e.changed)
+        if not kept:  # a sentence's labels differ: the whole texts decide (whichever sentence it was)
+            if label_vector(joined(*original)) != label_vector(joined(*rewrite)):
+                return "labels_changed"
+            return None
     return None
 
 
