@@ -619,7 +619,12 @@ class RulesRewriter:
 
     name = "rules"
 
-    def __init__(self, rules: RuleSet | None = None, label_vector: Callable[[str], dict] | None = None):
+    def __init__(
+        self,
+        rules: RuleSet | None = None,
+        label_vector: Callable[[str], dict] | None = None,
+        learn_findings: bool = True,
+    ):
         self.rules = rules or load_rules()
         self._found: dict[str, frozenset[str]] = {}
         self._edits: dict[tuple[str, frozenset], SentenceEdit] = {}
@@ -635,8 +640,10 @@ class RulesRewriter:
         # what rephrasing learnt (see rewrite_sentence)
         self._rephrased: dict = {}
         # text -> whether its label vector names a finding, learnt from the label checks of the edits (kept
-        # after the run: the token weights' emphasis asks the same of the same sentences)
+        # after the run: the token weights' emphasis asks the same of the same sentences); not learnt without
+        # ``learn_findings`` (a build without token weights has no use for it)
         self.finding_in: dict[str, bool] = {}
+        self.learn_findings = learn_findings
         # with the findings extractor, "X is unchanged" keeps X when X carries a positive or uncertain
         # label (or a finding word: see carries_finding)
         self.names_finding = (
@@ -710,9 +717,10 @@ class RulesRewriter:
             self._edits[key] = edit
             if same is not None:
                 self._labels_equal[(key[0], edit.text)] = same
-                self.finding_in[key[0]] = finding_before
-                if edit.text:
-                    self.finding_in[edit.text] = finding_after
+                if finding_before is not None:
+                    self.finding_in[key[0]] = finding_before
+                    if edit.text:
+                        self.finding_in[edit.text] = finding_after
         log.info(
             "rules rewriter: %d texts, %d distinct sentences (detected in %.1f s), %d edits (%.1f s)",
             len(new_texts),
@@ -870,8 +878,10 @@ def names_a_finding(labels: dict[str, str]) -> bool:
 
 
 def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
-    """(edit, labels equal, the sentence names a finding, its rewrite does) per key (None without labels)."""
+    """(edit, labels equal, the sentence names a finding, its rewrite does) per key (None without labels;
+    the last two None unless the rewriter learns them)."""
     rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
+    learn = rw.learn_findings
     out = []
     for sentence, found in keys:
         edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found, rw._rephrased, rw._found)
@@ -879,7 +889,10 @@ def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
             out.append((edit, None, None, None))
             continue
         before, after = lv(sentence), lv(edit.text or "")
-        out.append((edit, before == after, names_a_finding(before), names_a_finding(after)))
+        if learn:
+            out.append((edit, before == after, names_a_finding(before), names_a_finding(after)))
+        else:
+            out.append((edit, before == after, None, None))
     return out
 
 
