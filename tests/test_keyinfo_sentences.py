@@ -12,7 +12,10 @@ from workflow.contract import SECTIONS
 from workflow.keyinfo.extract import (
     _SENTENCE_END,
     ROW_COLUMNS,
+    extract_mentions,
     extract_sections,
+    label_vector,
+    merge_presence,
     normalise,
     sections_read,
     sentences,
@@ -153,3 +156,29 @@ def test_the_rule_leaves_the_callers_collector_settings_as_they_were(tmp_path):
     before = gc.get_threshold()
     run(sections, tmp_path / "f.parquet", tmp_path / "s.parquet", tmp_path / "r.parquet")
     assert gc.get_threshold() == before
+
+
+def labels_of_whole_text(text: str) -> dict[str, str]:
+    """The definition label_vector's per-sentence reading must match: the merged presence of the mentions
+    extract_mentions finds in the whole text read as findings."""
+    return merge_presence((m.name, m.presence) for m in extract_mentions({"findings": text}))
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "",
+        "No effusion",
+        "Compared to the prior study, there is a small left pleural effusion.  No pneumothorax.",
+        "Small left pleural effusion. No pneumothorax.",  # the sentences of the rewrite above, read again
+        "SMALL LEFT\n   PLEURAL   EFFUSION.  No  pneumothorax.",  # the same sentences, wrapped and capitalised
+        "1. Stable mild cardiomegaly. 2. Hyperexpanded but clear lungs.",
+        "Heart size is top normal, i.e. no cardiomegaly.  A 2.3 cm nodule vs. a nipple shadow. No effusion",
+        "The pacemaker leads are unchanged. Dual-lead pacemaker device with leads in the right atrium.",
+        "No new consolidation, effusion or edema. The previously seen opacity has resolved.",
+        "Effusion: no. Size approx. 2 cm. Pneumothorax: no.",
+    ],
+)
+def test_label_vector_reads_sentence_by_sentence_as_the_whole_text_reads(text):
+    assert label_vector(text) == labels_of_whole_text(text)
+    assert label_vector(text) == labels_of_whole_text(text)  # again, from the sentence cache

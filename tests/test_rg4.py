@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from datetime import datetime
@@ -23,10 +24,13 @@ from workflow.contract import (
 from workflow.keyinfo.extract import label_vector
 from workflow.rg4 import build as rg4
 from workflow.rg4.rewrite import (
+    NO_TEXT,
     RULES_PATH,
     RewriteCorruption,
     RulesRewriter,
+    anchored_at_start,
     check,
+    check_edits,
     detect,
     load_rules,
     split_sentences,
@@ -413,6 +417,48 @@ def test_rules_match_whole_words_only():
     assert not re.compile(whole_words("ination")).search("examination")
 
 
+def starts_with_an_anchor(pattern: str) -> bool:
+    """The regex parser's reading: the pattern's first item is "^" (a "|" at the top level would make the
+    whole pattern one branch item)."""
+    from re import _constants, _parser
+
+    items = _parser.parse(pattern).data
+    return bool(items) and items[0] == (_constants.AT, _constants.AT_BEGINNING)
+
+
+@pytest.mark.parametrize(
+    "pattern", ["^a|b", "^(a|b)", "^[|]", "^[]|]", r"^\|b", "^[^]|]x", r"^[\]|]", "a|^b", "^", "^(a)(b|c)|d"]
+)
+def test_an_anchored_pattern_is_told_apart_from_an_alternation(pattern):
+    assert anchored_at_start(pattern) == starts_with_an_anchor(pattern)
+
+
+def test_anchored_rules_match_what_the_word_boundary_form_matches():
+    """An anchored rule is compiled with its "^" first (the engine tries the start only); it matches and
+    substitutes what the wrapped form does, on every rule of libs/rg4_rules.yaml."""
+    import yaml
+
+    finds = [
+        r["find"] for rules in yaml.safe_load(RULES_PATH.read_text())["rephrase"].values() for r in rules
+    ]
+    assert sum(map(anchored_at_start, finds)) >= 20
+    texts = [
+        "Compared to the prior study, the heart size is unchanged.",
+        "Again seen is a small left pleural effusion",
+        "In the interval, the right chest tube has been removed.",
+        "The lateral view shows no effusion.",
+        "There has been no significant change.",
+        "Stable position of the endotracheal tube.",
+        " comparison: ___",
+    ]
+    for find in finds:
+        assert anchored_at_start(find) == starts_with_an_anchor(find), find
+        fast = re.compile(whole_words(find), re.IGNORECASE)
+        wrapped = re.compile(rf"(?:(?<!\w)|(?!\w))(?:{find})(?:(?<!\w)|(?!\w))", re.IGNORECASE)
+        for text in texts:
+            assert fast.subn("<>", text) == wrapped.subn("<>", text), (find, text)
+
+
 def test_a_corrupting_rule_fails_the_rule(tmp_path):
     """A rule that glues two words ("stable" + "exam") raises, naming the study, the token and the rule."""
     import yaml
@@ -608,6 +654,30 @@ def test_check_catches_residue_and_label_changes():
     assert check(original, ("Stable small left pleural effusion.", None), sn, label_vector) == "residual_pc"
     assert check(original, ("No pneumothorax.", None), sn, label_vector) == "labels_changed"
     assert check(original, (None, ""), sn, label_vector) == "empty"
+
+
+@pytest.mark.parametrize(
+    "finding",
+    [
+        "Heart and mediastinum are stable with normal size heart. No pneumothorax.",
+        "Compared to the prior study, the small left pleural effusion is unchanged. No pneumothorax.",
+        "The right chest tube has been removed. No pneumothorax is seen.",
+        "Lungs are clear.",
+    ],
+)
+def test_the_label_checks_an_edit_carries_decide_as_the_sentence_checks_do(finding):
+    """A text's edit carries what the label checks of its changed sentences said (looked up once per
+    edit): check_edits decides the same as when it asks for each sentence's check."""
+    rewriter = RulesRewriter(label_vector=label_vector)
+    rewriter.prepare([(finding, REMOVES["sn"]), (None, REMOVES["sn"])], 1, label_vector)
+    edit = rewriter.text(finding, REMOVES["sn"])
+    assert edit.labels_kept is not None or not edit.changed
+    unknown = dataclasses.replace(edit, labels_kept=None)
+    same = rewriter.labels_check(label_vector)
+    args = ((finding, None), REMOVES["sn"], label_vector, same)
+    assert check_edits(args[0], (edit, NO_TEXT), *args[1:]) == check_edits(
+        args[0], (unknown, NO_TEXT), *args[1:]
+    )
 
 
 def test_label_check_drops_a_study_with_a_reason(tmp_path):

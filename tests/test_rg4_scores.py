@@ -379,3 +379,16 @@ def test_shards_write_the_weights_of_one_job(tmp_path, tokenizer_dir):
         assert merged[name].read_bytes() == whole[name].read_bytes(), name
     notes = json.loads(merged["notes"].read_text())
     assert notes[-1].startswith("new_scores: binary") and "% of the target tokens emphasised" in notes[-1]
+
+
+def test_a_build_without_token_weights_learns_no_emphasis_and_builds_the_same():
+    from test_rg4 import patients, tables
+
+    from workflow.keyinfo.extract import label_vector
+
+    st, im, sec = (t.to_pandas() for t in tables(patients()))
+    learning, plain = rg4.RulesJobRunner(label_vector), rg4.RulesJobRunner(label_vector, learn_findings=False)
+    with_findings, without = rg4.build(st, im, sec, learning), rg4.build(st, im, sec, plain)
+    assert learning.rewriter.finding_in and not plain.rewriter.finding_in
+    assert all(with_findings.tables[s].equals(without.tables[s]) for s in with_findings.tables)
+    assert with_findings.rejects.rows == without.rejects.rows

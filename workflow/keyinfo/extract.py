@@ -1160,6 +1160,35 @@ def merge_presence(pairs) -> dict[str, str]:
     return out
 
 
+# Squeezed sentence -> the (name, presence) of its mentions, for label_vector: what _SENTENCE_ROWS holds for
+# study_rows, without the rows' offsets and the normal statement. The rg4 build asks for the labels of ~100k
+# distinct sentences and rewrites per shard, and half of their sentences recur (the rewrites keep the
+# sentences around the part they cut). Bounded.
+_SENTENCE_LABELS: dict[str, tuple[tuple[str, str], ...]] = {}
+
+
+def _sentence_labels(squeezed: str, libs: Libs) -> tuple[tuple[str, str], ...]:
+    return tuple(
+        (m.name, m.presence)
+        for marks, clause in _scan(squeezed, libs)
+        for m in _clause_mentions(marks, clause, squeezed, squeezed, "findings", libs, DEFAULT_CONVENTIONS)
+    )
+
+
 def label_vector(text: str) -> dict[str, str]:
-    """Report-level canonical name -> merged presence for a free text (e.g. a rewritten report)."""
-    return merge_presence((m.name, m.presence) for m in extract_mentions({"findings": text}))
+    """Report-level canonical name -> merged presence for a free text (e.g. a rewritten report): the
+    merged presence of the mentions :func:`extract_mentions` finds in ``text`` read as findings, each of
+    its sentences read once per process (as :func:`study_rows` reads them: a sentence says the same however
+    it is cased or spaced)."""
+    libs = load_libs()
+    cache = _SENTENCE_LABELS
+    pairs: list[tuple[str, str]] = []
+    for _, sentence in sentences(normalise(text)):
+        squeezed = _SPACE_RUN.sub(" ", sentence) if "  " in sentence else sentence
+        labels = cache.get(squeezed)
+        if labels is None:
+            if len(cache) >= _SENTENCE_ROWS_MAX:
+                cache.clear()
+            labels = cache[squeezed] = _sentence_labels(squeezed, libs)
+        pairs += labels
+    return merge_presence(pairs)

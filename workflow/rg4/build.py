@@ -129,9 +129,10 @@ class RulesJobRunner:
     name = "rules"
     parallel_min_jobs = 20_000  # below this the targets are assembled in-process
 
-    def __init__(self, label_vector: Callable[[str], dict], workers: int = 1):
+    def __init__(self, label_vector: Callable[[str], dict], workers: int = 1, learn_findings: bool = True):
+        """``learn_findings``: the rewriter keeps which sentences name a finding (for the token weights)."""
         self.label_vector = _memo(label_vector)
-        self.rewriter = RulesRewriter(label_vector=self.label_vector)
+        self.rewriter = RulesRewriter(label_vector=self.label_vector, learn_findings=learn_findings)
         self.workers = workers
 
     def run(self, jobs: list[Job]) -> list[Outcome]:
@@ -191,7 +192,10 @@ class RulesJobRunner:
             i = text(job.impression, job.removes)
             if f.foreign or i.foreign:
                 raise_if_corrupt((f, i), job.study_id, job.scenario)
-            reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
+            if f.changed or i.changed or f.residual or i.residual or not (f.text or i.text):
+                reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
+            else:  # nothing was touched and something is left: what check_edits says first, without the call
+                reason = None
             # the edits' counters are shared (cached edits): added only when both count something
             removed = f.removed + i.removed if f.removed and i.removed else f.removed or i.removed
             rephrased = (
@@ -1241,7 +1245,7 @@ def main(argv: list[str] | None = None) -> BuildResult:
     del studies, images, sections  # what the build needs of them is in `prepared`
     label_vector = default_label_vector()
     if args.rewriter == "rules":
-        runner = RulesJobRunner(label_vector, args.workers)
+        runner = RulesJobRunner(label_vector, args.workers, learn_findings=scorer is not None)
     else:
         from workflow.rg4.llm_rewriter import LLMJobRunner
 

@@ -73,7 +73,41 @@ _NOT_MID_WORD = r"(?:(?<!\w)|(?!\w))"
 
 def whole_words(pattern: str) -> str:
     """``pattern`` constrained to start and end at word boundaries (or next to non-word characters)."""
+    if anchored_at_start(pattern):
+        # the start of the text is no mid-word; a pattern that begins with "^" lets the regex engine try the
+        # start only (behind the assertion, it tried every position of the text and failed at "^" ~10 µs a
+        # sentence on the predicate rules)
+        return f"^(?:{pattern[1:]}){_NOT_MID_WORD}"
     return f"{_NOT_MID_WORD}(?:{pattern}){_NOT_MID_WORD}"
+
+
+def anchored_at_start(pattern: str) -> bool:
+    """Whether ``pattern`` (without re.MULTILINE) matches only at the start of a text: it begins with "^"
+    and has no "|" outside groups and character classes (``^a|b`` matches "b" anywhere)."""
+    if not pattern.startswith("^"):
+        return False
+    depth, k, in_class = 0, 1, False
+    while k < len(pattern):
+        c = pattern[k]
+        if c == "\\":
+            k += 2
+            continue
+        if in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+            if pattern[k + 1 : k + 2] == "^":
+                k += 1
+            if pattern[k + 1 : k + 2] == "]":  # a "]" first in a class is a member
+                k += 1
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            return False
+        k += 1
+    return True
 
 
 class RewriteCorruption(RuntimeError):
@@ -194,7 +228,11 @@ def normalise_space(text: str) -> str:
 
 def split_sentences(text: str) -> list[str]:
     """``text``'s sentences: ``_SENTENCE_END.split`` of the single-spaced text, without empty pieces."""
-    text = normalise_space(text)
+    return _split_single_spaced(normalise_space(text))
+
+
+def _split_single_spaced(text: str) -> list[str]:
+    """:func:`split_sentences` of a text that :func:`normalise_space` returns as it is."""
     if not text:
         return []
     # [sentence without its end mark, end mark, ..., last sentence]; no piece is empty (an end follows an
@@ -553,6 +591,9 @@ class TextEdit:
     residual: frozenset[str] = frozenset()  # categories the detector finds in rephrased sentences
     foreign: tuple[str, str] | None = None  # (token, rule name) of the first corrupting edit
     lost_finding: bool = False  # a removed sentence named a finding
+    # whether every changed sentence keeps its label vector, as the label checks made so far say (None: one
+    # was not checked yet; check_edits asks its sentence_labels_equal)
+    labels_kept: bool | None = None
 
 
 NO_TEXT = TextEdit(None, 0, NO_COUNTS, NO_COUNTS)  # the edit of no text (shared, never mutated)
@@ -564,6 +605,9 @@ class _Text:
     scenario removes), their union, and its edit when nothing is removed from it (made once needed)."""
 
     sentences: list[str]
+    # normalise_space(text): the text itself where it is single-spaced already (most are), else " ".join of
+    # the sentences (they were split from it at spaces)
+    spaced: str
     found: tuple[frozenset[str], ...] = ()
     categories: frozenset[str] = frozenset()
     as_written: TextEdit | None = None
@@ -575,7 +619,12 @@ class RulesRewriter:
 
     name = "rules"
 
-    def __init__(self, rules: RuleSet | None = None, label_vector: Callable[[str], dict] | None = None):
+    def __init__(
+        self,
+        rules: RuleSet | None = None,
+        label_vector: Callable[[str], dict] | None = None,
+        learn_findings: bool = True,
+    ):
         self.rules = rules or load_rules()
         self._found: dict[str, frozenset[str]] = {}
         self._edits: dict[tuple[str, frozenset], SentenceEdit] = {}
@@ -591,8 +640,10 @@ class RulesRewriter:
         # what rephrasing learnt (see rewrite_sentence)
         self._rephrased: dict = {}
         # text -> whether its label vector names a finding, learnt from the label checks of the edits (kept
-        # after the run: the token weights' emphasis asks the same of the same sentences)
+        # after the run: the token weights' emphasis asks the same of the same sentences); not learnt without
+        # ``learn_findings`` (a build without token weights has no use for it)
         self.finding_in: dict[str, bool] = {}
+        self.learn_findings = learn_findings
         # with the findings extractor, "X is unchanged" keeps X when X carries a positive or uncertain
         # label (or a finding word: see carries_finding)
         self.names_finding = (
@@ -616,8 +667,9 @@ class RulesRewriter:
         new_texts: list[_Text] = []
         for text in dict.fromkeys(map(itemgetter(0), items)):
             if text and text not in texts:
-                sentences = split_sentences(text)
-                texts[text] = record = _Text(list(map(intern.setdefault, sentences, sentences)))
+                spaced = normalise_space(text)
+                sentences = _split_single_spaced(spaced)
+                texts[text] = record = _Text(list(map(intern.setdefault, sentences, sentences)), spaced)
                 new_texts.append(record)
         t0 = time.perf_counter()
         todo = [x for x in intern if x not in self._found]
@@ -665,9 +717,10 @@ class RulesRewriter:
             self._edits[key] = edit
             if same is not None:
                 self._labels_equal[(key[0], edit.text)] = same
-                self.finding_in[key[0]] = finding_before
-                if edit.text:
-                    self.finding_in[edit.text] = finding_after
+                if finding_before is not None:
+                    self.finding_in[key[0]] = finding_before
+                    if edit.text:
+                        self.finding_in[edit.text] = finding_after
         log.info(
             "rules rewriter: %d texts, %d distinct sentences (detected in %.1f s), %d edits (%.1f s)",
             len(new_texts),
@@ -719,7 +772,8 @@ class RulesRewriter:
         """What is known of ``text`` (cached: a study's text is rewritten for each of its scenarios)."""
         record = self._texts.get(text)
         if record is None:
-            record = self._texts[text] = _Text(split_sentences(text))
+            spaced = normalise_space(text)
+            record = self._texts[text] = _Text(_split_single_spaced(spaced), spaced)
             record.found = tuple(map(self.found, record.sentences))
             record.categories = frozenset().union(*record.found)
         return record
@@ -747,11 +801,8 @@ class RulesRewriter:
             # sentences joined)
             same = record.as_written
             if same is None:
-                joined = normalise_space(text)  # " ".join(sentences): they were split from it at spaces
                 # the text itself where it is single-spaced already (one object: no copy per scenario)
-                same = record.as_written = TextEdit(
-                    text if joined == text else joined, len(sentences), NO_COUNTS, NO_COUNTS
-                )
+                same = record.as_written = TextEdit(record.spaced, len(sentences), NO_COUNTS, NO_COUNTS)
             return same
         eff = categories if categories <= removes else categories & removes
         key = (text, eff)
@@ -784,6 +835,15 @@ class RulesRewriter:
                 keep(new)
         if removed and any(_LIST_MARKER.match(s) for s in kept):
             kept = _renumber(kept)
+        # the label checks of the changed sentences, looked up once per edit of a text (check_edits asks for
+        # them for each target the edit is in: a study's scenarios share it)
+        labels_kept: bool | None = True
+        checked = self._labels_equal
+        for pair in changed:
+            same = checked.get(pair)
+            if not same:
+                labels_kept = None if same is None else False
+                break
         result = TextEdit(
             " ".join(kept) or None,
             len(sentences),
@@ -793,6 +853,7 @@ class RulesRewriter:
             frozenset(residual) if residual else _NO_CATEGORIES,
             foreign,
             lost,
+            labels_kept,
         )
         if len(self._text_edits) >= RECENT_TEXT_EDITS:
             self._text_edits.clear()
@@ -817,8 +878,10 @@ def names_a_finding(labels: dict[str, str]) -> bool:
 
 
 def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
-    """(edit, labels equal, the sentence names a finding, its rewrite does) per key (None without labels)."""
+    """(edit, labels equal, the sentence names a finding, its rewrite does) per key (None without labels;
+    the last two None unless the rewriter learns them)."""
     rw, lv = _WORKER["rewriter"], _WORKER["label_vector"]
+    learn = rw.learn_findings
     out = []
     for sentence, found in keys:
         edit = rewrite_sentence(sentence, found, rw.rules, rw.names_finding, found, rw._rephrased, rw._found)
@@ -826,7 +889,10 @@ def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
             out.append((edit, None, None, None))
             continue
         before, after = lv(sentence), lv(edit.text or "")
-        out.append((edit, before == after, names_a_finding(before), names_a_finding(after)))
+        if learn:
+            out.append((edit, before == after, names_a_finding(before), names_a_finding(after)))
+        else:
+            out.append((edit, before == after, None, None))
     return out
 
 
@@ -911,11 +977,13 @@ def check_edits(
         return "residual_" + "_".join(c for c in CATEGORIES if c in residual)
     same = sentence_labels_equal or (lambda before, after: label_vector(before) == label_vector(after or ""))
     for e in edits:
-        for before, after in e.changed:
-            if not same(before, after):
-                if label_vector(joined(*original)) != label_vector(joined(*rewrite)):
-                    return "labels_changed"
-                return None
+        kept = e.labels_kept
+        if kept is None:
+            kept = all(same(before, after) for before, after in e.changed)
+        if not kept:  # a sentence's labels differ: the whole texts decide (whichever sentence it was)
+            if label_vector(joined(*original)) != label_vector(joined(*rewrite)):
+                return "labels_changed"
+            return None
     return None
 
 
