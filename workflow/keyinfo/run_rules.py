@@ -37,6 +37,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from workflow.cli import arrow_without_pandas
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.contract import FINDINGS, KEYINFO_STATS, REJECTS
@@ -455,4 +456,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    arrow_without_pandas()
     main()

@@ -21,6 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from workflow.cli import arrow_without_pandas
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.contract import KEYINFO_STUDIES
@@ -121,4 +122,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    arrow_without_pandas()
     main()
