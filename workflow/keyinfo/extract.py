@@ -853,6 +853,13 @@ def extract_mentions(
 _SENTENCE_ROWS: dict[Conventions, dict[str, tuple[tuple[tuple, ...], tuple[int, int] | None]]] = {}
 _SENTENCE_ROWS_MAX = 400_000
 _SPACE_RUN = re.compile(r" {2,}")
+
+
+def forget_sentences() -> None:
+    """Empty the sentence cache (its entries are the bulk of a run's objects the collector tracks)."""
+    _SENTENCE_ROWS.clear()
+
+
 # A sentence-ending period (and the spaces after it): before white space, after a word that is no
 # abbreviation, i.e. the text after the last space in the six characters before the period is none of
 # ABBREVIATIONS -- the test :func:`_scan` makes at every period.

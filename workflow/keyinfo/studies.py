@@ -21,9 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from workflow.cli import arrow_without_pandas
+from workflow.cli import arrow_without_pandas, setup_logging
 from workflow.cli import parser as cli_parser
-from workflow.cli import setup_logging
 from workflow.contract import KEYINFO_STUDIES
 from workflow.keyinfo.extract import (
     DEVICE,
