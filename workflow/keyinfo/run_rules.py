@@ -80,6 +80,16 @@ class Extracted(NamedTuple):
     n_studies: int
 
 
+def _has_text(sections: dict) -> bool:
+    """Whether any text column holds more than white space (``str.strip`` and ``str.isspace`` agree on
+    what white space is); a loop, not ``any`` over a generator: it runs once per study."""
+    for name in TEXT_COLUMNS:
+        text = sections.get(name)
+        if text and not text.isspace():
+            return True
+    return False
+
+
 def extract_batch(
     batch: tuple[list[int], list[int], list[dict]],
     conventions: Conventions | None = None,
@@ -96,7 +106,7 @@ def extract_batch(
     empty: list[int] = []
     read: dict[str, list] = {"subject_id": [], "study_id": [], "normal_evidence": []}
     for subject, study, sections in zip(subjects, studies, sections_of, strict=True):
-        if not any((sections.get(s) or "").strip() for s in TEXT_COLUMNS):
+        if not _has_text(sections):
             empty.append(study)
             continue
         found, statement = study_rows(sections, conventions)
