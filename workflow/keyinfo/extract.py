@@ -1070,15 +1070,22 @@ def merge_rows(rows: list[dict]) -> list[dict]:
 def _instance_to_join(insts: list[list], lat: str | None) -> list | None:
     """Which of a name's instances ([row, laterality]) a row with laterality ``lat`` joins (None: a new
     one); a lateral row that joins the only, non-lateral instance gives it its side."""
+    # (loops, not next() over a generator: it runs for every row of a name named twice in a report)
     if lat is not None:
-        target = next((x for x in insts if x[1] == lat), None)
-        if target is None and len(insts) == 1 and insts[0][1] is None:
+        for inst in insts:
+            if inst[1] == lat:
+                return inst
+        if len(insts) == 1 and insts[0][1] is None:
             target = insts[0]
             target[1] = lat
-        return target
+            return target
+        return None
     if len(insts) == 1:
         return insts[0]
-    return next((x for x in insts if x[1] is None), None)
+    for inst in insts:
+        if inst[1] is None:
+            return inst
+    return None
 
 
 def _merge_instances(rows: list, keys: list[str | None], at: Mapping[str, object] = _AT) -> list:

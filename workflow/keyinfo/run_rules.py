@@ -26,11 +26,10 @@ import logging
 import sys
 from collections import deque
 from collections.abc import Iterator, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -50,6 +49,9 @@ from workflow.keyinfo.extract import (
 )
 from workflow.keyinfo.studies import NORMAL_STATEMENTS, TEXT_COLUMNS
 from workflow.tables import Rejects, TableWriter, summary, write_table
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 log = logging.getLogger(__name__)
 STAGE = "keyinfo_rules"
@@ -288,6 +290,9 @@ def extraction_pool(workers: int) -> ProcessPoolExecutor | None:
     """The extraction processes (none for one worker), each with the collector at GC_THRESHOLD."""
     if workers <= 1:
         return None
+    # imported here: the workflow's shard jobs run one process each, and its import costs ~15 ms
+    from concurrent.futures import ProcessPoolExecutor
+
     return ProcessPoolExecutor(workers, initializer=gc.set_threshold, initargs=GC_THRESHOLD)
 
 
