@@ -195,11 +195,11 @@ def realistic_sections() -> list[dict[str, str | None]]:
     return out
 
 
-def test_cached_rows_of_written_and_squeezed_sentences_are_those_of_the_plain_reading():
+def test_cached_sentence_rows_are_those_of_the_plain_reading():
     sections_list = realistic_sections()
     forget_sentences()
-    cold = [study_rows(s)[0] for s in sections_list]  # each squeezed / written sentence read once
-    warm = [study_rows(s)[0] for s in sections_list]  # every sentence from its written sentence's entry
+    cold = [study_rows(s)[0] for s in sections_list]  # each squeezed sentence read once
+    warm = [study_rows(s)[0] for s in sections_list]  # every sentence from the cache
     again = [study_rows(s)[0] for s in reversed(sections_list)][::-1]
     for sections, a, b, c in zip(sections_list, cold, warm, again, strict=True):
         assert a == b == c == plain_rows(sections), sections

@@ -842,16 +842,14 @@ def extract_mentions(
     return out
 
 
-# Normalised sentence as written -> its mention rows and where a normal statement sits in it, per reading
-# convention. What a sentence says depends on its own normalised words only (clauses never cross a sentence
-# end; case, line breaks, hyphens and runs of spaces change no reading: the matcher takes " +" between words
-# and word counts split on white space), and reports repeat sentences ("The lungs are clear.", "No
-# pneumothorax.") across a corpus, so each distinct squeezed sentence is read once per process, and each
-# distinct written one mapped to its squeezed one's offsets once (:func:`_sentence_entry`); raw text is
-# sliced from the report. Bounded (at 227,835 studies a shard holds ~190,000 written and ~95,000 squeezed
-# sentences).
+# Squeezed sentence -> its mention rows and where a normal statement sits in it, per reading convention.
+# What a sentence says depends on its own normalised words only (clauses never cross a sentence end; case,
+# line breaks, hyphens and runs of spaces change no reading: the matcher takes " +" between words and word
+# counts split on white space), and reports repeat sentences ("The lungs are clear.", "No pneumothorax.")
+# across a corpus, so each distinct squeezed sentence is read once per process; offsets are mapped back and
+# raw text sliced from the report. Bounded.
 _SENTENCE_ROWS: dict[Conventions, dict[str, tuple[tuple[tuple, ...], tuple[int, int] | None]]] = {}
-_SENTENCE_ROWS_MAX = 400_000
+_SENTENCE_ROWS_MAX = 200_000
 _SPACE_RUN = re.compile(r" {2,}")
 
 
@@ -968,39 +966,6 @@ def _normal_span(pattern: re.Pattern | None, sentence: str) -> tuple[int, int] |
     return m.span() if m else None
 
 
-def _sentence_entry(sentence: str, cache: dict, libs: Libs, conv: Conventions) -> tuple:
-    """The cache entry of a normalised sentence as written: its rows (:func:`_sentence_rows`) and first
-    normal statement with offsets in ``sentence`` itself, stored under it. A sentence with runs of spaces
-    is read as its squeezed sentence (whose entry, in squeezed offsets, is stored too) and mapped back
-    once: the next time the same written sentence comes (a report template wraps it the same way), its
-    rows are sliced as they are."""
-    if len(cache) >= _SENTENCE_ROWS_MAX:
-        cache.clear()
-    if "  " not in sentence:
-        entry = cache[sentence] = (
-            _sentence_rows(sentence, libs, conv),
-            _normal_span(libs.normal_statements, sentence),
-        )
-        return entry
-    squeezed, starts, dropped = squeeze(sentence)
-    base = cache.get(squeezed)
-    if base is None:
-        base = cache[squeezed] = (
-            _sentence_rows(squeezed, libs, conv),
-            _normal_span(libs.normal_statements, squeezed),
-        )
-    rows, said = base
-    mapped = []
-    for name, presence, location, level, type_, change, raw_start, raw_end, start, end, key in rows:
-        raw_start, raw_end = _unsqueeze_span(starts, dropped, raw_start, raw_end)
-        start, end = _unsqueeze_span(starts, dropped, start, end)
-        mapped.append((name, presence, location, level, type_, change, raw_start, raw_end, start, end, key))
-    # the squeezed sentence says whether there is a normal statement; where, the written sentence tells
-    said = _normal_span(libs.normal_statements, sentence) if said is not None else None
-    entry = cache[sentence] = (tuple(mapped), said)
-    return entry
-
-
 def _section_rows(
     text: str, section: str, libs: Libs, conv: Conventions, rows: list[list], keys: list[str | None]
 ) -> str | None:
@@ -1012,13 +977,27 @@ def _section_rows(
         cache = _SENTENCE_ROWS[conv] = {}
     normal = None
     for a, sentence in sentences(normalise(text)):
-        entry = cache.get(sentence)
+        spaced = "  " in sentence
+        squeezed, starts, dropped = squeeze(sentence) if spaced else (sentence, None, None)
+        entry = cache.get(squeezed)
         if entry is None:
-            entry = _sentence_entry(sentence, cache, libs, conv)
+            entry = (_sentence_rows(squeezed, libs, conv), _normal_span(libs.normal_statements, squeezed))
+            if len(cache) >= _SENTENCE_ROWS_MAX:
+                cache.clear()
+            cache[squeezed] = entry
         cached, said = entry
         if said is not None and normal is None:
-            normal = text[a + said[0] : a + said[1]]
+            # the cache knows whether the sentence has one; where it is in the sentence as written, the
+            # written sentence tells
+            said = _normal_span(libs.normal_statements, sentence) if spaced else said
+            if said is not None:
+                normal = text[a + said[0] : a + said[1]]
+        if not cached:
+            continue
         for name, presence, location, level, type_, change, raw_start, raw_end, start, end, key in cached:
+            if spaced:
+                raw_start, raw_end = _unsqueeze_span(starts, dropped, raw_start, raw_end)
+                start, end = _unsqueeze_span(starts, dropped, start, end)
             raw = text[a + raw_start : a + raw_end]
             start += a
             end += a

@@ -269,9 +269,8 @@ def plan_slices(sections: Path, reports: Path | None, lenient: bool, batch_size:
 # The extraction allocates millions of short-lived objects without reference cycles (row lists, mentions,
 # tuples: a full collection after a whole shard at 227,835 studies finds 6 unreachable objects): at the
 # default threshold (a collection per 700 allocations) the collector cost ~7 % of the stage's CPU and found
-# no garbage. What still set collections off is the sentence cache's growth (~700,000 tracked objects per
-# shard); at 100,000 its 7 young-generation collections walked ~0.3 s. Raised while the stage runs (workers
-# set it when they start).
+# no garbage. What still set collections off is the sentence cache's growth: at 100,000, 3 young-generation
+# collections per shard walked ~0.1 s. Raised while the stage runs (workers set it when they start).
 GC_THRESHOLD = (1_000_000, 50, 1000)
 
 
@@ -329,7 +328,7 @@ def run(sections: Path, findings: Path, stats: Path, rejects: Path, batch_size: 
             if pool:
                 pool.shutdown()
             # freed by reference counting while the collector is still at GC_THRESHOLD: restored with
-            # the cache alive, the collector walked its millions of tuples in full (~0.2 s per shard)
+            # the cache alive, the collector walked all its tuples in a full collection (~0.1 s per shard)
             forget_sentences()
     table = summed_stats(batch_stats)
     write_table(table, stats, KEYINFO_STATS)
