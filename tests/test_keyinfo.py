@@ -6,11 +6,12 @@ import re
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from workflow_run import demo_corpus, prepare_workdir, run_snakemake
 
 from workflow.contract import FINDINGS, KEYINFO_STATS, SECTIONS
 from workflow.keyinfo.extract import extract_sections, label_vector
-from workflow.keyinfo.libs import load_libs
+from workflow.keyinfo.libs import _SAFE_LOADER, _STRING_LOADER, LIBS_DIR, load_libs
 from workflow.keyinfo.run_rules import main as run_rules_main
 from workflow.tables import write_table
 
@@ -35,6 +36,13 @@ def test_libs_use_only_vocabulary_values_and_cover_every_finding():
         assert tok.level is None or tok.level in vocab["level"]
         assert tok.type is None or tok.type in vocab["type"]
         assert tok.change is None or tok.change in vocab["change"]
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in LIBS_DIR.glob("*.yaml")))
+def test_each_libs_yaml_file_reads_the_same_with_the_fast_loader(name):
+    text = (LIBS_DIR / name).read_text(encoding="utf-8")
+    assert yaml.load(text, Loader=_SAFE_LOADER) == yaml.safe_load(text)
+    assert yaml.load(text, Loader=_STRING_LOADER) == yaml.load(text, Loader=yaml.BaseLoader)
 
 
 @pytest.mark.parametrize(

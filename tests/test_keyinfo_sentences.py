@@ -4,6 +4,7 @@ it is wrapped, spaced or capitalised, and every row's offsets index the report's
 from __future__ import annotations
 
 import gc
+import random
 
 import pyarrow as pa
 import pytest
@@ -12,11 +13,14 @@ from workflow.contract import SECTIONS
 from workflow.keyinfo.extract import (
     _SENTENCE_END,
     ROW_COLUMNS,
+    _merge_instances,
     extract_mentions,
     extract_sections,
+    forget_sentences,
     label_vector,
     merge_presence,
     normalise,
+    row_laterality,
     sections_read,
     sentences,
     squeeze,
@@ -182,3 +186,48 @@ def labels_of_whole_text(text: str) -> dict[str, str]:
 def test_label_vector_reads_sentence_by_sentence_as_the_whole_text_reads(text):
     assert label_vector(text) == labels_of_whole_text(text)
     assert label_vector(text) == labels_of_whole_text(text)  # again, from the sentence cache
+
+
+def plain_rows(sections: dict[str, str | None]) -> list[list]:
+    """The definition the cached per-sentence reading implements: every mention of a whole-section scan
+    (extract_mentions, no cache), as findings rows with offsets in the section's own text, merged."""
+    libs = load_libs()
+    rows, keys = [], []
+    for m in extract_mentions(sections):
+        row = [m.name, m.raw, m.presence, m.location(libs), m.level, m.type, m.change, m.section, m.ev_start,
+               m.ev_end, m.evidence or m.raw]  # fmt: skip
+        rows.append(row)
+        keys.append(row_laterality(dict(zip(ROW_COLUMNS, row, strict=True))))
+    return _merge_instances(rows, keys)
+
+
+def rewrapped(text: str, seed: int) -> str:
+    """``text`` as another report template writes it: some spaces doubled or made line breaks, upper case."""
+    rng = random.Random(seed)
+    words = text.split(" ")
+    out = words[0]
+    for word in words[1:]:
+        out += rng.choice([" ", " ", "  ", "\n ", "   "]) + word
+    return out.upper() if seed % 3 == 0 else out
+
+
+def realistic_sections() -> list[dict[str, str | None]]:
+    from test_keyinfo_scan import corpus_sentences
+
+    sentences = corpus_sentences()
+    out = []
+    for k in range(0, len(sentences), 3):
+        findings = " ".join(sentences[k : k + 3])
+        out.append({"findings": findings, "impression": sentences[k]})
+        out.append({"findings": rewrapped(findings, k), "impression": rewrapped(sentences[k], k + 1)})
+    return out
+
+
+def test_cached_sentence_rows_are_those_of_the_plain_reading():
+    sections_list = realistic_sections()
+    forget_sentences()
+    cold = [study_rows(s)[0] for s in sections_list]  # each squeezed sentence read once
+    warm = [study_rows(s)[0] for s in sections_list]  # every sentence from the cache
+    again = [study_rows(s)[0] for s in reversed(sections_list)][::-1]
+    for sections, a, b, c in zip(sections_list, cold, warm, again, strict=True):
+        assert a == b == c == plain_rows(sections), sections

@@ -35,3 +35,33 @@ def add_llm_task_args(p: argparse.ArgumentParser, what: str, max_tokens: int) ->
     )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--max-tokens", type=int, default=max_tokens)
+
+
+class _PandasKeptOut:
+    """A meta path finder that fails every import of pandas (see :func:`arrow_without_pandas`)."""
+
+    @staticmethod
+    def find_spec(name: str, path=None, target=None):
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError("pandas is kept out of this job's pyarrow", name=name)
+        return None
+
+
+def arrow_without_pandas() -> None:
+    """Tell pyarrow that pandas is absent, for a job process that never gives pyarrow a pandas object.
+
+    pyarrow imports pandas the first time it converts any Python or NumPy value (a list, a scalar in a
+    compute call), only to ask whether the value is a pandas object: ~0.35 s CPU of a job whose own work
+    may take less. pyarrow tries that import once and remembers a failure, so it is made to fail once;
+    an explicit ``to_pandas`` / ``from_pandas`` later still imports pandas. Call it from the job's
+    ``__main__`` block only: in a process that later converts pandas objects with ``pa.array`` (tests,
+    notebooks) they would be read as plain sequences."""
+    if "pandas" in sys.modules:
+        return
+    import pyarrow as pa
+
+    sys.meta_path.insert(0, _PandasKeptOut)
+    try:
+        pa.array([0])
+    finally:
+        sys.meta_path.remove(_PandasKeptOut)

@@ -851,6 +851,13 @@ def extract_mentions(
 _SENTENCE_ROWS: dict[Conventions, dict[str, tuple[tuple[tuple, ...], tuple[int, int] | None]]] = {}
 _SENTENCE_ROWS_MAX = 200_000
 _SPACE_RUN = re.compile(r" {2,}")
+
+
+def forget_sentences() -> None:
+    """Empty the sentence cache (its entries are the bulk of a run's objects the collector tracks)."""
+    _SENTENCE_ROWS.clear()
+
+
 # A sentence-ending period (and the spaces after it): before white space, after a word that is no
 # abbreviation, i.e. the text after the last space in the six characters before the period is none of
 # ABBREVIATIONS -- the test :func:`_scan` makes at every period.
@@ -1042,15 +1049,22 @@ def merge_rows(rows: list[dict]) -> list[dict]:
 def _instance_to_join(insts: list[list], lat: str | None) -> list | None:
     """Which of a name's instances ([row, laterality]) a row with laterality ``lat`` joins (None: a new
     one); a lateral row that joins the only, non-lateral instance gives it its side."""
+    # (loops, not next() over a generator: it runs for every row of a name named twice in a report)
     if lat is not None:
-        target = next((x for x in insts if x[1] == lat), None)
-        if target is None and len(insts) == 1 and insts[0][1] is None:
+        for inst in insts:
+            if inst[1] == lat:
+                return inst
+        if len(insts) == 1 and insts[0][1] is None:
             target = insts[0]
             target[1] = lat
-        return target
+            return target
+        return None
     if len(insts) == 1:
         return insts[0]
-    return next((x for x in insts if x[1] is None), None)
+    for inst in insts:
+        if inst[1] is None:
+            return inst
+    return None
 
 
 def _merge_instances(rows: list, keys: list[str | None], at: Mapping[str, object] = _AT) -> list:

@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from workflow.cli import arrow_without_pandas, setup_logging
 from workflow.cli import parser as cli_parser
-from workflow.cli import setup_logging
 from workflow.contract import KEYINFO_STUDIES
 from workflow.keyinfo.extract import (
     DEVICE,
@@ -121,4 +121,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    arrow_without_pandas()
     main()
