@@ -604,6 +604,22 @@ def test_iu_bad_rows(tmp_path):
     assert images[0]["image_path"] == "1_IM-0001-3001.dcm.png"
 
 
+def test_iu_command_line_writes_what_the_in_process_call_writes(tmp_path):
+    """The job's __main__ keeps pandas out of pyarrow for MIMIC only: IU's tables are pandas frames, and a
+    pyarrow that took them for plain sequences would write other types (or fail)."""
+    reports, projections = iu_inputs(tmp_path / "iu")
+    ingest_iu(
+        reports, projections, *(tmp_path / "a" / f"{k}.parquet" for k in ("studies", "images", "rejects"))
+    )
+    outputs = [tmp_path / "b" / f"{k}.parquet" for k in ("studies", "images", "rejects")]
+    cmd = [sys.executable, "-m", "workflow.ingest", "iu", "--reports", str(reports), "--projections",
+           str(projections), "--studies", str(outputs[0]), "--images", str(outputs[1]), "--rejects",
+           str(outputs[2])]  # fmt: skip
+    subprocess.run(cmd, check=True, capture_output=True, cwd=REPO)
+    for k, path in zip(("studies", "images", "rejects"), outputs, strict=True):
+        assert pq.read_table(path).equals(pq.read_table(tmp_path / "a" / f"{k}.parquet")), k
+
+
 @pytest.mark.skipif(not IU_DIR.is_dir(), reason="IU X-Ray reports not available")
 def test_iu_real_files(tmp_path):
     out = tmp_path / "out"

@@ -56,6 +56,7 @@ def arrow_without_pandas() -> None:
     an explicit ``to_pandas`` / ``from_pandas`` later still imports pandas. Call it from the job's
     ``__main__`` block only: in a process that later converts pandas objects with ``pa.array`` (tests,
     notebooks) they would be read as plain sequences."""
+    global pandas_kept_out
     if "pandas" in sys.modules:
         return
     import pyarrow as pa
@@ -65,3 +66,8 @@ def arrow_without_pandas() -> None:
         pa.array([0])
     finally:
         sys.meta_path.remove(_PandasKeptOut)
+    pandas_kept_out = True
+
+
+# whether this process called arrow_without_pandas (its forked workers inherit what pyarrow remembers)
+pandas_kept_out = False

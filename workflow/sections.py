@@ -62,8 +62,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
+from workflow.cli import arrow_without_pandas, setup_logging
 from workflow.cli import parser as cli_parser
-from workflow.cli import setup_logging
 from workflow.contract import SECTION_NAMES, SECTIONS
 from workflow.tables import Rejects, TableWriter, atomic_path, summary
 
@@ -472,4 +472,5 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    arrow_without_pandas()
     main()

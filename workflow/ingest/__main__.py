@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import os
 
+from workflow.cli import arrow_without_pandas, setup_logging
 from workflow.cli import parser as base_parser
-from workflow.cli import setup_logging
 from workflow.ingest.common import DEFAULT_MAX_REPORT_BYTES, STAGE, InputError, Result
 from workflow.ingest.iu import ingest_iu
 from workflow.ingest.mimic import ingest_mimic
@@ -82,4 +82,7 @@ def main(argv: list[str] | None = None) -> Result:
 
 
 if __name__ == "__main__":
+    # MIMIC ingest hands pyarrow no pandas object (IU's tables are pandas frames: pyarrow must see them)
+    if build_parser().parse_known_args()[0].format == "mimic":
+        arrow_without_pandas()
     main()

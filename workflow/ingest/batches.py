@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from workflow import cli
 from workflow.ingest.common import DEFAULT_MAX_REPORT_BYTES
 from workflow.ingest.sources import BadSymlink, CorruptMember, MemberReader, TooLarge
 
@@ -122,9 +123,11 @@ def reader_pool(spec: tuple, workers: int, max_bytes: int = DEFAULT_MAX_REPORT_B
         yield None
         return
     # pyarrow imports pandas the first time it converts a Python object (a list, a Python scalar in a
-    # compute call), which each worker and this process do: imported before the fork, it is inherited
-    # instead of imported once per worker (~0.3 s CPU each, while the workers should be inflating)
-    import pandas  # noqa: F401
+    # compute call), which each worker and this process do: imported before the fork (or kept out of
+    # pyarrow, as the job's __main__ does), it is inherited instead of imported once per worker (~0.3 s CPU
+    # each, while the workers should be inflating)
+    if not cli.pandas_kept_out:
+        import pandas  # noqa: F401
 
     context = multiprocessing.get_context("fork" if sys.platform.startswith("linux") else "spawn")
     with context.Pool(workers, initializer=_worker_init, initargs=(spec, max_bytes)) as pool:

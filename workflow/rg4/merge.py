@@ -25,8 +25,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from workflow.cli import arrow_without_pandas, setup_logging
 from workflow.cli import parser as cli_parser
-from workflow.cli import setup_logging
 from workflow.contract import (
     LLM_REQUESTS,
     REJECTS,
@@ -196,4 +196,5 @@ def main(argv: list[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
+    arrow_without_pandas()
     main()
