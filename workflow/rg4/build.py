@@ -192,10 +192,7 @@ class RulesJobRunner:
             i = text(job.impression, job.removes)
             if f.foreign or i.foreign:
                 raise_if_corrupt((f, i), job.study_id, job.scenario)
-            if f.changed or i.changed or f.residual or i.residual or not (f.text or i.text):
-                reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
-            else:  # nothing was touched and something is left: what check_edits says first, without the call
-                reason = None
+            reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
             # the edits' counters are shared (cached edits): added only when both count something
             removed = f.removed + i.removed if f.removed and i.removed else f.removed or i.removed
             rephrased = (

@@ -889,10 +889,8 @@ def _edit_worker(keys: list[tuple[str, frozenset]]) -> list[tuple]:
             out.append((edit, None, None, None))
             continue
         before, after = lv(sentence), lv(edit.text or "")
-        if learn:
-            out.append((edit, before == after, names_a_finding(before), names_a_finding(after)))
-        else:
-            out.append((edit, before == after, None, None))
+        finding = (names_a_finding(before), names_a_finding(after)) if learn else (None, None)
+        out.append((edit, before == after, *finding))
     return out
 
 
