@@ -958,6 +958,25 @@ def _sentence_rows(squeezed: str, libs: Libs, conv: Conventions) -> tuple[tuple,
     return tuple(rows)
 
 
+def _sentence_cache(conv: Conventions) -> dict[str, tuple[tuple[tuple, ...], tuple[int, int] | None]]:
+    """The sentence cache of one set of conventions (:data:`_SENTENCE_ROWS`)."""
+    cache = _SENTENCE_ROWS.get(conv)
+    if cache is None:
+        cache = _SENTENCE_ROWS[conv] = {}
+    return cache
+
+
+def _sentence_entry(cache: dict, squeezed: str, libs: Libs, conv: Conventions):
+    """A squeezed sentence's cached rows and the span of its first normal statement, read once (bounded)."""
+    entry = cache.get(squeezed)
+    if entry is None:
+        entry = (_sentence_rows(squeezed, libs, conv), _normal_span(libs.normal_statements, squeezed))
+        if len(cache) >= _SENTENCE_ROWS_MAX:
+            cache.clear()
+        cache[squeezed] = entry
+    return entry
+
+
 def _normal_span(pattern: re.Pattern | None, sentence: str) -> tuple[int, int] | None:
     """Where the first normal statement of ``sentence`` is: its phrases hold no period and ``\\b`` sees the
     same at a sentence's edges, so a section's first one is in its first sentence that has one, at the
@@ -972,20 +991,12 @@ def _section_rows(
     """Append the mention rows of one section (offsets in ``text``) to ``rows`` and their instance keys to
     ``keys``; the section's first normal statement as written (libs/triggers.yaml ``normal_statements``), or
     None."""
-    cache = _SENTENCE_ROWS.get(conv)
-    if cache is None:
-        cache = _SENTENCE_ROWS[conv] = {}
+    cache = _sentence_cache(conv)
     normal = None
     for a, sentence in sentences(normalise(text)):
         spaced = "  " in sentence
         squeezed, starts, dropped = squeeze(sentence) if spaced else (sentence, None, None)
-        entry = cache.get(squeezed)
-        if entry is None:
-            entry = (_sentence_rows(squeezed, libs, conv), _normal_span(libs.normal_statements, squeezed))
-            if len(cache) >= _SENTENCE_ROWS_MAX:
-                cache.clear()
-            cache[squeezed] = entry
-        cached, said = entry
+        cached, said = _sentence_entry(cache, squeezed, libs, conv)
         if said is not None and normal is None:
             # the cache knows whether the sentence has one; where it is in the sentence as written, the
             # written sentence tells
@@ -1174,35 +1185,17 @@ def merge_presence(pairs) -> dict[str, str]:
     return out
 
 
-# Squeezed sentence -> the (name, presence) of its mentions, for label_vector: what _SENTENCE_ROWS holds for
-# study_rows, without the rows' offsets and the normal statement. The rg4 build asks for the labels of ~100k
-# distinct sentences and rewrites per shard, and half of their sentences recur (the rewrites keep the
-# sentences around the part they cut). Bounded.
-_SENTENCE_LABELS: dict[str, tuple[tuple[str, str], ...]] = {}
-
-
-def _sentence_labels(squeezed: str, libs: Libs) -> tuple[tuple[str, str], ...]:
-    return tuple(
-        (m.name, m.presence)
-        for marks, clause in _scan(squeezed, libs)
-        for m in _clause_mentions(marks, clause, squeezed, squeezed, "findings", libs, DEFAULT_CONVENTIONS)
-    )
-
-
 def label_vector(text: str) -> dict[str, str]:
     """Report-level canonical name -> merged presence for a free text (e.g. a rewritten report): the
     merged presence of the mentions :func:`extract_mentions` finds in ``text`` read as findings, each of
-    its sentences read once per process (as :func:`study_rows` reads them: a sentence says the same however
-    it is cased or spaced)."""
+    its sentences read once per process through the sentence cache :func:`study_rows` reads (a sentence
+    says the same however it is cased or spaced; the rg4 build asks for the labels of ~100k texts per
+    shard, and half of their sentences recur)."""
     libs = load_libs()
-    cache = _SENTENCE_LABELS
+    cache = _sentence_cache(DEFAULT_CONVENTIONS)
     pairs: list[tuple[str, str]] = []
     for _, sentence in sentences(normalise(text)):
         squeezed = _SPACE_RUN.sub(" ", sentence) if "  " in sentence else sentence
-        labels = cache.get(squeezed)
-        if labels is None:
-            if len(cache) >= _SENTENCE_ROWS_MAX:
-                cache.clear()
-            labels = cache[squeezed] = _sentence_labels(squeezed, libs)
-        pairs += labels
+        rows, _ = _sentence_entry(cache, squeezed, libs, DEFAULT_CONVENTIONS)
+        pairs += [(row[0], row[1]) for row in rows]  # a cached row: name, presence, ...
     return merge_presence(pairs)
