@@ -304,6 +304,28 @@ def test_shuffle_is_random_shuffle(size):
     assert ours == reference and rng.getstate() == reference_rng.getstate()
 
 
+def test_sentence_spans_are_the_pieces_between_sentence_ends():
+    """sentence_spans finds the ends from their end mark on: the non-blank pieces between the matches of
+    _SENTENCE_END (abbreviations, list numbers, several spaces and newlines between sentences)."""
+    import random
+
+    from workflow.rg4.rewrite import _SENTENCE_END
+
+    def by_end_pattern(text):
+        bounds = [0, *(x for m in _SENTENCE_END.finditer(text) for x in (m.start(), m.end())), len(text)]
+        pairs = zip(bounds[::2], bounds[1::2], strict=True)
+        return [(a, b) for a, b in pairs if text[a:b].strip()]
+
+    rng = random.Random(0)
+    pieces = ["Dr. X", "1. A", "No. 2 tube", "12. B", "e.g. C", "a.m. D", "(E) F", "x", "Y", "?", "!", "."]
+    texts = ["", " ", "A. B.", "\n 1. Lungs clear.  Heart normal! "] + [
+        "".join(rng.choice([*pieces, " ", "  ", "\n", ". "]) for _ in range(rng.randint(1, 12)))
+        for _ in range(5000)
+    ]
+    for text in texts:
+        assert radialog.sentence_spans(text) == by_end_pattern(text), repr(text)
+
+
 def test_continuation_extends_the_conversation():
     turns = [("first {x} question", "a reply }{")]
     before = radialog.conversation("system", [*turns, ("second", None)])
