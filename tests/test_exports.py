@@ -489,6 +489,34 @@ def test_rules_parts_write_the_stage_files(tmp_path):
     assert json.loads(parts["summary"].read_text())["radialog_tasks"]["report_generation"] > 0
 
 
+def test_job_processes_write_the_files_of_the_stage_in_one_process(tmp_path):
+    """``python -m workflow.exports r2gen|radialog`` as the rules run them: each process ends once its
+    files are written without freeing what it built (workflow.cli.exit_leaving_objects), with exit code
+    0, its log flushed and the files of the stage in one process, byte for byte."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    paths = write_inputs(tmp_path, big_corpus())
+    whole = run_exports(paths, tmp_path / "one")
+    parts = exports_outputs(tmp_path / "parts")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for command, last_log in (("r2gen", "r2gen annotation"), ("radialog", "radialog llm tasks")):
+        done = subprocess.run(
+            [sys.executable, "-m", "workflow.exports", *build.rule_args({**paths, **parts}, command)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert last_log in done.stderr.splitlines()[-1]
+    for name in ("r2gen", "radialog_rg", "radialog_ins"):
+        assert parts[name].read_bytes() == whole[name].read_bytes(), name
+    assert read_table(parts["r2gen_rejects"]).equals(read_table(whole["rejects"]))
+
+
 def test_region_qa_without_evidence_spans():
     """LLM findings may come without spans: a positive finding still answers "yes", by name."""
     import random
