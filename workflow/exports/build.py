@@ -47,7 +47,7 @@ from workflow.cli import add_llm_task_args, exit_leaving_objects, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.exports import r2gen
 from workflow.exports import summary as exports_summary
-from workflow.tables import Rejects, atomic_path, read_table, write_json
+from workflow.tables import Rejects, atomic_path, read_table, write_json, write_requests
 
 # RaDialog's modules (its builder, prompt sources, the LLM layer) are imported where the RaDialog part
 # runs: the R2Gen job needs none of them
@@ -349,7 +349,6 @@ def _radialog(
     """The RaDialog part from its command line; (its summary part, its LLM_REQUESTS rows); ``keep``: as
     :func:`radialog_part`'s."""
     from workflow.exports import prompt_source
-    from workflow.exports.llm_tasks import InstructGenerator
 
     prompts = (
         prompt_source.load(args.radialog_prompts_from, args.radialog_prompt_key)
@@ -362,6 +361,8 @@ def _radialog(
     if args.llm_config:
         if not args.llm_cache:
             p.error("--llm-config needs --llm-cache")
+        from workflow.exports.llm_tasks import InstructGenerator
+
         generator = InstructGenerator.from_config(
             args.llm_config,
             args.llm_cache,
@@ -405,8 +406,6 @@ def main(argv: list[str] | None = None, exit_when_done: bool = False) -> dict:
         if exit_when_done:
             exit_leaving_objects()
         return part
-    from workflow.llm.stages import write_requests
-
     inputs = _read_inputs(args, command)
     built: list = []  # the RaDialog builder and records, freed on return (or left to the exit)
     if command == "radialog":
