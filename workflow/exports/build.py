@@ -42,6 +42,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from workflow.cli import add_llm_task_args, exit_leaving_objects, setup_logging
 from workflow.cli import parser as cli_parser
@@ -219,7 +220,9 @@ def rejects_for(studies: pd.DataFrame, sections: pd.DataFrame, exported: set[int
     only the sections of studies in no export are read)."""
     rejects = Rejects(STAGE)
     study_ids = studies["study_id"].to_numpy(dtype=np.int64)
-    rejected = ~np.isin(study_ids, np.fromiter(exported, dtype=np.int64, count=len(exported)))
+    # Arrow's hash lookup: numpy's isin sorts both (~0.12 -> 0.05 s CPU at 227,835 studies)
+    exported_ids = pa.array(list(exported), pa.int64())
+    rejected = ~pc.is_in(pa.array(study_ids), value_set=exported_ids).to_numpy(zero_copy_only=False)
     study_ids = study_ids[rejected]
     sections = sections[np.isin(sections["study_id"].to_numpy(dtype=np.int64), study_ids)]
     with_findings = sections.loc[sections["findings"].fillna("").str.strip() != "", "study_id"]
