@@ -304,6 +304,28 @@ def test_shuffle_is_random_shuffle(size):
     assert ours == reference and rng.getstate() == reference_rng.getstate()
 
 
+def test_sentence_spans_are_the_pieces_between_sentence_ends():
+    """sentence_spans finds the ends from their end mark on: the non-blank pieces between the matches of
+    _SENTENCE_END (abbreviations, list numbers, several spaces and newlines between sentences)."""
+    import random
+
+    from workflow.rg4.rewrite import _SENTENCE_END
+
+    def by_end_pattern(text):
+        bounds = [0, *(x for m in _SENTENCE_END.finditer(text) for x in (m.start(), m.end())), len(text)]
+        pairs = zip(bounds[::2], bounds[1::2], strict=True)
+        return [(a, b) for a, b in pairs if text[a:b].strip()]
+
+    rng = random.Random(0)
+    pieces = ["Dr. X", "1. A", "No. 2 tube", "12. B", "e.g. C", "a.m. D", "(E) F", "x", "Y", "?", "!", "."]
+    texts = ["", " ", "A. B.", "\n 1. Lungs clear.  Heart normal! "] + [
+        "".join(rng.choice([*pieces, " ", "  ", "\n", ". "]) for _ in range(rng.randint(1, 12)))
+        for _ in range(5000)
+    ]
+    for text in texts:
+        assert radialog.sentence_spans(text) == by_end_pattern(text), repr(text)
+
+
 def test_continuation_extends_the_conversation():
     turns = [("first {x} question", "a reply }{")]
     before = radialog.conversation("system", [*turns, ("second", None)])
@@ -465,6 +487,34 @@ def test_rules_parts_write_the_stage_files(tmp_path):
     for name in ("r2gen", "radialog_rg", "radialog_ins", "summary", "card", "rejects", "llm_requests"):
         assert parts[name].read_bytes() == whole[name].read_bytes(), name
     assert json.loads(parts["summary"].read_text())["radialog_tasks"]["report_generation"] > 0
+
+
+def test_job_processes_write_the_files_of_the_stage_in_one_process(tmp_path):
+    """``python -m workflow.exports r2gen|radialog`` as the rules run them: each process ends once its
+    files are written without freeing what it built (workflow.cli.exit_leaving_objects), with exit code
+    0, its log flushed and the files of the stage in one process, byte for byte."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    paths = write_inputs(tmp_path, big_corpus())
+    whole = run_exports(paths, tmp_path / "one")
+    parts = exports_outputs(tmp_path / "parts")
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    for command, last_log in (("r2gen", "r2gen annotation"), ("radialog", "radialog llm tasks")):
+        done = subprocess.run(
+            [sys.executable, "-m", "workflow.exports", *build.rule_args({**paths, **parts}, command)],
+            env=env,
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert last_log in done.stderr.splitlines()[-1]
+    for name in ("r2gen", "radialog_rg", "radialog_ins"):
+        assert parts[name].read_bytes() == whole[name].read_bytes(), name
+    assert read_table(parts["r2gen_rejects"]).equals(read_table(whole["rejects"]))
 
 
 def test_region_qa_without_evidence_spans():

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 
 def setup_logging(verbose: bool = False) -> None:
@@ -16,6 +18,17 @@ def setup_logging(verbose: bool = False) -> None:
         stream=sys.stderr,
         force=True,
     )
+
+
+def exit_leaving_objects() -> NoReturn:
+    """End the process once a job's outputs are written and closed, without freeing its objects one by
+    one: the teardown returns nothing to the OS that the exit does not, and costs CPU where a job holds
+    many (the RaDialog export's ~640k encoded records and 257k images at 227,835 studies: ~0.7 s). The
+    log and stdio are flushed first. Only a job's ``__main__`` calls it (tests call ``main`` and go on)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def parser(description: str) -> argparse.ArgumentParser:

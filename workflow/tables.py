@@ -20,7 +20,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workflow.contract import REJECTS
+from workflow.contract import LLM_REQUESTS, REJECTS
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +182,12 @@ class Rejects:
 
     def write(self, path: str | os.PathLike) -> None:
         write_table(pa.Table.from_pydict(self.rows, schema=REJECTS), path, REJECTS)
+
+
+def write_requests(rows: list[dict], path) -> None:
+    """The ``LLM_REQUESTS`` table of a stage's requests (here, not in the LLM layer: a stage that asked
+    no LLM writes its empty table without importing that layer)."""
+    write_table(pa.Table.from_pylist(rows, schema=LLM_REQUESTS), path, LLM_REQUESTS)
 
 
 def summary(stage: str, n_in: int, n_out: int, n_rejected: int) -> str:

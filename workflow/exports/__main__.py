@@ -8,4 +8,4 @@ if sys.argv[1:2] == ["summary"]:
 else:
     from workflow.exports.build import main
 
-    main()
+    main(exit_when_done=True)

@@ -42,12 +42,13 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 
-from workflow.cli import add_llm_task_args, setup_logging
+from workflow.cli import add_llm_task_args, exit_leaving_objects, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.exports import r2gen
 from workflow.exports import summary as exports_summary
-from workflow.tables import Rejects, atomic_path, read_table, write_json
+from workflow.tables import Rejects, atomic_path, read_table, write_json, write_requests
 
 # RaDialog's modules (its builder, prompt sources, the LLM layer) are imported where the RaDialog part
 # runs: the R2Gen job needs none of them
@@ -171,10 +172,13 @@ def radialog_part(
     seed: int = 0,
     prompts: ExternalPrompts | None = None,
     generator: InstructGenerator | None = None,
+    keep: list | None = None,
 ) -> dict:
     """Write the RaDialog RG and INS files; their part of the summary. ``prompts``: RaDialog's own RG
     instruction and system message (:func:`workflow.exports.prompt_source.load`), else our paraphrases;
-    ``generator``: the LLM layer for the easy-language and reasoning tasks (None: not built)."""
+    ``generator``: the LLM layer for the easy-language and reasoning tasks (None: not built); ``keep``:
+    a list the builder and the records are appended to (the caller frees them, or ends the process
+    without: :func:`workflow.cli.exit_leaving_objects`)."""
     from workflow.exports import llm_tasks, radialog
 
     prompt_info = prompt_summary(prompts)
@@ -184,6 +188,8 @@ def radialog_part(
     for records, path in ((rg, rg_path), (ins, ins_path)):
         with atomic_path(path) as tmp, open(tmp, "wb") as fh:
             radialog.write_json_list(records, fh)
+    if keep is not None:
+        keep.append((builder, rg, ins))
     if generator is None:
         log.info("radialog llm tasks: %s", llm_tasks.ABSENT)
     n_rg = task_counts["report_generation"]
@@ -214,7 +220,9 @@ def rejects_for(studies: pd.DataFrame, sections: pd.DataFrame, exported: set[int
     only the sections of studies in no export are read)."""
     rejects = Rejects(STAGE)
     study_ids = studies["study_id"].to_numpy(dtype=np.int64)
-    rejected = ~np.isin(study_ids, np.fromiter(exported, dtype=np.int64, count=len(exported)))
+    # Arrow's hash lookup: numpy's isin sorts both (~0.12 -> 0.05 s CPU at 227,835 studies)
+    exported_ids = pa.array(list(exported), pa.int64())
+    rejected = ~pc.is_in(pa.array(study_ids), value_set=exported_ids).to_numpy(zero_copy_only=False)
     study_ids = study_ids[rejected]
     sections = sections[np.isin(sections["study_id"].to_numpy(dtype=np.int64), study_ids)]
     with_findings = sections.loc[sections["findings"].fillna("").str.strip() != "", "study_id"]
@@ -338,10 +346,12 @@ def _r2gen(args, studies, images, sections) -> tuple[dict, Rejects]:
     )
 
 
-def _radialog(p: argparse.ArgumentParser, args, studies, images, sections, findings) -> tuple[dict, list]:
-    """The RaDialog part from its command line; (its summary part, its LLM_REQUESTS rows)."""
+def _radialog(
+    p: argparse.ArgumentParser, args, studies, images, sections, findings, keep: list | None = None
+) -> tuple[dict, list]:
+    """The RaDialog part from its command line; (its summary part, its LLM_REQUESTS rows); ``keep``: as
+    :func:`radialog_part`'s."""
     from workflow.exports import prompt_source
-    from workflow.exports.llm_tasks import InstructGenerator
 
     prompts = (
         prompt_source.load(args.radialog_prompts_from, args.radialog_prompt_key)
@@ -354,6 +364,8 @@ def _radialog(p: argparse.ArgumentParser, args, studies, images, sections, findi
     if args.llm_config:
         if not args.llm_cache:
             p.error("--llm-config needs --llm-cache")
+        from workflow.exports.llm_tasks import InstructGenerator
+
         generator = InstructGenerator.from_config(
             args.llm_config,
             args.llm_cache,
@@ -370,11 +382,14 @@ def _radialog(p: argparse.ArgumentParser, args, studies, images, sections, findi
         args.seed,
         prompts,
         generator,
+        keep,
     )
     return part, generator.requests if generator else []
 
 
-def main(argv: list[str] | None = None) -> dict:
+def main(argv: list[str] | None = None, exit_when_done: bool = False) -> dict:
+    """Run a command line (``argv``; None: the process's). ``exit_when_done``: end the process once the
+    outputs are written, without freeing what it built (``python -m workflow.exports``)."""
     argv = sys.argv[1:] if argv is None else list(argv)
     command = argv[0] if argv[:1] and argv[0] in COMMANDS else None
     if command == "summary":
@@ -387,27 +402,33 @@ def main(argv: list[str] | None = None) -> dict:
     # system allocator hands it back to the Python objects that fill the rest of the run
     pa.set_memory_pool(pa.system_memory_pool())
     if command == "r2gen":
-        part, rejects = _r2gen(args, *_read_inputs(args, command))
+        inputs = _read_inputs(args, command)
+        part, rejects = _r2gen(args, *inputs)
         rejects.write(args.rejects)
         write_json(part, args.part)
+        if exit_when_done:
+            exit_leaving_objects()
         return part
-    from workflow.llm.stages import write_requests
-
     inputs = _read_inputs(args, command)
+    built: list = []  # the RaDialog builder and records, freed on return (or left to the exit)
     if command == "radialog":
-        part, requests = _radialog(p, args, *inputs)
+        part, requests = _radialog(p, args, *inputs, keep=built)
         if args.llm_requests:
             write_requests(requests, args.llm_requests)
         write_json(part, args.part)
+        if exit_when_done:
+            exit_leaving_objects()
         return part
     r2gen_info, rejects = _r2gen(args, *inputs[:3])
-    radialog_info, requests = _radialog(p, args, *inputs)
+    radialog_info, requests = _radialog(p, args, *inputs, keep=built)
     counts = exports_summary.write_summary(r2gen_info, radialog_info, args.summary, args.card)
     rejects.write(args.rejects)
     if args.llm_requests:
         write_requests(requests, args.llm_requests)
+    if exit_when_done:
+        exit_leaving_objects()
     return counts
 
 
 if __name__ == "__main__":
-    main()
+    main(exit_when_done=True)

@@ -22,9 +22,12 @@ import re
 import shlex
 from collections import Counter
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from workflow.llm import Request, build_request, load_executor_config, run_requests
-from workflow.llm.stages import load_config, request_row
+# the LLM layer (asyncio, jinja2, the findings parsers) is imported where a generator runs: the rules
+# backend's RaDialog job reads only ABSENT from here (~0.1 s CPU of imports less)
+if TYPE_CHECKING:
+    from workflow.llm import Request
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +100,16 @@ class InstructGenerator:
     ) -> InstructGenerator:
         """From the workflow config (``{"corpus": {...}, "llm": {...}}``): a settings file, as rules/common.smk
         writes it, or the JSON itself."""
+        from workflow.llm import load_executor_config
+        from workflow.llm.stages import load_config
+
         config = load_config(config_json)
         config.setdefault("llm", {})[STAGE] = {"endpoint": endpoint}
         return cls(load_executor_config(config, STAGE), cache_path, params)
 
     def request(self, task: str, findings: str, diagnoses: list[str], study_id: int) -> Request:
+        from workflow.llm import build_request
+
         variables = {"findings": findings}
         if task == "reasoning":
             variables["diagnoses"] = diagnoses
@@ -119,6 +127,9 @@ class InstructGenerator:
         """Jobs ``(task, dicom, study id, findings text, diagnoses)`` → ``{(task, dicom): answer}`` (usable
         ones). ``requests`` then holds the LLM_REQUESTS row of each distinct request (images of one study
         share one), so the report counts what was sent like every other LLM stage's."""
+        from workflow.llm import run_requests
+        from workflow.llm.stages import request_row
+
         keys = {}
         for task, dicom, study_id, findings, diagnoses in jobs:
             keys[(task, dicom)] = self.request(task, findings, diagnoses, study_id)

@@ -40,12 +40,13 @@ from typing import NamedTuple
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import pyarrow.compute as pc
 import yaml
 
 from workflow.exports.prompt_source import ExternalPrompts
 from workflow.keyinfo.libs import load_libs
-from workflow.rg4.rewrite import _SENTENCE_END
+from workflow.rg4.rewrite import _SENTENCE_BREAK
 
 PROMPTS_PATH = Path(__file__).resolve().parents[2] / "libs" / "radialog_prompts.yaml"
 _SLOT = re.compile(r"\{(\w+)\}")
@@ -202,9 +203,12 @@ def findings_slot(labels: list[str], prompts: dict) -> str:
 
 
 def sentence_spans(text: str) -> list[tuple[int, int]]:
+    """The non-blank pieces of ``text`` between the matches of ``_SENTENCE_END``, as (start, end)."""
     spans, start = [], 0
-    for m in _SENTENCE_END.finditer(text):
-        spans.append((start, m.start()))
+    # _SENTENCE_BREAK: the same ends matched from their end mark on (kept in the sentence), which the
+    # regex engine finds faster than _SENTENCE_END's leading lookbehind
+    for m in _SENTENCE_BREAK.finditer(text):
+        spans.append((start, m.start() + 1))
         start = m.end()
     spans.append((start, len(text)))
     return [(a, b) for a, b in spans if text[a:b].strip()]
@@ -524,7 +528,8 @@ def train_images(
     sec = sec.drop_duplicates("study_id")
     sec = sec.loc[sec["has_findings"], ["study_id", "sec_row"]]
     img = images[["dicom_id", "study_id"]].merge(st, on="study_id").merge(sec, on="study_id")
-    img = img.sort_values("dicom_id", kind="stable")
+    # Arrow's stable sort, as ``sort_values(kind="stable")``, without pandas factorising the strings first
+    img = img.take(pc.sort_indices(pa.array(img["dicom_id"])).to_numpy())
     sec_rows = np.unique(img["sec_row"].to_numpy())
     # sec_row -> what the study's images share: findings, impression, labels, uncertain labels, RG target
     shared: dict[int, tuple] = {}

@@ -31,7 +31,7 @@ from workflow.llm.findings import (
     rules_positive_names,
     standardise_answer,
 )
-from workflow.tables import read_table, summary, write_table
+from workflow.tables import read_table, summary, write_requests, write_table
 
 log = logging.getLogger(__name__)
 TEMPLATE = "followup.j2"
@@ -196,7 +196,7 @@ def run_round(args, config) -> None:
     write_table(pa.Table.from_pandas(all_asked, schema=ASKED, preserve_index=False), args.asked, ASKED)
     write_table(pa.Table.from_pylist(stats, schema=LLM_FOLLOWUP_STATS), args.stats, LLM_FOLLOWUP_STATS)
     # This round's requests only, once each: the report adds the rounds up.
-    stages.write_requests(stages.request_rows(answers, "followup", round_, cfg), args.requests)
+    write_requests(stages.request_rows(answers, "followup", round_, cfg), args.requests)
     log.info(
         "followup round %d: %d missed, %d disagreements, %d asked, %d answered, %d changed%s",
         round_,

@@ -29,7 +29,7 @@ from workflow.llm.findings import (
     report_text,
     rules_positive_names,
 )
-from workflow.tables import Rejects, atomic_path, read_table, summary, write_table
+from workflow.tables import Rejects, atomic_path, read_table, summary, write_requests, write_table
 
 log = logging.getLogger(__name__)
 TEMPLATE = "keyinfo.j2"
@@ -170,7 +170,7 @@ def main(argv=None) -> None:
         LLM_GOLD_SAMPLE,
     )
     write_table(findings_table(rows), args.findings, FINDINGS)
-    stages.write_requests(stages.request_rows(answers, "gold", 0, cfg), args.requests)
+    write_requests(stages.request_rows(answers, "gold", 0, cfg), args.requests)
     rejects.write(args.rejects)
     if n_flagged:
         log.warning("gold: %d answer(s) flagged against the rules, kept out of sft.jsonl", n_flagged)

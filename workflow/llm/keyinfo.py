@@ -34,7 +34,7 @@ from workflow.llm.findings import (
     write_audit,
 )
 from workflow.llm.followup import ASKED, empty_asked, followup_targets
-from workflow.tables import Rejects, read_table, summary, write_table
+from workflow.tables import Rejects, read_table, summary, write_requests, write_table
 
 log = logging.getLogger(__name__)
 TEMPLATE = "keyinfo.j2"
@@ -77,7 +77,7 @@ def run_shard(args, config) -> None:
         rows += new
     write_audit(audit, args.audit)
     write_table(findings_table(rows), args.findings, FINDINGS)
-    stages.write_requests(stages.request_rows(answers, "keyinfo", 0, cfg), args.requests)
+    write_requests(stages.request_rows(answers, "keyinfo", 0, cfg), args.requests)
     rejects.write(args.rejects)
     summary(
         f"llm_keyinfo shard {args.shard}/{args.shards}", len(part), len(part) - len(rejects), len(rejects)

@@ -8,16 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
-import pyarrow as pa
 
-from workflow.contract import LLM_REQUESTS
 from workflow.llm import accounting
 from workflow.llm.answers import extract_json, findings_of
 from workflow.llm.cache import Result
 from workflow.llm.findings import standardise_answer
 from workflow.llm.request import Request, build_request
 from workflow.llm.run import load_executor_config, run_requests
-from workflow.tables import read_table, write_table
+from workflow.tables import read_table
 
 log = logging.getLogger(__name__)
 
@@ -165,10 +163,6 @@ def request_rows(answers: list[Answer], stage: str, round_: int | None, cfg: dic
         )
         for a in answers
     ]
-
-
-def write_requests(rows: list[dict], path) -> None:
-    write_table(pa.Table.from_pylist(rows, schema=LLM_REQUESTS), path, LLM_REQUESTS)
 
 
 def reject_reason(a: Answer) -> tuple[str, str]:
