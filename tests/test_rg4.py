@@ -18,6 +18,7 @@ from workflow.contract import (
     RG4_COUNTS,
     RG4_RECORDS,
     RG4_REWRITE_STATS,
+    RG4_SPLITS,
     SECTIONS,
     STUDIES,
 )
@@ -1092,3 +1093,34 @@ def test_loader_lines_are_written_as_their_utf8_text():
         out = io.BytesIO()
         rg4._write_utf8(out, values)
         assert out.getvalue() == "".join(values.to_pylist()).encode("utf-8")
+
+
+def test_merged_loader_json_is_json_dumps_of_the_shards_records(tmp_path):
+    """The merge joins the shards' loader lines into what ``json.dumps(..., ensure_ascii=False)`` writes for
+    the whole document: records by (split, position) over the shards, escaped and non-ASCII text as the
+    shards wrote it, a split without records as ``[]``, a shard without lines."""
+    from workflow.rg4 import merge
+
+    records = {  # (split, position) -> record
+        (0, 3): {"finding": 'tab\there, "quoted", back\\slash\nline', "new_scores": [0, 1]},
+        (0, 10): {"finding": "é → 1 cm\u2028", "indication": 0},
+        (0, 7): {"impression": "\r\x1f"},
+        (2, 1): {"finding": "s", "history": "x" * 300},
+        (2, 12): {},
+    }
+    shards = [[(0, 3), (0, 10), (2, 12)], [(0, 7), (2, 1)], []]
+    parts = []
+    for k, keys in enumerate(shards):
+        parts.append(tmp_path / f"shard{k}.jsonl")
+        parts[-1].write_text(
+            "".join(f"{s}\t{p}\t{json.dumps(records[(s, p)], ensure_ascii=False)}\n" for s, p in keys),
+            encoding="utf-8",
+        )
+    out = tmp_path / "merged.json"
+    assert merge.merge_loader_json(parts, out) == len(records)
+    expected = {
+        name: [records[key] for key in sorted(records) if key[0] == k] for k, name in enumerate(RG4_SPLITS)
+    }
+    assert out.read_bytes() == json.dumps(expected, ensure_ascii=False).encode("utf-8")
+    assert merge.merge_loader_json(parts[2:], out) == 0
+    assert out.read_bytes() == json.dumps({name: [] for name in RG4_SPLITS}).encode()
