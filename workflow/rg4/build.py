@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from workflow.cli import add_llm_task_args, setup_logging
 from workflow.cli import parser as cli_parser
@@ -181,6 +180,8 @@ class RulesJobRunner:
         return outcomes
 
     def _run_range(self, jobs: list[Job], start: int, end: int, mark_same: bool = False) -> list[Outcome]:
+        from tqdm import tqdm  # here: the merge imports this module and has no progress to show
+
         rw, lv = self.rewriter, self.label_vector
         text = rw.text
         same = rw.labels_check(lv)  # (before, after): whether their labels agree

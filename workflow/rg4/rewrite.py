@@ -25,8 +25,6 @@ from functools import cache
 from operator import add, itemgetter
 from pathlib import Path
 
-import yaml
-
 log = logging.getLogger(__name__)
 RULES_PATH = Path(__file__).resolve().parents[2] / "libs" / "rg4_rules.yaml"
 CATEGORIES = ("pc", "pp", "comm", "view")
@@ -186,6 +184,8 @@ def _union(patterns: list[str]) -> str:
 
 @cache
 def load_rules(path: str | None = None) -> RuleSet:
+    import yaml  # here: importers of this module that read no rules (the rg4 merge) need no YAML parser
+
     data = yaml.safe_load(Path(path or RULES_PATH).read_text())
     detect = {cat: re.compile(_union(data["detect"][cat])) for cat in CATEGORIES}
     rules = {
