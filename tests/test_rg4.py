@@ -555,6 +555,45 @@ def test_rephrasing_remembered_across_sentences_as_made_alone():
             assert shared == rewrite_sentence(sentence, removes, RULES), (sentence, removes)
 
 
+def test_job_runner_outcomes_as_each_target_rewritten_and_checked_alone():
+    """The job runner's shortcuts (edits made for all targets at once, a text's edit assembled from its
+    flagged sentences, a study's next scenario taking the previous outcome when it gets the same edits):
+    each job's outcome as a fresh rewriter's edits of its two texts and check_edits give it alone."""
+    sentences = [s for s in _fast_path_inputs() if s]
+    texts = [" ".join(sentences[k : k + 3]) for k in range(0, len(sentences), 3)]
+    texts += ["1. Stable cardiomegaly. 2. Findings discussed with Dr. ___ at 10:15. 3. No effusion."]
+    pairs = [(f, i) for f, i in zip(texts, texts[1:] + [None], strict=True)] + [(None, t) for t in texts[::5]]
+    jobs = [
+        rg4.Job(k, scenario, f, i, REMOVES[scenario])
+        for k, (f, i) in enumerate(pairs + pairs[:3])  # a study's texts again, under another study
+        for scenario in ("sn", "sw", "mn", "mw")
+    ]
+    outcomes = rg4.RulesJobRunner(label_vector).run(jobs)
+    reasons = set()
+    for job, got in zip(jobs, outcomes, strict=True):
+        alone = RulesRewriter(label_vector=label_vector)
+        f, i = alone.text(job.finding, job.removes), alone.text(job.impression, job.removes)
+        reason = check_edits((job.finding, job.impression), (f, i), job.removes, label_vector)
+        expected = (
+            f.text,
+            i.text,
+            reason,
+            f.sentences + i.sentences,
+            f.removed + i.removed,
+            f.rephrased + i.rephrased,
+        )
+        assert (
+            got.finding,
+            got.impression,
+            got.reason,
+            got.sentences,
+            got.removed,
+            got.rephrased,
+        ) == expected, job
+        reasons.add(reason)
+    assert None in reasons and len(reasons) > 1  # accepted and dropped targets both
+
+
 def test_normalise_space_as_split_and_join():
     """The already-single-spaced shortcut: every white space character but " " is unprintable, and texts of
     any white space come out as " ".join(text.split())."""
