@@ -18,6 +18,7 @@ from workflow.contract import (
     RG4_COUNTS,
     RG4_RECORDS,
     RG4_REWRITE_STATS,
+    RG4_SPLITS,
     SECTIONS,
     STUDIES,
 )
@@ -552,6 +553,45 @@ def test_rephrasing_remembered_across_sentences_as_made_alone():
         for sentence in sentences + sentences[::-1]:
             shared = rewrite_sentence(sentence, removes, RULES, None, None, memo, detected)
             assert shared == rewrite_sentence(sentence, removes, RULES), (sentence, removes)
+
+
+def test_job_runner_outcomes_as_each_target_rewritten_and_checked_alone():
+    """The job runner's shortcuts (edits made for all targets at once, a text's edit assembled from its
+    flagged sentences, a study's next scenario taking the previous outcome when it gets the same edits):
+    each job's outcome as a fresh rewriter's edits of its two texts and check_edits give it alone."""
+    sentences = [s for s in _fast_path_inputs() if s]
+    texts = [" ".join(sentences[k : k + 3]) for k in range(0, len(sentences), 3)]
+    texts += ["1. Stable cardiomegaly. 2. Findings discussed with Dr. ___ at 10:15. 3. No effusion."]
+    pairs = [(f, i) for f, i in zip(texts, texts[1:] + [None], strict=True)] + [(None, t) for t in texts[::5]]
+    jobs = [
+        rg4.Job(k, scenario, f, i, REMOVES[scenario])
+        for k, (f, i) in enumerate(pairs + pairs[:3])  # a study's texts again, under another study
+        for scenario in ("sn", "sw", "mn", "mw")
+    ]
+    outcomes = rg4.RulesJobRunner(label_vector).run(jobs)
+    reasons = set()
+    for job, got in zip(jobs, outcomes, strict=True):
+        alone = RulesRewriter(label_vector=label_vector)
+        f, i = alone.text(job.finding, job.removes), alone.text(job.impression, job.removes)
+        reason = check_edits((job.finding, job.impression), (f, i), job.removes, label_vector)
+        expected = (
+            f.text,
+            i.text,
+            reason,
+            f.sentences + i.sentences,
+            f.removed + i.removed,
+            f.rephrased + i.rephrased,
+        )
+        assert (
+            got.finding,
+            got.impression,
+            got.reason,
+            got.sentences,
+            got.removed,
+            got.rephrased,
+        ) == expected, job
+        reasons.add(reason)
+    assert None in reasons and len(reasons) > 1  # accepted and dropped targets both
 
 
 def test_normalise_space_as_split_and_join():
@@ -1092,3 +1132,34 @@ def test_loader_lines_are_written_as_their_utf8_text():
         out = io.BytesIO()
         rg4._write_utf8(out, values)
         assert out.getvalue() == "".join(values.to_pylist()).encode("utf-8")
+
+
+def test_merged_loader_json_is_json_dumps_of_the_shards_records(tmp_path):
+    """The merge joins the shards' loader lines into what ``json.dumps(..., ensure_ascii=False)`` writes for
+    the whole document: records by (split, position) over the shards, escaped and non-ASCII text as the
+    shards wrote it, a split without records as ``[]``, a shard without lines."""
+    from workflow.rg4 import merge
+
+    records = {  # (split, position) -> record
+        (0, 3): {"finding": 'tab\there, "quoted", back\\slash\nline', "new_scores": [0, 1]},
+        (0, 10): {"finding": "é → 1 cm\u2028", "indication": 0},
+        (0, 7): {"impression": "\r\x1f"},
+        (2, 1): {"finding": "s", "history": "x" * 300},
+        (2, 12): {},
+    }
+    shards = [[(0, 3), (0, 10), (2, 12)], [(0, 7), (2, 1)], []]
+    parts = []
+    for k, keys in enumerate(shards):
+        parts.append(tmp_path / f"shard{k}.jsonl")
+        parts[-1].write_text(
+            "".join(f"{s}\t{p}\t{json.dumps(records[(s, p)], ensure_ascii=False)}\n" for s, p in keys),
+            encoding="utf-8",
+        )
+    out = tmp_path / "merged.json"
+    assert merge.merge_loader_json(parts, out) == len(records)
+    expected = {
+        name: [records[key] for key in sorted(records) if key[0] == k] for k, name in enumerate(RG4_SPLITS)
+    }
+    assert out.read_bytes() == json.dumps(expected, ensure_ascii=False).encode("utf-8")
+    assert merge.merge_loader_json(parts[2:], out) == 0
+    assert out.read_bytes() == json.dumps({name: [] for name in RG4_SPLITS}).encode()

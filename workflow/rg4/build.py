@@ -43,7 +43,6 @@ from typing import TYPE_CHECKING
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-from tqdm import tqdm
 
 from workflow.cli import add_llm_task_args, setup_logging
 from workflow.cli import parser as cli_parser
@@ -181,15 +180,28 @@ class RulesJobRunner:
         return outcomes
 
     def _run_range(self, jobs: list[Job], start: int, end: int, mark_same: bool = False) -> list[Outcome]:
+        from tqdm import tqdm  # here: the merge imports this module and has no progress to show
+
         rw, lv = self.rewriter, self.label_vector
         text = rw.text
         same = rw.labels_check(lv)  # (before, after): whether their labels agree
         outcomes = []
+        # a study's scenarios often get the same edits of its texts (sn and mn remove the same categories
+        # from most: the cached edits are the same objects); the outcome then is the previous one, unless
+        # the categories removed matter (check_edits asks them only of a residue)
+        last_f = last_i = last_removes = last = None
         for job in tqdm(
             jobs[start:end], desc="rg4 rewrite (rules)", unit="target", mininterval=5, disable=None
         ):
             f = text(job.finding, job.removes)
             i = text(job.impression, job.removes)
+            if (
+                f is last_f
+                and i is last_i
+                and (job.removes is last_removes or not (f.residual or i.residual))
+            ):
+                outcomes.append(last)
+                continue
             if f.foreign or i.foreign:
                 raise_if_corrupt((f, i), job.study_id, job.scenario)
             reason = check_edits((job.finding, job.impression), (f, i), job.removes, lv, same)
@@ -215,6 +227,7 @@ class RulesJobRunner:
                 outcomes.append(
                     Outcome(f.text, i.text, reason, None, f.sentences + i.sentences, removed, rephrased)
                 )
+            last_f, last_i, last_removes, last = f, i, job.removes, outcomes[-1]
         return outcomes
 
 

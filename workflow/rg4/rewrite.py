@@ -25,8 +25,6 @@ from functools import cache
 from operator import add, itemgetter
 from pathlib import Path
 
-import yaml
-
 log = logging.getLogger(__name__)
 RULES_PATH = Path(__file__).resolve().parents[2] / "libs" / "rg4_rules.yaml"
 CATEGORIES = ("pc", "pp", "comm", "view")
@@ -186,6 +184,8 @@ def _union(patterns: list[str]) -> str:
 
 @cache
 def load_rules(path: str | None = None) -> RuleSet:
+    import yaml  # here: importers of this module that read no rules (the rg4 merge) need no YAML parser
+
     data = yaml.safe_load(Path(path or RULES_PATH).read_text())
     detect = {cat: re.compile(_union(data["detect"][cat])) for cat in CATEGORIES}
     rules = {
@@ -599,6 +599,11 @@ class TextEdit:
 NO_TEXT = TextEdit(None, 0, NO_COUNTS, NO_COUNTS)  # the edit of no text (shared, never mutated)
 
 
+def _flagged(sentences: list[str], found: tuple[frozenset[str], ...]) -> tuple:
+    """:attr:`_Text.flagged` of a text's ``sentences`` and their categories ``found``."""
+    return tuple((k, s, cats) for k, (s, cats) in enumerate(zip(sentences, found, strict=True)) if cats)
+
+
 @dataclass(slots=True)
 class _Text:
     """What the rewriter knows of a text: its sentences, their categories (all of them, not only those a
@@ -608,8 +613,9 @@ class _Text:
     # normalise_space(text): the text itself where it is single-spaced already (most are), else " ".join of
     # the sentences (they were split from it at spaces)
     spaced: str
-    found: tuple[frozenset[str], ...] = ()
-    categories: frozenset[str] = frozenset()
+    # (position, sentence, its categories) of the sentences with categories, in order
+    flagged: tuple[tuple[int, str, frozenset[str]], ...] = ()
+    categories: frozenset[str] = frozenset()  # the union of its sentences' categories
     as_written: TextEdit | None = None
 
 
@@ -679,9 +685,11 @@ class RulesRewriter:
         self._found.update(zip(todo, [shared.setdefault(c, c) for c in found], strict=True))
         found_of = self._found.__getitem__
         for record in new_texts:
-            record.found = found = tuple(map(found_of, record.sentences))
+            found = tuple(map(found_of, record.sentences))
             categories = frozenset().union(*found)
             record.categories = shared.setdefault(categories, categories)
+            if categories:
+                record.flagged = _flagged(record.sentences, found)
         # the (sentence, categories to remove that it contains) edits the items ask for: the sentences of the
         # texts are gathered by the categories removed from them (few distinct sets), each visited once per set
         edits = self._edits
@@ -774,8 +782,9 @@ class RulesRewriter:
         if record is None:
             spaced = normalise_space(text)
             record = self._texts[text] = _Text(_split_single_spaced(spaced), spaced)
-            record.found = tuple(map(self.found, record.sentences))
-            record.categories = frozenset().union(*record.found)
+            found = tuple(map(self.found, record.sentences))
+            record.categories = frozenset().union(*found)
+            record.flagged = _flagged(record.sentences, found)
         return record
 
     def split(self, text: str) -> list[str]:
@@ -809,41 +818,41 @@ class RulesRewriter:
         cached = self._text_edits.get(key)
         if cached is not None:
             return cached
-        kept, removed, rephrased, changed, residual = [], [], [], [], set()
-        keep = kept.append
-        foreign, lost = None, False
-        edits = self._edits
-        for s, found in zip(sentences, record.found, strict=True):
-            if not found or found.isdisjoint(eff):  # kept as written (what self.sentence would say,
-                # without making the edit)
-                keep(s)
+        # the sentences as written, those with categories to remove replaced by their edits (None: removed);
+        # only the flagged sentences are visited, and their label checks looked up as they are met (once per
+        # edit of a text: check_edits asks for them for each target the edit is in, and a study's scenarios
+        # share it)
+        kept = list(sentences)
+        removed, rephrased, changed, residual = [], [], [], set()
+        foreign, lost, dropped = None, False, False
+        labels_kept: bool | None = True
+        edits, checked = self._edits, self._labels_equal
+        for k, s, found in record.flagged:
+            if found.isdisjoint(eff):  # kept as written (what self.sentence would say, without the edit)
                 continue
             edit = edits.get((s, found if found <= eff else found & eff)) or self.sentence(s, eff)
             if edit.foreign and not foreign:
                 foreign = edit.foreign
-            new = edit.text
+            kept[k] = new = edit.text
             if new is None:  # removed
                 lost = lost or edit.lost_finding
                 removed += edit.categories
-                changed.append((s, None))
+                dropped = True
+            elif edit.action == "rephrased":
+                rephrased += edit.categories
+                if edit.residual:
+                    residual |= edit.residual
             else:
-                if edit.action == "rephrased":
-                    rephrased += edit.categories
-                    changed.append((s, new))
-                    if edit.residual:
-                        residual |= edit.residual
-                keep(new)
-        if removed and any(_LIST_MARKER.match(s) for s in kept):
-            kept = _renumber(kept)
-        # the label checks of the changed sentences, looked up once per edit of a text (check_edits asks for
-        # them for each target the edit is in: a study's scenarios share it)
-        labels_kept: bool | None = True
-        checked = self._labels_equal
-        for pair in changed:
-            same = checked.get(pair)
-            if not same:
-                labels_kept = None if same is None else False
-                break
+                continue
+            changed.append((s, new))
+            if labels_kept:
+                same = checked.get((s, new))
+                if not same:
+                    labels_kept = None if same is None else False
+        if dropped:
+            kept = [s for s in kept if s is not None]
+            if removed and any(_LIST_MARKER.match(s) for s in kept):
+                kept = _renumber(kept)
         result = TextEdit(
             " ".join(kept) or None,
             len(sentences),
