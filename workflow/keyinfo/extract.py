@@ -16,12 +16,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from workflow.keyinfo.libs import DEVICE, Libs, Tok, load_libs
+from workflow.keyinfo.libs import Libs, Tok, load_libs
+from workflow.keyinfo.names import DEVICE, FALLBACK_SECTION, READ_SECTIONS
 
 POS, UNC, NEG = "positive", "uncertain", "negative"
 RANK = {POS: 2, UNC: 1, NEG: 0}
-READ_SECTIONS = ("findings", "impression")
-FALLBACK_SECTION = "last_paragraph"  # read only when a report has neither findings nor impression (MIT-LCP)
 PRE_WORDS = 8  # attribute words before a finding
 POST_WORDS = 8  # attribute words after a finding
 POST_TRIGGER_WORDS = 8  # "X ... is not seen"

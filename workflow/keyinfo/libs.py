@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from workflow.keyinfo.names import DEVICE
+
 LIBS_DIR = Path(__file__).resolve().parents[2] / "libs"
 
 SIDE_VARIANTS = ("", "left ", "right ", "bilateral ", "both ")
@@ -473,7 +475,6 @@ def _mark_hiding(tokens: dict[str, Tok], blockers: frozenset[str]) -> None:
 
 
 NO_FINDING_RULES = ("any", "chexpert")
-DEVICE = "support device"
 
 
 def no_finding(pairs, rule: str = "any") -> bool:
