@@ -1097,18 +1097,20 @@ def _instance_to_join(insts: list[list], lat: str | None) -> list | None:
 def _merge_instances(rows: list, keys: list[str | None], at: Mapping[str, object] = _AT) -> list:
     """:func:`merge_rows` of rows whose fields are ``row[at[name]]`` (the extractor's list rows in ROW_COLUMNS
     order by default; dicts with ``_BY_NAME``), each row's :func:`row_laterality` given (``keys``); the rows
-    are merged in place (nobody else holds them)."""
+    are merged in place (nobody else holds them, nor the list: it is returned when no name repeats)."""
     name_at, presence_at, location_at = at["name"], at["presence"], at["location"]
     if len({row[name_at] for row in rows}) == len(rows):
-        return list(rows)  # every name once (most reports): every row is an instance of its own, unchanged
+        return rows  # every name once (most reports): every row is an instance of its own, unchanged
     attrs_at = [at[name] for name in ATTRS]
     by_name: dict[str, list[list]] = {}
     order: list[list] = []
     for row, lat in zip(rows, keys, strict=True):
-        insts = by_name.get(row[name_at])
+        name = row[name_at]
+        insts = by_name.get(name)
         if insts is None:  # most names are named once in a report
-            order.append([row, lat])
-            by_name[row[name_at]] = [order[-1]]
+            inst = [row, lat]
+            order.append(inst)
+            by_name[name] = [inst]
             continue
         target = _instance_to_join(insts, lat)
         if target is None:
