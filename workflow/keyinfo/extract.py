@@ -1001,30 +1001,19 @@ def _section_rows(
     cache = _sentence_cache(conv)
     normal = None
     for a, sentence in sentences(normalise(text)):
-        if "  " not in sentence:  # (most sentences: their cached offsets are theirs)
-            entry = cache.get(sentence) or _sentence_entry(cache, sentence, libs, conv)
-            cached, said = entry
-            if said is not None and normal is None:
-                normal = text[a + said[0] : a + said[1]]
-            for name, presence, location, level, type_, change, raw_start, raw_end, start, end, key in cached:
-                raw = text[a + raw_start : a + raw_end]
-                start += a
-                end += a
-                rows.append([name, raw, presence, location, level, type_, change, section, start, end,
-                             text[start:end] or raw])  # fmt: skip
-                keys.append(key)
-            continue
-        squeezed, starts, dropped = squeeze(sentence)
+        spaced = "  " in sentence
+        squeezed, starts, dropped = squeeze(sentence) if spaced else (sentence, None, None)
         cached, said = cache.get(squeezed) or _sentence_entry(cache, squeezed, libs, conv)
         if said is not None and normal is None:
             # the cache knows whether the sentence has one; where it is in the sentence as written, the
             # written sentence tells
-            said = _normal_span(libs.normal_statements, sentence)
+            said = _normal_span(libs.normal_statements, sentence) if spaced else said
             if said is not None:
                 normal = text[a + said[0] : a + said[1]]
         for name, presence, location, level, type_, change, raw_start, raw_end, start, end, key in cached:
-            raw_start, raw_end = _unsqueeze_span(starts, dropped, raw_start, raw_end)
-            start, end = _unsqueeze_span(starts, dropped, start, end)
+            if spaced:
+                raw_start, raw_end = _unsqueeze_span(starts, dropped, raw_start, raw_end)
+                start, end = _unsqueeze_span(starts, dropped, start, end)
             raw = text[a + raw_start : a + raw_end]
             start += a
             end += a
