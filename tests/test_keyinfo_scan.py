@@ -70,6 +70,22 @@ def test_a_clause_reads_the_same_with_its_marks_as_with_every_reading(conv):
             assert fields(shortcut) == fields(full), text
 
 
+def test_the_splitter_yields_the_matchers_matches():
+    """The scan reads the phrases and marks from ``splitter.split`` by their lengths: the same matches, at
+    the same offsets, as the named matcher finds, also in a text cut where a phrase starts."""
+    libs = load_libs()
+    for text in corpus_sentences():
+        norm = normalise(text)
+        matches = [(m.start(), m.group()) for m in libs.matcher.finditer(norm)]
+        for cut in {0, *(start for start, _ in matches)}:
+            parts = libs.splitter.split(norm[cut:])
+            found, at = [], cut + len(parts[0])
+            for match, gap in zip(parts[1::2], parts[2::2], strict=True):
+                found.append((at, match))
+                at += len(match) + len(gap)
+            assert found == [(s, g) for s, g in matches if s >= cut], (text, cut)
+
+
 def test_the_hidden_finding_is_read_after_the_cut():
     libs = load_libs()
     norm = normalise("No enlargement of the cardiomediastinal silhouette.")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gc
 import random
+import re
 
 import pyarrow as pa
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from workflow.contract import SECTIONS
 from workflow.keyinfo.extract import (
     _SENTENCE_END,
+    ABBREVIATIONS,
     ROW_COLUMNS,
     _merge_instances,
     extract_mentions,
@@ -81,6 +83,26 @@ def sentences_by_matches(norm: str) -> list[tuple[int, str]]:
 def test_sentences_are_cut_at_every_sentence_end_match(text):
     norm = normalise(text)
     assert sentences(norm) == sentences_by_matches(norm)
+
+
+def test_a_sentence_end_is_a_period_after_no_abbreviation():
+    """_SENTENCE_END's lookbehinds (one per abbreviation length) end a sentence where one lookbehind per
+    abbreviation does: after a space or at the text's start (anywhere for six letters), not after a word."""
+    one_each = re.compile(
+        r"\."
+        + "".join(
+            rf"(?<!{re.escape(a)}\.)" if len(a) >= 6 else rf"(?<! {re.escape(a)}\.)(?<!^{re.escape(a)}\.)"
+            for a in ABBREVIATIONS
+        )
+        + r"(?: +|(?=\s))"
+    )
+    for a in ABBREVIATIONS:
+        for text in (f"{a}. x", f"  {a}. x", f"y {a}. x", f"y{a}. x", f"{a}.", f"x. {a}.\x0bz", f"{a}{a}. x"):
+            norm = normalise(text)
+            assert [m.span() for m in _SENTENCE_END.finditer(norm)] == [
+                m.span() for m in one_each.finditer(norm)
+            ], text
+            assert sentences(norm) == sentences_by_matches(norm), text
 
 
 def test_squeeze_keeps_one_space_per_run_and_says_where_the_characters_were():

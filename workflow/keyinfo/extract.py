@@ -16,12 +16,11 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from workflow.keyinfo.libs import DEVICE, Libs, Tok, load_libs
+from workflow.keyinfo.libs import Libs, Tok, load_libs
+from workflow.keyinfo.names import DEVICE, FALLBACK_SECTION, READ_SECTIONS
 
 POS, UNC, NEG = "positive", "uncertain", "negative"
 RANK = {POS: 2, UNC: 1, NEG: 0}
-READ_SECTIONS = ("findings", "impression")
-FALLBACK_SECTION = "last_paragraph"  # read only when a report has neither findings nor impression (MIT-LCP)
 PRE_WORDS = 8  # attribute words before a finding
 POST_WORDS = 8  # attribute words after a finding
 POST_TRIGGER_WORDS = 8  # "X ... is not seen"
@@ -148,26 +147,32 @@ def _scan(norm: str, libs: Libs) -> list[tuple[int, list[tuple[int, int, Tok]]]]
     the finding.
     """
     table = _SCAN_TABLE[1] if _SCAN_TABLE[0] is libs else _scan_table(libs)
-    matcher = libs.matcher
+    # the matches from ``split`` (gap, match, gap, ..., gap), their offsets summed from the lengths: no
+    # match object per match. Every match is one character at least, so they are finditer's; a text cut
+    # where a phrase starts (``norm[pos:]``, ``norm[s:cut]``) reads the same from there, as ``\b`` saw no
+    # word character before it either.
+    split = libs.splitter.split
     clauses: list[tuple[int, list[tuple[int, int, Tok]]]] = []
     cur: list[tuple[int, int, Tok]] = []
     marks = 0
     pos: int | None = 0
     while pos is not None:
         resume = None
-        for m in matcher.finditer(norm, pos):
-            g = m.group()
+        parts = iter(split(norm[pos:]) if pos else split(norm))
+        at = pos + len(next(parts))  # (pos is a phrase's start when the scan resumes)
+        for g, gap in zip(parts, parts, strict=False):  # (the matches and the gaps after them)
+            s = at
+            e = s + len(g)
+            at = e + len(gap)
             entry = table.get(g)
             if entry is None:  # a phrase matched over a run of spaces
                 entry = table[" ".join(g.split())]
             kind, tok_marks, tok = entry
             if not kind:  # _WORD
-                s, e = m.span()
                 cur.append((s, e, tok))
                 marks |= tok_marks
                 continue
             if kind == _PERIOD:
-                s, e = m.span()
                 nxt = norm[e : e + 1]
                 if nxt and not nxt.isspace():
                     continue  # decimal point, "x.ray", abbreviation without space
@@ -175,19 +180,21 @@ def _scan(norm: str, libs: Libs) -> list[tuple[int, list[tuple[int, int, Tok]]]]
                 if word in ABBREVIATIONS and not (word == "no" and nxt == ""):
                     continue
             elif kind == _HIDES:
-                s, e = m.span()
                 cut = _finding_start_inside(norm, s, e, libs)
                 if cut is not None:
                     # the head holds words only (phrases have no punctuation); it is not cut again
-                    for h in matcher.finditer(norm, s, cut):
-                        htok = _tok(h.group(), libs.tokens)
+                    head = iter(split(norm[s:cut]))
+                    h_at = s + len(next(head))
+                    for h, h_gap in zip(head, head, strict=False):
+                        htok = _tok(h, libs.tokens)
                         if htok.hard:
                             if cur:
                                 clauses.append((marks, cur))
                                 cur, marks = [], 0
                         else:
-                            cur.append((h.start(), h.end(), htok))
+                            cur.append((h_at, h_at + len(h), htok))
                             marks |= _marks(htok)
+                        h_at += len(h) + len(h_gap)
                     resume = cut
                     break
                 if not tok.hard:
@@ -211,13 +218,9 @@ def _finding_start_inside(norm: str, s: int, e: int, libs: Libs) -> int | None:
     """Offset of the first word inside the phrase at ``[s, e)`` where a finding phrase starts that ends after ``e``."""
     for inner in _INNER_WORD.finditer(norm, s, e):
         start = inner.end()
-        hit = libs.matcher.match(norm, start)
-        if (
-            hit is not None
-            and hit.end() > e
-            and hit.lastgroup == "w"
-            and _tok(hit.group(), libs.tokens).finding
-        ):
+        # (a punctuation mark inside the phrase would end at e at the latest: a match past e is a phrase)
+        hit = libs.splitter.match(norm, start)
+        if hit is not None and hit.end() > e and _tok(hit.group(), libs.tokens).finding:
             return start
     return None
 
@@ -858,17 +861,24 @@ def forget_sentences() -> None:
     _SENTENCE_ROWS.clear()
 
 
+def _not_after_abbreviation() -> str:
+    """Lookbehinds that fail after any of ABBREVIATIONS (after a space or at the text's start; the six
+    characters long ones anywhere), one per length (a lookbehind's alternatives are of one width): each
+    period tries 5 of them, not 19."""
+    by_length: dict[int, list[str]] = {}
+    for a in ABBREVIATIONS:
+        by_length.setdefault(len(a), []).append(re.escape(a))
+    out = []
+    for n, words in sorted(by_length.items()):
+        any_of = "|".join(words)
+        out.append(rf"(?<!(?:{any_of})\.)" if n >= 6 else rf"(?<! (?:{any_of})\.)(?<!^(?:{any_of})\.)")
+    return "".join(out)
+
+
 # A sentence-ending period (and the spaces after it): before white space, after a word that is no
 # abbreviation, i.e. the text after the last space in the six characters before the period is none of
 # ABBREVIATIONS -- the test :func:`_scan` makes at every period.
-_SENTENCE_END = re.compile(
-    r"\."
-    + "".join(
-        rf"(?<!{re.escape(a)}\.)" if len(a) >= 6 else rf"(?<! {re.escape(a)}\.)(?<!^{re.escape(a)}\.)"
-        for a in ABBREVIATIONS
-    )
-    + r"(?: +|(?=\s))"
-)
+_SENTENCE_END = re.compile(r"\." + _not_after_abbreviation() + r"(?: +|(?=\s))")
 
 
 # _SENTENCE_END with the spaces after the period as a group, for ``split``: it cuts a section into its
@@ -880,19 +890,16 @@ _SENTENCE_SPLIT = re.compile(_SENTENCE_END.pattern.removesuffix(r"(?: +|(?=\s))"
 def sentences(norm: str) -> list[tuple[int, str]]:
     """(offset, text) of the sentences of a normalised section, without the spaces around them: cut
     exactly where :func:`_scan` ends a sentence at a period (at each :data:`_SENTENCE_END`)."""
-    parts = _SENTENCE_SPLIT.split(norm)  # sentence, spaces, sentence, ..., the text after the last end
-    lead = len(norm) - len(norm.lstrip(" "))
-    rest = parts.pop()
-    if parts:
-        parts[0] = parts[0][lead:]
-    else:
-        rest = rest[lead:]
+    # the leading spaces cut off first: the lookbehinds see the text's start where they saw spaces
+    text = norm.lstrip(" ")
+    parts = _SENTENCE_SPLIT.split(text)  # sentence, spaces, sentence, ..., the text after the last end
+    last = parts.pop().rstrip(" ")
+    start = len(norm) - len(text)
     out = []
-    start = lead
-    for piece, spaces in zip(parts[::2], parts[1::2], strict=True):
+    pieces = iter(parts)
+    for piece in pieces:
         out.append((start, piece + "."))
-        start += len(piece) + 1 + len(spaces)
-    last = rest.rstrip(" ")
+        start += len(piece) + 1 + len(next(pieces))  # the spaces after it
     if last:
         out.append((start, last))
     return out
@@ -996,15 +1003,13 @@ def _section_rows(
     for a, sentence in sentences(normalise(text)):
         spaced = "  " in sentence
         squeezed, starts, dropped = squeeze(sentence) if spaced else (sentence, None, None)
-        cached, said = _sentence_entry(cache, squeezed, libs, conv)
+        cached, said = cache.get(squeezed) or _sentence_entry(cache, squeezed, libs, conv)
         if said is not None and normal is None:
             # the cache knows whether the sentence has one; where it is in the sentence as written, the
             # written sentence tells
             said = _normal_span(libs.normal_statements, sentence) if spaced else said
             if said is not None:
                 normal = text[a + said[0] : a + said[1]]
-        if not cached:
-            continue
         for name, presence, location, level, type_, change, raw_start, raw_end, start, end, key in cached:
             if spaced:
                 raw_start, raw_end = _unsqueeze_span(starts, dropped, raw_start, raw_end)
@@ -1081,18 +1086,20 @@ def _instance_to_join(insts: list[list], lat: str | None) -> list | None:
 def _merge_instances(rows: list, keys: list[str | None], at: Mapping[str, object] = _AT) -> list:
     """:func:`merge_rows` of rows whose fields are ``row[at[name]]`` (the extractor's list rows in ROW_COLUMNS
     order by default; dicts with ``_BY_NAME``), each row's :func:`row_laterality` given (``keys``); the rows
-    are merged in place (nobody else holds them)."""
+    are merged in place (nobody else holds them, nor the list: it is returned when no name repeats)."""
     name_at, presence_at, location_at = at["name"], at["presence"], at["location"]
     if len({row[name_at] for row in rows}) == len(rows):
-        return list(rows)  # every name once (most reports): every row is an instance of its own, unchanged
+        return rows  # every name once (most reports): every row is an instance of its own, unchanged
     attrs_at = [at[name] for name in ATTRS]
     by_name: dict[str, list[list]] = {}
     order: list[list] = []
     for row, lat in zip(rows, keys, strict=True):
-        insts = by_name.get(row[name_at])
+        name = row[name_at]
+        insts = by_name.get(name)
         if insts is None:  # most names are named once in a report
-            order.append([row, lat])
-            by_name[row[name_at]] = [order[-1]]
+            inst = [row, lat]
+            order.append(inst)
+            by_name[name] = [inst]
             continue
         target = _instance_to_join(insts, lat)
         if target is None:

@@ -34,24 +34,20 @@ from typing import TYPE_CHECKING, NamedTuple
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from tqdm import tqdm
 
 from workflow.cli import arrow_without_pandas, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.contract import FINDINGS, KEYINFO_STATS, REJECTS
-from workflow.keyinfo.extract import (
-    READ_SECTIONS,
-    ROW_COLUMNS,
-    Conventions,
-    forget_sentences,
-    sections_for_reading,
-    study_rows,
-)
+from workflow.keyinfo.names import READ_SECTIONS
 from workflow.keyinfo.studies import NORMAL_STATEMENTS, TEXT_COLUMNS
 from workflow.tables import Rejects, TableWriter, summary, write_table
 
+# The extractor (and the progress bar) are imported where the extraction runs: the merge job reads and
+# writes tables only, and their imports (YAML, the extractor's patterns, tqdm) cost it ~60 ms
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
+
+    from workflow.keyinfo.extract import Conventions
 
 log = logging.getLogger(__name__)
 STAGE = "keyinfo_rules"
@@ -62,6 +58,8 @@ def rules_findings_table(values: list, subjects: list[int], studies: list[int]) 
     ROW_COLUMNS values, :func:`study_rows`) and their subject and study ids: each column is a slice of the
     list (no ids written into every row, no per-value Python lookups as in ``from_pylist``); the rule adds
     ids and source, the other columns stay null."""
+    from workflow.keyinfo.extract import ROW_COLUMNS
+
     width = len(ROW_COLUMNS)
     columns: dict[str, list] = {name: values[k::width] for k, name in enumerate(ROW_COLUMNS)}
     n = len(studies)
@@ -99,6 +97,8 @@ def extract_batch(
 ) -> Extracted:
     """:class:`Extracted` of one batch of (subject ids, study ids, sections); with ``statements`` also each
     read study's normal statement (keyinfo_studies' text half: the same for either backend)."""
+    from workflow.keyinfo.extract import study_rows
+
     subjects, studies, sections_of = batch
     # the rows' values in one flat list: a study's row lists die with it, so the collector never walks
     # the batch's rows one by one (it did, ~5 % of the stage's CPU)
@@ -168,6 +168,8 @@ def _sections_table(path: str, shard: int = 0, shards: int = 1) -> pa.Table:
 
 def extract_slice(part: Slice, conventions: Conventions | None = None, statements: bool = False) -> Extracted:
     """:func:`extract_batch` of one slice of the sections table."""
+    from workflow.keyinfo.extract import sections_for_reading
+
     d = (
         _sections_table(part.path, part.shard, part.shards)
         .slice(part.start, part.stop - part.start)
@@ -300,6 +302,10 @@ def run(sections: Path, findings: Path, stats: Path, rejects: Path, batch_size: 
         normal_statements: Path | None = None, shard: int = 0, shards: int = 1):  # fmt: skip
     """Extract shard ``shard`` of ``shards`` (all studies by default) into findings, stats and rejects, and
     with ``normal_statements`` the normal statement of every study read (NORMAL_STATEMENTS)."""
+    from tqdm import tqdm
+
+    from workflow.keyinfo.extract import forget_sentences
+
     rej = Rejects(STAGE)
     batch_stats: list[pa.Table] = []
     slices = plan_slices(sections, reports, lenient, batch_size, shard, shards)
@@ -466,6 +472,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--hedges", choices=("uncertain", "positive"), required=True)
     args = p.parse_args(argv)
     setup_logging(args.verbose)
+    from workflow.keyinfo.extract import Conventions
+
     if not args.sections.exists():
         p.error(f"--sections: {args.sections} does not exist")
     if not 0 <= args.shard < args.shards:

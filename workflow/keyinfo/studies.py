@@ -24,11 +24,7 @@ import pyarrow.parquet as pq
 from workflow.cli import arrow_without_pandas, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.contract import KEYINFO_STUDIES
-from workflow.keyinfo.extract import (
-    DEVICE,
-    FALLBACK_SECTION,
-    READ_SECTIONS,
-)
+from workflow.keyinfo.names import DEVICE, FALLBACK_SECTION, READ_SECTIONS
 from workflow.tables import TableWriter, read_table, summary
 
 log = logging.getLogger(__name__)
