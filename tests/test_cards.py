@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -104,3 +105,65 @@ def test_card_from_its_quoted_config_equals_the_card_from_the_whole_config(tmp_p
                     "--config-json", json.dumps(given), "--corpus-format", "mimic", "--demo", "--out", str(tmp_path / name)])  # fmt: skip
         cards[name] = (tmp_path / name / "README.md").read_text()
     assert cards["quoted"] == cards["whole"]
+
+
+def _breakdown_with_pandas(tables, spec):
+    """The breakdown sections as pandas defines them (group-by size, value_counts): what
+    :func:`workflow.cards.breakdown_sections` counts in Arrow."""
+    from workflow.cards import SPLIT_ORDER, _markdown_table, hf_splits
+
+    b = spec.breakdown
+    col, answers, reference = b["column"], b["answers"], b.get("reference") or {}
+    sections = []
+    for name, table in tables.items():
+        df = table.select([col, "split", answers])
+        df = df.set_column(1, "split", hf_splits(df["split"])).to_pandas()
+        counts = df.groupby([col, "split"]).size().unstack(fill_value=0)
+        splits = [s for s in SPLIT_ORDER if s in counts.columns]
+        splits += sorted(set(counts.columns) - set(SPLIT_ORDER))
+        order = [v for v in reference if v in counts.index] + sorted(set(counts.index) - set(reference))
+        total = int(counts.to_numpy().sum())
+        ref_total = sum(reference.values())
+        rows = []
+        for v in order:
+            n = int(counts.loc[v].sum())
+            ref = reference.get(v)
+            rows.append([v, *(int(counts.loc[v, s]) for s in splits), n, f"{100 * n / total:.1f} %",
+                         f"{ref:,}" if ref else "", f"{100 * ref / ref_total:.1f} %" if ref else ""])  # fmt: skip
+        header = [col, *splits, "total", "share", f"{b['reference_name']} count", "reference share"]
+        text = f"## {col.replace('_', ' ').capitalize()} counts ({name})\n" + _markdown_table(header, rows)
+        sections.append(text + ("\n\n" + b["note"].strip() if b.get("note") else ""))
+        top = int(b["max_answers"])
+        parts = [f"## Answer vocabulary ({name})\nDistinct answers per {col} with their counts"
+                 f" (at most {top} listed, most frequent first)."]  # fmt: skip
+        for v in order:
+            vc = df.loc[df[col] == v, answers].value_counts()
+            listed = "; ".join(f"`{a}` ({n:,})" for a, n in vc.head(top).items())
+            more = f"; … {len(vc) - top:,} more" if len(vc) > top else ""
+            parts.append(f"- **{v}** ({len(vc):,} distinct): {listed}{more}")
+        sections.append("\n".join(parts))
+    return sections
+
+
+def test_breakdown_counts_as_pandas_with_ties_nulls_and_chunks():
+    """Equal counts keep the order of first appearance (pandas' stable value_counts); null types, splits
+    and answers are left out; more distinct answers than are listed; a table of several chunks."""
+    from workflow.cards import breakdown_sections
+
+    rng = np.random.default_rng(7)
+    n = 30_000
+    types = np.array(["presence", "view", "level", "location", "a type outside the reference", None])
+    splits = np.array(["train", "validate", "test", "val", "other", None], dtype=object)
+    answers = np.array([f"answer {i}" for i in range(60)] + [None], dtype=object)
+    table = pa.table(
+        {
+            "question_type": pa.array(types[rng.integers(0, len(types), n)], pa.string()),
+            "split": pa.array(splits[rng.choice(len(splits), n, p=[0.6, 0.1, 0.1, 0.1, 0.05, 0.05])]),
+            # answers in blocks of four equal codes: many ties
+            "answer": pa.array(answers[rng.integers(0, len(answers), n) // 4 * 4], pa.string()),
+        }
+    )
+    spec = load_spec("medical_cxr_vqa")
+    spec.breakdown["max_answers"] = 10
+    tables = {"default": pa.Table.from_batches(table.to_batches(max_chunksize=4_000)), "small": table[:50]}
+    assert breakdown_sections(tables, spec) == _breakdown_with_pandas(tables, spec)

@@ -21,7 +21,7 @@ from workflow.vqa.__main__ import main
 from workflow.vqa.config import QUESTION_TYPES, VqaConfig
 from workflow.vqa.generate import generate
 from workflow.vqa.leak import leak_report, text_only_probe
-from workflow.vqa.levels import level_words, load_level_lib
+from workflow.vqa.levels import level_word_counts, level_words, load_level_lib
 from workflow.vqa.libs import (
     STYLE_TEMPLATES,
     Templates,
@@ -732,6 +732,18 @@ def test_level_words_follow_each_rows_own_level_and_text():
     assert [None if pd.isna(w) else w for w in arrow_text] == expected
 
 
+def test_level_word_counts_are_the_value_counts_of_the_level_words():
+    """A level whose every row has a phrase (its own word counts nothing: it is not listed), two phrases
+    of one adjective ("mild", "mildly"), rows without a level."""
+    lib = load_level_lib(Path(__file__).resolve().parents[1] / "libs" / "levels.csv")
+    text = ["trace effusion", "mildly enlarged", "mild effusion", "effusion", "subtle opacity", None]
+    level = ["minimal", "mild", "mild", "mild", "minimal", None]
+    words = level_words(pd.Series(level * 3, dtype=object), pd.Series(text * 3, dtype=object), lib)
+    counts = level_word_counts(pa.array(level * 3, pa.string()), pa.array(text * 3, pa.string()), lib)
+    assert counts == {str(k): int(v) for k, v in words.value_counts().items()}
+    assert counts == {"mild": 9, "trace": 3, "subtle": 3}
+
+
 def test_distinct_join_is_the_same_for_a_vocabulary_too_big_for_a_bit_set():
     groups = pd.DataFrame(
         {"s": [0, 0, 0, 0, 1, 1, 2, 3], "name": [1, 1, 1, 1, 2, 2, 0, 0], "v": [2, 0, 1, 2, -1, 3, 1, 3]}
@@ -1060,3 +1072,94 @@ def test_the_leak_probe_of_an_arrow_table_is_the_probe_of_its_frame():
         got = leak_report(table, seed=3, max_rows=max_rows)
         pd.testing.assert_frame_equal(got, leak_report(frame, seed=3, max_rows=max_rows))
         assert set(got["question_type"]) == {"presence", "abnormality", "view"}
+
+
+def _corpus_facts_with_pandas(findings, images, studies, names, exclude_names, lib):
+    """The whole corpus's facts by their definition: frontal_studies' frame, and the level words of its
+    usable positive findings counted with value_counts."""
+    from workflow.vqa.prepare import (
+        _PRESENCE_CODE,
+        _clean,
+        _codes,
+        _usable,
+        frontal_studies,
+        positive_level_words,
+        view_splits,
+    )
+
+    st = frontal_studies(images, studies.drop_duplicates("study_id"))
+    f = findings[findings["study_id"].isin(st["study_id"]).to_numpy()]
+    code, _ = _codes(_clean(f["name"]), list(names))
+    presence, _ = _codes(_clean(f["presence"]), list(_PRESENCE_CODE))
+    sel = (code >= 0) & (presence == 0)
+    sel[sel] = _usable(names, exclude_names)[code[sel]]
+    ordinal = pd.Series(_clean(f["level"]).filter(pa.array(sel)).to_pandas().to_numpy(), dtype=object)
+    words = positive_level_words(f, sel, ordinal, lib)
+    return view_splits(st), {str(k): int(v) for k, v in words.value_counts().items()}
+
+
+@pytest.mark.parametrize("variant", ["mimic", "no meaning or image split", "null image ids"])
+def test_corpus_facts_on_codes_equal_their_frame_definition(variant):
+    """corpus_facts (Arrow tables, codes) against frontal_studies / level_words with value_counts on
+    messy inputs: lateral, unknown and IU "frontal" views, studies without images or with a duplicate
+    row, splits only the image has, level words the text has or has not, rare words."""
+    from workflow.vqa.prepare import _frontal_views, corpus_facts, frontal_studies
+
+    rng = np.random.default_rng(11)
+    lib = load_level_lib(Path(__file__).resolve().parents[1] / "libs" / "levels.csv")
+    names = load_vocabulary(Path(__file__).resolve().parents[1] / "libs" / "vocabulary.yaml")
+    n_studies, n_images, n_findings = 400, 900, 3_000
+    ids = 50_000_000 + rng.permutation(n_studies * 2)[:n_studies]
+    studies = pd.DataFrame(
+        {
+            "subject_id": rng.integers(10_000_000, 10_000_300, n_studies),
+            "study_id": np.concatenate([ids[:-10], ids[:10]]),  # ten duplicate rows, ten ids left out
+            "split": rng.choice(np.array(["train", "validate", "test", None], dtype=object), n_studies),
+        }
+    )
+    pick = lambda values, n: rng.choice(np.array(values, dtype=object), n)  # noqa: E731
+    images = pd.DataFrame(
+        {
+            "study_id": rng.choice(ids[: n_studies - 30], n_images),  # some studies have no image
+            "view_position": pick(["PA", "AP", " pa", "LATERAL", "LL", None, ""], n_images),
+            "view_code_meaning": pick(["postero-anterior", "antero-posterior", "lateral", " Frontal", None], n_images),
+            "split": pick(["train", "validate", "test", "other", None], n_images),
+        }
+    )  # fmt: skip
+    if variant == "no meaning or image split":
+        images = images.drop(columns=["view_code_meaning", "split"])
+    if variant == "null image ids":
+        images["study_id"] = images["study_id"].astype("Int64").mask(rng.random(n_images) < 0.02)
+    phrases = list(lib)
+    findings = pd.DataFrame(
+        {
+            "study_id": rng.choice(ids, n_findings),
+            "name": pick([*names[:8], "not a finding", " Pleural  Effusion", None], n_findings),
+            "presence": pick(["positive", "positive", "negative", "uncertain", "odd", None], n_findings),
+            "level": pick([*sorted(set(lib.values())), "", None], n_findings),
+            "raw_name": pick([f"{p} opacity" for p in phrases[:20]] + ["opacity", None], n_findings),
+            "evidence": pick([f"there is {p} change" for p in phrases[:40]] + [None], n_findings),
+        }
+    )
+    exclude = ("support device", names[1])
+    expected = _corpus_facts_with_pandas(findings, images, studies, names, exclude, lib)
+    level_rows = pa.Table.from_pandas(findings, preserve_index=False)
+    level_rows = level_rows.filter(pc.is_valid(level_rows["level"]))
+    facts = corpus_facts(
+        pa.Table.from_batches(level_rows.to_batches(max_chunksize=700)),
+        pa.Table.from_pandas(images, preserve_index=False),
+        pa.Table.from_pandas(studies, preserve_index=False),
+        names,
+        exclude,
+        lib,
+    )
+    assert (facts.view_splits, facts.level_word_counts) == expected
+    if variant != "null image ids":  # (the frame route)
+        st = frontal_studies(images, studies.drop_duplicates("study_id"))
+        ids, splits, views = _frontal_views(
+            pa.Table.from_pandas(images, preserve_index=False),
+            pa.Table.from_pandas(studies, preserve_index=False),
+        )
+        assert ids.tolist() == st["study_id"].tolist() and views.tolist() == st["view"].tolist()
+        assert splits.to_pylist() == st["split"].tolist()
+    assert facts.view_splits and min(expected[1].values()) < 10 < max(expected[1].values())

@@ -26,7 +26,28 @@ def level_words(level: pd.Series, text, lib: dict[str, str]) -> pd.Series:
     ("mildly" -> "mild"); without one the ordinal level itself. Null where the row has no level.
     """
     out = level.to_numpy(dtype=object).copy()  # default (and the rows without a level): the ordinal level
-    lev = pa.array(out, type=pa.string(), from_pandas=True).dictionary_encode()
+    code, adjective = _word_codes(pa.array(out, type=pa.string(), from_pandas=True), text, lib)
+    has = code >= 0
+    out[has] = adjective[code[has]]
+    return pd.Series(out, index=level.index)
+
+
+def level_word_counts(level, text, lib: dict[str, str]) -> dict[str, int]:
+    """How many rows have each level word (:func:`level_words`; the rows without a level left out, as
+    ``value_counts`` leaves them out), from the word codes: no word is written out per row."""
+    code, adjective = _word_codes(_strings(level), text, lib)
+    rows = np.bincount(code[code >= 0], minlength=len(adjective))
+    counts: dict[str, int] = {}
+    for word, n in zip(adjective.tolist(), rows.tolist(), strict=True):
+        if n:  # a word no row has is not counted (value_counts would not list it)
+            counts[word] = counts.get(word, 0) + n
+    return counts
+
+
+def _word_codes(level: pa.Array, text, lib: dict[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`level_words` as codes: per row an index into the returned words (adjectives), -1 where
+    the row has no level."""
+    lev = level.dictionary_encode()
     # the result depends on the row's (level, text) only; sentences and stock phrasings repeat (4x at
     # 228k studies), so each distinct text is searched once and words are worked on as codes into
     # ``words`` (the levels, then the phrases found), not as one Python string per row
@@ -50,9 +71,7 @@ def level_words(level: pd.Series, text, lib: dict[str, str]) -> pd.Series:
         code[rows[hit]] = len(words) + found_code[hit]
         words += found.dictionary.to_pylist()
     adjective = np.asarray([w[:-2] if w.endswith("ly") and w[:-2] in lib else w for w in words], dtype=object)
-    has = code >= 0
-    out[has] = adjective[code[has]]
-    return pd.Series(out, index=level.index)
+    return code, adjective
 
 
 def _strings(values) -> pa.Array:
