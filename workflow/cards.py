@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
 
-from workflow.cli import arrow_without_pandas, parser, setup_logging
+from workflow.cli import arrow_without_pandas, exit_leaving_objects, parser, setup_logging
 from workflow.tables import atomic_path, read_table
 
 log = logging.getLogger(__name__)
@@ -447,3 +447,4 @@ if __name__ == "__main__":
     # a release hands pyarrow Arrow tables and Python values only: pandas (0.3 s CPU) is never needed
     arrow_without_pandas()
     main()
+    exit_leaving_objects()

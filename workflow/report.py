@@ -25,7 +25,7 @@ import pyarrow.compute as pc  # noqa: E402
 from matplotlib.ticker import MaxNLocator, StrMethodFormatter  # noqa: E402
 from pandas.api.types import is_integer_dtype, is_numeric_dtype  # noqa: E402
 
-from workflow.cli import parser, setup_logging  # noqa: E402
+from workflow.cli import exit_leaving_objects, parser, setup_logging  # noqa: E402
 from workflow.tables import atomic_path, read_table  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -467,3 +467,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_leaving_objects()

@@ -62,7 +62,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from workflow.cli import arrow_without_pandas, setup_logging
+from workflow.cli import arrow_without_pandas, exit_leaving_objects, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.contract import SECTION_NAMES, SECTIONS
 from workflow.tables import Rejects, TableWriter, atomic_path, summary
@@ -474,3 +474,4 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     arrow_without_pandas()
     main()
+    exit_leaving_objects()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from workflow.cli import arrow_without_pandas, setup_logging
+from workflow.cli import arrow_without_pandas, exit_leaving_objects, setup_logging
 from workflow.cli import parser as base_parser
 from workflow.ingest.common import DEFAULT_MAX_REPORT_BYTES, STAGE, InputError, Result
 from workflow.ingest.iu import ingest_iu
@@ -86,3 +86,4 @@ if __name__ == "__main__":
     if build_parser().parse_known_args()[0].format == "mimic":
         arrow_without_pandas()
     main()
+    exit_leaving_objects()

@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from workflow.cli import arrow_without_pandas, setup_logging
+from workflow.cli import arrow_without_pandas, exit_leaving_objects, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.contract import KEYINFO_STUDIES
 from workflow.keyinfo.names import DEVICE, FALLBACK_SECTION, READ_SECTIONS
@@ -119,3 +119,4 @@ def main(argv: list[str] | None = None) -> None:
 if __name__ == "__main__":
     arrow_without_pandas()
     main()
+    exit_leaving_objects()

@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from workflow.cli import arrow_without_pandas, setup_logging
+from workflow.cli import arrow_without_pandas, exit_leaving_objects, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.contract import (
     LLM_REQUESTS,
@@ -198,3 +198,4 @@ def main(argv: list[str] | None = None) -> list[str]:
 if __name__ == "__main__":
     arrow_without_pandas()
     main()
+    exit_leaving_objects()

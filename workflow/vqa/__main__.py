@@ -156,3 +156,4 @@ def main(argv=None) -> None:
 
 if __name__ == "__main__":
     main()
+    cli.exit_leaving_objects()
