@@ -6,7 +6,7 @@ For each corpus size the synthetic MIMIC-layout corpus is generated once (``benc
 gitignored; zip only, no file tree) and the workflow's default target is run on it into a fresh outdir
 (``bench/cache/dag/runs/out_<n>``), the way a user runs it: a config overlay naming the corpus and the
 outdir, plus any ``--set section.key=value`` (a YAML value) the run asks for. A sampler walks snakemake's process tree every 50 ms
-(PSS every 250 ms; its own CPU is reported, since it shares the cores): each job is the shell that
+(PSS every 250 ms, so a job shorter than that can show 0 MB; its own CPU is reported, since it shares the cores): each job is the shell that
 Snakemake starts, named by the rule's log file (``<outdir>/logs/<rule>.log``), so the timeline shows
 which jobs overlapped, and each job's memory is the PSS summed over its process tree (its worker
 processes included, shared pages counted once). The growth curve (studies -> wall seconds, peak GB) goes
