@@ -144,26 +144,21 @@ def view_splits(st: pd.DataFrame) -> frozenset[str]:
 
 def corpus_facts(
     findings: pa.Table | None,
-    images: pa.Table,
-    studies: pa.Table,
+    images: pd.DataFrame,
+    studies: pd.DataFrame,
     names: list[str],
     exclude_names: tuple[str, ...] = (),
     level_lib: dict[str, str] | None = None,
 ) -> Corpus:
-    """:class:`Corpus` of the whole corpus, from Arrow tables. ``findings`` needs only the rows with a
-    level (and only when ``level_lib`` is given: the medical_cxr_vqa style's level words).
-
-    The facts only: which splits have both views, and how many usable positive findings have each
-    level word, worked out on codes (both shards work them out over every study of the corpus, so this
-    is not :func:`frontal_studies` and :func:`level_words` with their per-row frames)."""
-    frontal_ids, splits, views = _frontal_views(images, studies)
-    view_splits = frozenset(
-        set(pc.unique(splits.filter(pa.array(views == 0))).to_pylist())
-        & set(pc.unique(splits.filter(pa.array(views == 1))).to_pylist())
-    )
+    """:class:`Corpus` of the whole corpus. ``findings`` (an Arrow table) needs only the rows with a
+    level (and only when ``level_lib`` is given: the medical_cxr_vqa style's level words), whose words
+    are counted on codes (:func:`level_word_counts`: both shards count them over every study of the
+    corpus, and no word is written out per row)."""
+    st = frontal_studies(images, studies.drop_duplicates("study_id"))
     counts = None
     if level_lib is not None:
-        f = findings.filter(pc.is_in(findings["study_id"], value_set=pa.array(frontal_ids)))
+        frontal = pa.array(st["study_id"].to_numpy())
+        f = findings.filter(pc.is_in(findings["study_id"], value_set=frontal))
         code, _ = _codes(_clean(f["name"]), list(names))
         presence, _ = _codes(_clean(f["presence"]), list(_PRESENCE_CODE))
         sel = (code >= 0) & (presence == 0)
@@ -175,54 +170,7 @@ def corpus_facts(
         counts = level_word_counts(
             _clean(f["level"]).filter(rows), _surface_text(surface, int(sel.sum())), level_lib
         )
-    return Corpus(view_splits, counts)
-
-
-def _member(ids: np.ndarray, sorted_ids: np.ndarray) -> np.ndarray:
-    """Whether each of ``ids`` is one of ``sorted_ids`` (sorted, distinct)."""
-    at = np.searchsorted(sorted_ids, ids)
-    found = np.zeros(len(ids), dtype=bool)
-    inside = at < len(sorted_ids)
-    found[inside] = sorted_ids[at[inside]] == ids[inside]
-    return found
-
-
-def _frontal_views(images: pa.Table, studies: pa.Table) -> tuple[np.ndarray, pa.Array, np.ndarray]:
-    """What :func:`frontal_studies` says of each study with a frontal image, on codes: the study ids
-    (sorted), their splits and their views (0 PA, 1 AP, -1 frontal of unknown projection)."""
-    if images["study_id"].null_count or studies["study_id"].null_count:  # pandas' rules for null ids
-        st = frontal_studies(images.to_pandas(), studies.to_pandas().drop_duplicates("study_id"))
-        split = pa.array(st["split"].to_numpy(dtype=object), pa.string())
-        return st["study_id"].to_numpy(), split, st["view"].to_numpy()
-    # the view of each distinct (view_position, view_code_meaning), as frontal_images works it out
-    columns = [c for c in ("view_position", "view_code_meaning") if c in images.column_names]
-    pair = np.zeros(images.num_rows, dtype=np.int64)
-    for c in columns:
-        encoded = images[c].combine_chunks().cast(pa.string()).dictionary_encode(null_encoding="encode")
-        pair = pair * max(len(encoded.dictionary), 1) + encoded.indices.to_numpy(zero_copy_only=False)
-    pair, distinct = pd.factorize(pair)
-    first = np.zeros(len(distinct), dtype=np.int64)
-    first[pair[::-1]] = np.arange(len(pair))[::-1]
-    kinds = images.select(columns).take(pa.array(first)).to_pandas()
-    view = _view(kinds)
-    code = np.where((view == "PA").fillna(False).to_numpy(bool), 0, 1).astype(np.int8)
-    if "view_code_meaning" in kinds:
-        unknown = kinds["view_code_meaning"].astype("string").str.strip().str.lower() == "frontal"
-        code[unknown.fillna(False).to_numpy(bool)] = -1
-    frontal = np.flatnonzero(view.isin(VIEWS).fillna(False).to_numpy(bool)[pair])
-    # each study's first frontal image (table order)
-    image_ids, at = np.unique(images["study_id"].to_numpy().take(frontal), return_index=True)
-    first_frontal = frontal[at]
-    # each study's first row (drop_duplicates), when it has a frontal image
-    study_ids, first_row = np.unique(studies["study_id"].to_numpy(), return_index=True)
-    has = _member(study_ids, image_ids)
-    study_ids, first_row = study_ids[has], first_row[has]
-    image = first_frontal[np.searchsorted(image_ids, study_ids)]
-    split = studies["split"].cast(pa.string()).take(pa.array(first_row))
-    if "split" in images.column_names:  # the study's official split; the image's only when it has none
-        split = pc.coalesce(split, images["split"].cast(pa.string()).take(pa.array(image)))
-    split = pc.fill_null(split, "unknown").combine_chunks()
-    return study_ids, split, code[pair[image]]
+    return Corpus(view_splits(st), counts)
 
 
 def _usable(names: list[str], exclude_names: tuple[str, ...]) -> np.ndarray:

@@ -59,8 +59,8 @@ def read_inputs(
     studies and keyinfo_studies (None without the table); and with several shards the whole corpus's
     facts (:func:`corpus_facts`; the level words' only with ``level_lib``). Each table is read once for
     both: the shard's rows and the corpus's are picked as its row groups pass."""
-    (studies_table,) = _read(studies, (None, ["subject_id", "study_id", "split"]))
-    all_studies = studies_table.to_pandas()
+    (all_studies,) = _read(studies, (None, ["subject_id", "study_id", "split"]))
+    all_studies = all_studies.to_pandas()
     if shards == 1:
         inputs = {
             "findings": _read(findings, (None, FINDINGS_COLUMNS))[0].to_pandas(),
@@ -94,5 +94,5 @@ def read_inputs(
         else None,
     }
     level_rows = levels[0] if levels else None
-    corpus = corpus_facts(level_rows, views, studies_table, names, exclude_names, level_lib)
+    corpus = corpus_facts(level_rows, views.to_pandas(), all_studies, names, exclude_names, level_lib)
     return inputs, corpus
