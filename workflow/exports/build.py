@@ -401,33 +401,27 @@ def main(argv: list[str] | None = None, exit_when_done: bool = False) -> dict:
     # Arrow's default pool (mimalloc) keeps what the readers and string kernels free for Arrow alone; the
     # system allocator hands it back to the Python objects that fill the rest of the run
     pa.set_memory_pool(pa.system_memory_pool())
-    if command == "r2gen":
-        inputs = _read_inputs(args, command)
-        part, rejects = _r2gen(args, *inputs)
-        rejects.write(args.rejects)
-        write_json(part, args.part)
-        if exit_when_done:
-            exit_leaving_objects()
-        return part
     inputs = _read_inputs(args, command)
     built: list = []  # the RaDialog builder and records, freed on return (or left to the exit)
-    if command == "radialog":
-        part, requests = _radialog(p, args, *inputs, keep=built)
+    if command == "r2gen":
+        result, rejects = _r2gen(args, *inputs)
+        rejects.write(args.rejects)
+        write_json(result, args.part)
+    elif command == "radialog":
+        result, requests = _radialog(p, args, *inputs, keep=built)
         if args.llm_requests:
             write_requests(requests, args.llm_requests)
-        write_json(part, args.part)
-        if exit_when_done:
-            exit_leaving_objects()
-        return part
-    r2gen_info, rejects = _r2gen(args, *inputs[:3])
-    radialog_info, requests = _radialog(p, args, *inputs, keep=built)
-    counts = exports_summary.write_summary(r2gen_info, radialog_info, args.summary, args.card)
-    rejects.write(args.rejects)
-    if args.llm_requests:
-        write_requests(requests, args.llm_requests)
-    if exit_when_done:
+        write_json(result, args.part)
+    else:
+        r2gen_info, rejects = _r2gen(args, *inputs[:3])
+        radialog_info, requests = _radialog(p, args, *inputs, keep=built)
+        result = exports_summary.write_summary(r2gen_info, radialog_info, args.summary, args.card)
+        rejects.write(args.rejects)
+        if args.llm_requests:
+            write_requests(requests, args.llm_requests)
+    if exit_when_done:  # here, where the inputs and what was built are still referenced
         exit_leaving_objects()
-    return counts
+    return result
 
 
 if __name__ == "__main__":
