@@ -101,8 +101,8 @@ def overlay(data: Path, outdir: Path, overrides: dict | None = None) -> Path:
 
 def child_pids(pid: int) -> list[int]:
     """The direct children of ``pid``, from ``/proc/<pid>/task/*/children``: a few small reads, where
-    psutil's ``children()`` scans every process on the machine (~1.7 ms a call here, which at 20 samples a
-    second over a tree of jobs took ~15 % of a core from the run being measured)."""
+    psutil's ``children()`` scans every process on the machine (~1.7 ms a call here, made for every job
+    tree 20 times a second, on the cores of the run being measured)."""
     try:
         tasks = os.listdir(f"/proc/{pid}/task")
     except OSError:  # ended
@@ -123,7 +123,7 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-TICKS = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+TICKS = os.sysconf("SC_CLK_TCK")  # the unit of /proc/<pid>/stat times (the sampler reads /proc: Linux)
 
 
 def _job_usage(pid: int, with_memory: bool) -> tuple[int, float]:
