@@ -30,7 +30,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from bench.results import publish
-from tests.workflow_run import rule_outputs
+from tests.workflow_run import stage_outputs
 from workflow.exports import build as exports_build
 from workflow.rg4 import build as rg4_build
 
@@ -214,13 +214,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     tokenizer = tiny_tokenizer(work / "tokenizer")
     out = {
-        "rg4": rule_outputs("rg4", work / "out"),
-        # the outputs of the three exports rules: the stage runs in one process here
-        "exports": {
-            name: path
-            for rule in ("exports_r2gen", "exports_radialog", "exports")
-            for name, path in rule_outputs(rule, work / "out", "exports").items()
-        },
+        # the outputs of each stage's rules: each stage runs in one process here
+        stage: stage_outputs(stage, work / "out")
+        for stage in ("rg4", "exports")
     }
     # the stage as its rule runs it: the rule's path flags, 2 threads, token weights with a tokenizer
     rg4 = measure(

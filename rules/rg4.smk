@@ -64,16 +64,19 @@ rule rg4_shard:
 rule rg4:
     input:
         facts=expand(rules.rg4_shard.output.facts, shard=RG4_SHARDS),
-        shards=expand(rules.rg4_shard.output, shard=RG4_SHARDS),
+        tables=expand(
+            [rules.rg4_shard.output[s] for s in ("sn", "sw", "mn", "mw")],
+            shard=RG4_SHARDS,
+        ),
+        counts=expand(rules.rg4_shard.output.counts, shard=RG4_SHARDS),
+        stats=expand(rules.rg4_shard.output.stats, shard=RG4_SHARDS),
+        rejects=expand(rules.rg4_shard.output.rejects, shard=RG4_SHARDS),
+        llm_requests=expand(rules.rg4_shard.output.llm_requests, shard=RG4_SHARDS),
     output:
         sn=out("rg4", "rg4_sn.parquet"),
         sw=out("rg4", "rg4_sw.parquet"),
         mn=out("rg4", "rg4_mn.parquet"),
         mw=out("rg4", "rg4_mw.parquet"),
-        json_sn=out("rg4", "final_single_view_no_long_add1score_sentence_level.json"),
-        json_sw=out("rg4", "final_single_view_with_long_add1score_sentence_level.json"),
-        json_mn=out("rg4", "final_multi_view_no_long_add1score_sentence_level.json"),
-        json_mw=out("rg4", "final_multi_view_with_long_add1score_sentence_level.json"),
         counts=out("rg4", "counts.parquet"),
         stats=out("rg4", "rewrite_stats.parquet"),
         rejects=out("rg4", "rejects.parquet"),
@@ -95,9 +98,40 @@ rule rg4:
     shell:
         "{params.py} -m workflow.rg4.merge --shard-dirs {params.folders:q}"
         " --tables {output.sn:q} {output.sw:q} {output.mn:q} {output.mw:q}"
-        " --json {output.json_sn:q} {output.json_sw:q} {output.json_mn:q} {output.json_mw:q}"
         " --counts {output.counts:q} --stats {output.stats:q} --rejects {output.rejects:q} --notes {output.notes:q}"
         " --llm-requests {output.llm_requests:q} 2> {log:q}"
 
 
+# the loader's JSON files: nothing downstream reads them, so they are merged beside the release and the
+# report rather than before them
+rule rg4_loader:
+    input:
+        expand(
+            [rules.rg4_shard.output[f"json_{s}"] for s in ("sn", "sw", "mn", "mw")],
+            shard=RG4_SHARDS,
+        ),
+    output:
+        json_sn=out("rg4", "final_single_view_no_long_add1score_sentence_level.json"),
+        json_sw=out("rg4", "final_single_view_with_long_add1score_sentence_level.json"),
+        json_mn=out("rg4", "final_multi_view_no_long_add1score_sentence_level.json"),
+        json_mw=out("rg4", "final_multi_view_with_long_add1score_sentence_level.json"),
+    log:
+        logfile("rg4_loader"),
+    conda:
+        "../envs/core.yaml"
+    threads: 1
+    resources:
+        mem_mb=per_attempt(1000),
+        runtime=per_attempt(30),
+    params:
+        py=PY,
+        folders=lambda wildcards, input: list(
+            dict.fromkeys(str(Path(f).parent) for f in input)
+        ),
+    shell:
+        "{params.py} -m workflow.rg4.merge --shard-dirs {params.folders:q}"
+        " --json {output.json_sn:q} {output.json_sw:q} {output.json_mn:q} {output.json_mw:q} 2> {log:q}"
+
+
 ALL_TARGETS += rules.rg4.output
+ALL_TARGETS += rules.rg4_loader.output

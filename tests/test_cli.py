@@ -29,3 +29,38 @@ def test_a_job_told_arrow_has_no_pandas_converts_values_without_it_and_still_rea
     done = subprocess.run([sys.executable, "-c", JOB], env=env, capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "ok"
+
+
+def _jobs_keeping_pandas_out() -> list[str]:
+    """The modules a job process imports before its ``__main__`` block calls arrow_without_pandas: each
+    module that calls it there, or for a package's ``__main__.py`` the workflow modules it imports."""
+    import ast
+
+    modules = []
+    for path in sorted((ROOT / "workflow").rglob("*.py")):
+        text = path.read_text()
+        if path.name == "cli.py" or "arrow_without_pandas()" not in text:
+            continue
+        if path.name == "__main__.py":
+            tree = ast.parse(text)
+            modules += [
+                node.module
+                for node in tree.body
+                if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("workflow.")
+            ]
+        else:
+            modules.append(".".join(path.relative_to(ROOT).with_suffix("").parts))
+    return sorted(set(modules) - {"workflow.cli"})
+
+
+def test_job_modules_convert_no_python_values_at_import():
+    """A module-level ``pa.array([...])`` in a job's module imports pandas (~0.3 s CPU) before the job's
+    ``__main__`` can tell pyarrow that pandas is absent."""
+    modules = _jobs_keeping_pandas_out()
+    assert {"workflow.sections", "workflow.rg4.build", "workflow.rg4.merge", "workflow.cards"} <= set(modules)
+    code = f"import importlib, sys\nfor m in {modules!r}:\n    importlib.import_module(m)\n"
+    code += "print(sorted(m for m in sys.modules if m.split('.')[0] == 'pandas')[:1])"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from workflow_run import rule_outputs
+from workflow_run import stage_outputs
 
 from workflow.contract import FINDINGS, IMAGES, SECTIONS, STUDIES
 from workflow.exports import build, r2gen, radialog
@@ -161,19 +161,9 @@ def frames(paths):
     return {k: read_table(p).to_pandas() for k, p in paths.items()}
 
 
-EXPORT_RULES = ("exports_r2gen", "exports_radialog", "exports")  # rules/exports.smk
-
-
-def exports_outputs(outdir: Path) -> dict[str, Path]:
-    """Every output of the exports rules, by name, under ``outdir``."""
-    return {
-        name: path for rule in EXPORT_RULES for name, path in rule_outputs(rule, outdir, "exports").items()
-    }
-
-
 def run_exports(inputs: dict[str, Path], outdir: Path, *options: str) -> dict[str, Path]:
     """The whole stage in one process (``python -m workflow.exports``), with the rules' file names."""
-    outputs = exports_outputs(outdir)
+    outputs = stage_outputs("exports", outdir)
     build.main([*build.rule_args({**inputs, **outputs}), *options])
     return outputs
 
@@ -479,7 +469,7 @@ def test_rules_parts_write_the_stage_files(tmp_path):
     paths = write_inputs(tmp_path, big_corpus())
     options = ("--seed", "2")  # a RaDialog option: given to its job
     whole = run_exports(paths, tmp_path / "one", *options)
-    parts = exports_outputs(tmp_path / "parts")
+    parts = stage_outputs("exports", tmp_path / "parts")
     for command in ("r2gen", "radialog", "summary"):
         build.main(
             [*build.rule_args({**paths, **parts}, command), *(options if command == "radialog" else ())]
@@ -500,7 +490,7 @@ def test_job_processes_write_the_files_of_the_stage_in_one_process(tmp_path):
     root = Path(__file__).resolve().parents[1]
     paths = write_inputs(tmp_path, big_corpus())
     whole = run_exports(paths, tmp_path / "one")
-    parts = exports_outputs(tmp_path / "parts")
+    parts = stage_outputs("exports", tmp_path / "parts")
     env = {**os.environ, "PYTHONPATH": str(root)}
     for command, last_log in (("r2gen", "r2gen annotation"), ("radialog", "radialog llm tasks")):
         done = subprocess.run(

@@ -18,8 +18,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from openai_server import LoopbackOpenAI  # noqa: E402
-from test_exports import big_corpus, exports_outputs, run_exports, write_inputs  # noqa: E402
+from test_exports import big_corpus, run_exports, write_inputs  # noqa: E402
 from test_rg4_llm import llm_config  # noqa: E402
+from workflow_run import stage_outputs  # noqa: E402
 
 from workflow.exports import llm_tasks  # noqa: E402
 
@@ -116,7 +117,7 @@ def test_credentialed_corpus_refused_for_public_endpoint(tmp_path):
             "--llm-endpoint",
             "e",
         )
-    assert not exports_outputs(tmp_path / "x")["radialog_ins"].exists()
+    assert not stage_outputs("exports", tmp_path / "x")["radialog_ins"].exists()
 
 
 def test_rule_passes_the_llm_only_with_the_llm_backend():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from workflow_run import demo_corpus, prepare_workdir, rule_outputs, run_snakemake, run_stage
+from workflow_run import demo_corpus, prepare_workdir, rule_outputs, run_snakemake, run_stage, stage_outputs
 
 from workflow.contract import (
     IMAGES,
@@ -18,6 +18,7 @@ from workflow.contract import (
     RG4_COUNTS,
     RG4_RECORDS,
     RG4_REWRITE_STATS,
+    RG4_SCENARIOS,
     RG4_SPLITS,
     SECTIONS,
     STUDIES,
@@ -187,9 +188,14 @@ def run_shards(inputs: dict[str, Path], outdir: Path, shards: int, *options: str
         shard_args = ("--shard", shard, "--shards", shards, "--shard-dir", folder, "--workers", 1)
         rg4.main([*map(str, paths + shard_args), *options])
         folders.append(folder)
-    outputs = rule_outputs("rg4", outdir)
-    merge.main(["--shard-dirs", *map(str, folders), *rg4.output_args(rg4.OutputPaths.of_rule(outputs))])
-    return outputs
+    # the two merge rules: the tables (rg4), the loader's files (rg4_loader)
+    tables, loader = rule_outputs("rg4", outdir), rule_outputs("rg4_loader", outdir, "rg4")
+    merge.main(["--shard-dirs", *map(str, folders), *rg4.output_args(rg4.OutputPaths.of_rule(tables))])
+    assert not any(path.exists() for path in loader.values())
+    merge.main(
+        ["--shard-dirs", *map(str, folders), "--json", *(str(loader[f"json_{s}"]) for s in RG4_SCENARIOS)]
+    )
+    return {**tables, **loader}
 
 
 def assert_same_files(a: dict[str, Path], b: dict[str, Path]) -> None:
@@ -797,7 +803,7 @@ def test_nesting_violations_fail_the_rule(tmp_path):
     st, im, sec = (t.to_pandas() for t in tables(patients()))
     result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
     result.tables["sn"] = result.tables["sn"].slice(0, 0)
-    paths = rg4.OutputPaths.of_rule(rule_outputs("rg4", tmp_path))
+    paths = rg4.OutputPaths.of_rule(stage_outputs("rg4", tmp_path))
     with pytest.raises(rg4.ConsistencyError, match=r"SW ⊄ SN: 3 studies \(e\.g\. study_id 102, 104, 402\)"):
         rg4.write_outputs(result, paths)
     assert not paths.json["sw"].exists()
@@ -902,12 +908,16 @@ def test_rg4_and_exports_through_snakemake(tmp_path):
         {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "rg4": {"rewriter": "rules"}},
     )
     results = workdir / "results"
-    targets = [results / "rg4" / "counts.parquet", results / "exports" / "summary.json"]
+    rg4_files = stage_outputs("rg4", results)
+    targets = [
+        rg4_files["counts"],
+        *(rg4_files[f"json_{s}"] for s in RG4_SCENARIOS),
+        results / "exports" / "summary.json",
+    ]
     run = run_snakemake(workdir, "--cores", "2", "--nolock", *map(str, targets), timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     studies = set(read_table(results / "ingest" / "studies.parquet").column("study_id").to_pylist())
     out = set()
-    rg4_files = rule_outputs("rg4", results)
     for scenario in ("sn", "sw", "mn", "mw"):
         data = json.loads(rg4_files[f"json_{scenario}"].read_text())
         assert list(data) == ["train", "val", "test"] and data["train"]
@@ -939,7 +949,7 @@ def test_parallel_workers_give_the_same_tables(monkeypatch):
 def test_parallel_writing(tmp_path):
     st, im, sec = (t.to_pandas() for t in tables(patients()))
     result = rg4.build(st, im, sec, rg4.RulesJobRunner(label_vector))
-    a, b = (rg4.OutputPaths.of_rule(rule_outputs("rg4", tmp_path / d)) for d in ("a", "b"))
+    a, b = (rg4.OutputPaths.of_rule(stage_outputs("rg4", tmp_path / d)) for d in ("a", "b"))
     for p in (a, b):
         p.counts.parent.mkdir(parents=True)
     rg4.write_outputs(result, a, workers=1)
@@ -1107,14 +1117,19 @@ def test_the_dag_has_one_job_per_shard_and_one_merge(tmp_path):
         tmp_path / "run",
         {"outdir": str(tmp_path / "run" / "results"), "corpus": demo_corpus(), "rg4": {"shards": 3}},
     )
-    run = run_snakemake(
-        workdir, "-n", "-p", "--cores", "2", str(workdir / "results" / "rg4" / "counts.parquet")
-    )
+    outputs = stage_outputs("rg4", workdir / "results")
+    run = run_snakemake(workdir, "-n", "-p", "--cores", "2", str(outputs["counts"]), str(outputs["json_sn"]))
     assert run.returncode == 0, run.stderr[-3000:]
     jobs = re.findall(r"^rule (rg4\w*):$", run.stdout, re.MULTILINE)
-    assert sorted(jobs) == ["rg4", "rg4_shard", "rg4_shard", "rg4_shard"]
+    assert sorted(jobs) == ["rg4", "rg4_loader", "rg4_shard", "rg4_shard", "rg4_shard"]
     shards = re.findall(r"--shard (\d) --shards 3 --shard-dir", run.stdout)
     assert sorted(shards) == ["0", "1", "2"], run.stdout[-3000:]
+    # both merges read the three shards; the tables' merge writes no loader file, the loader's no table
+    merges = re.findall(r"-m workflow\.rg4\.merge --shard-dirs (.*)", run.stdout)
+    assert len(merges) == 2
+    for line in merges:
+        assert all(f"rg4/shard{k}" in line for k in range(3)), line
+    assert sorted(("--json" in line, "--tables" in line) for line in merges) == [(False, True), (True, False)]
 
 
 def test_loader_lines_are_written_as_their_utf8_text():

@@ -152,9 +152,9 @@ def test_config_changes_rerun_only_the_rules_that_read_them(demo_run):
     assert _planned_after(demo_run, unchanged) == set()
     # the rules rewriter reads no `rg4.llm` key (the RG4 card quotes the rg4 section, so it is rewritten)
     assert _planned_after(demo_run, {"rg4": {"llm": {"temperature": 0.7}}}) == {"release_rg4"}
-    # a key rg4 reads re-runs rg4 and what reads its tables, nothing else
+    # a key rg4 reads re-runs rg4's jobs and what reads its tables, nothing else
     planned = _planned_after(demo_run, {"rg4": {"label_sections": False}})
-    assert planned == {"rg4_shard", "rg4", "release_rg4", "report_figures"}
+    assert planned == {"rg4_shard", "rg4", "rg4_loader", "release_rg4", "report_figures"}
 
 
 def test_html_report_shows_the_figures_tables_and_what_was_built(demo_run):

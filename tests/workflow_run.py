@@ -159,11 +159,25 @@ def rule_outputs(rule: str, outdir: Path, smk: str | None = None) -> dict[str, P
     return outputs
 
 
+# the rules whose outputs one stage's module writes in one process (`python -m workflow.rg4` unsharded); the
+# workflow splits them so that what waits on one part starts before the other is written
+STAGE_RULES = {"rg4": ("rg4", "rg4_loader"), "exports": ("exports_r2gen", "exports_radialog", "exports")}
+
+
+def stage_outputs(stage: str, outdir: Path) -> dict[str, Path]:
+    """The outputs of the rules of ``rules/<stage>.smk`` that one run of the stage's module writes, by name."""
+    return {
+        name: path
+        for rule in STAGE_RULES.get(stage, (stage,))
+        for name, path in rule_outputs(rule, outdir, stage).items()
+    }
+
+
 def run_stage(rule: str, inputs: Mapping[str, Path], outdir: Path, *options: str) -> dict[str, Path]:
     """Run the stage of ``rules/<rule>.smk`` in this process the way its shell line does: the path flags
-    from the rule's input names (``inputs``) and output names (under ``outdir``), then ``options``.
-    Returns the output paths by name."""
+    from the rule's input names (``inputs``) and output names (under ``outdir``, see :func:`stage_outputs`),
+    then ``options``. Returns the output paths by name."""
     stage = importlib.import_module(f"workflow.{rule}.build")
-    outputs = rule_outputs(rule, outdir)
+    outputs = stage_outputs(rule, outdir)
     stage.main([*stage.rule_args({**inputs, **outputs}), *options])
     return outputs

@@ -47,6 +47,7 @@ pool's pipe). Repeated study ids are found up front from the id column alone.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -142,7 +143,14 @@ CUSTOM_INDICES = {
     54231141: (0, 0), 53607029: (0, 0), 52035334: (0, 0),
 }  # fmt: skip
 SPECIAL_STUDIES = frozenset(CUSTOM_SECTION_NAMES) | frozenset(CUSTOM_INDICES)
-_SPECIAL_ARRAY = pa.array(sorted(SPECIAL_STUDIES), type=pa.int64())
+
+
+@functools.cache
+def _special_array() -> pa.Array:
+    # built on first use, not at import: converting a Python list imports pandas in pyarrow unless the job's
+    # __main__ has called arrow_without_pandas first (0.3 s CPU of a job on the DAG's critical path)
+    return pa.array(sorted(SPECIAL_STUDIES), type=pa.int64())
+
 
 CONCLUSION_ORDER = ("impression", "findings", "last_paragraph", "comparison")
 MIT_CSV_HEADER = ("study",) + CONCLUSION_ORDER
@@ -281,7 +289,7 @@ def section_batch(subject_ids: list[int], study_ids: list[int], reports: list[st
     columns.update((name, [sections.get(name) for sections in rows]) for name in SECTION_NAMES)
     table = pa.Table.from_pydict(columns, schema=SECTIONS)
     # Like MIT, an empty report still gets a csv row (all fields empty); only the special studies have none.
-    regular = pc.invert(pc.is_in(table["study_id"], value_set=_SPECIAL_ARRAY))
+    regular = pc.invert(pc.is_in(table["study_id"], value_set=_special_array()))
     csv_table = table.filter(regular)
     csv_rows = mit_csv_rows(csv_table["study_id"], csv_table)
     empty_ids = [study_id for study_id, sections in zip(study_ids, parsed, strict=True) if sections is None]

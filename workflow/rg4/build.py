@@ -899,7 +899,7 @@ def build_prepared(prepared: Prepared, runner) -> BuildResult:
 @dataclass
 class OutputPaths:
     tables: dict[str, Path]  # scenario -> rg4_<scenario>.parquet
-    json: dict[str, Path]  # scenario -> the loader's JSON file
+    json: dict[str, Path]  # scenario -> the loader's JSON file (none: the merge of the tables only)
     counts: Path
     stats: Path
     rejects: Path
@@ -908,10 +908,11 @@ class OutputPaths:
 
     @classmethod
     def of_rule(cls, paths: Mapping[str, Path]) -> OutputPaths:
-        """From the rule's output names (``sn`` ... ``mw``, ``json_sn`` ... ``json_mw``, ``counts``, ...)."""
+        """From the rules' output names (``sn`` ... ``mw``, ``counts``, ... of the rule rg4; ``json_sn`` ...
+        ``json_mw`` of the rule rg4_loader, when given)."""
         return cls(
             {s: Path(paths[s]) for s in RG4_SCENARIOS},
-            {s: Path(paths[f"json_{s}"]) for s in RG4_SCENARIOS},
+            {s: Path(paths[f"json_{s}"]) for s in RG4_SCENARIOS} if "json_sn" in paths else {},
             Path(paths["counts"]),
             Path(paths["stats"]),
             Path(paths["rejects"]),
@@ -935,7 +936,7 @@ def output_args(out: OutputPaths) -> list[str]:
     """The flags naming the stage's outputs (of ``python -m workflow.rg4`` and of the merge)."""
     return [
         *("--tables", *(str(out.tables[s]) for s in RG4_SCENARIOS)),
-        *("--json", *(str(out.json[s]) for s in RG4_SCENARIOS)),
+        *(("--json", *(str(out.json[s]) for s in RG4_SCENARIOS)) if out.json else ()),
         *("--counts", str(out.counts), "--stats", str(out.stats)),
         *("--rejects", str(out.rejects), "--notes", str(out.notes)),
         *(("--llm-requests", str(out.llm_requests)) if out.llm_requests is not None else ()),
@@ -959,7 +960,7 @@ def add_output_args(p: argparse.ArgumentParser, required: bool = True) -> None:
 def output_paths(args: argparse.Namespace) -> OutputPaths:
     return OutputPaths(
         dict(zip(RG4_SCENARIOS, args.tables, strict=True)),
-        dict(zip(RG4_SCENARIOS, args.json, strict=True)),
+        dict(zip(RG4_SCENARIOS, args.json, strict=True)) if args.json else {},
         args.counts,
         args.stats,
         args.rejects,

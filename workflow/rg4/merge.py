@@ -9,7 +9,12 @@ rewrite statistics are summed (shares recomputed from the sums); the nesting of 
 again before anything is written. Memory: one scenario table at a time (column by column), the JSON files
 line by line.
 
-    python -m workflow.rg4.merge --shard-dirs DIR... --tables ... --json ... --counts ... (the rule's outputs)
+The tables (with counts, stats, rejects, notes and the llm requests) and the loader's JSON files are two
+jobs, the rules ``rg4`` and ``rg4_loader``: the release and the report wait on the tables only, so the JSON
+merge (a third of the work) runs beside them instead of before them.
+
+    python -m workflow.rg4.merge --shard-dirs DIR... --tables ... --counts ... (the rule rg4's outputs)
+    python -m workflow.rg4.merge --shard-dirs DIR... --json ...                (the rule rg4_loader's)
 """
 
 from __future__ import annotations
@@ -138,8 +143,17 @@ def _same(facts: list[dict], key: str):
     return facts[0][key]
 
 
+def merge_loader_files(shards: list[ShardPaths], json_paths: dict[str, Path]) -> int:
+    """The loader's JSON file of each scenario from ``shards``; returns the records written."""
+    return sum(
+        merge_loader_json([s.json[scenario] for s in shards], json_paths[scenario])
+        for scenario in RG4_SCENARIOS
+    )
+
+
 def merge(shards: list[ShardPaths], paths: OutputPaths) -> list[str]:
-    """Write the stage's outputs from ``shards`` (in any order); returns the build notes written."""
+    """Write the stage's outputs from ``shards`` (in any order; the loader's JSON files when ``paths`` names
+    them); returns the build notes written."""
     facts = [json.loads(s.facts.read_text()) for s in shards]
     label_sections, rewriter, scorer = (_same(facts, k) for k in ("label_sections", "rewriter", "scorer"))
     # the nesting of the whole corpus (each shard checked its own before writing)
@@ -155,7 +169,8 @@ def merge(shards: list[ShardPaths], paths: OutputPaths) -> list[str]:
 
     for scenario in RG4_SCENARIOS:
         merge_table([s.tables[scenario] for s in shards], paths.tables[scenario])
-        merge_loader_json([s.json[scenario] for s in shards], paths.json[scenario])
+    if paths.json:
+        merge_loader_files(shards, paths.json)
     counts = _summed_counts([read_table(s.counts) for s in shards])
     stats = _summed_stats([read_table(s.stats) for s in shards])
     write_table(counts, paths.counts, RG4_COUNTS)
@@ -185,14 +200,37 @@ def merge(shards: list[ShardPaths], paths: OutputPaths) -> list[str]:
     return notes
 
 
+# the outputs that come together (the rule rg4's); --json alone is the rule rg4_loader
+_TABLE_OUTPUTS = ("tables", "counts", "stats", "rejects", "notes")
+
+
 def main(argv: list[str] | None = None) -> list[str]:
-    p = cli_parser("merge the rg4 shards into the stage's outputs")
+    p = cli_parser(
+        "merge the rg4 shards into the stage's outputs (the tables, the loader's JSON files, or both)"
+    )
     p.add_argument("--shard-dirs", nargs="+", type=Path, required=True, help="the shards' folders")
-    add_output_args(p)
+    add_output_args(p, required=False)
     p.add_argument("--llm-requests", type=Path, help="llm_requests.parquet (empty with the rules rewriter)")
     args = p.parse_args(argv)
+    given = [name for name in _TABLE_OUTPUTS if getattr(args, name) is not None]
+    if given and len(given) < len(_TABLE_OUTPUTS):
+        p.error(
+            "--"
+            + " --".join(_TABLE_OUTPUTS)
+            + " go together; missing: --"
+            + " --".join(sorted(set(_TABLE_OUTPUTS) - set(given)))
+        )
+    if not given and args.json is None:
+        p.error(
+            "nothing to write: give the tables' outputs (--tables ...), the loader's files (--json), or both"
+        )
     setup_logging(args.verbose)
-    return merge([ShardPaths(d) for d in args.shard_dirs], output_paths(args))
+    shards = [ShardPaths(d) for d in args.shard_dirs]
+    if not given:
+        n = merge_loader_files(shards, dict(zip(RG4_SCENARIOS, args.json, strict=True)))
+        log.info("rg4 loader files: %d records", n)
+        return []
+    return merge(shards, output_paths(args))
 
 
 if __name__ == "__main__":
