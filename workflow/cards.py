@@ -381,12 +381,16 @@ def write_release(
     """Split each table by ``split`` into the release folder and write its card; return the counts."""
     out_dir = Path(out_dir)
     counts, schema, read = {}, None, {}
+    b = spec.breakdown or {}
+    breakdown_columns = {"split", *(c for c in (b.get("column"), b.get("answers")) if c)}
     for name, path in tables.items():
         table = read_table(path)
         if "split" not in table.column_names:
             raise ValueError(f"{path}: a released table needs a `split` column")
         counts[name] = _split_files(table, out_dir / name)
-        read[name] = table
+        # only the columns the card counts are kept for it: one table's text at a time in memory (first
+        # touches of memory are most of a release job's system time)
+        read[name] = table.select([c for c in table.column_names if c in breakdown_columns])
         if schema is None:
             schema = table.schema
             if SOURCE_SPLIT_COLUMN not in schema.names:
