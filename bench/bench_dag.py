@@ -10,7 +10,8 @@ outdir, plus any ``--set section.key=value`` (a YAML value) the run asks for. A 
 Snakemake starts, named by the rule's log file (``<outdir>/logs/<rule>.log``), so the timeline shows
 which jobs overlapped, and each job's memory is the PSS summed over its process tree (its worker
 processes included, shared pages counted once). The growth curve (studies -> wall seconds, peak GB) goes
-to ``bench/RESULTS.md`` with a plot, ``bench/dag_growth.png``.
+to ``bench/RESULTS.md`` with a plot, ``bench/dag_growth.png``. Before each run a fresh process measures the
+machine (:func:`host_probe`); the table gives it with the run's system CPU, so runs minutes apart compare.
 """
 
 from __future__ import annotations
@@ -51,6 +52,35 @@ class Job:
     cpu: float = 0.0  # CPU seconds of its process tree (the last 50 ms before it ends are not seen)
 
 
+# What a fresh process pays, measured just before each run: the wall time of a run swings by up to 25 % on
+# this kind of machine within minutes. Most of a job's system time is its first touches of memory: in a VM
+# that hands freed memory back to its host (free page reporting), such a touch costs 1-2.5 ms per MB instead
+# of ~0.1 ms, and the DAG's jobs touch ~9 GB per run at 227,835 studies; the Python loop tracks CPU speed.
+_PROBE = """
+import time
+import numpy as np
+t = time.perf_counter(); memory = np.ones(512 << 20, dtype=np.uint8); touch = time.perf_counter() - t
+t = time.perf_counter(); x = 0
+for i in range(2_000_000):
+    x += i % 7
+print(touch * 1000 / 512, time.perf_counter() - t)
+"""
+
+
+@dataclass
+class HostProbe:
+    ms_per_mb: float  # first touch of memory in a new process
+    loop_s: float  # a fixed pure-Python loop
+
+    def __str__(self) -> str:
+        return f"first touch {self.ms_per_mb:.2f} ms/MB, Python loop {self.loop_s:.2f} s"
+
+
+def host_probe() -> HostProbe:
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, check=True)
+    return HostProbe(*map(float, out.stdout.split()))
+
+
 @dataclass
 class DagRun:
     studies: int
@@ -58,6 +88,8 @@ class DagRun:
     cpu: float
     jobs: list[Job] = field(default_factory=list)
     sampler_cpu: float = 0.0  # this process's own CPU while it watched the run
+    system_cpu: float = 0.0  # the part of ``cpu`` spent in the kernel (mostly first touches of memory)
+    probe: HostProbe | None = None  # the machine's speed just before the run
 
     @property
     def peak_job(self) -> Job:
@@ -172,6 +204,7 @@ def run_dag(studies: int, cores: int, seed: int, overrides: dict | None = None) 
            "--directory", str(WORK)]  # fmt: skip
     jobs: dict[int, Job] = {}
     log = outdir.parent / f"snakemake_{studies}.log"
+    probe = host_probe()
     before = os.times()
     start = time.perf_counter()
     with open(log, "w") as err:
@@ -203,7 +236,8 @@ def run_dag(studies: int, cores: int, seed: int, overrides: dict | None = None) 
         raise SystemExit(f"snakemake failed ({proc.returncode}); see {log}\n{log.read_text()[-3000:]}")
     cpu = (after.children_user - before.children_user) + (after.children_system - before.children_system)
     sampler = (after.user - before.user) + (after.system - before.system)
-    return DagRun(studies, wall, cpu, sorted(jobs.values(), key=lambda j: j.start), sampler)
+    system = after.children_system - before.children_system
+    return DagRun(studies, wall, cpu, sorted(jobs.values(), key=lambda j: j.start), sampler, system, probe)
 
 
 def timeline(run: DagRun, width: int = 60) -> list[str]:
@@ -258,9 +292,9 @@ def main(argv: list[str] | None = None) -> None:
         load = os.getloadavg()[0]
         run = run_dag(studies, args.cores, args.seed, overrides)
         runs.append(run)
-        print(f"{studies:,} studies: {run.wall:.1f} s wall, {run.cpu:.1f} s CPU, largest job "
-              f"{run.peak_job.rule} {run.peak_job.peak_mb:.0f} MB (load before {load:.1f}; sampler "
-              f"{run.sampler_cpu:.1f} s CPU)", flush=True)  # fmt: skip
+        print(f"{studies:,} studies: {run.wall:.1f} s wall, {run.cpu:.1f} s CPU ({run.system_cpu:.1f} s system), "
+              f"largest job {run.peak_job.rule} {run.peak_job.peak_mb:.0f} MB (load before {load:.1f}; sampler "
+              f"{run.sampler_cpu:.1f} s CPU; {run.probe})", flush=True)  # fmt: skip
         print("\n".join(timeline(run)), flush=True)
     if len(runs) > 1:
         plot(runs, PLOT)
@@ -273,10 +307,11 @@ def main(argv: list[str] | None = None) -> None:
         f"{os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} at the end"
         + (f"; overrides: `{' '.join('--set ' + s for s in args.set)}`." if args.set else "."),
         "",
-        "| studies | wall s | CPU s | largest job (peak PSS of its process tree) |",
-        "|---:|---:|---:|---|",
+        "| studies | wall s | CPU s (system) | largest job (peak PSS of its process tree) | machine before the run |",
+        "|---:|---:|---:|---|---|",
         *(
-            f"| {r.studies:,} | {r.wall:.1f} | {r.cpu:.1f} | {r.peak_job.rule} {r.peak_job.peak_mb:.0f} MB |"
+            f"| {r.studies:,} | {r.wall:.1f} | {r.cpu:.1f} ({r.system_cpu:.1f}) | {r.peak_job.rule} "
+            f"{r.peak_job.peak_mb:.0f} MB | {r.probe} |"
             for r in runs
         ),
         "",
