@@ -379,6 +379,11 @@ def first_input_dir(wildcards, input):
     return str(Path(input[0]).parent)
 
 
+def input_dirs(wildcards, input):
+    """The folders of a rule's inputs, each once, in input order (the shard folders a merge rule reads)."""
+    return list(dict.fromkeys(str(Path(f).parent) for f in input))
+
+
 # The `finetune:` keys that select the student, split the data or size the SLURM job: train never reads them.
 FINETUNE_NOT_TRAINING = (
     "enabled",

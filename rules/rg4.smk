@@ -94,7 +94,7 @@ rule rg4:
         runtime=per_attempt(30),
     params:
         py=PY,
-        folders=lambda wildcards, input: [str(Path(f).parent) for f in input.facts],
+        folders=input_dirs,
     shell:
         "{params.py} -m workflow.rg4.merge --shard-dirs {params.folders:q}"
         " --tables {output.sn:q} {output.sw:q} {output.mn:q} {output.mw:q}"
@@ -125,9 +125,7 @@ rule rg4_loader:
         runtime=per_attempt(30),
     params:
         py=PY,
-        folders=lambda wildcards, input: list(
-            dict.fromkeys(str(Path(f).parent) for f in input)
-        ),
+        folders=input_dirs,
     shell:
         "{params.py} -m workflow.rg4.merge --shard-dirs {params.folders:q}"
         " --json {output.json_sn:q} {output.json_sw:q} {output.json_mn:q} {output.json_mw:q} 2> {log:q}"

@@ -380,21 +380,20 @@ def write_release(
 ) -> dict[str, dict[str, int]]:
     """Split each table by ``split`` into the release folder and write its card; return the counts."""
     out_dir = Path(out_dir)
-    counts, schema, read = {}, None, {}
-    b = spec.breakdown or {}
-    breakdown_columns = {"split", *(c for c in (b.get("column"), b.get("answers")) if c)}
+    counts, schema, breakdowns = {}, None, []
     for name, path in tables.items():
         table = read_table(path)
         if "split" not in table.column_names:
             raise ValueError(f"{path}: a released table needs a `split` column")
         counts[name] = _split_files(table, out_dir / name)
-        # only the columns the card counts are kept for it: one table's text at a time in memory (first
+        # counted now, and the table freed before the next is read: one table in memory at a time (first
         # touches of memory are most of a release job's system time)
-        read[name] = table.select([c for c in table.column_names if c in breakdown_columns])
+        breakdowns += breakdown_sections({name: table}, spec)
         if schema is None:
             schema = table.schema
             if SOURCE_SPLIT_COLUMN not in schema.names:
                 schema = schema.append(pa.field(SOURCE_SPLIT_COLUMN, pa.string()))
+        del table
     # this module names the splits, so it describes the column (a spec's older wording would be stale)
     spec.columns["split"] = "train / validation / test (Hugging Face names)"
     spec.columns.setdefault(SOURCE_SPLIT_COLUMN, "the source's split name (MIMIC: train / validate / test)")
@@ -406,7 +405,7 @@ def write_release(
         config_snippet,
         licence_meta=licence_meta,
         corpus=corpus,
-        extra_sections=breakdown_sections(read, spec),
+        extra_sections=breakdowns,
         facts=facts,
         notes=notes,
     )
