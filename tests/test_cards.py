@@ -6,6 +6,7 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -71,6 +72,37 @@ def test_loads_with_datasets(release, tmp_path):
     by_parquet = datasets.load_dataset("parquet", data_dir=str(out / "mw"), cache_dir=cache)
     assert {k: v.num_rows for k, v in by_parquet.items()} == {"train": 6, "test": 6}
     assert by_parquet["train"][0]["question"].startswith("is there {x}")
+
+
+def test_a_table_read_in_many_batches_is_released_row_for_row(tmp_path, monkeypatch):
+    """The split files are written a batch at a time: each holds its split's rows in the table's order,
+    whatever the batch size, and a row without a split is in none of them."""
+    import workflow.cards as cards
+
+    n = 5000
+    splits = ["train"] * 7 + ["validate", "test", None]
+    table = pa.table(
+        {
+            "study_id": pa.array(range(50000000, 50000000 + n), pa.int64()),
+            "split": pa.array([splits[(i * 7919) % len(splits)] for i in range(n)], pa.string()),
+            "question": pa.array([f"is there {{x}} #{i}? " + "word " * (i % 40) for i in range(n)]),
+        }
+    )
+    pq.write_table(table, tmp_path / "default.parquet", row_group_size=1500)
+    monkeypatch.setattr(cards, "BATCH_BYTES", 20_000)  # batches of a few hundred rows
+    spec = CardSpec(title="VQA", description="Questions.", sources=["synthetic"])
+    counts = write_release({"default": tmp_path / "default.parquet"}, tmp_path / "out", spec, "", "")
+    expected = {"train": "train", "validation": "validate", "test": "test"}
+    assert counts == {"default": {s: splits.count(v) * n // len(splits) for s, v in expected.items()}}
+    for hf_name, source_name in expected.items():
+        path = tmp_path / "out" / "default" / f"{hf_name}-00000-of-00001.parquet"
+        assert pq.ParquetFile(path).metadata.num_row_groups > 1  # written in several batches
+        written = pq.read_table(path)
+        rows = table.filter(pc.equal(table["split"], source_name))
+        assert written["study_id"].to_pylist() == rows["study_id"].to_pylist()
+        assert written["question"].to_pylist() == rows["question"].to_pylist()
+        assert set(written["split"].to_pylist()) == {hf_name}
+        assert set(written["source_split"].to_pylist()) == {source_name}
 
 
 def test_empty_configuration_is_counted_but_not_declared(tmp_path):
