@@ -1,6 +1,6 @@
 """Whole-DAG benchmark: `snakemake --cores N` (rules backend) from the reports zip to the report figures.
 
-    python -m bench.bench_dag [--studies 227835 50000 1000000] [--cores 2] [--set rg4.shards=4] [--no-write]
+    python -m bench.bench_dag [--studies 227835 50000 1000000] [--repeat 3] [--cores 2] [--set rg4.shards=4] [--no-write]
 
 For each corpus size the synthetic MIMIC-layout corpus is generated once (``bench/cache/dag/<n>``,
 gitignored; zip only, no file tree) and the workflow's default target is run on it into a fresh outdir
@@ -12,6 +12,8 @@ which jobs overlapped, and each job's memory is the PSS summed over its process 
 processes included, shared pages counted once). The growth curve (studies -> wall seconds, peak GB) goes
 to ``bench/RESULTS.md`` with a plot, ``bench/dag_growth.png``. Before each run a fresh process measures the
 machine (:func:`host_probe`); the table gives it with the run's system CPU, so runs minutes apart compare.
+With ``--repeat N`` each size runs N times in a row: the table and the timeline are the run of median wall
+time, and the table lists every run's wall time (the same work swings by a third on this kind of machine).
 """
 
 from __future__ import annotations
@@ -279,6 +281,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--studies", type=int, nargs="+", default=[227_835])
     ap.add_argument("--cores", type=int, default=2)
+    ap.add_argument("--repeat", type=int, default=1, help="runs per size (the median one is reported)")
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
                     help="a config override for every run (repeatable)")  # fmt: skip
@@ -287,15 +290,19 @@ def main(argv: list[str] | None = None) -> None:
     overrides = parse_overrides(args.set)
     WORK.mkdir(parents=True, exist_ok=True)
 
-    runs = []
+    runs, walls = [], {}
     for studies in sorted(args.studies):
-        load = os.getloadavg()[0]
-        run = run_dag(studies, args.cores, args.seed, overrides)
-        runs.append(run)
-        print(f"{studies:,} studies: {run.wall:.1f} s wall, {run.cpu:.1f} s CPU ({run.system_cpu:.1f} s system), "
-              f"largest job {run.peak_job.rule} {run.peak_job.peak_mb:.0f} MB (load before {load:.1f}; sampler "
-              f"{run.sampler_cpu:.1f} s CPU; {run.probe})", flush=True)  # fmt: skip
-        print("\n".join(timeline(run)), flush=True)
+        repeats = []
+        for _ in range(max(1, args.repeat)):
+            load = os.getloadavg()[0]
+            run = run_dag(studies, args.cores, args.seed, overrides)
+            repeats.append(run)
+            print(f"{studies:,} studies: {run.wall:.1f} s wall, {run.cpu:.1f} s CPU ({run.system_cpu:.1f} s system), "
+                  f"largest job {run.peak_job.rule} {run.peak_job.peak_mb:.0f} MB (load before {load:.1f}; sampler "
+                  f"{run.sampler_cpu:.1f} s CPU; {run.probe})", flush=True)  # fmt: skip
+            print("\n".join(timeline(run)), flush=True)
+        walls[studies] = [r.wall for r in repeats]
+        runs.append(sorted(repeats, key=lambda r: r.wall)[(len(repeats) - 1) // 2])  # the median (lower)
     if len(runs) > 1:
         plot(runs, PLOT)
 
@@ -305,13 +312,17 @@ def main(argv: list[str] | None = None) -> None:
         f"`python -m bench.bench_dag --studies {' '.join(map(str, args.studies))}`: `snakemake --cores "
         f"{args.cores}` on the default target (rules backend) over the synthetic corpus, {time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} at the end"
-        + (f"; overrides: `{' '.join('--set ' + s for s in args.set)}`." if args.set else "."),
+        + (f"; overrides: `{' '.join('--set ' + s for s in args.set)}`" if args.set else "")
+        + (f"; {args.repeat} runs per size in a row, the median one shown" if args.repeat > 1 else "")
+        + ".",
         "",
-        "| studies | wall s | CPU s (system) | largest job (peak PSS of its process tree) | machine before the run |",
-        "|---:|---:|---:|---|---|",
+        "| studies | wall s | CPU s (system) | largest job (peak PSS of its process tree) | machine before the run |"
+        + (" every run's wall s |" if args.repeat > 1 else ""),
+        "|---:|---:|---:|---|---|" + ("---|" if args.repeat > 1 else ""),
         *(
             f"| {r.studies:,} | {r.wall:.1f} | {r.cpu:.1f} ({r.system_cpu:.1f}) | {r.peak_job.rule} "
             f"{r.peak_job.peak_mb:.0f} MB | {r.probe} |"
+            + (f" {' / '.join(f'{w:.1f}' for w in walls[r.studies])} |" if args.repeat > 1 else "")
             for r in runs
         ),
         "",
