@@ -13,7 +13,7 @@ processes included, shared pages counted once). The growth curve (studies -> wal
 to ``bench/RESULTS.md`` with a plot, ``bench/dag_growth.png``. Before each run a fresh process measures the
 machine (:func:`host_probe`); the table gives it with the run's system CPU, so runs minutes apart compare.
 With ``--repeat N`` each size runs N times in a row: the table and the timeline are the run of median wall
-time, and the table lists every run's wall time (the same work swings by a third on this kind of machine).
+time, and the table lists every run's wall time (the same work took 41-72 s within 40 minutes on this kind of machine).
 """
 
 from __future__ import annotations
@@ -309,7 +309,9 @@ def main(argv: list[str] | None = None) -> None:
     block = [
         HEADING,
         "",
-        f"`python -m bench.bench_dag --studies {' '.join(map(str, args.studies))}`: `snakemake --cores "
+        f"`python -m bench.bench_dag --studies {' '.join(map(str, args.studies))}"
+        + (f" --repeat {args.repeat}" if args.repeat > 1 else "")
+        + f"`: `snakemake --cores "
         f"{args.cores}` on the default target (rules backend) over the synthetic corpus, {time.strftime('%Y-%m-%d')}, "
         f"{os.cpu_count()} cores, 1-min load average {os.getloadavg()[0]:.1f} at the end"
         + (f"; overrides: `{' '.join('--set ' + s for s in args.set)}`" if args.set else "")
