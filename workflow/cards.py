@@ -285,6 +285,12 @@ def _value_counts(rows: pa.Table, value: str, key: str) -> dict:
     return out
 
 
+def breakdown_columns(spec: CardSpec) -> list[str]:
+    """The columns :func:`breakdown_sections` reads of a table (none without a breakdown)."""
+    b = spec.breakdown or {}
+    return [c for c in (b.get("column"), "split", b.get("answers")) if c] if b.get("column") else []
+
+
 def breakdown_sections(tables: dict[str, pa.Table], spec: CardSpec) -> list[str]:
     """Per-value counts by split, the share next to a reference, and the answer vocabulary per value.
 
@@ -296,7 +302,7 @@ def breakdown_sections(tables: dict[str, pa.Table], spec: CardSpec) -> list[str]
     for name, table in tables.items():
         if not col or col not in table.column_names or not table.num_rows:
             continue
-        rows = table.select([c for c in (col, "split", answers) if c])
+        rows = table.select(breakdown_columns(spec))
         rows = rows.set_column(rows.column_names.index("split"), "split", hf_splits(rows["split"]))
         counts = {}  # value -> split -> rows
         for v, s, n in zip(*_counts(rows, [col, "split"]).to_pydict().values(), strict=True):
@@ -418,11 +424,10 @@ def write_release(
     """Split each table by ``split`` into the release folder and write its card; return the counts."""
     out_dir = Path(out_dir)
     counts, schema, breakdowns = {}, None, []
-    b = spec.breakdown or {}
     for name, path in tables.items():
         counts[name], released = _split_files(path, out_dir / name)
         # the breakdown reads its few columns only
-        wanted = [c for c in (b.get("column"), "split", b.get("answers")) if c and c in released.names]
+        wanted = [c for c in breakdown_columns(spec) if c in released.names]
         breakdowns += breakdown_sections({name: read_table(path, columns=wanted)}, spec)
         if schema is None:
             schema = released
