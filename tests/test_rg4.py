@@ -1165,11 +1165,10 @@ def test_merged_loader_json_is_json_dumps_of_the_shards_records(tmp_path):
     shards = [[(0, 3), (0, 10), (2, 12)], [(0, 7), (2, 1)], []]
     parts = []
     for k, keys in enumerate(shards):
-        parts.append(tmp_path / f"shard{k}.jsonl")
-        parts[-1].write_text(
-            "".join(f"{s}\t{p}\t{json.dumps(records[(s, p)], ensure_ascii=False)}\n" for s, p in keys),
-            encoding="utf-8",
-        )
+        parts.append(tmp_path / f"shard{k}.jsonl.zst")
+        lines = "".join(f"{s}\t{p}\t{json.dumps(records[(s, p)], ensure_ascii=False)}\n" for s, p in keys)
+        with pa.CompressedOutputStream(str(parts[-1]), "zstd") as fh:
+            fh.write(lines.encode("utf-8"))
     out = tmp_path / "merged.json"
     assert merge.merge_loader_json(parts, out) == len(records)
     expected = {

@@ -20,6 +20,7 @@ merge (a third of the work) runs beside them instead of before them.
 from __future__ import annotations
 
 import heapq
+import io
 import json
 import logging
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from workflow.contract import (
     RG4_SPLITS,
 )
 from workflow.rg4.build import (
+    FRAGMENT_COMPRESSION,
     POSITION,
     REJECT_ORDER,
     STAGE,
@@ -56,7 +58,7 @@ from workflow.rg4.build import (
 )
 from workflow.rg4.scenarios import nesting_problems
 from workflow.rg4.scores import note as scores_note
-from workflow.tables import atomic_path, read_table, summary, write_json, write_table
+from workflow.tables import atomic_output, read_table, summary, write_json, write_table
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,8 @@ def merge_table(parts: list[Path], path: Path) -> None:
 
 
 def _fragment_lines(path: Path) -> Iterator[tuple[int, int, bytes]]:
-    with open(path, "rb") as fh:
-        for line in fh:
+    with pa.CompressedInputStream(pa.OSFile(str(path)), FRAGMENT_COMPRESSION) as raw:
+        for line in io.BufferedReader(raw, 1 << 20):
             split, position, record = line.split(b"\t", 2)
             yield int(split), int(position), record[:-1]
 
@@ -90,7 +92,7 @@ def merge_loader_json(parts: list[Path], path: Path) -> int:
     :func:`workflow.rg4.build.write_loader_fragment`), byte for byte as ``json.dumps`` writes the whole
     document; returns the records written."""
     n = 0
-    with atomic_path(path) as tmp, open(tmp, "wb", buffering=1 << 20) as out:
+    with atomic_output(path) as out:
         out.write(b"{")
         current, first = -1, True
 
