@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from workflow.cli import arrow_without_pandas, exit_leaving_objects, parser, setup_logging
-from workflow.tables import atomic_path, read_table
+from workflow.tables import atomic_output, atomic_path, read_table
 
 log = logging.getLogger(__name__)
 
@@ -249,9 +249,9 @@ def _split_files(path: str | Path, config_dir: Path) -> tuple[dict[str, int], pa
                 part = table.filter(pc.equal(table["split"], split))
                 writer = writers.get(split)
                 if writer is None:  # opened on its first row; renamed into place once the table is read
-                    tmp = files.enter_context(atomic_path(config_dir / f"{split}-00000-of-00001.parquet"))
+                    fh = files.enter_context(atomic_output(config_dir / f"{split}-00000-of-00001.parquet"))
                     writer = writers[split] = files.enter_context(
-                        pq.ParquetWriter(tmp, part.schema, compression="zstd")
+                        pq.ParquetWriter(fh, part.schema, compression="zstd")
                     )
                 writer.write_table(part)
                 counts[split] = counts.get(split, 0) + part.num_rows

@@ -66,7 +66,7 @@ from tqdm import tqdm
 from workflow.cli import arrow_without_pandas, exit_leaving_objects, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.contract import SECTION_NAMES, SECTIONS
-from workflow.tables import Rejects, TableWriter, atomic_path, summary
+from workflow.tables import Rejects, TableWriter, atomic_output, summary
 
 log = logging.getLogger(__name__)
 
@@ -436,8 +436,7 @@ def run(
     n_in = n_no_conclusion = 0
     with (
         TableWriter(sections_path, SECTIONS) as sections_out,
-        atomic_path(mit_csv_path) as csv_tmp,
-        open(csv_tmp, "wb") as csv_out,
+        atomic_output(mit_csv_path) as csv_out,
         tqdm(total=n_rows, unit="study", desc=STAGE, disable=None) as progress,
     ):
         csv_out.write((",".join(MIT_CSV_HEADER) + "\r\n").encode())

@@ -48,7 +48,7 @@ from workflow.cli import add_llm_task_args, exit_leaving_objects, setup_logging
 from workflow.cli import parser as cli_parser
 from workflow.exports import r2gen
 from workflow.exports import summary as exports_summary
-from workflow.tables import Rejects, atomic_path, read_table, write_json, write_requests
+from workflow.tables import Rejects, atomic_output, read_table, write_json, write_requests
 
 # RaDialog's modules (its builder, prompt sources, the LLM layer) are imported where the RaDialog part
 # runs: the R2Gen job needs none of them
@@ -147,7 +147,7 @@ def r2gen_part(
                 yield c.split, r2gen.item_json(c)
 
         chunks = noting_studies(r2gen.mimic_columns(studies, images, sections, report_sections, clean))
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_output(path, "w") as fh:
         counts = r2gen.write_annotation(chunks, fh)
     rejects = rejects_for(studies, sections, exported, dataset)
     part = {
@@ -186,7 +186,7 @@ def radialog_part(
     builder = radialog.builder_for(studies, images, sections, findings, seed, prompts)
     rg, ins, task_counts = radialog.build_encoded(builder, generator)
     for records, path in ((rg, rg_path), (ins, ins_path)):
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        with atomic_output(path) as fh:
             radialog.write_json_list(records, fh)
     if keep is not None:
         keep.append((builder, rg, ins))

@@ -13,7 +13,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from workflow.contract import QUESTIONS, REJECTS, VQA_LEAK, VQA_STATS
-from workflow.tables import TableWriter, atomic_path, read_table, summary, write_table
+from workflow.tables import TableWriter, atomic_output, atomic_path, read_table, summary, write_table
 from workflow.vqa.config import STAGE
 from workflow.vqa.leak import leak_report
 from workflow.vqa.stats import add_counts, question_counts, question_stats
@@ -46,8 +46,8 @@ def merge_questions(
     csv_schema = pa.schema([QUESTIONS.field(c) for c in CSV_COLUMNS])
     with (
         TableWriter(questions_path, QUESTIONS) as out,
-        atomic_path(csv_path) as tmp,
-        pacsv.CSVWriter(tmp, csv_schema) as csv,
+        atomic_output(csv_path) as fh,
+        pacsv.CSVWriter(fh, csv_schema) as csv,
     ):
         for path in shard_questions:
             shard = pq.ParquetFile(path)
