@@ -111,7 +111,7 @@ class DirectFile(io.RawIOBase):
         try:
             self._fd = os.open(path, flags | _O_DIRECT, 0o666)
         except OSError as exc:
-            if not self._direct or exc.errno != errno.EINVAL:
+            if not self._refused(exc):
                 raise
             self._fd, self._direct = os.open(path, flags, 0o666), False
         self._buffer = mmap.mmap(-1, DIRECT_BLOCK)  # page-aligned, as O_DIRECT needs
@@ -143,6 +143,10 @@ class DirectFile(io.RawIOBase):
         self._position += n
         return n
 
+    def _refused(self, exc: OSError) -> bool:
+        """Whether ``exc`` is the file system refusing ``O_DIRECT`` (the file then goes on plain)."""
+        return self._direct and exc.errno == errno.EINVAL
+
     def _plain(self) -> None:
         fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~_O_DIRECT)
         self._direct = False
@@ -153,7 +157,7 @@ class DirectFile(io.RawIOBase):
             try:
                 pending = pending[os.write(self._fd, pending) :]
             except OSError as exc:
-                if not self._direct or exc.errno != errno.EINVAL:
+                if not self._refused(exc):
                     raise
                 self._plain()  # accepted at open, refused at the first write: on as a plain file
         self._filled = 0

@@ -13,7 +13,7 @@ from pathlib import Path
 from workflow.cli import parser as cli_parser
 from workflow.cli import setup_logging
 from workflow.exports import card
-from workflow.tables import atomic_path, summary, write_json
+from workflow.tables import atomic_output, atomic_path, summary, write_json
 
 log = logging.getLogger(__name__)
 STAGE = "exports"
@@ -23,7 +23,7 @@ RADIALOG_KEYS = ("radialog_rg", "radialog_ins", "radialog_tasks", "radialog_prom
 
 
 def write_text(text: str, path: Path) -> None:
-    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+    with atomic_output(path, "w") as fh:
         fh.write(text)
 
 

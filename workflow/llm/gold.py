@@ -29,7 +29,7 @@ from workflow.llm.findings import (
     report_text,
     rules_positive_names,
 )
-from workflow.tables import Rejects, atomic_path, read_table, summary, write_requests, write_table
+from workflow.tables import Rejects, atomic_output, read_table, summary, write_requests, write_table
 
 log = logging.getLogger(__name__)
 TEMPLATE = "keyinfo.j2"
@@ -137,7 +137,7 @@ def main(argv=None) -> None:
     rules_positive = rules_positive_names(rules)
     rows, rejects = [], Rejects("llm_gold")
     n_flagged = 0
-    with atomic_path(args.sft) as tmp, open(tmp, "w", encoding="utf-8") as sft:
+    with atomic_output(args.sft, "w") as sft:
         for a in answers:
             sid = int(a.request.meta["study_id"])
             new = stages.first_answer_rows(a, by_id, rejects, config["keyinfo"]["fuzzy_cutoff"])

@@ -528,8 +528,8 @@ def write_loader_fragment(
     scores: TargetWeights | None = None,
 ) -> tuple[int, int]:
     """A scenario's records for the LLM-RG4 JSON file, one line each (:func:`loader_lines`), split by split
-    (``RG4_SPLITS`` order), in table order within a split, zstd-compressed. The merge (:mod:`workflow.rg4.merge`) joins the
-    shards' lines by (split, position) into the loader's ``{"train": [...], "val": [...], "test": [...]}``
+    (``RG4_SPLITS`` order), in table order within a split, zstd-compressed. The merge
+    (:mod:`workflow.rg4.merge`) joins the shards' lines by (split, position) into the loader's ``{"train": [...], "val": [...], "test": [...]}``
     without parsing a record. Encoded a chunk of rows at a time (the whole scenario at once would cost
     gigabytes at MIMIC scale). Returns (emphasised, total) target positions of the weights."""
     from workflow.tables import atomic_output
@@ -541,7 +541,7 @@ def write_loader_fragment(
     targets = None if scores is None else scores.rows[scenario]
     emphasised = total = 0
     # zstd: the lines are read once, by the merge, and are as large as the loader's JSON files (445 MB for
-    # the two shards at 227k studies, 60 MB compressed); on a VM, each megabyte written to new page cache
+    # the two shards at 227k studies, 71 MB compressed); on a VM, each megabyte written to new page cache
     # cost up to 10 ms of system time, compressing it about 2 ms of user time
     with atomic_output(path) as out, pa.CompressedOutputStream(out, FRAGMENT_COMPRESSION) as fh:
         for index, name in enumerate(RG4_SPLITS):
